@@ -1,0 +1,124 @@
+"""The ``dwmtrain`` command: data, tokenizer, model and config utilities, and launch helpers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections import Counter
+
+
+def _describe_model(a) -> None:
+    from dwmtrain.models.lm import describe
+
+    print(describe(a.preset, a.vocab_size))
+
+
+def _train_tokenizer(a) -> None:
+    from dwmtrain.data.prepare import iter_texts
+    from dwmtrain.data.tokenizer import train_tokenizer
+
+    skipped: Counter = Counter()
+    with tempfile.TemporaryDirectory() as cache:
+        path = train_tokenizer(iter_texts(a.input, cache, skipped), a.out, a.vocab_size)
+    print(f"wrote {path} (vocab {a.vocab_size})")
+    print("skipped records: " + (", ".join(f"{k}: {v}" for k, v in skipped.items()) or "0"))
+    if a.hf_out:
+        from dwmtrain.data.tokenizer import export_hf
+
+        print(f"wrote {export_hf(path, a.hf_out)}")
+
+
+def _export_tokenizer(a) -> None:
+    from dwmtrain.data.tokenizer import export_hf
+
+    print(f"wrote {export_hf(a.model, a.out)}")
+
+
+def _prepare_data(a) -> None:
+    from dwmtrain.data.prepare import prepare_data
+
+    report = prepare_data(
+        a.input,
+        a.tokenizer,
+        a.out,
+        seq_len=a.seq_len,
+        workers=a.workers,
+        heldout_fraction=a.heldout_fraction,
+        shard_sequences=a.shard_sequences,
+        seed=a.seed,
+        overwrite=a.overwrite,
+    )
+    print(report.summary())
+    print(f"wrote {a.out}")
+
+
+def _config(a) -> None:
+    from dwmtrain.config import load_config
+
+    if a.config and "=" in a.config and not os.path.exists(a.config):
+        a.overrides, a.config = [a.config, *a.overrides], None
+    cfg = load_config(a.config, a.overrides)
+    print(cfg.to_yaml(), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dwmtrain", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("describe-model", help="print a preset's architecture and parameter count")
+    p.add_argument("preset")
+    p.add_argument("--vocab-size", type=int, default=0)
+    p.set_defaults(fn=_describe_model)
+
+    p = sub.add_parser(
+        "train-tokenizer", help="train a sentencepiece BPE model (byte fallback) on JSONL text"
+    )
+    p.add_argument("--input", nargs="+", required=True, help="JSONL / JSONL.zst files or directories")
+    p.add_argument("--out", required=True, help="model prefix: writes PREFIX.model")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--hf-out", default="", help="also export a Hugging Face tokenizer directory here")
+    p.set_defaults(fn=_train_tokenizer)
+
+    p = sub.add_parser("export-tokenizer", help="export a sentencepiece model as a Hugging Face tokenizer")
+    p.add_argument("model")
+    p.add_argument("out")
+    p.set_defaults(fn=_export_tokenizer)
+
+    p = sub.add_parser("prepare-data", help="tokenize + pack SlimPajama JSONL(.zst) into token shards")
+    p.add_argument("--input", nargs="+", required=True, help="files, directories, or a hub dataset name")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--heldout-fraction", type=float, default=0.01)
+    p.add_argument("--shard-sequences", type=int, default=65536)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT, only once the new output is complete"
+    )
+    p.set_defaults(fn=_prepare_data)
+
+    p = sub.add_parser("config", help="print the resolved config (YAML + overrides)")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*", help="dotted key=value")
+    p.set_defaults(fn=_config)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dwmtrain.config import ConfigError
+    from dwmtrain.data.prepare import DataError
+
+    a = build_parser().parse_args(argv)
+    try:
+        a.fn(a)
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"dwmtrain {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""``dwmtrain prepare-data``: SlimPajama JSONL(.zst) -> packed, memory-mapped token shards.
+
+Layout of an output directory::
+
+    index.json              format, seq_len, dtype, vocab, tokenizer sha256, domains, shards, stats
+    train-00000.bin ...     uint16/uint32 tokens, shape [num_sequences, seq_len], C order
+    train.domains.bin       uint16 domain id of every train sequence (majority of its tokens)
+    heldout-00000.bin ...   the held-out split (the paper's DWM_VAL ablation), same format
+    report.json             skipped records by reason, dropped tail tokens
+
+The directory is written under a temporary name and renamed into place at the end, so a failed
+run never leaves a half-written (or half-overwritten) output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dwmtrain.data.tokenizer import EOS_ID, Tokenizer
+
+FORMAT = "dwmtrain-tokens-v1"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line (or shard and sequence)."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- diagnosis
+
+
+def _open_text_bytes(path: str):
+    if path.endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    if path.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def diagnose_jsonl(path: str) -> None:
+    """Find the first line ``datasets`` could not read and raise a DataError naming it.
+
+    Only runs after the fast reader failed, to turn a pyarrow error into ``file:line: reason``.
+    """
+    import io
+
+    with _open_text_bytes(path) as raw:
+        for lineno, line in enumerate(io.BufferedReader(raw), 1):
+            if not line.strip():
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            if "text" in rec and rec["text"] is not None and not isinstance(rec["text"], str):
+                raise DataError(
+                    f"{path}:{lineno}: field 'text' must be a string, got {type(rec['text']).__name__}"
+                )
+            meta = rec.get("meta")
+            if meta is not None and not isinstance(meta, dict):
+                raise DataError(f"{path}:{lineno}: field 'meta' must be an object")
+    raise DataError(f"{path}: could not be read as JSON lines (no single bad line found)")
+
+
+# ----------------------------------------------------------------------------- reading + tokenizing
+
+_SP_CACHE: dict[str, Tokenizer] = {}
+
+
+def _tokenize_batch(batch: dict, tokenizer_path: str) -> dict:
+    """datasets.map worker: text -> ids (+EOS), domain name, skip reason ('' if kept)."""
+    tok = _SP_CACHE.get(tokenizer_path)
+    if tok is None:
+        tok = _SP_CACHE[tokenizer_path] = Tokenizer(tokenizer_path)
+    texts = batch.get("text") or [None] * len(next(iter(batch.values())))
+    metas = batch.get("meta") or [None] * len(texts)
+    ids, domains, skip = [], [], []
+    todo = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+    enc = tok.encode_batch([texts[i] for i in todo]) if todo else []
+    by_i = dict(zip(todo, enc))
+    for i, t in enumerate(texts):
+        m = metas[i] if isinstance(metas[i], dict) else {}
+        domains.append(str(m.get("redpajama_set_name") or "unknown"))
+        if t is not None and not isinstance(t, str):
+            raise TypeError(f"'text' must be a string, got {type(t).__name__}")
+        if t is None:
+            ids.append([])
+            skip.append("missing text")
+        elif not t.strip():
+            ids.append([])
+            skip.append("empty text")
+        else:
+            ids.append(by_i[i] + [EOS_ID])
+            skip.append("")
+    return {"ids": ids, "domain": domains, "skip": skip}
+
+
+def load_jsonl(f: str, cache_dir: str):
+    """One SlimPajama-format file (JSONL, JSONL.zst, JSONL.gz) or hub dataset name via ``datasets``."""
+    import datasets
+
+    try:
+        if os.path.exists(f):
+            ds = datasets.load_dataset("json", data_files=[f], split="train", cache_dir=cache_dir)
+        else:  # a hub dataset name, where a network exists
+            ds = datasets.load_dataset(f, split="train", cache_dir=cache_dir)
+    except Exception as e:  # pyarrow / datasets errors carry no line number: find it ourselves
+        if not os.path.exists(f):
+            raise DataError(f"{f}: no such file, and not loadable as a dataset name ({e})") from None
+        diagnose_jsonl(f)
+        raise DataError(f"{f}: {e}") from None
+    if "text" not in ds.column_names:
+        raise DataError(f"{f}: no 'text' field in any record (columns: {ds.column_names})")
+    return ds
+
+
+def read_tokenized(files: list[str], tokenizer_path: str, workers: int, cache_dir: str):
+    """Load each file with ``datasets`` and tokenize it in parallel worker processes."""
+    out = []
+    for f in files:
+        ds = load_jsonl(f, cache_dir)
+        cols = [c for c in ds.column_names if c not in ("text", "meta")]
+        try:
+            tok = _map_tokenize(ds, tokenizer_path, workers, cols, f)
+        except (UnicodeDecodeError, ValueError, TypeError) as e:  # pyarrow reads bad UTF-8 lazily
+            diagnose_jsonl(f)
+            raise DataError(f"{f}: {e}") from None
+        out.append((f, tok))
+    return out
+
+
+def _map_tokenize(ds, tokenizer_path, workers, cols, f):
+    return ds.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=max(1, workers) if len(ds) > 512 and workers > 1 else None,
+        fn_kwargs={"tokenizer_path": tokenizer_path},
+        remove_columns=cols + [c for c in ("text", "meta") if c in ds.column_names],
+        desc=f"tokenize {os.path.basename(f)}",
+    )
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files as given; a directory means its ``*.jsonl*`` files, sorted."""
+    files = []
+    for p in inputs:
+        files += sorted(str(x) for x in Path(p).glob("*.jsonl*")) if Path(p).is_dir() else [p]
+    if not files:
+        raise DataError(f"no input files in {inputs}")
+    return files
+
+
+def iter_texts(inputs: list[str], cache_dir: str, report: Counter | None = None):
+    """Non-empty ``text`` of every record (for tokenizer training); empty/missing ones are counted."""
+    for f in expand_inputs(inputs):
+        for t in load_jsonl(f, cache_dir)["text"]:
+            if isinstance(t, str) and t.strip():
+                yield t
+            elif report is not None:
+                report["missing text" if t is None else "empty text"] += 1
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+class _ShardWriter:
+    """Append fixed-length sequences to numbered shard files."""
+
+    def __init__(self, out: Path, split: str, seq_len: int, dtype, shard_sequences: int):
+        self.out, self.split, self.seq_len, self.dtype = out, split, seq_len, dtype
+        self.shard_sequences = shard_sequences
+        self.shards: list[dict] = []
+        self.domains: list[int] = []
+        self._f = None
+        self._n = 0
+
+    def add(self, seq: np.ndarray, domain: int) -> None:
+        if self._f is None or self._n == self.shard_sequences:
+            self._close()
+            name = f"{self.split}-{len(self.shards):05d}.bin"
+            self._f = open(self.out / name, "wb")
+            self.shards.append({"file": name, "num_sequences": 0})
+            self._n = 0
+        self._f.write(seq.astype(self.dtype, copy=False).tobytes())
+        self._n += 1
+        self.shards[-1]["num_sequences"] = self._n
+        self.domains.append(domain)
+
+    def _close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def finish(self) -> dict:
+        self._close()
+        for s in self.shards:
+            s["sha256"] = sha256_file(self.out / s["file"])
+        dfile = f"{self.split}.domains.bin"
+        np.asarray(self.domains, dtype=np.uint16).tofile(self.out / dfile)
+        return {"shards": self.shards, "num_sequences": len(self.domains), "domain_file": dfile}
+
+
+@dataclass
+class PrepareReport:
+    """What happened to every input record."""
+
+    documents: int = 0
+    tokens: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: list[str] = field(default_factory=list)
+    tail_tokens_dropped: int = 0
+    sequences: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"documents kept: {self.documents}", f"tokens: {self.tokens}"]
+        for split, n in self.sequences.items():
+            lines.append(f"{split} sequences: {n}")
+        if self.skipped:
+            lines.append(
+                "skipped records: " + ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items()))
+            )
+            lines += [f"  e.g. {e}" for e in self.skipped_examples[:5]]
+        else:
+            lines.append("skipped records: 0")
+        lines.append(f"tail tokens dropped (last partial sequence): {self.tail_tokens_dropped}")
+        return "\n".join(lines)
+
+
+def prepare_data(
+    inputs: list[str],
+    tokenizer_path: str,
+    out_dir: str,
+    seq_len: int = 1024,
+    workers: int = os.cpu_count() or 1,
+    heldout_fraction: float = 0.01,
+    shard_sequences: int = 65536,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PrepareReport:
+    """Tokenize, append EOS, pack into ``seq_len`` sequences and write shards + index atomically."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it (only after a successful run)")
+    if not 0 <= heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction={heldout_fraction}: must be in [0, 1)")
+    files = expand_inputs(inputs)
+    tok = Tokenizer(tokenizer_path)
+    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        report = PrepareReport()
+        tokenized = read_tokenized(files, tokenizer_path, workers, str(tmp / "cache"))
+        writers = {
+            "train": _ShardWriter(tmp, "train", seq_len, dtype, shard_sequences),
+            "heldout": _ShardWriter(tmp, "heldout", seq_len, dtype, shard_sequences),
+        }
+        rng = np.random.default_rng(seed)
+        domains: dict[str, int] = {}
+        buf: list[np.ndarray] = []
+        dom_buf: list[np.ndarray] = []
+        buffered = 0
+        total_docs = sum(len(ds) for _, ds in tokenized)
+        bar = tqdm(total=total_docs, unit="doc", disable=not progress, desc="pack", smoothing=0.1)
+        t0 = time.time()
+        for f, ds in tokenized:
+            for i, row in enumerate(ds):
+                bar.update(1)
+                if row["skip"]:
+                    report.skipped[row["skip"]] += 1
+                    if len(report.skipped_examples) < 20:
+                        report.skipped_examples.append(f"{f} record {i + 1}: {row['skip']}")
+                    continue
+                ids = np.asarray(row["ids"], dtype=np.int64)
+                d = domains.setdefault(row["domain"], len(domains))
+                buf.append(ids)
+                dom_buf.append(np.full(len(ids), d, dtype=np.int32))
+                buffered += len(ids)
+                report.documents += 1
+                report.tokens += len(ids)
+                if buffered >= seq_len:
+                    flat, dflat = np.concatenate(buf), np.concatenate(dom_buf)
+                    n = len(flat) // seq_len
+                    for k in range(n):
+                        seq = flat[k * seq_len : (k + 1) * seq_len]
+                        dom = int(np.bincount(dflat[k * seq_len : (k + 1) * seq_len]).argmax())
+                        split = "heldout" if rng.random() < heldout_fraction else "train"
+                        writers[split].add(seq, dom)
+                    buf, dom_buf = [flat[n * seq_len :]], [dflat[n * seq_len :]]
+                    buffered = len(buf[0])
+                if report.documents % 200 == 0:
+                    dt = max(time.time() - t0, 1e-9)
+                    bar.set_postfix(docs_s=f"{report.documents / dt:.0f}", tok_s=f"{report.tokens / dt:.0f}")
+        bar.close()
+        report.tail_tokens_dropped = buffered
+        splits = {name: w.finish() for name, w in writers.items()}
+        report.sequences = {k: v["num_sequences"] for k, v in splits.items()}
+        if report.sequences["train"] == 0:
+            raise DataError(f"{inputs}: not enough text for one sequence of {seq_len} tokens")
+        index = {
+            "format": FORMAT,
+            "seq_len": seq_len,
+            "dtype": np.dtype(dtype).name,
+            "vocab_size": tok.vocab_size,
+            "tokenizer": os.path.abspath(tokenizer_path),
+            "tokenizer_sha256": sha256_file(tokenizer_path),
+            "domains": sorted(domains, key=domains.get),
+            "splits": splits,
+            "inputs": [os.path.abspath(f) if os.path.exists(f) else f for f in files],
+            "seed": seed,
+            "heldout_fraction": heldout_fraction,
+        }
+        (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        (tmp / "report.json").write_text(
+            json.dumps(
+                {
+                    "documents": report.documents,
+                    "tokens": report.tokens,
+                    "skipped": dict(report.skipped),
+                    "skipped_examples": report.skipped_examples,
+                    "tail_tokens_dropped": report.tail_tokens_dropped,
+                    "sequences": report.sequences,
+                },
+                indent=1,
+            )
+        )
+        shutil.rmtree(tmp / "cache", ignore_errors=True)
+        if out.exists():  # overwrite only now that the new output is complete
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+        return report
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

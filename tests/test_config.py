@@ -1,0 +1,115 @@
+import json
+
+import pytest
+
+from dwmtrain.config import (
+    Config,
+    ConfigError,
+    build_deepspeed_config,
+    load_config,
+    resolve_batch,
+)
+
+
+def test_defaults_validate_and_roundtrip(tmp_path):
+    cfg = Config()
+    p = tmp_path / "c.yaml"
+    p.write_text(cfg.to_yaml())
+    assert load_config(p).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("model.preset=13b", "model.preset"),
+        ("run.keep_last=0", "run.keep_last"),
+        ("data.val_source=wiki", "data.val_source"),
+        ("dwm.uniform_mix=1.5", "dwm.uniform_mix"),
+        ("stages.num_stages=0", "stages.num_stages"),
+        ("stages.boundaries=[5,3,8,9]", "stages.boundaries"),
+        ("meta.grad_mode=magic", "meta.grad_mode"),
+        ("optimizer.betas=[0.9]", "optimizer.betas"),
+        ("deepspeed.precision=fp8", "deepspeed.precision"),
+        ("deepspeed.micro_batch_size=0", "deepspeed.micro_batch_size"),
+        ("optimizer.lr=fast", "optimizer.lr"),
+        ("model.hiden=3", "model.hiden"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert field in str(e.value)
+
+
+def test_overrides_and_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  preset: small\nstages:\n  total_steps: 50\n  num_stages: 5\n")
+    cfg = load_config(p, ["stages.num_stages=2", "optimizer.lr=1e-3", "stages.boundaries=[30]"])
+    assert cfg.model.preset == "small" and cfg.stages.num_stages == 2
+    assert cfg.optimizer.lr == 1e-3 and cfg.stages.boundaries == [30]
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+
+
+def test_batch_arithmetic():
+    p = resolve_batch(micro=8, world=4, seq_len=1024, global_tokens=4 * 1024 * 1024)
+    assert p.global_batch_size == 4096 and p.gradient_accumulation_steps == 128
+    assert resolve_batch(8, 2, 64, accum=3).global_batch_size == 48
+    with pytest.raises(ConfigError, match="global_batch_size=100"):
+        resolve_batch(8, 2, 64, global_batch=100)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=3"):
+        resolve_batch(8, 2, 64, global_batch=64, accum=3)
+    with pytest.raises(ConfigError, match="contradicts"):
+        resolve_batch(8, 2, 64, global_batch=32, global_tokens=64 * 64)
+
+
+def test_contradictory_batch_in_config_names_fields():
+    with pytest.raises(ConfigError, match="deepspeed.global_batch_size"):
+        load_config(
+            None, ["data.seq_len=64", "deepspeed.global_batch_tokens=4096", "deepspeed.global_batch_size=32"]
+        )
+
+
+def test_deepspeed_json_generated_from_one_place():
+    cfg = load_config(None, ["data.seq_len=64", "deepspeed.global_batch_size=64", "optimizer.lr=3e-4"])
+    ds = build_deepspeed_config(cfg, world=2, accelerator="cpu")
+    assert ds["train_batch_size"] == 64
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] is False and ds["optimizer"]["params"]["lr"] == 3e-4
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    gpu = build_deepspeed_config(cfg, world=8, accelerator="cuda")
+    assert gpu["bf16"]["enabled"] is True and "torch_adam" not in gpu["optimizer"]["params"]
+    off = build_deepspeed_config(load_config(None, ["deepspeed.template=zero3_offload"]), 1, "cuda")
+    assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    json.dumps(ds)
+    with pytest.raises(ConfigError, match="world_size|not divisible"):
+        build_deepspeed_config(cfg, world=3, accelerator="cpu")
+
+
+def test_template_may_not_hold_batch_sizes(tmp_path):
+    t = tmp_path / "t.json"
+    t.write_text('{"train_batch_size": 8, "zero_optimization": {"stage": 3}}')
+    cfg = load_config(None, [f"deepspeed.template={t}"])
+    with pytest.raises(ConfigError, match="train_batch_size belongs in the run config"):
+        build_deepspeed_config(cfg, 1, "cpu")
+
+
+def test_stage_schedule():
+    from dwmtrain.stages.schedule import is_boundary, stage_of, stage_starts
+
+    assert stage_starts(100, 5) == [0, 20, 40, 60, 80]
+    assert stage_starts(11, 3) == [0, 4, 8]
+    assert stage_starts(100, 3, [10, 50]) == [0, 10, 50]
+    s = stage_starts(10, 2)
+    assert [stage_of(i, s) for i in range(10)] == [1] * 5 + [2] * 5
+    assert is_boundary(5, s) and not is_boundary(0, s)
+    with pytest.raises(ValueError):
+        stage_starts(10, 3, [5])
