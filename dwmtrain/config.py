@@ -94,6 +94,7 @@ class DataConfig:
     seq_len: int = 1024  #: packed sequence length; must equal the prepared data's
     val_source: str = "lambada"  #: lambada (the paper) | heldout (the DWM_VAL ablation)
     lambada_path: str = "dwmtrain/data/corpus/lambada_sample.jsonl"  #: lambada_openai-format JSONL
+    raw: list[str] = field(default_factory=list)  #: JSONL(.zst) inputs to prepare train_data from if missing
     verify: str = "size"  #: shard check at load: size (cheap) | sha256 (reads everything)
 
     def __post_init__(self):
@@ -249,6 +250,12 @@ class Config:
                     self.deepspeed.global_batch_size,
                     f"contradicts deepspeed.global_batch_tokens={bt} (= {bt // sl} sequences of {sl})",
                 )
+        _check(
+            self.run.dist_timeout_s > self.meta.timeout_s,
+            "run.dist_timeout_s",
+            self.run.dist_timeout_s,
+            f"must exceed meta.timeout_s={self.meta.timeout_s} (ranks wait for the meta job in a collective)",
+        )
         if self.model.max_seq_len:
             _check(
                 sl <= self.model.max_seq_len,

@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dwmtrain.data.prepare import DataError
 from dwmtrain.data.tokenizer import BOS_ID, Tokenizer
+from dwmtrain.train.loss import per_sample_loss
 
 
 @dataclass
@@ -87,10 +87,6 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 
     logits [B, T, V], labels [B, T] (-100 = ignore) -> loss [B], correct [B] (bool).
     """
-    lg, lb = logits[:, :-1].float(), labels[:, 1:]
-    tok = F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=-100, reduction="none")
-    tok = tok.view(lb.shape)
-    m = (lb != -100).to(tok.dtype)
-    loss = (tok * m).sum(1) / m.sum(1).clamp_min(1)
-    hit = ((lg.argmax(-1) == lb) | (lb == -100)).all(1)
-    return loss, hit
+    lb = labels[:, 1:]
+    hit = ((logits[:, :-1].argmax(-1) == lb) | (lb == -100)).all(1)
+    return per_sample_loss(logits, labels), hit

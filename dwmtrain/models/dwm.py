@@ -1,0 +1,228 @@
+"""The Data Weighting Model: per-sample weights for a micro-batch, from the micro-batch as a whole.
+
+    tokens [B, T] --Llama backbone--> hidden [B, T, H] --pool--> e [B, H]
+      --one self-attention block across the B samples (no position across samples)--> h [B, H]
+      --Linear, GELU, Linear--> logits [B] --B*softmax(logits/temp), uniform mix--> w [B], mean(w)=1
+
+Saved as safetensors + a JSON sidecar (architecture, stage, LM step, sha256 of the tensor file);
+loading verifies both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import LlamaModel
+
+from dwmtrain.models.lm import llama_config
+
+
+def normalize_weights(logits: torch.Tensor, temperature: float = 1.0, uniform_mix: float = 0.0) -> torch.Tensor:
+    """Per-sample weights with mean 1: B * softmax(logits / T), mixed with uniform by ``uniform_mix``."""
+    B = logits.shape[-1]
+    w = B * torch.softmax(logits / temperature, dim=-1)
+    return (1.0 - uniform_mix) * w + uniform_mix
+
+
+def weight_stats(w: torch.Tensor) -> dict[str, float]:
+    """Entropy (nats; log B is uniform), effective sample size, min, max of one micro-batch's weights."""
+    w = w.detach().float()
+    p = w / w.sum()
+    ent = -(p * p.clamp_min(1e-30).log()).sum()
+    ess = w.sum() ** 2 / (w * w).sum()
+    return {"entropy": ent.item(), "ess": ess.item(), "min": w.min().item(), "max": w.max().item()}
+
+
+@dataclass(frozen=True)
+class DWMArch:
+    """Everything needed to rebuild a DWM; stored in its metadata and checked on load."""
+
+    backbone: str
+    vocab_size: int
+    max_seq_len: int
+    attn_heads: int = 4
+    head_hidden: int = 0
+    pooling: str = "mean"
+    temperature: float = 1.0
+    uniform_mix: float = 0.0
+    attn_implementation: str = "sdpa"
+
+    @classmethod
+    def from_config(cls, dwm_cfg, vocab_size: int, max_seq_len: int, attn_implementation: str = "sdpa"):
+        return cls(
+            backbone=dwm_cfg.backbone,
+            vocab_size=vocab_size,
+            max_seq_len=max_seq_len,
+            attn_heads=dwm_cfg.attn_heads,
+            head_hidden=dwm_cfg.head_hidden,
+            pooling=dwm_cfg.pooling,
+            temperature=dwm_cfg.temperature,
+            uniform_mix=dwm_cfg.uniform_mix,
+            attn_implementation=attn_implementation,
+        )
+
+    def shape_fields(self) -> dict:
+        """Fields that change the tensors (a mismatch means the file cannot be loaded)."""
+        d = asdict(self)
+        for k in ("temperature", "uniform_mix", "attn_implementation"):
+            d.pop(k)
+        return d
+
+
+class DataWeightingModel(nn.Module):
+    """Backbone embeds each sample; attention across the micro-batch; two linears -> weights."""
+
+    def __init__(self, arch: DWMArch):
+        super().__init__()
+        self.arch = arch
+        cfg = llama_config(arch.backbone, arch.vocab_size, arch.max_seq_len, arch.attn_implementation)
+        self.backbone = LlamaModel(cfg)
+        H = cfg.hidden_size
+        if H % arch.attn_heads:
+            raise ValueError(f"dwm.attn_heads={arch.attn_heads}: must divide the backbone hidden size {H}")
+        hid = arch.head_hidden or H
+        self.attn = nn.MultiheadAttention(H, arch.attn_heads, batch_first=True)
+        self.norm = nn.LayerNorm(H)
+        self.fc1 = nn.Linear(H, hid)
+        self.fc2 = nn.Linear(hid, 1)
+        # A fresh head scores every sample 0 -> exactly uniform weights (stage 1 is uniform).
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] -> [B, H] pooled final hidden states."""
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.arch.pooling == "last":
+            if attention_mask is None:
+                return h[:, -1]
+            last = attention_mask.sum(1) - 1
+            return h[torch.arange(h.shape[0], device=h.device), last]
+        if attention_mask is None:
+            return h.mean(1)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1)
+
+    def score(self, emb: torch.Tensor) -> torch.Tensor:
+        """[B, H] -> logits [B]; permutation-equivariant in the B samples."""
+        x = emb.unsqueeze(0)  # the micro-batch is the attention "sequence", with no positional encoding
+        a, _ = self.attn(x, x, x, need_weights=False)
+        h = self.norm(x + a)
+        return self.fc2(F.gelu(self.fc1(h))).squeeze(-1).squeeze(0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] -> weights [B] with mean 1."""
+        logits = self.score(self.embed(input_ids, attention_mask))
+        return normalize_weights(logits.float(), self.arch.temperature, self.arch.uniform_mix)
+
+    def init_backbone_from(self, lm_state: dict[str, torch.Tensor]) -> None:
+        """Copy an LM's transformer (``model.*`` of a LlamaForCausalLM state dict) into the backbone."""
+        sd = {k[len("model.") :]: v for k, v in lm_state.items() if k.startswith("model.")}
+        own = self.backbone.state_dict()
+        bad = [k for k in own if k not in sd or sd[k].shape != own[k].shape]
+        if bad:
+            raise ValueError(
+                f"cannot initialize the DWM backbone ({self.arch.backbone}) from this LM: "
+                f"{len(bad)} tensors missing or of another shape (e.g. {bad[0]}); "
+                "use the LM's preset as dwm.backbone or set dwm.init_backbone_from_lm=false"
+            )
+        self.backbone.load_state_dict({k: sd[k] for k in own})
+
+
+# ----------------------------------------------------------------------------- files
+
+
+class DWMFileError(ValueError):
+    """A DWM file is missing, corrupted or of another architecture."""
+
+
+def sha256_bytes_of(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 22):
+            h.update(b)
+    return h.hexdigest()
+
+
+def meta_path(path: str | os.PathLike) -> Path:
+    return Path(str(path) + ".json")
+
+
+def save_dwm(model: DataWeightingModel, path: str | os.PathLike, stage: int, lm_step: int, **extra) -> dict:
+    """Write ``path`` (safetensors) and ``path.json`` atomically; returns the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"format": "dwmtrain-dwm-v1"})
+    meta = {
+        "format": "dwmtrain-dwm-v1",
+        "arch": asdict(model.arch),
+        "stage": stage,
+        "lm_step": lm_step,
+        "sha256": sha256_bytes_of(tmp),
+        "num_parameters": sum(v.numel() for v in state.values()),
+        **extra,
+    }
+    mtmp = meta_path(tmp)
+    mtmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path)  # tensors first, metadata last: the sidecar marks the file complete
+    os.replace(mtmp, meta_path(path))
+    return meta
+
+
+def read_dwm_meta(path: str | os.PathLike) -> dict:
+    mp = meta_path(path)
+    if not Path(path).is_file():
+        raise DWMFileError(f"DWM file {path}: not found")
+    try:
+        return json.loads(mp.read_text())
+    except FileNotFoundError:
+        raise DWMFileError(f"DWM file {path}: metadata {mp} missing (incomplete write?)") from None
+    except json.JSONDecodeError as e:
+        raise DWMFileError(f"DWM metadata {mp}:{e.lineno}: {e.msg}") from None
+
+
+def load_dwm_state(
+    path: str | os.PathLike, expect: DWMArch | None = None
+) -> tuple[DWMArch, dict[str, torch.Tensor], dict]:
+    """Verify sha256 and architecture, then read the tensors (safetensors: no pickle)."""
+    from safetensors.torch import load_file
+
+    meta = read_dwm_meta(path)
+    digest = sha256_bytes_of(path)
+    if digest != meta.get("sha256"):
+        raise DWMFileError(
+            f"DWM file {path}: sha256 {digest[:12]}... does not match its metadata "
+            f"({str(meta.get('sha256'))[:12]}...): corrupted or replaced"
+        )
+    known = {f.name for f in fields(DWMArch)}
+    arch = DWMArch(**{k: v for k, v in meta["arch"].items() if k in known})
+    if expect is not None:
+        a, b = arch.shape_fields(), expect.shape_fields()
+        diff = [f"{k}: file has {a[k]!r}, run expects {b[k]!r}" for k in a if a[k] != b[k]]
+        if diff:
+            raise DWMFileError(f"DWM file {path} has another architecture: " + "; ".join(diff))
+    return arch, load_file(str(path)), meta
+
+
+def load_dwm(path: str | os.PathLike, expect: DWMArch | None = None, **arch_overrides) -> DataWeightingModel:
+    arch, state, _ = load_dwm_state(path, expect)
+    if arch_overrides:
+        arch = DWMArch(**{**asdict(arch), **arch_overrides})
+    model = DataWeightingModel(arch)
+    model.load_state_dict(state)
+    return model
+
+
+def dwm_parameter_count(arch: DWMArch) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in DataWeightingModel(arch).parameters())

@@ -1,0 +1,48 @@
+"""Validation batches (LAMBADA targets, or the held-out split) and their loss / accuracy."""
+
+from __future__ import annotations
+
+import torch
+
+from dwmtrain.data.dataset import TokenDataset
+from dwmtrain.data.lambada import collate_cloze, lm_batch, load_lambada, per_example_loss
+from dwmtrain.data.tokenizer import Tokenizer
+from dwmtrain.distributed import all_reduce_
+
+
+class ValidationSet:
+    """``batches(n, bs, rank, world)`` gives the same split of validation data on every call."""
+
+    def __init__(self, source: str, lambada_path: str, tokenizer_path: str, train_data: str, seq_len: int):
+        self.source = source
+        if source == "lambada":
+            self.items = load_lambada(lambada_path, Tokenizer(tokenizer_path), seq_len)
+            self.n = len(self.items)
+        else:
+            self.heldout = TokenDataset(train_data, "heldout")
+            self.n = len(self.heldout)
+        if self.n == 0:
+            raise ValueError(f"validation source {source!r} is empty")
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        if self.source == "lambada":
+            return collate_cloze([self.items[i % self.n] for i in indices])
+        return lm_batch(self.heldout.batch([i % self.n for i in indices]))
+
+    def batches(self, n_batches: int, bs: int, rank: int = 0, world: int = 1, offset: int = 0):
+        """Rank r takes every world-th batch; wraps around a small set. Same count on every rank."""
+        for b in range(n_batches):
+            start = offset + (b * world + rank) * bs
+            yield self.batch(list(range(start, start + bs)))
+
+
+@torch.no_grad()
+def evaluate(forward, val: ValidationSet, n_batches: int, bs: int, rank: int, world: int, device) -> dict:
+    """Mean per-example loss and accuracy (exact match of all target tokens) over all ranks."""
+    tot = torch.zeros(3, dtype=torch.float64, device=device)
+    for b in val.batches(n_batches, bs, rank, world):
+        b = {k: v.to(device) for k, v in b.items()}
+        loss, hit = per_example_loss(forward(b), b["labels"])
+        tot += torch.stack([loss.sum().double(), hit.sum().double(), torch.tensor(len(loss), device=device)])
+    all_reduce_(tot)
+    return {"val_loss": (tot[0] / tot[2]).item(), "val_acc": (tot[1] / tot[2]).item(), "val_examples": int(tot[2])}

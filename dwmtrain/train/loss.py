@@ -1,0 +1,34 @@
+"""Pure loss and schedule math: per-sample losses, the weighted objective, the LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each sample. logits [B, T, V], labels [B, T] (-100 ignored) -> [B]."""
+    lg, lb = logits[:, :-1], labels[:, 1:]
+    tok = F.cross_entropy(lg.reshape(-1, lg.size(-1)).float(), lb.reshape(-1), ignore_index=-100, reduction="none")
+    m = (lb != -100).to(tok.dtype)
+    return (tok.view(lb.shape) * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def weighted_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The LM objective for one micro-batch: mean_i w_i * L_i (weights have mean 1, so uniform = plain mean)."""
+    return (weights.to(losses.dtype) * losses).mean()
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_ratio`` at the last step. ``step`` is 0-based."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def default_warmup(total_steps: int, warmup_steps: int) -> int:
+    return warmup_steps if warmup_steps else max(1, total_steps // 100)

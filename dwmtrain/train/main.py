@@ -1,0 +1,32 @@
+"""Entry point of the training job (called by launchers/pretrain.py on every rank)."""
+
+from __future__ import annotations
+
+import sys
+
+from dwmtrain.config import Config
+
+
+def run_training(cfg: Config) -> int:
+    """Set up, train, and turn expected failures into one clear message and an exit code."""
+    from dwmtrain.config import ConfigError
+    from dwmtrain.data.prepare import DataError
+    from dwmtrain.models.dwm import DWMFileError
+    from dwmtrain.stages.handoff import ExternalMetaRequired, MetaJobError
+    from dwmtrain.train.checkpoint import ResumeError
+    from dwmtrain.train.loop import train
+    from dwmtrain.train.setup import setup
+
+    try:
+        train(setup(cfg))
+    except ExternalMetaRequired as e:
+        print(f"[dwmtrain] stopped at a stage boundary: {e}", file=sys.stderr, flush=True)
+        return 3
+    except (ConfigError, DataError, DWMFileError, ResumeError, MetaJobError, ValueError) as e:
+        kind = type(e).__name__
+        print(f"[dwmtrain] error ({kind}): {e}", file=sys.stderr, flush=True)
+        if isinstance(e, MetaJobError):
+            print("[dwmtrain] the stage-boundary checkpoint is complete; rerun the same command to resume",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return 2
+    return 0

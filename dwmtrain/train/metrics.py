@@ -1,0 +1,77 @@
+"""metrics.jsonl (one record per optimizer step), eval.jsonl, TensorBoard; rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Dense bf16 peak per device, for MFU. Override with DWMTRAIN_PEAK_TFLOPS.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A6000": 155.0}
+
+
+def peak_flops(device_name: str) -> float | None:
+    if os.environ.get("DWMTRAIN_PEAK_TFLOPS"):
+        return float(os.environ["DWMTRAIN_PEAK_TFLOPS"]) * 1e12
+    for k, v in PEAK_TFLOPS.items():
+        if k in device_name:
+            return v * 1e12
+    return None
+
+
+def mfu(tokens_per_s: float, n_params: int, n_devices: int, peak: float | None) -> float | None:
+    """Model FLOPs utilization with 6N FLOPs per trained token (attention FLOPs not counted)."""
+    if not peak:
+        return None
+    return 6.0 * n_params * tokens_per_s / (peak * n_devices)
+
+
+class MetricsWriter:
+    """Appends JSON records; on resume, drops records past the resumed step first."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, tensorboard: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.eval_path = Path(run_dir) / "eval.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        for p in (self.path, self.eval_path):
+            _truncate_after(p, resume_step if resume_step is not None else 0)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+            except ImportError:
+                self.tb = None
+
+    def log(self, rec: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        with open(self.path if kind == "train" else self.eval_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{kind}/{k}", v, rec["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep records with step <= ``step`` (those after it are re-run after a resume)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)

@@ -1,0 +1,68 @@
+"""Launch real `deepspeed` jobs on 2 CPU ranks and read what they wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+TINY = REPO / "launchers" / "configs" / "tiny.yaml"
+
+
+def shared_data_overrides(data_dir: Path) -> list[str]:
+    return [f"data.train_data={data_dir}"]
+
+
+def pretrain_cmd(run_dir: Path, overrides: list[str], world: int = 2, config: Path = TINY) -> list[str]:
+    return [DEEPSPEED, "--num_gpus", str(world), "--master_port", str(29500 + os.getpid() % 1000),
+            str(REPO / "launchers" / "pretrain.py"), "--config", str(config), "--run-dir", str(run_dir),
+            "run.threads_per_rank=1", *overrides]  # fmt: skip
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONUNBUFFERED"] = "1"
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}")
+    return p
+
+
+def run_until_step_then_kill(cmd: list[str], metrics: Path, step: int, timeout: int = 600) -> None:
+    """Start the job, wait until metrics.jsonl shows ``step``, then SIGKILL the whole process group."""
+    p = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)  # fmt: skip
+    t0 = time.time()
+    try:
+        while time.time() - t0 < timeout:
+            if p.poll() is not None:
+                raise AssertionError(f"job ended (rc {p.returncode}) before step {step}")
+            if metrics.exists() and any(json.loads(x)["step"] >= step for x in metrics.read_text().splitlines() if x.strip()):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("timed out waiting for the step")
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        # the ranks run in the same session; make sure none survives
+        subprocess.run(["pkill", "-9", "-f", f"run-dir {cmd[cmd.index('--run-dir') + 1]}"], check=False)
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def by_step(path: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in records(path)}

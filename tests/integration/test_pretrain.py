@@ -1,0 +1,109 @@
+"""Real `deepspeed --num_gpus 2` launches of launchers/pretrain.py on CPU (gloo), tiny preset."""
+
+import json
+
+import pytest
+import torch
+
+from dwmtrain.data.prepare import prepare_data
+from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm
+
+from ..conftest import CORPUS
+from .helpers import DEEPSPEED, REPO, by_step, pretrain_cmd, records, run, run_until_step_then_kill
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def data64(tmp_path_factory):
+    out = tmp_path_factory.mktemp("d") / "sample-64"
+    prepare_data([str(CORPUS / "sample.jsonl.zst")], str(CORPUS / "sample_sp4096.model"), str(out), seq_len=64,
+                 workers=2, progress=False)  # fmt: skip
+    return out
+
+
+def base(data64, *extra):
+    return [f"data.train_data={data64}", "stages.total_steps=12", "stages.num_stages=3", "run.checkpoint_every=2",
+            "run.keep_last=2", *extra]  # fmt: skip
+
+
+def test_weighted_loss_gradients_under_zero3():
+    p = run([DEEPSPEED, "--num_gpus", "2",
+             str(REPO / "tests" / "integration" / "check_weighted_grad.py")])  # fmt: skip
+    assert "CHECK-OK" in p.stdout
+
+
+def test_trains_loss_falls_checkpoints_and_exact_resume_after_sigkill(tmp_path, data64):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run(pretrain_cmd(full, base(data64)))
+    a = by_step(full / "metrics.jsonl")
+    assert sorted(a) == list(range(1, 13))
+    assert a[12]["loss"] < a[1]["loss"] - 0.5, "loss must fall"
+    assert [a[s]["stage"] for s in (1, 4, 5, 8, 9, 12)] == [1, 1, 2, 2, 3, 3]
+    assert all(r["w_min"] == r["w_max"] == 1.0 and r["dwm"] == "uniform" for r in a.values())
+    for k in ("loss_unweighted", "lr", "tokens_per_s", "samples_seen", "w_entropy", "w_ess"):
+        assert k in a[1]
+    assert a[3]["samples_seen"] == 3 * 32
+    ck = full / "checkpoints"
+    assert json.loads((ck / "latest.json").read_text())["tag"] == "step0000012"
+    done = sorted(p.name for p in ck.iterdir() if (p / "COMPLETE").exists())
+    assert "step0000004" in done and "step0000008" in done  # stage boundaries are kept
+    marker = json.loads((ck / "step0000008" / "COMPLETE").read_text())
+    assert marker["stage_boundary"] and marker["consumed_samples"] == 8 * 32 and len(marker["config_sha256"]) == 64
+    assert (full / "config.yaml").exists() and json.loads((full / "deepspeed.json").read_text())["train_batch_size"] == 32
+    assert [r["step"] for r in records(full / "eval.jsonl")] == [4, 8, 12]
+    assert list((full / "tensorboard").iterdir())
+
+    # killed at step 7 (after the boundary at 4, before the one at 8), resumed from step 6
+    run_until_step_then_kill(pretrain_cmd(killed, base(data64)), killed / "metrics.jsonl", 7)
+    latest = json.loads((killed / "checkpoints" / "latest.json").read_text())["step"]
+    assert latest in (4, 6)
+    p = run(pretrain_cmd(killed, base(data64)))
+    assert f"resumed from" in p.stdout + p.stderr
+    b = by_step(killed / "metrics.jsonl")
+    assert sorted(b) == list(range(1, 13))
+    for s in range(1, 13):
+        assert b[s]["loss"] == a[s]["loss"], (s, b[s]["loss"], a[s]["loss"])
+        assert b[s]["lr"] == a[s]["lr"]
+
+    # rerunning a finished run changes nothing; a breaking config change is refused
+    run(pretrain_cmd(full, base(data64)))
+    assert by_step(full / "metrics.jsonl")[12]["loss"] == a[12]["loss"]
+    p = run(pretrain_cmd(full, base(data64, "deepspeed.global_batch_size=64")), check=False)
+    assert p.returncode != 0
+    assert "global batch" in p.stderr and "checkpoint has 32, now 64" in p.stderr
+
+
+def test_sigkill_resume_across_stage_boundary(tmp_path, data64):
+    """Killed right after a boundary checkpoint: the resumed run must match step by step."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = base(data64, "run.checkpoint_every=100")  # only the stage boundaries checkpoint
+    run(pretrain_cmd(full, args))
+    run_until_step_then_kill(pretrain_cmd(killed, args), killed / "metrics.jsonl", 6)
+    assert json.loads((killed / "checkpoints" / "latest.json").read_text())["step"] == 4
+    run(pretrain_cmd(killed, args))
+    a, b = by_step(full / "metrics.jsonl"), by_step(killed / "metrics.jsonl")
+    assert [b[s]["loss"] for s in range(1, 13)] == [a[s]["loss"] for s in range(1, 13)]
+
+
+def test_static_dwm_for_the_whole_run(tmp_path, data64):
+    arch = DWMArch("tiny", 4096, 64)
+    torch.manual_seed(0)
+    dwm = DataWeightingModel(arch)
+    torch.nn.init.normal_(dwm.fc2.weight, std=1.0)
+    meta = save_dwm(dwm, tmp_path / "w1.safetensors", stage=2, lm_step=0)
+    run(pretrain_cmd(tmp_path / "r", base(data64, "meta.mode=fixed", f"meta.dwm_path={tmp_path / 'w1.safetensors'}")))
+    recs = records(tmp_path / "r" / "metrics.jsonl")
+    assert len(recs) == 12
+    assert {r["dwm"] for r in recs} == {f"stage2:{meta['sha256'][:12]}"}
+    assert all(r["w_min"] < 1.0 < r["w_max"] and r["loss"] != r["loss_unweighted"] for r in recs)
+    marker = json.loads((tmp_path / "r" / "checkpoints" / "step0000012" / "COMPLETE").read_text())
+    assert marker["dwm"]["sha256"] == meta["sha256"]
+
+    # a corrupted DWM file is refused with a clear message
+    raw = bytearray((tmp_path / "w1.safetensors").read_bytes())
+    raw[-5] ^= 0xFF
+    (tmp_path / "w1.safetensors").write_bytes(bytes(raw))
+    p = run(pretrain_cmd(tmp_path / "r2", base(data64, "meta.mode=fixed", f"meta.dwm_path={tmp_path / 'w1.safetensors'}")),
+            check=False)  # fmt: skip
+    assert p.returncode != 0 and "sha256" in p.stderr and "corrupted or replaced" in p.stderr
