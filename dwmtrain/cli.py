@@ -63,6 +63,12 @@ def _config(a) -> None:
     print(cfg.to_yaml(), end="")
 
 
+def _report(a) -> None:
+    from dwmtrain.report import summarize
+
+    print(summarize(a.run_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dwmtrain", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -72,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=0)
     p.set_defaults(fn=_describe_model)
 
-    p = sub.add_parser(
-        "train-tokenizer", help="train a sentencepiece BPE model (byte fallback) on JSONL text"
-    )
+    p = sub.add_parser("train-tokenizer", help="train a sentencepiece BPE model (byte fallback) on JSONL text")
     p.add_argument("--input", nargs="+", required=True, help="JSONL / JSONL.zst files or directories")
     p.add_argument("--out", required=True, help="model prefix: writes PREFIX.model")
     p.add_argument("--vocab-size", type=int, default=32000)
@@ -95,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-fraction", type=float, default=0.01)
     p.add_argument("--shard-sequences", type=int, default=65536)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace OUT, only once the new output is complete"
-    )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT, only once the new output is complete")
     p.set_defaults(fn=_prepare_data)
+
+    p = sub.add_parser("report", help="summarize a run: per-stage validation, weights, meta-updates, files")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=_report)
 
     p = sub.add_parser("config", help="print the resolved config (YAML + overrides)")
     p.add_argument("config", nargs="?")

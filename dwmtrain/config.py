@@ -95,6 +95,7 @@ class DataConfig:
     val_source: str = "lambada"  #: lambada (the paper) | heldout (the DWM_VAL ablation)
     lambada_path: str = "dwmtrain/data/corpus/lambada_sample.jsonl"  #: lambada_openai-format JSONL
     raw: list[str] = field(default_factory=list)  #: JSONL(.zst) inputs to prepare train_data from if missing
+    heldout_data: str = ""  #: val_source=heldout: prepared dir whose heldout split validates ("": train_data)
     verify: str = "size"  #: shard check at load: size (cheap) | sha256 (reads everything)
 
     def __post_init__(self):
@@ -156,7 +157,7 @@ class MetaConfig:
     lr: float = 1e-4  #: Adam learning rate of the DWM
     lookahead_lr: float = 0.0  #: alpha of the lookahead step; 0: the LM's learning rate at the boundary
     grad_mode: str = "fd"  #: fd (finite differences, production) | per_sample | jvp | unrolled (reference)
-    fd_eps: float = 1e-2  #: central-difference step, relative to |theta| / |v|
+    fd_eps: float = 1e-2  #: fd mode: norm of the parameter perturbation along v = grad L_val(theta*)
     val_batch_size: int = 8  #: validation examples per meta-step
     nproc: int = 1  #: data-parallel processes of the meta job (GPUs, or CPU processes)
     timeout_s: int = 3600  #: training stops with a resumable checkpoint if the meta job takes longer
@@ -312,9 +313,7 @@ def _coerce(typ, value, name):
             return float(value)  # YAML 1.1 reads "5e-4" as a string
         except ValueError:
             pass
-    if typ in (int, float, str, bool) and not (
-        isinstance(value, typ) and not (typ is int and isinstance(value, bool))
-    ):
+    if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
         raise ConfigError(f"{name}={value!r}: expected {typ.__name__}, got {type(value).__name__}")
     return value
 
@@ -390,8 +389,7 @@ def resolve_batch(
             raise ConfigError(f"deepspeed.global_batch_tokens={global_tokens}: not a multiple of {seq_len}")
         if global_batch and global_batch * seq_len != global_tokens:
             raise ConfigError(
-                f"deepspeed.global_batch_size={global_batch}: contradicts "
-                f"deepspeed.global_batch_tokens={global_tokens}"
+                f"deepspeed.global_batch_size={global_batch}: contradicts deepspeed.global_batch_tokens={global_tokens}"
             )
         global_batch = global_tokens // seq_len
     per_step = micro * world
@@ -449,8 +447,7 @@ def build_deepspeed_config(cfg: Config, world: int, accelerator: str) -> dict:
     for forbidden in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if forbidden in template:
             raise ConfigError(
-                f"deepspeed template {tpath}: {forbidden} belongs in the run config (deepspeed.*), "
-                "not the template"
+                f"deepspeed template {tpath}: {forbidden} belongs in the run config (deepspeed.*), not the template"
             )
     plan = batch_plan(cfg, world)
     prec = resolve_precision(ds.precision, accelerator)

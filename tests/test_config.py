@@ -72,9 +72,7 @@ def test_batch_arithmetic():
 
 def test_contradictory_batch_in_config_names_fields():
     with pytest.raises(ConfigError, match="deepspeed.global_batch_size"):
-        load_config(
-            None, ["data.seq_len=64", "deepspeed.global_batch_tokens=4096", "deepspeed.global_batch_size=32"]
-        )
+        load_config(None, ["data.seq_len=64", "deepspeed.global_batch_tokens=4096", "deepspeed.global_batch_size=32"])
 
 
 def test_deepspeed_json_generated_from_one_place():

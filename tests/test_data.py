@@ -38,9 +38,7 @@ def test_zst_input_and_heldout_split(tmp_path, sp_model):
     recs = corpus_records(200)
     raw = "".join(json.dumps(r) + "\n" for r in recs).encode()
     (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
-    prepare_data(
-        [str(tmp_path)], sp_model, str(tmp_path / "o"), seq_len=64, heldout_fraction=0.1, progress=False
-    )
+    prepare_data([str(tmp_path)], sp_model, str(tmp_path / "o"), seq_len=64, heldout_fraction=0.1, progress=False)
     tr, ho = TokenDataset(tmp_path / "o"), TokenDataset(tmp_path / "o", "heldout")
     assert len(ho) > 0 and len(tr) > 5 * len(ho)
     idx = json.loads((tmp_path / "o" / "index.json").read_text())

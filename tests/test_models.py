@@ -20,10 +20,7 @@ def test_paper_parameter_counts(preset, expected):
 def test_table7_shapes():
     assert PRESETS["370m"].hidden_size == 1024 and PRESETS["370m"].num_hidden_layers == 24
     assert PRESETS["1.3b"].intermediate_size == 5504 and PRESETS["1.3b"].num_attention_heads == 16
-    assert all(
-        PRESETS[p].vocab_size == 32000 and PRESETS[p].max_position_embeddings == 1024
-        for p in ("370m", "1.3b")
-    )
+    assert all(PRESETS[p].vocab_size == 32000 and PRESETS[p].max_position_embeddings == 1024 for p in ("370m", "1.3b"))
 
 
 def test_describe_model_cli():

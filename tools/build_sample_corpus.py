@@ -218,9 +218,7 @@ def main(argv=None) -> int:
     if args.tokenizer_vocab:
         from dwmtrain.data.tokenizer import train_tokenizer
 
-        train_tokenizer(
-            (r["text"] for r in train), out / f"sample_sp{args.tokenizer_vocab}", args.tokenizer_vocab
-        )
+        train_tokenizer((r["text"] for r in train), out / f"sample_sp{args.tokenizer_vocab}", args.tokenizer_vocab)
         (out / f"sample_sp{args.tokenizer_vocab}.vocab").unlink(missing_ok=True)
         manifest["tokenizer"] = f"sample_sp{args.tokenizer_vocab}.model"
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

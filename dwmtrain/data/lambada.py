@@ -52,9 +52,7 @@ def load_lambada(path: str, tokenizer: Tokenizer, max_len: int) -> list[ClozeIte
             ctx_ids = tokenizer.encode(ctx)
             full = tokenizer.encode(ctx + tgt)
             # the target's tokens are what the whole text adds to the context (as lm-eval scores it)
-            tgt_ids = (
-                full[len(ctx_ids) :] if full[: len(ctx_ids)] == ctx_ids else tokenizer.encode(tgt.strip())
-            )
+            tgt_ids = full[len(ctx_ids) :] if full[: len(ctx_ids)] == ctx_ids else tokenizer.encode(tgt.strip())
             ctx_ids = [BOS_ID] + ctx_ids
             keep = max_len - len(tgt_ids)
             items.append(ClozeItem(ctx_ids[-keep:], tgt_ids))

@@ -79,9 +79,7 @@ def diagnose_jsonl(path: str) -> None:
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
             if "text" in rec and rec["text"] is not None and not isinstance(rec["text"], str):
-                raise DataError(
-                    f"{path}:{lineno}: field 'text' must be a string, got {type(rec['text']).__name__}"
-                )
+                raise DataError(f"{path}:{lineno}: field 'text' must be a string, got {type(rec['text']).__name__}")
             meta = rec.get("meta")
             if meta is not None and not isinstance(meta, dict):
                 raise DataError(f"{path}:{lineno}: field 'meta' must be an object")
@@ -243,9 +241,7 @@ class PrepareReport:
         for split, n in self.sequences.items():
             lines.append(f"{split} sequences: {n}")
         if self.skipped:
-            lines.append(
-                "skipped records: " + ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items()))
-            )
+            lines.append("skipped records: " + ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped.items())))
             lines += [f"  e.g. {e}" for e in self.skipped_examples[:5]]
         else:
             lines.append("skipped records: 0")

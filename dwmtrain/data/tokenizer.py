@@ -127,9 +127,7 @@ def _hf_backend(sp_model: str):
     sp = spm.SentencePieceProcessor(model_file=sp_model)
     n = sp.get_piece_size()
     vocab = {sp.id_to_piece(i): i for i in range(n)}
-    scores = {
-        sp.id_to_piece(i): sp.get_score(i) for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i))
-    }
+    scores = {sp.id_to_piece(i): sp.get_score(i) for i in range(n) if not (sp.is_control(i) or sp.is_unknown(i))}
     specials = {sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)}
     merges = generate_merges(vocab, scores, skip_tokens=specials)
     backend = HFTokenizer(
@@ -152,9 +150,7 @@ def export_hf(sp_model: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     if out.exists():
         raise FileExistsError(f"{out} exists; refusing to overwrite a tokenizer directory")
     backend = _hf_backend(sp_model)
-    backend.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")]
-    )
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
     # <s> in front, as LlamaTokenizer does; encode(add_special_tokens=False) gives sentencepiece's ids.
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaModel
 
-from dwmtrain.models.lm import llama_config
+from dwmtrain.models.lm import dtype_preserving_norms, llama_config
 
 
 def normalize_weights(logits: torch.Tensor, temperature: float = 1.0, uniform_mix: float = 0.0) -> torch.Tensor:
@@ -83,11 +83,16 @@ class DataWeightingModel(nn.Module):
         super().__init__()
         self.arch = arch
         cfg = llama_config(arch.backbone, arch.vocab_size, arch.max_seq_len, arch.attn_implementation)
-        self.backbone = LlamaModel(cfg)
+        self.backbone = dtype_preserving_norms(LlamaModel(cfg))
         H = cfg.hidden_size
         if H % arch.attn_heads:
             raise ValueError(f"dwm.attn_heads={arch.attn_heads}: must divide the backbone hidden size {H}")
         hid = arch.head_hidden or H
+        # standardize each feature over the micro-batch (affine like LayerNorm's): the weights are a softmax
+        # over the micro-batch, so only differences between samples matter; the component the samples
+        # share (large for mean-pooled LM states) would otherwise drown them.
+        self.in_scale = nn.Parameter(torch.ones(H))
+        self.in_bias = nn.Parameter(torch.zeros(H))
         self.attn = nn.MultiheadAttention(H, arch.attn_heads, batch_first=True)
         self.norm = nn.LayerNorm(H)
         self.fc1 = nn.Linear(H, hid)
@@ -111,7 +116,9 @@ class DataWeightingModel(nn.Module):
 
     def score(self, emb: torch.Tensor) -> torch.Tensor:
         """[B, H] -> logits [B]; permutation-equivariant in the B samples."""
-        x = emb.unsqueeze(0)  # the micro-batch is the attention "sequence", with no positional encoding
+        mu = emb.mean(0, keepdim=True)
+        sd = emb.var(0, unbiased=False, keepdim=True).add(1e-5).sqrt()
+        x = ((emb - mu) / sd * self.in_scale + self.in_bias).unsqueeze(0)  # [1, B, H]: samples as a "sequence"
         a, _ = self.attn(x, x, x, need_weights=False)
         h = self.norm(x + a)
         return self.fc2(F.gelu(self.fc1(h))).squeeze(-1).squeeze(0)
@@ -119,7 +126,9 @@ class DataWeightingModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T] -> weights [B] with mean 1."""
         logits = self.score(self.embed(input_ids, attention_mask))
-        return normalize_weights(logits.float(), self.arch.temperature, self.arch.uniform_mix)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return normalize_weights(logits, self.arch.temperature, self.arch.uniform_mix)
 
     def init_backbone_from(self, lm_state: dict[str, torch.Tensor]) -> None:
         """Copy an LM's transformer (``model.*`` of a LlamaForCausalLM state dict) into the backbone."""

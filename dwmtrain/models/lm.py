@@ -14,7 +14,54 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+
+EXACT_EAGER = "dwmtrain_eager"
+
+
+def exact_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention that keeps the input dtype (HF's eager upcasts the softmax to fp32 even for fp64).
+
+    Plain matmul/softmax ops: double backward and forward-mode AD work through it, which the exact
+    meta-gradient reference modes (unrolled, jvp) need; float64 stays float64 end to end.
+    """
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1)
+    v = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling  # [B, heads, Tq, Tk]
+    if attention_mask is None:
+        Tq, Tk = scores.shape[-2:]
+        causal = torch.ones(Tq, Tk, dtype=torch.bool, device=scores.device).tril(Tk - Tq)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    else:
+        scores = scores + attention_mask.to(scores.dtype)
+    sdt = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+    probs = torch.softmax(scores, dim=-1, dtype=sdt).to(query.dtype)
+    out = torch.matmul(probs, v).transpose(1, 2).contiguous()
+    return out, probs
+
+
+AttentionInterface.register(EXACT_EAGER, exact_eager_attention)
+
+
+def _rmsnorm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # HF's LlamaRMSNorm always computes in fp32; this is the same in fp32/bf16 and exact in fp64.
+    dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    h = x.to(dt)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return self.weight * h.to(x.dtype)
+
+
+def dtype_preserving_norms(module: torch.nn.Module) -> torch.nn.Module:
+    """Patch every Llama RMSNorm in ``module`` so float64 models stay float64 (for exact gradient tests)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    for m in module.modules():
+        if isinstance(m, LlamaRMSNorm):
+            m.forward = _rmsnorm_forward.__get__(m)
+    return module
 
 
 @dataclass(frozen=True)
@@ -63,7 +110,8 @@ def llama_config(
         initializer_range=0.02,
         use_cache=False,
     )
-    cfg._attn_implementation = attn_implementation
+    # "eager" means our dtype-preserving eager kernel (see exact_eager_attention)
+    cfg._attn_implementation = EXACT_EAGER if attn_implementation == "eager" else attn_implementation
     return cfg
 
 
@@ -79,7 +127,7 @@ def build_lm(
     cfg = llama_config(preset, vocab_size, max_seq_len, attn_implementation)
     if seed is not None:
         torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = dtype_preserving_norms(LlamaForCausalLM(cfg))
     return model.to(dtype)
 
 

@@ -38,18 +38,40 @@ def dwm_file(run_dir: str | os.PathLike, stage: int) -> Path:
 def meta_job_command(run_dir: str, stage: int, tag: str, nproc: int, lookahead_lr: float) -> list[str]:
     """The single-node meta-update job for one boundary (torchrun picks a free port)."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
         str(REPO / "launchers" / "meta_update.py"),
-        "--run-dir", str(run_dir), "--stage", str(stage), "--checkpoint", tag,
-        "--lookahead-lr", repr(lookahead_lr),
-    ]  # fmt: skip
+        "--run-dir",
+        str(run_dir),
+        "--stage",
+        str(stage),
+        "--checkpoint",
+        tag,
+        "--lookahead-lr",
+        repr(lookahead_lr),
+    ]
 
 
 def _clean_env() -> dict:
     """Our launcher's rendezvous variables must not leak into the meta job's own."""
     env = dict(os.environ)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
-              "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):  # fmt: skip
+    for k in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "LOCAL_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CROSS_RANK",
+        "CROSS_SIZE",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "TORCHELASTIC_RUN_ID",
+    ):
         env.pop(k, None)
     return env
 
@@ -66,7 +88,9 @@ def run_meta_job(cmd: list[str], timeout_s: float, log_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise MetaJobError(f"meta-update job timed out after {timeout_s:.0f} s (meta.timeout_s); log: {log_path}")
+            raise MetaJobError(
+                f"meta-update job timed out after {timeout_s:.0f} s (meta.timeout_s); log: {log_path}"
+            ) from None
     if rc != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         raise MetaJobError(f"meta-update job exited with {rc}; log: {log_path}\n  " + "\n  ".join(tail))
@@ -113,7 +137,9 @@ class StageHandoff:
             return f"no checkpoint at the start of stage {stage} to run the meta-update from"
         cmd = meta_job_command(str(self.run_dir), stage, tag, self.cfg.meta.nproc, lookahead_lr)
         if self.cfg.meta.launch == "external":
-            return "external: meta.launch=external; run the meta-update job, then rerun this command:\n  " + " ".join(cmd)
+            return "external: meta.launch=external; run the meta-update job, then rerun this command:\n  " + " ".join(
+                cmd
+            )
         print(f"[dwmtrain] stage {stage}: running the meta-update job ({self.cfg.meta.nproc} proc)", flush=True)
         t0 = time.time()
         try:
@@ -140,6 +166,10 @@ class StageHandoff:
         model = DataWeightingModel(self.arch)
         model.load_state_dict(state)
         model = model.to(self.d.device, self.dtype).eval().requires_grad_(False)
-        info = {"version": f"stage{meta.get('stage')}:{meta['sha256'][:12]}", "path": os.path.abspath(path),
-                "sha256": meta["sha256"], "stage": meta.get("stage")}  # fmt: skip
+        info = {
+            "version": f"stage{meta.get('stage')}:{meta['sha256'][:12]}",
+            "path": os.path.abspath(path),
+            "sha256": meta["sha256"],
+            "stage": meta.get("stage"),
+        }
         return model, info

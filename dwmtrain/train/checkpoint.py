@@ -10,6 +10,7 @@ file is not written (it is written non-atomically and before all ranks finish).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -41,6 +42,43 @@ BREAKING = {
 }
 
 
+def _deepspeed_checkpoint_globals() -> list:
+    """The few DeepSpeed classes its checkpoint files pickle (allowed for weights_only loading)."""
+    out = []
+    for mod, name in (
+        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+        ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ):
+        try:
+            out.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return out
+
+
+@contextlib.contextmanager
+def safe_torch_load():
+    """Make DeepSpeed's own checkpoint readers load with ``weights_only=True`` (no arbitrary unpickling).
+
+    DeepSpeed calls ``torch.load(..., weights_only=False)``; inside this context every torch.load is
+    forced to weights_only=True with only DeepSpeed's checkpoint classes allowed.
+    """
+    orig = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return orig(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+            yield
+    finally:
+        torch.load = orig
+
+
 class ResumeError(RuntimeError):
     """The checkpoint cannot continue this run; the message says what changed."""
 
@@ -54,11 +92,19 @@ def check_compatible(saved: dict, current: dict) -> list[str]:
     ]
     if broken:
         raise ResumeError("the config changed in a way that breaks this run:\n  " + "\n  ".join(broken))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in current if k not in BREAKING and saved.get(k) != current.get(k)]
+    return [
+        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in current
+        if k not in BREAKING and saved.get(k) != current.get(k)
+    ]
 
 
 def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
+    st = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
     return st
@@ -121,9 +167,10 @@ class Checkpointer:
 
     def load(self, engine, tag: str) -> None:
         """Collective: restore engine (model, optimizer, scheduler) and this rank's RNG."""
-        path, _ = engine.load_checkpoint(
-            str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        with safe_torch_load():
+            path, _ = engine.load_checkpoint(
+                str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if path is None:
             raise ResumeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
         rng = self.root / tag / "rng" / f"rank{self.d.rank}.pt"

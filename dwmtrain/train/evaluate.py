@@ -13,13 +13,21 @@ from dwmtrain.distributed import all_reduce_
 class ValidationSet:
     """``batches(n, bs, rank, world)`` gives the same split of validation data on every call."""
 
-    def __init__(self, source: str, lambada_path: str, tokenizer_path: str, train_data: str, seq_len: int):
+    def __init__(
+        self,
+        source: str,
+        lambada_path: str,
+        tokenizer_path: str,
+        train_data: str,
+        seq_len: int,
+        heldout_data: str = "",
+    ):
         self.source = source
         if source == "lambada":
             self.items = load_lambada(lambada_path, Tokenizer(tokenizer_path), seq_len)
             self.n = len(self.items)
         else:
-            self.heldout = TokenDataset(train_data, "heldout")
+            self.heldout = TokenDataset(heldout_data or train_data, "heldout")
             self.n = len(self.heldout)
         if self.n == 0:
             raise ValueError(f"validation source {source!r} is empty")
@@ -45,4 +53,13 @@ def evaluate(forward, val: ValidationSet, n_batches: int, bs: int, rank: int, wo
         loss, hit = per_example_loss(forward(b), b["labels"])
         tot += torch.stack([loss.sum().double(), hit.sum().double(), torch.tensor(len(loss), device=device)])
     all_reduce_(tot)
-    return {"val_loss": (tot[0] / tot[2]).item(), "val_acc": (tot[1] / tot[2]).item(), "val_examples": int(tot[2])}
+    return {
+        "val_loss": (tot[0] / tot[2]).item(),
+        "val_acc": (tot[1] / tot[2]).item(),
+        "val_examples": int(tot[2]),
+    }
+
+
+def validation_set(cfg) -> ValidationSet:
+    d = cfg.data
+    return ValidationSet(d.val_source, d.lambada_path, d.tokenizer, d.train_data, d.seq_len, d.heldout_data)

@@ -46,18 +46,31 @@ def train(run: Run) -> None:
             eng.backward(weighted_loss(losses, w))
             eng.step()
             s = weight_stats(w)
-            acc += torch.tensor([(w * losses).mean().item(), losses.mean().item(), s["entropy"], s["ess"], 1.0],
-                                dtype=torch.float64)  # fmt: skip
+            acc += torch.tensor(
+                [(w * losses).mean().item(), losses.mean().item(), s["entropy"], s["ess"], 1.0],
+                dtype=torch.float64,
+            )
             lo, hi = torch.minimum(lo, torch.tensor([s["min"]])), torch.maximum(hi, torch.tensor([s["max"]]))
         step += 1
         all_reduce_(acc), all_reduce_(lo, "min"), all_reduce_(hi, "max")
         dt = time.time() - t0
         tps = plan.tokens_per_step / dt
         n = acc[4].item()
-        rec = {"step": step, "stage": stage, "loss": acc[0].item() / n, "loss_unweighted": acc[1].item() / n,
-               "lr": lr, "tokens_per_s": tps, "samples_seen": step * plan.global_batch_size,
-               "dwm": dwm_info.get("version", "uniform"), "w_entropy": acc[2].item() / n, "w_ess": acc[3].item() / n,
-               "w_min": lo.item(), "w_max": hi.item(), "step_time_s": dt}  # fmt: skip
+        rec = {
+            "step": step,
+            "stage": stage,
+            "loss": acc[0].item() / n,
+            "loss_unweighted": acc[1].item() / n,
+            "lr": lr,
+            "tokens_per_s": tps,
+            "samples_seen": step * plan.global_batch_size,
+            "dwm": dwm_info.get("version", "uniform"),
+            "w_entropy": acc[2].item() / n,
+            "w_ess": acc[3].item() / n,
+            "w_min": lo.item(),
+            "w_max": hi.item(),
+            "step_time_s": dt,
+        }
         if (u := mfu(tps, run.n_params, d.world, peak)) is not None:
             rec["mfu"] = u
         if step % cfg.run.log_every == 0 or step == total:
@@ -66,13 +79,29 @@ def train(run: Run) -> None:
         bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", tok_s=f"{tps:.0f}")
         boundary = step in run.starts[1:]
         if boundary or step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
-            ev = evaluate(lambda b: eng(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                          run.val, cfg.run.eval_batches, plan.micro_batch_size, d.rank, d.world, d.device)  # fmt: skip
+            ev = evaluate(
+                lambda b: eng(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                run.val,
+                cfg.run.eval_batches,
+                plan.micro_batch_size,
+                d.rank,
+                d.world,
+                d.device,
+            )
             run.metrics.log({"step": step, "stage": stage, **ev, "dwm": rec["dwm"]}, kind="eval")
             eng.train()
         if boundary or step == total or step % cfg.run.checkpoint_every == 0:
-            tag = run.ckpt.save(eng, {"step": step, "stage": stage, "stage_boundary": boundary,
-                                      "consumed_samples": step * plan.global_batch_size, "dwm": dwm_info,
-                                      "config_sha256": cfg.hash(), "compat": run.compat})  # fmt: skip
+            tag = run.ckpt.save(
+                eng,
+                {
+                    "step": step,
+                    "stage": stage,
+                    "stage_boundary": boundary,
+                    "consumed_samples": step * plan.global_batch_size,
+                    "dwm": dwm_info,
+                    "config_sha256": cfg.hash(),
+                    "compat": run.compat,
+                },
+            )
     bar.close()
     run.metrics.close()

@@ -26,7 +26,10 @@ def run_training(cfg: Config) -> int:
         kind = type(e).__name__
         print(f"[dwmtrain] error ({kind}): {e}", file=sys.stderr, flush=True)
         if isinstance(e, MetaJobError):
-            print("[dwmtrain] the stage-boundary checkpoint is complete; rerun the same command to resume",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                "[dwmtrain] the stage-boundary checkpoint is complete; rerun the same command to resume",
+                file=sys.stderr,
+                flush=True,
+            )
         return 2
     return 0

@@ -19,7 +19,7 @@ from dwmtrain.models.lm import build_lm, count_parameters, flops_per_token, llam
 from dwmtrain.stages.handoff import StageHandoff
 from dwmtrain.stages.schedule import stage_starts
 from dwmtrain.train.checkpoint import Checkpointer, check_compatible
-from dwmtrain.train.evaluate import ValidationSet
+from dwmtrain.train.evaluate import ValidationSet, validation_set
 from dwmtrain.train.loss import default_warmup, lr_multiplier
 from dwmtrain.train.metrics import MetricsWriter
 
@@ -56,8 +56,14 @@ def ensure_data(cfg: Config, d: Dist) -> TokenDataset:
     if not (path / "index.json").exists() and cfg.data.raw:
         if d.is_main:
             log0(d, f"preparing {path} from {cfg.data.raw}")
-            rep = prepare_data(cfg.data.raw, cfg.data.tokenizer, str(path), seq_len=cfg.data.seq_len,
-                               workers=max(1, (os.cpu_count() or 1)), progress=True)  # fmt: skip
+            rep = prepare_data(
+                cfg.data.raw,
+                cfg.data.tokenizer,
+                str(path),
+                seq_len=cfg.data.seq_len,
+                workers=max(1, (os.cpu_count() or 1)),
+                progress=True,
+            )
             print(rep.summary(), flush=True)
         barrier()
     ds = TokenDataset(path, "train", verify=cfg.data.verify)
@@ -92,13 +98,21 @@ def setup(cfg: Config) -> Run:
     starts = stage_starts(cfg.stages.total_steps, cfg.stages.num_stages, cfg.stages.boundaries)
 
     compat = {
-        "model_preset": cfg.model.preset, "vocab_size": model_vocab, "max_seq_len": cfg.model.max_seq_len,
-        "seq_len": cfg.data.seq_len, "tokenizer_sha256": sha256_file(cfg.data.tokenizer),
-        "global_batch_size": plan.global_batch_size, "world_size": d.world, "dwm_backbone": cfg.dwm.backbone,
-        "meta_mode": cfg.meta.mode, "data_sha": sha256_file(Path(cfg.data.train_data) / "index.json"),
-        "seed": cfg.run.seed, "total_steps": cfg.stages.total_steps, "stage_starts": starts,
+        "model_preset": cfg.model.preset,
+        "vocab_size": model_vocab,
+        "max_seq_len": cfg.model.max_seq_len,
+        "seq_len": cfg.data.seq_len,
+        "tokenizer_sha256": sha256_file(cfg.data.tokenizer),
+        "global_batch_size": plan.global_batch_size,
+        "world_size": d.world,
+        "dwm_backbone": cfg.dwm.backbone,
+        "meta_mode": cfg.meta.mode,
+        "data_sha": sha256_file(Path(cfg.data.train_data) / "index.json"),
+        "seed": cfg.run.seed,
+        "total_steps": cfg.stages.total_steps,
+        "stage_starts": starts,
         "config_sha256": cfg.hash(),
-    }  # fmt: skip
+    }
     ckpt = Checkpointer(run_dir / "checkpoints", d, cfg.run.keep_last, cfg.run.keep_stage_checkpoints)
     latest = ckpt.latest()
     if latest is not None:
@@ -110,36 +124,56 @@ def setup(cfg: Config) -> Run:
 
     import deepspeed
 
-    lm = build_lm(cfg.model.preset, model_vocab, cfg.model.max_seq_len, cfg.model.attn_implementation,
-                  seed=cfg.run.seed)  # fmt: skip
+    lm = build_lm(
+        cfg.model.preset, model_vocab, cfg.model.max_seq_len, cfg.model.attn_implementation, seed=cfg.run.seed
+    )
     warm = default_warmup(cfg.stages.total_steps, cfg.optimizer.warmup_steps)
     sched = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
         opt, lambda s: lr_multiplier(s, cfg.stages.total_steps, warm, cfg.optimizer.min_lr_ratio)
     )
-    engine, _, _, _ = deepspeed.initialize(model=lm, model_parameters=lm.parameters(), config=ds_config,
-                                           lr_scheduler=sched)  # fmt: skip
+    engine, _, _, _ = deepspeed.initialize(
+        model=lm, model_parameters=lm.parameters(), config=ds_config, lr_scheduler=sched
+    )
     start_step, start_tag = 0, None
     if latest is not None:
         ckpt.load(engine, latest["tag"])
         start_step, start_tag = int(latest["step"]), latest["tag"]
         log0(d, f"resumed from {ckpt.root / latest['tag']} at step {start_step} (stage {latest.get('stage')})")
 
-    arch = DWMArch.from_config(cfg.dwm, model_vocab, cfg.model.max_seq_len or data.seq_len,
-                               cfg.model.attn_implementation)  # fmt: skip
+    arch = DWMArch.from_config(
+        cfg.dwm, model_vocab, cfg.model.max_seq_len or data.seq_len, cfg.model.attn_implementation
+    )
     dwm_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-    val = ValidationSet(cfg.data.val_source, cfg.data.lambada_path, cfg.data.tokenizer, cfg.data.train_data,
-                        cfg.data.seq_len)  # fmt: skip
+    val = validation_set(cfg)
     n_params = count_parameters(cfg.model.preset, model_vocab)
     run = Run(
-        cfg, d, plan, engine, data, GlobalOrder(len(data), cfg.run.seed), val, ckpt,
+        cfg,
+        d,
+        plan,
+        engine,
+        data,
+        GlobalOrder(len(data), cfg.run.seed),
+        val,
+        ckpt,
         MetricsWriter(run_dir, d.is_main, cfg.run.tensorboard, start_step if latest else None),
-        StageHandoff(cfg, d, arch, dwm_dtype), starts, n_params, compat, start_step, start_tag,
-    )  # fmt: skip
+        StageHandoff(cfg, d, arch, dwm_dtype),
+        starts,
+        n_params,
+        compat,
+        start_step,
+        start_tag,
+    )
     if cfg.meta.mode != "none":
         p_w = dwm_parameter_count(arch)
-        log0(d, f"DWM overhead (paper Eq. 9): DWM forward 2*P_w = {flops_per_token(p_w, False):.3g} FLOPs/token vs "
-                f"LM step 6*P = {flops_per_token(n_params, True):.3g} -> expected +{100 * p_w / (3 * n_params):.1f}%")  # fmt: skip
-    log0(d, f"LM {cfg.model.preset}: {n_params:,} parameters; world {d.world} ({d.accelerator}, {precision}); "
-            f"batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} accum x {d.world} = "
-            f"{plan.global_batch_size} seq ({plan.tokens_per_step:,} tokens); stages start at {starts}")  # fmt: skip
+        log0(
+            d,
+            f"DWM overhead (paper Eq. 9): DWM forward 2*P_w = {flops_per_token(p_w, False):.3g} FLOPs/token vs "
+            f"LM step 6*P = {flops_per_token(n_params, True):.3g} -> expected +{100 * p_w / (3 * n_params):.1f}%",
+        )
+    log0(
+        d,
+        f"LM {cfg.model.preset}: {n_params:,} parameters; world {d.world} ({d.accelerator}, {precision}); "
+        f"batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} accum x {d.world} = "
+        f"{plan.global_batch_size} seq ({plan.tokens_per_step:,} tokens); stages start at {starts}",
+    )
     return run

@@ -20,9 +20,20 @@ def shared_data_overrides(data_dir: Path) -> list[str]:
 
 
 def pretrain_cmd(run_dir: Path, overrides: list[str], world: int = 2, config: Path = TINY) -> list[str]:
-    return [DEEPSPEED, "--num_gpus", str(world), "--master_port", str(29500 + os.getpid() % 1000),
-            str(REPO / "launchers" / "pretrain.py"), "--config", str(config), "--run-dir", str(run_dir),
-            "run.threads_per_rank=1", *overrides]  # fmt: skip
+    return [
+        DEEPSPEED,
+        "--num_gpus",
+        str(world),
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        str(REPO / "launchers" / "pretrain.py"),
+        "--config",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+        "run.threads_per_rank=1",
+        *overrides,
+    ]
 
 
 def env() -> dict:
@@ -35,20 +46,25 @@ def env() -> dict:
 def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}")
+        raise AssertionError(
+            f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}"
+        )
     return p
 
 
 def run_until_step_then_kill(cmd: list[str], metrics: Path, step: int, timeout: int = 600) -> None:
     """Start the job, wait until metrics.jsonl shows ``step``, then SIGKILL the whole process group."""
-    p = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)  # fmt: skip
+    p = subprocess.Popen(
+        cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     t0 = time.time()
     try:
         while time.time() - t0 < timeout:
             if p.poll() is not None:
                 raise AssertionError(f"job ended (rc {p.returncode}) before step {step}")
-            if metrics.exists() and any(json.loads(x)["step"] >= step for x in metrics.read_text().splitlines() if x.strip()):
+            if metrics.exists() and any(
+                json.loads(x)["step"] >= step for x in metrics.read_text().splitlines() if x.strip()
+            ):
                 break
             time.sleep(0.05)
         else:

@@ -17,19 +17,30 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def data64(tmp_path_factory):
     out = tmp_path_factory.mktemp("d") / "sample-64"
-    prepare_data([str(CORPUS / "sample.jsonl.zst")], str(CORPUS / "sample_sp4096.model"), str(out), seq_len=64,
-                 workers=2, progress=False)  # fmt: skip
+    prepare_data(
+        [str(CORPUS / "sample.jsonl.zst")],
+        str(CORPUS / "sample_sp4096.model"),
+        str(out),
+        seq_len=64,
+        workers=2,
+        progress=False,
+    )
     return out
 
 
 def base(data64, *extra):
-    return [f"data.train_data={data64}", "stages.total_steps=12", "stages.num_stages=3", "run.checkpoint_every=2",
-            "run.keep_last=2", *extra]  # fmt: skip
+    return [
+        f"data.train_data={data64}",
+        "stages.total_steps=12",
+        "stages.num_stages=3",
+        "run.checkpoint_every=2",
+        "run.keep_last=2",
+        *extra,
+    ]
 
 
 def test_weighted_loss_gradients_under_zero3():
-    p = run([DEEPSPEED, "--num_gpus", "2",
-             str(REPO / "tests" / "integration" / "check_weighted_grad.py")])  # fmt: skip
+    p = run([DEEPSPEED, "--num_gpus", "2", str(REPO / "tests" / "integration" / "check_weighted_grad.py")])
     assert "CHECK-OK" in p.stdout
 
 
@@ -50,7 +61,9 @@ def test_trains_loss_falls_checkpoints_and_exact_resume_after_sigkill(tmp_path, 
     assert "step0000004" in done and "step0000008" in done  # stage boundaries are kept
     marker = json.loads((ck / "step0000008" / "COMPLETE").read_text())
     assert marker["stage_boundary"] and marker["consumed_samples"] == 8 * 32 and len(marker["config_sha256"]) == 64
-    assert (full / "config.yaml").exists() and json.loads((full / "deepspeed.json").read_text())["train_batch_size"] == 32
+    assert (full / "config.yaml").exists() and json.loads((full / "deepspeed.json").read_text())[
+        "train_batch_size"
+    ] == 32
     assert [r["step"] for r in records(full / "eval.jsonl")] == [4, 8, 12]
     assert list((full / "tensorboard").iterdir())
 
@@ -59,7 +72,7 @@ def test_trains_loss_falls_checkpoints_and_exact_resume_after_sigkill(tmp_path, 
     latest = json.loads((killed / "checkpoints" / "latest.json").read_text())["step"]
     assert latest in (4, 6)
     p = run(pretrain_cmd(killed, base(data64)))
-    assert f"resumed from" in p.stdout + p.stderr
+    assert "resumed from" in p.stdout + p.stderr
     b = by_step(killed / "metrics.jsonl")
     assert sorted(b) == list(range(1, 13))
     for s in range(1, 13):
@@ -104,6 +117,8 @@ def test_static_dwm_for_the_whole_run(tmp_path, data64):
     raw = bytearray((tmp_path / "w1.safetensors").read_bytes())
     raw[-5] ^= 0xFF
     (tmp_path / "w1.safetensors").write_bytes(bytes(raw))
-    p = run(pretrain_cmd(tmp_path / "r2", base(data64, "meta.mode=fixed", f"meta.dwm_path={tmp_path / 'w1.safetensors'}")),
-            check=False)  # fmt: skip
+    p = run(
+        pretrain_cmd(tmp_path / "r2", base(data64, "meta.mode=fixed", f"meta.dwm_path={tmp_path / 'w1.safetensors'}")),
+        check=False,
+    )
     assert p.returncode != 0 and "sha256" in p.stderr and "corrupted or replaced" in p.stderr

@@ -1,0 +1,141 @@
+"""The bi-level meta-gradient, in every mode. Pure functions of (LM, params, batches, weights).
+
+Lookahead (paper Eq. 4):  theta*(w) = theta - alpha * sum_i w_i grad L_i(theta)
+Upper objective:          R(w) = L_val(theta*(w))    (mean target-token loss; lower is better)
+
+theta*(w) is *linear* in w and the LM is frozen, so the chain rule needs no second derivative:
+
+    dR/dw_i = <grad L_val(theta*), d theta*/d w_i> = -alpha * <v, grad L_i(theta)>,  v = grad L_val(theta*)
+
+and the DWM gets dR/d theta_w = sum_i dR/dw_i * d w_i / d theta_w (one backward through the DWM with
+the surrogate sum_i stopgrad(dR/dw_i) * w_i). The inner products c_i = <v, grad L_i(theta)> are
+computed by one of:
+
+    fd          (L_i(theta + eps v) - L_i(theta - eps v)) / (2 eps): two forwards; works with fused
+                attention kernels and with any parameter layout (DARTS-style hypergradient). O(eps^2).
+    per_sample  exact: one first-order backward per sample; works with fused kernels.
+    jvp         exact: one forward-mode pass (torch.func.jvp); eager attention only.
+    unrolled    reference: autograd through theta*(w) with create_graph (double backward); eager only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call
+
+from dwmtrain.data.lambada import per_example_loss
+from dwmtrain.train.loss import per_sample_loss
+
+Params = dict[str, torch.Tensor]
+
+
+def lm_params(model: torch.nn.Module) -> Params:
+    """Detached parameters of a frozen LM, by name."""
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def train_losses(model, params: Params, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean token loss L_i at ``params``. x [B, T] -> [B]."""
+    return per_sample_loss(functional_call(model, params, (x,)).logits, x)
+
+
+def val_loss(model, params: Params, vb: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Validation loss R at ``params``: mean over examples of the labelled-token loss."""
+    logits = functional_call(model, params, (vb["input_ids"],), {"attention_mask": vb["attention_mask"]}).logits
+    return per_example_loss(logits, vb["labels"])[0].mean()
+
+
+def _dot(a: Params, b: Params) -> torch.Tensor:
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def _axpy(alpha: float, x: Params, y: Params) -> Params:
+    """y + alpha * x, by name."""
+    return {k: y[k] + alpha * x[k] for k in y}
+
+
+@dataclass
+class MetaGrad:
+    """dR/dw and diagnostics of one meta-step."""
+
+    dR_dw: torch.Tensor  # [B]
+    val_before: float  # R at theta
+    val_after: float  # R at theta*
+
+
+def lookahead(model, params: Params, x: torch.Tensor, w: torch.Tensor, alpha: float) -> Params:
+    """theta* = theta - alpha * sum_i w_i grad L_i(theta) (w is data here, not differentiated)."""
+    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    g = torch.autograd.grad((w.detach() * train_losses(model, p, x)).sum(), list(p.values()))
+    return {k: params[k] - alpha * gk for k, gk in zip(params, g)}
+
+
+def meta_gradient(
+    model,
+    params: Params,
+    x: torch.Tensor,
+    vb: dict[str, torch.Tensor],
+    w: torch.Tensor,
+    alpha: float,
+    mode: str = "fd",
+    fd_eps: float = 1e-2,
+) -> MetaGrad:
+    """dR/dw_i for the micro-batch ``x`` with weights ``w`` (see the module docstring)."""
+    if mode == "unrolled":
+        return _unrolled(model, params, x, vb, w, alpha)
+    with torch.no_grad():
+        before = val_loss(model, params, vb).item()
+    star = lookahead(model, params, x, w, alpha)
+    ps = {k: v.detach().requires_grad_(True) for k, v in star.items()}
+    r = val_loss(model, ps, vb)
+    v = dict(zip(ps, torch.autograd.grad(r, list(ps.values()))))
+    after = r.item()
+    c = inner_products(model, params, x, v, mode, fd_eps)
+    return MetaGrad(-alpha * c, before, after)
+
+
+def inner_products(model, params: Params, x: torch.Tensor, v: Params, mode: str, fd_eps: float) -> torch.Tensor:
+    """c_i = <v, grad L_i(params)> for every sample of x. [B]"""
+    if mode == "fd":
+        # perturbation of norm fd_eps along v; central difference error is O(eps^2)
+        eps = fd_eps / _dot(v, v).sqrt().clamp_min(1e-30).item()
+        with torch.no_grad():
+            up = train_losses(model, _axpy(eps, v, params), x)
+            dn = train_losses(model, _axpy(-eps, v, params), x)
+        return (up - dn) / (2 * eps)
+    if mode == "per_sample":
+        p = {k: t.detach().requires_grad_(True) for k, t in params.items()}
+        out = []
+        for i in range(x.shape[0]):
+            gi = torch.autograd.grad(train_losses(model, p, x[i : i + 1])[0], list(p.values()))
+            out.append(sum((g * v[k]).sum() for g, k in zip(gi, p)))
+        return torch.stack(out)
+    if mode == "jvp":
+        names = list(params)
+
+        def f(*flat):
+            return train_losses(model, dict(zip(names, flat)), x)
+
+        _, c = torch.func.jvp(f, tuple(params[k] for k in names), tuple(v[k] for k in names))
+        return c
+    raise ValueError(f"meta.grad_mode={mode!r}: unknown")
+
+
+def _unrolled(model, params: Params, x, vb, w, alpha) -> MetaGrad:
+    """Reference: differentiate R(theta*(w)) w.r.t. w through the lookahead with create_graph."""
+    wl = w.detach().clone().requires_grad_(True)
+    p = {k: t.detach().requires_grad_(True) for k, t in params.items()}
+    g = torch.autograd.grad((wl * train_losses(model, p, x)).sum(), list(p.values()), create_graph=True)
+    star = {k: params[k] - alpha * gk for k, gk in zip(p, g)}
+    r = val_loss(model, star, vb)
+    (dw,) = torch.autograd.grad(r, wl)
+    with torch.no_grad():
+        before = val_loss(model, params, vb).item()
+    return MetaGrad(dw.detach(), before, r.item())
+
+
+def dwm_surrogate(w: torch.Tensor, dR_dw: torch.Tensor) -> torch.Tensor:
+    """A scalar whose gradient w.r.t. the DWM parameters is dR/d theta_w (minimizing R)."""
+    return (dR_dw.detach().to(w.dtype) * w).sum()

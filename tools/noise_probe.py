@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Does the bi-level DWM learn? Inject token-shuffled documents and measure how it weighs them.
+
+1. Corrupt a fraction (30% by default) of the bundled corpus's documents by shuffling their tokens
+   (domain label "corrupted"), and prepare the mix.
+2. Train a short uniform stage (meta.mode=none) with the real deepspeed launcher.
+3. Run one meta-update job (launchers/meta_update.py) on the stage-end checkpoint.
+4. Score held-out micro-batches of 8 with the learned DWM and print the ROC-AUC of the weights for
+   clean (positive) against corrupted sequences.
+
+With --compare, also train uniform vs bi-level DWM over the same steps on the noisy corpus and report
+the validation loss both ways.
+
+    python tools/noise_probe.py --work runs/noise [--preset tiny] [--min-auc 0.8] [--compare]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CORPUS = ROOT / "dwmtrain" / "data" / "corpus"
+SP = CORPUS / "sample_sp4096.model"
+
+
+def roc_auc(scores: list[float], labels: list[int]) -> float:
+    """P(score of a random positive > score of a random negative), ties counted half (Mann-Whitney)."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        raise ValueError("need both clean and corrupted samples")
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = sum(r for r, y in zip(ranks, labels) if y)
+    return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def build_noisy_corpus(out: Path, clean_out: Path, n_docs: int, fraction: float, seed: int) -> dict:
+    import zstandard
+
+    from dwmtrain.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(SP)
+    rng = random.Random(seed)
+    raw = zstandard.ZstdDecompressor().stream_reader(open(CORPUS / "sample.jsonl.zst", "rb"))
+    recs = []
+    for line in io.TextIOWrapper(raw, encoding="utf-8"):
+        recs.append(json.loads(line))
+        if len(recs) >= n_docs + n_docs // 4:
+            break
+    # documents the LM never trains on, uncorrupted: the validation set of the meta-update
+    with open(clean_out, "w", encoding="utf-8") as f:
+        for r in recs[n_docs:]:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    recs = recs[:n_docs]
+    n_bad = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for r in recs:
+            if rng.random() < fraction:
+                ids = tok.encode(r["text"])
+                rng.shuffle(ids)
+                r = {
+                    "text": tok.decode(ids),
+                    "meta": {"redpajama_set_name": "corrupted", "original": r["meta"]["redpajama_set_name"]},
+                }
+                n_bad += 1
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return {"documents": len(recs), "corrupted": n_bad}
+
+
+def sh(cmd: list[str], log: Path) -> None:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode:
+        sys.exit(f"noise_probe: command failed ({p.returncode}), see {log}: {' '.join(cmd)}")
+
+
+def pretrain(run_dir: Path, args, overrides: list[str], log: Path) -> None:
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    sh(
+        [
+            deepspeed,
+            "--num_gpus",
+            str(args.ranks),
+            "--master_port",
+            str(29700 + os.getpid() % 200),
+            str(ROOT / "launchers" / "pretrain.py"),
+            "--config",
+            str(ROOT / "launchers" / "configs" / "tiny.yaml"),
+            "--run-dir",
+            str(run_dir),
+            *base_overrides(args),
+            *overrides,
+        ],
+        log,
+    )
+
+
+def base_overrides(args) -> list[str]:
+    return [
+        f"model.preset={args.preset}",
+        f"dwm.backbone={args.preset}",
+        f"data.train_data={args.work / 'data'}",
+        "data.raw=[]",
+        f"data.seq_len={args.seq_len}",
+        "run.threads_per_rank=1",
+        "run.checkpoint_every=1000",
+        f"optimizer.lr={args.lm_lr}",
+        f"meta.steps={args.meta_steps}",
+        f"meta.lr={args.meta_lr}",
+        f"meta.nproc={args.ranks}",
+        f"meta.lookahead_lr={args.alpha}",
+        f"meta.backbone_trainable={not args.head_only}",
+        f"deepspeed.global_batch_size={8 * args.ranks}",
+        f"data.val_source={args.val}",
+        f"data.heldout_data={args.work / 'clean'}",
+        f"meta.val_batch_size={args.val_batch}",
+        f"run.seed={args.seed}",
+    ]
+
+
+def score_heldout(run_dir: Path, data_dir: Path, stage: int, n_batches: int, seed: int):
+    import torch
+
+    from dwmtrain.data.dataset import TokenDataset
+    from dwmtrain.models.dwm import load_dwm
+
+    dwm = load_dwm(run_dir / "dwm" / f"stage{stage}.safetensors").eval()
+    ds = TokenDataset(data_dir, "heldout")
+    bad = ds.domain_names.index("corrupted")
+    rng = random.Random(seed)
+    scores, labels = [], []
+    with torch.no_grad():
+        for _ in range(n_batches):
+            idx = rng.sample(range(len(ds)), 8)
+            w = dwm(ds.batch(idx))
+            scores += w.tolist()
+            labels += [int(ds.domains[i] != bad) for i in idx]
+    return scores, labels
+
+
+def final_val(run_dir: Path) -> float:
+    recs = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines() if x.strip()]
+    return recs[-1]["val_loss"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "noise")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--docs", type=int, default=1500)
+    ap.add_argument("--fraction", type=float, default=0.3)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=1500, help="uniform stage length (optimizer steps)")
+    ap.add_argument("--meta-steps", type=int, default=40)
+    ap.add_argument("--meta-lr", type=float, default=1e-4)
+    ap.add_argument("--lm-lr", type=float, default=3e-3)
+    ap.add_argument("--alpha", type=float, default=1e-3, help="lookahead step size")
+    ap.add_argument("--head-only", action="store_true", help="train only the DWM head, not its backbone")
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument(
+        "--val",
+        default="heldout",
+        choices=("heldout", "lambada"),
+        help="validation of the meta-update: clean held-out documents (default) or the cloze set",
+    )
+    ap.add_argument("--val-batch", type=int, default=16)
+    ap.add_argument("--score-batches", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-auc", type=float, default=0.0, help="exit 1 if the AUC is below this")
+    ap.add_argument(
+        "--compare",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also train uniform vs bi-level DWM for STEPS steps (5 stages) and report val loss",
+    )
+    args = ap.parse_args(argv)
+    args.work = args.work.resolve()
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    log = args.work / "log.txt"
+
+    from dwmtrain.data.prepare import prepare_data
+
+    info = build_noisy_corpus(args.work / "noisy.jsonl", args.work / "clean.jsonl", args.docs, args.fraction, args.seed)
+    prepare_data(
+        [str(args.work / "clean.jsonl")],
+        str(SP),
+        str(args.work / "clean"),
+        seq_len=args.seq_len,
+        workers=2,
+        heldout_fraction=0.5,
+        progress=False,
+    )
+    prepare_data(
+        [str(args.work / "noisy.jsonl")],
+        str(SP),
+        str(args.work / "data"),
+        seq_len=args.seq_len,
+        workers=2,
+        heldout_fraction=0.05,
+        progress=False,
+    )
+    print(f"noisy corpus: {info['corrupted']}/{info['documents']} documents token-shuffled", flush=True)
+
+    run = args.work / "probe"
+    pretrain(run, args, ["meta.mode=none", f"stages.total_steps={args.steps}", "stages.num_stages=1"], log)
+    tag = json.loads((run / "checkpoints" / "latest.json").read_text())["tag"]
+    sh(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.ranks}",
+            str(ROOT / "launchers" / "meta_update.py"),
+            "--run-dir",
+            str(run),
+            "--stage",
+            "2",
+            "--checkpoint",
+            tag,
+        ],
+        log,
+    )
+    scores, labels = score_heldout(run, args.work / "data", 2, args.score_batches, args.seed)
+    auc = roc_auc(scores, labels)
+    clean = [s for s, y in zip(scores, labels) if y]
+    bad = [s for s, y in zip(scores, labels) if not y]
+    print(
+        f"held-out samples: {len(clean)} clean, {len(bad)} corrupted; mean weight clean "
+        f"{sum(clean) / len(clean):.3f}, corrupted {sum(bad) / len(bad):.3f}"
+    )
+    print(f"ROC-AUC (clean vs corrupted): {auc:.3f}", flush=True)
+    result = {"auc": auc, "clean": len(clean), "corrupted": len(bad), **info}
+
+    if args.compare:
+        for mode in ("none", "bilevel"):
+            pretrain(
+                args.work / f"cmp-{mode}",
+                args,
+                [
+                    f"meta.mode={mode}",
+                    f"stages.total_steps={args.compare}",
+                    "stages.num_stages=5",
+                    "run.eval_batches=8",
+                ],
+                log,
+            )
+            result[f"val_loss_{'uniform' if mode == 'none' else 'dwm'}"] = final_val(args.work / f"cmp-{mode}")
+        print(
+            f"validation loss after {args.compare} steps: uniform {result['val_loss_uniform']:.4f}, "
+            f"DWM {result['val_loss_dwm']:.4f}"
+        )
+    (args.work / "result.json").write_text(json.dumps(result, indent=1))
+    return 1 if auc < args.min_auc else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
