@@ -76,7 +76,7 @@ def train(run: Run) -> None:
         if step % cfg.run.log_every == 0 or step == total:
             run.metrics.log(rec)
         bar.update(1)
-        bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", tok_s=f"{tps:.0f}")
+        bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", tok_s=f"{tps:.0f}", refresh=False)
         boundary = step in run.starts[1:]
         if boundary or step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
             ev = evaluate(

@@ -19,6 +19,7 @@ def run_training(cfg: Config) -> int:
 
     try:
         train(setup(cfg))
+        _teardown(clean=True)
     except ExternalMetaRequired as e:
         print(f"[dwmtrain] stopped at a stage boundary: {e}", file=sys.stderr, flush=True)
         return 3
@@ -32,4 +33,16 @@ def run_training(cfg: Config) -> int:
                 flush=True,
             )
         return 2
+    finally:
+        _teardown(clean=False)
     return 0
+
+
+def _teardown(clean: bool) -> None:
+    """Leave the process group explicitly: a rank exiting with gloo threads alive can abort at exit."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()

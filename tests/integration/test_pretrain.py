@@ -35,6 +35,7 @@ def base(data64, *extra):
         "stages.num_stages=3",
         "run.checkpoint_every=2",
         "run.keep_last=2",
+        "meta.mode=none",
         *extra,
     ]
 
