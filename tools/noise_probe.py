@@ -205,24 +205,16 @@ def main(argv=None) -> int:
     from dwmtrain.data.prepare import prepare_data
 
     info = build_noisy_corpus(args.work / "noisy.jsonl", args.work / "clean.jsonl", args.docs, args.fraction, args.seed)
-    prepare_data(
-        [str(args.work / "clean.jsonl")],
-        str(SP),
-        str(args.work / "clean"),
-        seq_len=args.seq_len,
-        workers=2,
-        heldout_fraction=0.5,
-        progress=False,
-    )
-    prepare_data(
-        [str(args.work / "noisy.jsonl")],
-        str(SP),
-        str(args.work / "data"),
-        seq_len=args.seq_len,
-        workers=2,
-        heldout_fraction=0.05,
-        progress=False,
-    )
+    for name, out, heldout in (("clean.jsonl", "clean", 0.5), ("noisy.jsonl", "data", 0.05)):
+        prepare_data(
+            [str(args.work / name)],
+            str(SP),
+            str(args.work / out),
+            seq_len=args.seq_len,
+            workers=2,
+            heldout_fraction=heldout,
+            progress=False,
+        )
     print(f"noisy corpus: {info['corrupted']}/{info['documents']} documents token-shuffled", flush=True)
 
     run = args.work / "probe"

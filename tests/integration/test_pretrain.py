@@ -5,27 +5,11 @@ import json
 import pytest
 import torch
 
-from dwmtrain.data.prepare import prepare_data
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm
 
-from ..conftest import CORPUS
 from .helpers import DEEPSPEED, REPO, by_step, pretrain_cmd, records, run, run_until_step_then_kill
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data64(tmp_path_factory):
-    out = tmp_path_factory.mktemp("d") / "sample-64"
-    prepare_data(
-        [str(CORPUS / "sample.jsonl.zst")],
-        str(CORPUS / "sample_sp4096.model"),
-        str(out),
-        seq_len=64,
-        workers=2,
-        progress=False,
-    )
-    return out
 
 
 def base(data64, *extra):
