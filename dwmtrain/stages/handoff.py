@@ -103,6 +103,7 @@ class StageHandoff:
         self.cfg, self.d, self.arch, self.dtype = cfg, d, arch, dtype
         self.run_dir = Path(cfg.run.run_dir)
         self._fixed = None
+        self.expect_sha: dict[int, str] = {}  # stage -> sha256 a resumed checkpoint was trained with
 
     def for_stage(self, stage: int, stage_start_tag: str | None, lookahead_lr: float):
         """(model or None, info) for ``stage``; collective in fixed/bilevel modes."""
@@ -122,7 +123,14 @@ class StageHandoff:
         status = broadcast_object(status)
         if status != "ok":
             raise (ExternalMetaRequired if status.startswith("external:") else MetaJobError)(status)
-        return self.broadcast_dwm(str(path))
+        model, info = self.broadcast_dwm(str(path))
+        want = self.expect_sha.get(stage)
+        if want and want != info["sha256"]:
+            raise DWMFileError(
+                f"{path} (sha256 {info['sha256'][:12]}...) is not the DWM the resumed checkpoint used for stage "
+                f"{stage} ({want[:12]}...); restore that file or resume from the stage's start checkpoint"
+            )
+        return model, info
 
     def _ensure_stage_dwm(self, stage: int, path: Path, tag: str | None, lookahead_lr: float) -> str:
         """Rank 0: reuse a finished DWM for this stage, or run the meta job. Returns 'ok' or an error."""
@@ -133,8 +141,8 @@ class StageHandoff:
         except DWMFileError as e:
             if path.exists():
                 print(f"[dwmtrain] stage {stage}: {e}; recomputing", flush=True)
-        if tag is None:
-            return f"no checkpoint at the start of stage {stage} to run the meta-update from"
+        if tag is None or not (self.run_dir / "checkpoints" / tag / "COMPLETE").is_file():
+            return f"no complete checkpoint {tag} at the start of stage {stage} to run the meta-update from"
         cmd = meta_job_command(str(self.run_dir), stage, tag, self.cfg.meta.nproc, lookahead_lr)
         if self.cfg.meta.launch == "external":
             return "external: meta.launch=external; run the meta-update job, then rerun this command:\n  " + " ".join(

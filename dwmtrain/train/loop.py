@@ -25,83 +25,106 @@ def weigh(dwm, x: torch.Tensor) -> torch.Tensor:
 
 def train(run: Run) -> None:
     cfg, d, eng, plan = run.cfg, run.d, run.engine, run.plan
-    total, step, tag = cfg.stages.total_steps, run.start_step, run.start_tag
+    total, step = cfg.stages.total_steps, run.start_step
     batches = rank_micro_batches(run.order, step * plan.global_batch_size, d.rank, d.world, plan.micro_batch_size)
     dwm, dwm_info, dwm_stage = None, {}, None
-    peak = peak_flops(torch.cuda.get_device_name() if d.accelerator == "cuda" else "")
     bar = tqdm(total=total, initial=step, disable=not d.is_main, unit="step", dynamic_ncols=True, mininterval=2)
     while step < total:
         stage = stage_of(step, run.starts)
         if stage != dwm_stage:  # stage boundary (or start): meta-update / broadcast as configured
-            dwm, dwm_info = run.handoff.for_stage(stage, tag, cfg.meta.lookahead_lr or eng.get_lr()[0])
+            start_tag = run.ckpt.tag(run.starts[stage - 1])  # the LM the stage's DWM is fitted on
+            dwm, dwm_info = run.handoff.for_stage(stage, start_tag, cfg.meta.lookahead_lr or eng.get_lr()[0])
             dwm_stage = stage
         t0, lr = time.time(), eng.get_lr()[0]  # the lr this step uses (the scheduler steps inside eng.step)
-        acc = torch.zeros(5, dtype=torch.float64)  # sum w*L, sum L, entropy, ess, micro-batches
-        lo, hi = torch.tensor([float("inf")]), torch.tensor([-float("inf")])
+        stats = StepStats()
         for _ in range(plan.gradient_accumulation_steps):
-            _, idx = next(batches)
-            x = run.data.batch(idx).to(d.device)
-            w = weigh(dwm, x)
-            losses = per_sample_loss(eng(input_ids=x).logits, x)
+            x = run.data.batch(next(batches)[1]).to(d.device)
+            w = weigh(dwm, x)  # [B], mean 1
+            losses = per_sample_loss(eng(input_ids=x).logits, x)  # [B]
             eng.backward(weighted_loss(losses, w))
             eng.step()
-            s = weight_stats(w)
-            acc += torch.tensor(
-                [(w * losses).mean().item(), losses.mean().item(), s["entropy"], s["ess"], 1.0],
-                dtype=torch.float64,
-            )
-            lo, hi = torch.minimum(lo, torch.tensor([s["min"]])), torch.maximum(hi, torch.tensor([s["max"]]))
+            stats.add(losses, w)
         step += 1
-        all_reduce_(acc), all_reduce_(lo, "min"), all_reduce_(hi, "max")
-        dt = time.time() - t0
-        tps = plan.tokens_per_step / dt
-        n = acc[4].item()
-        rec = {
-            "step": step,
-            "stage": stage,
-            "loss": acc[0].item() / n,
-            "loss_unweighted": acc[1].item() / n,
-            "lr": lr,
-            "tokens_per_s": tps,
-            "samples_seen": step * plan.global_batch_size,
-            "dwm": dwm_info.get("version", "uniform"),
-            "w_entropy": acc[2].item() / n,
-            "w_ess": acc[3].item() / n,
-            "w_min": lo.item(),
-            "w_max": hi.item(),
-            "step_time_s": dt,
-        }
-        if (u := mfu(tps, run.n_params, d.world, peak)) is not None:
-            rec["mfu"] = u
+        rec = stats.record(run, step, stage, lr, time.time() - t0, dwm_info.get("version", "uniform"))
         if step % cfg.run.log_every == 0 or step == total:
             run.metrics.log(rec)
         bar.update(1)
-        bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", tok_s=f"{tps:.0f}", refresh=False)
+        bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
         boundary = step in run.starts[1:]
         if boundary or step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
-            ev = evaluate(
-                lambda b: eng(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-                run.val,
-                cfg.run.eval_batches,
-                plan.micro_batch_size,
-                d.rank,
-                d.world,
-                d.device,
-            )
-            run.metrics.log({"step": step, "stage": stage, **ev, "dwm": rec["dwm"]}, kind="eval")
-            eng.train()
+            run.metrics.log({"step": step, "stage": stage, **validate(run), "dwm": rec["dwm"]}, kind="eval")
         if boundary or step == total or step % cfg.run.checkpoint_every == 0:
-            tag = run.ckpt.save(
-                eng,
-                {
-                    "step": step,
-                    "stage": stage,
-                    "stage_boundary": boundary,
-                    "consumed_samples": step * plan.global_batch_size,
-                    "dwm": dwm_info,
-                    "config_sha256": cfg.hash(),
-                    "compat": run.compat,
-                },
-            )
+            save(run, step, stage, boundary, dwm_info)
     bar.close()
     run.metrics.close()
+
+
+class StepStats:
+    """Sums over the micro-batches of one optimizer step; ``record`` reduces them over all ranks."""
+
+    def __init__(self):
+        self.acc = torch.zeros(5, dtype=torch.float64)  # sum w*L, sum L, entropy, ess, micro-batches
+        self.lo, self.hi = torch.tensor([float("inf")]), torch.tensor([-float("inf")])
+
+    def add(self, losses: torch.Tensor, w: torch.Tensor) -> None:
+        s = weight_stats(w)
+        self.acc += torch.tensor(
+            [(w * losses).mean().item(), losses.mean().item(), s["entropy"], s["ess"], 1.0], dtype=torch.float64
+        )
+        self.lo, self.hi = (
+            torch.minimum(self.lo, torch.tensor([s["min"]])),
+            torch.maximum(self.hi, torch.tensor([s["max"]])),
+        )
+
+    def record(self, run: Run, step: int, stage: int, lr: float, dt: float, dwm_version: str) -> dict:
+        all_reduce_(self.acc), all_reduce_(self.lo, "min"), all_reduce_(self.hi, "max")
+        n, tps = self.acc[4].item(), run.plan.tokens_per_step / dt
+        rec = {
+            "step": step,
+            "stage": stage,
+            "loss": self.acc[0].item() / n,
+            "loss_unweighted": self.acc[1].item() / n,
+            "lr": lr,
+            "tokens_per_s": tps,
+            "samples_seen": step * run.plan.global_batch_size,
+            "dwm": dwm_version,
+            "w_entropy": self.acc[2].item() / n,
+            "w_ess": self.acc[3].item() / n,
+            "w_min": self.lo.item(),
+            "w_max": self.hi.item(),
+            "step_time_s": dt,
+        }
+        peak = peak_flops(torch.cuda.get_device_name() if run.d.accelerator == "cuda" else "")
+        if (u := mfu(tps, run.n_params, run.d.world, peak)) is not None:
+            rec["mfu"] = u
+        return rec
+
+
+def validate(run: Run) -> dict:
+    """Validation loss / accuracy of the LM over all ranks (collective: every rank runs the same forwards)."""
+    eng = run.engine
+    out = evaluate(
+        lambda b: eng(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+        run.val,
+        run.cfg.run.eval_batches,
+        run.plan.micro_batch_size,
+        run.d.rank,
+        run.d.world,
+        run.d.device,
+    )
+    eng.train()
+    return out
+
+
+def save(run: Run, step: int, stage: int, boundary: bool, dwm_info: dict) -> str:
+    """A complete sharded checkpoint with everything a resume needs (see train/checkpoint.py)."""
+    state = {
+        "step": step,
+        "stage": stage,
+        "stage_boundary": boundary,
+        "consumed_samples": step * run.plan.global_batch_size,
+        "dwm": dwm_info,
+        "config_sha256": run.cfg.hash(),
+        "compat": run.compat,
+    }
+    return run.ckpt.save(run.engine, state)

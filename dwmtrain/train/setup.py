@@ -163,6 +163,8 @@ def setup(cfg: Config) -> Run:
         start_step,
         start_tag,
     )
+    if latest is not None and latest.get("dwm", {}).get("sha256") and start_step not in starts:
+        run.handoff.expect_sha[int(latest["stage"])] = latest["dwm"]["sha256"]  # resumed mid-stage
     if cfg.meta.mode != "none":
         p_w = dwm_parameter_count(arch)
         log0(
