@@ -64,6 +64,8 @@ def test_save_load_roundtrip_and_checks(tmp_path):
 
     with pytest.raises(DWMFileError, match="another architecture: backbone: file has 'tiny', run expects 'small'"):
         load_dwm_state(tmp_path / "d.safetensors", DWMArch("small", 512, 32))
+    # the run's temperature / mix / context length do not matter to the tensors
+    load_dwm_state(tmp_path / "d.safetensors", DWMArch("tiny", 512, 1024, temperature=2.0, uniform_mix=0.1))
     raw = bytearray((tmp_path / "d.safetensors").read_bytes())
     raw[-3] ^= 1
     (tmp_path / "d.safetensors").write_bytes(bytes(raw))

@@ -69,9 +69,12 @@ class DWMArch:
         )
 
     def shape_fields(self) -> dict:
-        """Fields that change the tensors (a mismatch means the file cannot be loaded)."""
+        """Fields that change the tensors (a mismatch means the file cannot be loaded).
+
+        max_seq_len is not one: RoPE has no learned positions, so a DWM transfers across context lengths.
+        """
         d = asdict(self)
-        for k in ("temperature", "uniform_mix", "attn_implementation"):
+        for k in ("temperature", "uniform_mix", "attn_implementation", "max_seq_len"):
             d.pop(k)
         return d
 
