@@ -13,7 +13,7 @@ from dwmtrain.models.dwm import weight_stats
 from dwmtrain.stages.schedule import stage_of
 from dwmtrain.train.evaluate import evaluate
 from dwmtrain.train.loss import per_sample_loss, weighted_loss
-from dwmtrain.train.metrics import mfu, peak_flops
+from dwmtrain.train.metrics import mfu
 from dwmtrain.train.setup import Run
 
 
@@ -94,8 +94,7 @@ class StepStats:
             "w_max": self.hi.item(),
             "step_time_s": dt,
         }
-        peak = peak_flops(torch.cuda.get_device_name() if run.d.accelerator == "cuda" else "")
-        if (u := mfu(tps, run.n_params, run.d.world, peak)) is not None:
+        if (u := mfu(tps, run.n_params, run.d.world, run.peak_flops)) is not None:
             rec["mfu"] = u
         return rec
 

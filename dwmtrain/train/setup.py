@@ -21,7 +21,7 @@ from dwmtrain.stages.schedule import stage_starts
 from dwmtrain.train.checkpoint import Checkpointer, check_compatible
 from dwmtrain.train.evaluate import ValidationSet, validation_set
 from dwmtrain.train.loss import default_warmup, lr_multiplier
-from dwmtrain.train.metrics import MetricsWriter
+from dwmtrain.train.metrics import MetricsWriter, peak_flops
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Run:
     n_params: int
     compat: dict
     start_step: int = 0
-    start_tag: str | None = None
+    peak_flops: float | None = None  # per device, for MFU (None off GPU or for an unknown GPU)
 
 
 def log0(d: Dist, msg: str) -> None:
@@ -50,7 +50,7 @@ def log0(d: Dist, msg: str) -> None:
         print(f"[dwmtrain] {msg}", flush=True)
 
 
-def ensure_data(cfg: Config, d: Dist) -> TokenDataset:
+def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
     """Open the prepared shards (rank 0 prepares them from ``data.raw`` first if they do not exist)."""
     path = Path(cfg.data.train_data)
     if not (path / "index.json").exists() and cfg.data.raw:
@@ -69,7 +69,6 @@ def ensure_data(cfg: Config, d: Dist) -> TokenDataset:
     ds = TokenDataset(path, "train", verify=cfg.data.verify)
     if ds.seq_len != cfg.data.seq_len:
         raise DataError(f"{path}/index.json: prepared with seq_len={ds.seq_len}, but data.seq_len={cfg.data.seq_len}")
-    tok_sha = sha256_file(cfg.data.tokenizer)
     if ds.index["tokenizer_sha256"] != tok_sha:
         raise DataError(
             f"{path} was tokenized with {ds.index['tokenizer']} (sha256 {ds.index['tokenizer_sha256'][:12]}...), "
@@ -88,7 +87,8 @@ def setup(cfg: Config) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
 
-    data = ensure_data(cfg, d)
+    tok_sha = sha256_file(cfg.data.tokenizer)
+    data = ensure_data(cfg, d, tok_sha)
     vocab = Tokenizer(cfg.data.tokenizer).vocab_size
     model_vocab = llama_config(cfg.model.preset, cfg.model.vocab_size).vocab_size
     check_vocab(vocab, model_vocab, cfg.data.tokenizer)
@@ -102,7 +102,7 @@ def setup(cfg: Config) -> Run:
         "vocab_size": model_vocab,
         "max_seq_len": cfg.model.max_seq_len,
         "seq_len": cfg.data.seq_len,
-        "tokenizer_sha256": sha256_file(cfg.data.tokenizer),
+        "tokenizer_sha256": tok_sha,
         "global_batch_size": plan.global_batch_size,
         "world_size": d.world,
         "dwm_backbone": cfg.dwm.backbone,
@@ -134,10 +134,10 @@ def setup(cfg: Config) -> Run:
     engine, _, _, _ = deepspeed.initialize(
         model=lm, model_parameters=lm.parameters(), config=ds_config, lr_scheduler=sched
     )
-    start_step, start_tag = 0, None
+    start_step = 0
     if latest is not None:
         ckpt.load(engine, latest["tag"])
-        start_step, start_tag = int(latest["step"]), latest["tag"]
+        start_step = int(latest["step"])
         log0(d, f"resumed from {ckpt.root / latest['tag']} at step {start_step} (stage {latest.get('stage')})")
 
     arch = DWMArch.from_config(
@@ -161,7 +161,7 @@ def setup(cfg: Config) -> Run:
         n_params,
         compat,
         start_step,
-        start_tag,
+        peak_flops(torch.cuda.get_device_name() if d.accelerator == "cuda" else ""),
     )
     if latest is not None and latest.get("dwm", {}).get("sha256") and start_step not in starts:
         run.handoff.expect_sha[int(latest["stage"])] = latest["dwm"]["sha256"]  # resumed mid-stage
