@@ -14,7 +14,6 @@ run never leaves a half-written (or half-overwritten) output.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,20 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from dwmtrain.data.tokenizer import EOS_ID, Tokenizer
+from dwmtrain.fileio import sha256_file
 
 FORMAT = "dwmtrain-tokens-v1"
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file and line (or shard and sequence)."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- diagnosis

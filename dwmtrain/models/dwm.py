@@ -10,7 +10,6 @@ loading verifies both.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -21,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaModel
 
+from dwmtrain.fileio import atomic_write_text, sha256_file
 from dwmtrain.models.lm import dtype_preserving_norms, llama_config
 
 
@@ -154,14 +154,6 @@ class DWMFileError(ValueError):
     """A DWM file is missing, corrupted or of another architecture."""
 
 
-def sha256_bytes_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 22):
-            h.update(b)
-    return h.hexdigest()
-
-
 def meta_path(path: str | os.PathLike) -> Path:
     return Path(str(path) + ".json")
 
@@ -180,14 +172,12 @@ def save_dwm(model: DataWeightingModel, path: str | os.PathLike, stage: int, lm_
         "arch": asdict(model.arch),
         "stage": stage,
         "lm_step": lm_step,
-        "sha256": sha256_bytes_of(tmp),
+        "sha256": sha256_file(tmp),
         "num_parameters": sum(v.numel() for v in state.values()),
         **extra,
     }
-    mtmp = meta_path(tmp)
-    mtmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, path)  # tensors first, metadata last: the sidecar marks the file complete
-    os.replace(mtmp, meta_path(path))
+    atomic_write_text(meta_path(path), json.dumps(meta, indent=1))
     return meta
 
 
@@ -210,7 +200,7 @@ def load_dwm_state(
     from safetensors.torch import load_file
 
     meta = read_dwm_meta(path)
-    digest = sha256_bytes_of(path)
+    digest = sha256_file(path)
     if digest != meta.get("sha256"):
         raise DWMFileError(
             f"DWM file {path}: sha256 {digest[:12]}... does not match its metadata "

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dwmtrain.distributed import Dist, barrier
+from dwmtrain.fileio import atomic_write_text
 
 MARKER = "COMPLETE"
 LATEST = "latest.json"
@@ -141,8 +142,8 @@ class Checkpointer:
         torch.save(_rng_state(), path / "rng" / f"rank{self.d.rank}.pt")
         barrier()  # every rank has written its shards
         if self.d.is_main:
-            _atomic_write(path / MARKER, json.dumps({**state, "saved_at": time.time()}, indent=1))
-            _atomic_write(self.root / LATEST, json.dumps({"tag": tag, "step": state["step"]}))
+            atomic_write_text(path / MARKER, json.dumps({**state, "saved_at": time.time()}, indent=1))
+            atomic_write_text(self.root / LATEST, json.dumps({"tag": tag, "step": state["step"]}))
             self._prune(keep=tag)
         barrier()
         return tag
@@ -187,12 +188,3 @@ class Checkpointer:
         for p in periodic[: max(0, len(periodic) - self.keep_last)]:
             if p.name != keep:
                 shutil.rmtree(p, ignore_errors=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from dwmtrain.fileio import atomic_write_text
+
 # Dense bf16 peak per device, for MFU. Override with DWMTRAIN_PEAK_TFLOPS.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A6000": 155.0}
 
@@ -72,6 +74,4 @@ def _truncate_after(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(x + "\n" for x in keep))

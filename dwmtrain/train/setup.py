@@ -11,9 +11,10 @@ import torch
 
 from dwmtrain.config import BatchPlan, Config, batch_plan, build_deepspeed_config, resolve_precision
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset
-from dwmtrain.data.prepare import DataError, prepare_data, sha256_file
+from dwmtrain.data.prepare import DataError, prepare_data
 from dwmtrain.data.tokenizer import Tokenizer, check_vocab
 from dwmtrain.distributed import Dist, barrier, init_distributed
+from dwmtrain.fileio import sha256_file
 from dwmtrain.models.dwm import DWMArch, dwm_parameter_count
 from dwmtrain.models.lm import build_lm, count_parameters, flops_per_token, llama_config
 from dwmtrain.stages.handoff import StageHandoff
