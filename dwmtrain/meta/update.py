@@ -59,8 +59,7 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, lookahead_lr: fl
     # the reference modes differentiate twice / forward-mode through attention: eager kernels only
     attn = "eager" if mc.grad_mode in ("jvp", "unrolled") else cfg.model.attn_implementation
     lm, lm_state = load_frozen_lm(cfg, ckpt_root, tag, d.device, attn)
-    vocab = lm.config.vocab_size
-    arch = DWMArch.from_config(cfg.dwm, vocab, cfg.model.max_seq_len or cfg.data.seq_len, cfg.model.attn_implementation)
+    arch = DWMArch.from_config(cfg, lm.config.vocab_size)
     dwm, how = initial_dwm(cfg, arch, stage, run_dir, lm_state)
     del lm_state
     dwm = dwm.to(d.device).train()

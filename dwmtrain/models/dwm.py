@@ -55,17 +55,19 @@ class DWMArch:
     attn_implementation: str = "sdpa"
 
     @classmethod
-    def from_config(cls, dwm_cfg, vocab_size: int, max_seq_len: int, attn_implementation: str = "sdpa"):
+    def from_config(cls, cfg, vocab_size: int):
+        """The DWM of a run (``cfg`` is the whole config tree); the vocabulary is the LM's."""
+        d = cfg.dwm
         return cls(
-            backbone=dwm_cfg.backbone,
+            backbone=d.backbone,
             vocab_size=vocab_size,
-            max_seq_len=max_seq_len,
-            attn_heads=dwm_cfg.attn_heads,
-            head_hidden=dwm_cfg.head_hidden,
-            pooling=dwm_cfg.pooling,
-            temperature=dwm_cfg.temperature,
-            uniform_mix=dwm_cfg.uniform_mix,
-            attn_implementation=attn_implementation,
+            max_seq_len=cfg.model.max_seq_len or cfg.data.seq_len,
+            attn_heads=d.attn_heads,
+            head_hidden=d.head_hidden,
+            pooling=d.pooling,
+            temperature=d.temperature,
+            uniform_mix=d.uniform_mix,
+            attn_implementation=cfg.model.attn_implementation,
         )
 
     def shape_fields(self) -> dict:

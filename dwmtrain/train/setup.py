@@ -141,9 +141,7 @@ def setup(cfg: Config) -> Run:
         start_step = int(latest["step"])
         log0(d, f"resumed from {ckpt.root / latest['tag']} at step {start_step} (stage {latest.get('stage')})")
 
-    arch = DWMArch.from_config(
-        cfg.dwm, model_vocab, cfg.model.max_seq_len or data.seq_len, cfg.model.attn_implementation
-    )
+    arch = DWMArch.from_config(cfg, model_vocab)
     dwm_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     val = validation_set(cfg)
     n_params = count_parameters(cfg.model.preset, model_vocab)
