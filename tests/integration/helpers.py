@@ -15,10 +15,6 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 TINY = REPO / "launchers" / "configs" / "tiny.yaml"
 
 
-def shared_data_overrides(data_dir: Path) -> list[str]:
-    return [f"data.train_data={data_dir}"]
-
-
 def pretrain_cmd(run_dir: Path, overrides: list[str], world: int = 2, config: Path = TINY) -> list[str]:
     return [
         DEEPSPEED,
@@ -33,6 +29,17 @@ def pretrain_cmd(run_dir: Path, overrides: list[str], world: int = 2, config: Pa
         str(run_dir),
         "run.threads_per_rank=1",
         *overrides,
+    ]
+
+
+def short_run(data_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a 12-step, 3-stage tiny run checkpointing every 2 steps, then ``extra`` (later wins)."""
+    return [
+        f"data.train_data={data_dir}",
+        "stages.total_steps=12",
+        "stages.num_stages=3",
+        "run.checkpoint_every=2",
+        *extra,
     ]
 
 

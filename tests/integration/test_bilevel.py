@@ -8,22 +8,13 @@ import pytest
 
 from dwmtrain.models.dwm import read_dwm_meta
 
-from .helpers import REPO, by_step, env, pretrain_cmd, records, run, run_until_step_then_kill
+from .helpers import REPO, by_step, env, pretrain_cmd, records, run, run_until_step_then_kill, short_run
 
 pytestmark = pytest.mark.slow
 
 
 def args(data64, *extra):
-    return [
-        f"data.train_data={data64}",
-        "stages.total_steps=12",
-        "stages.num_stages=3",
-        "run.checkpoint_every=2",
-        "meta.mode=bilevel",
-        "meta.nproc=2",
-        "meta.steps=3",
-        *extra,
-    ]
+    return short_run(data64, "meta.mode=bilevel", "meta.nproc=2", "meta.steps=3", *extra)
 
 
 def kill_meta_job_when_it_starts(cmd, run_dir, stage, timeout=300):

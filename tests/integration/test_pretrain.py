@@ -7,21 +7,13 @@ import torch
 
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm
 
-from .helpers import DEEPSPEED, REPO, by_step, pretrain_cmd, records, run, run_until_step_then_kill
+from .helpers import DEEPSPEED, REPO, by_step, pretrain_cmd, records, run, run_until_step_then_kill, short_run
 
 pytestmark = pytest.mark.slow
 
 
 def base(data64, *extra):
-    return [
-        f"data.train_data={data64}",
-        "stages.total_steps=12",
-        "stages.num_stages=3",
-        "run.checkpoint_every=2",
-        "run.keep_last=2",
-        "meta.mode=none",
-        *extra,
-    ]
+    return short_run(data64, "run.keep_last=2", "meta.mode=none", *extra)
 
 
 def test_weighted_loss_gradients_under_zero3():
