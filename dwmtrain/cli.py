@@ -63,6 +63,33 @@ def _config(a) -> None:
     print(cfg.to_yaml(), end="")
 
 
+def train_command(a, rest: list[str]) -> list[str]:
+    """The DeepSpeed launcher command that runs ``dwmtrain.launch.pretrain`` on every rank."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if a.hostfile:
+        cmd += ["--hostfile", a.hostfile]
+    elif a.nproc:
+        cmd += ["--num_gpus", str(a.nproc)]
+    if a.master_port:
+        cmd += ["--master_port", str(a.master_port)]
+    return [*cmd, "--module", "dwmtrain.launch.pretrain", *rest]
+
+
+def _train(a, rest: list[str]) -> None:
+    cmd = train_command(a, rest)
+    print("$ " + " ".join(cmd), flush=True)
+    if not a.print_only:
+        os.execv(cmd[0], cmd)  # the launcher replaces this process: its exit code is the job's
+
+
+def _configs(a) -> None:
+    from dwmtrain.config import CONFIG_DIR, bundled_configs
+
+    for name in bundled_configs():
+        first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:<16} {first}")
+
+
 def _report(a) -> None:
     from dwmtrain.report import summarize
 
@@ -102,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT, only once the new output is complete")
     p.set_defaults(fn=_prepare_data)
 
+    p = sub.add_parser(
+        "train",
+        help="launch pretraining with DeepSpeed (prints, then runs, the deepspeed command)",
+        description="dwmtrain train [--nproc N | --hostfile H] --config C --run-dir D [k=v ...]: every argument "
+        "it does not know goes to dwmtrain.launch.pretrain (--config, --run-dir, --dry-run, overrides).",
+    )
+    p.add_argument("--nproc", type=int, default=0, help="ranks on this machine (GPUs, or CPU processes)")
+    p.add_argument("--hostfile", default="", help="DeepSpeed hostfile for several nodes (pdsh over ssh)")
+    p.add_argument("--master-port", type=int, default=0)
+    p.add_argument("--print-only", action="store_true", help="print the command, do not run it")
+    p.set_defaults(fn=_train, passthrough=True)
+
+    p = sub.add_parser("configs", help="list the bundled configs (usable as --config NAME)")
+    p.set_defaults(fn=_configs)
+
     p = sub.add_parser("report", help="summarize a run: per-stage validation, weights, meta-updates, files")
     p.add_argument("run_dir")
     p.set_defaults(fn=_report)
@@ -114,13 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dwmtrain.config import ConfigError
-    from dwmtrain.data.prepare import DataError
+    from dwmtrain.errors import DWMTrainError
 
-    a = build_parser().parse_args(argv)
+    a, rest = build_parser().parse_known_args(argv)
+    if rest and not getattr(a, "passthrough", False):
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        a.fn(a)
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+        a.fn(a, rest) if getattr(a, "passthrough", False) else a.fn(a)
+    except (DWMTrainError, FileExistsError, FileNotFoundError) as e:
         print(f"dwmtrain {a.cmd}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,8 +2,11 @@
 
 YAML file -> dotted ``key=value`` overrides -> dataclasses that validate themselves.
 The DeepSpeed JSON is *generated* from this tree plus a ZeRO template in
-``ds_configs/``, so micro-batch, accumulation, precision and the global batch live
+``dwmtrain/ds_configs/``, so micro-batch, accumulation, precision and the global batch live
 in one place (``DeepSpeedConfig``) and are checked against each other and the world size.
+
+Everything the config refers to by default ships inside the package: the ZeRO templates, the
+bundled configs (``--config tiny``) and the sample corpus, named ``dwmtrain:data/corpus/...``.
 """
 
 from __future__ import annotations
@@ -21,11 +24,25 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DS_TEMPLATE_DIR = REPO_ROOT / "ds_configs"
+from dwmtrain.errors import DWMTrainError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DS_TEMPLATE_DIR = PACKAGE_DIR / "ds_configs"
+CONFIG_DIR = PACKAGE_DIR / "configs"
+PACKAGE_PREFIX = "dwmtrain:"  # a path inside the installed package, e.g. dwmtrain:data/corpus/sample.jsonl.zst
 
 
-class ConfigError(ValueError):
+def package_path(path: str) -> str:
+    """``dwmtrain:REL`` -> the absolute path of REL inside the package; any other path unchanged."""
+    return str(PACKAGE_DIR / path[len(PACKAGE_PREFIX) :]) if path.startswith(PACKAGE_PREFIX) else path
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped in the package (``--config NAME``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+class ConfigError(DWMTrainError, ValueError):
     """A config value is wrong; the message names the field (``section.field``) and the value."""
 
 
@@ -93,12 +110,15 @@ class DataConfig:
     tokenizer: str = "runs/data/tokenizer.model"  #: sentencepiece model used to prepare the data
     seq_len: int = 1024  #: packed sequence length; must equal the prepared data's
     val_source: str = "lambada"  #: lambada (the paper) | heldout (the DWM_VAL ablation)
-    lambada_path: str = "dwmtrain/data/corpus/lambada_sample.jsonl"  #: lambada_openai-format JSONL
+    lambada_path: str = "dwmtrain:data/corpus/lambada_sample.jsonl"  #: lambada_openai-format JSONL
     raw: list[str] = field(default_factory=list)  #: JSONL(.zst) inputs to prepare train_data from if missing
     heldout_data: str = ""  #: val_source=heldout: prepared dir whose heldout split validates ("": train_data)
     verify: str = "size"  #: shard check at load: size (cheap) | sha256 (reads everything)
 
     def __post_init__(self):
+        # bundled files (``dwmtrain:...``) become absolute paths into the installed package
+        self.tokenizer, self.lambada_path = package_path(self.tokenizer), package_path(self.lambada_path)
+        self.raw = [package_path(r) for r in self.raw]
         _positive("data.seq_len", self.seq_len)
         _one_of("data.val_source", self.val_source, ("lambada", "heldout"))
         _one_of("data.verify", self.verify, ("size", "sha256"))
@@ -178,11 +198,11 @@ class MetaConfig:
 class OptimizerConfig:
     """AdamW with linear warmup then cosine decay (the paper: lr 5e-4, betas 0.9/0.95, eps 1e-8)."""
 
-    lr: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    warmup_steps: int = 0  #: 0: 1% of total steps
+    lr: float = 5e-4  #: peak learning rate (reached after warmup)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  #: AdamW beta1, beta2
+    eps: float = 1e-8  #: AdamW epsilon
+    weight_decay: float = 0.1  #: decoupled weight decay (AdamW)
+    warmup_steps: int = 0  #: linear warmup steps; 0: 1% of total steps
     min_lr_ratio: float = 0.1  #: cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0  #: 0 disables clipping
 
@@ -235,22 +255,8 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self):
-        # Cross-section checks: things no single section can see.
-        bt, sl = self.deepspeed.global_batch_tokens, self.data.seq_len
-        if bt:
-            _check(
-                bt % sl == 0,
-                "deepspeed.global_batch_tokens",
-                bt,
-                f"must be a multiple of data.seq_len={sl}",
-            )
-            if self.deepspeed.global_batch_size:
-                _check(
-                    self.deepspeed.global_batch_size * sl == bt,
-                    "deepspeed.global_batch_size",
-                    self.deepspeed.global_batch_size,
-                    f"contradicts deepspeed.global_batch_tokens={bt} (= {bt // sl} sequences of {sl})",
-                )
+        # Cross-section checks: things no single section can see (the world size is checked at launch).
+        global_batch_sequences(self.deepspeed.global_batch_size, self.deepspeed.global_batch_tokens, self.data.seq_len)
         _check(
             self.run.dist_timeout_s > self.meta.timeout_s,
             "run.dist_timeout_s",
@@ -259,9 +265,9 @@ class Config:
         )
         if self.model.max_seq_len:
             _check(
-                sl <= self.model.max_seq_len,
+                self.data.seq_len <= self.model.max_seq_len,
                 "data.seq_len",
-                sl,
+                self.data.seq_len,
                 f"exceeds model.max_seq_len={self.model.max_seq_len}",
             )
 
@@ -341,8 +347,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML run config, apply dotted overrides, build and validate the tree."""
+    """Read a YAML run config (a file, or a bundled config's name), apply dotted overrides, validate."""
     tree: dict = {}
+    if path is not None and not Path(path).exists() and (CONFIG_DIR / f"{path}.yaml").is_file():
+        path = CONFIG_DIR / f"{path}.yaml"
     if path is not None:
         try:
             with open(path, encoding="utf-8") as f:
@@ -378,20 +386,33 @@ class BatchPlan:
         return self.global_batch_size * self.seq_len
 
 
+def global_batch_sequences(global_batch: int, global_tokens: int, seq_len: int) -> int:
+    """Sequences per optimizer step from ``global_batch_size`` / ``global_batch_tokens`` (0: not set)."""
+    if not global_tokens:
+        return global_batch
+    _check(
+        global_tokens % seq_len == 0,
+        "deepspeed.global_batch_tokens",
+        global_tokens,
+        f"must be a multiple of data.seq_len={seq_len}",
+    )
+    _check(
+        not global_batch or global_batch * seq_len == global_tokens,
+        "deepspeed.global_batch_size",
+        global_batch,
+        f"contradicts deepspeed.global_batch_tokens={global_tokens} "
+        f"(= {global_tokens // seq_len} sequences of {seq_len})",
+    )
+    return global_tokens // seq_len
+
+
 def resolve_batch(
     micro: int, world: int, seq_len: int, global_batch: int = 0, global_tokens: int = 0, accum: int = 0
 ) -> BatchPlan:
     """Check micro-batch, accumulation, global batch and world size against each other."""
     if world <= 0:
         raise ConfigError(f"world_size={world}: must be > 0")
-    if global_tokens:
-        if global_tokens % seq_len:
-            raise ConfigError(f"deepspeed.global_batch_tokens={global_tokens}: not a multiple of {seq_len}")
-        if global_batch and global_batch * seq_len != global_tokens:
-            raise ConfigError(
-                f"deepspeed.global_batch_size={global_batch}: contradicts deepspeed.global_batch_tokens={global_tokens}"
-            )
-        global_batch = global_tokens // seq_len
+    global_batch = global_batch_sequences(global_batch, global_tokens, seq_len)
     per_step = micro * world
     if global_batch:
         if global_batch % per_step:

@@ -83,3 +83,21 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t
+
+
+def all_reduce_grads(params: list[torch.Tensor]) -> float:
+    """Average the ``.grad`` of ``params`` over all ranks (one flat all-reduce); returns the global grad norm."""
+    flat = torch.cat([p.grad.flatten() for p in params])
+    if dist.is_initialized():
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+    off = 0
+    for p in params:
+        p.grad.copy_(flat[off : off + p.numel()].view_as(p))
+        off += p.numel()
+    return flat.norm().item()
+
+
+def cpu_threads(threads_per_rank: int, local_world: int) -> int:
+    """torch intra-op threads per CPU rank: ``run.threads_per_rank``, or the cores shared by the local ranks."""
+    return threads_per_rank or max(1, (os.cpu_count() or 1) // max(1, local_world))

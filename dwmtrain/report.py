@@ -6,6 +6,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from dwmtrain.rundir import RunDir
+
 
 def _records(path: Path) -> list[dict]:
     if not path.exists():
@@ -20,9 +22,10 @@ def _records(path: Path) -> list[dict]:
 
 
 def summarize(run_dir: str | Path) -> str:
-    run = Path(run_dir)
-    steps = _records(run / "metrics.jsonl")
-    evals = _records(run / "eval.jsonl")
+    rd = RunDir(run_dir)
+    run = rd.root
+    steps = _records(rd.metrics)
+    evals = _records(rd.evals)
     if not steps:
         return f"{run}: no metrics.jsonl yet"
     by_stage = defaultdict(list)
@@ -49,7 +52,7 @@ def summarize(run_dir: str | Path) -> str:
             f"{mean('w_entropy'):>9.4f}  {mean('w_ess'):>6.3f}  {min(r['w_min'] for r in rs):>5.3f}  "
             f"{max(r['w_max'] for r in rs):>5.3f}  {rs[-1]['dwm']}"
         )
-    metas = sorted((run / "meta").glob("stage*.jsonl")) if (run / "meta").exists() else []
+    metas = sorted(rd.meta_dir.glob("stage*.jsonl")) if rd.meta_dir.exists() else []
     if metas:
         lines += ["", "meta-updates (first -> last meta-step): val loss at theta*, weight entropy, grad norm"]
         for m in metas:
@@ -61,17 +64,17 @@ def summarize(run_dir: str | Path) -> str:
                     f"{b['val_loss_theta_star']:.4f}, entropy {a['weight_entropy']:.4f} -> "
                     f"{b['weight_entropy']:.4f}, |g| {b['grad_norm']:.3g}"
                 )
-    ck = run / "checkpoints"
-    tags = sorted(p.name for p in ck.iterdir() if (p / "COMPLETE").exists()) if ck.exists() else []
-    dwms = sorted(p.name for p in (run / "dwm").glob("*.safetensors")) if (run / "dwm").exists() else []
+    ck = rd.checkpoints
+    tags = rd.complete_tags()
+    dwms = sorted(p.name for p in rd.dwm_dir.glob("*.safetensors")) if rd.dwm_dir.exists() else []
     lines += [
         "",
         "where things are:",
         f"  checkpoints  {ck}  ({', '.join(tags)}; newest complete in latest.json)",
-        f"  DWM files    {run / 'dwm'}  ({', '.join(dwms) or 'none'}; sha256 in each .json sidecar)",
-        f"  metrics      {run / 'metrics.jsonl'} (per step), {run / 'eval.jsonl'} (per stage)",
-        f"  meta logs    {run / 'meta'}  (stageK.jsonl per meta-step, stageK.log job output)",
-        f"  TensorBoard  {run / 'tensorboard'}",
-        f"  config       {run / 'config.yaml'}, {run / 'deepspeed.json'}",
+        f"  DWM files    {rd.dwm_dir}  ({', '.join(dwms) or 'none'}; sha256 in each .json sidecar)",
+        f"  metrics      {rd.metrics} (per step), {rd.evals} (per stage)",
+        f"  meta logs    {rd.meta_dir}  (stageK.jsonl per meta-step, stageK.log job output)",
+        f"  TensorBoard  {rd.tensorboard}",
+        f"  config       {rd.config}, {rd.deepspeed_json}",
     ]
     return "\n".join(lines)

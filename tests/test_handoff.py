@@ -6,37 +6,39 @@ import torch
 from dwmtrain.config import load_config
 from dwmtrain.distributed import Dist
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, DWMFileError, save_dwm
-from dwmtrain.stages.handoff import MetaJobError, StageHandoff, dwm_file
+from dwmtrain.meta.job import MetaJobError
+from dwmtrain.rundir import RunDir
+from dwmtrain.stages.handoff import StageHandoff
 
 ARCH = DWMArch("tiny", 512, 32)
 D = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu")
 
 
-def handoff(tmp_path, *ov):
+def handoff(tmp_path, *ov, expect_sha=None):
     cfg = load_config(None, [f"run.run_dir={tmp_path}", "meta.mode=bilevel", *ov])
-    return StageHandoff(cfg, D, ARCH, torch.float32)
+    return StageHandoff(cfg, D, ARCH, torch.float32, RunDir(tmp_path), expect_sha)
 
 
 def test_stage1_uniform_and_finished_dwm_is_reused(tmp_path):
     h = handoff(tmp_path)
-    assert h.for_stage(1, None, 1e-3) == (None, {"version": "uniform"})
+    assert h.for_stage(1, None) == (None, {"version": "uniform"})
     torch.manual_seed(0)
     m = DataWeightingModel(ARCH)
     torch.nn.init.normal_(m.fc2.weight)
-    meta = save_dwm(m, dwm_file(tmp_path, 2), stage=2, lm_step=10)
-    model, info = h.for_stage(2, "step0000010", 1e-3)  # no meta job: the file exists and checks out
+    meta = save_dwm(m, RunDir(tmp_path).dwm(2), stage=2, lm_step=10)
+    model, info = h.for_stage(2, "step0000010")  # no meta job: the file exists and checks out
     assert info["sha256"] == meta["sha256"] and info["version"] == f"stage2:{meta['sha256'][:12]}"
     x = torch.randint(0, 512, (8, 32))
     assert torch.allclose(model(x), m.eval()(x)) and not any(p.requires_grad for p in model.parameters())
 
-    h.expect_sha[2] = "0" * 64  # a resumed checkpoint trained with another DWM
+    h = handoff(tmp_path, expect_sha={2: "0" * 64})  # a resumed checkpoint trained with another DWM
     with pytest.raises(DWMFileError, match="is not the DWM the resumed checkpoint used for stage 2"):
-        h.for_stage(2, "step0000010", 1e-3)
+        h.for_stage(2, "step0000010")
 
 
 def test_missing_dwm_needs_a_complete_stage_start_checkpoint(tmp_path):
     with pytest.raises(MetaJobError, match="no complete checkpoint step0000010 at the start of stage 2"):
-        handoff(tmp_path).for_stage(2, "step0000010", 1e-3)
+        handoff(tmp_path).for_stage(2, "step0000010")
 
 
 def test_corrupted_fixed_dwm_is_refused(tmp_path):
@@ -47,4 +49,4 @@ def test_corrupted_fixed_dwm_is_refused(tmp_path):
     path.write_bytes(bytes(raw))
     h = handoff(tmp_path, "meta.mode=fixed", f"meta.dwm_path={path}")
     with pytest.raises(DWMFileError, match="corrupted or replaced"):
-        h.for_stage(1, None, 1e-3)
+        h.for_stage(1, None)

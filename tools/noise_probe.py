@@ -4,7 +4,7 @@
 1. Corrupt a fraction (30% by default) of the bundled corpus's documents by shuffling their tokens
    (domain label "corrupted"), and prepare the mix.
 2. Train a short uniform stage (meta.mode=none) with the real deepspeed launcher.
-3. Run one meta-update job (launchers/meta_update.py) on the stage-end checkpoint.
+3. Run one meta-update job (python -m dwmtrain.launch.meta_update) on the stage-end checkpoint.
 4. Score held-out micro-batches of 8 with the learned DWM and print the ROC-AUC of the weights for
    clean (positive) against corrupted sequences.
 
@@ -28,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from dwmtrain.meta.job import meta_job_command, meta_job_env  # noqa: E402
+from dwmtrain.rundir import RunDir  # noqa: E402
 
 CORPUS = ROOT / "dwmtrain" / "data" / "corpus"
 SP = CORPUS / "sample_sp4096.model"
@@ -86,8 +89,8 @@ def build_noisy_corpus(out: Path, clean_out: Path, n_docs: int, fraction: float,
     return {"documents": len(recs), "corrupted": n_bad}
 
 
-def sh(cmd: list[str], log: Path) -> None:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def sh(cmd: list[str], log: Path, env: dict | None = None) -> None:
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
@@ -146,7 +149,7 @@ def score_heldout(run_dir: Path, data_dir: Path, stage: int, n_batches: int, see
     from dwmtrain.data.dataset import TokenDataset
     from dwmtrain.models.dwm import load_dwm
 
-    dwm = load_dwm(run_dir / "dwm" / f"stage{stage}.safetensors").eval()
+    dwm = load_dwm(RunDir(run_dir).dwm(stage)).eval()
     ds = TokenDataset(data_dir, "heldout")
     bad = ds.domain_names.index("corrupted")
     rng = random.Random(seed)
@@ -161,7 +164,7 @@ def score_heldout(run_dir: Path, data_dir: Path, stage: int, n_batches: int, see
 
 
 def final_val(run_dir: Path) -> float:
-    recs = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines() if x.strip()]
+    recs = [json.loads(x) for x in RunDir(run_dir).evals.read_text().splitlines() if x.strip()]
     return recs[-1]["val_loss"]
 
 
@@ -219,24 +222,8 @@ def main(argv=None) -> int:
 
     run = args.work / "probe"
     pretrain(run, args, ["meta.mode=none", f"stages.total_steps={args.steps}", "stages.num_stages=1"], log)
-    tag = json.loads((run / "checkpoints" / "latest.json").read_text())["tag"]
-    sh(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={args.ranks}",
-            str(ROOT / "launchers" / "meta_update.py"),
-            "--run-dir",
-            str(run),
-            "--stage",
-            "2",
-            "--checkpoint",
-            tag,
-        ],
-        log,
-    )
+    tag = json.loads(RunDir(run).latest.read_text())["tag"]
+    sh(meta_job_command(run, 2, tag, args.ranks), log, env=meta_job_env())
     scores, labels = score_heldout(run, args.work / "data", 2, args.score_batches, args.seed)
     auc = roc_auc(scores, labels)
     clean = [s for s, y in zip(scores, labels) if y]

@@ -25,13 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from dwmtrain.data.tokenizer import EOS_ID, Tokenizer
+from dwmtrain.errors import DataError  # noqa: F401  (re-exported: raised by the readers here)
 from dwmtrain.fileio import sha256_file
 
 FORMAT = "dwmtrain-tokens-v1"
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line (or shard and sequence)."""
 
 
 # ----------------------------------------------------------------------------- diagnosis
@@ -260,7 +257,7 @@ def prepare_data(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it (only after a successful run)")
     if not 0 <= heldout_fraction < 1:
-        raise ValueError(f"heldout_fraction={heldout_fraction}: must be in [0, 1)")
+        raise DataError(f"heldout_fraction={heldout_fraction}: must be in [0, 1)")
     files = expand_inputs(inputs)
     tok = Tokenizer(tokenizer_path)
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from dwmtrain.config import ConfigError
+from dwmtrain.errors import DataError
+
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
@@ -40,7 +43,7 @@ def train_tokenizer(
         tmp = f.name
     if n == 0:
         os.unlink(tmp)
-        raise ValueError("train-tokenizer: no text to train on")
+        raise DataError("train-tokenizer: no text to train on")
     try:
         spm.SentencePieceTrainer.train(
             input=tmp,
@@ -76,10 +79,10 @@ class Tokenizer:
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         if not Path(self.path).is_file():
-            raise FileNotFoundError(f"tokenizer {self.path}: not found")
+            raise DataError(f"tokenizer {self.path}: not found")
         self.sp = spm.SentencePieceProcessor(model_file=self.path)
         if (self.sp.bos_id(), self.sp.eos_id()) != (BOS_ID, EOS_ID):
-            raise ValueError(
+            raise DataError(
                 f"tokenizer {self.path}: bos/eos ids are {self.sp.bos_id()}/{self.sp.eos_id()}, "
                 f"a Llama model expects {BOS_ID}/{EOS_ID}"
             )
@@ -104,7 +107,7 @@ class Tokenizer:
 def check_vocab(tokenizer_vocab: int, model_vocab: int, tokenizer_path: str, field: str = "model.vocab_size"):
     """Refuse a tokenizer whose vocabulary does not match the model's embedding table."""
     if tokenizer_vocab != model_vocab:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {tokenizer_path} has {tokenizer_vocab} pieces but {field}={model_vocab}; "
             f"set {field}={tokenizer_vocab} or use the tokenizer the model was built for"
         )

@@ -8,41 +8,45 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 
 from dwmtrain.config import Config
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
-from dwmtrain.distributed import Dist, all_reduce_, barrier
+from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier
 from dwmtrain.meta.metagrad import dwm_surrogate, lm_params, meta_gradient
-from dwmtrain.models.dwm import DataWeightingModel, DWMArch, load_dwm_state, save_dwm, weight_stats
+from dwmtrain.models.dwm import DataWeightingModel, DWMArch, dwm_from_state, load_dwm_state, save_dwm, weight_stats
 from dwmtrain.models.lm import build_lm, llama_config
-from dwmtrain.stages.handoff import dwm_file
-from dwmtrain.train.checkpoint import MARKER, safe_torch_load
+from dwmtrain.rundir import RunDir
+from dwmtrain.train.checkpoint import RunState, safe_torch_load
 from dwmtrain.train.evaluate import validation_set
+from dwmtrain.train.loss import scheduled_lr
 
 
-def load_frozen_lm(cfg: Config, ckpt_root: Path, tag: str, device, attn: str):
+def lookahead_lr(cfg: Config, step: int) -> float:
+    """alpha of the lookahead theta* = theta - alpha sum_i w_i grad L_i: ``meta.lookahead_lr``, or the LM's
+    scheduled learning rate at the boundary step (the one place alpha is decided, for every launch)."""
+    return cfg.meta.lookahead_lr or scheduled_lr(cfg, step)
+
+
+def load_frozen_lm(cfg: Config, rd: RunDir, tag: str, device, attn: str):
     """Consolidate the ZeRO-3 shards with DeepSpeed's own zero_to_fp32 and freeze the LM."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     vocab = llama_config(cfg.model.preset, cfg.model.vocab_size).vocab_size
     lm = build_lm(cfg.model.preset, vocab, cfg.model.max_seq_len, attn)
     with safe_torch_load():
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(rd.checkpoints), tag=tag)
     lm.load_state_dict(state)
     return lm.to(device).eval().requires_grad_(False), state
 
 
-def initial_dwm(cfg: Config, arch: DWMArch, stage: int, run_dir: Path, lm_state: dict) -> tuple:
+def initial_dwm(cfg: Config, arch: DWMArch, stage: int, rd: RunDir, lm_state: dict) -> tuple:
     """The previous stage's DWM, or a fresh one (backbone copied from the LM, as the paper does)."""
-    prev = dwm_file(run_dir, stage - 1)
+    prev = rd.dwm(stage - 1)
     if stage > 2 and prev.exists():
         _, state, _ = load_dwm_state(prev, arch)
-        m = DataWeightingModel(arch)
-        m.load_state_dict(state)
-        return m, f"continued from {prev}"
+        return dwm_from_state(arch, state), f"continued from {prev}"
     torch.manual_seed(cfg.run.seed + 7919)
     m = DataWeightingModel(arch)
     if cfg.dwm.init_backbone_from_lm:
@@ -51,100 +55,83 @@ def initial_dwm(cfg: Config, arch: DWMArch, stage: int, run_dir: Path, lm_state:
     return m, "fresh (random backbone)"
 
 
-def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, lookahead_lr: float) -> dict:
-    run_dir = Path(cfg.run.run_dir)
-    ckpt_root = run_dir / "checkpoints"
-    marker = json.loads((ckpt_root / tag / MARKER).read_text())
-    mc = cfg.meta
+def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc) -> dict:
+    """One Adam step of the DWM on dR/dw at (x, vb); gradients averaged over ranks. Returns the record."""
+    w = dwm(x)  # [B], differentiable in the DWM parameters
+    g = meta_gradient(lm, params, x, vb, w.detach(), alpha, mc.grad_mode, mc.fd_eps)
+    trainable = [p for group in opt.param_groups for p in group["params"]]
+    opt.zero_grad(set_to_none=False)
+    dwm_surrogate(w, g.dR_dw).backward()
+    gnorm = all_reduce_grads(trainable)
+    opt.step()
+    s = weight_stats(w)
+    diag = torch.tensor([g.val_before, g.val_after, s["entropy"], s["ess"]], dtype=torch.float64)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    all_reduce_(diag).div_(world)
+    return {
+        "val_loss_theta": diag[0].item(),
+        "val_loss_theta_star": diag[1].item(),
+        "weight_entropy": diag[2].item(),
+        "weight_ess": diag[3].item(),
+        "w_min": s["min"],
+        "w_max": s["max"],
+        "grad_norm": gnorm,
+    }
+
+
+def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, alpha: float | None = None) -> dict:
+    """Fit stage ``stage``'s DWM on the LM of checkpoint ``tag``; rank 0 writes it. Collective."""
+    rd, mc = RunDir(cfg.run.run_dir), cfg.meta
+    state = RunState.from_marker(tag, json.loads(rd.marker(tag).read_text()))
+    alpha = alpha or lookahead_lr(cfg, state.step)
     # the reference modes differentiate twice / forward-mode through attention: eager kernels only
     attn = "eager" if mc.grad_mode in ("jvp", "unrolled") else cfg.model.attn_implementation
-    lm, lm_state = load_frozen_lm(cfg, ckpt_root, tag, d.device, attn)
+    lm, lm_state = load_frozen_lm(cfg, rd, tag, d.device, attn)
     arch = DWMArch.from_config(cfg, lm.config.vocab_size)
-    dwm, how = initial_dwm(cfg, arch, stage, run_dir, lm_state)
+    dwm, how = initial_dwm(cfg, arch, stage, rd, lm_state)
     del lm_state
     dwm = dwm.to(d.device).train()
-    if not mc.backbone_trainable:
-        dwm.backbone.requires_grad_(False)
-    trainable = [p for p in dwm.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(trainable, lr=mc.lr)
-
-    data = TokenDataset(cfg.data.train_data, "train", verify=cfg.data.verify)
-    val = validation_set(cfg)
+    dwm.backbone.requires_grad_(mc.backbone_trainable)
+    opt = torch.optim.Adam([p for p in dwm.parameters() if p.requires_grad], lr=mc.lr)
+    data, val = TokenDataset(cfg.data.train_data, "train", verify=cfg.data.verify), validation_set(cfg)
     # training micro-batches from the run's current position in its data stream
-    stream = rank_micro_batches(
-        GlobalOrder(len(data), cfg.run.seed),
-        int(marker["consumed_samples"]),
-        d.rank,
-        d.world,
-        cfg.deepspeed.micro_batch_size,
-    )
-    params = lm_params(lm)
-    log_path = run_dir / "meta" / f"stage{stage}.jsonl"
+    order = GlobalOrder(len(data), cfg.run.seed)
+    stream = rank_micro_batches(order, state.consumed_samples, d.rank, d.world, cfg.deepspeed.micro_batch_size)
+    params, log = lm_params(lm), rd.meta_records(stage)
     if d.is_main:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("")
         print(
-            f"[meta] stage {stage}: LM from {ckpt_root / tag} (step {marker['step']}); DWM {how}; "
-            f"{mc.steps} meta-steps x {d.world} proc, mode {mc.grad_mode}, alpha {lookahead_lr:g}",
+            f"[meta] stage {stage}: LM from {rd.checkpoint(tag)} (step {state.step}); DWM {how}; "
+            f"{mc.steps} meta-steps x {d.world} proc, mode {mc.grad_mode}, alpha {alpha:g}",
             flush=True,
         )
     t_start = time.time()
     for k in range(mc.steps):
         t0 = time.time()
-        _, idx = next(stream)
-        x = data.batch(idx).to(d.device)
-        vb = next(val.batches(1, mc.val_batch_size, d.rank, d.world, offset=k * d.world * mc.val_batch_size))
-        vb = {n: t.to(d.device) for n, t in vb.items()}
-        w = dwm(x)  # [B], differentiable in the DWM parameters
-        g = meta_gradient(lm, params, x, vb, w.detach(), lookahead_lr, mc.grad_mode, mc.fd_eps)
-        opt.zero_grad(set_to_none=False)
-        dwm_surrogate(w, g.dR_dw).backward()
-        flat = torch.cat([p.grad.flatten() for p in trainable])
-        all_reduce_(flat)
-        flat /= d.world
-        off = 0
-        for p in trainable:
-            p.grad.copy_(flat[off : off + p.numel()].view_as(p))
-            off += p.numel()
-        gnorm = flat.norm().item()
-        opt.step()
-        s = weight_stats(w)
-        diag = torch.tensor([g.val_before, g.val_after, s["entropy"], s["ess"]], dtype=torch.float64)
-        all_reduce_(diag)
-        diag /= d.world
-        rec = {
-            "meta_step": k + 1,
-            "val_loss_theta": diag[0].item(),
-            "val_loss_theta_star": diag[1].item(),
-            "weight_entropy": diag[2].item(),
-            "weight_ess": diag[3].item(),
-            "w_min": s["min"],
-            "w_max": s["max"],
-            "grad_norm": gnorm,
-            "step_time_s": time.time() - t0,
-        }
+        x = data.batch(next(stream)[1]).to(d.device)
+        off = k * d.world * mc.val_batch_size
+        vb = {n: t.to(d.device) for n, t in next(val.batches(1, mc.val_batch_size, d.rank, d.world, off)).items()}
+        rec = {"meta_step": k + 1, **meta_step(dwm, opt, lm, params, x, vb, alpha, mc), "step_time_s": time.time() - t0}
         if d.is_main:
-            with open(log_path, "a") as f:
+            with open(log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
     barrier()
-    meta = None
+    meta = {}
     if d.is_main:
+        info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead_lr=alpha, world_size=d.world)
         meta = save_dwm(
             dwm,
-            dwm_file(run_dir, stage),
+            rd.dwm(stage),
             stage=stage,
-            lm_step=int(marker["step"]),
-            meta_steps=mc.steps,
-            grad_mode=mc.grad_mode,
-            lookahead_lr=lookahead_lr,
-            checkpoint=str(ckpt_root / tag),
-            world_size=d.world,
+            lm_step=state.step,
+            checkpoint=str(rd.checkpoint(tag)),
             seconds=time.time() - t_start,
+            **info,
         )
         print(
-            f"[meta] wrote {dwm_file(run_dir, stage)} (sha256 {meta['sha256'][:12]}...) "
-            f"in {time.time() - t_start:.1f} s",
+            f"[meta] wrote {rd.dwm(stage)} (sha256 {meta['sha256'][:12]}...) in {time.time() - t_start:.1f} s",
             flush=True,
         )
     barrier()
-    return meta or {}
+    return meta

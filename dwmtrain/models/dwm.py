@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaModel
 
+from dwmtrain.config import ConfigError
+from dwmtrain.errors import DWMTrainError
 from dwmtrain.fileio import atomic_write_text, sha256_file
 from dwmtrain.models.lm import dtype_preserving_norms, llama_config
 
@@ -91,7 +93,7 @@ class DataWeightingModel(nn.Module):
         self.backbone = dtype_preserving_norms(LlamaModel(cfg))
         H = cfg.hidden_size
         if H % arch.attn_heads:
-            raise ValueError(f"dwm.attn_heads={arch.attn_heads}: must divide the backbone hidden size {H}")
+            raise ConfigError(f"dwm.attn_heads={arch.attn_heads}: must divide the backbone hidden size {H}")
         hid = arch.head_hidden or H
         # standardize each feature over the micro-batch (affine like LayerNorm's): the weights are a softmax
         # over the micro-batch, so only differences between samples matter; the component the samples
@@ -141,7 +143,7 @@ class DataWeightingModel(nn.Module):
         own = self.backbone.state_dict()
         bad = [k for k in own if k not in sd or sd[k].shape != own[k].shape]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot initialize the DWM backbone ({self.arch.backbone}) from this LM: "
                 f"{len(bad)} tensors missing or of another shape (e.g. {bad[0]}); "
                 "use the LM's preset as dwm.backbone or set dwm.init_backbone_from_lm=false"
@@ -152,7 +154,7 @@ class DataWeightingModel(nn.Module):
 # ----------------------------------------------------------------------------- files
 
 
-class DWMFileError(ValueError):
+class DWMFileError(DWMTrainError, ValueError):
     """A DWM file is missing, corrupted or of another architecture."""
 
 
@@ -218,13 +220,18 @@ def load_dwm_state(
     return arch, load_file(str(path)), meta
 
 
+def dwm_from_state(arch: DWMArch, state: dict[str, torch.Tensor]) -> DataWeightingModel:
+    """A DWM of ``arch`` holding ``state`` (the one place a DWM is rebuilt from tensors)."""
+    model = DataWeightingModel(arch)
+    model.load_state_dict(state)
+    return model
+
+
 def load_dwm(path: str | os.PathLike, expect: DWMArch | None = None, **arch_overrides) -> DataWeightingModel:
     arch, state, _ = load_dwm_state(path, expect)
     if arch_overrides:
         arch = DWMArch(**{**asdict(arch), **arch_overrides})
-    model = DataWeightingModel(arch)
-    model.load_state_dict(state)
-    return model
+    return dwm_from_state(arch, state)
 
 
 def dwm_parameter_count(arch: DWMArch) -> int:

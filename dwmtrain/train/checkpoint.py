@@ -1,10 +1,10 @@
 """How to save and resume everything a run needs; the loop decides *when*.
 
-A checkpoint ``checkpoints/stepNNNNNNN/`` holds DeepSpeed's ZeRO-3 shards (model, optimizer, LR
-scheduler), one RNG file per rank, and our ``COMPLETE`` marker with the run state (step, stage,
-consumed samples, DWM path + sha256, config hash, compatibility fields). The marker is written by
-rank 0 only after every rank has returned from saving, and ``checkpoints/latest.json`` is then
-replaced atomically: a checkpoint without both is never resumed from. DeepSpeed's own ``latest``
+A checkpoint ``checkpoints/stepNNNNNNN/`` (paths: ``RunDir``) holds DeepSpeed's ZeRO-3 shards (model,
+optimizer, LR scheduler), one RNG file per rank, and our ``COMPLETE`` marker with the ``RunState``
+(step, stage, consumed samples, DWM path + sha256, config hash, compatibility fields). The marker is
+written by rank 0 only after every rank has returned from saving, and ``checkpoints/latest.json`` is
+then replaced atomically: a checkpoint without both is never resumed from. DeepSpeed's own ``latest``
 file is not written (it is written non-atomically and before all ranks finish).
 """
 
@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import shutil
 import time
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
 from dwmtrain.distributed import Dist, barrier
+from dwmtrain.errors import DWMTrainError
 from dwmtrain.fileio import atomic_write_text
-
-MARKER = "COMPLETE"
-LATEST = "latest.json"
+from dwmtrain.rundir import RunDir
 
 # Changing any of these makes the saved state unusable for this run.
 BREAKING = {
@@ -66,6 +64,8 @@ def safe_torch_load():
     DeepSpeed calls ``torch.load(..., weights_only=False)``; inside this context every torch.load is
     forced to weights_only=True with only DeepSpeed's checkpoint classes allowed.
     """
+    # Why swap torch.load itself: DeepSpeed's readers (engine.load_checkpoint, zero_to_fp32) call it
+    # directly with no hook; the swap lasts exactly one read, in the one thread that reads.
     orig = torch.load
 
     def load(*args, **kwargs):
@@ -80,7 +80,7 @@ def safe_torch_load():
         torch.load = orig
 
 
-class ResumeError(RuntimeError):
+class ResumeError(DWMTrainError, RuntimeError):
     """The checkpoint cannot continue this run; the message says what changed."""
 
 
@@ -118,73 +118,136 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-class Checkpointer:
-    """Save / find / load complete sharded checkpoints under ``root``."""
+@dataclass
+class RunState:
+    """Where a run is and what it was trained with: the ``COMPLETE`` marker of a checkpoint."""
 
-    def __init__(self, root: str | os.PathLike, dist_info: Dist, keep_last: int = 3, keep_stage: bool = True):
-        self.root = Path(root)
-        self.d = dist_info
+    step: int  #: optimizer steps taken
+    stage: int  #: the stage those steps belong to
+    consumed_samples: int  #: global samples drawn from the data order (the sampler position)
+    stage_boundary: bool = False  #: taken at a stage boundary (never pruned when keep_stage_checkpoints)
+    dwm: dict = field(default_factory=dict)  #: the DWM weighing this stage: version, path, sha256, stage
+    config_sha256: str = ""  #: hash of the resolved config
+    compat: dict = field(default_factory=dict)  #: fields a resume checks (see BREAKING)
+    tag: str = ""  #: the checkpoint it was read from (not saved)
+
+    def to_marker(self) -> dict:
+        d = asdict(self)
+        d.pop("tag")
+        return d
+
+    @classmethod
+    def from_marker(cls, tag: str, marker: dict) -> RunState:
+        known = {f.name for f in fields(cls)} - {"tag"}
+        return cls(tag=tag, **{k: v for k, v in marker.items() if k in known})
+
+    def dwm_in_use(self, stage_starts: list[int]) -> dict[int, str]:
+        """{stage: sha256} of the DWM this state was trained with, when resumed mid-stage (else empty)."""
+        sha = self.dwm.get("sha256")
+        return {self.stage: sha} if sha and self.step not in stage_starts else {}
+
+
+class Checkpointer:
+    """Save / find / resume complete sharded checkpoints of one run (collective calls)."""
+
+    def __init__(
+        self,
+        run_dir: RunDir,
+        d: Dist,
+        *,
+        compat: dict,
+        global_batch_size: int,
+        keep_last: int = 3,
+        keep_stage: bool = True,
+    ):
+        self.rd, self.d = run_dir, d
+        self.compat, self.global_batch_size = compat, global_batch_size
         self.keep_last, self.keep_stage = keep_last, keep_stage
 
-    @staticmethod
-    def tag(step: int) -> str:
-        return f"step{step:07d}"
-
-    def save(self, engine, state: dict) -> str:
-        """Collective: every rank calls it. ``state`` must hold at least ``step``."""
-        tag = self.tag(state["step"])
-        path = self.root / tag
+    def save(self, engine, *, step: int, stage: int, boundary: bool, dwm: dict) -> str:
+        """Collective: every rank calls it after ``step`` optimizer steps. Returns the tag."""
+        state = RunState(
+            step=step,
+            stage=stage,
+            consumed_samples=step * self.global_batch_size,
+            stage_boundary=boundary,
+            dwm=dwm,
+            config_sha256=self.compat.get("config_sha256", ""),
+            compat=self.compat,
+        )
+        tag = RunDir.tag(step)
+        path = self.rd.checkpoint(tag)
         if self.d.is_main and path.exists():  # an incomplete leftover of a killed run at this step
             shutil.rmtree(path)
         barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"dwmtrain": state}, save_latest=False)
-        (path / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), path / "rng" / f"rank{self.d.rank}.pt")
+        marker = state.to_marker()
+        engine.save_checkpoint(str(self.rd.checkpoints), tag=tag, client_state={"dwmtrain": marker}, save_latest=False)
+        rng = self.rd.rng(tag, self.d.rank)
+        rng.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), rng)
         barrier()  # every rank has written its shards
         if self.d.is_main:
-            atomic_write_text(path / MARKER, json.dumps({**state, "saved_at": time.time()}, indent=1))
-            atomic_write_text(self.root / LATEST, json.dumps({"tag": tag, "step": state["step"]}))
+            atomic_write_text(self.rd.marker(tag), json.dumps({**marker, "saved_at": time.time()}, indent=1))
+            atomic_write_text(self.rd.latest, json.dumps({"tag": tag, "step": state.step}))
             self._prune(keep=tag)
         barrier()
         return tag
 
-    def latest(self) -> dict | None:
+    def latest(self) -> RunState | None:
         """State of the newest complete checkpoint, or None. Falls back to scanning if latest.json is bad."""
         cands = []
         try:
-            cands.append(json.loads((self.root / LATEST).read_text())["tag"])
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            cands.append(json.loads(self.rd.latest.read_text())["tag"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
             pass
-        if self.root.is_dir():
-            cands += sorted((p.name for p in self.root.iterdir() if p.name.startswith("step")), reverse=True)
+        if self.rd.checkpoints.is_dir():
+            cands += sorted((p.name for p in self.rd.checkpoints.iterdir() if RunDir.is_tag(p.name)), reverse=True)
         for tag in cands:
-            m = self.root / tag / MARKER
+            m = self.rd.marker(tag)
             if m.is_file():
                 try:
-                    return {"tag": tag, **json.loads(m.read_text())}
-                except json.JSONDecodeError:
+                    return RunState.from_marker(tag, json.loads(m.read_text()))
+                except (json.JSONDecodeError, TypeError):
                     continue
         return None
+
+    def resume(self, engine) -> RunState | None:
+        """Collective: restore the newest complete checkpoint into ``engine`` (and this rank's RNG).
+
+        Refuses (ResumeError) a checkpoint whose compatibility fields a change of config broke;
+        returns None for a fresh run.
+        """
+        state = self.latest()
+        if state is None:
+            return None
+        for note in check_compatible(state.compat, self.compat):
+            self._log(f"resume: config changed (allowed): {note}")
+        self.load(engine, state.tag)
+        self._log(f"resumed from {self.rd.checkpoint(state.tag)} at step {state.step} (stage {state.stage})")
+        return state
 
     def load(self, engine, tag: str) -> None:
         """Collective: restore engine (model, optimizer, scheduler) and this rank's RNG."""
         with safe_torch_load():
             path, _ = engine.load_checkpoint(
-                str(self.root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+                str(self.rd.checkpoints), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
             )
         if path is None:
-            raise ResumeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
-        rng = self.root / tag / "rng" / f"rank{self.d.rank}.pt"
+            raise ResumeError(f"DeepSpeed could not load checkpoint {self.rd.checkpoint(tag)}")
+        rng = self.rd.rng(tag, self.d.rank)
         if rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=True))
 
+    def _log(self, msg: str) -> None:
+        if self.d.is_main:
+            print(f"[dwmtrain] {msg}", flush=True)
+
     def _prune(self, keep: str) -> None:
-        done = sorted(p for p in self.root.iterdir() if p.name.startswith("step") and (p / MARKER).is_file())
-        periodic = []
-        for p in done:
-            meta = json.loads((p / MARKER).read_text())
-            if not (self.keep_stage and meta.get("stage_boundary")):
-                periodic.append(p)
-        for p in periodic[: max(0, len(periodic) - self.keep_last)]:
-            if p.name != keep:
-                shutil.rmtree(p, ignore_errors=True)
+        periodic = [
+            t
+            for t in self.rd.complete_tags()
+            if not (self.keep_stage and json.loads(self.rd.marker(t).read_text()).get("stage_boundary"))
+        ]
+        for t in periodic[: max(0, len(periodic) - self.keep_last)]:
+            if t != keep:
+                shutil.rmtree(self.rd.checkpoint(t), ignore_errors=True)

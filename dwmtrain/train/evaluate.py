@@ -8,6 +8,7 @@ from dwmtrain.data.dataset import TokenDataset
 from dwmtrain.data.lambada import collate_cloze, lm_batch, load_lambada, per_example_loss
 from dwmtrain.data.tokenizer import Tokenizer
 from dwmtrain.distributed import all_reduce_
+from dwmtrain.errors import DataError
 
 
 class ValidationSet:
@@ -30,7 +31,7 @@ class ValidationSet:
             self.heldout = TokenDataset(heldout_data or train_data, "heldout")
             self.n = len(self.heldout)
         if self.n == 0:
-            raise ValueError(f"validation source {source!r} is empty")
+            raise DataError(f"validation source {source!r} (data.val_source) is empty")
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         if self.source == "lambada":

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from dwmtrain.data.dataset import rank_micro_batches
 from dwmtrain.distributed import all_reduce_
 from dwmtrain.models.dwm import weight_stats
+from dwmtrain.rundir import RunDir
 from dwmtrain.stages.schedule import stage_of
 from dwmtrain.train.evaluate import evaluate
 from dwmtrain.train.loss import per_sample_loss, weighted_loss
@@ -32,8 +33,7 @@ def train(run: Run) -> None:
     while step < total:
         stage = stage_of(step, run.starts)
         if stage != dwm_stage:  # stage boundary (or start): meta-update / broadcast as configured
-            start_tag = run.ckpt.tag(run.starts[stage - 1])  # the LM the stage's DWM is fitted on
-            dwm, dwm_info = run.handoff.for_stage(stage, start_tag, cfg.meta.lookahead_lr or eng.get_lr()[0])
+            dwm, dwm_info = run.handoff.for_stage(stage, RunDir.tag(run.starts[stage - 1]))  # fitted on that LM
             dwm_stage = stage
         t0, lr = time.time(), eng.get_lr()[0]  # the lr this step uses (the scheduler steps inside eng.step)
         stats = StepStats()
@@ -45,7 +45,7 @@ def train(run: Run) -> None:
             eng.step()
             stats.add(losses, w)
         step += 1
-        rec = stats.record(run, step, stage, lr, time.time() - t0, dwm_info.get("version", "uniform"))
+        rec = step_record(run, step, stage, lr, time.time() - t0, dwm_info.get("version", "uniform"), stats.reduce())
         if step % cfg.run.log_every == 0 or step == total:
             run.metrics.log(rec)
         bar.update(1)
@@ -54,13 +54,13 @@ def train(run: Run) -> None:
         if boundary or step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
             run.metrics.log({"step": step, "stage": stage, **validate(run), "dwm": rec["dwm"]}, kind="eval")
         if boundary or step == total or step % cfg.run.checkpoint_every == 0:
-            save(run, step, stage, boundary, dwm_info)
+            run.ckpt.save(eng, step=step, stage=stage, boundary=boundary, dwm=dwm_info)
     bar.close()
     run.metrics.close()
 
 
 class StepStats:
-    """Sums over the micro-batches of one optimizer step; ``record`` reduces them over all ranks."""
+    """Sums over the micro-batches of one optimizer step; ``reduce`` combines them over all ranks."""
 
     def __init__(self):
         self.acc = torch.zeros(5, dtype=torch.float64)  # sum w*L, sum L, entropy, ess, micro-batches
@@ -76,27 +76,38 @@ class StepStats:
             torch.maximum(self.hi, torch.tensor([s["max"]])),
         )
 
-    def record(self, run: Run, step: int, stage: int, lr: float, dt: float, dwm_version: str) -> dict:
+    def reduce(self) -> dict:
+        """Collective: means over every micro-batch of every rank; min / max of the weights over all ranks."""
         all_reduce_(self.acc), all_reduce_(self.lo, "min"), all_reduce_(self.hi, "max")
-        n, tps = self.acc[4].item(), run.plan.tokens_per_step / dt
-        rec = {
-            "step": step,
-            "stage": stage,
+        n = self.acc[4].item()
+        return {
             "loss": self.acc[0].item() / n,
             "loss_unweighted": self.acc[1].item() / n,
-            "lr": lr,
-            "tokens_per_s": tps,
-            "samples_seen": step * run.plan.global_batch_size,
-            "dwm": dwm_version,
             "w_entropy": self.acc[2].item() / n,
             "w_ess": self.acc[3].item() / n,
             "w_min": self.lo.item(),
             "w_max": self.hi.item(),
-            "step_time_s": dt,
         }
-        if (u := mfu(tps, run.n_params, run.d.world, run.peak_flops)) is not None:
-            rec["mfu"] = u
-        return rec
+
+
+def step_record(run: Run, step: int, stage: int, lr: float, dt: float, dwm_version: str, stats: dict) -> dict:
+    """One metrics.jsonl record."""
+    tps = run.plan.tokens_per_step / dt
+    rec = {
+        "step": step,
+        "stage": stage,
+        "loss": stats["loss"],
+        "loss_unweighted": stats["loss_unweighted"],
+        "lr": lr,
+        "tokens_per_s": tps,
+        "samples_seen": step * run.plan.global_batch_size,
+        "dwm": dwm_version,
+        **{k: stats[k] for k in ("w_entropy", "w_ess", "w_min", "w_max")},
+        "step_time_s": dt,
+    }
+    if (u := mfu(tps, run.n_params, run.d.world, run.peak_flops)) is not None:
+        rec["mfu"] = u
+    return rec
 
 
 def validate(run: Run) -> dict:
@@ -113,17 +124,3 @@ def validate(run: Run) -> dict:
     )
     eng.train()
     return out
-
-
-def save(run: Run, step: int, stage: int, boundary: bool, dwm_info: dict) -> str:
-    """A complete sharded checkpoint with everything a resume needs (see train/checkpoint.py)."""
-    state = {
-        "step": step,
-        "stage": stage,
-        "stage_boundary": boundary,
-        "consumed_samples": step * run.plan.global_batch_size,
-        "dwm": dwm_info,
-        "config_sha256": run.cfg.hash(),
-        "compat": run.compat,
-    }
-    return run.ckpt.save(run.engine, state)

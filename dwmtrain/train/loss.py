@@ -34,3 +34,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 
 def default_warmup(total_steps: int, warmup_steps: int) -> int:
     return warmup_steps if warmup_steps else max(1, total_steps // 100)
+
+
+def scheduled_lr(cfg, step: int) -> float:
+    """The LM learning rate after ``step`` optimizer steps: exactly what the engine's LambdaLR sets."""
+    o, total = cfg.optimizer, cfg.stages.total_steps
+    return o.lr * lr_multiplier(step, total, default_warmup(total, o.warmup_steps), o.min_lr_ratio)

@@ -1,4 +1,4 @@
-"""Entry point of the training job (called by launchers/pretrain.py on every rank)."""
+"""Entry point of the training job (called by dwmtrain.launch.pretrain on every rank)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from dwmtrain.config import Config
 
 
 def run_training(cfg: Config) -> int:
-    """Set up, train, and turn expected failures into one clear message and an exit code."""
-    from dwmtrain.config import ConfigError
-    from dwmtrain.data.prepare import DataError
-    from dwmtrain.models.dwm import DWMFileError
-    from dwmtrain.stages.handoff import ExternalMetaRequired, MetaJobError
-    from dwmtrain.train.checkpoint import ResumeError
+    """Set up, train, and turn expected failures (the project's own errors) into one message and exit 2."""
+    from dwmtrain.errors import DWMTrainError
+    from dwmtrain.meta.job import MetaJobError
+    from dwmtrain.stages.handoff import ExternalMetaRequired
     from dwmtrain.train.loop import train
     from dwmtrain.train.setup import setup
 
@@ -23,9 +21,8 @@ def run_training(cfg: Config) -> int:
     except ExternalMetaRequired as e:
         print(f"[dwmtrain] stopped at a stage boundary: {e}", file=sys.stderr, flush=True)
         return 3
-    except (ConfigError, DataError, DWMFileError, ResumeError, MetaJobError, ValueError) as e:
-        kind = type(e).__name__
-        print(f"[dwmtrain] error ({kind}): {e}", file=sys.stderr, flush=True)
+    except DWMTrainError as e:
+        print(f"[dwmtrain] error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
         if isinstance(e, MetaJobError):
             print(
                 "[dwmtrain] the stage-boundary checkpoint is complete; rerun the same command to resume",

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from dwmtrain.fileio import atomic_write_text
+from dwmtrain.rundir import RunDir
 
 # Dense bf16 peak per device, for MFU. Override with DWMTRAIN_PEAK_TFLOPS.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A6000": 155.0}
@@ -31,10 +32,9 @@ def mfu(tokens_per_s: float, n_params: int, n_devices: int, peak: float | None) 
 class MetricsWriter:
     """Appends JSON records; on resume, drops records past the resumed step first."""
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool, tensorboard: bool, resume_step: int | None):
+    def __init__(self, rd: RunDir, enabled: bool, tensorboard: bool, resume_step: int | None):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.eval_path = Path(run_dir) / "eval.jsonl"
+        self.path, self.eval_path = rd.metrics, rd.evals
         self.tb = None
         if not enabled:
             return
@@ -44,7 +44,7 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+                self.tb = SummaryWriter(str(rd.tensorboard), purge_step=resume_step)
             except ImportError:
                 self.tb = None
 

@@ -1,0 +1,14 @@
+"""The project's own error types: an expected failure, reported as one line and exit code 2.
+
+Entry points catch ``DWMTrainError`` only; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DWMTrainError(Exception):
+    """An expected failure whose message names the file, line or config field to fix."""
+
+
+class DataError(DWMTrainError, ValueError):
+    """Bad input data; the message names the file and line (or shard and sequence)."""

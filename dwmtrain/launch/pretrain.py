@@ -1,0 +1,64 @@
+"""DeepSpeed entry point for pretraining with a DWM (every rank runs this).
+
+    deepspeed --num_gpus N --module dwmtrain.launch.pretrain --config tiny --run-dir runs/x [k=v ...]
+    deepspeed --hostfile hosts --module dwmtrain.launch.pretrain --config FILE --run-dir DIR [k=v ...]
+
+``--config`` takes a YAML file or the name of a bundled config (tiny, small, paper_370m, ...).
+Running the same command again resumes from the newest complete checkpoint in DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from dwmtrain.config import ConfigError, build_deepspeed_config, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="dwmtrain.launch.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--config", help="YAML run config, or a bundled config's name (see `dwmtrain configs`)")
+    ap.add_argument("--run-dir", help="output directory (sets run.run_dir)")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, exit")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return ap.parse_args(argv)
+
+
+def dry_run(cfg) -> None:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    acc = "cpu"
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator().device_name()
+    except ImportError:
+        pass
+    print(cfg.to_yaml(), end="")
+    print(f"# generated DeepSpeed config (world size {world}, accelerator {acc}):")
+    print(json.dumps(build_deepspeed_config(cfg, world, acc), indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    a = parse_args(argv)
+    try:
+        cfg = load_config(a.config, list(a.overrides) + ([f"run.run_dir={a.run_dir}"] if a.run_dir else []))
+        if a.dry_run:
+            dry_run(cfg)
+            return 0
+    except ConfigError as e:
+        print(f"pretrain: config error: {e}", file=sys.stderr)
+        return 2
+    from dwmtrain.train.main import run_training
+
+    return run_training(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The meta-update job as a process: its command line, its environment, running it with a timeout.
+
+The job is ``python -m dwmtrain.launch.meta_update`` under torchrun (single node, ``meta.nproc``
+processes), so it runs from an installed package as well as from a checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import dwmtrain
+from dwmtrain.errors import DWMTrainError
+
+# The trainer's rendezvous variables must not leak into the meta job's own (torchrun sets them anew).
+_RENDEZVOUS_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
+
+
+class MetaJobError(DWMTrainError, RuntimeError):
+    """The meta-update job failed or timed out; the boundary checkpoint is intact, rerun to resume."""
+
+
+def meta_job_command(run_dir: str | os.PathLike, stage: int, tag: str, nproc: int) -> list[str]:
+    """The single-node meta-update job for one boundary (torchrun picks a free port).
+
+    The lookahead alpha is not passed: the job derives it from the config and the checkpoint's step
+    (``meta.update.lookahead_lr``), so a job started here and one started by hand fit the same DWM.
+    """
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dwmtrain.launch.meta_update",
+        "--run-dir",
+        str(run_dir),
+        "--stage",
+        str(stage),
+        "--checkpoint",
+        tag,
+    ]
+
+
+def meta_job_env() -> dict:
+    """The trainer's environment without its rendezvous variables, importing this same dwmtrain."""
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
+    pkg_parent = str(Path(dwmtrain.__file__).resolve().parents[1])
+    if pkg_parent not in site.getsitepackages():  # a checkout run through launchers/*.py
+        env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_meta_job(cmd: list[str], timeout_s: float, log_path: Path) -> None:
+    """Run the meta job to completion or kill its process group at the timeout; MetaJobError on failure."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=meta_job_env(), start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise MetaJobError(
+                f"meta-update job timed out after {timeout_s:.0f} s (meta.timeout_s); log: {log_path}"
+            ) from None
+    if rc != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-15:]
+        raise MetaJobError(f"meta-update job exited with {rc}; log: {log_path}\n  " + "\n  ".join(tail))

@@ -1,0 +1,103 @@
+"""The layout of a run directory, owned here and asked for everywhere else.
+
+RUN_DIR/
+  config.yaml, deepspeed.json      the resolved config and the generated DeepSpeed JSON
+  metrics.jsonl, eval.jsonl        one record per optimizer step / per evaluation
+  tensorboard/                     TensorBoard event files
+  checkpoints/latest.json          the newest complete checkpoint ({"tag", "step"})
+  checkpoints/stepNNNNNNN/         DeepSpeed ZeRO-3 shards, rng/rankR.pt, and COMPLETE (the run state)
+  dwm/stageK.safetensors(.json)    the DWM that weighs stage K, and its sidecar
+  meta/stageK.jsonl, stageK.log    the meta-update job's per-step records and its output
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+MARKER = "COMPLETE"
+LATEST = "latest.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    @staticmethod
+    def tag(step: int) -> str:
+        """Checkpoint tag of the state after ``step`` optimizer steps."""
+        return f"step{step:07d}"
+
+    @staticmethod
+    def is_tag(name: str) -> bool:
+        return name.startswith("step")
+
+    # --- run records
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def deepspeed_json(self) -> Path:
+        return self.root / "deepspeed.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def evals(self) -> Path:
+        return self.root / "eval.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    # --- checkpoints
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def latest(self) -> Path:
+        return self.checkpoints / LATEST
+
+    def checkpoint(self, tag: str) -> Path:
+        return self.checkpoints / tag
+
+    def marker(self, tag: str) -> Path:
+        return self.checkpoints / tag / MARKER
+
+    def rng(self, tag: str, rank: int) -> Path:
+        return self.checkpoints / tag / "rng" / f"rank{rank}.pt"
+
+    def complete_tags(self) -> list[str]:
+        """Tags of checkpoints with a COMPLETE marker, oldest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p.name for p in self.checkpoints.iterdir() if self.is_tag(p.name) and (p / MARKER).is_file())
+
+    # --- the DWM and its meta-update
+    @property
+    def dwm_dir(self) -> Path:
+        return self.root / "dwm"
+
+    def dwm(self, stage: int) -> Path:
+        """The DWM that weighs ``stage`` (written by that boundary's meta-update job)."""
+        return self.dwm_dir / f"stage{stage}.safetensors"
+
+    @property
+    def meta_dir(self) -> Path:
+        return self.root / "meta"
+
+    def meta_records(self, stage: int) -> Path:
+        return self.meta_dir / f"stage{stage}.jsonl"
+
+    def meta_log(self, stage: int) -> Path:
+        return self.meta_dir / f"stage{stage}.log"
