@@ -5,8 +5,8 @@ import torch
 
 from dwmtrain.config import load_config
 from dwmtrain.distributed import Dist
-from dwmtrain.models.dwm import DataWeightingModel, DWMArch, DWMFileError, save_dwm
 from dwmtrain.meta.job import MetaJobError
+from dwmtrain.models.dwm import DataWeightingModel, DWMArch, DWMFileError, save_dwm
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.handoff import StageHandoff
 

@@ -77,10 +77,40 @@ def run_until_step_then_kill(cmd: list[str], metrics: Path, step: int, timeout: 
         else:
             raise AssertionError("timed out waiting for the step")
     finally:
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_tree(p.pid)
         p.wait()
-        # the ranks run in the same session; make sure none survives
-        subprocess.run(["pkill", "-9", "-f", f"run-dir {cmd[cmd.index('--run-dir') + 1]}"], check=False)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc), parents before children."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop(0))
+        todo += children.get(out[-1], [])
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every descendant, by process id (the tree is listed before anything is killed)."""
+    for q in process_tree(pid):
+        try:
+            os.kill(q, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def records(path: Path) -> list[dict]:

@@ -8,7 +8,19 @@ import pytest
 
 from dwmtrain.models.dwm import read_dwm_meta
 
-from .helpers import REPO, by_step, env, pretrain_cmd, records, run, run_until_step_then_kill, short_run
+from .helpers import (
+    REPO,
+    by_step,
+    cmdline,
+    env,
+    kill_tree,
+    pretrain_cmd,
+    process_tree,
+    records,
+    run,
+    run_until_step_then_kill,
+    short_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -28,12 +40,13 @@ def kill_meta_job_when_it_starts(cmd, run_dir, stage, timeout=300):
         text=True,
         start_new_session=True,
     )
-    pattern = f"meta_update.py --run-dir {run_dir} --stage {stage}"
+    pattern = f"dwmtrain.launch.meta_update --run-dir {run_dir} --stage {stage}"
     t0, killed = time.time(), False
     while time.time() - t0 < timeout and p.poll() is None:
-        if subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
+        job = next((q for q in process_tree(p.pid) if pattern in cmdline(q)), None)  # torchrun, then its workers
+        if job is not None:
             time.sleep(1.0)  # let it get going
-            subprocess.run(["pkill", "-9", "-f", pattern])
+            kill_tree(job)
             killed = True
             break
         time.sleep(0.1)
