@@ -76,3 +76,26 @@ def test_lookahead_step_lowers_val_loss_along_val_gradient(setup):
     better = torch.ones(8, dtype=torch.float64) - 0.5 * torch.sign(g.dR_dw)
     g2 = meta_gradient(lm, params, x, vb, better, 0.5, "per_sample")
     assert g2.val_after < g.val_after
+
+
+def test_meta_step_at_world_size_1_follows_the_exact_dwm_gradient(setup):
+    """meta_step = one optimizer step of the DWM on the unrolled reference gradient (no process group)."""
+    import copy
+    from types import SimpleNamespace
+
+    from dwmtrain.meta.update import meta_step
+
+    lm, dwm0, x, vb = setup
+    dwm = copy.deepcopy(dwm0)
+    params = lm_params(lm)
+    ref = meta_gradient(lm, params, x, vb, dwm(x).detach(), 0.5, "unrolled")
+    g_ref = dwm_grad(copy.deepcopy(dwm0), x, ref)
+    before = torch.cat([p.detach().flatten().clone() for p in dwm.parameters()])
+    opt = torch.optim.SGD(dwm.parameters(), lr=1e-3)
+    rec = meta_step(dwm, opt, lm, params, x, vb, 0.5, SimpleNamespace(grad_mode="per_sample", fd_eps=1e-2))
+    after = torch.cat([p.detach().flatten() for p in dwm.parameters()])
+    assert torch.allclose(after - before, -1e-3 * g_ref, rtol=1e-6, atol=1e-12)
+    assert rec["grad_norm"] == pytest.approx(g_ref.norm().item(), rel=1e-6)
+    assert rec["val_loss_theta_star"] == pytest.approx(ref.val_after, rel=1e-10)
+    assert rec["val_loss_theta"] == pytest.approx(ref.val_before, rel=1e-10)
+    assert rec["w_min"] < 1 < rec["w_max"] and 1 < rec["weight_ess"] < 8
