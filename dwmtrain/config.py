@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from dwmtrain.errors import DWMTrainError
+from dwmtrain.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DS_TEMPLATE_DIR = PACKAGE_DIR / "ds_configs"
@@ -40,10 +40,6 @@ def package_path(path: str) -> str:
 def bundled_configs() -> list[str]:
     """Names of the configs shipped in the package (``--config NAME``)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-class ConfigError(DWMTrainError, ValueError):
-    """A config value is wrong; the message names the field (``section.field``) and the value."""
 
 
 def _check(cond: bool, name: str, value: Any, why: str) -> None:

@@ -5,10 +5,10 @@ import torch
 
 from dwmtrain.config import load_config
 from dwmtrain.distributed import Dist
-from dwmtrain.meta.job import MetaJobError
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, DWMFileError, save_dwm
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.handoff import StageHandoff
+from dwmtrain.stages.meta_job import MetaJobError
 
 ARCH = DWMArch("tiny", 512, 32)
 D = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu")

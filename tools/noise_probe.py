@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dwmtrain.meta.job import meta_job_command, meta_job_env  # noqa: E402
 from dwmtrain.rundir import RunDir  # noqa: E402
+from dwmtrain.stages.meta_job import meta_job_command, meta_job_env  # noqa: E402
 
 CORPUS = ROOT / "dwmtrain" / "data" / "corpus"
 SP = CORPUS / "sample_sp4096.model"

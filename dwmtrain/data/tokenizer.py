@@ -10,8 +10,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from dwmtrain.config import ConfigError
-from dwmtrain.errors import DataError
+from dwmtrain.errors import ConfigError, DataError
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 

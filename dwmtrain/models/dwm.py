@@ -20,8 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaModel
 
-from dwmtrain.config import ConfigError
-from dwmtrain.errors import DWMTrainError
+from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.fileio import atomic_write_text, sha256_file
 from dwmtrain.models.lm import dtype_preserving_norms, llama_config
 

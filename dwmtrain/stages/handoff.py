@@ -14,9 +14,9 @@ import time
 import torch
 
 from dwmtrain.distributed import Dist, broadcast_object, broadcast_tensors
-from dwmtrain.meta.job import MetaJobError, meta_job_command, run_meta_job
 from dwmtrain.models.dwm import DWMArch, DWMFileError, dwm_from_state, load_dwm_state
 from dwmtrain.rundir import RunDir
+from dwmtrain.stages.meta_job import MetaJobError, meta_job_command, run_meta_job
 
 
 class ExternalMetaRequired(RuntimeError):

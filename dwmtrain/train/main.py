@@ -10,7 +10,6 @@ from dwmtrain.config import Config
 def run_training(cfg: Config) -> int:
     """Set up, train, and turn expected failures (the project's own errors) into one message and exit 2."""
     from dwmtrain.errors import DWMTrainError
-    from dwmtrain.meta.job import MetaJobError
     from dwmtrain.stages.handoff import ExternalMetaRequired
     from dwmtrain.train.loop import train
     from dwmtrain.train.setup import setup
@@ -23,12 +22,8 @@ def run_training(cfg: Config) -> int:
         return 3
     except DWMTrainError as e:
         print(f"[dwmtrain] error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
-        if isinstance(e, MetaJobError):
-            print(
-                "[dwmtrain] the stage-boundary checkpoint is complete; rerun the same command to resume",
-                file=sys.stderr,
-                flush=True,
-            )
+        if e.hint:
+            print(f"[dwmtrain] {e.hint}", file=sys.stderr, flush=True)
         return 2
     finally:
         _teardown(clean=False)

@@ -36,6 +36,8 @@ _RENDEZVOUS_VARS = (
 class MetaJobError(DWMTrainError, RuntimeError):
     """The meta-update job failed or timed out; the boundary checkpoint is intact, rerun to resume."""
 
+    hint = "the stage-boundary checkpoint is complete; rerun the same command to resume"
+
 
 def meta_job_command(run_dir: str | os.PathLike, stage: int, tag: str, nproc: int) -> list[str]:
     """The single-node meta-update job for one boundary (torchrun picks a free port).
