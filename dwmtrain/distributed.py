@@ -101,3 +101,12 @@ def all_reduce_grads(params: list[torch.Tensor]) -> float:
 def cpu_threads(threads_per_rank: int, local_world: int) -> int:
     """torch intra-op threads per CPU rank: ``run.threads_per_rank``, or the cores shared by the local ranks."""
     return threads_per_rank or max(1, (os.cpu_count() or 1) // max(1, local_world))
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (small metadata only)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

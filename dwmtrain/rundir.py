@@ -77,6 +77,18 @@ class RunDir:
     def rng(self, tag: str, rank: int) -> Path:
         return self.checkpoints / tag / "rng" / f"rank{rank}.pt"
 
+    def lm_weights(self, tag: str) -> Path:
+        """The LM's consolidated fp32 weights (stage-boundary checkpoints, rank 0's storage): the meta job's input."""
+        return self.checkpoints / tag / "lm_fp32.safetensors"
+
+    def missing_rank_files(self, tag: str, rank: int) -> list[str]:
+        """What rank ``rank`` writes into checkpoint ``tag`` (its ZeRO-3 model and optimizer shards, its RNG)
+        and this machine's storage does not hold."""
+        d = self.checkpoint(tag)
+        shards = (f"zero_pp_rank_{rank}_mp_rank_*_model_states.pt", f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt")
+        missing = [str(d / pat) for pat in shards if not any(d.glob(pat))]
+        return missing + ([] if self.rng(tag, rank).is_file() else [str(self.rng(tag, rank))])
+
     def complete_tags(self) -> list[str]:
         """Tags of checkpoints with a COMPLETE marker, oldest first."""
         if not self.checkpoints.is_dir():

@@ -88,16 +88,18 @@ def test_step_statistics_reduce_over_ranks():
 class ShardEngine:
     """Stands in for a DeepSpeed engine: one shard file per rank, holding the rank and the client state."""
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    def __init__(self, rank: int, forget_optimizer: bool = False):
+        self.rank, self.forget_optimizer = rank, forget_optimizer
 
-    def shard(self, root, tag) -> Path:
-        return Path(root) / tag / f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt"
+    def shard(self, root, tag, kind="optim") -> Path:
+        return Path(root) / tag / f"zero_pp_rank_{self.rank}_mp_rank_00_{kind}_states.pt"
 
     def save_checkpoint(self, root, tag, client_state, save_latest):
         assert save_latest is False  # DeepSpeed's own non-atomic `latest` is never written
         self.shard(root, tag).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"rank": self.rank, "client": client_state}, self.shard(root, tag))
+        torch.save({"rank": self.rank, "client": client_state}, self.shard(root, tag, "model"))
+        if not self.forget_optimizer:
+            torch.save({"rank": self.rank, "client": client_state}, self.shard(root, tag))
 
     def load_checkpoint(self, root, tag, **kw):
         path = self.shard(root, tag)
@@ -143,8 +145,7 @@ def test_checkpoint_save_prunes_periodic_keeps_boundaries_and_replaces_leftovers
     assert marker["stage_boundary"] and marker["consumed_samples"] == 4 * 32 and marker["compat"] == COMPAT
     for tag in tags:  # both ranks' shards and RNG states
         assert sorted(p.name for p in (ck / tag).glob("*.pt")) == [
-            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1) for k in ("model", "optim")
         ]
         assert sorted(p.name for p in (ck / tag / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
 
@@ -248,3 +249,53 @@ def test_corrupted_dwm_fails_on_every_rank_at_once(tmp_path):
     path.write_bytes(bytes(raw))
     r0, r1 = run_distributed(_handoff, str(tmp_path), str(path), "fixed")
     assert r0 == r1 and r0[0] == "DWMFileError" and "corrupted or replaced" in r0[1]
+
+
+# --------------------------------------------------------------------------- node-local storage
+
+
+def _node_local(d, root, drop_on_node1):
+    """Each rank is a node with its own disk (root/nodeR); rank 0's storage alone holds markers."""
+    from dwmtrain.distributed import Dist
+
+    node = Dist(d.rank, d.world, 0, 1, d.device, "cpu")  # local rank 0 on its own node
+    ck, eng = checkpointer(node, Path(root) / f"node{d.rank}"), ShardEngine(d.rank)
+    for step in (2, 4, 6, 8):
+        ck.save(eng, step=step, stage=1, boundary=False, dwm={})
+    kept = sorted(p.name for p in ck.rd.checkpoints.iterdir() if p.is_dir())
+    if d.rank == 1 and drop_on_node1:  # node 1 lost its copy of the newest checkpoint
+        (ck.rd.checkpoint("step0000008") / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    try:
+        state = checkpointer(node, Path(root) / f"node{d.rank}").resume(eng)
+    except Exception as e:  # noqa: BLE001 - every rank must raise the same error
+        return kept, f"{type(e).__name__}: {e}"
+    return kept, (state.tag, eng.loaded["rank"])
+
+
+def test_node_local_storage_rank0_decides_every_node_prunes_and_resumes(tmp_path):
+    (k0, r0), (k1, r1) = run_distributed(_node_local, str(tmp_path), False)
+    assert k0 == k1 == ["step0000006", "step0000008"]  # pruned on both nodes
+    assert not (tmp_path / "node1" / "checkpoints" / "latest.json").exists()  # node 1 never had markers...
+    assert (r0, r1) == (("step0000008", 0), ("step0000008", 1))  # ...and still resumes where rank 0 does
+
+
+def test_node_local_storage_missing_part_fails_every_rank_naming_host_and_files(tmp_path):
+    (_, e0), (_, e1) = run_distributed(_node_local, str(tmp_path), True)
+    assert e0 == e1 and e0.startswith("ResumeError: resuming from checkpoint step0000008")
+    assert "(rank 1) lacks" in e0 and "zero_pp_rank_1_mp_rank_*_optim_states.pt" in e0 and "rank 0" not in e0
+
+
+def _incomplete_save(d, root):
+    ck = checkpointer(d, root)
+    ck.save(ShardEngine(d.rank), step=2, stage=1, boundary=False, dwm={})
+    try:
+        ck.save(ShardEngine(d.rank, forget_optimizer=d.rank == 1), step=4, stage=1, boundary=False, dwm={})
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+
+
+def test_a_save_missing_a_ranks_part_is_never_marked_complete(tmp_path):
+    e0, e1 = run_distributed(_incomplete_save, str(tmp_path))
+    assert e0 == e1 and e0.startswith("CheckpointError: saving checkpoint step0000004")
+    assert not (tmp_path / "checkpoints" / "step0000004" / "COMPLETE").exists()
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["tag"] == "step0000002"

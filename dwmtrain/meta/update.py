@@ -30,13 +30,19 @@ def lookahead_lr(cfg: Config, step: int) -> float:
 
 
 def load_frozen_lm(cfg: Config, rd: RunDir, tag: str, device, attn: str):
-    """Consolidate the ZeRO-3 shards with DeepSpeed's own zero_to_fp32 and freeze the LM."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    """The LM of checkpoint ``tag``, frozen: its consolidated fp32 weights (written at stage boundaries by
+    rank 0, so no other node's shards and no optimizer state are read), else DeepSpeed's zero_to_fp32."""
     vocab = llama_config(cfg.model.preset, cfg.model.vocab_size).vocab_size
     lm = build_lm(cfg.model.preset, vocab, cfg.model.max_seq_len, attn)
-    with safe_torch_load():
-        state = get_fp32_state_dict_from_zero_checkpoint(str(rd.checkpoints), tag=tag)
+    if rd.lm_weights(tag).is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(rd.lm_weights(tag)))
+    else:  # a checkpoint taken without them: consolidate every rank's shards (needs them all here)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with safe_torch_load():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(rd.checkpoints), tag=tag)
     lm.load_state_dict(state)
     return lm.to(device).eval().requires_grad_(False), state
 

@@ -32,6 +32,8 @@ _RENDEZVOUS_VARS = (
     "TORCHELASTIC_RUN_ID",
 )
 
+_MPI_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "PRTE_")  # an mpirun-started trainer's: not the meta job's
+
 
 class MetaJobError(DWMTrainError, RuntimeError):
     """The meta-update job failed or timed out; the boundary checkpoint is intact, rerun to resume."""
@@ -64,7 +66,7 @@ def meta_job_command(run_dir: str | os.PathLike, stage: int, tag: str, nproc: in
 
 def meta_job_env() -> dict:
     """The trainer's environment without its rendezvous variables, importing this same dwmtrain."""
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS and not k.startswith(_MPI_PREFIXES)}
     pkg_parent = str(Path(dwmtrain.__file__).resolve().parents[1])
     if pkg_parent not in site.getsitepackages():  # a checkout run through launchers/*.py
         env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])

@@ -14,13 +14,15 @@ import contextlib
 import json
 import random
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from dwmtrain.distributed import Dist, barrier
+from dwmtrain.distributed import Dist, all_gather_object, barrier, broadcast_object
 from dwmtrain.errors import DWMTrainError
+from dwmtrain.faults import fault_point
 from dwmtrain.fileio import atomic_write_text
 from dwmtrain.rundir import RunDir
 
@@ -80,7 +82,11 @@ def safe_torch_load():
         torch.load = orig
 
 
-class ResumeError(DWMTrainError, RuntimeError):
+class CheckpointError(DWMTrainError, RuntimeError):
+    """A checkpoint could not be written completely (a rank's part is missing); nothing was marked complete."""
+
+
+class ResumeError(CheckpointError):
     """The checkpoint cannot continue this run; the message says what changed."""
 
 
@@ -148,7 +154,12 @@ class RunState:
 
 
 class Checkpointer:
-    """Save / find / resume complete sharded checkpoints of one run (collective calls)."""
+    """Save / find / resume complete sharded checkpoints of one run (collective calls).
+
+    Works on a shared filesystem and on node-local storage alike: rank 0 decides what exists (its
+    ``latest.json`` and markers), every rank checks that its own storage holds its part, and a
+    checkpoint is marked ``COMPLETE`` only once every rank has confirmed its files.
+    """
 
     def __init__(
         self,
@@ -159,10 +170,12 @@ class Checkpointer:
         global_batch_size: int,
         keep_last: int = 3,
         keep_stage: bool = True,
+        boundary_weights: bool = False,
     ):
         self.rd, self.d = run_dir, d
         self.compat, self.global_batch_size = compat, global_batch_size
         self.keep_last, self.keep_stage = keep_last, keep_stage
+        self.boundary_weights = boundary_weights  # write lm_fp32.safetensors at stage boundaries (meta job input)
 
     def save(self, engine, *, step: int, stage: int, boundary: bool, dwm: dict) -> str:
         """Collective: every rank calls it after ``step`` optimizer steps. Returns the tag."""
@@ -177,7 +190,7 @@ class Checkpointer:
         )
         tag = RunDir.tag(step)
         path = self.rd.checkpoint(tag)
-        if self.d.is_main and path.exists():  # an incomplete leftover of a killed run at this step
+        if self.d.local_rank == 0 and path.exists():  # an incomplete leftover of a killed run, on this node
             shutil.rmtree(path)
         barrier()
         marker = state.to_marker()
@@ -185,16 +198,23 @@ class Checkpointer:
         rng = self.rd.rng(tag, self.d.rank)
         rng.parent.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), rng)
-        barrier()  # every rank has written its shards
+        fault_point("checkpoint-shards-written", rank=self.d.rank, step=step)
+        if boundary and self.boundary_weights:
+            self._save_lm_weights(engine, tag)
+        self._agree_complete(tag, "saving")  # every rank's part is on its storage, or every rank raises
         if self.d.is_main:
             atomic_write_text(self.rd.marker(tag), json.dumps({**marker, "saved_at": time.time()}, indent=1))
+            fault_point("checkpoint-marker-written", step=step)
             atomic_write_text(self.rd.latest, json.dumps({"tag": tag, "step": state.step}))
-            self._prune(keep=tag)
+        self._prune(keep=tag)
         barrier()
         return tag
 
     def latest(self) -> RunState | None:
-        """State of the newest complete checkpoint, or None. Falls back to scanning if latest.json is bad."""
+        """State of the newest complete checkpoint on this rank's storage, or None.
+
+        Falls back to scanning when latest.json is missing, unreadable or names an incomplete checkpoint.
+        """
         cands = []
         try:
             cands.append(json.loads(self.rd.latest.read_text())["tag"])
@@ -214,14 +234,16 @@ class Checkpointer:
     def resume(self, engine) -> RunState | None:
         """Collective: restore the newest complete checkpoint into ``engine`` (and this rank's RNG).
 
-        Refuses (ResumeError) a checkpoint whose compatibility fields a change of config broke;
-        returns None for a fresh run.
+        Rank 0 chooses the checkpoint and every rank follows; a rank whose storage lacks its part of it
+        fails every rank at once, naming the host and the files. Refuses (ResumeError) a checkpoint whose
+        compatibility fields a change of config broke; returns None for a fresh run.
         """
-        state = self.latest()
+        state = broadcast_object(self.latest() if self.d.is_main else None)
         if state is None:
             return None
         for note in check_compatible(state.compat, self.compat):
             self._log(f"resume: config changed (allowed): {note}")
+        self._agree_complete(state.tag, "resuming from")
         self.load(engine, state.tag)
         self._log(f"resumed from {self.rd.checkpoint(state.tag)} at step {state.step} (stage {state.stage})")
         return state
@@ -238,16 +260,57 @@ class Checkpointer:
         if rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=True))
 
+    def _agree_complete(self, tag: str, doing: str) -> None:
+        """Collective: every rank reports what of its part of ``tag`` its storage lacks; any gap fails all."""
+        gaps = [
+            r
+            for r in all_gather_object(
+                (socket.gethostname(), self.d.rank, self.rd.missing_rank_files(tag, self.d.rank))
+            )
+            if r[2]
+        ]
+        if gaps:
+            lines = [f"{host} (rank {rank}) lacks {', '.join(files)}" for host, rank, files in gaps]
+            raise (ResumeError if doing.startswith("resum") else CheckpointError)(
+                f"{doing} checkpoint {tag}: not every rank holds its part of it:\n  " + "\n  ".join(lines)
+            )
+
+    def _save_lm_weights(self, engine, tag: str) -> None:
+        """Collective: gather the fp32 master weights to rank 0, which writes them (safetensors) with the shards."""
+        from safetensors.torch import save_file
+
+        state = gather_fp32_weights(engine.module, self.d.is_main)
+        if self.d.is_main:
+            tmp = self.rd.lm_weights(tag).with_suffix(".tmp")
+            save_file(state, str(tmp), metadata={"format": "dwmtrain-lm-fp32-v1"})
+            tmp.replace(self.rd.lm_weights(tag))
+
     def _log(self, msg: str) -> None:
         if self.d.is_main:
             print(f"[dwmtrain] {msg}", flush=True)
 
     def _prune(self, keep: str) -> None:
-        periodic = [
-            t
-            for t in self.rd.complete_tags()
-            if not (self.keep_stage and json.loads(self.rd.marker(t).read_text()).get("stage_boundary"))
-        ]
-        for t in periodic[: max(0, len(periodic) - self.keep_last)]:
-            if t != keep:
+        """Collective: rank 0 picks the periodic checkpoints past ``keep_last``; every node deletes its copy."""
+        doomed = None
+        if self.d.is_main:
+            periodic = [
+                t
+                for t in self.rd.complete_tags()
+                if not (self.keep_stage and json.loads(self.rd.marker(t).read_text()).get("stage_boundary"))
+            ]
+            doomed = [t for t in periodic[: max(0, len(periodic) - self.keep_last)] if t != keep]
+        for t in broadcast_object(doomed):
+            if self.d.local_rank == 0:
                 shutil.rmtree(self.rd.checkpoint(t), ignore_errors=True)
+
+
+def gather_fp32_weights(module, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """Collective: the full fp32 master weights of a ZeRO-3 module, by name, on rank 0 (None elsewhere)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # all-gathers the fp32 partitions (the optimizer's master copy)
+        if is_main:
+            out[name] = full.detach().to("cpu", torch.float32).contiguous().clone()
+    return out if is_main else None

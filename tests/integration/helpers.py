@@ -43,15 +43,15 @@ def short_run(data_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def env() -> dict:
-    e = dict(os.environ)
+def env(**extra: str) -> dict:
+    e = dict(os.environ, **extra)
     e["PYTHONUNBUFFERED"] = "1"
     e.setdefault("OMP_NUM_THREADS", "1")
     return e
 
 
-def run(cmd: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: int = 600, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=REPO, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(
             f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}"

@@ -1,0 +1,130 @@
+"""Cluster launch paths on this machine: external meta jobs, mpirun, dead ranks, kills inside a save."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dwmtrain.models.dwm import read_dwm_meta
+
+from .helpers import REPO, by_step, cmdline, env, kill_tree, pretrain_cmd, process_tree, run, short_run
+
+pytestmark = pytest.mark.slow
+MPIRUN = str(Path(sys.executable).parent / "mpirun")
+
+
+def bilevel(data64, *extra):
+    """8 steps, 2 stages: one meta-update at step 4."""
+    return short_run(data64, "stages.total_steps=8", "stages.num_stages=2", "meta.mode=bilevel", "meta.nproc=2",
+                     "meta.steps=3", *extra)  # fmt: skip
+
+
+def test_external_and_local_meta_launches_fit_the_same_dwm(tmp_path, data64):
+    local, ext = tmp_path / "local", tmp_path / "ext"
+    run(pretrain_cmd(local, bilevel(data64)))
+    p = run(pretrain_cmd(ext, bilevel(data64, "meta.launch=external")), check=False)
+    assert p.returncode == 3, p.stderr[-3000:]
+    printed = p.stderr.split("rerun this command:\n", 1)[1].splitlines()[0]
+    assert "dwmtrain.launch.meta_update" in printed and "--lookahead-lr" not in printed
+    run(shlex.split(printed))  # what a SLURM meta job runs
+    run(pretrain_cmd(ext, bilevel(data64, "meta.launch=external")))
+    dwm_local, dwm_ext = (read_dwm_meta(r / "dwm" / "stage2.safetensors") for r in (local, ext))
+    assert dwm_ext["sha256"] == dwm_local["sha256"] and dwm_ext["lookahead_lr"] == dwm_local["lookahead_lr"]
+    a, b = by_step(local / "metrics.jsonl"), by_step(ext / "metrics.jsonl")
+    assert [b[s]["loss"] for s in range(1, 9)] == [a[s]["loss"] for s in range(1, 9)]
+
+
+def test_the_meta_job_reads_consolidated_weights_equal_to_zero_to_fp32(tmp_path, data64):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from dwmtrain.train.checkpoint import safe_torch_load
+
+    r = tmp_path / "r"
+    run(pretrain_cmd(r, bilevel(data64, "stages.total_steps=4", "stages.num_stages=2", "meta.mode=none")))
+    assert not (r / "checkpoints" / "step0000002" / "lm_fp32.safetensors").exists()  # only for bilevel
+    run(pretrain_cmd(tmp_path / "b", bilevel(data64)))
+    ck = tmp_path / "b" / "checkpoints"
+    w = load_file(str(ck / "step0000004" / "lm_fp32.safetensors"))
+    with safe_torch_load():
+        z = get_fp32_state_dict_from_zero_checkpoint(str(ck), tag="step0000004")
+    assert sorted(w) == sorted(z) and all(torch.equal(w[k], z[k]) for k in z)
+    assert not (ck / "step0000002" / "lm_fp32.safetensors").exists()  # periodic checkpoints: shards only
+
+
+def test_mpirun_through_a_stage_boundary_equals_the_deepspeed_launch(tmp_path, data64):
+    ds, mpi = tmp_path / "ds", tmp_path / "mpi"
+    run(pretrain_cmd(ds, bilevel(data64)))
+    cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1",
+           sys.executable, "-m", "dwmtrain.launch.pretrain", "--config", "tiny", "--run-dir", str(mpi),
+           "run.threads_per_rank=1", *bilevel(data64)]  # fmt: skip
+    p = run(cmd, timeout=300)
+    assert "world 2" in p.stdout + p.stderr and "meta-update done" in p.stdout + p.stderr
+    a, b = by_step(ds / "metrics.jsonl"), by_step(mpi / "metrics.jsonl")
+    assert [b[s]["loss"] for s in range(1, 9)] == [a[s]["loss"] for s in range(1, 9)]
+    assert (
+        read_dwm_meta(mpi / "dwm" / "stage2.safetensors")["sha256"]
+        == read_dwm_meta(ds / "dwm" / "stage2.safetensors")["sha256"]
+    )
+
+
+def wait_for_step(p, metrics: Path, step: int, timeout: float = 300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        assert p.poll() is None, f"job ended (rc {p.returncode}) before step {step}"
+        if any(r["step"] >= step for r in by_step(metrics).values()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def test_a_killed_rank_ends_the_whole_job_within_seconds(tmp_path, data64):
+    run_dir = tmp_path / "r"
+    cmd = pretrain_cmd(run_dir, short_run(data64, "meta.mode=none", "stages.total_steps=500"))
+    p = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)  # fmt: skip
+    try:
+        wait_for_step(p, run_dir / "metrics.jsonl", 2)
+        tree = process_tree(p.pid)
+        (rank1,) = [q for q in tree if "--local_rank=1" in cmdline(q)]
+        t0 = time.time()
+        os.kill(rank1, signal.SIGKILL)
+        rc = p.wait(timeout=60)
+        dt = time.time() - t0
+    finally:
+        kill_tree(p.pid)
+    print(f"a killed rank ended the job in {dt:.1f} s (exit {rc})")
+    assert rc != 0 and dt < 15
+    time.sleep(1.0)
+    assert not [q for q in tree if alive(q)], "a rank outlived the job"
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_rank_killed_inside_a_save_leaves_the_previous_checkpoint_the_resume_point(tmp_path, data64):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = short_run(data64, "meta.mode=none", "stages.total_steps=8", "stages.num_stages=2")
+    run(pretrain_cmd(full, args))
+    # rank 1 dies after writing its shards of step 6, before the ranks agree the checkpoint is complete
+    p = run(pretrain_cmd(killed, args), check=False, DWMTRAIN_FAULT="checkpoint-shards-written:rank=1:step=6")
+    assert p.returncode != 0
+    ck = killed / "checkpoints"
+    assert json.loads((ck / "latest.json").read_text())["tag"] == "step0000004"
+    assert (ck / "step0000006").is_dir() and not (ck / "step0000006" / "COMPLETE").exists()
+    p = run(pretrain_cmd(killed, args))
+    assert "resumed from" in p.stdout + p.stderr and "at step 4" in p.stdout + p.stderr
+    a, b = by_step(full / "metrics.jsonl"), by_step(killed / "metrics.jsonl")
+    assert [b[s]["loss"] for s in range(1, 9)] == [a[s]["loss"] for s in range(1, 9)]
+    assert (ck / "step0000006" / "COMPLETE").exists()  # the leftover was replaced by a complete save
