@@ -81,6 +81,10 @@ class RunDir:
         """The LM's consolidated fp32 weights (stage-boundary checkpoints, rank 0's storage): the meta job's input."""
         return self.checkpoints / tag / "lm_fp32.safetensors"
 
+    def universal(self, tag: str) -> Path:
+        """Checkpoint ``tag`` converted to DeepSpeed's universal format (to resume at another world size)."""
+        return self.checkpoints / "universal" / tag
+
     def missing_rank_files(self, tag: str, rank: int) -> list[str]:
         """What rank ``rank`` writes into checkpoint ``tag`` (its ZeRO-3 model and optimizer shards, its RNG)
         and this machine's storage does not hold."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 import socket
@@ -34,8 +35,6 @@ BREAKING = {
     "seq_len": "data.seq_len",
     "tokenizer_sha256": "data.tokenizer (its sha256)",
     "global_batch_size": "the global batch (deepspeed.global_batch_size/_tokens)",
-    "world_size": "the world size (ZeRO-3 optimizer shards are per rank; convert with DeepSpeed's "
-    "ds_to_universal to change it)",
     "dwm_backbone": "dwm.backbone",
     "meta_mode": "meta.mode",
     "data_sha": "the training data (data.train_data index)",
@@ -243,8 +242,15 @@ class Checkpointer:
             return None
         for note in check_compatible(state.compat, self.compat):
             self._log(f"resume: config changed (allowed): {note}")
-        self._agree_complete(state.tag, "resuming from")
-        self.load(engine, state.tag)
+        saved_world = state.compat.get("world_size", self.d.world)
+        if saved_world != self.d.world:  # the ZeRO-3 shards are per rank: re-shard through the universal format
+            self._log(
+                f"resume: world size {saved_world} -> {self.d.world}: loading {state.tag} as a universal checkpoint"
+            )
+            self._load_universal(engine, state.tag)
+        else:
+            self._agree_complete(state.tag, "resuming from")
+            self.load(engine, state.tag)
         self._log(f"resumed from {self.rd.checkpoint(state.tag)} at step {state.step} (stage {state.stage})")
         return state
 
@@ -257,6 +263,41 @@ class Checkpointer:
         if path is None:
             raise ResumeError(f"DeepSpeed could not load checkpoint {self.rd.checkpoint(tag)}")
         rng = self.rd.rng(tag, self.d.rank)
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=True))
+
+    def _load_universal(self, engine, tag: str) -> None:
+        """Collective: rank 0 converts ``tag`` with DeepSpeed's ds_to_universal (once), every rank loads its
+        new partition of the weights and optimizer state from it. Needs the converted checkpoint on storage
+        every rank sees (a shared filesystem)."""
+        uni = self.rd.universal(tag)
+        err = None
+        if self.d.is_main and not uni.is_dir():
+            try:
+                err = convert_to_universal(self.rd.checkpoint(tag), uni)
+            except Exception as e:  # noqa: BLE001 - any failure on rank 0 must reach every rank, not hang them
+                err = f"converting {self.rd.checkpoint(tag)} to DeepSpeed's universal format: {type(e).__name__}: {e}"
+        err = broadcast_object(err)
+        if err:
+            raise ResumeError(err)
+        seen = all_gather_object((socket.gethostname(), self.d.rank, (uni / "zero" / "optimizer_state.pt").is_file()))
+        if not all(ok for _, _, ok in seen):
+            hosts = sorted({h for h, _, ok in seen if not ok})
+            raise ResumeError(
+                f"resuming {tag} at another world size needs {uni} on every node's storage "
+                f"(a shared filesystem); {', '.join(hosts)} cannot see it"
+            )
+        engine._config.load_universal_checkpoint = True  # for this one load: never while saving (DeepSpeed #7546)
+        try:
+            with safe_torch_load():
+                path, _ = engine.load_checkpoint(
+                    str(uni.parent), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+        finally:
+            engine._config.load_universal_checkpoint = False
+        if path is None:
+            raise ResumeError(f"DeepSpeed could not load the universal checkpoint {uni}")
+        rng = self.rd.rng(tag, self.d.rank)  # ranks that did not exist before start from the seeded state
         if rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=True))
 
@@ -302,6 +343,28 @@ class Checkpointer:
         for t in broadcast_object(doomed):
             if self.d.local_rank == 0:
                 shutil.rmtree(self.rd.checkpoint(t), ignore_errors=True)
+                shutil.rmtree(self.rd.universal(t), ignore_errors=True)
+
+
+def convert_to_universal(src, dst) -> str | None:
+    """DeepSpeed's ds_to_universal, in this process (its checkpoint reads stay weights_only); None or an error."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    missing = [f for f in ("zero_pp_rank_0_mp_rank_00_model_states.pt",) if not (src / f).is_file()]
+    if missing:
+        return f"converting {src} for another world size: {', '.join(missing)} not on rank 0's storage"
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(src), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=False,
+    )  # fmt: skip
+    with safe_torch_load():
+        ds_to_universal(args)
+    tmp.replace(dst)
+    return None
 
 
 def gather_fp32_weights(module, is_main: bool) -> dict[str, torch.Tensor] | None:

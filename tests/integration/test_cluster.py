@@ -14,7 +14,18 @@ import torch
 
 from dwmtrain.models.dwm import read_dwm_meta
 
-from .helpers import REPO, by_step, cmdline, env, kill_tree, pretrain_cmd, process_tree, run, short_run
+from .helpers import (
+    REPO,
+    by_step,
+    cmdline,
+    env,
+    kill_tree,
+    pretrain_cmd,
+    process_tree,
+    run,
+    run_until_step_then_kill,
+    short_run,
+)
 
 pytestmark = pytest.mark.slow
 MPIRUN = str(Path(sys.executable).parent / "mpirun")
@@ -128,3 +139,24 @@ def test_a_rank_killed_inside_a_save_leaves_the_previous_checkpoint_the_resume_p
     a, b = by_step(full / "metrics.jsonl"), by_step(killed / "metrics.jsonl")
     assert [b[s]["loss"] for s in range(1, 9)] == [a[s]["loss"] for s in range(1, 9)]
     assert (ck / "step0000006" / "COMPLETE").exists()  # the leftover was replaced by a complete save
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_at_another_world_size(tmp_path, data64, before, after):
+    """Saved on `before` ranks, resumed on `after`: same sample, stage and DWM; losses follow the reference."""
+    ref, moved = tmp_path / "ref", tmp_path / "moved"
+    args = short_run(data64, "meta.mode=bilevel", "meta.nproc=1", "meta.steps=2", "stages.total_steps=8",
+                     "stages.num_stages=2", "run.checkpoint_every=6")  # fmt: skip
+    run(pretrain_cmd(ref, args, world=before))
+    run_until_step_then_kill(pretrain_cmd(moved, args, world=before), moved / "metrics.jsonl", 7)
+    assert json.loads((moved / "checkpoints" / "latest.json").read_text())["step"] == 6
+    p = run(pretrain_cmd(moved, args, world=after))
+    out = p.stdout + p.stderr
+    assert f"world size {before} -> {after}" in out and "resumed from" in out and f"world {after}" in out
+    a, b = by_step(ref / "metrics.jsonl"), by_step(moved / "metrics.jsonl")
+    assert sorted(b) == list(range(1, 9))
+    assert [b[s]["dwm"] for s in (7, 8)] == [a[s]["dwm"] for s in (7, 8)] and a[7]["dwm"].startswith("stage2:")
+    assert [b[s]["samples_seen"] for s in (7, 8)] == [a[s]["samples_seen"] for s in (7, 8)]
+    for s in (7, 8):  # another reduction order: equal to float32 rounding, not bit for bit
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5), (s, b[s]["loss"], a[s]["loss"])
+        assert b[s]["lr"] == a[s]["lr"]
