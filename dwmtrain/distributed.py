@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from dwmtrain.errors import DWMTrainError
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,21 @@ def init_distributed(timeout_s: int) -> Dist:
 
     acc = get_accelerator()
     if not dist.is_initialized():
-        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        if os.environ.get("MASTER_ADDR"):
+            try:
+                socket.getaddrinfo(os.environ["MASTER_ADDR"], None)
+            except socket.gaierror as e:
+                raise RendezvousError(
+                    f"MASTER_ADDR={os.environ['MASTER_ADDR']}: the name does not resolve ({e})"
+                ) from None
+        try:
+            deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, TimeoutError, OSError) as e:  # DistStoreError / connection errors of the rendezvous
+            raise RendezvousError(
+                f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} could not join the process group "
+                f"at {where} within run.dist_timeout_s={timeout_s}: {type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from None
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
@@ -45,6 +62,10 @@ def init_distributed(timeout_s: int) -> Dist:
         acc.set_device(local_rank)
         device = torch.device(name, local_rank)
     return Dist(rank, world, local_rank, local_world, device, name)
+
+
+class RendezvousError(DWMTrainError):
+    """The ranks could not meet: the master address does not resolve, or is not reachable in time."""
 
 
 def barrier() -> None:
@@ -110,3 +131,51 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def run_on_rank0(fn, poll_s: float = 5.0):
+    """Rank 0 runs ``fn()``; every rank gets its result (or its exception, as ``RankZeroError``).
+
+    While ``fn`` runs (a meta job, a data preparation: minutes to hours), rank 0 sends a small broadcast
+    every ``poll_s`` seconds, so no collective ever waits longer than that: ``run.dist_timeout_s`` can
+    stay minutes and still catch a dead or hung rank.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    if dist.get_rank() != 0:
+        while (msg := broadcast_object(None))[0] == "running":
+            pass
+    else:
+        import threading
+
+        box: list = []
+
+        def work():
+            try:
+                box.append(("ok", fn()))
+            except BaseException as e:  # noqa: BLE001 - whatever happens on rank 0 must reach every rank
+                box.append(("error", e))
+
+        t = threading.Thread(target=work, name="dwmtrain-rank0-work", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(poll_s)
+            if t.is_alive():
+                broadcast_object(("running", None))
+        msg = broadcast_object(box[0] if box[0][0] == "ok" else ("error", _portable(box[0][1])))
+        if box[0][0] == "error":
+            raise box[0][1]
+    if msg[0] == "error":
+        raise msg[1]
+    return msg[1]
+
+
+class RankZeroError(RuntimeError):
+    """An unexpected failure of work done on rank 0 (its traceback is on rank 0)."""
+
+
+def _portable(e: BaseException) -> BaseException:
+    """The exception as other ranks can unpickle it: the project's own errors as they are, others wrapped."""
+    if isinstance(e, DWMTrainError):
+        return e
+    return RankZeroError(f"rank 0 failed: {type(e).__name__}: {e}")

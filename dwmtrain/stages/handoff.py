@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from dwmtrain.distributed import Dist, broadcast_object, broadcast_tensors
+from dwmtrain.distributed import Dist, broadcast_tensors, run_on_rank0
 from dwmtrain.models.dwm import DWMArch, DWMFileError, dwm_from_state, load_dwm_state
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.meta_job import MetaJobError, meta_job_command, run_meta_job
@@ -45,10 +45,7 @@ class StageHandoff:
         if stage == 1:
             return None, {"version": "uniform"}
         path = self.rd.dwm(stage)
-        status = None
-        if self.d.is_main:
-            status = self._ensure_stage_dwm(stage, path, stage_start_tag)
-        status = broadcast_object(status)
+        status = run_on_rank0(lambda: self._ensure_stage_dwm(stage, path, stage_start_tag))  # ranks stay in touch
         if status != "ok":
             raise (ExternalMetaRequired if status.startswith("external:") else MetaJobError)(status)
         model, info = self.broadcast_dwm(str(path))
@@ -87,18 +84,17 @@ class StageHandoff:
         return "ok"
 
     def broadcast_dwm(self, path: str):
-        """Rank 0 verifies and reads the file; every rank gets the tensors over torch.distributed."""
-        meta, state, err = None, None, None
-        if self.d.is_main:
-            try:
-                _, state, meta = load_dwm_state(path, self.arch)
-            except DWMFileError as e:
-                err = str(e)
-        err = broadcast_object(err)
-        if err:
-            raise DWMFileError(err)
-        meta = broadcast_object(meta)
-        state = broadcast_tensors(state, self.d.device)
+        """Rank 0 verifies and reads the file; every rank gets the tensors over torch.distributed.
+
+        Any failure to read it on rank 0 is raised on every rank at once (no rank is left waiting)."""
+        read: dict = {}
+
+        def verify_and_read():
+            _, read["state"], meta = load_dwm_state(path, self.arch)
+            return meta
+
+        meta = run_on_rank0(verify_and_read)
+        state = broadcast_tensors(read.get("state"), self.d.device)
         model = dwm_from_state(self.arch, state).to(self.d.device, self.dtype).eval().requires_grad_(False)
         info = {
             "version": f"stage{meta.get('stage')}:{meta['sha256'][:12]}",

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from dwmtrain.distributed import Dist, all_gather_object, barrier, broadcast_object
+from dwmtrain.distributed import Dist, all_gather_object, barrier, broadcast_object, run_on_rank0
 from dwmtrain.errors import DWMTrainError
 from dwmtrain.faults import fault_point
 from dwmtrain.fileio import atomic_write_text
@@ -271,15 +271,10 @@ class Checkpointer:
         new partition of the weights and optimizer state from it. Needs the converted checkpoint on storage
         every rank sees (a shared filesystem)."""
         uni = self.rd.universal(tag)
-        err = None
-        if self.d.is_main and not uni.is_dir():
-            try:
-                err = convert_to_universal(self.rd.checkpoint(tag), uni)
-            except Exception as e:  # noqa: BLE001 - any failure on rank 0 must reach every rank, not hang them
-                err = f"converting {self.rd.checkpoint(tag)} to DeepSpeed's universal format: {type(e).__name__}: {e}"
-        err = broadcast_object(err)
-        if err:
-            raise ResumeError(err)
+        if not run_on_rank0(uni.is_dir):
+            err = run_on_rank0(lambda: convert_to_universal(self.rd.checkpoint(tag), uni))
+            if err:
+                raise ResumeError(err)
         seen = all_gather_object((socket.gethostname(), self.d.rank, (uni / "zero" / "optimizer_state.pt").is_file()))
         if not all(ok for _, _, ok in seen):
             hosts = sorted({h for h, _, ok in seen if not ok})

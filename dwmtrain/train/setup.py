@@ -13,7 +13,7 @@ from dwmtrain.config import BatchPlan, Config, batch_plan, build_deepspeed_confi
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset
 from dwmtrain.data.prepare import DataError, prepare_data
 from dwmtrain.data.tokenizer import Tokenizer, check_vocab
-from dwmtrain.distributed import Dist, barrier, cpu_threads, init_distributed
+from dwmtrain.distributed import Dist, barrier, cpu_threads, init_distributed, run_on_rank0
 from dwmtrain.fileio import sha256_file
 from dwmtrain.models.dwm import DWMArch, dwm_parameter_count
 from dwmtrain.models.lm import count_parameters, flops_per_token, llama_config
@@ -113,7 +113,8 @@ def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
     """Open the prepared shards (rank 0 prepares them from ``data.raw`` first if they do not exist)."""
     path = Path(cfg.data.train_data)
     if not (path / "index.json").exists() and cfg.data.raw:
-        if d.is_main:
+
+        def prepare() -> None:
             log0(d, f"preparing {path} from {cfg.data.raw}")
             rep = prepare_data(
                 cfg.data.raw,
@@ -124,7 +125,8 @@ def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
                 progress=True,
             )
             print(rep.summary(), flush=True)
-        barrier()
+
+        run_on_rank0(prepare)  # the other ranks wait, in touch (see distributed.run_on_rank0)
     ds = TokenDataset(path, "train", verify=cfg.data.verify)
     if ds.seq_len != cfg.data.seq_len:
         raise DataError(f"{path}/index.json: prepared with seq_len={ds.seq_len}, but data.seq_len={cfg.data.seq_len}")

@@ -160,3 +160,28 @@ def test_resume_at_another_world_size(tmp_path, data64, before, after):
     for s in (7, 8):  # another reduction order: equal to float32 rounding, not bit for bit
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5), (s, b[s]["loss"], a[s]["loss"])
         assert b[s]["lr"] == a[s]["lr"]
+
+
+def test_a_meta_job_longer_than_the_collective_timeout_keeps_the_ranks_in_touch(tmp_path, data64):
+    r = tmp_path / "r"
+    p = run(pretrain_cmd(r, bilevel(data64, "meta.steps=40", "run.dist_timeout_s=10")))
+    took = float(p.stdout.split("meta-update done in ")[1].split(" s")[0])
+    assert took > 10, f"the meta job took only {took} s: the test shows nothing"
+    assert sorted(by_step(r / "metrics.jsonl")) == list(range(1, 9))
+
+
+@pytest.mark.parametrize(
+    "addr, expect", [("no-such-host.invalid", "does not resolve"), ("127.0.0.1", "could not join the process group")]
+)
+def test_a_master_that_cannot_be_reached_ends_the_rank_in_bounded_time(tmp_path, data64, addr, expect):
+    from ..spawn import free_port
+
+    cmd = [sys.executable, "-m", "dwmtrain.launch.pretrain", "--config", "tiny", "--run-dir", str(tmp_path / "r"),
+           "run.dist_timeout_s=10", *short_run(data64)]  # fmt: skip
+    t0 = time.time()  # rank 1 of 2 waits for a rank 0 that never comes
+    p = run(cmd, check=False, timeout=120, RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR=addr, MASTER_PORT=str(free_port()))  # fmt: skip
+    dt = time.time() - t0
+    print(f"MASTER_ADDR={addr}: exit {p.returncode} after {dt:.1f} s: {p.stderr.strip().splitlines()[-1]}")
+    assert p.returncode == 2 and expect in p.stderr and "Traceback" not in p.stderr
+    assert dt < 60
