@@ -5,8 +5,8 @@
 #                                        nodes are idle (at most SLURM_UP_TIMEOUT s, default 60)
 #   .ci/services/slurm-stop.sh          stop what this script started
 #
-# Idempotent: when the cluster already answers with both nodes up (and slurm.conf is unchanged), it
-# does nothing. --clean starts slurmctld with -c (forget jobs and node state saved by an earlier run).
+# Idempotent: when its daemons run and the cluster answers with both nodes up (and slurm.conf is
+# unchanged), it does nothing; a daemon that died is started again. --clean starts slurmctld with -c (forget jobs and node state saved by an earlier run).
 #
 # Both slurmd run on 127.0.0.1, one per node name (slurmd -N n1 / -N n2) on their own ports 17001 and
 # 17002, with their own spool directory, log and pid file (%n in slurm.conf). Pid files:
@@ -24,7 +24,7 @@ for a in "$@"; do
     case $a in
     --clean) CLEAN=1 ;;
     -h | --help)
-        sed -n '2,17p' "$0"
+        awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
         exit 0
         ;;
     *)
@@ -40,12 +40,28 @@ die() {
     exit 1
 }
 
+# proc_is PID NAME: PID is a live (not zombie) process called NAME
+proc_is() {
+    local st
+    st=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ -n "$st" ] && [ "$st" != Z ] && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = "$2" ]
+}
+
+# live_pids NAME: the pids of live processes called NAME (pgrep also lists zombies)
+live_pids() {
+    local p
+    for p in $(pgrep -x "$1"); do
+        proc_is "$p" "$1" && echo "$p"
+    done
+    return 0
+}
+
 # alive PIDFILE NAME: the pid in PIDFILE is a running process called NAME
 alive() {
     local pid
     [ -s "$1" ] || return 1
     pid=$(cat "$1" 2>/dev/null) || return 1
-    [[ $pid =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
+    [[ $pid =~ ^[0-9]+$ ]] && proc_is "$pid" "$2"
 }
 
 ensure_packages() {
@@ -88,14 +104,14 @@ start_munge() {
         fi
         chown munge:munge $d
     done
-    munge_works && return 0
-    if pgrep -x munged >/dev/null; then
-        die "munged is running (pid $(pgrep -x munged | tr '\n' ' ')) but 'munge -n | unmunge' fails"
+    # (with no munged, `munge -n` retries for ~15 s before it fails: ask only a running one)
+    if [ -n "$(live_pids munged)" ]; then
+        munge_works && return 0
+        die "munged is running (pid $(live_pids munged | tr '\n' ' ')) but 'munge -n | unmunge' fails"
     fi
     # --force: a socket left behind by a munged that died is not an error
     runuser -u munge -- /usr/sbin/munged --force
-    local i
-    for i in $(seq 50); do
+    for _ in $(seq 50); do
         munge_works && break
         sleep 0.1
     done
@@ -143,9 +159,12 @@ MinJobAge=300
 InactiveLimit=0
 Waittime=0
 BatchStartTimeout=20
-# scheduling: look at pending jobs every 2 s (a dependent or requeued job starts without a long wait)
+# scheduling: look at pending jobs every 2 s (a dependent or requeued job starts without a long wait);
+# kill_invalid_depend: a job whose dependency can never be met (afterok on a failed job) is cancelled
+# rather than left pending forever
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
+DependencyParameters=kill_invalid_depend
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 PriorityType=priority/basic
@@ -180,18 +199,18 @@ cluster_up() {
 }
 
 stop_slurm_daemons() {
-    local f name pid i
+    local f name pid
     for f in slurmd-n1 slurmd-n2 slurmctld; do
         name=${f%%-*} f=/run/dwmtest-$f.pid
         [ -s "$f" ] || continue
         pid=$(cat "$f")
         if alive "$f" "$name"; then
             kill "$pid" 2>/dev/null || true
-            for i in $(seq 100); do
-                kill -0 "$pid" 2>/dev/null || break
+            for _ in $(seq 100); do
+                proc_is "$pid" "$name" || break
                 sleep 0.1
             done
-            kill -9 "$pid" 2>/dev/null || true
+            ! proc_is "$pid" "$name" || kill -9 "$pid" 2>/dev/null || true
         fi
         rm -f "$f"
     done
@@ -209,7 +228,8 @@ if [ -n "$changed" ]; then
         log "slurm.conf changed: restarting the slurm daemons"
         stop_slurm_daemons
     fi
-elif [ $CLEAN = 0 ] && cluster_up; then
+elif [ $CLEAN = 0 ] && alive /run/dwmtest-slurmctld.pid slurmctld && alive /run/dwmtest-slurmd-n1.pid slurmd &&
+    alive /run/dwmtest-slurmd-n2.pid slurmd && cluster_up; then
     log "cluster already up: $(node_states | tr '\n' ' ')"
     exit 0
 fi
@@ -219,9 +239,9 @@ if [ $CLEAN = 1 ] && alive /run/dwmtest-slurmctld.pid slurmctld; then
 fi
 
 if ! alive /run/dwmtest-slurmctld.pid slurmctld; then
-    pgrep -x slurmctld >/dev/null && die "a slurmctld not started by this script is running (pid $(pgrep -x slurmctld | tr '\n' ' '))"
+    [ -z "$(live_pids slurmctld)" ] || die "a slurmctld not started by this script runs (pid $(live_pids slurmctld | tr '\n' ' '))"
     if [ $CLEAN = 1 ]; then slurmctld -c; else slurmctld; fi
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
         alive /run/dwmtest-slurmctld.pid slurmctld && timeout 5 scontrol ping >/dev/null 2>&1 && break
         sleep 0.2
     done
@@ -233,7 +253,7 @@ fi
 for n in "${NODES[@]}"; do
     if ! alive "/run/dwmtest-slurmd-$n.pid" slurmd; then
         slurmd -N "$n"
-        for i in $(seq 50); do
+        for _ in $(seq 50); do
             alive "/run/dwmtest-slurmd-$n.pid" slurmd && break
             sleep 0.1
         done
@@ -244,7 +264,7 @@ $(tail -n 20 "/var/log/slurm/slurmd-$n.log" 2>/dev/null)"
 done
 
 deadline=$((SECONDS + TIMEOUT))
-last_resume=0
+last_resume=-10
 while :; do
     states=$(node_states || true)
     if cluster_up; then
