@@ -55,11 +55,19 @@ def _prepare_data(a) -> None:
 
 
 def _config(a) -> None:
-    from dwmtrain.config import load_config
+    from dwmtrain.config import ConfigError, load_config
 
     if a.config and "=" in a.config and not os.path.exists(a.config):
         a.overrides, a.config = [a.config, *a.overrides], None
     cfg = load_config(a.config, a.overrides)
+    if a.get:  # one resolved value, for scripts (launchers/slurm/*)
+        node = cfg.to_dict()
+        for part in a.get.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"--get {a.get}: no such field")
+            node = node[part]
+        print(node)
+        return
     print(cfg.to_yaml(), end="")
 
 
@@ -151,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config (YAML + overrides)")
     p.add_argument("config", nargs="?")
     p.add_argument("overrides", nargs="*", help="dotted key=value")
+    p.add_argument("--get", default="", help="print one resolved field (e.g. stages.num_stages)")
     p.set_defaults(fn=_config)
     return ap
 

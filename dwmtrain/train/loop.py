@@ -16,6 +16,7 @@ from dwmtrain.train.evaluate import evaluate
 from dwmtrain.train.loss import per_sample_loss, weighted_loss
 from dwmtrain.train.metrics import mfu
 from dwmtrain.train.setup import Run
+from dwmtrain.train.stop import StoppedForTimeLimit
 
 
 @torch.no_grad()
@@ -53,8 +54,11 @@ def train(run: Run) -> None:
         boundary = step in run.starts[1:]
         if boundary or step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
             run.metrics.log({"step": step, "stage": stage, **validate(run), "dwm": rec["dwm"]}, kind="eval")
-        if boundary or step == total or step % cfg.run.checkpoint_every == 0:
+        stop = run.stop.agreed()  # collective: SIGUSR1 on any rank (SLURM's warning before the time limit)
+        if stop or boundary or step == total or step % cfg.run.checkpoint_every == 0:
             run.ckpt.save(eng, step=step, stage=stage, boundary=boundary, dwm=dwm_info)
+        if stop and step < total:
+            raise StoppedForTimeLimit(f"stopped at step {step} on SIGUSR1 with a complete checkpoint")
     bar.close()
     run.metrics.close()
 

@@ -13,6 +13,8 @@ def run_training(cfg: Config) -> int:
     from dwmtrain.stages.handoff import ExternalMetaRequired
     from dwmtrain.train.loop import train
     from dwmtrain.train.setup import setup
+    from dwmtrain.train.stop import EXIT_CODE as STOP_EXIT_CODE
+    from dwmtrain.train.stop import StoppedForTimeLimit
 
     try:
         train(setup(cfg))
@@ -20,6 +22,9 @@ def run_training(cfg: Config) -> int:
     except ExternalMetaRequired as e:
         print(f"[dwmtrain] stopped at a stage boundary: {e}", file=sys.stderr, flush=True)
         return 3
+    except StoppedForTimeLimit as e:
+        print(f"[dwmtrain] {e}; rerun (or requeue) the same command to resume", file=sys.stderr, flush=True)
+        return STOP_EXIT_CODE
     except DWMTrainError as e:
         print(f"[dwmtrain] error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
         if e.hint:

@@ -24,6 +24,7 @@ from dwmtrain.train.checkpoint import Checkpointer
 from dwmtrain.train.engine import build_engine
 from dwmtrain.train.evaluate import ValidationSet, validation_set
 from dwmtrain.train.metrics import MetricsWriter, peak_flops
+from dwmtrain.train.stop import StopRequest
 
 
 @dataclass(kw_only=True)
@@ -43,6 +44,7 @@ class Run:
     handoff: StageHandoff
     starts: list[int]
     n_params: int
+    stop: StopRequest
     start_step: int = 0
     peak_flops: float | None = None  # per device, for MFU (None off GPU or for an unknown GPU)
 
@@ -102,6 +104,7 @@ def setup(cfg: Config) -> Run:
         handoff=StageHandoff(cfg, d, arch, dwm_dtype, rd, resumed.dwm_in_use(starts) if resumed else None),
         starts=starts,
         n_params=count_parameters(cfg.model.preset, vocab),
+        stop=StopRequest(),
         start_step=start_step,
         peak_flops=peak_flops(torch.cuda.get_device_name() if d.accelerator == "cuda" else ""),
     )
