@@ -35,6 +35,8 @@ def init_distributed(timeout_s: int) -> Dist:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    global _POLL_S
+    _POLL_S = min(5.0, timeout_s / 4)
     acc = get_accelerator()
     if not dist.is_initialized():
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
@@ -133,7 +135,10 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def run_on_rank0(fn, poll_s: float = 5.0):
+_POLL_S = 5.0  # run_on_rank0's keep-alive interval: well inside the collective timeout (init_distributed)
+
+
+def run_on_rank0(fn, poll_s: float | None = None):
     """Rank 0 runs ``fn()``; every rank gets its result (or its exception, as ``RankZeroError``).
 
     While ``fn`` runs (a meta job, a data preparation: minutes to hours), rank 0 sends a small broadcast
@@ -142,6 +147,7 @@ def run_on_rank0(fn, poll_s: float = 5.0):
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return fn()
+    poll_s = poll_s or _POLL_S
     if dist.get_rank() != 0:
         while (msg := broadcast_object(None))[0] == "running":
             pass

@@ -34,12 +34,40 @@ MPIRUN = str(Path(sys.executable).parent / "mpirun")
 def bilevel(data64, *extra):
     """8 steps, 2 stages: one meta-update at step 4."""
     return short_run(data64, "stages.total_steps=8", "stages.num_stages=2", "meta.mode=bilevel", "meta.nproc=2",
-                     "meta.steps=3", *extra)  # fmt: skip
+                     "meta.steps=3", "run.dist_timeout_s=4", *extra)  # fmt: skip
 
 
-def test_external_and_local_meta_launches_fit_the_same_dwm(tmp_path, data64):
-    local, ext = tmp_path / "local", tmp_path / "ext"
-    run(pretrain_cmd(local, bilevel(data64)))
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data64):
+    """The 2-rank deepspeed launch with meta.launch=local that the other launch paths must equal."""
+    ref = tmp_path_factory.mktemp("ref") / "run"
+    p = run(pretrain_cmd(ref, bilevel(data64)))
+    return ref, p.stdout + p.stderr
+
+
+def test_a_meta_job_longer_than_the_collective_timeout_keeps_the_ranks_in_touch(reference):
+    ref, out = reference  # run.dist_timeout_s=4: the ranks waiting for the meta job stay in touch
+    took = float(out.split("meta-update done in ")[1].split(" s")[0])
+    assert took > 4, f"the meta job took only {took} s: the test shows nothing"
+    assert sorted(by_step(ref / "metrics.jsonl")) == list(range(1, 9))
+
+
+def test_the_meta_job_reads_consolidated_weights_equal_to_zero_to_fp32(reference):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from dwmtrain.train.checkpoint import safe_torch_load
+
+    ck = reference[0] / "checkpoints"
+    w = load_file(str(ck / "step0000004" / "lm_fp32.safetensors"))
+    with safe_torch_load():
+        z = get_fp32_state_dict_from_zero_checkpoint(str(ck), tag="step0000004")
+    assert sorted(w) == sorted(z) and all(torch.equal(w[k], z[k]) for k in z)
+    assert not (ck / "step0000006" / "lm_fp32.safetensors").exists()  # periodic checkpoints: shards only
+
+
+def test_external_and_local_meta_launches_fit_the_same_dwm(reference, tmp_path, data64):
+    local, ext = reference[0], tmp_path / "ext"
     p = run(pretrain_cmd(ext, bilevel(data64, "meta.launch=external")), check=False)
     assert p.returncode == 3, p.stderr[-3000:]
     printed = p.stderr.split("rerun this command:\n", 1)[1].splitlines()[0]
@@ -52,27 +80,8 @@ def test_external_and_local_meta_launches_fit_the_same_dwm(tmp_path, data64):
     assert [b[s]["loss"] for s in range(1, 9)] == [a[s]["loss"] for s in range(1, 9)]
 
 
-def test_the_meta_job_reads_consolidated_weights_equal_to_zero_to_fp32(tmp_path, data64):
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from safetensors.torch import load_file
-
-    from dwmtrain.train.checkpoint import safe_torch_load
-
-    r = tmp_path / "r"
-    run(pretrain_cmd(r, bilevel(data64, "stages.total_steps=4", "stages.num_stages=2", "meta.mode=none")))
-    assert not (r / "checkpoints" / "step0000002" / "lm_fp32.safetensors").exists()  # only for bilevel
-    run(pretrain_cmd(tmp_path / "b", bilevel(data64)))
-    ck = tmp_path / "b" / "checkpoints"
-    w = load_file(str(ck / "step0000004" / "lm_fp32.safetensors"))
-    with safe_torch_load():
-        z = get_fp32_state_dict_from_zero_checkpoint(str(ck), tag="step0000004")
-    assert sorted(w) == sorted(z) and all(torch.equal(w[k], z[k]) for k in z)
-    assert not (ck / "step0000002" / "lm_fp32.safetensors").exists()  # periodic checkpoints: shards only
-
-
-def test_mpirun_through_a_stage_boundary_equals_the_deepspeed_launch(tmp_path, data64):
-    ds, mpi = tmp_path / "ds", tmp_path / "mpi"
-    run(pretrain_cmd(ds, bilevel(data64)))
+def test_mpirun_through_a_stage_boundary_equals_the_deepspeed_launch(reference, tmp_path, data64):
+    ds, mpi = reference[0], tmp_path / "mpi"
     cmd = [MPIRUN, "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "OMP_NUM_THREADS=1",
            sys.executable, "-m", "dwmtrain.launch.pretrain", "--config", "tiny", "--run-dir", str(mpi),
            "run.threads_per_rank=1", *bilevel(data64)]  # fmt: skip
@@ -80,10 +89,8 @@ def test_mpirun_through_a_stage_boundary_equals_the_deepspeed_launch(tmp_path, d
     assert "world 2" in p.stdout + p.stderr and "meta-update done" in p.stdout + p.stderr
     a, b = by_step(ds / "metrics.jsonl"), by_step(mpi / "metrics.jsonl")
     assert [b[s]["loss"] for s in range(1, 9)] == [a[s]["loss"] for s in range(1, 9)]
-    assert (
-        read_dwm_meta(mpi / "dwm" / "stage2.safetensors")["sha256"]
-        == read_dwm_meta(ds / "dwm" / "stage2.safetensors")["sha256"]
-    )
+    sha = [read_dwm_meta(r / "dwm" / "stage2.safetensors")["sha256"] for r in (ds, mpi)]
+    assert sha[0] == sha[1]
 
 
 def wait_for_step(p, metrics: Path, step: int, timeout: float = 300) -> None:
@@ -134,6 +141,7 @@ def test_a_rank_killed_inside_a_save_leaves_the_previous_checkpoint_the_resume_p
     ck = killed / "checkpoints"
     assert json.loads((ck / "latest.json").read_text())["tag"] == "step0000004"
     assert (ck / "step0000006").is_dir() and not (ck / "step0000006" / "COMPLETE").exists()
+    assert not (ck / "step0000004" / "lm_fp32.safetensors").exists()  # only bi-level runs need the meta job's input
     p = run(pretrain_cmd(killed, args))
     assert "resumed from" in p.stdout + p.stderr and "at step 4" in p.stdout + p.stderr
     a, b = by_step(full / "metrics.jsonl"), by_step(killed / "metrics.jsonl")
@@ -160,14 +168,6 @@ def test_resume_at_another_world_size(tmp_path, data64, before, after):
     for s in (7, 8):  # another reduction order: equal to float32 rounding, not bit for bit
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5), (s, b[s]["loss"], a[s]["loss"])
         assert b[s]["lr"] == a[s]["lr"]
-
-
-def test_a_meta_job_longer_than_the_collective_timeout_keeps_the_ranks_in_touch(tmp_path, data64):
-    r = tmp_path / "r"
-    p = run(pretrain_cmd(r, bilevel(data64, "meta.steps=40", "run.dist_timeout_s=10")))
-    took = float(p.stdout.split("meta-update done in ")[1].split(" s")[0])
-    assert took > 10, f"the meta job took only {took} s: the test shows nothing"
-    assert sorted(by_step(r / "metrics.jsonl")) == list(range(1, 9))
 
 
 @pytest.mark.parametrize(
