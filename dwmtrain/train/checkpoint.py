@@ -262,6 +262,9 @@ class Checkpointer:
             )
         if path is None:
             raise ResumeError(f"DeepSpeed could not load checkpoint {self.rd.checkpoint(tag)}")
+        self._restore_rng(tag)
+
+    def _restore_rng(self, tag: str) -> None:
         rng = self.rd.rng(tag, self.d.rank)
         if rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=True))
@@ -292,9 +295,7 @@ class Checkpointer:
             engine._config.load_universal_checkpoint = False
         if path is None:
             raise ResumeError(f"DeepSpeed could not load the universal checkpoint {uni}")
-        rng = self.rd.rng(tag, self.d.rank)  # ranks that did not exist before start from the seeded state
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=True))
+        self._restore_rng(tag)  # a rank that did not exist before keeps its seeded state
 
     def _agree_complete(self, tag: str, doing: str) -> None:
         """Collective: every rank reports what of its part of ``tag`` its storage lacks; any gap fails all."""
