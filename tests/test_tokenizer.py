@@ -61,3 +61,15 @@ def test_hf_export_on_shipped_tokenizer_and_long_text(tmp_path, sp_model):
 def test_vocab_mismatch_is_refused(sp_model):
     with pytest.raises(ValueError, match=r"4096 pieces but model.vocab_size=32000"):
         check_vocab(Tokenizer(sp_model).vocab_size, 32000, sp_model)
+
+
+def test_hf_export_directory_follows_the_umask(tmp_path, sp_model):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = export_hf(sp_model, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755  # not mkdtemp's 0700

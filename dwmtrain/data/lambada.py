@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,12 @@ def split_last_word(text: str) -> tuple[str, str]:
 
 
 def load_lambada(path: str, tokenizer: Tokenizer, max_len: int) -> list[ClozeItem]:
-    """Read ``{"text": ...}`` lines; a bad line is an error naming file and line."""
-    items = []
+    """Read ``{"text": ...}`` lines; a bad line is an error naming file and line.
+
+    Each item fits ``max_len`` tokens: the context is cut from the left; an item whose target alone
+    leaves no room for a context token is skipped, counted and reported on stderr.
+    """
+    items, too_long = [], []
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -55,9 +60,19 @@ def load_lambada(path: str, tokenizer: Tokenizer, max_len: int) -> list[ClozeIte
             tgt_ids = full[len(ctx_ids) :] if full[: len(ctx_ids)] == ctx_ids else tokenizer.encode(tgt.strip())
             ctx_ids = [BOS_ID] + ctx_ids
             keep = max_len - len(tgt_ids)
+            if keep < 1:  # ctx_ids[-keep:] with keep <= 0 would keep (nearly) the whole context
+                too_long.append(lineno)
+                continue
             items.append(ClozeItem(ctx_ids[-keep:], tgt_ids))
+    if too_long:
+        print(
+            f"[dwmtrain] {path}: skipped {len(too_long)} items whose target needs {max_len} tokens or more "
+            f"(lines {', '.join(map(str, too_long[:10]))}{', ...' if len(too_long) > 10 else ''})",
+            file=sys.stderr,
+            flush=True,
+        )
     if not items:
-        raise DataError(f"{path}: no items")
+        raise DataError(f"{path}: no items" + (f" fit {max_len} tokens" if too_long else ""))
     return items
 
 
