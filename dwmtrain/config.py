@@ -158,8 +158,10 @@ class StagesConfig:
 
         try:
             stage_starts(self.total_steps, self.num_stages, list(self.boundaries))
-        except ValueError as e:
-            raise ConfigError(f"stages.boundaries={self.boundaries!r}: {e}") from None
+        except ValueError as e:  # name the field the user set: boundaries if given, else the stage count
+            if self.boundaries:
+                raise ConfigError(f"stages.boundaries={self.boundaries!r}: {e}") from None
+            raise ConfigError(f"stages.num_stages={self.num_stages}: {e}") from None
 
 
 @dataclass

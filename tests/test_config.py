@@ -111,3 +111,34 @@ def test_stage_schedule():
     assert is_boundary(5, s) and not is_boundary(0, s)
     with pytest.raises(ValueError):
         stage_starts(10, 3, [5])
+
+
+def _dry_run(*args, world="1"):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, WORLD_SIZE=world)
+    return subprocess.run([sys.executable, "-m", "dwmtrain.launch.pretrain", "--dry-run", *args],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+
+
+def test_dry_run_checks_what_the_config_points_at(tmp_path, prepared, sp_model):
+    p = _dry_run("--config", "tiny", f"data.train_data={tmp_path / 'nope'}", "data.raw=[]",
+                 f"data.tokenizer={tmp_path / 'tok.model'}", f"data.lambada_path={tmp_path / 'l.jsonl'}")  # fmt: skip
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "model:" not in p.stdout
+    for field in ("data.train_data=", "data.tokenizer=", "data.lambada_path="):
+        assert field in p.stderr
+    p = _dry_run("--config", "tiny", f"data.train_data={prepared}", "meta.mode=fixed", f"meta.dwm_path={tmp_path}/w")
+    assert p.returncode == 2 and "meta.dwm_path: DWM file" in p.stderr and "not found" in p.stderr
+    p = _dry_run("--config", "tiny", f"data.train_data={prepared}", "model.vocab_size=512")
+    assert p.returncode == 2 and "4096 pieces but model.vocab_size=512" in p.stderr
+    p = _dry_run("--config", "tiny", f"data.train_data={prepared}", "data.seq_len=64")
+    assert p.returncode == 0 and "train_batch_size" in p.stdout
+
+
+def test_config_errors_come_before_the_resolved_config_and_name_the_field_set(prepared):
+    p = _dry_run("--config", "tiny", f"data.train_data={prepared}", world="3")  # 32 sequences over 3 ranks
+    assert p.returncode == 2 and "model:" not in p.stdout and "deepspeed.global_batch_size=32" in p.stderr
+    p = _dry_run("--config", "tiny", f"data.train_data={prepared}", "stages.num_stages=30")
+    assert p.returncode == 2 and "stages.num_stages=30" in p.stderr and "boundaries" not in p.stderr

@@ -17,7 +17,7 @@ import sys
 import warnings
 
 from dwmtrain.config import load_config
-from dwmtrain.errors import DWMTrainError
+from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.rundir import RunDir
 
 
@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     rd = RunDir(a.run_dir)
     try:
         cfg = load_config(rd.config, [*a.overrides, f"run.run_dir={rd.root}"])
+        if not a.checkpoint and not rd.latest.is_file():
+            raise ConfigError(
+                f"--run-dir {rd.root}: {rd.latest} not found (no complete checkpoint); pass --checkpoint TAG"
+            )
         tag = a.checkpoint or json.loads(rd.latest.read_text())["tag"]
         import torch
 

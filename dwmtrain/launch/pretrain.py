@@ -16,6 +16,7 @@ import sys
 import warnings
 
 from dwmtrain.config import ConfigError, build_deepspeed_config, load_config
+from dwmtrain.preflight import check_inputs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def dry_run(cfg) -> None:
+    """Everything checked first (inputs, batch arithmetic for this world size), then printed."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     acc = "cpu"
     try:
@@ -39,9 +41,11 @@ def dry_run(cfg) -> None:
         acc = get_accelerator().device_name()
     except ImportError:
         pass
+    check_inputs(cfg)
+    ds = build_deepspeed_config(cfg, world, acc)
     print(cfg.to_yaml(), end="")
     print(f"# generated DeepSpeed config (world size {world}, accelerator {acc}):")
-    print(json.dumps(build_deepspeed_config(cfg, world, acc), indent=2))
+    print(json.dumps(ds, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.dry_run:
             dry_run(cfg)
             return 0
+        check_inputs(cfg)  # before any process group or GPU is touched
     except ConfigError as e:
         print(f"pretrain: config error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,53 @@
+"""Check what a config points at before any process group, GPU or hour is spent (``--dry-run`` and the
+start of every run): each problem is one line naming the field and the path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dwmtrain.config import Config
+from dwmtrain.errors import ConfigError
+
+
+def check_inputs(cfg: Config) -> None:
+    """Raise ConfigError listing every missing or unusable input the config names."""
+    problems = []
+    d = cfg.data
+    train_index = Path(d.train_data) / "index.json"
+    if not train_index.is_file():
+        missing_raw = [r for r in d.raw if not Path(r).exists()]
+        if not d.raw:
+            problems.append(f"data.train_data={d.train_data}: no prepared data there ({train_index} not found)")
+        elif missing_raw:
+            problems.append(f"data.raw: {', '.join(missing_raw)} not found (and data.train_data is not prepared)")
+    if not Path(d.tokenizer).is_file():
+        problems.append(f"data.tokenizer={d.tokenizer}: not found")
+    else:
+        from dwmtrain.data.tokenizer import Tokenizer, check_vocab
+        from dwmtrain.errors import DWMTrainError
+        from dwmtrain.models.lm import llama_config
+
+        try:
+            vocab = llama_config(cfg.model.preset, cfg.model.vocab_size).vocab_size
+            check_vocab(Tokenizer(d.tokenizer).vocab_size, vocab, d.tokenizer)
+        except DWMTrainError as e:
+            problems.append(f"data.tokenizer: {e}")
+    if d.val_source == "lambada" and not Path(d.lambada_path).is_file():
+        problems.append(f"data.lambada_path={d.lambada_path}: not found (data.val_source=lambada)")
+    if d.val_source == "heldout":
+        held = Path(d.heldout_data or d.train_data) / "index.json"
+        field = "data.heldout_data" if d.heldout_data else "data.train_data"
+        if held.is_file() and "heldout" not in json.loads(held.read_text()).get("splits", {}):
+            problems.append(f"{field}: {held.parent} has no heldout split (data.val_source=heldout)")
+        elif not held.is_file() and (d.heldout_data or not d.raw):
+            problems.append(f"{field}={held.parent}: no prepared data there (data.val_source=heldout)")
+    if cfg.meta.mode == "fixed":
+        from dwmtrain.models.dwm import DWMFileError, read_dwm_meta
+
+        try:
+            read_dwm_meta(cfg.meta.dwm_path)
+        except DWMFileError as e:
+            problems.append(f"meta.dwm_path: {e}")
+    if problems:
+        raise ConfigError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
