@@ -93,9 +93,18 @@ def _train(a, rest: list[str]) -> None:
 def _configs(a) -> None:
     from dwmtrain.config import CONFIG_DIR, bundled_configs
 
-    for name in bundled_configs():
+    names = bundled_configs()
+    width = max(map(len, names))
+    for name in names:
         first = (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        print(f"{name:<16} {first}")
+        print(f"{name:<{width}}  {first}")
+
+
+def _export(a) -> None:
+    from dwmtrain.export import export_checkpoint
+
+    info = export_checkpoint(a.run_dir, a.out, a.checkpoint, a.dtype, a.overwrite)
+    print(f"wrote {a.out}: {info['checkpoint']} (step {info['step']}, stage {info['stage']}) of {info['run_dir']}")
 
 
 def _report(a) -> None:
@@ -155,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="summarize a run: per-stage validation, weights, meta-updates, files")
     p.add_argument("run_dir")
     p.set_defaults(fn=_report)
+
+    p = sub.add_parser("export", help="a checkpoint as a Hugging Face model directory (weights, config, tokenizer)")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", default="", help="tag (step0000100) or step number; default: the newest")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--overwrite", action="store_true", help="replace OUT, only once the new export is complete")
+    p.set_defaults(fn=_export)
+
+    from dwmtrain.select.cli import register as register_select
+
+    register_select(sub)
+
+    from dwmtrain.analysis.cli import register as register_analysis
+
+    register_analysis(sub)
 
     p = sub.add_parser("config", help="print the resolved config (YAML + overrides)")
     p.add_argument("config", nargs="?")

@@ -38,8 +38,8 @@ def package_path(path: str) -> str:
 
 
 def bundled_configs() -> list[str]:
-    """Names of the configs shipped in the package (``--config NAME``)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """Names of the configs shipped in the package (``--config NAME``), experiments included."""
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
 
 
 def _check(cond: bool, name: str, value: Any, why: str) -> None:
@@ -168,8 +168,9 @@ class StagesConfig:
 class MetaConfig:
     """How the DWM is obtained at stage boundaries."""
 
-    mode: str = "bilevel"  #: none (uniform throughout) | fixed (``dwm_path`` for the whole run) | bilevel
+    mode: str = "bilevel"  #: none (uniform) | fixed (``dwm_path`` throughout) | transfer (``dwm_run``) | bilevel
     dwm_path: str = ""  #: fixed mode: a DWM checkpoint (.safetensors) used from step 0 on
+    dwm_run: str = ""  #: transfer mode: a finished bilevel run whose stage-K DWM weighs stage K here (no meta job)
     launch: str = "local"  #: local: rank 0 runs the meta job on this node | external: stop, run it yourself
     steps: int = 20  #: K meta-steps (Adam on the DWM) per boundary
     lr: float = 1e-4  #: Adam learning rate of the DWM
@@ -182,11 +183,13 @@ class MetaConfig:
     backbone_trainable: bool = True  #: train the DWM backbone too (False: only attention + linears)
 
     def __post_init__(self):
-        _one_of("meta.mode", self.mode, ("none", "fixed", "bilevel"))
+        _one_of("meta.mode", self.mode, ("none", "fixed", "transfer", "bilevel"))
         _one_of("meta.launch", self.launch, ("local", "external"))
         _one_of("meta.grad_mode", self.grad_mode, ("fd", "per_sample", "jvp", "unrolled"))
         if self.mode == "fixed":
             _check(bool(self.dwm_path), "meta.dwm_path", self.dwm_path, "meta.mode=fixed needs a DWM file")
+        if self.mode == "transfer":
+            _check(bool(self.dwm_run), "meta.dwm_run", self.dwm_run, "meta.mode=transfer needs a bilevel run directory")
         for f in ("steps", "lr", "fd_eps", "val_batch_size", "nproc", "timeout_s"):
             _positive(f"meta.{f}", getattr(self, f))
         _check(self.lookahead_lr >= 0, "meta.lookahead_lr", self.lookahead_lr, "must be >= 0")
@@ -338,22 +341,51 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A config file, or a bundled config's name (``tiny``, ``experiments/tiny/random_dwm``)."""
+    if not Path(path).exists() and (CONFIG_DIR / f"{path}.yaml").is_file():
+        return CONFIG_DIR / f"{path}.yaml"
+    return Path(path)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, section by section (lists and scalars replace)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def read_config_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """The YAML mapping of a config file, with its ``base:`` config (a bundled name or a path relative to the
+    file) merged underneath: experiment configs state only what differs from the preset they start from."""
+    path = resolve_config_path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path}: base configs form a cycle ({' -> '.join(map(str, _seen))})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: base={base!r}: must name a config")
+    rel = path.parent / base
+    base_path = rel if rel.is_file() else resolve_config_path(base)
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: base={base!r}: no such config (a bundled name or a relative path)")
+    return _merge(read_config_tree(base_path, (*_seen, path.resolve())), tree)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML run config (a file, or a bundled config's name), apply dotted overrides, validate."""
-    tree: dict = {}
-    if path is not None and not Path(path).exists() and (CONFIG_DIR / f"{path}.yaml").is_file():
-        path = CONFIG_DIR / f"{path}.yaml"
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                tree = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path}: not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping")
-    tree = copy.deepcopy(tree)
+    tree = read_config_tree(path) if path is not None else {}
     for ov in overrides:
         key, value = parse_override(ov)
         _set_dotted(tree, key, value)

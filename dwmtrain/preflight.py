@@ -49,5 +49,14 @@ def check_inputs(cfg: Config) -> None:
             read_dwm_meta(cfg.meta.dwm_path)
         except DWMFileError as e:
             problems.append(f"meta.dwm_path: {e}")
+    if cfg.meta.mode == "transfer":
+        from dwmtrain.models.dwm import DWMFileError, read_dwm_meta
+        from dwmtrain.rundir import RunDir
+
+        for k in range(2, cfg.stages.num_stages + 1):
+            try:
+                read_dwm_meta(RunDir(cfg.meta.dwm_run).dwm(k))
+            except DWMFileError as e:
+                problems.append(f"meta.dwm_run={cfg.meta.dwm_run}: stage {k}: {e}")
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))

@@ -18,7 +18,7 @@ from dwmtrain.meta.metagrad import dwm_surrogate, lm_params, meta_gradient
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, dwm_from_state, load_dwm_state, save_dwm, weight_stats
 from dwmtrain.models.lm import build_lm, llama_config
 from dwmtrain.rundir import RunDir
-from dwmtrain.train.checkpoint import RunState, safe_torch_load
+from dwmtrain.train.checkpoint import RunState, consolidated_lm_state
 from dwmtrain.train.evaluate import validation_set
 from dwmtrain.train.loss import scheduled_lr
 
@@ -34,15 +34,7 @@ def load_frozen_lm(cfg: Config, rd: RunDir, tag: str, device, attn: str):
     rank 0, so no other node's shards and no optimizer state are read), else DeepSpeed's zero_to_fp32."""
     vocab = llama_config(cfg.model.preset, cfg.model.vocab_size).vocab_size
     lm = build_lm(cfg.model.preset, vocab, cfg.model.max_seq_len, attn)
-    if rd.lm_weights(tag).is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(rd.lm_weights(tag)))
-    else:  # a checkpoint taken without them: consolidate every rank's shards (needs them all here)
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with safe_torch_load():
-            state = get_fp32_state_dict_from_zero_checkpoint(str(rd.checkpoints), tag=tag)
+    state = consolidated_lm_state(rd, tag)
     lm.load_state_dict(state)
     return lm.to(device).eval().requires_grad_(False), state
 

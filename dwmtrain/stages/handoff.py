@@ -1,8 +1,9 @@
 """Which DWM weighs each stage, and the hand-off at stage boundaries.
 
 modes: ``none`` uniform throughout; ``fixed`` one DWM file for the whole run (the paper's static
-DWM_w1 / DWM_w4 ablations and its 370M -> 1.3B transfer); ``bilevel`` stage 1 uniform, then at each
-boundary the meta-update job fits the DWM for the next stage. Rank 0 reads and verifies the file
+DWM_w1 / DWM_w4 ablations); ``transfer`` stage K is weighed by stage K's DWM of another, finished bilevel
+run (the paper's 370M -> 1.3B and random -> DSIR/QuRating transfers); ``bilevel`` stage 1 uniform, then at
+each boundary the meta-update job fits the DWM for the next stage. Rank 0 reads and verifies the file
 and broadcasts the tensors, so ranks need no shared filesystem.
 """
 
@@ -44,6 +45,8 @@ class StageHandoff:
             return self._fixed
         if stage == 1:
             return None, {"version": "uniform"}
+        if mode == "transfer":  # the source run's DWM of the same stage, as it weighed that stage there
+            return self.broadcast_dwm(str(RunDir(self.cfg.meta.dwm_run).dwm(stage)))
         path = self.rd.dwm(stage)
         status = run_on_rank0(lambda: self._ensure_stage_dwm(stage, path, stage_start_tag))  # ranks stay in touch
         if status != "ok":

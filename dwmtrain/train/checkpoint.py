@@ -363,6 +363,28 @@ def convert_to_universal(src, dst) -> str | None:
     return None
 
 
+def consolidated_lm_state(rd: RunDir, tag: str) -> dict[str, torch.Tensor]:
+    """The LM's full fp32 weights in checkpoint ``tag``: ``lm_fp32.safetensors`` (stage boundaries) when present,
+    else DeepSpeed's zero_to_fp32 over every rank's shards (which must then all be on this machine)."""
+    if not rd.marker(tag).is_file():
+        raise CheckpointError(f"checkpoint {rd.checkpoint(tag)}: not complete (no {rd.marker(tag).name} marker)")
+    if rd.lm_weights(tag).is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(rd.lm_weights(tag)))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    world = json.loads(rd.marker(tag).read_text()).get("compat", {}).get("world_size")
+    gaps = [f for r in range(world or 1) for f in rd.missing_rank_files(tag, r) if "optim" in f]
+    if gaps:  # zero_to_fp32 reads the optimizer shards, where ZeRO-3 keeps the fp32 master weights
+        raise CheckpointError(
+            f"checkpoint {rd.checkpoint(tag)} has no lm_fp32.safetensors and lacks other ranks' shards here "
+            f"({gaps[0]}...): copy every node's part of it to this machine, or use a stage-boundary checkpoint"
+        )
+    with safe_torch_load():
+        return get_fp32_state_dict_from_zero_checkpoint(str(rd.checkpoints), tag=tag)
+
+
 def gather_fp32_weights(module, is_main: bool) -> dict[str, torch.Tensor] | None:
     """Collective: the full fp32 master weights of a ZeRO-3 module, by name, on rank 0 (None elsewhere)."""
     from deepspeed.utils import safe_get_full_fp32_param

@@ -1,0 +1,104 @@
+"""``dwmtrain score`` and ``dwmtrain analyze-preferences``: registered on the main parser by ``register(sub)``.
+
+Kept free of heavy imports (torch, matplotlib): every ``dwmtrain`` command builds the whole parser.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _score(a) -> None:
+    from dwmtrain.analysis.preferences import (
+        check_out_suffix,
+        choose_samples,
+        open_split,
+        quality_scores,
+        resolve_device,
+        score_dataset,
+        score_records,
+        score_summary,
+        write_records,
+    )
+    from dwmtrain.errors import DataError
+    from dwmtrain.models.dwm import load_dwm, read_dwm_meta
+
+    check_out_suffix(a.out)  # before any work: the suffix picks the format
+    meta = read_dwm_meta(a.dwm)
+    dwm = load_dwm(a.dwm).requires_grad_(False)
+    ds = open_split(a.data, a.split)
+    if dwm.arch.vocab_size != ds.vocab_size:
+        raise DataError(
+            f"{a.data}: prepared with a {ds.vocab_size}-piece vocabulary, DWM {a.dwm} has {dwm.arch.vocab_size}"
+        )
+    idx, notes = choose_samples(len(ds), a.samples, a.seed, a.micro_batch, a.shuffle)
+    for note in notes:
+        print(f"note: {note}")
+    dev, dtype = resolve_device(a.device)
+    w, z = score_dataset(dwm, ds, idx, a.micro_batch, dev, dtype, with_logits=True, progress=sys.stderr.isatty())
+    recs = score_records(idx, w, z, ds, a.micro_batch, quality_scores(ds, idx))
+    path = write_records(recs, a.out)
+    stage = f" (stage {meta['stage']})" if meta.get("stage") is not None else ""
+    print(f"scored {len(recs)} {a.split} samples of {a.data} with {a.dwm}{stage} on {dev} ({str(dtype)[6:]})")
+    print(score_summary(recs))
+    print(f"wrote {path}")
+
+
+def _analyze(a) -> None:
+    from dwmtrain.analysis.preferences import analyze_preferences, summary_text
+
+    report = analyze_preferences(
+        a.run_dir,
+        samples=a.samples,
+        split=a.split,
+        data=a.data,
+        out=a.out,
+        seed=a.seed,
+        device=a.device,
+        split_by=a.split_by,
+        progress=sys.stderr.isatty(),
+        log=lambda m: print(m, flush=True),
+    )
+    print(summary_text(report))
+    for p in report["files"].values():
+        print(f"wrote {p}")
+
+
+def register(sub) -> None:
+    """Add ``score`` and ``analyze-preferences`` to the subparsers ``sub`` of the ``dwmtrain`` parser."""
+    p = sub.add_parser(
+        "score",
+        help="weigh samples with one DWM exactly as training does; per-sample records to JSONL or Parquet",
+        description="Scores micro-batches of consecutive chosen samples (no grad, eval mode; bf16 on GPU, fp32 "
+        "on CPU) and writes {index, micro_batch, weight, logit, domain} per sample. Weights have mean 1 within "
+        "each micro-batch, so compare them within one; the logit is the DWM's raw score before that softmax.",
+    )
+    p.add_argument("--dwm", required=True, help="a DWM file (RUN_DIR/dwm/stageK.safetensors)")
+    p.add_argument("--data", required=True, help="a directory written by `dwmtrain prepare-data`")
+    p.add_argument("--split", default="train", choices=("train", "heldout"))
+    p.add_argument(
+        "--samples", type=int, default=0, help="score a seeded random choice of N samples (default: all, in order)"
+    )
+    p.add_argument("--shuffle", action="store_true", help="with all samples: seeded random order, as training")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--micro-batch", type=int, default=8, help="samples the DWM weighs together (training's: 8)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", required=True, help="FILE.jsonl or FILE.parquet")
+    p.set_defaults(fn=_score)
+
+    p = sub.add_parser(
+        "analyze-preferences",
+        help="which data each stage's DWM prefers: domain shares, weight histograms, inter-stage rank correlation",
+        description="Scores the same samples (same micro-batches) with every stage DWM of RUN_DIR and writes "
+        "domains.png, weights_hist.png, rank_correlation.png, preferences.json and summary.txt into OUT. "
+        "Preferred: weight > 1 in its micro-batch (--split-by logit: raw logit above the median).",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--samples", type=int, default=4096, help="samples to score (rounded down to micro-batches)")
+    p.add_argument("--split", default="heldout", choices=("heldout", "train"))
+    p.add_argument("--data", default=None, help="prepared data directory (default: the run's data.train_data)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/analysis)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--split-by", default="weight", choices=("weight", "logit"), help="preferred/unpreferred rule")
+    p.set_defaults(fn=_analyze)

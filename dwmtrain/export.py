@@ -1,0 +1,129 @@
+"""A checkpoint of a run as a Hugging Face model directory (``dwmtrain export``).
+
+The directory holds ``model.safetensors``, ``config.json``, ``generation_config.json`` and the run's
+tokenizer exported so it tokenizes exactly like its sentencepiece model; ``AutoModelForCausalLM`` and
+``AutoTokenizer`` load it without ``trust_remote_code``, so lm-eval and any HF tool can read it.
+``dwmtrain_export.json`` records where it came from (run, checkpoint, step, stage, config hash).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dwmtrain.config import Config, load_config
+from dwmtrain.errors import DWMTrainError
+from dwmtrain.rundir import RunDir
+
+FORMAT = "dwmtrain-hf-export-v1"
+
+
+class ExportError(DWMTrainError):
+    """The run or checkpoint cannot be exported (missing, incomplete, or the output exists)."""
+
+
+def run_config(run_dir: str | os.PathLike) -> Config:
+    """The resolved config a run was trained with (``RUN_DIR/config.yaml``)."""
+    rd = RunDir(run_dir)
+    if not rd.config.is_file():
+        raise ExportError(f"{rd.root}: not a dwmtrain run directory (no {rd.config.name})")
+    return load_config(rd.config)
+
+
+def resolve_tag(rd: RunDir, checkpoint: str | None) -> str:
+    """``checkpoint`` (a tag like step0000100, or a step number), else the newest complete checkpoint."""
+    tags = rd.complete_tags()
+    if checkpoint:
+        tag = RunDir.tag(int(checkpoint)) if checkpoint.isdigit() else checkpoint
+        if tag not in tags:
+            raise ExportError(
+                f"{rd.checkpoint(tag)}: no complete checkpoint (complete ones: {', '.join(tags) or 'none'})"
+            )
+        return tag
+    if not tags:
+        raise ExportError(f"{rd.checkpoints}: no complete checkpoint to export")
+    return tags[-1]
+
+
+def hf_model(cfg: Config, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """A plain ``LlamaForCausalLM`` (standard attention, KV cache on) holding the checkpoint's weights."""
+    from transformers import LlamaForCausalLM
+
+    from dwmtrain.models.lm import llama_config
+
+    hf_cfg = llama_config(cfg.model.preset, cfg.model.vocab_size, cfg.model.max_seq_len, "sdpa")  # as trained
+    hf_cfg.use_cache = True  # generation and lm-eval; training turned it off
+    model = LlamaForCausalLM(hf_cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"checkpoint weights do not fit the {cfg.model.preset} preset: {missing or unexpected}")
+    return model.to(dtype).eval()
+
+
+def export_checkpoint(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    checkpoint: str | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> dict:
+    """Write checkpoint ``checkpoint`` (default: the newest) of ``run_dir`` as an HF directory ``out``."""
+    from transformers import GenerationConfig
+
+    from dwmtrain.data.tokenizer import export_hf
+    from dwmtrain.fileio import sha256_file
+    from dwmtrain.train.checkpoint import consolidated_lm_state
+
+    rd, out = RunDir(run_dir), Path(out)
+    cfg = run_config(rd.root)
+    tag = resolve_tag(rd, checkpoint)
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; pass --overwrite to replace it (only once the new export is complete)")
+    marker = json.loads(rd.marker(tag).read_text())
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = hf_model(cfg, consolidated_lm_state(rd, tag), torch_dtype)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2, max_length=cfg.data.seq_len).save_pretrained(
+            tmp
+        )
+        tok = export_hf(cfg.data.tokenizer, tmp / "tokenizer")
+        for f in tok.iterdir():  # the tokenizer's files sit next to the model's, as HF expects
+            f.rename(tmp / f.name)
+        tok.rmdir()
+        info = {
+            "format": FORMAT,
+            "run_dir": str(rd.root.resolve()),
+            "checkpoint": tag,
+            "step": marker["step"],
+            "stage": marker["stage"],
+            "stage_boundary": marker.get("stage_boundary", False),
+            "config_sha256": marker.get("config_sha256", ""),
+            "dtype": dtype,
+            "tokenizer_sha256": sha256_file(cfg.data.tokenizer),
+        }
+        (tmp / "dwmtrain_export.json").write_text(json.dumps(info, indent=1))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700 (and safetensors 0600): follow the user's umask
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+        if out.exists():  # --overwrite: the old export goes only once the new one is complete
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
