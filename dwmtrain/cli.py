@@ -107,6 +107,37 @@ def _export(a) -> None:
     print(f"wrote {a.out}: {info['checkpoint']} (step {info['step']}, stage {info['stage']}) of {info['run_dir']}")
 
 
+def _eval(a) -> None:
+    from dwmtrain.evaluation import COLUMNS, compare, evaluate_run
+
+    labels = a.labels.split(",") if a.labels else [os.path.basename(os.path.normpath(r)) for r in a.run_dirs]
+    if len(labels) != len(a.run_dirs) or len(set(labels)) != len(labels):
+        from dwmtrain.errors import ConfigError
+
+        raise ConfigError(f"--labels {a.labels!r}: need {len(a.run_dirs)} distinct labels, one per run")
+    shots = tuple(int(k) for k in a.shots.split(","))
+    tasks = a.tasks.split(",") if a.tasks else list(COLUMNS)
+    device = a.device if a.device != "auto" else ("cuda" if _cuda() else "cpu")
+    results = {}
+    for label, run in zip(labels, a.run_dirs):
+        results[label] = evaluate_run(
+            run, a.task_data, shots=shots, tasks=tasks, lambada=not a.no_lambada, checkpoint=a.checkpoint or None,
+            limit=a.limit, batch_size=a.batch_size, device=device, dtype="bfloat16" if device == "cuda" else "float32",
+        )  # fmt: skip
+    from dwmtrain.rundir import RunDir
+
+    out = a.out or (RunDir(a.run_dirs[0]).lm_eval_dir if len(a.run_dirs) == 1 else "eval-" + "-vs-".join(labels))
+    for what, path in compare(results, out, shots, tasks).items():
+        print(f"wrote {path} ({what})")
+    print(open(os.path.join(out, "results.md")).read())
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _report(a) -> None:
     from dwmtrain.report import summarize
 
@@ -172,6 +203,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--overwrite", action="store_true", help="replace OUT, only once the new export is complete")
     p.set_defaults(fn=_export)
+
+    p = sub.add_parser(
+        "eval",
+        help="lm-eval on every stage-end checkpoint of one or more runs (9 tasks 0/2-shot + LAMBADA), cached; "
+        "tables + Figure 2",
+        description="dwmtrain eval RUN_A [RUN_B ...] --task-data DIR: exports each stage-end checkpoint, runs "
+        "lm-evaluation-harness offline on the local task files (docs/evaluation.md), caches the results in "
+        "RUN/lm_eval/, and writes results.md, results.json and figure2.png (one row per run and stage).",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--task-data", required=True, help="local task files: DIR/<task>/<split>.jsonl")
+    p.add_argument("--labels", default="", help="comma-separated names of the runs in the tables (RANDOM,RANDOM+DWM)")
+    p.add_argument("--checkpoint", default="", help="evaluate this one checkpoint (tag or step) instead")
+    p.add_argument("--shots", default="0,2", help="few-shot settings (the paper: 0,2)")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval task names (default: the paper's 9)")
+    p.add_argument("--no-lambada", action="store_true", help="skip LAMBADA (evaluated zero-shot by default)")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (a quick look; not the paper's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--out", default="", help="tables and figure (default: RUN/lm_eval, or eval-A-vs-B for several)")
+    p.set_defaults(fn=_eval)
 
     from dwmtrain.select.cli import register as register_select
 

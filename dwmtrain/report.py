@@ -76,5 +76,15 @@ def summarize(run_dir: str | Path) -> str:
         f"  meta logs    {rd.meta_dir}  (stageK.jsonl per meta-step, stageK.log job output)",
         f"  TensorBoard  {rd.tensorboard}",
         f"  config       {rd.config}, {rd.deepspeed_json}",
+        "",
+        "next (docs/experiments.md; docs/evaluation.md prepares the task data DIR once):",
+        "  lm-eval at every stage end (9 tasks 0/2-shot + LAMBADA), tables and Figure 2:",
+        f"    dwmtrain eval {run} --task-data DIR",
+        "  side by side with another run (RANDOM vs RANDOM+DWM):",
+        f"    dwmtrain eval {run} OTHER_RUN --labels A,B --task-data DIR",
+        "  what each stage's DWM prefers (domains, weights, rank correlation; figures):",
+        f"    dwmtrain analyze-preferences {run}",
+        "  the newest checkpoint as a Hugging Face model:",
+        f"    dwmtrain export {run} --out DIR",
     ]
     return "\n".join(lines)

@@ -8,6 +8,8 @@ RUN_DIR/
   checkpoints/stepNNNNNNN/         DeepSpeed ZeRO-3 shards, rng/rankR.pt, and COMPLETE (the run state)
   dwm/stageK.safetensors(.json)    the DWM that weighs stage K, and its sidecar
   meta/stageK.jsonl, stageK.log    the meta-update job's per-step records and its output
+  lm_eval/<tag>/Kshot.json         lm-eval results of a stage-end checkpoint (``dwmtrain eval``'s cache)
+  analysis/                        ``dwmtrain analyze-preferences`` figures and numbers
 """
 
 from __future__ import annotations
@@ -117,3 +119,16 @@ class RunDir:
 
     def meta_log(self, stage: int) -> Path:
         return self.meta_dir / f"stage{stage}.log"
+
+    # --- evaluation and analysis
+    @property
+    def lm_eval_dir(self) -> Path:
+        return self.root / "lm_eval"
+
+    def lm_eval_result(self, tag: str, shots: int) -> Path:
+        """lm-eval results of checkpoint ``tag`` at ``shots`` few-shot examples, with what produced them."""
+        return self.lm_eval_dir / tag / f"{shots}shot.json"
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.root / "analysis"

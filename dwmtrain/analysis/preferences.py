@@ -723,6 +723,6 @@ def analyze_preferences(
         dtype=str(dtype).split(".")[-1],
         stages_missing=[{"stage": k, "path": os.path.relpath(p, rd.root)} for k, p in missing],
     )
-    out = Path(out) if out else rd.root / "analysis"
+    out = Path(out) if out else rd.analysis_dir
     report["files"] = {name: str(p) for name, p in write_outputs(report, out).items()}
     return report

@@ -1,0 +1,199 @@
+"""The paper's comparisons end to end on the tiny twins: select, train both arms, export, lm-eval, tables,
+Figure 2, preference analysis, and the transfer / static-DWM arms. Every step is the `dwmtrain` command a
+user types (docs/experiments.md), run from a scratch directory that holds the twins' relative paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dwmtrain.config import bundled_configs
+from dwmtrain.rundir import RunDir
+
+from ..conftest import CORPUS, REPO, SP_MODEL
+from .helpers import by_step, records
+
+DWMTRAIN = str(Path(sys.executable).parent / "dwmtrain")
+TASK_DATA = REPO / "tests" / "data" / "lmeval"
+# short: the twins' own stage counts, one optimizer step per stage, one rank, a 2-step meta-update
+SHORT = [
+    "stages.total_steps=5",
+    "deepspeed.global_batch_size=8",
+    "meta.nproc=1",
+    "meta.steps=2",
+    "run.threads_per_rank=1",
+    "run.checkpoint_every=100",
+]
+pytestmark = pytest.mark.slow
+
+
+def dwm(work: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([DWMTRAIN, *args], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode:
+        raise AssertionError(f"dwmtrain {' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def train(work: Path, name: str, *extra: str) -> Path:
+    run = f"runs/exp/tiny-{name}"
+    port = str(29400 + (os.getpid() + hash(name)) % 500)
+    dwm(work, "train", "--nproc", "1", "--master-port", port, "--config", f"experiments/tiny/{name}", "--run-dir", run,
+        *SHORT, *extra)  # fmt: skip
+    return work / run
+
+
+def image_has_content(path: Path) -> None:
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 300, img.shape
+    assert img[..., :3].std() > 0.05, f"{path} is (nearly) one flat colour"
+
+
+@pytest.fixture(scope="module")
+def exp(tmp_path_factory):
+    """Selections from the bundled corpus, then the RANDOM and RANDOM+DWM arms (5 stages each)."""
+    work = tmp_path_factory.mktemp("exp")
+    corpus = str(CORPUS / "sample.jsonl.zst")
+    sel = work / "runs" / "exp" / "select"
+    dwm(work, "select", "random", "--input", corpus, "--out", str(sel / "random.jsonl.zst"), "--budget-docs", "1500")
+    dwm(work, "select", "dsir", "--input", corpus, "--out", str(sel / "dsir.jsonl.zst"), "--budget-docs", "1500",
+        "--target-domains", "python_reference,licenses")  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / "make_tiny_rater.py"), "--out", str(work / "rater")], check=True
+    )
+    dwm(work, "select", "qurating", "--input", corpus, "--out", str(sel / "qurating.jsonl.zst"), "--budget-docs",
+        "1500", "--rater", str(work / "rater"), "--rater-max-length", "128")  # fmt: skip
+    return work, train(work, "random"), train(work, "random_dwm")
+
+
+def test_dsir_selection_moves_toward_its_target_domains(exp):
+    work, _, _ = exp
+    rep = json.loads((work / "runs/exp/select/dsir.report.json").read_text())
+    text = json.dumps(rep)
+    pool, chosen = rep["domains_pool"], rep["domains_selected"]
+    share = lambda d, k: sum(d.get(x, 0) for x in k) / sum(d.values())  # noqa: E731
+    target = ("python_reference", "licenses")
+    assert share(chosen, target) > 3 * share(pool, target), text
+
+
+def test_every_tiny_twin_passes_the_preflight(exp, monkeypatch, capsys):
+    from dwmtrain.launch.pretrain import main as pretrain
+
+    work, _, _ = exp
+    monkeypatch.chdir(work)  # the twins name runs/exp/... relative to where they are launched
+    twins = [n for n in bundled_configs() if n.startswith("experiments/tiny/")]
+    paper = {n.replace("/paper/", "/tiny/") for n in bundled_configs() if n.startswith("experiments/paper/")}
+    assert len(twins) >= 17 and set(twins) == paper  # every paper-scale preset has its twin
+    for name in twins:
+        assert pretrain(["--config", name, "--run-dir", f"runs/exp/dry-{name.split('/')[-1]}", "--dry-run"]) == 0, name
+    assert capsys.readouterr().out.count("# generated DeepSpeed config") == len(twins)
+
+
+def test_export_equals_the_training_model_and_its_tokenizer(exp, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dwmtrain.config import load_config
+    from dwmtrain.data.tokenizer import Tokenizer
+    from dwmtrain.models.lm import build_lm
+    from dwmtrain.train.checkpoint import consolidated_lm_state
+
+    _, _, run = exp
+    rd = RunDir(run)
+    cfg = load_config(rd.config)
+    x = torch.randint(3, 4096, (2, 48), generator=torch.Generator().manual_seed(0))
+    for tag in ("step0000002", "step0000005"):  # a stage boundary (lm_fp32.safetensors) and the final checkpoint
+        out = tmp_path / tag
+        dwm(run.parent, "export", str(run), "--checkpoint", tag, "--out", str(out))
+        lm = build_lm(cfg.model.preset, cfg.model.vocab_size, cfg.model.max_seq_len, cfg.model.attn_implementation)
+        lm.load_state_dict(consolidated_lm_state(rd, tag))
+        hf = AutoModelForCausalLM.from_pretrained(out)  # no trust_remote_code
+        with torch.no_grad():
+            torch.testing.assert_close(hf(x).logits, lm.eval()(x).logits, rtol=1e-5, atol=1e-5)
+        assert json.loads((out / "dwmtrain_export.json").read_text())["checkpoint"] == tag
+    # the boundary checkpoint's fp32 file equals DeepSpeed's own consolidation of the ZeRO-3 shards
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from dwmtrain.train.checkpoint import safe_torch_load
+
+    with safe_torch_load():
+        shards = get_fp32_state_dict_from_zero_checkpoint(str(rd.checkpoints), tag="step0000002")
+    fp32 = load_file(str(rd.lm_weights("step0000002")))
+    assert all(torch.equal(fp32[k], shards[k]) for k in shards) and fp32.keys() == shards.keys()
+    tok, sp = AutoTokenizer.from_pretrained(tmp_path / "step0000005"), Tokenizer(SP_MODEL)
+    text = "def f(x):\n\treturn x  # ünïcödé, 12345 <s> ok\r\n"
+    assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    assert tok.decode(sp.encode(text)) == text
+
+
+def test_eval_two_runs_per_stage_tables_figure_and_cache(exp):
+    work, random_run, dwm_run = exp
+    args = ["eval", str(random_run), str(dwm_run), "--labels", "RANDOM,RANDOM+DWM", "--task-data", str(TASK_DATA),
+            "--out", "cmp"]  # fmt: skip
+    p = dwm(work, *args)
+    res = json.loads((work / "cmp" / "results.json").read_text())
+    for shots in ("0shot", "2shot"):
+        rows = res[shots]
+        assert [(r["run"], r["stage"]) for r in rows] == [(a, k) for a in ("RANDOM", "RANDOM+DWM") for k in range(1, 6)]
+        for r in rows:
+            assert all(0 <= r[t] <= 100 for t in ("arc_easy", "boolq", "hellaswag", "logiqa", "winogrande")), r
+            assert r["AVERAGE"] == pytest.approx(sum(r[t] for t in list(r)[3:12]) / 9)
+    assert all(r["LAMBADA ppl"] > 1 for r in res["0shot"]) and "LAMBADA ppl" not in res["2shot"][0]
+    md = (work / "cmp" / "results.md").read_text()
+    assert (
+        "| run | stage | ARC-C | ARC-E | BoolQ | HellaSwag | LogiQA | OBQA | PIQA | SciQ | WinoGrande | AVERAGE" in md
+    )
+    assert md.count("| RANDOM+DWM | ") == 10, md
+    image_has_content(work / "cmp" / "figure2.png")
+    # the per-checkpoint cache: nothing is evaluated again; a new checkpoint would be
+    assert p.stdout.count("tasks\n") + p.stderr.count("tasks\n") >= 20
+    t0 = time.time()
+    again = dwm(work, *args)
+    assert (again.stdout + again.stderr).count(": cached") == 20, again.stdout[-2000:]
+    assert json.loads((work / "cmp" / "results.json").read_text()) == res
+    assert time.time() - t0 < 60
+
+
+def test_score_and_analyze_preferences_write_records_and_figures(exp, tmp_path):
+    import pyarrow.parquet as pq
+
+    work, _, run = exp
+    data = work / "runs/exp/data/random-64"
+    dwm(work, "score", "--dwm", str(RunDir(run).dwm(3)), "--data", str(data), "--samples", "256",
+        "--out", str(tmp_path / "w.parquet"))  # fmt: skip
+    t = pq.read_table(tmp_path / "w.parquet").to_pylist()
+    assert len(t) == 256 and {"index", "weight", "logit", "domain"} <= set(t[0])
+    for mb in range(0, 256, 8):  # weights are normalized per micro-batch of 8, as in training
+        assert sum(r["weight"] for r in t[mb : mb + 8]) == pytest.approx(8, rel=1e-4)
+    p = dwm(work, "analyze-preferences", str(run), "--samples", "512", "--split", "train")
+    out = RunDir(run).analysis_dir
+    for png in ("domains.png", "weights_hist.png", "rank_correlation.png"):
+        image_has_content(out / png)
+    prefs = json.loads((out / "preferences.json").read_text())
+    assert "stage 5" in (out / "summary.txt").read_text().lower(), p.stdout
+    corr = prefs["correlation"]["spearman_logit"]
+    assert len(corr) == 4 and all(abs(corr[i][i] - 1) < 1e-9 for i in range(4))  # stages 2..5
+
+
+def test_transfer_and_static_arms_use_the_source_runs_dwms(exp):
+    work, _, src = exp
+    src_sha = {k: json.loads(Path(f"{RunDir(src).dwm(k)}.json").read_text())["sha256"] for k in range(2, 6)}
+    for name, want in (
+        ("dsir_dwm", {1: "uniform", **{k: src_sha[k][:12] for k in range(2, 6)}}),  # stage k: the source's stage k
+        ("1.3b_random_dwm", {1: "uniform", **{k: src_sha[k][:12] for k in range(2, 6)}}),  # a bigger LM
+        ("random_dwm_w4", {k: src_sha[5][:12] for k in range(1, 6)}),  # the last DWM throughout
+    ):
+        run = train(work, name)
+        got = {r["stage"]: r["dwm"] for r in records(run / "metrics.jsonl")}
+        assert {k: v.split(":")[-1] for k, v in got.items()} == want, (name, got)
+        assert sorted(by_step(run / "metrics.jsonl")) == [1, 2, 3, 4, 5]
+        assert not RunDir(run).dwm_dir.exists() or not any(RunDir(run).dwm_dir.iterdir())  # no meta job ran
