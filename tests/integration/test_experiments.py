@@ -80,7 +80,7 @@ def test_dsir_selection_moves_toward_its_target_domains(exp):
     rep = json.loads((work / "runs/exp/select/dsir.report.json").read_text())
     text = json.dumps(rep)
     pool, chosen = rep["domains_pool"], rep["domains_selected"]
-    share = lambda d, k: sum(d.get(x, 0) for x in k) / sum(d.values())  # noqa: E731
+    share = lambda d, k: sum(d[x]["documents"] for x in k if x in d) / sum(v["documents"] for v in d.values())  # noqa: E731
     target = ("python_reference", "licenses")
     assert share(chosen, target) > 3 * share(pool, target), text
 
