@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dwmtrain.config import bundled_configs
+from dwmtrain.config import bundled_configs, load_config
 from dwmtrain.rundir import RunDir
 
 from ..conftest import CORPUS, REPO, SP_MODEL
@@ -22,9 +22,11 @@ from .helpers import by_step, records
 
 DWMTRAIN = str(Path(sys.executable).parent / "dwmtrain")
 TASK_DATA = REPO / "tests" / "data" / "lmeval"
-# short: the twins' own stage counts, one optimizer step per stage, one rank, a 2-step meta-update
+# short: 3 stages of one optimizer step each (the twins' own modes; their stage counts pass the preflight test),
+# one rank, a 2-step meta-update
 SHORT = [
-    "stages.total_steps=5",
+    "stages.total_steps=3",
+    "stages.num_stages=3",
     "deepspeed.global_batch_size=8",
     "meta.nproc=1",
     "meta.steps=2",
@@ -60,7 +62,7 @@ def image_has_content(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def exp(tmp_path_factory):
-    """Selections from the bundled corpus, then the RANDOM and RANDOM+DWM arms (5 stages each)."""
+    """Selections from the bundled corpus, then the RANDOM and RANDOM+DWM arms (3 stages each)."""
     work = tmp_path_factory.mktemp("exp")
     corpus = str(CORPUS / "sample.jsonl.zst")
     sel = work / "runs" / "exp" / "select"
@@ -93,8 +95,12 @@ def test_every_tiny_twin_passes_the_preflight(exp, monkeypatch, capsys):
     twins = [n for n in bundled_configs() if n.startswith("experiments/tiny/")]
     paper = {n.replace("/paper/", "/tiny/") for n in bundled_configs() if n.startswith("experiments/paper/")}
     assert len(twins) >= 17 and set(twins) == paper  # every paper-scale preset has its twin
+    src = RunDir(work / "runs/exp/tiny-random_dwm")
     for name in twins:
-        assert pretrain(["--config", name, "--run-dir", f"runs/exp/dry-{name.split('/')[-1]}", "--dry-run"]) == 0, name
+        mode = load_config(name).meta.mode  # transfer / static arms: fit them to the short 3-stage source run
+        extra = {"transfer": ["stages.num_stages=3"], "fixed": [f"meta.dwm_path={src.dwm(3)}"]}.get(mode, [])
+        argv = ["--config", name, "--run-dir", f"runs/exp/dry-{name.split('/')[-1]}", "--dry-run", *extra]
+        assert pretrain(argv) == 0, name
     assert capsys.readouterr().out.count("# generated DeepSpeed config") == len(twins)
 
 
@@ -110,7 +116,7 @@ def test_export_equals_the_training_model_and_its_tokenizer(exp, tmp_path):
     rd = RunDir(run)
     cfg = load_config(rd.config)
     x = torch.randint(3, 4096, (2, 48), generator=torch.Generator().manual_seed(0))
-    for tag in ("step0000002", "step0000005"):  # a stage boundary (lm_fp32.safetensors) and the final checkpoint
+    for tag in ("step0000002", "step0000003"):  # a stage boundary (lm_fp32.safetensors) and the final checkpoint
         out = tmp_path / tag
         dwm(run.parent, "export", str(run), "--checkpoint", tag, "--out", str(out))
         lm = build_lm(cfg.model.preset, cfg.model.vocab_size, cfg.model.max_seq_len, cfg.model.attn_implementation)
@@ -129,7 +135,7 @@ def test_export_equals_the_training_model_and_its_tokenizer(exp, tmp_path):
         shards = get_fp32_state_dict_from_zero_checkpoint(str(rd.checkpoints), tag="step0000002")
     fp32 = load_file(str(rd.lm_weights("step0000002")))
     assert all(torch.equal(fp32[k], shards[k]) for k in shards) and fp32.keys() == shards.keys()
-    tok, sp = AutoTokenizer.from_pretrained(tmp_path / "step0000005"), Tokenizer(SP_MODEL)
+    tok, sp = AutoTokenizer.from_pretrained(tmp_path / "step0000003"), Tokenizer(SP_MODEL)
     text = "def f(x):\n\treturn x  # ünïcödé, 12345 <s> ok\r\n"
     assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
     assert tok.decode(sp.encode(text)) == text
@@ -143,7 +149,7 @@ def test_eval_two_runs_per_stage_tables_figure_and_cache(exp):
     res = json.loads((work / "cmp" / "results.json").read_text())
     for shots in ("0shot", "2shot"):
         rows = res[shots]
-        assert [(r["run"], r["stage"]) for r in rows] == [(a, k) for a in ("RANDOM", "RANDOM+DWM") for k in range(1, 6)]
+        assert [(r["run"], r["stage"]) for r in rows] == [(a, k) for a in ("RANDOM", "RANDOM+DWM") for k in range(1, 4)]
         for r in rows:
             assert all(0 <= r[t] <= 100 for t in ("arc_easy", "boolq", "hellaswag", "logiqa", "winogrande")), r
             assert r["AVERAGE"] == pytest.approx(sum(r[t] for t in list(r)[3:12]) / 9)
@@ -152,13 +158,13 @@ def test_eval_two_runs_per_stage_tables_figure_and_cache(exp):
     assert (
         "| run | stage | ARC-C | ARC-E | BoolQ | HellaSwag | LogiQA | OBQA | PIQA | SciQ | WinoGrande | AVERAGE" in md
     )
-    assert md.count("| RANDOM+DWM | ") == 10, md
+    assert md.count("| RANDOM+DWM | ") == 6, md
     image_has_content(work / "cmp" / "figure2.png")
     # the per-checkpoint cache: nothing is evaluated again; a new checkpoint would be
-    assert p.stdout.count("tasks\n") + p.stderr.count("tasks\n") >= 20
+    assert p.stdout.count("tasks\n") + p.stderr.count("tasks\n") >= 12
     t0 = time.time()
     again = dwm(work, *args)
-    assert (again.stdout + again.stderr).count(": cached") == 20, again.stdout[-2000:]
+    assert (again.stdout + again.stderr).count(": cached") == 12, again.stdout[-2000:]
     assert json.loads((work / "cmp" / "results.json").read_text()) == res
     assert time.time() - t0 < 60
 
@@ -179,21 +185,22 @@ def test_score_and_analyze_preferences_write_records_and_figures(exp, tmp_path):
     for png in ("domains.png", "weights_hist.png", "rank_correlation.png"):
         image_has_content(out / png)
     prefs = json.loads((out / "preferences.json").read_text())
-    assert "stage 5" in (out / "summary.txt").read_text().lower(), p.stdout
+    assert "stage 3" in (out / "summary.txt").read_text().lower(), p.stdout
     corr = prefs["correlation"]["spearman_logit"]
-    assert len(corr) == 4 and all(abs(corr[i][i] - 1) < 1e-9 for i in range(4))  # stages 2..5
+    assert len(corr) == 2 and all(abs(corr[i][i] - 1) < 1e-9 for i in range(2))  # stages 2..3
 
 
 def test_transfer_and_static_arms_use_the_source_runs_dwms(exp):
     work, _, src = exp
-    src_sha = {k: json.loads(Path(f"{RunDir(src).dwm(k)}.json").read_text())["sha256"] for k in range(2, 6)}
-    for name, want in (
-        ("dsir_dwm", {1: "uniform", **{k: src_sha[k][:12] for k in range(2, 6)}}),  # stage k: the source's stage k
-        ("1.3b_random_dwm", {1: "uniform", **{k: src_sha[k][:12] for k in range(2, 6)}}),  # a bigger LM
-        ("random_dwm_w4", {k: src_sha[5][:12] for k in range(1, 6)}),  # the last DWM throughout
+    src_sha = {k: json.loads(Path(f"{RunDir(src).dwm(k)}.json").read_text())["sha256"] for k in range(2, 4)}
+    for name, extra, want in (
+        ("dsir_dwm", [], {1: "uniform", 2: src_sha[2][:12], 3: src_sha[3][:12]}),  # stage k: the source's stage k
+        ("1.3b_random_dwm", [], {1: "uniform", 2: src_sha[2][:12], 3: src_sha[3][:12]}),  # a bigger LM
+        # the source's last DWM throughout (its stage 3 here: the short source run has 3 stages)
+        ("random_dwm_w4", [f"meta.dwm_path={RunDir(src).dwm(3)}"], {k: src_sha[3][:12] for k in range(1, 4)}),
     ):
-        run = train(work, name)
+        run = train(work, name, *extra)
         got = {r["stage"]: r["dwm"] for r in records(run / "metrics.jsonl")}
         assert {k: v.split(":")[-1] for k, v in got.items()} == want, (name, got)
-        assert sorted(by_step(run / "metrics.jsonl")) == [1, 2, 3, 4, 5]
+        assert sorted(by_step(run / "metrics.jsonl")) == [1, 2, 3]
         assert not RunDir(run).dwm_dir.exists() or not any(RunDir(run).dwm_dir.iterdir())  # no meta job ran
