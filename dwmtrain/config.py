@@ -131,6 +131,8 @@ class DWMConfig:
     temperature: float = 1.0  #: softmax temperature of the weights
     uniform_mix: float = 0.0  #: w <- (1-u) w + u, guards against collapse onto few samples
     init_backbone_from_lm: bool = True  #: first boundary: copy the LM into the backbone (as the paper)
+    alarm_ess: float = 0.5  #: alarm when a step's mean ESS falls below this fraction of the micro-batch (collapse)
+    alarm_max_weight: float = 0.5  #: alarm when one sample's weight exceeds this fraction of the micro-batch size
 
     def __post_init__(self):
         from dwmtrain.models.lm import PRESETS
@@ -141,6 +143,8 @@ class DWMConfig:
         _one_of("dwm.pooling", self.pooling, ("mean", "last"))
         _positive("dwm.temperature", self.temperature)
         _check(0.0 <= self.uniform_mix <= 1.0, "dwm.uniform_mix", self.uniform_mix, "must be in [0, 1]")
+        _check(0.0 <= self.alarm_ess <= 1.0, "dwm.alarm_ess", self.alarm_ess, "must be in [0, 1]")
+        _check(0.0 < self.alarm_max_weight <= 1.0, "dwm.alarm_max_weight", self.alarm_max_weight, "must be in (0, 1]")
 
 
 @dataclass
@@ -168,9 +172,10 @@ class StagesConfig:
 class MetaConfig:
     """How the DWM is obtained at stage boundaries."""
 
-    mode: str = "bilevel"  #: none (uniform) | fixed (``dwm_path`` throughout) | transfer (``dwm_run``) | bilevel
+    mode: str = "bilevel"  #: none | fixed (``dwm_path``) | transfer (``dwm_run``) | oracle (``oracle_drop``) | bilevel
     dwm_path: str = ""  #: fixed mode: a DWM checkpoint (.safetensors) used from step 0 on
     dwm_run: str = ""  #: transfer mode: a finished bilevel run whose stage-K DWM weighs stage K here (no meta job)
+    oracle_drop: list[str] = field(default_factory=list)  #: oracle mode: domains weighted 0 (a headroom baseline)
     launch: str = "local"  #: local: rank 0 runs the meta job on this node | external: stop, run it yourself
     steps: int = 20  #: K meta-steps (Adam on the DWM) per boundary
     lr: float = 1e-4  #: Adam learning rate of the DWM
@@ -181,13 +186,22 @@ class MetaConfig:
     nproc: int = 1  #: data-parallel processes of the meta job (GPUs, or CPU processes)
     timeout_s: int = 3600  #: training stops with a resumable checkpoint if the meta job takes longer
     backbone_trainable: bool = True  #: train the DWM backbone too (False: only attention + linears)
+    normalize_grad: bool = (
+        False  #: standardize dR/dw over each micro-batch (scale-free meta-steps; sets kl_weight's unit)
+    )
+    kl_weight: float = 0.0  #: collapse guard: + kl_weight * KL(w/B || uniform); optimum w ~ exp(-dR/dw_std / kl_weight)
 
     def __post_init__(self):
-        _one_of("meta.mode", self.mode, ("none", "fixed", "transfer", "bilevel"))
+        _one_of("meta.mode", self.mode, ("none", "fixed", "transfer", "oracle", "bilevel"))
         _one_of("meta.launch", self.launch, ("local", "external"))
         _one_of("meta.grad_mode", self.grad_mode, ("fd", "per_sample", "jvp", "unrolled"))
         if self.mode == "fixed":
             _check(bool(self.dwm_path), "meta.dwm_path", self.dwm_path, "meta.mode=fixed needs a DWM file")
+        if self.mode == "oracle":
+            _check(
+                bool(self.oracle_drop), "meta.oracle_drop", self.oracle_drop, "meta.mode=oracle needs domains to drop"
+            )
+        _check(self.kl_weight >= 0, "meta.kl_weight", self.kl_weight, "must be >= 0")
         if self.mode == "transfer":
             _check(bool(self.dwm_run), "meta.dwm_run", self.dwm_run, "meta.mode=transfer needs a bilevel run directory")
         for f in ("steps", "lr", "fd_eps", "val_batch_size", "nproc", "timeout_s"):

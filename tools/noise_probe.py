@@ -56,13 +56,55 @@ def roc_auc(scores: list[float], labels: list[int]) -> float:
     return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
-def build_noisy_corpus(out: Path, clean_out: Path, n_docs: int, fraction: float, seed: int) -> dict:
+BOILERPLATE = [
+    "Click here to subscribe to our newsletter and never miss an update!",
+    "Copyright (c) All rights reserved. Terms of use | Privacy policy | Cookie settings",
+    "Share this: Facebook Twitter LinkedIn Email Print",
+    "Home > Products > Category > Page 1 of 12 > Next",
+    "This website uses cookies to improve your experience. Accept Reject Read more",
+]
+CORRUPTIONS = ("shuffle", "random", "boilerplate", "file")
+
+
+def corrupt(text: str, kind: str, rng: random.Random, tok, bad_docs: list[str]) -> str:
+    """One corrupted document of about the same length: token-shuffled, uniformly random tokens, repeated
+    boilerplate lines, or the next document of a user-given bad file."""
+    if kind == "file":
+        return bad_docs[rng.randrange(len(bad_docs))]
+    ids = tok.encode(text)
+    if kind == "shuffle":  # the same tokens, order destroyed
+        rng.shuffle(ids)
+        return tok.decode(ids)
+    if kind == "random":  # pieces drawn uniformly from the vocabulary (byte pieces and specials excluded)
+        return tok.decode([rng.randrange(259, tok.vocab_size) for _ in ids])
+    lines, n = [], 0
+    while n < len(ids):  # boilerplate: a few navigation / legal lines repeated to the original length
+        line = BOILERPLATE[rng.randrange(len(BOILERPLATE))]
+        lines.append(line)
+        n += len(tok.encode(line)) + 1
+    return "\n".join(lines)
+
+
+def build_noisy_corpus(
+    out: Path, clean_out: Path, n_docs: int, fraction: float, seed: int, kind: str = "shuffle", bad_file: str = ""
+) -> dict:
     import zstandard
 
     from dwmtrain.data.tokenizer import Tokenizer
 
     tok = Tokenizer(SP)
     rng = random.Random(seed)
+    bad_docs = []
+    if kind == "file":
+        with open(bad_file, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        bad_docs.append(json.loads(line)["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        sys.exit(f"noise_probe: {bad_file}:{i}: not a SlimPajama record with 'text' ({e})")
+        if not bad_docs:
+            sys.exit(f"noise_probe: {bad_file}: no documents")
     raw = zstandard.ZstdDecompressor().stream_reader(open(CORPUS / "sample.jsonl.zst", "rb"))
     recs = []
     for line in io.TextIOWrapper(raw, encoding="utf-8"):
@@ -78,15 +120,13 @@ def build_noisy_corpus(out: Path, clean_out: Path, n_docs: int, fraction: float,
     with open(out, "w", encoding="utf-8") as f:
         for r in recs:
             if rng.random() < fraction:
-                ids = tok.encode(r["text"])
-                rng.shuffle(ids)
                 r = {
-                    "text": tok.decode(ids),
+                    "text": corrupt(r["text"], kind, rng, tok, bad_docs),
                     "meta": {"redpajama_set_name": "corrupted", "original": r["meta"]["redpajama_set_name"]},
                 }
                 n_bad += 1
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return {"documents": len(recs), "corrupted": n_bad}
+    return {"documents": len(recs), "corrupted": n_bad, "corruption": kind}
 
 
 def sh(cmd: list[str], log: Path, env: dict | None = None) -> None:
@@ -140,6 +180,7 @@ def base_overrides(args) -> list[str]:
         f"data.heldout_data={args.work / 'clean'}",
         f"meta.val_batch_size={args.val_batch}",
         f"run.seed={args.seed}",
+        *args.set,
     ]
 
 
@@ -163,9 +204,56 @@ def score_heldout(run_dir: Path, data_dir: Path, stage: int, n_batches: int, see
     return scores, labels
 
 
-def final_val(run_dir: Path) -> float:
+def stage_end_val(run_dir: Path) -> dict[int, float]:
+    """{step: clean held-out validation loss} at every stage end (eval.jsonl)."""
     recs = [json.loads(x) for x in RunDir(run_dir).evals.read_text().splitlines() if x.strip()]
-    return recs[-1]["val_loss"]
+    return {r["step"]: r["val_loss"] for r in recs}
+
+
+ARMS = {
+    "uniform": ["meta.mode=none"],
+    "oracle": ["meta.mode=oracle", "meta.oracle_drop=[corrupted]"],  # corrupted weighted 0: the headroom
+    "dwm": ["meta.mode=bilevel"],
+}
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
+
+
+def compare(args, log: Path) -> dict:
+    """uniform / oracle / DWM over the same steps, data order and seed (per seed); stage-end validation."""
+    vals: dict[str, list[dict[int, float]]] = {arm: [] for arm in args.arms}
+    for seed in range(args.seeds):
+        for arm in args.arms:
+            run = args.work / f"cmp-{arm}-s{seed}"
+            over = [f"stages.total_steps={args.compare}", "stages.num_stages=5", "run.eval_batches=8"]
+            pretrain(run, args, [*ARMS[arm], *over, f"run.seed={seed}"], log)
+            vals[arm].append(stage_end_val(run))
+            print(f"  {arm} seed {seed}: " + ", ".join(f"{v:.4f}" for v in vals[arm][-1].values()), flush=True)
+    steps = sorted(vals[args.arms[0]][0])
+    lines = ["| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for arm in args.arms:
+        cells = [mean_std([v[s] for v in vals[arm]]) for s in steps]
+        lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in cells) + " |")
+    out = {"steps": steps, "val_loss": vals}
+    if {"uniform", "oracle", "dwm"} <= set(args.arms):
+        last = steps[-1]
+        u, o, w = ([v[last] for v in vals[a]] for a in ("uniform", "oracle", "dwm"))
+        gains = [a - b for a, b in zip(u, w)]  # per seed: uniform - DWM (positive: the DWM helps)
+        gap = [(a - b) / (a - c) for a, b, c in zip(u, w, o)]
+        gm, gs = mean_std(gains)
+        out["gap_closed"], out["gain"] = mean_std(gap), (gm, gs)
+        gap_of_means = (mean_std(u)[0] - mean_std(w)[0]) / (mean_std(u)[0] - mean_std(o)[0])
+        lines.append(
+            f"\ngap closed at step {last}: {100 * gap_of_means:.1f}% of the oracle's gain (of the means; per seed "
+            f"{', '.join(f'{100 * g:.1f}%' for g in gap)}); DWM better than uniform by {gm:.4f} ± {gs:.4f} nats "
+            f"({'more' if gm > 2 * gs else 'less'} than twice its std)"
+        )
+        out["gap_closed_of_means"] = gap_of_means
+    out["table"] = "\n".join(lines)
+    return out
 
 
 def main(argv=None) -> int:
@@ -197,9 +285,19 @@ def main(argv=None) -> int:
         type=int,
         default=0,
         metavar="STEPS",
-        help="also train uniform vs bi-level DWM for STEPS steps (5 stages) and report val loss",
+        help="also train the --arms for STEPS steps (5 stages) per seed and tabulate stage-end validation loss",
     )
+    ap.add_argument("--seeds", type=int, default=1, help="--compare: seeds 0..N-1 (data order and init)")
+    ap.add_argument("--arms", default="uniform,oracle,dwm", type=lambda v: v.split(","), help="--compare arms")
+    ap.add_argument("--corruption", default="shuffle", choices=CORRUPTIONS, help="how corrupted documents are made")
+    ap.add_argument("--bad-file", default="", help="--corruption file: SlimPajama JSONL of bad documents to mix in")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="config override for every run and the meta job (e.g. meta.kl_weight=1.0)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    if (args.corruption == "file") != bool(args.bad_file):
+        ap.error("--bad-file goes with --corruption file (and needs it)")
     args.work = args.work.resolve()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
@@ -207,7 +305,10 @@ def main(argv=None) -> int:
 
     from dwmtrain.data.prepare import prepare_data
 
-    info = build_noisy_corpus(args.work / "noisy.jsonl", args.work / "clean.jsonl", args.docs, args.fraction, args.seed)
+    info = build_noisy_corpus(
+        args.work / "noisy.jsonl", args.work / "clean.jsonl", args.docs, args.fraction, args.seed,
+        args.corruption, args.bad_file,
+    )  # fmt: skip
     for name, out, heldout in (("clean.jsonl", "clean", 0.5), ("noisy.jsonl", "data", 0.05)):
         prepare_data(
             [str(args.work / name)],
@@ -218,7 +319,7 @@ def main(argv=None) -> int:
             heldout_fraction=heldout,
             progress=False,
         )
-    print(f"noisy corpus: {info['corrupted']}/{info['documents']} documents token-shuffled", flush=True)
+    print(f"noisy corpus: {info['corrupted']}/{info['documents']} documents corrupted ({args.corruption})", flush=True)
 
     run = args.work / "probe"
     pretrain(run, args, ["meta.mode=none", f"stages.total_steps={args.steps}", "stages.num_stages=1"], log)
@@ -236,23 +337,8 @@ def main(argv=None) -> int:
     result = {"auc": auc, "clean": len(clean), "corrupted": len(bad), **info}
 
     if args.compare:
-        for mode in ("none", "bilevel"):
-            pretrain(
-                args.work / f"cmp-{mode}",
-                args,
-                [
-                    f"meta.mode={mode}",
-                    f"stages.total_steps={args.compare}",
-                    "stages.num_stages=5",
-                    "run.eval_batches=8",
-                ],
-                log,
-            )
-            result[f"val_loss_{'uniform' if mode == 'none' else 'dwm'}"] = final_val(args.work / f"cmp-{mode}")
-        print(
-            f"validation loss after {args.compare} steps: uniform {result['val_loss_uniform']:.4f}, "
-            f"DWM {result['val_loss_dwm']:.4f}"
-        )
+        result["compare"] = compare(args, log)
+        print(result["compare"]["table"], flush=True)
     (args.work / "result.json").write_text(json.dumps(result, indent=1))
     return 1 if auc < args.min_auc else 0
 

@@ -15,7 +15,15 @@ from dwmtrain.config import Config
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
 from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier
 from dwmtrain.meta.metagrad import dwm_surrogate, lm_params, meta_gradient
-from dwmtrain.models.dwm import DataWeightingModel, DWMArch, dwm_from_state, load_dwm_state, save_dwm, weight_stats
+from dwmtrain.models.dwm import (
+    DataWeightingModel,
+    DWMArch,
+    dwm_from_state,
+    kl_to_uniform,
+    load_dwm_state,
+    save_dwm,
+    weight_stats,
+)
 from dwmtrain.models.lm import build_lm, llama_config
 from dwmtrain.rundir import RunDir
 from dwmtrain.train.checkpoint import RunState, consolidated_lm_state
@@ -59,7 +67,13 @@ def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc)
     g = meta_gradient(lm, params, x, vb, w.detach(), alpha, mc.grad_mode, mc.fd_eps)
     trainable = [p for group in opt.param_groups for p in group["params"]]
     opt.zero_grad(set_to_none=False)
-    dwm_surrogate(w, g.dR_dw).backward()
+    dR = g.dR_dw
+    if mc.normalize_grad:  # per micro-batch: the mean does not change the gradient (sum w = B), the scale does
+        dR = (dR - dR.mean()) / dR.std(unbiased=False).clamp_min(1e-20)
+    objective = dwm_surrogate(w, dR) / w.shape[0] if mc.normalize_grad else dwm_surrogate(w, dR)
+    if mc.kl_weight:  # collapse guard: the optimum becomes w ~ exp(-dR / kl_weight), not one sample
+        objective = objective + mc.kl_weight * kl_to_uniform(w)
+    objective.backward()
     gnorm = all_reduce_grads(trainable)
     opt.step()
     s = weight_stats(w)

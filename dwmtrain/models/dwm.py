@@ -32,6 +32,19 @@ def normalize_weights(logits: torch.Tensor, temperature: float = 1.0, uniform_mi
     return (1.0 - uniform_mix) * w + uniform_mix
 
 
+def kl_to_uniform(w: torch.Tensor) -> torch.Tensor:
+    """KL(w/B || uniform) of mean-1 weights [B]: 0 when uniform, log B when all weight is on one sample."""
+    p = w / w.sum()
+    return (p * (p.clamp_min(1e-30) * w.shape[-1]).log()).sum()
+
+
+def oracle_weights(keep: torch.Tensor) -> torch.Tensor:
+    """The best a per-sample weighting can do on labelled data: 0 for dropped samples, the kept ones
+    renormalized to mean 1 over the micro-batch (all zero if every sample is dropped)."""
+    keep = keep.float()
+    return keep * keep.shape[-1] / keep.sum().clamp_min(1.0)
+
+
 def weight_stats(w: torch.Tensor) -> dict[str, float]:
     """Entropy (nats; log B is uniform), effective sample size, min, max of one micro-batch's weights."""
     w = w.detach().float()

@@ -2,9 +2,10 @@
 
 modes: ``none`` uniform throughout; ``fixed`` one DWM file for the whole run (the paper's static
 DWM_w1 / DWM_w4 ablations); ``transfer`` stage K is weighed by stage K's DWM of another, finished bilevel
-run (the paper's 370M -> 1.3B and random -> DSIR/QuRating transfers); ``bilevel`` stage 1 uniform, then at
-each boundary the meta-update job fits the DWM for the next stage. Rank 0 reads and verifies the file
-and broadcasts the tensors, so ranks need no shared filesystem.
+run (the paper's 370M -> 1.3B and random -> DSIR/QuRating transfers); ``oracle`` weighs samples of the
+domains in ``meta.oracle_drop`` 0 (a headroom baseline on labelled data, e.g. the noise probe's corrupted
+documents); ``bilevel`` stage 1 uniform, then at each boundary the meta-update job fits the DWM for the next
+stage. Rank 0 reads and verifies the file and broadcasts the tensors, so ranks need no shared filesystem.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 import torch
 
 from dwmtrain.distributed import Dist, broadcast_tensors, run_on_rank0
-from dwmtrain.models.dwm import DWMArch, DWMFileError, dwm_from_state, load_dwm_state
+from dwmtrain.models.dwm import DWMArch, DWMFileError, dwm_from_state, load_dwm_state, oracle_weights
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.meta_job import MetaJobError, meta_job_command, run_meta_job
 
@@ -24,13 +25,36 @@ class ExternalMetaRequired(RuntimeError):
     """meta.launch=external: stop here so the meta job can be run as its own (e.g. SLURM) job."""
 
 
+class DomainOracle:
+    """Weights from the samples' domain labels: those in ``drop`` get 0, the rest mean 1 per micro-batch."""
+
+    def __init__(self, data, drop: list[str]):
+        unknown = sorted(set(drop) - set(data.domain_names))
+        if unknown:
+            from dwmtrain.errors import ConfigError
+
+            raise ConfigError(f"meta.oracle_drop={drop}: {unknown} not among the data's domains {data.domain_names}")
+        self.data = data
+        self.keep = torch.tensor([name not in drop for name in data.domain_names])
+
+    def weights(self, indices: list[int]) -> torch.Tensor:
+        return oracle_weights(self.keep[torch.as_tensor(self.data.domains[indices].astype("int64"))])
+
+
 class StageHandoff:
     """Provides the (frozen, replicated) DWM for each stage."""
 
     def __init__(
-        self, cfg, d: Dist, arch: DWMArch, dtype: torch.dtype, run_dir: RunDir, expect_sha: dict[int, str] | None = None
+        self,
+        cfg,
+        d: Dist,
+        arch: DWMArch,
+        dtype: torch.dtype,
+        run_dir: RunDir,
+        expect_sha: dict[int, str] | None = None,
+        data=None,
     ):
-        self.cfg, self.d, self.arch, self.dtype, self.rd = cfg, d, arch, dtype, run_dir
+        self.cfg, self.d, self.arch, self.dtype, self.rd, self.data = cfg, d, arch, dtype, run_dir, data
         self._fixed = None
         self.expect_sha = dict(expect_sha or {})  # stage -> sha256 a resumed checkpoint was trained with
 
@@ -39,6 +63,8 @@ class StageHandoff:
         mode = self.cfg.meta.mode
         if mode == "none":
             return None, {"version": "uniform"}
+        if mode == "oracle":
+            return DomainOracle(self.data, self.cfg.meta.oracle_drop), {"version": "oracle"}
         if mode == "fixed":
             if self._fixed is None:
                 self._fixed = self.broadcast_dwm(self.cfg.meta.dwm_path)

@@ -11,6 +11,7 @@ from dwmtrain.data.dataset import rank_micro_batches
 from dwmtrain.distributed import all_reduce_
 from dwmtrain.models.dwm import weight_stats
 from dwmtrain.rundir import RunDir
+from dwmtrain.stages.handoff import DomainOracle
 from dwmtrain.stages.schedule import stage_of
 from dwmtrain.train.evaluate import evaluate
 from dwmtrain.train.loss import per_sample_loss, weighted_loss
@@ -20,16 +21,20 @@ from dwmtrain.train.stop import StoppedForTimeLimit
 
 
 @torch.no_grad()
-def weigh(dwm, x: torch.Tensor) -> torch.Tensor:
-    """Weights [B] (mean 1) from the frozen DWM, or uniform."""
-    return torch.ones(x.shape[0], device=x.device) if dwm is None else dwm(x).float()
+def weigh(dwm, x: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """Weights [B] (mean 1) from the frozen DWM, the domain oracle, or uniform."""
+    if dwm is None:
+        return torch.ones(x.shape[0], device=x.device)
+    if isinstance(dwm, DomainOracle):
+        return dwm.weights(indices).to(x.device)
+    return dwm(x).float()
 
 
 def train(run: Run) -> None:
     cfg, d, eng, plan = run.cfg, run.d, run.engine, run.plan
     total, step = cfg.stages.total_steps, run.start_step
     batches = rank_micro_batches(run.order, step * plan.global_batch_size, d.rank, d.world, plan.micro_batch_size)
-    dwm, dwm_info, dwm_stage = None, {}, None
+    dwm, dwm_info, dwm_stage, alarmed = None, {}, None, set()
     bar = tqdm(total=total, initial=step, disable=not d.is_main, unit="step", dynamic_ncols=True, mininterval=2)
     while step < total:
         stage = stage_of(step, run.starts)
@@ -39,14 +44,16 @@ def train(run: Run) -> None:
         t0, lr = time.time(), eng.get_lr()[0]  # the lr this step uses (the scheduler steps inside eng.step)
         stats = StepStats()
         for _ in range(plan.gradient_accumulation_steps):
-            x = run.data.batch(next(batches)[1]).to(d.device)
-            w = weigh(dwm, x)  # [B], mean 1
+            idx = next(batches)[1]
+            x = run.data.batch(idx).to(d.device)
+            w = weigh(dwm, x, idx)  # [B], mean 1
             losses = per_sample_loss(eng(input_ids=x).logits, x)  # [B]
             eng.backward(weighted_loss(losses, w))
             eng.step()
             stats.add(losses, w)
         step += 1
         rec = step_record(run, step, stage, lr, time.time() - t0, dwm_info.get("version", "uniform"), stats.reduce())
+        alarmed = raise_alarm(run, rec, alarmed)
         if step % cfg.run.log_every == 0 or step == total:
             run.metrics.log(rec)
         bar.update(1)
@@ -112,6 +119,30 @@ def step_record(run: Run, step: int, stage: int, lr: float, dt: float, dwm_versi
     if (u := mfu(tps, run.n_params, run.d.world, run.peak_flops)) is not None:
         rec["mfu"] = u
     return rec
+
+
+def weight_alarm(stats: dict, micro_batch: int, ess_frac: float, max_frac: float) -> str:
+    """Why a step's weights look collapsed ('' if they do not): mean ESS or the largest weight past a threshold."""
+    why = []
+    if stats["w_ess"] < ess_frac * micro_batch:
+        why.append(f"mean ESS {stats['w_ess']:.2f} < {ess_frac:g} x {micro_batch}")
+    if stats["w_max"] > max_frac * micro_batch:
+        why.append(f"max weight {stats['w_max']:.2f} > {max_frac:g} x {micro_batch}")
+    return "; ".join(why)
+
+
+def raise_alarm(run: Run, rec: dict, alarmed: set) -> set:
+    """Mark collapsed weights in the step's record (metrics.jsonl, TensorBoard) and say so once per stage."""
+    why = weight_alarm(rec, run.plan.micro_batch_size, run.cfg.dwm.alarm_ess, run.cfg.dwm.alarm_max_weight)
+    rec["w_alarm"] = int(bool(why))
+    if why and rec["stage"] not in alarmed:
+        if run.d.is_main:
+            tqdm.write(
+                f"[dwmtrain] ALARM stage {rec['stage']} step {rec['step']}: DWM weights collapsing ({why}); "
+                "guards: meta.kl_weight, dwm.uniform_mix, dwm.temperature, a smaller meta.lr"
+            )
+        return alarmed | {rec["stage"]}
+    return alarmed
 
 
 def validate(run: Run) -> dict:

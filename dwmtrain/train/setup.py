@@ -101,7 +101,7 @@ def setup(cfg: Config) -> Run:
         val=validation_set(cfg),
         ckpt=ckpt,
         metrics=MetricsWriter(rd, d.is_main, cfg.run.tensorboard, start_step if resumed else None),
-        handoff=StageHandoff(cfg, d, arch, dwm_dtype, rd, resumed.dwm_in_use(starts) if resumed else None),
+        handoff=StageHandoff(cfg, d, arch, dwm_dtype, rd, resumed.dwm_in_use(starts) if resumed else None, data=data),
         starts=starts,
         n_params=count_parameters(cfg.model.preset, vocab),
         stop=StopRequest(),
@@ -164,7 +164,7 @@ def compat_fields(cfg: Config, world: int, plan: BatchPlan, vocab: int, tok_sha:
 def announce(run: Run, arch: DWMArch) -> None:
     """The start-up lines: model size, world, batch, stages, and the paper's Eq. 9 DWM overhead."""
     cfg, d, plan = run.cfg, run.d, run.plan
-    if cfg.meta.mode != "none":
+    if cfg.meta.mode not in ("none", "oracle"):
         p_w = dwm_parameter_count(arch)
         log0(
             d,

@@ -37,15 +37,15 @@ def main():
     fresh = DataWeightingModel(arch).eval()
     g = torch.Generator().manual_seed(100 + d.rank)
     x = torch.randint(0, 512, (8, 32), generator=g)
-    assert torch.equal(weigh(fresh, x), torch.ones(8)), "fresh DWM must give exactly uniform weights"
+    assert torch.equal(weigh(fresh, x, []), torch.ones(8)), "fresh DWM must give exactly uniform weights"
 
     torch.manual_seed(7)  # same DWM on every rank
     dwm = DataWeightingModel(arch).eval()
     torch.nn.init.normal_(dwm.fc2.weight, std=2.0)
-    w = weigh(dwm, x)
+    w = weigh(dwm, x, [])
     assert w.std() > 0.05 and abs(w.mean().item() - 1) < 1e-5, w
     perm = torch.randperm(8, generator=g)
-    assert torch.allclose(weigh(dwm, x[perm]), w[perm], atol=1e-5), "permuting the batch must permute the weights"
+    assert torch.allclose(weigh(dwm, x[perm], []), w[perm], atol=1e-5), "permuting the batch must permute the weights"
 
     loss = weighted_loss(per_sample_loss(eng(input_ids=x).logits, x), w)
     eng.backward(loss)
