@@ -187,9 +187,9 @@ class MetaConfig:
     timeout_s: int = 3600  #: training stops with a resumable checkpoint if the meta job takes longer
     backbone_trainable: bool = True  #: train the DWM backbone too (False: only attention + linears)
     normalize_grad: bool = (
-        False  #: standardize dR/dw over each micro-batch (scale-free meta-steps; sets kl_weight's unit)
+        False  #: standardize dR/dw over each micro-batch (scale-free meta-steps; sets spread_penalty's unit)
     )
-    kl_weight: float = 0.0  #: collapse guard: + kl_weight * KL(w/B || uniform); optimum w ~ exp(-dR/dw_std / kl_weight)
+    spread_penalty: float = 0.0  #: collapse guard: + spread_penalty * var(log w) over the micro-batch (0: off)
 
     def __post_init__(self):
         _one_of("meta.mode", self.mode, ("none", "fixed", "transfer", "oracle", "bilevel"))
@@ -201,7 +201,7 @@ class MetaConfig:
             _check(
                 bool(self.oracle_drop), "meta.oracle_drop", self.oracle_drop, "meta.mode=oracle needs domains to drop"
             )
-        _check(self.kl_weight >= 0, "meta.kl_weight", self.kl_weight, "must be >= 0")
+        _check(self.spread_penalty >= 0, "meta.spread_penalty", self.spread_penalty, "must be >= 0")
         if self.mode == "transfer":
             _check(bool(self.dwm_run), "meta.dwm_run", self.dwm_run, "meta.mode=transfer needs a bilevel run directory")
         for f in ("steps", "lr", "fd_eps", "val_batch_size", "nproc", "timeout_s"):

@@ -92,10 +92,53 @@ def test_meta_step_at_world_size_1_follows_the_exact_dwm_gradient(setup):
     g_ref = dwm_grad(copy.deepcopy(dwm0), x, ref)
     before = torch.cat([p.detach().flatten().clone() for p in dwm.parameters()])
     opt = torch.optim.SGD(dwm.parameters(), lr=1e-3)
-    rec = meta_step(dwm, opt, lm, params, x, vb, 0.5, SimpleNamespace(grad_mode="per_sample", fd_eps=1e-2))
+    mc = SimpleNamespace(grad_mode="per_sample", fd_eps=1e-2, normalize_grad=False, spread_penalty=0.0)
+    rec = meta_step(dwm, opt, lm, params, x, vb, 0.5, mc)
     after = torch.cat([p.detach().flatten() for p in dwm.parameters()])
     assert torch.allclose(after - before, -1e-3 * g_ref, rtol=1e-6, atol=1e-12)
     assert rec["grad_norm"] == pytest.approx(g_ref.norm().item(), rel=1e-6)
     assert rec["val_loss_theta_star"] == pytest.approx(ref.val_after, rel=1e-10)
     assert rec["val_loss_theta"] == pytest.approx(ref.val_before, rel=1e-10)
     assert rec["w_min"] < 1 < rec["w_max"] and 1 < rec["weight_ess"] < 8
+
+
+def test_normalized_meta_gradient_is_the_same_direction_at_a_known_scale(setup):
+    """normalize_grad: sum(w) = B is constant, so centring dR/dw changes nothing; the scale is 1 / (B std)."""
+    import copy
+    from types import SimpleNamespace
+
+    from dwmtrain.meta.update import meta_step
+
+    lm, dwm0, x, vb = setup
+    dwm, params = copy.deepcopy(dwm0), lm_params(lm)
+    ref = meta_gradient(lm, params, x, vb, dwm(x).detach(), 0.5, "per_sample")
+    g_ref = dwm_grad(copy.deepcopy(dwm0), x, ref)
+    before = torch.cat([p.detach().flatten().clone() for p in dwm.parameters()])
+    opt = torch.optim.SGD(dwm.parameters(), lr=1e-3)
+    mc = SimpleNamespace(grad_mode="per_sample", fd_eps=1e-2, normalize_grad=True, spread_penalty=0.0)
+    meta_step(dwm, opt, lm, params, x, vb, 0.5, mc)
+    after = torch.cat([p.detach().flatten() for p in dwm.parameters()])
+    scale = 1.0 / (8 * ref.dR_dw.std(unbiased=False).item())
+    assert torch.allclose(after - before, -1e-3 * scale * g_ref, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("spread_penalty, collapses", [(0.0, True), (0.3, False)])
+def test_the_spread_guard_prevents_a_constructed_collapse(setup, spread_penalty, collapses):
+    """Adam at lr 0.1 on the DWM head, always the same micro-batch: unguarded, the linear meta-objective drives the
+    weights onto one sample; the guard's quadratic price on var(log w) keeps them spread."""
+    import copy
+    from types import SimpleNamespace
+
+    from dwmtrain.meta.update import meta_step
+
+    lm, dwm0, x, vb = setup
+    dwm, params = copy.deepcopy(dwm0), lm_params(lm)
+    dwm.backbone.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in dwm.parameters() if p.requires_grad], lr=0.1)
+    mc = SimpleNamespace(grad_mode="per_sample", fd_eps=1e-2, normalize_grad=True, spread_penalty=spread_penalty)
+    for _ in range(30):
+        rec = meta_step(dwm, opt, lm, params, x, vb, 0.5, mc)
+    if collapses:
+        assert rec["weight_ess"] < 1.1 and rec["w_max"] > 7.5, rec
+    else:
+        assert rec["weight_ess"] > 5 and rec["w_max"] < 3, rec

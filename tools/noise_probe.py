@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bad-file", default="", help="--corruption file: SlimPajama JSONL of bad documents to mix in")
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="config override for every run and the meta job (e.g. meta.kl_weight=1.0)",
+        help="config override for every run and the meta job (e.g. meta.spread_penalty=1.0)",
     )  # fmt: skip
     args = ap.parse_args(argv)
     if (args.corruption == "file") != bool(args.bad_file):

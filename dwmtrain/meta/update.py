@@ -19,8 +19,8 @@ from dwmtrain.models.dwm import (
     DataWeightingModel,
     DWMArch,
     dwm_from_state,
-    kl_to_uniform,
     load_dwm_state,
+    log_weight_spread,
     save_dwm,
     weight_stats,
 )
@@ -71,8 +71,9 @@ def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc)
     if mc.normalize_grad:  # per micro-batch: the mean does not change the gradient (sum w = B), the scale does
         dR = (dR - dR.mean()) / dR.std(unbiased=False).clamp_min(1e-20)
     objective = dwm_surrogate(w, dR) / w.shape[0] if mc.normalize_grad else dwm_surrogate(w, dR)
-    if mc.kl_weight:  # collapse guard: the optimum becomes w ~ exp(-dR / kl_weight), not one sample
-        objective = objective + mc.kl_weight * kl_to_uniform(w)
+    if mc.spread_penalty:  # collapse guard: a quadratic price on the spread of log-weights; unlike an entropy or
+        # KL(w||uniform) term its gradient does not vanish once the softmax saturates, so it always pulls back
+        objective = objective + mc.spread_penalty * log_weight_spread(w)
     objective.backward()
     gnorm = all_reduce_grads(trainable)
     opt.step()

@@ -32,10 +32,10 @@ def normalize_weights(logits: torch.Tensor, temperature: float = 1.0, uniform_mi
     return (1.0 - uniform_mix) * w + uniform_mix
 
 
-def kl_to_uniform(w: torch.Tensor) -> torch.Tensor:
-    """KL(w/B || uniform) of mean-1 weights [B]: 0 when uniform, log B when all weight is on one sample."""
-    p = w / w.sum()
-    return (p * (p.clamp_min(1e-30) * w.shape[-1]).log()).sum()
+def log_weight_spread(w: torch.Tensor) -> torch.Tensor:
+    """Variance of log-weights over the micro-batch [B]: 0 when uniform, unbounded as weights collapse."""
+    lw = w.clamp_min(1e-30).log()
+    return (lw - lw.mean()).pow(2).mean()
 
 
 def oracle_weights(keep: torch.Tensor) -> torch.Tensor:

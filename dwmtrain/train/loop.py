@@ -139,7 +139,7 @@ def raise_alarm(run: Run, rec: dict, alarmed: set) -> set:
         if run.d.is_main:
             tqdm.write(
                 f"[dwmtrain] ALARM stage {rec['stage']} step {rec['step']}: DWM weights collapsing ({why}); "
-                "guards: meta.kl_weight, dwm.uniform_mix, dwm.temperature, a smaller meta.lr"
+                "guards: meta.spread_penalty, dwm.uniform_mix, dwm.temperature, a smaller meta.lr"
             )
         return alarmed | {rec["stage"]}
     return alarmed
