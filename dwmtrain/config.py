@@ -186,10 +186,8 @@ class MetaConfig:
     nproc: int = 1  #: data-parallel processes of the meta job (GPUs, or CPU processes)
     timeout_s: int = 3600  #: training stops with a resumable checkpoint if the meta job takes longer
     backbone_trainable: bool = True  #: train the DWM backbone too (False: only attention + linears)
-    normalize_grad: bool = (
-        False  #: standardize dR/dw over each micro-batch (scale-free meta-steps; sets spread_penalty's unit)
-    )
-    spread_penalty: float = 0.0  #: collapse guard: + spread_penalty * var(log w) over the micro-batch (0: off)
+    normalize_grad: bool = True  #: standardize dR/dw over each micro-batch: scale-free meta-steps
+    spread_penalty: float = 0.1  #: collapse guard: + spread_penalty * var(log w) over the micro-batch (0: off)
 
     def __post_init__(self):
         _one_of("meta.mode", self.mode, ("none", "fixed", "transfer", "oracle", "bilevel"))

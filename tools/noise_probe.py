@@ -86,8 +86,10 @@ def corrupt(text: str, kind: str, rng: random.Random, tok, bad_docs: list[str]) 
 
 
 def build_noisy_corpus(
-    out: Path, clean_out: Path, n_docs: int, fraction: float, seed: int, kind: str = "shuffle", bad_file: str = ""
+    out: Path, clean_out: Path, n_docs: int, fraction: float, seed: int, kinds=("shuffle",), bad_file: str = ""
 ) -> dict:
+    """The bundled corpus with ``fraction`` of its documents corrupted, each by one of ``kinds`` (domain label
+    ``corrupted-<kind>``), and clean documents the LM never sees (the meta-update's validation set)."""
     import zstandard
 
     from dwmtrain.data.tokenizer import Tokenizer
@@ -95,7 +97,7 @@ def build_noisy_corpus(
     tok = Tokenizer(SP)
     rng = random.Random(seed)
     bad_docs = []
-    if kind == "file":
+    if "file" in kinds:
         with open(bad_file, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
                 if line.strip():
@@ -116,17 +118,18 @@ def build_noisy_corpus(
         for r in recs[n_docs:]:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     recs = recs[:n_docs]
-    n_bad = 0
+    n_bad = {k: 0 for k in kinds}
     with open(out, "w", encoding="utf-8") as f:
         for r in recs:
             if rng.random() < fraction:
+                kind = kinds[rng.randrange(len(kinds))]
                 r = {
                     "text": corrupt(r["text"], kind, rng, tok, bad_docs),
-                    "meta": {"redpajama_set_name": "corrupted", "original": r["meta"]["redpajama_set_name"]},
+                    "meta": {"redpajama_set_name": f"corrupted-{kind}", "original": r["meta"]["redpajama_set_name"]},
                 }
-                n_bad += 1
+                n_bad[kind] += 1
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return {"documents": len(recs), "corrupted": n_bad, "corruption": kind}
+    return {"documents": len(recs), "corrupted": sum(n_bad.values()), "corrupted_by_kind": n_bad}
 
 
 def sh(cmd: list[str], log: Path, env: dict | None = None) -> None:
@@ -192,16 +195,25 @@ def score_heldout(run_dir: Path, data_dir: Path, stage: int, n_batches: int, see
 
     dwm = load_dwm(RunDir(run_dir).dwm(stage)).eval()
     ds = TokenDataset(data_dir, "heldout")
-    bad = ds.domain_names.index("corrupted")
     rng = random.Random(seed)
-    scores, labels = [], []
+    scores, domains = [], []
     with torch.no_grad():
         for _ in range(n_batches):
             idx = rng.sample(range(len(ds)), 8)
             w = dwm(ds.batch(idx))
             scores += w.tolist()
-            labels += [int(ds.domains[i] != bad) for i in idx]
-    return scores, labels
+            domains += [ds.domain(i) for i in idx]
+    return scores, domains
+
+
+def auc_by_kind(scores: list[float], domains: list[str]) -> dict[str, float]:
+    """ROC-AUC of clean (positive) against all corrupted samples ("all") and against each corruption kind."""
+    bad = sorted({d for d in domains if d.startswith("corrupted-")})
+    out = {"all": roc_auc(scores, [int(not d.startswith("corrupted-")) for d in domains])}
+    for b in bad:
+        keep = [i for i, d in enumerate(domains) if d == b or not d.startswith("corrupted-")]
+        out[b.removeprefix("corrupted-")] = roc_auc([scores[i] for i in keep], [int(domains[i] != b) for i in keep])
+    return out
 
 
 def stage_end_val(run_dir: Path) -> dict[int, float]:
@@ -212,7 +224,7 @@ def stage_end_val(run_dir: Path) -> dict[int, float]:
 
 ARMS = {
     "uniform": ["meta.mode=none"],
-    "oracle": ["meta.mode=oracle", "meta.oracle_drop=[corrupted]"],  # corrupted weighted 0: the headroom
+    "oracle": ["meta.mode=oracle"],  # every corrupted-<kind> domain weighted 0: the headroom (drop list: compare)
     "dwm": ["meta.mode=bilevel"],
 }
 
@@ -229,7 +241,10 @@ def compare(args, log: Path) -> dict:
         for arm in args.arms:
             run = args.work / f"cmp-{arm}-s{seed}"
             over = [f"stages.total_steps={args.compare}", "stages.num_stages=5", "run.eval_batches=8"]
-            pretrain(run, args, [*ARMS[arm], *over, f"run.seed={seed}"], log)
+            drop = (
+                [f"meta.oracle_drop=[{','.join(f'corrupted-{k}' for k in args.corruption)}]"] if arm == "oracle" else []
+            )
+            pretrain(run, args, [*ARMS[arm], *drop, *over, f"run.seed={seed}"], log)
             vals[arm].append(stage_end_val(run))
             print(f"  {arm} seed {seed}: " + ", ".join(f"{v:.4f}" for v in vals[arm][-1].values()), flush=True)
     steps = sorted(vals[args.arms[0]][0])
@@ -264,8 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fraction", type=float, default=0.3)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=1500, help="uniform stage length (optimizer steps)")
-    ap.add_argument("--meta-steps", type=int, default=40)
-    ap.add_argument("--meta-lr", type=float, default=1e-4)
+    ap.add_argument("--meta-steps", type=int, default=80)
+    ap.add_argument("--meta-lr", type=float, default=5e-4)
     ap.add_argument("--lm-lr", type=float, default=3e-3)
     ap.add_argument("--alpha", type=float, default=1e-3, help="lookahead step size")
     ap.add_argument("--head-only", action="store_true", help="train only the DWM head, not its backbone")
@@ -289,14 +304,19 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--seeds", type=int, default=1, help="--compare: seeds 0..N-1 (data order and init)")
     ap.add_argument("--arms", default="uniform,oracle,dwm", type=lambda v: v.split(","), help="--compare arms")
-    ap.add_argument("--corruption", default="shuffle", choices=CORRUPTIONS, help="how corrupted documents are made")
+    ap.add_argument(
+        "--corruption", default="shuffle", type=lambda v: v.split(","),
+        help=f"how corrupted documents are made, comma-separated kinds mixed at random: {', '.join(CORRUPTIONS)}",
+    )  # fmt: skip
     ap.add_argument("--bad-file", default="", help="--corruption file: SlimPajama JSONL of bad documents to mix in")
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="config override for every run and the meta job (e.g. meta.spread_penalty=1.0)",
     )  # fmt: skip
     args = ap.parse_args(argv)
-    if (args.corruption == "file") != bool(args.bad_file):
+    if unknown := set(args.corruption) - set(CORRUPTIONS):
+        ap.error(f"--corruption: unknown kind(s) {sorted(unknown)} (kinds: {', '.join(CORRUPTIONS)})")
+    if ("file" in args.corruption) != bool(args.bad_file):
         ap.error("--bad-file goes with --corruption file (and needs it)")
     args.work = args.work.resolve()
     shutil.rmtree(args.work, ignore_errors=True)
@@ -319,28 +339,32 @@ def main(argv=None) -> int:
             heldout_fraction=heldout,
             progress=False,
         )
-    print(f"noisy corpus: {info['corrupted']}/{info['documents']} documents corrupted ({args.corruption})", flush=True)
+    kinds = ", ".join(f"{n} {k}" for k, n in info["corrupted_by_kind"].items())
+    print(f"noisy corpus: {info['corrupted']}/{info['documents']} documents corrupted ({kinds})", flush=True)
 
     run = args.work / "probe"
     pretrain(run, args, ["meta.mode=none", f"stages.total_steps={args.steps}", "stages.num_stages=1"], log)
     tag = json.loads(RunDir(run).latest.read_text())["tag"]
     sh(meta_job_command(run, 2, tag, args.ranks), log, env=meta_job_env())
-    scores, labels = score_heldout(run, args.work / "data", 2, args.score_batches, args.seed)
-    auc = roc_auc(scores, labels)
-    clean = [s for s, y in zip(scores, labels) if y]
-    bad = [s for s, y in zip(scores, labels) if not y]
+    scores, domains = score_heldout(run, args.work / "data", 2, args.score_batches, args.seed)
+    aucs = auc_by_kind(scores, domains)
+    clean = [s for s, d in zip(scores, domains) if not d.startswith("corrupted-")]
+    bad = [s for s, d in zip(scores, domains) if d.startswith("corrupted-")]
     print(
         f"held-out samples: {len(clean)} clean, {len(bad)} corrupted; mean weight clean "
-        f"{sum(clean) / len(clean):.3f}, corrupted {sum(bad) / len(bad):.3f}"
+        f"{sum(clean) / len(clean):.3f}, corrupted {sum(bad) / len(bad):.3f}; "
+        f"weights {min(scores):.3f}..{max(scores):.3f}"
     )
-    print(f"ROC-AUC (clean vs corrupted): {auc:.3f}", flush=True)
-    result = {"auc": auc, "clean": len(clean), "corrupted": len(bad), **info}
+    print("ROC-AUC (clean vs corrupted): " + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()), flush=True)
+    result = {"auc": aucs["all"], "auc_by_kind": aucs, "clean": len(clean), "corrupted": len(bad), **info}
+    result["weights"] = {"clean_mean": sum(clean) / len(clean), "corrupted_mean": sum(bad) / len(bad)}
+    result["weights"].update(min=min(scores), max=max(scores))
 
     if args.compare:
         result["compare"] = compare(args, log)
         print(result["compare"]["table"], flush=True)
     (args.work / "result.json").write_text(json.dumps(result, indent=1))
-    return 1 if auc < args.min_auc else 0
+    return 1 if min(aucs.values()) < args.min_auc else 0
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def exp(tmp_path_factory):
         [sys.executable, str(REPO / "tools" / "make_tiny_rater.py"), "--out", str(work / "rater")], check=True
     )
     dwm(work, "select", "qurating", "--input", corpus, "--out", str(sel / "qurating.jsonl.zst"), "--budget-docs",
-        "1500", "--rater", str(work / "rater"), "--rater-max-length", "128")  # fmt: skip
+        "1500", "--rater", str(work / "rater"), "--rater-max-length", "64")  # fmt: skip
     return work, train(work, "random"), train(work, "random_dwm")
 
 
@@ -190,17 +190,14 @@ def test_score_and_analyze_preferences_write_records_and_figures(exp, tmp_path):
     assert len(corr) == 2 and all(abs(corr[i][i] - 1) < 1e-9 for i in range(2))  # stages 2..3
 
 
-def test_transfer_and_static_arms_use_the_source_runs_dwms(exp):
+def test_transfer_arm_weighs_each_stage_with_the_source_runs_dwm(exp):
+    """1.3b_dsir_dwm: a bigger LM on the DSIR selection, stage k weighed by stage k's DWM of RANDOM+DWM (the
+    static arms' `fixed` mode runs in test_pretrain.py::test_static_dwm_for_the_whole_run)."""
     work, _, src = exp
     src_sha = {k: json.loads(Path(f"{RunDir(src).dwm(k)}.json").read_text())["sha256"] for k in range(2, 4)}
-    for name, extra, want in (
-        ("dsir_dwm", [], {1: "uniform", 2: src_sha[2][:12], 3: src_sha[3][:12]}),  # stage k: the source's stage k
-        ("1.3b_random_dwm", [], {1: "uniform", 2: src_sha[2][:12], 3: src_sha[3][:12]}),  # a bigger LM
-        # the source's last DWM throughout (its stage 3 here: the short source run has 3 stages)
-        ("random_dwm_w4", [f"meta.dwm_path={RunDir(src).dwm(3)}"], {k: src_sha[3][:12] for k in range(1, 4)}),
-    ):
-        run = train(work, name, *extra)
-        got = {r["stage"]: r["dwm"] for r in records(run / "metrics.jsonl")}
-        assert {k: v.split(":")[-1] for k, v in got.items()} == want, (name, got)
-        assert sorted(by_step(run / "metrics.jsonl")) == [1, 2, 3]
-        assert not RunDir(run).dwm_dir.exists() or not any(RunDir(run).dwm_dir.iterdir())  # no meta job ran
+    run = train(work, "1.3b_dsir_dwm")
+    got = {r["stage"]: r["dwm"] for r in records(run / "metrics.jsonl")}
+    assert {k: v.split(":")[-1] for k, v in got.items()} == {1: "uniform", 2: src_sha[2][:12], 3: src_sha[3][:12]}
+    assert sorted(by_step(run / "metrics.jsonl")) == [1, 2, 3]
+    assert not RunDir(run).dwm_dir.exists() or not any(RunDir(run).dwm_dir.iterdir())  # no meta job ran
+    assert load_config(RunDir(run).config).model.preset == "small"  # the twin's "1.3B": bigger than the source LM
