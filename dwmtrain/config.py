@@ -188,6 +188,8 @@ class MetaConfig:
     backbone_trainable: bool = True  #: train the DWM backbone too (False: only attention + linears)
     normalize_grad: bool = True  #: standardize dR/dw over each micro-batch: scale-free meta-steps
     spread_penalty: float = 0.1  #: collapse guard: + spread_penalty * var(log w) over the micro-batch (0: off)
+    calibrate_batches: int = 0  #: after fitting, shrink the DWM by its agreement with dR/dw on N unseen micro-batches
+    calibrate_rho: float = 0.5  #: agreement at which the fitted DWM is kept at full strength (less: shrunk)
 
     def __post_init__(self):
         _one_of("meta.mode", self.mode, ("none", "fixed", "transfer", "oracle", "bilevel"))
@@ -200,6 +202,8 @@ class MetaConfig:
                 bool(self.oracle_drop), "meta.oracle_drop", self.oracle_drop, "meta.mode=oracle needs domains to drop"
             )
         _check(self.spread_penalty >= 0, "meta.spread_penalty", self.spread_penalty, "must be >= 0")
+        _check(self.calibrate_batches >= 0, "meta.calibrate_batches", self.calibrate_batches, "must be >= 0")
+        _positive("meta.calibrate_rho", self.calibrate_rho)
         if self.mode == "transfer":
             _check(bool(self.dwm_run), "meta.dwm_run", self.dwm_run, "meta.mode=transfer needs a bilevel run directory")
         for f in ("steps", "lr", "fd_eps", "val_batch_size", "nproc", "timeout_s"):

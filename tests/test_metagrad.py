@@ -142,3 +142,12 @@ def test_the_spread_guard_prevents_a_constructed_collapse(setup, spread_penalty,
         assert rec["weight_ess"] < 1.1 and rec["w_max"] > 7.5, rec
     else:
         assert rec["weight_ess"] > 5 and rec["w_max"] < 3, rec
+
+
+def test_agreement_of_logits_with_the_meta_gradient():
+    from dwmtrain.meta.update import agreement
+
+    g = torch.tensor([0.3, -0.1, 0.2, -0.4, 0.0, 0.1, -0.2, 0.5])
+    assert agreement(-2 * g + 1, g) == pytest.approx(1.0)  # ranks as -dR/dw does
+    assert agreement(g, g) == pytest.approx(-1.0)
+    assert agreement(torch.zeros(8), g) == 0.0  # a uniform DWM agrees with nothing

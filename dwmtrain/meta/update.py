@@ -92,6 +92,37 @@ def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc)
     }
 
 
+def agreement(z: torch.Tensor, dR_dw: torch.Tensor) -> float:
+    """Pearson correlation over one micro-batch between the DWM's logits and -dR/dw (1: the DWM ranks samples as
+    the meta-gradient would; 0: unrelated)."""
+    a, b = z - z.mean(), -(dR_dw - dR_dw.mean())
+    den = (a.norm() * b.norm()).item()
+    return (a * b).sum().item() / den if den > 0 else 0.0
+
+
+@torch.no_grad()
+def _logits(dwm, x: torch.Tensor) -> torch.Tensor:
+    return dwm.score(dwm.embed(x)).float()
+
+
+def calibrate(dwm, lm, params, batches, alpha: float, mc) -> dict:
+    """Shrink the fitted DWM toward uniform by how well it agrees with the meta-gradient on micro-batches it was
+    not fitted on: logits *= clip(rho / meta.calibrate_rho, 0, 1). Early in training, when the DWM's ranking does
+    not generalize, its weights would only add variance to the LM's gradient. Collective (rho averaged)."""
+    rhos = []
+    for x, vb in batches:
+        g = meta_gradient(lm, params, x, vb, dwm(x).detach(), alpha, mc.grad_mode, mc.fd_eps)
+        rhos.append(agreement(_logits(dwm, x), g.dR_dw.float()))
+    t = torch.tensor([sum(rhos), len(rhos)], dtype=torch.float64)
+    all_reduce_(t)
+    rho = (t[0] / t[1]).item()
+    scale = min(max(rho / mc.calibrate_rho, 0.0), 1.0)
+    with torch.no_grad():
+        dwm.fc2.weight.mul_(scale)
+        dwm.fc2.bias.mul_(scale)
+    return {"held_out_agreement": rho, "logit_scale": scale, "batches": int(t[1].item())}
+
+
 def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, alpha: float | None = None) -> dict:
     """Fit stage ``stage``'s DWM on the LM of checkpoint ``tag``; rank 0 writes it. Collective."""
     rd, mc = RunDir(cfg.run.run_dir), cfg.meta
@@ -129,10 +160,22 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, alpha: float | N
         if d.is_main:
             with open(log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+    cal = {}
+    if mc.calibrate_batches:  # micro-batches after the fitted ones, validation batches after theirs
+        held = []
+        for j in range(mc.calibrate_batches):
+            x = data.batch(next(stream)[1]).to(d.device)
+            off = (mc.steps + j) * d.world * mc.val_batch_size
+            vb = {n: t.to(d.device) for n, t in next(val.batches(1, mc.val_batch_size, d.rank, d.world, off)).items()}
+            held.append((x, vb))
+        cal = calibrate(dwm, lm, params, held, alpha, mc)
+        if d.is_main:
+            print(f"[meta] stage {stage}: held-out agreement {cal['held_out_agreement']:.3f} -> logits x "
+                  f"{cal['logit_scale']:.3f}", flush=True)  # fmt: skip
     barrier()
     meta = {}
     if d.is_main:
-        info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead_lr=alpha, world_size=d.world)
+        info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead_lr=alpha, world_size=d.world, **cal)
         meta = save_dwm(
             dwm,
             rd.dwm(stage),
