@@ -115,14 +115,20 @@ def _eval(a) -> None:
         from dwmtrain.errors import ConfigError
 
         raise ConfigError(f"--labels {a.labels!r}: need {len(a.run_dirs)} distinct labels, one per run")
-    shots = tuple(int(k) for k in a.shots.split(","))
+    try:
+        shots = tuple(int(k) for k in a.shots.split(","))
+    except ValueError:
+        from dwmtrain.errors import ConfigError
+
+        raise ConfigError(f"--shots {a.shots!r}: expected comma-separated integers (the paper: 0,2)") from None
     tasks = a.tasks.split(",") if a.tasks else list(COLUMNS)
     device = a.device if a.device != "auto" else ("cuda" if _cuda() else "cpu")
     results = {}
     for label, run in zip(labels, a.run_dirs):
         results[label] = evaluate_run(
             run, a.task_data, shots=shots, tasks=tasks, lambada=not a.no_lambada, checkpoint=a.checkpoint or None,
-            limit=a.limit, batch_size=a.batch_size, device=device, dtype="bfloat16" if device == "cuda" else "float32",
+            limit=a.limit, batch_size=a.batch_size, device=device,
+            dtype="bfloat16" if device.startswith("cuda") else "float32",
         )  # fmt: skip
     from dwmtrain.rundir import RunDir
 

@@ -22,7 +22,6 @@ from dwmtrain.errors import DWMTrainError
 from dwmtrain.export import export_checkpoint, run_config
 from dwmtrain.fileio import atomic_write_text
 from dwmtrain.rundir import RunDir
-from dwmtrain.stages.schedule import stage_starts
 
 # The paper's column order (Tables 1-4) and the names shown.
 COLUMNS = {
@@ -53,20 +52,23 @@ class StageCheckpoint:
 
 
 def stage_end_checkpoints(run_dir: str | os.PathLike) -> tuple[list[StageCheckpoint], list[str]]:
-    """(complete stage-end checkpoints, notes on stages whose end checkpoint is missing or not reached yet)."""
+    """(complete checkpoints that end a stage, notes on stages without one), read from the checkpoints' own
+    markers: a stage-boundary checkpoint ends the stage it records, the run's last step ends the last stage.
+    (Not from config.yaml: a resume may have changed the schedule since those checkpoints were taken.)"""
     rd = RunDir(run_dir)
     cfg = run_config(rd.root)
-    starts = stage_starts(cfg.stages.total_steps, cfg.stages.num_stages, cfg.stages.boundaries or None)
-    ends = [*starts[1:], cfg.stages.total_steps]
-    have = set(rd.complete_tags())
-    found, notes = [], []
-    for k, step in enumerate(ends, start=1):
-        tag = RunDir.tag(step)
-        if tag in have:
-            found.append(StageCheckpoint(k, tag, step))
-        else:
-            notes.append(f"{rd.root}: stage {k} ends at step {step}; no complete checkpoint {tag} (not reached yet?)")
-    return found, notes
+    ends: dict[int, StageCheckpoint] = {}
+    for tag in rd.complete_tags():
+        m = json.loads(rd.marker(tag).read_text())
+        total = m.get("compat", {}).get("total_steps", cfg.stages.total_steps)
+        if m.get("stage_boundary") or m["step"] == total:
+            ends[m["stage"]] = StageCheckpoint(m["stage"], tag, m["step"])
+    notes = [
+        f"{rd.root}: stage {k}: no complete stage-end checkpoint (not reached yet, or pruned)"
+        for k in range(1, cfg.stages.num_stages + 1)
+        if k not in ends
+    ]
+    return [ends[k] for k in sorted(ends)], notes
 
 
 def _digest(paths: list[Path]) -> str:
@@ -83,10 +85,14 @@ def task_data_digest(data_dir: str | os.PathLike, tasks: list[str]) -> str:
     return _digest([f for t in tasks for f in (root / t).rglob("*") if f.is_file()])
 
 
-def cache_key(rd: RunDir, ck: StageCheckpoint, tasks: list[str], shots: int, data_sha: str, limit) -> dict:
-    """What a cached result depends on; any difference means evaluating again."""
-    import lm_eval
+def cache_key(rd: RunDir, ck: StageCheckpoint, tasks: list[str], shots: int, data_sha: str, settings: dict) -> dict:
+    """What a cached result depends on; any difference means evaluating again (into its own file)."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        lm_eval_version = version("lm_eval")
+    except PackageNotFoundError:
+        lm_eval_version = "not installed"
     marker = json.loads(rd.marker(ck.tag).read_text())
     return {
         "checkpoint": ck.tag,
@@ -95,9 +101,13 @@ def cache_key(rd: RunDir, ck: StageCheckpoint, tasks: list[str], shots: int, dat
         "tasks": sorted(tasks),
         "num_fewshot": shots,
         "task_data_sha256": data_sha,
-        "limit": limit,
-        "lm_eval": getattr(lm_eval, "__version__", "?"),
+        **settings,  # limit, dtype, batch size
+        "lm_eval": lm_eval_version,
     }
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def evaluate_run(
@@ -116,9 +126,12 @@ def evaluate_run(
 ) -> dict[tuple[int, int], dict]:
     """lm-eval results of every stage-end checkpoint (or one ``checkpoint``): {(stage, shots): result}."""
     from dwmtrain.lmeval.runner import run_lm_eval
+    from dwmtrain.lmeval.tasks import check_data
 
     rd = RunDir(run_dir)
     tasks = list(tasks or COLUMNS)
+    check_data([*tasks, *([LAMBADA] if lambada and 0 in shots else [])], data_dir)  # before any export
+    settings = {"limit": limit, "dtype": dtype, "batch_size": batch_size}
     if checkpoint:
         from dwmtrain.export import resolve_tag
 
@@ -136,8 +149,8 @@ def evaluate_run(
         todo = {}
         for k in shots:
             names = tasks + ([LAMBADA] if lambada and k == 0 else [])
-            key = cache_key(rd, ck, names, k, task_data_digest(data_dir, names), limit)
-            path = rd.lm_eval_result(ck.tag, k)
+            key = cache_key(rd, ck, names, k, task_data_digest(data_dir, names), settings)
+            path = rd.lm_eval_result(ck.tag, k, key_hash(key))
             cached = json.loads(path.read_text()) if path.is_file() else None
             if cached and cached.get("key") == key:
                 log(f"[dwmtrain eval] {rd.root.name} stage {ck.stage} ({ck.tag}) {k}-shot: cached")
@@ -146,7 +159,8 @@ def evaluate_run(
                 todo[k] = (names, key, path)
         if not todo:
             continue
-        with tempfile.TemporaryDirectory(prefix="dwm-export-") as tmp:  # exports are large: one at a time
+        rd.lm_eval_dir.mkdir(parents=True, exist_ok=True)  # exports are large: one at a time, on the run's disk
+        with tempfile.TemporaryDirectory(prefix=".export-", dir=rd.lm_eval_dir) as tmp:
             hf = Path(tmp) / "hf"
             export_checkpoint(rd.root, hf, ck.tag, dtype="float32")
             for k, (names, key, path) in todo.items():

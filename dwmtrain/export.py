@@ -84,7 +84,17 @@ def export_checkpoint(
     tag = resolve_tag(rd, checkpoint)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it (only once the new export is complete)")
+    if out.exists() and not (out.is_dir() and not out.is_symlink() and (out / "dwmtrain_export.json").is_file()):
+        raise ExportError(f"{out}: --overwrite replaces only an earlier dwmtrain export, and this is not one")
     marker = json.loads(rd.marker(tag).read_text())
+    want = marker.get("compat", {}).get("tokenizer_sha256")
+    if not os.path.isfile(cfg.data.tokenizer):
+        raise ExportError(f"data.tokenizer={cfg.data.tokenizer}: not found (the run's tokenizer is exported with it)")
+    if want and sha256_file(cfg.data.tokenizer) != want:
+        raise ExportError(
+            f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer checkpoint {tag} was trained with "
+            f"(sha256 {want[:12]}...): restore that file"
+        )
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = hf_model(cfg, consolidated_lm_state(rd, tag), torch_dtype)
 

@@ -8,7 +8,7 @@ RUN_DIR/
   checkpoints/stepNNNNNNN/         DeepSpeed ZeRO-3 shards, rng/rankR.pt, and COMPLETE (the run state)
   dwm/stageK.safetensors(.json)    the DWM that weighs stage K, and its sidecar
   meta/stageK.jsonl, stageK.log    the meta-update job's per-step records and its output
-  lm_eval/<tag>/Kshot.json         lm-eval results of a stage-end checkpoint (``dwmtrain eval``'s cache)
+  lm_eval/<tag>/Kshot-<key>.json   lm-eval results of a stage-end checkpoint (``dwmtrain eval``'s cache)
   analysis/                        ``dwmtrain analyze-preferences`` figures and numbers
 """
 
@@ -125,9 +125,10 @@ class RunDir:
     def lm_eval_dir(self) -> Path:
         return self.root / "lm_eval"
 
-    def lm_eval_result(self, tag: str, shots: int) -> Path:
-        """lm-eval results of checkpoint ``tag`` at ``shots`` few-shot examples, with what produced them."""
-        return self.lm_eval_dir / tag / f"{shots}shot.json"
+    def lm_eval_result(self, tag: str, shots: int, key: str) -> Path:
+        """lm-eval results of checkpoint ``tag`` at ``shots`` few-shot examples for one setting (``key``: a short
+        hash of tasks, data, limit, dtype...), so a quick look never replaces a full evaluation."""
+        return self.lm_eval_dir / tag / f"{shots}shot-{key}.json"
 
     @property
     def analysis_dir(self) -> Path:
