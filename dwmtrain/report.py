@@ -51,7 +51,7 @@ def summarize(run_dir: str | Path) -> str:
             f"{e.get('val_loss', float('nan')):>8.4f}  {e.get('val_acc', float('nan')):>11.3f}  "
             f"{mean('w_entropy'):>9.4f}  {mean('w_ess'):>6.3f}  {min(r['w_min'] for r in rs):>5.3f}  "
             f"{max(r['w_max'] for r in rs):>5.3f}  {rs[-1]['dwm']}"
-            + (f"  ALARM: collapsed weights in {n} steps" if (n := sum(r.get("w_alarm", 0) for r in rs)) else "")
+            + (f"  ALARM: collapsed weights in {n} logged steps" if (n := sum(r.get("w_alarm", 0) for r in rs)) else "")
         )
     metas = sorted(rd.meta_dir.glob("stage*.jsonl")) if rd.meta_dir.exists() else []
     if metas:

@@ -48,6 +48,8 @@ def oracle_weights(keep: torch.Tensor) -> torch.Tensor:
 def weight_stats(w: torch.Tensor) -> dict[str, float]:
     """Entropy (nats; log B is uniform), effective sample size, min, max of one micro-batch's weights."""
     w = w.detach().float()
+    if w.sum() <= 0:  # the oracle drops a whole micro-batch: nothing weighs anything
+        return {"entropy": 0.0, "ess": 0.0, "min": 0.0, "max": 0.0}
     p = w / w.sum()
     ent = -(p * p.clamp_min(1e-30).log()).sum()
     ess = w.sum() ** 2 / (w * w).sum()

@@ -67,22 +67,26 @@ class StageHandoff:
             return DomainOracle(self.data, self.cfg.meta.oracle_drop), {"version": "oracle"}
         if mode == "fixed":
             if self._fixed is None:
-                self._fixed = self.broadcast_dwm(self.cfg.meta.dwm_path)
+                self._fixed = self._checked(stage, self.broadcast_dwm(self.cfg.meta.dwm_path))
             return self._fixed
         if stage == 1:
             return None, {"version": "uniform"}
         if mode == "transfer":  # the source run's DWM of the same stage, as it weighed that stage there
-            return self.broadcast_dwm(str(RunDir(self.cfg.meta.dwm_run).dwm(stage)))
+            return self._checked(stage, self.broadcast_dwm(str(RunDir(self.cfg.meta.dwm_run).dwm(stage))))
         path = self.rd.dwm(stage)
         status = run_on_rank0(lambda: self._ensure_stage_dwm(stage, path, stage_start_tag))  # ranks stay in touch
         if status != "ok":
             raise (ExternalMetaRequired if status.startswith("external:") else MetaJobError)(status)
-        model, info = self.broadcast_dwm(str(path))
+        return self._checked(stage, self.broadcast_dwm(str(path)))
+
+    def _checked(self, stage: int, loaded):
+        """Refuse a DWM other than the one a checkpoint resumed mid-stage was trained with."""
+        model, info = loaded
         want = self.expect_sha.get(stage)
         if want and want != info["sha256"]:
             raise DWMFileError(
-                f"{path} (sha256 {info['sha256'][:12]}...) is not the DWM the resumed checkpoint used for stage "
-                f"{stage} ({want[:12]}...); restore that file or resume from the stage's start checkpoint"
+                f"{info['path']} (sha256 {info['sha256'][:12]}...) is not the DWM the resumed checkpoint used for "
+                f"stage {stage} ({want[:12]}...); restore that file or resume from the stage's start checkpoint"
             )
         return model, info
 

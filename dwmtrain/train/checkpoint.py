@@ -174,9 +174,10 @@ class Checkpointer:
         self.rd, self.d = run_dir, d
         self.compat, self.global_batch_size = compat, global_batch_size
         self.keep_last, self.keep_stage = keep_last, keep_stage
-        self.boundary_weights = boundary_weights  # write lm_fp32.safetensors at stage boundaries (meta job input)
+        # write lm_fp32.safetensors at stage ends (the meta job's input; export / eval read it without the shards)
+        self.boundary_weights = boundary_weights
 
-    def save(self, engine, *, step: int, stage: int, boundary: bool, dwm: dict) -> str:
+    def save(self, engine, *, step: int, stage: int, boundary: bool, dwm: dict, final: bool = False) -> str:
         """Collective: every rank calls it after ``step`` optimizer steps. Returns the tag."""
         state = RunState(
             step=step,
@@ -198,7 +199,7 @@ class Checkpointer:
         rng.parent.mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), rng)
         fault_point("checkpoint-shards-written", rank=self.d.rank, step=step)
-        if boundary and self.boundary_weights:
+        if (boundary or final) and self.boundary_weights:
             self._save_lm_weights(engine, tag)
         self._agree_complete(tag, "saving")  # every rank's part is on its storage, or every rank raises
         if self.d.is_main:

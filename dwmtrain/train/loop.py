@@ -63,7 +63,7 @@ def train(run: Run) -> None:
             run.metrics.log({"step": step, "stage": stage, **validate(run), "dwm": rec["dwm"]}, kind="eval")
         stop = run.stop.agreed()  # collective: SIGUSR1 on any rank (SLURM's warning before the time limit)
         if stop or boundary or step == total or step % cfg.run.checkpoint_every == 0:
-            run.ckpt.save(eng, step=step, stage=stage, boundary=boundary, dwm=dwm_info)
+            run.ckpt.save(eng, step=step, stage=stage, boundary=boundary, dwm=dwm_info, final=step == total)
         if stop and step < total:
             raise StoppedForTimeLimit(f"stopped at step {step} on SIGUSR1 with a complete checkpoint")
     bar.close()
@@ -133,6 +133,8 @@ def weight_alarm(stats: dict, micro_batch: int, ess_frac: float, max_frac: float
 
 def raise_alarm(run: Run, rec: dict, alarmed: set) -> set:
     """Mark collapsed weights in the step's record (metrics.jsonl, TensorBoard) and say so once per stage."""
+    if run.cfg.meta.mode in ("none", "oracle"):  # uniform, or zeros by design: nothing can collapse
+        return alarmed
     why = weight_alarm(rec, run.plan.micro_batch_size, run.cfg.dwm.alarm_ess, run.cfg.dwm.alarm_max_weight)
     rec["w_alarm"] = int(bool(why))
     if why and rec["stage"] not in alarmed:

@@ -79,7 +79,7 @@ def setup(cfg: Config) -> Run:
         global_batch_size=plan.global_batch_size,
         keep_last=cfg.run.keep_last,
         keep_stage=cfg.run.keep_stage_checkpoints,
-        boundary_weights=cfg.meta.mode == "bilevel",
+        boundary_weights=True,
     )
     engine = build_engine(cfg, ds_config, vocab)
     resumed = ckpt.resume(engine)  # None for a fresh run; refuses an incompatible checkpoint

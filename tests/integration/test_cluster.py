@@ -141,7 +141,7 @@ def test_a_rank_killed_inside_a_save_leaves_the_previous_checkpoint_the_resume_p
     ck = killed / "checkpoints"
     assert json.loads((ck / "latest.json").read_text())["tag"] == "step0000004"
     assert (ck / "step0000006").is_dir() and not (ck / "step0000006" / "COMPLETE").exists()
-    assert not (ck / "step0000004" / "lm_fp32.safetensors").exists()  # only bi-level runs need the meta job's input
+    assert (ck / "step0000004" / "lm_fp32.safetensors").is_file()  # every stage end: the LM's weights (export, eval)
     p = run(pretrain_cmd(killed, args))
     assert "resumed from" in p.stdout + p.stderr and "at step 4" in p.stdout + p.stderr
     a, b = by_step(full / "metrics.jsonl"), by_step(killed / "metrics.jsonl")
