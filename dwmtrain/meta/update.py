@@ -72,7 +72,7 @@ def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc)
         dR = (dR - dR.mean()) / dR.std(unbiased=False).clamp_min(1e-20)
     objective = dwm_surrogate(w, dR) / w.shape[0] if mc.normalize_grad else dwm_surrogate(w, dR)
     if mc.spread_penalty:  # collapse guard: a quadratic price on the spread of log-weights; unlike an entropy or
-        # KL(w||uniform) term its gradient does not vanish once the softmax saturates, so it always pulls back
+        # KL(w||uniform) term its gradient does not vanish as the softmax saturates (until fp32 underflows w to 0)
         objective = objective + mc.spread_penalty * log_weight_spread(w)
     objective.backward()
     gnorm = all_reduce_grads(trainable)
