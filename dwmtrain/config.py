@@ -187,7 +187,7 @@ class MetaConfig:
     timeout_s: int = 3600  #: training stops with a resumable checkpoint if the meta job takes longer
     backbone_trainable: bool = True  #: train the DWM backbone too (False: only attention + linears)
     normalize_grad: bool = True  #: standardize dR/dw over each micro-batch: scale-free meta-steps
-    spread_penalty: float = 0.1  #: collapse guard: + spread_penalty * var(log w); in units of normalize_grad (0: off)
+    spread_penalty: float = 0.5  #: collapse guard: + spread_penalty * var(log w); in units of normalize_grad (0: off)
     calibrate_batches: int = 0  #: after fitting, shrink the DWM by its agreement with dR/dw on N unseen micro-batches
     calibrate_rho: float = 0.5  #: agreement at which the fitted DWM is kept at full strength (less: shrunk)
 
