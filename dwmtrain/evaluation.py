@@ -20,7 +20,8 @@ from pathlib import Path
 
 from dwmtrain.errors import DWMTrainError
 from dwmtrain.export import export_checkpoint, run_config
-from dwmtrain.fileio import atomic_write_text
+from dwmtrain.fileio import atomic_write_text, sha256_file
+from dwmtrain.lmeval.tasks import LAMBADA_TASK, REPORTED_METRIC
 from dwmtrain.rundir import RunDir
 
 # The paper's column order (Tables 1-4) and the names shown.
@@ -35,7 +36,7 @@ COLUMNS = {
     "sciq": "SciQ",
     "winogrande": "WinoGrande",
 }
-LAMBADA = "lambada_openai"
+LAMBADA = LAMBADA_TASK
 
 
 class EvalError(DWMTrainError):
@@ -71,18 +72,14 @@ def stage_end_checkpoints(run_dir: str | os.PathLike) -> tuple[list[StageCheckpo
     return [ends[k] for k in sorted(ends)], notes
 
 
-def _digest(paths: list[Path]) -> str:
+def task_data_digest(files: dict[str, dict[str, Path]]) -> str:
+    """sha256 over the local task files lm-eval reads (``check_data``'s answer): a cached result is reused only
+    for the same data."""
     h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(str(p.name).encode())
-        h.update(p.read_bytes())
+    for task in sorted(files):
+        for split, path in sorted(files[task].items()):
+            h.update(f"{task}/{split}:{sha256_file(path)}".encode())
     return h.hexdigest()
-
-
-def task_data_digest(data_dir: str | os.PathLike, tasks: list[str]) -> str:
-    """sha256 over the local task files used: a cached result is reused only for the same data."""
-    root = Path(data_dir)
-    return _digest([f for t in tasks for f in (root / t).rglob("*") if f.is_file()])
 
 
 def cache_key(rd: RunDir, ck: StageCheckpoint, tasks: list[str], shots: int, data_sha: str, settings: dict) -> dict:
@@ -130,7 +127,9 @@ def evaluate_run(
 
     rd = RunDir(run_dir)
     tasks = list(tasks or COLUMNS)
-    check_data([*tasks, *([LAMBADA] if lambada and 0 in shots else [])], data_dir)  # before any export
+    names_of = {k: tasks + ([LAMBADA] if lambada and k == 0 else []) for k in shots}
+    # checked before any export, hashed once for every checkpoint
+    data_sha = {k: task_data_digest(check_data(names, data_dir)) for k, names in names_of.items()}
     settings = {"limit": limit, "dtype": dtype, "batch_size": batch_size}
     if checkpoint:
         from dwmtrain.export import resolve_tag
@@ -148,8 +147,8 @@ def evaluate_run(
     for ck in cks:
         todo = {}
         for k in shots:
-            names = tasks + ([LAMBADA] if lambada and k == 0 else [])
-            key = cache_key(rd, ck, names, k, task_data_digest(data_dir, names), settings)
+            names = names_of[k]
+            key = cache_key(rd, ck, names, k, data_sha[k], settings)
             path = rd.lm_eval_result(ck.tag, k, key_hash(key))
             cached = json.loads(path.read_text()) if path.is_file() else None
             if cached and cached.get("key") == key:
@@ -175,9 +174,10 @@ def evaluate_run(
     return out
 
 
-def score(task_result: dict) -> float | None:
-    """The number the paper reports for a task, in percent: acc_norm where the task has it, else acc."""
-    for m in ("acc_norm", "acc"):
+def score(task_result: dict, task: str = "") -> float | None:
+    """The number the paper reports for a task, in percent: its ``REPORTED_METRIC`` (acc_norm where the task
+    has it, else acc); for a task outside that table, acc_norm if present, else acc."""
+    for m in (REPORTED_METRIC[task],) if task in REPORTED_METRIC else ("acc_norm", "acc"):
         if isinstance(task_result.get(m), (int, float)):
             return 100.0 * task_result[m]
     return None
@@ -191,12 +191,12 @@ def table_rows(runs: dict[str, dict[tuple[int, int], dict]], shots: int, tasks: 
             if k != shots:
                 continue
             r = res[(stage, k)]["results"]
-            vals = {t: score(r[t]) for t in tasks if t in r}
+            vals = {t: score(r[t], t) for t in tasks if t in r}
             row = {"run": label, "stage": stage, "step": res[(stage, k)]["step"], **vals}  # percent
             got = [v for v in vals.values() if v is not None]
             row["AVERAGE"] = sum(got) / len(got) if got and len(got) == len(tasks) else None
             if LAMBADA in r:
-                row["LAMBADA acc"] = score({"acc": r[LAMBADA].get("acc")})
+                row["LAMBADA acc"] = score(r[LAMBADA], LAMBADA)
                 row["LAMBADA ppl"] = r[LAMBADA].get("perplexity")
             rows.append(row)
     return rows
