@@ -19,11 +19,11 @@ def run_training(cfg: Config) -> int:
     try:
         train(setup(cfg))
         _teardown(clean=True)
-    except ExternalMetaRequired as e:
-        print(f"[dwmtrain] stopped at a stage boundary: {e}", file=sys.stderr, flush=True)
+    except ExternalMetaRequired as e:  # a decision every rank shares: said once, by rank 0
+        _say_once(f"[dwmtrain] stopped at a stage boundary: {e}")
         return 3
     except StoppedForTimeLimit as e:
-        print(f"[dwmtrain] {e}; rerun (or requeue) the same command to resume", file=sys.stderr, flush=True)
+        _say_once(f"[dwmtrain] {e}; rerun (or requeue) the same command to resume")
         return STOP_EXIT_CODE
     except DWMTrainError as e:
         print(f"[dwmtrain] error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
@@ -33,6 +33,18 @@ def run_training(cfg: Config) -> int:
     finally:
         _teardown(clean=False)
     return 0
+
+
+def _say_once(message: str) -> None:
+    """Rank 0 writes a message all ranks share, in one write so no other output splits its lines."""
+    import os
+
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
 
 
 def _teardown(clean: bool) -> None:
