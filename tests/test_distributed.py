@@ -194,12 +194,18 @@ def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
 # --------------------------------------------------------------------------- the DWM hand-off
 
 
-def _handoff(d, root, dwm_path, mode):
+def _handoff(d, root, dwm_path, mode, rank0_raises=False):
     import dwmtrain.stages.handoff as handoff
     from dwmtrain.config import load_config
     from dwmtrain.models.dwm import DWMArch
     from dwmtrain.rundir import RunDir
 
+    if d.is_main and rank0_raises:  # something no one planned for, on rank 0 only
+
+        def unexpected(*a, **k):
+            raise KeyError("no such thing")
+
+        handoff.load_dwm_state = unexpected
     if not d.is_main:  # only rank 0 may read the file: the others get the tensors over gloo
 
         def no_file_access(*a, **k):
@@ -249,6 +255,19 @@ def test_corrupted_dwm_fails_on_every_rank_at_once(tmp_path):
     path.write_bytes(bytes(raw))
     r0, r1 = run_distributed(_handoff, str(tmp_path), str(path), "fixed")
     assert r0 == r1 and r0[0] == "DWMFileError" and "corrupted or replaced" in r0[1]
+
+
+def test_any_failure_on_rank0_in_the_handoff_fails_every_rank_at_once(tmp_path):
+    import time
+
+    from dwmtrain.rundir import RunDir
+
+    path = RunDir(tmp_path).dwm(2)
+    _saved_dwm(path)
+    t0 = time.time()  # the process group's timeout is 60 s: a rank left waiting would take that long
+    r0, r1 = run_distributed(_handoff, str(tmp_path), str(path), "fixed", True)
+    assert r0[0] == "KeyError" and r1[0] == "RankZeroError" and "KeyError: 'no such thing'" in r1[1]
+    assert time.time() - t0 < 40
 
 
 # --------------------------------------------------------------------------- node-local storage

@@ -77,6 +77,79 @@ def test_save_load_roundtrip_and_checks(tmp_path):
         load_dwm_state(tmp_path / "e.safetensors")
 
 
+def _resign(path, edit):
+    """A v1 file (metadata only in the sidecar), with ``edit`` applied to the sidecar and its sha256 redone."""
+    from safetensors.torch import load_file, save_file
+
+    from dwmtrain.fileio import sha256_file
+
+    side = json.loads((path.parent / (path.name + ".json")).read_text())
+    save_file(load_file(str(path)), str(path), metadata={"format": "dwmtrain-dwm-v1"})
+    edit(side)
+    side["sha256"] = sha256_file(path)
+    (path.parent / (path.name + ".json")).write_text(json.dumps(side))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["arch"].update(temperature=0.25), r"field arch.temperature is 0.25 but .* saved with 1.0"),
+        (lambda m: m["arch"].update(pooling="max"), r"field arch.pooling is 'max' but .* saved with 'mean'"),
+        (lambda m: m["arch"].update(attn_heads=2), r"field arch.attn_heads is 2 .* sidecar was edited"),
+        (lambda m: m.update(stage=4), r"field stage is 4 but the DWM file was saved with 3"),
+    ],
+)
+def test_an_edited_sidecar_is_refused_naming_the_field(tmp_path, edit, message):
+    path = tmp_path / "d.safetensors"
+    save_dwm(DataWeightingModel(ARCH), path, stage=3, lm_step=120)
+    side = json.loads((tmp_path / "d.safetensors.json").read_text())
+    edit(side)  # the checksum still matches the tensor file: only the sidecar changed
+    (tmp_path / "d.safetensors.json").write_text(json.dumps(side))
+    with pytest.raises(DWMFileError, match=message):
+        load_dwm_state(path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["arch"].update(pooling="max"), r"field arch.pooling='max': must be one of \('mean', 'last'\)"),
+        (lambda m: m["arch"].update(backbone="huge"), r"field arch.backbone='huge': not one of the presets"),
+        (lambda m: m.pop("arch"), r"field 'arch' missing"),
+        (lambda m: m.update(arch="tiny"), r"field 'arch' must be an object"),
+        (lambda m: m["arch"].pop("vocab_size"), r"field arch.vocab_size missing"),
+        (lambda m: m["arch"].update(vocab_size="512"), r"field arch.vocab_size='512': must be a positive integer"),
+        (
+            lambda m: m["arch"].update(vocab_size=1024),
+            r"tensor backbone.embed_tokens.weight is \(512, 64\), .*\(1024, 64\)",
+        ),
+        (lambda m: m["arch"].update(attn_heads=3), r"field arch.attn_heads=3: must divide"),
+        (lambda m: m["arch"].update(temperature=0), r"field arch.temperature=0: must be > 0"),
+        (lambda m: m["arch"].update(uniform_mix=1.5), r"field arch.uniform_mix=1.5: must be in \[0, 1\)"),
+        (lambda m: m["arch"].update(color="red"), r"field arch.color is not a DWM setting"),
+    ],
+)
+def test_every_metadata_field_is_validated_in_a_v1_file(tmp_path, edit, message):
+    path = tmp_path / "d.safetensors"
+    save_dwm(DataWeightingModel(ARCH), path, stage=3, lm_step=120)
+    _resign(path, lambda m: None)
+    load_dwm_state(path, ARCH)  # a v1 file as it was written still loads
+    _resign(path, edit)
+    with pytest.raises(DWMFileError, match=message):
+        load_dwm_state(path)
+
+
+def test_an_unreadable_tensor_file_is_a_dwm_file_error(tmp_path):
+    from dwmtrain.fileio import sha256_file
+
+    path = tmp_path / "d.safetensors"
+    save_dwm(DataWeightingModel(ARCH), path, stage=3, lm_step=120)
+    path.write_bytes(b"\xff" * 64)  # not safetensors at all, with a matching checksum
+    side = json.loads((tmp_path / "d.safetensors.json").read_text())
+    (tmp_path / "d.safetensors.json").write_text(json.dumps({**side, "sha256": sha256_file(path)}))
+    with pytest.raises(DWMFileError, match=r"d.safetensors: cannot be read \("):
+        load_dwm_state(path)
+
+
 def test_backbone_init_from_lm():
     from dwmtrain.models.lm import build_lm
 
