@@ -76,9 +76,58 @@ def test_empty_and_missing_text_are_counted_skips(tmp_path, sp_model):
     rep = prepare_data([str(src)], sp_model, str(tmp_path / "o"), seq_len=16, progress=False)
     assert rep.skipped == {"empty text": 2, "missing text": 1}
     assert rep.documents == 17
-    assert "s.jsonl record 8: missing text" in rep.summary()
+    assert "s.jsonl:8: missing text" in rep.summary()
     saved = json.loads((tmp_path / "o" / "report.json").read_text())
     assert saved["skipped"] == {"empty text": 2, "missing text": 1}
+
+
+def test_skips_name_line_numbers_when_blank_lines_are_present(tmp_path, sp_model):
+    lines = [json.dumps(r) for r in corpus_records(12)]
+    lines[5] = json.dumps({"meta": {}})  # record 6 ...
+    src = tmp_path / "b.jsonl"
+    src.write_text("\n".join(lines[:3] + ["", "   "] + lines[3:]) + "\n")  # ... on line 8
+    rep = prepare_data([str(src)], sp_model, str(tmp_path / "o"), seq_len=16, progress=False)
+    assert rep.skipped == {"missing text": 1} and rep.skipped_examples == [f"{src}:8: missing text"]
+
+
+def _zst(path, raw: bytes, keep: float = 1.0):
+    import zstandard
+
+    c = zstandard.ZstdCompressor().compress(raw)
+    path.write_bytes(c[: int(len(c) * keep)])
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, make, message",
+    [
+        ("e.jsonl", lambda p: p.write_bytes(b""), r"e.jsonl: empty file \(no records\)"),
+        ("w.jsonl", lambda p: p.write_text("\n  \n\n"), r"w.jsonl: no records \(only blank lines\)"),
+        ("z.jsonl.zst", lambda p: _zst(p, b""), r"z.jsonl.zst: empty file \(no records once decompressed\)"),
+        (
+            "t.jsonl.zst",
+            lambda p: _zst(p, "".join(json.dumps(r) + "\n" for r in corpus_records(400)).encode(), keep=0.6),
+            r"t.jsonl.zst: compressed stream is truncated \(ends after [\d,]+ bytes of text\)",
+        ),
+        (
+            "m.jsonl",
+            lambda p: write_jsonl(p, [{"text": "a b", "meta": "web"}, {"text": "c d", "meta": "web"}]),
+            r"m.jsonl:1: field 'meta' must be an object, got str",
+        ),
+        (
+            "n.jsonl",
+            lambda p: write_jsonl(
+                p, [{"text": "a b", "meta": {}}, {"text": "c", "meta": {}}, {"text": "d", "meta": 3}]
+            ),
+            r"n.jsonl:3: field 'meta' must be an object, got int",
+        ),
+    ],
+)
+def test_empty_truncated_and_non_object_meta_inputs_are_named(tmp_path, sp_model, name, make, message):
+    make(tmp_path / name)
+    with pytest.raises(DataError, match=message):
+        prepare_data([str(tmp_path / name)], sp_model, str(tmp_path / "o"), seq_len=8, progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_existing_output_is_kept_when_a_rerun_fails(tmp_path, sp_model, small_jsonl):

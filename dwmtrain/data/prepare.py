@@ -14,6 +14,7 @@ run never leaves a half-written (or half-overwritten) output.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -46,17 +47,79 @@ def _open_text_bytes(path: str):
     return open(path, "rb")
 
 
+def check_input_file(path: str, chunk: int = 1 << 20) -> None:
+    """Refuse an empty file, and a compressed one whose stream ends early (a partial download or copy):
+    ``datasets`` would otherwise read what decompresses and silently drop the rest.
+
+    One streaming pass over a .zst / .gz file (about a second per GB of text); plain files cost a stat."""
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: empty file (no records)")
+    total = 0
+    if path.endswith(".zst"):
+        import zstandard
+
+        with open(path, "rb") as fh:
+            d = zstandard.ZstdDecompressor().decompressobj()
+            while block := fh.read(chunk):
+                while block:  # a file may hold several frames, one after another
+                    if d.eof:
+                        d = zstandard.ZstdDecompressor().decompressobj()
+                    try:
+                        total += len(d.decompress(block))
+                    except zstandard.ZstdError as e:
+                        raise DataError(f"{path}: corrupted zstd stream after {total:,} bytes of text ({e})") from None
+                    block = d.unused_data if d.eof else b""
+            if not d.eof:
+                raise DataError(
+                    f"{path}: compressed stream is truncated (ends after {total:,} bytes of text); "
+                    "re-download or re-compress the file"
+                )
+    elif path.endswith(".gz"):
+        import gzip
+        import zlib
+
+        try:
+            with gzip.open(path, "rb") as fh:
+                while block := fh.read(chunk):
+                    total += len(block)
+        except EOFError:
+            raise DataError(
+                f"{path}: compressed stream is truncated (ends after {total:,} bytes of text); "
+                "re-download or re-compress the file"
+            ) from None
+        except (OSError, zlib.error) as e:
+            raise DataError(f"{path}: corrupted gzip stream after {total:,} bytes of text ({e})") from None
+    else:
+        return
+    if total == 0:
+        raise DataError(f"{path}: empty file (no records once decompressed)")
+
+
+def record_lines(path: str, records: list[int]) -> dict[int, int]:
+    """{0-based record index: 1-based line number}: ``datasets`` drops blank lines, so they differ."""
+    want, found, rec = set(records), {}, -1
+    with _open_text_bytes(path) as raw:
+        for lineno, line in enumerate(io.BufferedReader(raw), 1):
+            if line.strip():
+                rec += 1
+                if rec in want:
+                    found[rec] = lineno
+                    if len(found) == len(want):
+                        break
+    return found
+
+
 def diagnose_jsonl(path: str) -> None:
     """Find the first line ``datasets`` could not read and raise a DataError naming it.
 
     Only runs after the fast reader failed, to turn a pyarrow error into ``file:line: reason``.
     """
-    import io
-
+    records = 0
     with _open_text_bytes(path) as raw:
         for lineno, line in enumerate(io.BufferedReader(raw), 1):
             if not line.strip():
                 continue
+            records += 1
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -71,7 +134,9 @@ def diagnose_jsonl(path: str) -> None:
                 raise DataError(f"{path}:{lineno}: field 'text' must be a string, got {type(rec['text']).__name__}")
             meta = rec.get("meta")
             if meta is not None and not isinstance(meta, dict):
-                raise DataError(f"{path}:{lineno}: field 'meta' must be an object")
+                raise DataError(f"{path}:{lineno}: field 'meta' must be an object, got {type(meta).__name__}")
+    if records == 0:
+        raise DataError(f"{path}: no records (only blank lines)")
     raise DataError(f"{path}: could not be read as JSON lines (no single bad line found)")
 
 
@@ -92,7 +157,9 @@ def _tokenize_batch(batch: dict, tokenizer_path: str) -> dict:
     enc = tok.encode_batch([texts[i] for i in todo]) if todo else []
     by_i = dict(zip(todo, enc))
     for i, t in enumerate(texts):
-        m = metas[i] if isinstance(metas[i], dict) else {}
+        if metas[i] is not None and not isinstance(metas[i], dict):  # diagnose_jsonl names the line
+            raise TypeError(f"field 'meta' must be an object, got {type(metas[i]).__name__}")
+        m = metas[i] or {}
         domains.append(str(m.get("redpajama_set_name") or "unknown"))
         if t is not None and not isinstance(t, str):
             raise TypeError(f"'text' must be a string, got {type(t).__name__}")
@@ -112,6 +179,8 @@ def load_jsonl(f: str, cache_dir: str):
     """One SlimPajama-format file (JSONL, JSONL.zst, JSONL.gz) or hub dataset name via ``datasets``."""
     import datasets
 
+    if os.path.exists(f):
+        check_input_file(f)
     try:
         if os.path.exists(f):
             ds = datasets.load_dataset("json", data_files=[f], split="train", cache_dir=cache_dir)
@@ -238,6 +307,15 @@ class PrepareReport:
         return "\n".join(lines)
 
 
+def _name_lines(skipped_at: list[tuple[str, int, str]]) -> list[str]:
+    """``file:line: reason`` for skipped records (record indices mapped to the file's line numbers)."""
+    lines = {
+        f: record_lines(f, [i for g, i, _ in skipped_at if g == f]) if os.path.isfile(f) else {}
+        for f in {f for f, _, _ in skipped_at}
+    }
+    return [f"{f}:{lines[f].get(i, f'record {i + 1}')}: {why}" for f, i, why in skipped_at]
+
+
 def prepare_data(
     inputs: list[str],
     tokenizer_path: str,
@@ -278,6 +356,7 @@ def prepare_data(
         buf: list[np.ndarray] = []
         dom_buf: list[np.ndarray] = []
         buffered = 0
+        skipped_at: list[tuple[str, int, str]] = []  # (file, record index, reason): lines named at the end
         total_docs = sum(len(ds) for _, ds in tokenized)
         bar = tqdm(total=total_docs, unit="doc", disable=not progress, desc="pack", smoothing=0.1)
         t0 = time.time()
@@ -286,8 +365,8 @@ def prepare_data(
                 bar.update(1)
                 if row["skip"]:
                     report.skipped[row["skip"]] += 1
-                    if len(report.skipped_examples) < 20:
-                        report.skipped_examples.append(f"{f} record {i + 1}: {row['skip']}")
+                    if len(skipped_at) < 20:
+                        skipped_at.append((f, i, row["skip"]))
                     continue
                 ids = np.asarray(row["ids"], dtype=np.int64)
                 d = domains.setdefault(row["domain"], len(domains))
@@ -310,6 +389,7 @@ def prepare_data(
                     dt = max(time.time() - t0, 1e-9)
                     bar.set_postfix(docs_s=f"{report.documents / dt:.0f}", tok_s=f"{report.tokens / dt:.0f}")
         bar.close()
+        report.skipped_examples = _name_lines(skipped_at)
         report.tail_tokens_dropped = buffered
         splits = {name: w.finish() for name, w in writers.items()}
         report.sequences = {k: v["num_sequences"] for k, v in splits.items()}
