@@ -5,7 +5,9 @@ RUN_DIR/
   metrics.jsonl, eval.jsonl        one record per optimizer step / per evaluation
   tensorboard/                     TensorBoard event files
   checkpoints/latest.json          the newest complete checkpoint ({"tag", "step"})
-  checkpoints/stepNNNNNNN/         DeepSpeed ZeRO-3 shards, rng/rankR.pt, and COMPLETE (the run state)
+  checkpoints/stepNNNNNNN/         DeepSpeed ZeRO-3 shards, rng/rankR.pt, and COMPLETE (the run state
+                                   with every file's size)
+  checkpoints/unverified/          complete-marked checkpoints a resume could not verify, moved aside
   dwm/stageK.safetensors(.json)    the DWM that weighs stage K, and its sidecar
   meta/stageK.jsonl, stageK.log    the meta-update job's per-step records and its output
   lm_eval/<tag>/Kshot-<key>.json   lm-eval results of a stage-end checkpoint (``dwmtrain eval``'s cache)
@@ -15,6 +17,7 @@ RUN_DIR/
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +41,7 @@ class RunDir:
 
     @staticmethod
     def is_tag(name: str) -> bool:
-        return name.startswith("step")
+        return name.startswith("step") and name[4:].isdigit()
 
     # --- run records
     @property
@@ -94,6 +97,19 @@ class RunDir:
         shards = (f"zero_pp_rank_{rank}_mp_rank_*_model_states.pt", f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt")
         missing = [str(d / pat) for pat in shards if not any(d.glob(pat))]
         return missing + ([] if self.rng(tag, rank).is_file() else [str(self.rng(tag, rank))])
+
+    def rank_files(self, tag: str, rank: int) -> dict[str, int]:
+        """{path relative to the checkpoint: size} of what rank ``rank`` wrote into ``tag`` on this storage."""
+        d = self.checkpoint(tag)
+        pats = (f"zero_pp_rank_{rank}_mp_rank_*_model_states.pt", f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt")
+        files = [p for pat in pats for p in d.glob(pat)] + [self.rng(tag, rank)]
+        if rank == 0:
+            files.append(self.lm_weights(tag))
+        return {str(p.relative_to(d)): p.stat().st_size for p in files if p.is_file()}
+
+    def broken_dir(self, tag: str) -> Path:
+        """Where a complete-marked checkpoint that failed verification is moved (never deleted)."""
+        return self.checkpoints / "unverified" / f"{tag}-{int(time.time())}"
 
     def complete_tags(self) -> list[str]:
         """Tags of checkpoints with a COMPLETE marker, oldest first."""

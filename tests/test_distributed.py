@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,11 +116,11 @@ class ShardEngine:
 COMPAT = {"global_batch_size": 32, "world_size": 2, "config_sha256": "c" * 64}
 
 
-def checkpointer(d, root, compat=COMPAT):
+def checkpointer(d, root, compat=COMPAT, keep_last=2):
     from dwmtrain.rundir import RunDir
     from dwmtrain.train.checkpoint import Checkpointer
 
-    return Checkpointer(RunDir(root), d, compat=compat, global_batch_size=32, keep_last=2, keep_stage=True)
+    return Checkpointer(RunDir(root), d, compat=compat, global_batch_size=32, keep_last=keep_last, keep_stage=True)
 
 
 def _save_prune_leftovers(d, root):
@@ -282,26 +286,74 @@ def _node_local(d, root, drop_on_node1):
     for step in (2, 4, 6, 8):
         ck.save(eng, step=step, stage=1, boundary=False, dwm={})
     kept = sorted(p.name for p in ck.rd.checkpoints.iterdir() if p.is_dir())
-    if d.rank == 1 and drop_on_node1:  # node 1 lost its copy of the newest checkpoint
-        (ck.rd.checkpoint("step0000008") / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    if d.rank == 1:  # node 1 lost its copy of the newest checkpoint, or of every checkpoint
+        for tag in {"none": [], "newest": ["step0000008"], "all": kept}[drop_on_node1]:
+            (ck.rd.checkpoint(tag) / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    out = io.StringIO()
     try:
-        state = checkpointer(node, Path(root) / f"node{d.rank}").resume(eng)
+        with contextlib.redirect_stdout(out):
+            state = checkpointer(node, Path(root) / f"node{d.rank}").resume(eng)
     except Exception as e:  # noqa: BLE001 - every rank must raise the same error
         return kept, f"{type(e).__name__}: {e}"
-    return kept, (state.tag, eng.loaded["rank"])
+    return kept, (state.tag, eng.loaded["rank"]), out.getvalue()
 
 
 def test_node_local_storage_rank0_decides_every_node_prunes_and_resumes(tmp_path):
-    (k0, r0), (k1, r1) = run_distributed(_node_local, str(tmp_path), False)
+    (k0, r0, _), (k1, r1, _) = run_distributed(_node_local, str(tmp_path), "none")
     assert k0 == k1 == ["step0000006", "step0000008"]  # pruned on both nodes
     assert not (tmp_path / "node1" / "checkpoints" / "latest.json").exists()  # node 1 never had markers...
     assert (r0, r1) == (("step0000008", 0), ("step0000008", 1))  # ...and still resumes where rank 0 does
 
 
-def test_node_local_storage_missing_part_fails_every_rank_naming_host_and_files(tmp_path):
-    (_, e0), (_, e1) = run_distributed(_node_local, str(tmp_path), True)
-    assert e0 == e1 and e0.startswith("ResumeError: resuming from checkpoint step0000008")
-    assert "(rank 1) lacks" in e0 and "zero_pp_rank_1_mp_rank_*_optim_states.pt" in e0 and "rank 0" not in e0
+def test_node_local_storage_missing_part_falls_back_and_names_host_and_file(tmp_path):
+    import socket
+
+    (_, r0, log0), (_, r1, _) = run_distributed(_node_local, str(tmp_path), "newest")
+    assert (r0, r1) == (("step0000006", 0), ("step0000006", 1))  # every rank resumes from the same one
+    assert f"skipping checkpoint {tmp_path}/node0/checkpoints/step0000008:" in log0
+    assert f"zero_pp_rank_1_mp_rank_00_optim_states.pt is missing on {socket.gethostname()}" in log0
+    assert (tmp_path / "node0" / "checkpoints" / "step0000008").is_dir()  # skipped, not deleted
+    (_, e0), (_, e1) = run_distributed(_node_local, str(tmp_path / "b"), "all")
+    assert e0 == e1 and e0.startswith("ResumeError: no checkpoint in") and "(their files are kept)" in e0
+    assert "step0000008: zero_pp_rank_1" in e0 and "step0000006: zero_pp_rank_1" in e0
+
+
+def _broken_checkpoints(d, root):
+    from dwmtrain.distributed import barrier
+
+    ck, eng = checkpointer(d, root, keep_last=4), ShardEngine(d.rank)
+    for step in (2, 4, 6, 8, 10):
+        ck.save(eng, step=step, stage=1, boundary=False, dwm={})
+    if d.is_main:
+        shard = ck.rd.checkpoint("step0000008") / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        shard.write_bytes(shard.read_bytes()[:-7])  # truncated
+        ck.rd.marker("step0000006").write_text(ck.rd.marker("step0000004").read_text())  # another step's marker
+        shutil.rmtree(ck.rd.checkpoint("step0000010"))  # latest.json names a deleted directory
+    barrier()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        state = checkpointer(d, root, keep_last=4).resume(eng)
+        for step in (6, 8):  # the run goes on past the skipped ones: they are moved aside, not deleted
+            ck.save(eng, step=step, stage=1, boundary=False, dwm={})
+    return state.tag, eng.loaded["rank"], out.getvalue()
+
+
+def test_resume_skips_truncated_mismatched_and_deleted_checkpoints_and_keeps_them(tmp_path):
+    (tag0, rank0, log), (tag1, rank1, _) = run_distributed(_broken_checkpoints, str(tmp_path))
+    assert (tag0, rank0, tag1, rank1) == ("step0000004", 0, "step0000004", 1)
+    ck = tmp_path / "checkpoints"
+    assert f"skipping checkpoint {ck}/step0000010: latest.json names it, but the directory is gone" in log
+    assert re.search(
+        rf"skipping checkpoint {ck}/step0000008: zero_pp_rank_1_mp_rank_00_optim_states.pt is [\d,]+ bytes, "
+        r"the save wrote [\d,]+ \(truncated or replaced\) on ",
+        log,
+    )
+    assert f"skipping checkpoint {ck}/step0000006: its COMPLETE marker records step 4" in log
+    moved = sorted(p.name.split("-")[0] for p in (ck / "unverified").iterdir())
+    assert moved == ["step0000006", "step0000008"] and "kept, not deleted" in log
+    (old8,) = (ck / "unverified").glob("step0000008-*")
+    assert json.loads((old8 / "COMPLETE").read_text())["step"] == 8  # the user's files, as they were
+    assert json.loads((ck / "step0000008" / "COMPLETE").read_text())["files"]  # a fresh, verified save
 
 
 def _incomplete_save(d, root):

@@ -189,10 +189,7 @@ class Checkpointer:
             compat=self.compat,
         )
         tag = RunDir.tag(step)
-        path = self.rd.checkpoint(tag)
-        if self.d.local_rank == 0 and path.exists():  # an incomplete leftover of a killed run, on this node
-            shutil.rmtree(path)
-        barrier()
+        self._clear_leftover(tag)
         marker = state.to_marker()
         engine.save_checkpoint(str(self.rd.checkpoints), tag=tag, client_state={"dwmtrain": marker}, save_latest=False)
         rng = self.rd.rng(tag, self.d.rank)
@@ -201,9 +198,10 @@ class Checkpointer:
         fault_point("checkpoint-shards-written", rank=self.d.rank, step=step)
         if (boundary or final) and self.boundary_weights:
             self._save_lm_weights(engine, tag)
-        self._agree_complete(tag, "saving")  # every rank's part is on its storage, or every rank raises
+        files = self._agree_complete(tag)  # every rank's part is on its storage, or every rank raises
         if self.d.is_main:
-            atomic_write_text(self.rd.marker(tag), json.dumps({**marker, "saved_at": time.time()}, indent=1))
+            marker = {**marker, "saved_at": time.time(), "files": files}
+            atomic_write_text(self.rd.marker(tag), json.dumps(marker, indent=1))
             fault_point("checkpoint-marker-written", step=step)
             atomic_write_text(self.rd.latest, json.dumps({"tag": tag, "step": state.step}))
         self._prune(keep=tag)
@@ -211,35 +209,101 @@ class Checkpointer:
         return tag
 
     def latest(self) -> RunState | None:
-        """State of the newest complete checkpoint on this rank's storage, or None.
+        """State of the newest checkpoint whose marker is sound on this storage (no shard checks), or None."""
+        return next((state for _, state, problem in self._candidates() if problem is None), None)
 
-        Falls back to scanning when latest.json is missing, unreadable or names an incomplete checkpoint.
-        """
-        cands = []
+    def _candidates(self) -> list[tuple[str, RunState | None, str | None]]:
+        """(tag, state, problem or None) for every checkpoint directory, newest step first.
+
+        The ``COMPLETE`` marker is the commit point: ``latest.json`` is a pointer for people and tools, and
+        a checkpoint whose marker exists counts even if a crash came before ``latest.json`` was replaced."""
+        out = []
         try:
-            cands.append(json.loads(self.rd.latest.read_text())["tag"])
+            named = json.loads(self.rd.latest.read_text())["tag"]
+            if not self.rd.checkpoint(named).is_dir():
+                out.append((named, None, f"{self.rd.latest.name} names it, but the directory is gone"))
         except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
             pass
-        if self.rd.checkpoints.is_dir():
-            cands += sorted((p.name for p in self.rd.checkpoints.iterdir() if RunDir.is_tag(p.name)), reverse=True)
-        for tag in cands:
+        tags = sorted((p.name for p in self.rd.checkpoints.iterdir() if RunDir.is_tag(p.name)), reverse=True) \
+            if self.rd.checkpoints.is_dir() else []  # fmt: skip
+        for tag in tags:
             m = self.rd.marker(tag)
-            if m.is_file():
-                try:
-                    return RunState.from_marker(tag, json.loads(m.read_text()))
-                except (json.JSONDecodeError, TypeError):
+            if not m.is_file():
+                out.append((tag, None, f"no {m.name} marker (a save that did not finish)"))
+                continue
+            try:
+                marker = json.loads(m.read_text())
+                state = RunState.from_marker(tag, marker)
+            except (json.JSONDecodeError, TypeError, UnicodeDecodeError, OSError) as e:
+                out.append((tag, None, f"its {m.name} marker cannot be read ({e})"))
+                continue
+            if RunDir.tag(state.step) != tag:
+                out.append((tag, None, f"its {m.name} marker records step {state.step}, not this checkpoint's"))
+                continue
+            out.append((tag, state, None))
+        return out
+
+    def _verify(self, state: RunState) -> str | None:
+        """Collective: what is wrong with ``state``'s checkpoint on any rank's storage (missing or truncated
+        files against the sizes its marker records), or None. At another world size, rank 0 checks the saved
+        ranks' files (re-sharding needs them on one storage anyway)."""
+        tag = state.tag
+        saved_world = state.compat.get("world_size", self.d.world)
+        want = broadcast_object(
+            json.loads(self.rd.marker(tag).read_text()).get("files") if self.d.is_main else None
+        )  # sizes at save time; None for checkpoints of older versions (existence checks only)
+
+        def problems(ranks) -> list[str]:
+            out = []
+            for r in ranks:
+                if want is None:
+                    out += [f"rank {r} lacks {m}" for m in self.rd.missing_rank_files(tag, r)]
                     continue
-        return None
+                have = self.rd.rank_files(tag, r)
+                for rel, size in want.items():
+                    if _file_rank(rel) != r:
+                        continue
+                    if rel not in have:
+                        out.append(f"{rel} is missing")
+                    elif have[rel] != size:
+                        out.append(f"{rel} is {have[rel]:,} bytes, the save wrote {size:,} (truncated or replaced)")
+            return out
+
+        if saved_world == self.d.world:
+            found = [(h, p) for h, p in all_gather_object((socket.gethostname(), problems([self.d.rank]))) if p]
+            where = ""
+        else:
+            found = broadcast_object([(socket.gethostname(), problems(range(saved_world)))] if self.d.is_main else None)
+            found = [(h, p) for h, p in found if p]
+            where = f" (resuming {saved_world} ranks' save on {self.d.world} reads every part from rank 0's storage)"
+        if not found:
+            return None
+        return "; ".join(f"{', '.join(p)} on {h}" for h, p in found) + where
 
     def resume(self, engine) -> RunState | None:
-        """Collective: restore the newest complete checkpoint into ``engine`` (and this rank's RNG).
+        """Collective: restore the newest checkpoint that verifies into ``engine`` (and this rank's RNG).
 
-        Rank 0 chooses the checkpoint and every rank follows; a rank whose storage lacks its part of it
-        fails every rank at once, naming the host and the files. Refuses (ResumeError) a checkpoint whose
-        compatibility fields a change of config broke; returns None for a fresh run.
+        Rank 0 lists the checkpoints, newest first; every rank checks its part of each (present, and the
+        size the save recorded) until one verifies. Each one skipped is said, with why; none is deleted.
+        Refuses (ResumeError) when checkpoints exist but none verifies, and a checkpoint whose compatibility
+        fields a change of config broke; returns None for a fresh run.
         """
-        state = broadcast_object(self.latest() if self.d.is_main else None)
+        state, skipped = None, []
+        for tag, cand, problem in broadcast_object(self._candidates() if self.d.is_main else None):
+            if problem is None:
+                problem = self._verify(cand)
+            if problem is None:
+                state = cand
+                break
+            skipped.append(f"{tag}: {problem}")
+            self._log(f"resume: skipping checkpoint {self.rd.checkpoint(tag)}: {problem}")
         if state is None:
+            if any(": no COMPLETE marker" not in s for s in skipped):
+                where = broadcast_object(str(self.rd.checkpoints))  # rank 0's storage: one message on every rank
+                raise ResumeError(
+                    f"no checkpoint in {where} verifies (their files are kept):\n  "
+                    + "\n  ".join(skipped)
+                )
             return None
         for note in check_compatible(state.compat, self.compat):
             self._log(f"resume: config changed (allowed): {note}")
@@ -250,7 +314,6 @@ class Checkpointer:
             )
             self._load_universal(engine, state.tag)
         else:
-            self._agree_complete(state.tag, "resuming from")
             self.load(engine, state.tag)
         self._log(f"resumed from {self.rd.checkpoint(state.tag)} at step {state.step} (stage {state.stage})")
         return state
@@ -298,20 +361,41 @@ class Checkpointer:
             raise ResumeError(f"DeepSpeed could not load the universal checkpoint {uni}")
         self._restore_rng(tag)  # a rank that did not exist before keeps its seeded state
 
-    def _agree_complete(self, tag: str, doing: str) -> None:
-        """Collective: every rank reports what of its part of ``tag`` its storage lacks; any gap fails all."""
-        gaps = [
-            r
-            for r in all_gather_object(
-                (socket.gethostname(), self.d.rank, self.rd.missing_rank_files(tag, self.d.rank))
+    def _agree_complete(self, tag: str) -> dict[str, int]:
+        """Collective: every rank reports its part of ``tag`` on its storage; any gap fails all. Returns
+        {file: size} over every rank (what the marker records, for a resume to verify)."""
+        parts = all_gather_object(
+            (
+                socket.gethostname(),
+                self.d.rank,
+                self.rd.missing_rank_files(tag, self.d.rank),
+                self.rd.rank_files(tag, self.d.rank),
             )
-            if r[2]
-        ]
+        )
+        gaps = [r for r in parts if r[2]]
         if gaps:
-            lines = [f"{host} (rank {rank}) lacks {', '.join(files)}" for host, rank, files in gaps]
-            raise (ResumeError if doing.startswith("resum") else CheckpointError)(
-                f"{doing} checkpoint {tag}: not every rank holds its part of it:\n  " + "\n  ".join(lines)
+            lines = [f"{host} (rank {rank}) lacks {', '.join(files)}" for host, rank, files, _ in gaps]
+            raise CheckpointError(
+                f"saving checkpoint {tag}: not every rank holds its part of it:\n  " + "\n  ".join(lines)
             )
+        return {rel: size for *_, files in parts for rel, size in sorted(files.items())}
+
+    def _clear_leftover(self, tag: str) -> None:
+        """Collective, before saving ``tag``: an unfinished save of it (no marker) is removed; a complete-marked
+        one that a resume skipped as unverifiable is moved to ``checkpoints/unverified/`` on every node."""
+        path = self.rd.checkpoint(tag)
+        aside = broadcast_object(self.rd.broken_dir(tag) if self.d.is_main and self.rd.marker(tag).is_file() else None)
+        if self.d.local_rank == 0:
+            shutil.rmtree(self.rd.universal(tag), ignore_errors=True)  # derived from the old one: stale
+        if self.d.local_rank == 0 and path.exists():
+            if aside is None:
+                shutil.rmtree(path)
+            else:
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                path.rename(aside)
+                if self.d.is_main:
+                    self._log(f"moved the unverifiable checkpoint {path} to {aside} (kept, not deleted)")
+        barrier()
 
     def _save_lm_weights(self, engine, tag: str) -> None:
         """Collective: gather the fp32 master weights to rank 0, which writes them (safetensors) with the shards."""
@@ -341,6 +425,15 @@ class Checkpointer:
             if self.d.local_rank == 0:
                 shutil.rmtree(self.rd.checkpoint(t), ignore_errors=True)
                 shutil.rmtree(self.rd.universal(t), ignore_errors=True)
+
+
+def _file_rank(rel: str) -> int:
+    """The rank a checkpoint file belongs to (``lm_fp32.safetensors`` is rank 0's)."""
+    if rel.startswith("rng/rank"):
+        return int(rel[len("rng/rank") : -len(".pt")])
+    if "zero_pp_rank_" in rel:
+        return int(rel.split("zero_pp_rank_")[1].split("_")[0])
+    return 0
 
 
 def convert_to_universal(src, dst) -> str | None:
