@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from dwmtrain.errors import DWMTrainError
+from dwmtrain.faults import fault_point
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,14 @@ def broadcast_tensors(state: dict[str, torch.Tensor] | None, device: torch.devic
         spec = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()]
     spec = broadcast_object(spec, src)
     out = {}
-    for k, shape, dt in spec:
+    for i, (k, shape, dt) in enumerate(spec):
         if dist.is_initialized() and dist.get_rank() != src:
             t = torch.empty(shape, dtype=getattr(torch, dt), device=device)
         else:
             t = state[k].to(device).contiguous()
         if dist.is_initialized():
             dist.broadcast(t, src=src)
+            fault_point("tensor-broadcast", rank=dist.get_rank(), index=i)
         out[k] = t
     return out
 

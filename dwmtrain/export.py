@@ -76,7 +76,7 @@ def export_checkpoint(
     from transformers import GenerationConfig
 
     from dwmtrain.data.tokenizer import export_hf
-    from dwmtrain.fileio import sha256_file
+    from dwmtrain.fileio import follow_umask, sha256_file
     from dwmtrain.train.checkpoint import consolidated_lm_state
 
     rd, out = RunDir(run_dir), Path(out)
@@ -121,11 +121,7 @@ def export_checkpoint(
             "tokenizer_sha256": sha256_file(cfg.data.tokenizer),
         }
         (tmp / "dwmtrain_export.json").write_text(json.dumps(info, indent=1))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700 (and safetensors 0600): follow the user's umask
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
+        follow_umask(tmp)  # mkdtemp made it 0700 (and safetensors 0600)
         if out.exists():  # --overwrite: the old export goes only once the new one is complete
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)

@@ -1,4 +1,4 @@
-"""File helpers shared by data, models and checkpoints: content hashes and atomic writes."""
+"""File helpers shared by data, models and checkpoints: content hashes, atomic writes, the user's umask."""
 
 from __future__ import annotations
 
@@ -25,3 +25,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (and a directory's files) the mode a plain ``open``/``mkdir`` would: mkstemp, mkdtemp
+    and safetensors create 0600/0700, which would keep a run's outputs from the user's group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    if path.is_dir():
+        os.chmod(path, 0o777 & ~umask)
+        for f in path.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
+    else:
+        os.chmod(path, 0o666 & ~umask)

@@ -195,6 +195,29 @@ def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     assert checkpointer(d, tmp_path / "fresh").latest() is None
 
 
+class FullDiskEngine(ShardEngine):
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        import errno
+
+        path = self.shard(root, tag)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_a_disk_that_fills_during_a_save_is_a_checkpoint_error_and_the_last_checkpoint_stays(tmp_path):
+    from dwmtrain.distributed import Dist
+    from dwmtrain.train.checkpoint import CheckpointError
+
+    d, one = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu"), {**COMPAT, "world_size": 1}
+    ck = checkpointer(d, tmp_path, one)
+    ck.save(ShardEngine(0), step=2, stage=1, boundary=False, dwm={})
+    with pytest.raises(CheckpointError, match=r"saving checkpoint step0000004 on .* \(rank 0\): \[Errno 28\] No space"):
+        ck.save(FullDiskEngine(0), step=4, stage=1, boundary=False, dwm={})
+    assert ck.latest().tag == "step0000002" and not (tmp_path / "checkpoints" / "step0000004" / "COMPLETE").exists()
+    assert checkpointer(d, tmp_path, one).resume(ShardEngine(0)).tag == "step0000002"
+
+
 # --------------------------------------------------------------------------- the DWM hand-off
 
 

@@ -150,6 +150,19 @@ def test_an_unreadable_tensor_file_is_a_dwm_file_error(tmp_path):
         load_dwm_state(path)
 
 
+def test_dwm_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_dwm(DataWeightingModel(ARCH), tmp_path / "d.safetensors", stage=2, lm_step=4)
+    finally:
+        os.umask(old)
+    for name in ("d.safetensors", "d.safetensors.json"):  # not safetensors' 0600
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644
+
+
 def test_backbone_init_from_lm():
     from dwmtrain.models.lm import build_lm
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from dwmtrain.errors import ConfigError, DataError
+from dwmtrain.fileio import follow_umask
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -172,8 +173,6 @@ def export_hf(sp_model: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     tok.save_pretrained(tmp)
     (tmp / "tokenizer.model").write_bytes(Path(sp_model).read_bytes())
     (tmp / "dwmtrain_tokenizer.json").write_text(json.dumps({"source": os.path.abspath(sp_model)}))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; the output follows the user's umask like any other
+    follow_umask(tmp)  # mkdtemp made it 0700
     os.replace(tmp, out)  # atomic: a failed export leaves no half-written directory
     return out

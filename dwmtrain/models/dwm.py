@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from transformers import LlamaModel
 
 from dwmtrain.errors import ConfigError, DWMTrainError
-from dwmtrain.fileio import atomic_write_text, sha256_file
+from dwmtrain.faults import fault_point
+from dwmtrain.fileio import atomic_write_text, follow_umask, sha256_file
 from dwmtrain.models.lm import dtype_preserving_norms, llama_config
 
 
@@ -204,8 +205,10 @@ def save_dwm(model: DataWeightingModel, path: str | os.PathLike, stage: int, lm_
         **extra,
     }
     save_file(state, str(tmp), metadata={"format": FORMAT, _SIGNED_KEY: json.dumps(meta, sort_keys=True)})
+    follow_umask(tmp)  # safetensors writes 0600
     meta["sha256"] = sha256_file(tmp)
     os.replace(tmp, path)  # tensors first, metadata last: the sidecar marks the file complete
+    fault_point("dwm-tensors-written", stage=stage)
     atomic_write_text(meta_path(path), json.dumps(meta, indent=1))
     return meta
 

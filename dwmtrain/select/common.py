@@ -31,7 +31,7 @@ import numpy as np
 
 from dwmtrain.data.prepare import _open_text_bytes, diagnose_jsonl, expand_inputs
 from dwmtrain.errors import DataError
-from dwmtrain.fileio import atomic_write_text
+from dwmtrain.fileio import atomic_write_text, follow_umask
 
 METHODS = ("random", "dsir", "qurating")
 OUT_SUFFIXES = (".jsonl", ".jsonl.zst")
@@ -156,9 +156,7 @@ def _write_atomic_records(out: str, lines: list[str]) -> None:
                     fh.write(line.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600; the output follows the umask like any other file
+        follow_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):

@@ -24,7 +24,7 @@ import torch
 from dwmtrain.distributed import Dist, all_gather_object, barrier, broadcast_object, run_on_rank0
 from dwmtrain.errors import DWMTrainError
 from dwmtrain.faults import fault_point
-from dwmtrain.fileio import atomic_write_text
+from dwmtrain.fileio import atomic_write_text, follow_umask
 from dwmtrain.rundir import RunDir
 
 # Changing any of these makes the saved state unusable for this run.
@@ -176,6 +176,7 @@ class Checkpointer:
         self.keep_last, self.keep_stage = keep_last, keep_stage
         # write lm_fp32.safetensors at stage ends (the meta job's input; export / eval read it without the shards)
         self.boundary_weights = boundary_weights
+        self._bytes: int | None = None  # the largest checkpoint on this rank's storage (the free-space check)
 
     def save(self, engine, *, step: int, stage: int, boundary: bool, dwm: dict, final: bool = False) -> str:
         """Collective: every rank calls it after ``step`` optimizer steps. Returns the tag."""
@@ -189,24 +190,54 @@ class Checkpointer:
             compat=self.compat,
         )
         tag = RunDir.tag(step)
+        self._check_space(tag)  # a disk too full for this checkpoint stops the run before a byte is written
         self._clear_leftover(tag)
         marker = state.to_marker()
-        engine.save_checkpoint(str(self.rd.checkpoints), tag=tag, client_state={"dwmtrain": marker}, save_latest=False)
-        rng = self.rd.rng(tag, self.d.rank)
-        rng.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), rng)
-        fault_point("checkpoint-shards-written", rank=self.d.rank, step=step)
-        if (boundary or final) and self.boundary_weights:
-            self._save_lm_weights(engine, tag)
+        try:
+            engine.save_checkpoint(
+                str(self.rd.checkpoints), tag=tag, client_state={"dwmtrain": marker}, save_latest=False
+            )
+            rng = self.rd.rng(tag, self.d.rank)
+            rng.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(_rng_state(), rng)
+            fault_point("checkpoint-shards-written", rank=self.d.rank, step=step)
+            if (boundary or final) and self.boundary_weights:
+                self._save_lm_weights(engine, tag)
+        except OSError as e:  # the disk filled (or failed) mid-save: this rank says so; the launcher ends the rest
+            raise CheckpointError(
+                f"saving checkpoint {tag} on {socket.gethostname()} (rank {self.d.rank}): {e}; it is not marked "
+                "complete, the newest complete checkpoint is untouched, and a rerun resumes from it"
+            ) from None
         files = self._agree_complete(tag)  # every rank's part is on its storage, or every rank raises
         if self.d.is_main:
             marker = {**marker, "saved_at": time.time(), "files": files}
             atomic_write_text(self.rd.marker(tag), json.dumps(marker, indent=1))
             fault_point("checkpoint-marker-written", step=step)
             atomic_write_text(self.rd.latest, json.dumps({"tag": tag, "step": state.step}))
+        self._bytes = max(self._bytes or 0, _du(self.rd.checkpoint(tag)))
         self._prune(keep=tag)
         barrier()
         return tag
+
+    def _check_space(self, tag: str) -> None:
+        """Collective: every rank compares its storage's free space with the largest checkpoint it holds."""
+        if self._bytes is None:  # after a resume: what the checkpoints on this storage take
+            dirs = (
+                [p for p in self.rd.checkpoints.iterdir() if RunDir.is_tag(p.name)]
+                if self.rd.checkpoints.is_dir()
+                else []
+            )
+            self._bytes = max((_du(p) for p in dirs), default=0)
+        self.rd.checkpoints.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.rd.checkpoints).free
+        short = [r for r in all_gather_object((socket.gethostname(), free, self._bytes)) if r[1] < r[2]]
+        if short:
+            host, free, need = short[0]
+            raise CheckpointError(
+                f"saving checkpoint {tag}: {self.rd.checkpoints} on {host} has {_mib(free)} free and a checkpoint "
+                f"takes {_mib(need)} there (the largest so far); nothing was written. Free space (or lower "
+                "run.keep_last) and rerun the same command: it resumes from the newest complete checkpoint"
+            )
 
     def latest(self) -> RunState | None:
         """State of the newest checkpoint whose marker is sound on this storage (no shard checks), or None."""
@@ -301,8 +332,7 @@ class Checkpointer:
             if any(": no COMPLETE marker" not in s for s in skipped):
                 where = broadcast_object(str(self.rd.checkpoints))  # rank 0's storage: one message on every rank
                 raise ResumeError(
-                    f"no checkpoint in {where} verifies (their files are kept):\n  "
-                    + "\n  ".join(skipped)
+                    f"no checkpoint in {where} verifies (their files are kept):\n  " + "\n  ".join(skipped)
                 )
             return None
         for note in check_compatible(state.compat, self.compat):
@@ -405,6 +435,7 @@ class Checkpointer:
         if self.d.is_main:
             tmp = self.rd.lm_weights(tag).with_suffix(".tmp")
             save_file(state, str(tmp), metadata={"format": "dwmtrain-lm-fp32-v1"})
+            follow_umask(tmp)  # safetensors writes 0600
             tmp.replace(self.rd.lm_weights(tag))
 
     def _log(self, msg: str) -> None:
@@ -425,6 +456,23 @@ class Checkpointer:
             if self.d.local_rank == 0:
                 shutil.rmtree(self.rd.checkpoint(t), ignore_errors=True)
                 shutil.rmtree(self.rd.universal(t), ignore_errors=True)
+
+
+def _du(path) -> int:
+    """Bytes under ``path`` (0 if it is gone)."""
+    from pathlib import Path
+
+    total = 0
+    for f in Path(path).rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except FileNotFoundError:  # pruned meanwhile
+            pass
+    return total
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _file_rank(rel: str) -> int:

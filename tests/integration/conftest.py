@@ -5,6 +5,7 @@ import pytest
 from dwmtrain.data.prepare import prepare_data
 
 from ..conftest import CORPUS
+from .helpers import pretrain_cmd, run, short_run
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,14 @@ def data64(tmp_path_factory):
         progress=False,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def bilevel_reference(tmp_path_factory, data64):
+    """An uninterrupted 12-step, 3-stage bilevel run on 2 ranks (meta jobs at steps 4 and 8): what a run
+    interrupted in any way must equal. Returns (run_dir, overrides)."""
+    args = short_run(data64, "meta.mode=bilevel", "meta.nproc=2", "meta.steps=3")
+    ref = tmp_path_factory.mktemp("bilevel") / "ref"
+    p = run(pretrain_cmd(ref, args))
+    (ref / "launch.out").write_text(p.stdout + p.stderr)
+    return ref, args
