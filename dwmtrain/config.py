@@ -88,6 +88,9 @@ class ModelConfig:
     vocab_size: int = 0  #: 0: the preset's; must equal the tokenizer's vocabulary
     max_seq_len: int = 0  #: 0: the preset's context (1024 for the paper presets)
     attn_implementation: str = "sdpa"  #: sdpa (fused kernels) | eager
+    #: the training loss applies the LM head this many tokens at a time, never holding the full
+    #: [tokens, vocab] logits (train.loss.fused_weighted_loss); 0: the full-logits path
+    loss_chunk_tokens: int = 1024
 
     def __post_init__(self):
         from dwmtrain.models.lm import PRESETS
@@ -96,6 +99,7 @@ class ModelConfig:
         _check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0")
         _check(self.max_seq_len >= 0, "model.max_seq_len", self.max_seq_len, "must be >= 0")
         _one_of("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _check(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", self.loss_chunk_tokens, "must be >= 0")
 
 
 @dataclass

@@ -81,3 +81,67 @@ def test_experiment_configs_inherit_their_base(tmp_path):
     (tmp_path / "c.yaml").write_text("base: nowhere\n")
     with pytest.raises(ConfigError, match="base='nowhere'"):
         load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_fused_weighted_loss_equals_the_full_logits_path(dtype, tol, chunk):
+    from dwmtrain.train.loss import fused_weighted_loss, per_sample_loss, weighted_loss
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 4, 33, 16, 50
+    h = torch.randn(B, T, H, dtype=dtype, generator=g).requires_grad_()
+    W = torch.randn(V, H, dtype=dtype, generator=g).requires_grad_()
+    lab = torch.randint(0, V, (B, T), generator=g)
+    lab[1, 5:9], lab[2, 1:] = -100, -100  # ignored tokens; sample 2 scores none
+    w = torch.rand(B, generator=g, dtype=dtype) * 2
+    want_ps = per_sample_loss(h @ W.t(), lab)
+    want = weighted_loss(want_ps, w)
+    gh, gw = torch.autograd.grad(3.0 * want, (h, W))  # a scaled upstream gradient (gradient accumulation)
+    loss, ps = fused_weighted_loss(h, W, lab, w, chunk=chunk)
+    fh, fw = torch.autograd.grad(3.0 * loss, (h, W))
+    assert not ps.requires_grad and ps[2] == 0
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
+    assert rel(loss, want) < tol and rel(ps, want_ps) < tol
+    assert rel(fh, gh) < tol and rel(fw, gw) < tol
+
+
+def test_the_lm_returns_the_weighted_objective_without_logits():
+    from dwmtrain.models.lm import build_lm
+    from dwmtrain.train.loss import per_sample_loss, weighted_loss
+
+    lm = build_lm("tiny", 512, 32, seed=0)
+    lm.loss_chunk_tokens = 50
+    x = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    w = torch.linspace(0.2, 1.8, 8)
+    want = weighted_loss(per_sample_loss(lm(input_ids=x).logits, x), w)
+    want.backward()
+    ref = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad()
+    loss, per = lm(input_ids=x, sample_weights=w)
+    loss.backward()
+    assert torch.allclose(loss, want, rtol=1e-6) and per.shape == (8,)
+    for n, p in lm.named_parameters():
+        assert torch.allclose(p.grad, ref[n], rtol=1e-4, atol=1e-7), n
+
+
+def test_step_statistics_stay_on_the_device_until_reduced(monkeypatch):
+    from dwmtrain.models.dwm import weight_stats
+    from dwmtrain.train.loop import StepStats
+
+    mbs = [(torch.tensor([2.0, 4.0]), torch.tensor([0.5, 1.5])), (torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0]))]
+    s = StepStats()
+
+    def host_sync(*a, **k):
+        raise AssertionError("a host synchronisation inside the step")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__float__"):
+            m.setattr(torch.Tensor, name, host_sync)
+        for losses, w in mbs:
+            s.add(losses, w)
+    r = s.reduce()  # one process: the sums as they are
+    assert r["loss"] == pytest.approx(((0.5 * 2 + 1.5 * 4) / 2 + 0) / 2)
+    assert r["loss_unweighted"] == pytest.approx((3 + 2) / 2)
+    assert r["w_ess"] == pytest.approx((weight_stats(mbs[0][1])["ess"] + 0) / 2)
+    assert (r["w_min"], r["w_max"]) == (0.0, 1.5)

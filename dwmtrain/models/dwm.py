@@ -47,15 +47,21 @@ def oracle_weights(keep: torch.Tensor) -> torch.Tensor:
     return keep * keep.shape[-1] / keep.sum().clamp_min(1.0)
 
 
-def weight_stats(w: torch.Tensor) -> dict[str, float]:
-    """Entropy (nats; log B is uniform), effective sample size, min, max of one micro-batch's weights."""
+def weight_stats_tensor(w: torch.Tensor) -> torch.Tensor:
+    """[entropy (nats; log B is uniform), effective sample size, min, max] of one micro-batch's weights, on
+    w's device with no host synchronisation (all zeros when the oracle drops a whole micro-batch)."""
     w = w.detach().float()
-    if w.sum() <= 0:  # the oracle drops a whole micro-batch: nothing weighs anything
-        return {"entropy": 0.0, "ess": 0.0, "min": 0.0, "max": 0.0}
-    p = w / w.sum()
+    total = w.sum()
+    p = w / total.clamp_min(1e-30)
     ent = -(p * p.clamp_min(1e-30).log()).sum()
-    ess = w.sum() ** 2 / (w * w).sum()
-    return {"entropy": ent.item(), "ess": ess.item(), "min": w.min().item(), "max": w.max().item()}
+    ess = total**2 / (w * w).sum().clamp_min(1e-30)
+    out = torch.stack([ent, ess, w.min(), w.max()])
+    return torch.where(total > 0, out, torch.zeros_like(out))
+
+
+def weight_stats(w: torch.Tensor) -> dict[str, float]:
+    """``weight_stats_tensor`` as numbers."""
+    return dict(zip(("entropy", "ess", "min", "max"), weight_stats_tensor(w).tolist()))
 
 
 @dataclass(frozen=True)

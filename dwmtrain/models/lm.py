@@ -115,6 +115,36 @@ def llama_config(
     return cfg
 
 
+class WeightedLlamaForCausalLM(LlamaForCausalLM):
+    """``LlamaForCausalLM`` (same modules, same state dict) whose forward can also return the weighted
+    training objective without materializing the logits: ``model(input_ids=x, sample_weights=w)`` ->
+    (mean_i w_i * L_i, per-sample losses [B] without gradient), the LM head applied a chunk of tokens at a
+    time (``train.loss.fused_weighted_loss``). Without ``sample_weights`` it is the plain HF forward."""
+
+    loss_chunk_tokens = 1024
+
+    def forward(self, input_ids=None, sample_weights=None, **kwargs):
+        if sample_weights is None:
+            return super().forward(input_ids=input_ids, **kwargs)
+        from dwmtrain.train.loss import fused_weighted_loss
+
+        hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+        weight = self.lm_head.weight
+        with _gathered(weight):  # ZeRO-3: the head's full weight for this forward (its gradient comes with it)
+            return fused_weighted_loss(hidden, weight, input_ids, sample_weights, self.loss_chunk_tokens)
+
+
+def _gathered(param):
+    """DeepSpeed's GatheredParameters for a ZeRO-3-partitioned parameter, else nothing to do."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def build_lm(
     preset: str,
     vocab_size: int = 0,
@@ -122,12 +152,12 @@ def build_lm(
     attn_implementation: str = "sdpa",
     seed: int | None = None,
     dtype: torch.dtype = torch.float32,
-) -> LlamaForCausalLM:
+) -> WeightedLlamaForCausalLM:
     """A freshly initialized LM for a preset (seeded when ``seed`` is given)."""
     cfg = llama_config(preset, vocab_size, max_seq_len, attn_implementation)
     if seed is not None:
         torch.manual_seed(seed)
-    model = dtype_preserving_norms(LlamaForCausalLM(cfg))
+    model = dtype_preserving_norms(WeightedLlamaForCausalLM(cfg))
     return model.to(dtype)
 
 

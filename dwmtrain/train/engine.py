@@ -14,6 +14,7 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int):
     import deepspeed
 
     lm = build_lm(cfg.model.preset, vocab_size, cfg.model.max_seq_len, cfg.model.attn_implementation, seed=cfg.run.seed)
+    lm.loss_chunk_tokens = cfg.model.loss_chunk_tokens or lm.loss_chunk_tokens
     total = cfg.stages.total_steps
     warm = default_warmup(total, cfg.optimizer.warmup_steps)
 

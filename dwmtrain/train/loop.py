@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from dwmtrain.data.dataset import rank_micro_batches
 from dwmtrain.distributed import all_reduce_
-from dwmtrain.models.dwm import weight_stats
+from dwmtrain.models.dwm import weight_stats_tensor
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.handoff import DomainOracle
 from dwmtrain.stages.schedule import stage_of
@@ -47,20 +47,28 @@ def train(run: Run) -> None:
             idx = next(batches)[1]
             x = run.data.batch(idx).to(d.device)
             w = weigh(dwm, x, idx)  # [B], mean 1
-            losses = per_sample_loss(eng(input_ids=x).logits, x)  # [B]
-            eng.backward(weighted_loss(losses, w))
+            if cfg.model.loss_chunk_tokens:  # the head a chunk at a time: no [B, T, V] logits
+                loss, losses = eng(input_ids=x, sample_weights=w)
+            else:
+                losses = per_sample_loss(eng(input_ids=x).logits, x)  # [B]
+                loss = weighted_loss(losses, w)
+            eng.backward(loss)
             eng.step()
             stats.add(losses, w)
         step += 1
-        rec = step_record(run, step, stage, lr, time.time() - t0, dwm_info.get("version", "uniform"), stats.reduce())
-        alarmed = raise_alarm(run, rec, alarmed)
-        if step % cfg.run.log_every == 0 or step == total:
-            run.metrics.log(rec)
         bar.update(1)
-        bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+        if step % cfg.run.log_every == 0 or step == total:  # statistics reach the host only when logged
+            rec = step_record(
+                run, step, stage, lr, time.time() - t0, dwm_info.get("version", "uniform"), stats.reduce()
+            )
+            alarmed = raise_alarm(run, rec, alarmed)
+            run.metrics.log(rec)
+            bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
         boundary = step in run.starts[1:]
         if boundary or step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
-            run.metrics.log({"step": step, "stage": stage, **validate(run), "dwm": rec["dwm"]}, kind="eval")
+            run.metrics.log(
+                {"step": step, "stage": stage, **validate(run), "dwm": dwm_info.get("version", "uniform")}, kind="eval"
+            )
         stop = run.stop.agreed()  # collective: SIGUSR1 on any rank (SLURM's warning before the time limit)
         if stop or boundary or step == total or step % cfg.run.checkpoint_every == 0:
             run.ckpt.save(eng, step=step, stage=stage, boundary=boundary, dwm=dwm_info, final=step == total)
@@ -71,33 +79,33 @@ def train(run: Run) -> None:
 
 
 class StepStats:
-    """Sums over the micro-batches of one optimizer step; ``reduce`` combines them over all ranks."""
+    """Sums over the micro-batches of one optimizer step, kept on the device (no host sync per micro-batch);
+    ``reduce`` combines them over all ranks with two all-reduces and one transfer to the host."""
 
     def __init__(self):
-        self.acc = torch.zeros(5, dtype=torch.float64)  # sum w*L, sum L, entropy, ess, micro-batches
-        self.lo, self.hi = torch.tensor([float("inf")]), torch.tensor([-float("inf")])
+        self.acc = None  # sum w*L, sum L, entropy, ess, micro-batches
+        self.ext = None  # max of the weights, -min of the weights
 
     def add(self, losses: torch.Tensor, w: torch.Tensor) -> None:
-        s = weight_stats(w)
-        self.acc += torch.tensor(
-            [(w * losses).mean().item(), losses.mean().item(), s["entropy"], s["ess"], 1.0], dtype=torch.float64
-        )
-        self.lo, self.hi = (
-            torch.minimum(self.lo, torch.tensor([s["min"]])),
-            torch.maximum(self.hi, torch.tensor([s["max"]])),
-        )
+        losses, w = losses.detach().float(), w.detach().float()
+        ent, ess, lo, hi = weight_stats_tensor(w)
+        row = torch.stack([(w * losses).mean(), losses.mean(), ent, ess, torch.ones_like(ent)]).double()
+        self.acc = row if self.acc is None else self.acc + row
+        ext = torch.stack([hi, -lo])
+        self.ext = ext if self.ext is None else torch.maximum(self.ext, ext)
 
     def reduce(self) -> dict:
         """Collective: means over every micro-batch of every rank; min / max of the weights over all ranks."""
-        all_reduce_(self.acc), all_reduce_(self.lo, "min"), all_reduce_(self.hi, "max")
-        n = self.acc[4].item()
+        all_reduce_(self.acc), all_reduce_(self.ext, "max")
+        s, (hi, neg_lo) = self.acc.tolist(), self.ext.tolist()
+        n = s[4]
         return {
-            "loss": self.acc[0].item() / n,
-            "loss_unweighted": self.acc[1].item() / n,
-            "w_entropy": self.acc[2].item() / n,
-            "w_ess": self.acc[3].item() / n,
-            "w_min": self.lo.item(),
-            "w_max": self.hi.item(),
+            "loss": s[0] / n,
+            "loss_unweighted": s[1] / n,
+            "w_entropy": s[2] / n,
+            "w_ess": s[3] / n,
+            "w_min": -neg_lo,
+            "w_max": hi,
         }
 
 

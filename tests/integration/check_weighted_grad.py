@@ -1,4 +1,5 @@
-"""Run under `deepspeed --num_gpus 2`: ZeRO-3 gradients of the weighted loss == a hand-computed weighted sum.
+"""Run under `deepspeed --num_gpus 2`: ZeRO-3 gradients of the weighted loss (the fused, chunked LM-head path, its
+head weight gathered inside the engine's forward) == a hand-computed weighted sum of per-sample gradients.
 
 Also: permuting a micro-batch permutes its DWM weights; a fresh DWM gives uniform weights.
 Prints CHECK-OK on success (rank 0), raises otherwise.
@@ -47,7 +48,10 @@ def main():
     perm = torch.randperm(8, generator=g)
     assert torch.allclose(weigh(dwm, x[perm], []), w[perm], atol=1e-5), "permuting the batch must permute the weights"
 
-    loss = weighted_loss(per_sample_loss(eng(input_ids=x).logits, x), w)
+    full_path = weighted_loss(per_sample_loss(eng(input_ids=x).logits, x), w).detach()  # the logits path
+    eng.module.loss_chunk_tokens = 64  # 8 x 31 scored tokens: four chunks
+    loss, per = eng(input_ids=x, sample_weights=w)  # the fused, chunked path the training loop takes
+    assert torch.allclose(loss.detach(), full_path, rtol=1e-5), (loss, full_path)
     eng.backward(loss)
 
     # hand-computed: (1/world) sum_r (1/B) sum_i w_ri * grad L_ri, from per-sample backward passes
