@@ -150,6 +150,15 @@ def test_an_unreadable_tensor_file_is_a_dwm_file_error(tmp_path):
         load_dwm_state(path)
 
 
+def test_the_same_fit_has_the_same_sha256_wherever_and_whenever_it_is_written(tmp_path):
+    m = DataWeightingModel(ARCH)
+    shas = {
+        save_dwm(m, tmp_path / f"r{i}" / "d.safetensors", 2, 4, seconds=i, checkpoint=f"/run{i}")["sha256"]
+        for i in range(4)
+    }
+    assert len(shas) == 1  # informational fields are not signed; the header's one entry has a fixed order
+
+
 def test_dwm_files_follow_the_umask(tmp_path):
     import os
     import stat

@@ -1,32 +1,44 @@
 #!/usr/bin/env python3
-"""Side-by-side timings in one process: LM step with vs without the DWM, and the meta-step per mode.
+"""dwmtrain's benchmark suite: each hot path measured side by side with what it is compared to, in one run.
 
-Prints ratios measured in the same run (same process, same inputs, interleaved repetitions):
-  * DWM overhead: (LM step + DWM forward) / LM step, against the paper's Eq. 9 estimate 2*P_w / 6*P
-  * meta-step cost of each meta-gradient mode relative to one LM training step
-On CUDA also tokens/s, MFU and peak memory.
+Every benchmark prints lines ``name: measured / target``; a ratio is taken between two variants measured
+in the same run (interleaved repetitions, or sibling processes for peak memory), because an absolute time
+on a shared CPU means little. Figures and commands go into docs/benchmarks.md.
 
-    python tools/bench.py --preset small --dwm-backbone small --seq-len 128 --reps 5
-    python tools/bench.py --preset 1.3b --dwm-backbone 370m --seq-len 1024 --dtype bf16   # on a GPU
+    python tools/bench.py --quick                 # every CPU benchmark at sizes that finish in < 10 min here
+    python tools/bench.py --only loss --hidden 1024 --reps 3
+    python tools/bench.py --only step,meta --preset 1.3b --dwm-backbone 370m --seq-len 1024 --dtype bf16  # GPU
+
+Benchmarks:
+  loss     the training loss at vocab 32,000 / seq 1,024 / micro-batch 8: the fused, chunked LM-head loss
+           against the full-logits path. Extra peak memory (target <= 0.25x) and time (target <= 1.0x).
+  step     LM step with and without the frozen DWM forward: overhead against the paper's Eq. 9
+           prediction 2*P_w / 6*P (target: measured <= predicted). On CUDA also tokens/s, MFU, memory.
+  meta     the fd meta-step against the textbook unrolled create_graph step (Meta-Weight-Net / higher):
+           time and peak memory (target <= 1.0x each), and their meta-gradients' agreement.
+  prepare  prepare-data end to end against raw sentencepiece encoding of the same text in one process,
+           with 1 and 2 workers (target >= 0.8 of the raw rate per worker).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from dwmtrain.meta.metagrad import dwm_surrogate, lm_params, meta_gradient  # noqa: E402
-from dwmtrain.models.dwm import DataWeightingModel, DWMArch  # noqa: E402
-from dwmtrain.models.lm import build_lm, count_parameters  # noqa: E402
-from dwmtrain.train.loss import per_sample_loss, weighted_loss  # noqa: E402
-from dwmtrain.train.metrics import peak_flops  # noqa: E402
+CORPUS = ROOT / "dwmtrain" / "data" / "corpus"
 
 
 def sync(dev):
@@ -45,19 +57,104 @@ def timeit(fn, dev, reps):
     return statistics.median(out)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--dwm-backbone", default="")
-    ap.add_argument("--vocab-size", type=int, default=0)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--micro", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--modes", default="fd,per_sample", help="meta-gradient modes to time")
-    a = ap.parse_args(argv)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+def interleaved(fns: dict, dev, reps: int) -> dict[str, float]:
+    """Median time of each function, repetitions interleaved so that drifts hit all alike (after a warm-up)."""
+    for f in fns.values():
+        f()
+    times: dict[str, list] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            times[k].append(timeit(f, dev, 1))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def line(name: str, measured: str, target: str, ok: bool | None = None) -> str:
+    mark = "" if ok is None else ("  ok" if ok else "  SHORT")
+    return f"{name}: {measured} / {target}{mark}"
+
+
+def peak_rss_of(args: list[str]) -> dict:
+    """Run this script in a child process for one probe; it prints a JSON line with its measurements."""
+    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=1200)
+    if p.returncode != 0:
+        raise RuntimeError(f"probe {args} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+
+def _loss_inputs(a, dev):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(a.micro, a.seq_len, a.hidden, generator=g).to(dev, a.torch_dtype).requires_grad_()
+    W = (torch.randn(a.vocab, a.hidden, generator=g) * 0.02).to(dev, a.torch_dtype).requires_grad_()
+    y = torch.randint(0, a.vocab, (a.micro, a.seq_len), generator=g).to(dev)
+    w = torch.rand(a.micro, generator=g).to(dev) * 2
+    return h, W, y, w
+
+
+def _loss_fns(a, dev):
+    from dwmtrain.train.loss import fused_weighted_loss, per_sample_loss, weighted_loss
+
+    h, W, y, w = _loss_inputs(a, dev)
+
+    def logits_path():
+        weighted_loss(per_sample_loss(h @ W.t(), y), w).backward()
+        h.grad = W.grad = None
+
+    def fused():
+        fused_weighted_loss(h, W, y, w, chunk=a.chunk)[0].backward()
+        h.grad = W.grad = None
+
+    return {"logits": logits_path, "fused": fused}
+
+
+def probe_loss(a) -> None:
+    """Child process: extra peak memory of one loss forward+backward over the inputs (RSS high-water mark)."""
+    dev = torch.device(a.device)
+    fns = _loss_fns(a, dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fns[a.probe_variant]()
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        base = _rss_mib()
+        fns[a.probe_variant]()
+        extra = _rss_mib() - base
+    print(json.dumps({"extra_mib": extra}))
+
+
+def bench_loss(a) -> list[str]:
+    dev = torch.device(a.device)
+    common = ["--device", a.device, "--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--micro", str(a.micro),
+              "--hidden", str(a.hidden), "--chunk", str(a.chunk), "--dtype", a.dtype]  # fmt: skip
+    mem = {v: peak_rss_of(["--probe", "loss", "--probe-variant", v, *common])["extra_mib"] for v in ("logits", "fused")}
+    t = interleaved(_loss_fns(a, dev), dev, a.reps)
+    size = f"V={a.vocab} T={a.seq_len} B={a.micro} H={a.hidden} {a.dtype}, chunk {a.chunk}"
+    mr, tr = mem["fused"] / max(mem["logits"], 1e-9), t["fused"] / t["logits"]
+    return [
+        line(f"loss.extra_memory fused/logits ({size})",
+             f"{mr:.3f}x ({mem['fused']:.0f} vs {mem['logits']:.0f} MiB)", "<= 0.25x", mr <= 0.25),
+        line(f"loss.time fused/logits ({size})",
+             f"{tr:.2f}x ({t['fused'] * 1e3:.0f} vs {t['logits'] * 1e3:.0f} ms fwd+bwd)", "<= 1.0x", tr <= 1.0),
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- step
+
+
+def bench_step(a) -> list[str]:
+    from dwmtrain.models.dwm import DataWeightingModel, DWMArch
+    from dwmtrain.models.lm import build_lm, count_parameters
+    from dwmtrain.train.metrics import peak_flops
+
+    dev = torch.device(a.device)
+    dt = a.torch_dtype
     torch.manual_seed(0)
     lm = build_lm(a.preset, a.vocab_size, a.seq_len, seed=0).to(dev, dt)
     V = lm.config.vocab_size
@@ -68,55 +165,177 @@ def main(argv=None) -> int:
     P, Pw = count_parameters(a.preset, V), sum(p.numel() for p in dwm.parameters())
 
     def lm_step(w=None):
-        losses = per_sample_loss(lm(input_ids=x).logits, x)
-        weighted_loss(losses, torch.ones(a.micro, device=dev) if w is None else w).backward()
+        w = torch.ones(a.micro, device=dev) if w is None else w
+        lm(input_ids=x, sample_weights=w)[0].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     def lm_step_dwm():
-        with torch.no_grad():
+        with torch.inference_mode():
             w = dwm(x).float()
-        lm_step(w)
+        lm_step(w.clone())
 
-    for f in (lm_step, lm_step_dwm):  # warm-up
-        f()
-    base, with_dwm = [], []
-    for _ in range(a.reps):  # interleaved so drifts hit both alike
-        base.append(timeit(lm_step, dev, 1))
-        with_dwm.append(timeit(lm_step_dwm, dev, 1))
-    t0, t1 = statistics.median(base), statistics.median(with_dwm)
+    t = interleaved({"lm": lm_step, "dwm": lm_step_dwm}, dev, a.reps)
     tokens = a.micro * a.seq_len
-    print(
-        f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'}), dtype {a.dtype}, "
-        f"LM {a.preset} ({P:,} params), DWM backbone {arch.backbone} ({Pw:,} params), micro-batch "
-        f"{a.micro} x {a.seq_len}"
-    )
-    print(f"LM step (uniform weights):      {t0 * 1e3:9.1f} ms   {tokens / t0:10.0f} tokens/s")
-    print(f"LM step + DWM forward:          {t1 * 1e3:9.1f} ms   {tokens / t1:10.0f} tokens/s")
-    print(
-        f"DWM overhead measured:          {100 * (t1 / t0 - 1):9.1f} %   (Eq. 9 estimate 2P_w/6P = "
-        f"{100 * Pw / (3 * P):.1f} %)"
-    )
+    measured, predicted = t["dwm"] / t["lm"] - 1, Pw / (3 * P)
+    size = f"LM {a.preset} ({P:,}), DWM {arch.backbone} ({Pw:,}), {a.micro}x{a.seq_len} {a.dtype} on {dev.type}"
+    out = [
+        line(f"step.dwm_overhead ({size})", f"{100 * measured:.1f}% ({t['lm'] * 1e3:.0f} -> {t['dwm'] * 1e3:.0f} ms)",
+             f"<= Eq. 9's {100 * predicted:.1f}%", measured <= predicted),
+        line("step.tokens_per_s (LM alone / with DWM)", f"{tokens / t['lm']:.0f} / {tokens / t['dwm']:.0f}", "-"),
+    ]  # fmt: skip
     peak = peak_flops(torch.cuda.get_device_name()) if dev.type == "cuda" else None
     if peak:
-        print(f"MFU (6N, LM step alone):        {100 * 6 * P * tokens / t0 / peak:9.1f} %")
-        print(f"peak memory:                    {torch.cuda.max_memory_allocated() / 2**30:9.2f} GiB")
+        lm_mfu = 6 * P * tokens / t["lm"] / peak
+        with_dwm = 6 * P * tokens / t["dwm"] / peak
+        out += [
+            line("step.mfu (LM alone, 6N)", f"{100 * lm_mfu:.1f}%", ">= 45%", lm_mfu >= 0.45),
+            line("step.mfu (LM FLOPs, DWM co-located)", f"{100 * with_dwm:.1f}%", ">= 40%", with_dwm >= 0.40),
+            line("step.peak_memory", f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", "-"),
+        ]
+    return out
 
+
+# ----------------------------------------------------------------------------------------------- meta
+
+
+def _meta_fns(a, dev):
+    from dwmtrain.meta.metagrad import dwm_surrogate, lm_params, meta_gradient
+    from dwmtrain.models.dwm import DataWeightingModel, DWMArch
+    from dwmtrain.models.lm import build_lm
+
+    torch.manual_seed(0)
+    attn = "eager"  # create_graph's double backward has no fused-SDPA kernel
+    lm = build_lm(a.preset, a.vocab_size, a.seq_len, attn, seed=0).to(dev, a.torch_dtype)
     lm.eval().requires_grad_(False)
+    V = lm.config.vocab_size
     params = lm_params(lm)
-    vb = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x}
-    mdwm = DataWeightingModel(arch).to(dev, dt).train()
-    for mode in a.modes.split(","):
+    x = torch.randint(0, V, (a.micro, a.seq_len), device=dev)
+    vb = {"input_ids": x.flip(0), "attention_mask": torch.ones_like(x), "labels": x.flip(0)}
+    dwm = DataWeightingModel(DWMArch(a.dwm_backbone or a.preset, V, a.seq_len, attn_implementation=attn))
+    dwm = dwm.to(dev, a.torch_dtype).train()
+    torch.nn.init.normal_(dwm.fc2.weight, std=0.5)
+    grads = {}
 
-        def meta_step(mode=mode):
-            w = mdwm(x)
+    def step(mode):
+        def f():
+            w = dwm(x)
             g = meta_gradient(lm, params, x, vb, w.detach().float(), 1e-3, mode)
             dwm_surrogate(w, g.dR_dw).backward()
-            mdwm.zero_grad(set_to_none=True)
+            grads[mode] = g.dR_dw.detach().clone()
+            dwm.zero_grad(set_to_none=True)
 
-        meta_step()
-        tm = timeit(meta_step, dev, a.reps)
-        print(f"meta-step, mode {mode:<11}     {tm * 1e3:9.1f} ms   = {tm / t0:5.2f} x one LM step")
+        return f
+
+    return {"fd": step("fd"), "unrolled": step("unrolled")}, grads
+
+
+def probe_meta(a) -> None:
+    dev = torch.device(a.device)
+    fns, _ = _meta_fns(a, dev)
+    base = _rss_mib()
+    fns[a.probe_variant]()
+    print(json.dumps({"extra_mib": _rss_mib() - base}))
+
+
+def bench_meta(a) -> list[str]:
+    dev = torch.device(a.device)
+    common = ["--device", a.device, "--preset", a.preset, "--seq-len", str(a.seq_len), "--micro", str(a.micro),
+              "--dtype", a.dtype] + (["--dwm-backbone", a.dwm_backbone] if a.dwm_backbone else [])  # fmt: skip
+    mem = {v: peak_rss_of(["--probe", "meta", "--probe-variant", v, *common])["extra_mib"] for v in ("fd", "unrolled")}
+    fns, grads = _meta_fns(a, dev)
+    t = interleaved(fns, dev, a.reps)
+    g1, g2 = grads["fd"].double(), grads["unrolled"].double()
+    cos = (g1 @ g2 / (g1.norm() * g2.norm())).item()
+    rel = ((g1 - g2).norm() / g2.norm()).item()
+    size = f"{a.preset}, {a.micro}x{a.seq_len} {a.dtype}"
+    tr, mr = t["fd"] / t["unrolled"], mem["fd"] / max(mem["unrolled"], 1e-9)
+    return [
+        line(f"meta.time fd/unrolled ({size})", f"{tr:.2f}x ({t['fd'] * 1e3:.0f} vs {t['unrolled'] * 1e3:.0f} ms)",
+             "<= 1.0x", tr <= 1.0),
+        line(f"meta.peak_memory fd/unrolled ({size})", f"{mr:.2f}x ({mem['fd']:.0f} vs {mem['unrolled']:.0f} MiB)",
+             "<= 1.0x", mr <= 1.0),
+        line("meta.gradient fd vs unrolled (dR/dw)", f"cosine {cos:.6f}, relative error {rel:.1e}", "cosine > 0.999",
+             cos > 0.999),
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- prepare
+
+
+def bench_prepare(a) -> list[str]:
+    import io
+
+    import zstandard
+
+    from dwmtrain.data.prepare import prepare_data
+    from dwmtrain.data.tokenizer import Tokenizer
+
+    src, model = CORPUS / "sample.jsonl.zst", str(CORPUS / "sample_sp4096.model")
+    texts = [
+        json.loads(x)["text"] for x in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(src, "rb")))
+    ]
+    tok = Tokenizer(model)
+    t0 = time.perf_counter()
+    n_raw = sum(len(ids) + 1 for ids in tok.encode_batch(texts))  # + EOS, as prepare-data counts
+    raw = n_raw / (time.perf_counter() - t0)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in (1, 2):
+            t0 = time.perf_counter()
+            rep = prepare_data([str(src)], model, f"{tmp}/w{workers}", seq_len=1024, workers=workers, progress=False)
+            rate = rep.tokens / (time.perf_counter() - t0)
+            out.append(line(f"prepare.rate per worker / raw sentencepiece ({workers} worker{'s' * (workers > 1)})",
+                            f"{rate / workers / raw:.2f} ({rate:,.0f} vs {raw:,.0f} tokens/s)", ">= 0.8",
+                            rate / workers / raw >= 0.8))  # fmt: skip
+            reported = rep.tokens / rep.seconds
+            plural = "s" * (workers > 1)
+            out.append(line(f"prepare.reported_rate / measured ({workers} worker{plural})", f"{reported / rate:.2f}",
+                            "~1.0 (the rate prepare-data reports is end to end)"))  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+BENCHES = {"loss": bench_loss, "step": bench_step, "meta": bench_meta, "prepare": bench_prepare}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="every benchmark, CPU sizes that finish in < 10 min")
+    ap.add_argument("--only", default="loss,step,meta,prepare")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--dwm-backbone", default="")
+    ap.add_argument("--vocab-size", type=int, default=0, help="step/meta: the LM's vocabulary (0: the preset's)")
+    ap.add_argument("--seq-len", type=int, default=0, help="0: 1024 for loss, 128 for step/meta")
+    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--vocab", type=int, default=32000, help="loss: vocabulary")
+    ap.add_argument("--hidden", type=int, default=1024, help="loss: hidden size (370m: 1024, 1.3b: 2048)")
+    ap.add_argument("--chunk", type=int, default=1024, help="loss: tokens per LM-head chunk")
+    ap.add_argument("--probe", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--probe-variant", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    a.torch_dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
+    if a.probe:
+        a.seq_len = a.seq_len or (1024 if a.probe == "loss" else 128)
+        (probe_loss if a.probe == "loss" else probe_meta)(a)
+        return 0
+    if a.quick:
+        a.hidden, a.reps = min(a.hidden, 256), min(a.reps, 3)
+    print(f"# tools/bench.py {' '.join(argv if argv is not None else sys.argv[1:])} on {a.device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)  # fmt: skip
+    t_all = time.time()
+    for name in a.only.split(","):
+        t0 = time.time()
+        seq = a.seq_len or (1024 if name == "loss" else 128)
+        for ln in BENCHES[name](argparse.Namespace(**{**vars(a), "seq_len": seq})):
+            print(ln, flush=True)
+        print(f"#   {name}: {time.time() - t0:.0f} s", flush=True)
+    print(f"# all: {time.time() - t_all:.0f} s")
     return 0
 
 

@@ -293,9 +293,11 @@ class PrepareReport:
     skipped_examples: list[str] = field(default_factory=list)
     tail_tokens_dropped: int = 0
     sequences: dict = field(default_factory=dict)
+    seconds: float = 0.0  #: end to end: reading, tokenizing, packing, writing
 
     def summary(self) -> str:
-        lines = [f"documents kept: {self.documents}", f"tokens: {self.tokens}"]
+        rate = f" in {self.seconds:.1f} s ({self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s end to end)"
+        lines = [f"documents kept: {self.documents}", f"tokens: {self.tokens}" + (rate if self.seconds else "")]
         for split, n in self.sequences.items():
             lines.append(f"{split} sequences: {n}")
         if self.skipped:
@@ -344,6 +346,7 @@ def prepare_data(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    t_start = time.time()  # the rate shown counts tokenizing (before the packing loop) too
     try:
         report = PrepareReport()
         tokenized = read_tokenized(files, tokenizer_path, workers, str(tmp / "cache"))
@@ -359,7 +362,6 @@ def prepare_data(
         skipped_at: list[tuple[str, int, str]] = []  # (file, record index, reason): lines named at the end
         total_docs = sum(len(ds) for _, ds in tokenized)
         bar = tqdm(total=total_docs, unit="doc", disable=not progress, desc="pack", smoothing=0.1)
-        t0 = time.time()
         for f, ds in tokenized:
             for i, row in enumerate(ds):
                 bar.update(1)
@@ -386,7 +388,7 @@ def prepare_data(
                     buf, dom_buf = [flat[n * seq_len :]], [dflat[n * seq_len :]]
                     buffered = len(buf[0])
                 if report.documents % 200 == 0:
-                    dt = max(time.time() - t0, 1e-9)
+                    dt = max(time.time() - t_start, 1e-9)
                     bar.set_postfix(docs_s=f"{report.documents / dt:.0f}", tok_s=f"{report.tokens / dt:.0f}")
         bar.close()
         report.skipped_examples = _name_lines(skipped_at)
@@ -409,6 +411,7 @@ def prepare_data(
             "heldout_fraction": heldout_fraction,
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
+        report.seconds = time.time() - t_start
         (tmp / "report.json").write_text(
             json.dumps(
                 {
@@ -418,6 +421,8 @@ def prepare_data(
                     "skipped_examples": report.skipped_examples,
                     "tail_tokens_dropped": report.tail_tokens_dropped,
                     "sequences": report.sequences,
+                    "seconds": round(report.seconds, 3),
+                    "tokens_per_s": round(report.tokens / max(report.seconds, 1e-9)),
                 },
                 indent=1,
             )

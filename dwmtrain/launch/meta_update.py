@@ -13,12 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 import warnings
 
 from dwmtrain.config import load_config
 from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.rundir import RunDir
+
+
+def process_started_at() -> float:
+    """When this process started (wall clock), from /proc: Python start-up and imports count in the pause."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        boot = next(float(x.split()[1]) for x in open("/proc/stat") if x.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         d = init_distributed(cfg.run.dist_timeout_s)
         if d.accelerator == "cpu":
             torch.set_num_threads(cpu_threads(cfg.run.threads_per_rank, d.local_world))
-        run_meta_update(cfg, d, a.stage, tag, a.lookahead_lr or None)
+        run_meta_update(cfg, d, a.stage, tag, a.lookahead_lr or None, started_at=process_started_at())
     except DWMTrainError as e:
         print(f"meta_update: error ({type(e).__name__}): {e}", file=sys.stderr)
         return 2

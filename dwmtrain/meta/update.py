@@ -123,14 +123,22 @@ def calibrate(dwm, lm, params, batches, alpha: float, mc) -> dict:
     return {"held_out_agreement": rho, "logit_scale": scale, "batches": int(t[1].item())}
 
 
-def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, alpha: float | None = None) -> dict:
-    """Fit stage ``stage``'s DWM on the LM of checkpoint ``tag``; rank 0 writes it. Collective."""
+def run_meta_update(
+    cfg: Config, d: Dist, stage: int, tag: str, alpha: float | None = None, started_at: float | None = None
+) -> dict:
+    """Fit stage ``stage``'s DWM on the LM of checkpoint ``tag``; rank 0 writes it. Collective.
+
+    The DWM's metadata records where the job's time went (``timings``: start-up, loading the LM, the
+    meta-steps, writing), which the trainer reports as part of the stage boundary's pause."""
+    t_in = time.time()
+    timings = {"startup_s": t_in - started_at} if started_at else {}
     rd, mc = RunDir(cfg.run.run_dir), cfg.meta
     state = RunState.from_marker(tag, json.loads(rd.marker(tag).read_text()))
     alpha = alpha or lookahead_lr(cfg, state.step)
     # the reference modes differentiate twice / forward-mode through attention: eager kernels only
     attn = "eager" if mc.grad_mode in ("jvp", "unrolled") else cfg.model.attn_implementation
     lm, lm_state = load_frozen_lm(cfg, rd, tag, d.device, attn)
+    timings["load_lm_s"] = time.time() - t_in
     arch = DWMArch.from_config(cfg, lm.config.vocab_size)
     dwm, how = initial_dwm(cfg, arch, stage, rd, lm_state)
     del lm_state
@@ -173,9 +181,11 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, alpha: float | N
             print(f"[meta] stage {stage}: held-out agreement {cal['held_out_agreement']:.3f} -> logits x "
                   f"{cal['logit_scale']:.3f}", flush=True)  # fmt: skip
     barrier()
+    timings["meta_steps_s"] = time.time() - t_start
     meta = {}
     if d.is_main:
         info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead_lr=alpha, world_size=d.world, **cal)
+        info["timings"] = {k: round(v, 3) for k, v in timings.items()}
         meta = save_dwm(
             dwm,
             rd.dwm(stage),

@@ -193,8 +193,9 @@ _ATTN = ("sdpa", "eager")
 def save_dwm(model: DataWeightingModel, path: str | os.PathLike, stage: int, lm_step: int, **extra) -> dict:
     """Write ``path`` (safetensors) and ``path.json`` atomically; returns the metadata.
 
-    The metadata is written twice: readable in the JSON sidecar, and inside the safetensors header, which
-    the sidecar's sha256 covers, so an edit to the sidecar (a temperature, a pooling) is caught on load.
+    The fields that decide the weights (architecture, stage, LM step) are written twice: readable in the JSON
+    sidecar, and inside the safetensors header, which the sidecar's sha256 covers, so an edit to the
+    sidecar (a temperature, a pooling) is caught on load.
     """
     from safetensors.torch import save_file
 
@@ -202,15 +203,12 @@ def save_dwm(model: DataWeightingModel, path: str | os.PathLike, stage: int, lm_
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {
-        "format": FORMAT,
-        "arch": asdict(model.arch),
-        "stage": stage,
-        "lm_step": lm_step,
-        "num_parameters": sum(v.numel() for v in state.values()),
-        **extra,
-    }
-    save_file(state, str(tmp), metadata={"format": FORMAT, _SIGNED_KEY: json.dumps(meta, sort_keys=True)})
+    signed = {"format": FORMAT, "arch": asdict(model.arch), "stage": stage, "lm_step": lm_step}
+    meta = {**signed, "num_parameters": sum(v.numel() for v in state.values()), **extra}
+    # what changes the weights is signed; the rest (timings, paths) is information, so the same fit gives the
+    # same sha256 in any run directory
+    # one header entry: safetensors writes several in no fixed order, and the sha256 must be reproducible
+    save_file(state, str(tmp), metadata={_SIGNED_KEY: json.dumps(signed, sort_keys=True)})
     follow_umask(tmp)  # safetensors writes 0600
     meta["sha256"] = sha256_file(tmp)
     os.replace(tmp, path)  # tensors first, metadata last: the sidecar marks the file complete
@@ -325,7 +323,7 @@ def _load_dwm_state(path: Path, expect: DWMArch | None):
         )
     signed = _signed_meta(path)
     if signed is not None:  # v2: the sidecar must say what the checksummed header says
-        diff = _first_difference(signed, {k: v for k, v in meta.items() if k != "sha256"})
+        diff = _first_difference(signed, {k: meta.get(k) for k in signed})
         if diff:
             field, saved, now = diff
             raise DWMFileError(

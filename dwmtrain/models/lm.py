@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn as nn
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
 EXACT_EAGER = "dwmtrain_eager"
@@ -115,34 +116,37 @@ def llama_config(
     return cfg
 
 
+class LossHead(nn.Linear):
+    """The LM head (an ``nn.Linear``: same parameter, same state dict) that can also return the weighted loss
+    directly (``train.loss.fused_weighted_loss``). Computing it inside the head's own forward is what makes
+    ZeRO-3 work unchanged: the weight is gathered for this forward and again for its backward by the
+    module's hooks, and its gradient is reduce-scattered like any other."""
+
+    def forward(self, hidden, labels=None, sample_weights=None, chunk: int = 1024):
+        if labels is None:
+            return super().forward(hidden)
+        from dwmtrain.train.loss import fused_weighted_loss
+
+        return fused_weighted_loss(hidden, self.weight, labels, sample_weights, chunk)
+
+
 class WeightedLlamaForCausalLM(LlamaForCausalLM):
     """``LlamaForCausalLM`` (same modules, same state dict) whose forward can also return the weighted
     training objective without materializing the logits: ``model(input_ids=x, sample_weights=w)`` ->
     (mean_i w_i * L_i, per-sample losses [B] without gradient), the LM head applied a chunk of tokens at a
-    time (``train.loss.fused_weighted_loss``). Without ``sample_weights`` it is the plain HF forward."""
+    time. Without ``sample_weights`` it is the plain HF forward."""
 
     loss_chunk_tokens = 1024
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head.__class__ = LossHead  # an nn.Linear with one more way to be called
 
     def forward(self, input_ids=None, sample_weights=None, **kwargs):
         if sample_weights is None:
             return super().forward(input_ids=input_ids, **kwargs)
-        from dwmtrain.train.loss import fused_weighted_loss
-
         hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
-        weight = self.lm_head.weight
-        with _gathered(weight):  # ZeRO-3: the head's full weight for this forward (its gradient comes with it)
-            return fused_weighted_loss(hidden, weight, input_ids, sample_weights, self.loss_chunk_tokens)
-
-
-def _gathered(param):
-    """DeepSpeed's GatheredParameters for a ZeRO-3-partitioned parameter, else nothing to do."""
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-    import contextlib
-
-    return contextlib.nullcontext()
+        return self.lm_head(hidden, labels=input_ids, sample_weights=sample_weights, chunk=self.loss_chunk_tokens)
 
 
 def build_lm(

@@ -74,10 +74,14 @@ class StageHandoff:
         if mode == "transfer":  # the source run's DWM of the same stage, as it weighed that stage there
             return self._checked(stage, self.broadcast_dwm(str(RunDir(self.cfg.meta.dwm_run).dwm(stage))))
         path = self.rd.dwm(stage)
+        t0 = time.time()
         status = run_on_rank0(lambda: self._ensure_stage_dwm(stage, path, stage_start_tag))  # ranks stay in touch
         if status != "ok":
             raise (ExternalMetaRequired if status.startswith("external:") else MetaJobError)(status)
-        return self._checked(stage, self.broadcast_dwm(str(path)))
+        t1 = time.time()
+        model, info = self._checked(stage, self.broadcast_dwm(str(path)))
+        info["pause"] = {"meta_job_s": t1 - t0, "broadcast_s": time.time() - t1}
+        return model, info
 
     def _checked(self, stage: int, loaded):
         """Refuse a DWM other than the one a checkpoint resumed mid-stage was trained with."""
@@ -134,5 +138,6 @@ class StageHandoff:
             "path": os.path.abspath(path),
             "sha256": meta["sha256"],
             "stage": meta.get("stage"),
+            "timings": meta.get("timings", {}),
         }
         return model, info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -34,13 +35,15 @@ def train(run: Run) -> None:
     cfg, d, eng, plan = run.cfg, run.d, run.engine, run.plan
     total, step = cfg.stages.total_steps, run.start_step
     batches = rank_micro_batches(run.order, step * plan.global_batch_size, d.rank, d.world, plan.micro_batch_size)
-    dwm, dwm_info, dwm_stage, alarmed = None, {}, None, set()
+    dwm, dwm_info, dwm_stage, alarmed, save_s = None, {}, None, set(), None
     bar = tqdm(total=total, initial=step, disable=not d.is_main, unit="step", dynamic_ncols=True, mininterval=2)
     while step < total:
         stage = stage_of(step, run.starts)
         if stage != dwm_stage:  # stage boundary (or start): meta-update / broadcast as configured
             dwm, dwm_info = run.handoff.for_stage(stage, RunDir.tag(run.starts[stage - 1]))  # fitted on that LM
-            dwm_stage = stage
+            report_pause(run, stage, save_s, dwm_info)
+            dwm_info = {k: v for k, v in dwm_info.items() if k not in ("pause", "timings")}  # not run state
+            dwm_stage, save_s = stage, None
         t0, lr = time.time(), eng.get_lr()[0]  # the lr this step uses (the scheduler steps inside eng.step)
         stats = StepStats()
         for _ in range(plan.gradient_accumulation_steps):
@@ -71,7 +74,9 @@ def train(run: Run) -> None:
             )
         stop = run.stop.agreed()  # collective: SIGUSR1 on any rank (SLURM's warning before the time limit)
         if stop or boundary or step == total or step % cfg.run.checkpoint_every == 0:
+            t_save = time.time()
             run.ckpt.save(eng, step=step, stage=stage, boundary=boundary, dwm=dwm_info, final=step == total)
+            save_s = time.time() - t_save
         if stop and step < total:
             raise StoppedForTimeLimit(f"stopped at step {step} on SIGUSR1 with a complete checkpoint")
     bar.close()
@@ -127,6 +132,26 @@ def step_record(run: Run, step: int, stage: int, lr: float, dt: float, dwm_versi
     if (u := mfu(tps, run.n_params, run.d.world, run.peak_flops)) is not None:
         rec["mfu"] = u
     return rec
+
+
+def report_pause(run: Run, stage: int, save_s: float | None, info: dict) -> None:
+    """Rank 0: what a stage boundary's pause was made of, on the console and in meta/stageK.pause.json."""
+    if "pause" not in info or not run.d.is_main:
+        return
+    t, p = info.get("timings", {}), dict(info["pause"])
+    if save_s is not None:
+        p["checkpoint_s"] = save_s
+    p["total_s"] = sum(p.values())
+    parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in t.items())
+    tqdm.write(
+        f"[dwmtrain] stage {stage} boundary: paused {p['total_s']:.1f} s = "
+        + (f"checkpoint {save_s:.1f} s + " if save_s is not None else "")
+        + f"meta job {p['meta_job_s']:.1f} s"
+        + (f" ({parts})" if parts and p["meta_job_s"] > 0.5 else "")
+        + f" + broadcast {p['broadcast_s']:.2f} s"
+    )
+    run.rd.meta_dir.mkdir(parents=True, exist_ok=True)
+    (run.rd.meta_dir / f"stage{stage}.pause.json").write_text(json.dumps({**p, "meta_job": t}, indent=1))
 
 
 def weight_alarm(stats: dict, micro_batch: int, ess_frac: float, max_frac: float) -> str:
