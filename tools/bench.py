@@ -81,8 +81,32 @@ def peak_rss_of(args: list[str]) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _status_mib(field: str) -> float:
+    """VmRSS / VmHWM of this process from /proc (Linux), in MiB."""
+    for ln in open("/proc/self/status"):
+        if ln.startswith(field + ":"):
+            return int(ln.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_during(fn, dev) -> float:
+    """MiB ``fn`` needed at its peak above what was allocated when it started (GPU memory on CUDA, else the
+    process's resident set)."""
+    import gc
+
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
+        f.write("5")
+    base = _status_mib("VmRSS")
+    fn()
+    return _status_mib("VmHWM") - base
 
 
 # ----------------------------------------------------------------------------------------------- loss
@@ -116,17 +140,7 @@ def _loss_fns(a, dev):
 def probe_loss(a) -> None:
     """Child process: extra peak memory of one loss forward+backward over the inputs (RSS high-water mark)."""
     dev = torch.device(a.device)
-    fns = _loss_fns(a, dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fns[a.probe_variant]()
-        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        base = _rss_mib()
-        fns[a.probe_variant]()
-        extra = _rss_mib() - base
-    print(json.dumps({"extra_mib": extra}))
+    print(json.dumps({"extra_mib": peak_during(_loss_fns(a, dev)[a.probe_variant], dev)}))
 
 
 def bench_loss(a) -> list[str]:
@@ -233,9 +247,7 @@ def _meta_fns(a, dev):
 def probe_meta(a) -> None:
     dev = torch.device(a.device)
     fns, _ = _meta_fns(a, dev)
-    base = _rss_mib()
-    fns[a.probe_variant]()
-    print(json.dumps({"extra_mib": _rss_mib() - base}))
+    print(json.dumps({"extra_mib": peak_during(fns[a.probe_variant], dev)}))
 
 
 def bench_meta(a) -> list[str]:
