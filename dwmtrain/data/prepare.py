@@ -309,6 +309,30 @@ class PrepareReport:
         return "\n".join(lines)
 
 
+def _arrow_batches(ds):
+    """For each Arrow record batch of a tokenized dataset: (records, the kept records' token ids concatenated,
+    ids per record (0 for a skipped one), [(record index, skip reason)], domain of each kept record), as
+    numpy arrays where it counts: no per-row Python dicts."""
+    if getattr(ds, "_indices", None) is not None:
+        ds = ds.flatten_indices()
+    start = 0
+    for rb in ds.data.table.to_batches():
+        ids_col, skip = rb.column("ids"), rb.column("skip").to_pylist()
+        lengths = ids_col.value_lengths().to_numpy(zero_copy_only=False)
+        ids = ids_col.flatten().to_numpy(zero_copy_only=False)
+        skips = [(start + i, why) for i, why in enumerate(skip) if why]
+        doms = [d for d, why in zip(rb.column("domain").to_pylist(), skip) if not why]
+        yield len(skip), ids, lengths, skips, doms
+        start += len(skip)
+
+
+def _majority(dseqs: np.ndarray, num_domains: int) -> np.ndarray:
+    """Each row's most frequent domain id (ties: the smallest id, as ``np.bincount(...).argmax()``)."""
+    n = dseqs.shape[0]
+    idx = dseqs.astype(np.int64) + num_domains * np.arange(n)[:, None]
+    return np.bincount(idx.ravel(), minlength=n * num_domains).reshape(n, num_domains).argmax(1)
+
+
 def _name_lines(skipped_at: list[tuple[str, int, str]]) -> list[str]:
     """``file:line: reason`` for skipped records (record indices mapped to the file's line numbers)."""
     lines = {
@@ -363,33 +387,30 @@ def prepare_data(
         total_docs = sum(len(ds) for _, ds in tokenized)
         bar = tqdm(total=total_docs, unit="doc", disable=not progress, desc="pack", smoothing=0.1)
         for f, ds in tokenized:
-            for i, row in enumerate(ds):
-                bar.update(1)
-                if row["skip"]:
-                    report.skipped[row["skip"]] += 1
+            for docs, ids, lengths, skips, doms in _arrow_batches(ds):  # whole Arrow chunks, no per-row dicts
+                bar.update(docs)
+                for i, why in skips:
+                    report.skipped[why] += 1
                     if len(skipped_at) < 20:
-                        skipped_at.append((f, i, row["skip"]))
-                    continue
-                ids = np.asarray(row["ids"], dtype=np.int64)
-                d = domains.setdefault(row["domain"], len(domains))
-                buf.append(ids)
-                dom_buf.append(np.full(len(ids), d, dtype=np.int32))
+                        skipped_at.append((f, i, why))
+                kept = lengths[lengths > 0]  # a skipped record has no ids; a kept one at least its EOS
+                doc_dom = np.fromiter((domains.setdefault(d, len(domains)) for d in doms), np.int32, len(doms))
+                buf.append(ids.astype(np.int64, copy=False))
+                dom_buf.append(np.repeat(doc_dom, kept))
                 buffered += len(ids)
-                report.documents += 1
+                report.documents += len(kept)
                 report.tokens += len(ids)
                 if buffered >= seq_len:
                     flat, dflat = np.concatenate(buf), np.concatenate(dom_buf)
                     n = len(flat) // seq_len
-                    for k in range(n):
-                        seq = flat[k * seq_len : (k + 1) * seq_len]
-                        dom = int(np.bincount(dflat[k * seq_len : (k + 1) * seq_len]).argmax())
-                        split = "heldout" if rng.random() < heldout_fraction else "train"
-                        writers[split].add(seq, dom)
+                    seqs, dseqs = flat[: n * seq_len].reshape(n, seq_len), dflat[: n * seq_len].reshape(n, seq_len)
+                    held = rng.random(n) < heldout_fraction  # one draw per sequence, in order, as always
+                    for seq, dom, h in zip(seqs, _majority(dseqs, len(domains)), held):
+                        writers["heldout" if h else "train"].add(seq, int(dom))
                     buf, dom_buf = [flat[n * seq_len :]], [dflat[n * seq_len :]]
                     buffered = len(buf[0])
-                if report.documents % 200 == 0:
-                    dt = max(time.time() - t_start, 1e-9)
-                    bar.set_postfix(docs_s=f"{report.documents / dt:.0f}", tok_s=f"{report.tokens / dt:.0f}")
+                dt = max(time.time() - t_start, 1e-9)
+                bar.set_postfix(docs_s=f"{report.documents / dt:.0f}", tok_s=f"{report.tokens / dt:.0f}")
         bar.close()
         report.skipped_examples = _name_lines(skipped_at)
         report.tail_tokens_dropped = buffered
