@@ -182,6 +182,9 @@ class MetaConfig:
     oracle_drop: list[str] = field(default_factory=list)  #: oracle mode: domains weighted 0 (a headroom baseline)
     launch: str = "local"  #: local: rank 0 runs the meta job on this node | external: stop, run it yourself
     steps: int = 20  #: K meta-steps (Adam on the DWM) per boundary
+    #: R(theta), the validation loss before the lookahead, is for the log only (an extra forward): computed at
+    #: the first and last meta-step and every log_every-th
+    log_every: int = 10
     lr: float = 1e-4  #: Adam learning rate of the DWM
     lookahead_lr: float = 0.0  #: alpha of the lookahead step; 0: the LM's learning rate at the boundary
     grad_mode: str = "fd"  #: fd (finite differences, production) | per_sample | jvp | unrolled (reference)
@@ -210,7 +213,7 @@ class MetaConfig:
         _positive("meta.calibrate_rho", self.calibrate_rho)
         if self.mode == "transfer":
             _check(bool(self.dwm_run), "meta.dwm_run", self.dwm_run, "meta.mode=transfer needs a bilevel run directory")
-        for f in ("steps", "lr", "fd_eps", "val_batch_size", "nproc", "timeout_s"):
+        for f in ("steps", "log_every", "lr", "fd_eps", "val_batch_size", "nproc", "timeout_s"):
             _positive(f"meta.{f}", getattr(self, f))
         _check(self.lookahead_lr >= 0, "meta.lookahead_lr", self.lookahead_lr, "must be >= 0")
 

@@ -151,3 +151,13 @@ def test_agreement_of_logits_with_the_meta_gradient():
     assert agreement(-2 * g + 1, g) == pytest.approx(1.0)  # ranks as -dR/dw does
     assert agreement(g, g) == pytest.approx(-1.0)
     assert agreement(torch.zeros(8), g) == 0.0  # a uniform DWM agrees with nothing
+
+
+def test_the_logging_forward_is_optional_and_changes_nothing(setup):
+    lm, dwm, x, vb = setup
+    params = lm_params(lm)
+    w = dwm(x).detach()
+    a = meta_gradient(lm, params, x, vb, w, 0.5, "fd", with_before=True)
+    b = meta_gradient(lm, params, x, vb, w, 0.5, "fd", with_before=False)
+    assert b.val_before is None and a.val_before is not None
+    assert torch.equal(a.dR_dw, b.dR_dw) and a.val_after == b.val_after

@@ -61,7 +61,7 @@ class MetaGrad:
     """dR/dw and diagnostics of one meta-step."""
 
     dR_dw: torch.Tensor  # [B]
-    val_before: float  # R at theta
+    val_before: float | None  # R at theta (None when not asked for: it is for the log only)
     val_after: float  # R at theta*
 
 
@@ -81,12 +81,16 @@ def meta_gradient(
     alpha: float,
     mode: str = "fd",
     fd_eps: float = 1e-2,
+    with_before: bool = True,
 ) -> MetaGrad:
-    """dR/dw_i for the micro-batch ``x`` with weights ``w`` (see the module docstring)."""
+    """dR/dw_i for the micro-batch ``x`` with weights ``w`` (see the module docstring). ``with_before``:
+    also R(theta), a validation forward the gradient does not need (diagnostics)."""
     if mode == "unrolled":
         return _unrolled(model, params, x, vb, w, alpha)
-    with torch.no_grad():
-        before = val_loss(model, params, vb).item()
+    before = None
+    if with_before:
+        with torch.no_grad():
+            before = val_loss(model, params, vb).item()
     star = lookahead(model, params, x, w, alpha)
     ps = {k: v.detach().requires_grad_(True) for k, v in star.items()}
     r = val_loss(model, ps, vb)

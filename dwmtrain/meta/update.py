@@ -61,10 +61,11 @@ def initial_dwm(cfg: Config, arch: DWMArch, stage: int, rd: RunDir, lm_state: di
     return m, "fresh (random backbone)"
 
 
-def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc) -> dict:
-    """One Adam step of the DWM on dR/dw at (x, vb); gradients averaged over ranks. Returns the record."""
+def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc, log_before: bool = True) -> dict:
+    """One Adam step of the DWM on dR/dw at (x, vb); gradients averaged over ranks. Returns the record
+    (with R(theta), the validation loss before the lookahead, only when ``log_before``)."""
     w = dwm(x)  # [B], differentiable in the DWM parameters
-    g = meta_gradient(lm, params, x, vb, w.detach(), alpha, mc.grad_mode, mc.fd_eps)
+    g = meta_gradient(lm, params, x, vb, w.detach(), alpha, mc.grad_mode, mc.fd_eps, with_before=log_before)
     trainable = [p for group in opt.param_groups for p in group["params"]]
     opt.zero_grad(set_to_none=False)
     dR = g.dR_dw
@@ -78,11 +79,12 @@ def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc)
     gnorm = all_reduce_grads(trainable)
     opt.step()
     s = weight_stats(w)
-    diag = torch.tensor([g.val_before, g.val_after, s["entropy"], s["ess"]], dtype=torch.float64)
+    before = float("nan") if g.val_before is None else g.val_before  # every rank computes it, or none
+    diag = torch.tensor([before, g.val_after, s["entropy"], s["ess"]], dtype=torch.float64)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     all_reduce_(diag).div_(world)
     return {
-        "val_loss_theta": diag[0].item(),
+        **({"val_loss_theta": diag[0].item()} if log_before else {}),
         "val_loss_theta_star": diag[1].item(),
         "weight_entropy": diag[2].item(),
         "weight_ess": diag[3].item(),
@@ -164,7 +166,9 @@ def run_meta_update(
         x = data.batch(next(stream)[1]).to(d.device)
         off = k * d.world * mc.val_batch_size
         vb = {n: t.to(d.device) for n, t in next(val.batches(1, mc.val_batch_size, d.rank, d.world, off)).items()}
-        rec = {"meta_step": k + 1, **meta_step(dwm, opt, lm, params, x, vb, alpha, mc), "step_time_s": time.time() - t0}
+        log_before = k in (0, mc.steps - 1) or (k + 1) % mc.log_every == 0
+        rec = {"meta_step": k + 1, **meta_step(dwm, opt, lm, params, x, vb, alpha, mc, log_before)}
+        rec["step_time_s"] = time.time() - t0
         if d.is_main:
             with open(log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
