@@ -90,19 +90,23 @@ class RunDir:
         """Checkpoint ``tag`` converted to DeepSpeed's universal format (to resume at another world size)."""
         return self.checkpoints / "universal" / tag
 
+    @staticmethod
+    def _shard_patterns(rank: int) -> tuple[str, str]:
+        """The ZeRO-3 model and optimizer shards rank ``rank`` writes (DeepSpeed's names)."""
+        return f"zero_pp_rank_{rank}_mp_rank_*_model_states.pt", f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"
+
     def missing_rank_files(self, tag: str, rank: int) -> list[str]:
         """What rank ``rank`` writes into checkpoint ``tag`` (its ZeRO-3 model and optimizer shards, its RNG)
         and this machine's storage does not hold."""
         d = self.checkpoint(tag)
-        shards = (f"zero_pp_rank_{rank}_mp_rank_*_model_states.pt", f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt")
-        missing = [str(d / pat) for pat in shards if not any(d.glob(pat))]
+        missing = [str(d / pat) for pat in self._shard_patterns(rank) if not any(d.glob(pat))]
         return missing + ([] if self.rng(tag, rank).is_file() else [str(self.rng(tag, rank))])
 
     def rank_files(self, tag: str, rank: int) -> dict[str, int]:
-        """{path relative to the checkpoint: size} of what rank ``rank`` wrote into ``tag`` on this storage."""
+        """{path relative to the checkpoint: size} of what rank ``rank`` wrote into ``tag`` on this storage
+        (its shards and RNG; rank 0 also the stage-end ``lm_fp32.safetensors``)."""
         d = self.checkpoint(tag)
-        pats = (f"zero_pp_rank_{rank}_mp_rank_*_model_states.pt", f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt")
-        files = [p for pat in pats for p in d.glob(pat)] + [self.rng(tag, rank)]
+        files = [p for pat in self._shard_patterns(rank) for p in d.glob(pat)] + [self.rng(tag, rank)]
         if rank == 0:
             files.append(self.lm_weights(tag))
         return {str(p.relative_to(d)): p.stat().st_size for p in files if p.is_file()}

@@ -282,7 +282,7 @@ class Checkpointer:
         saved_world = state.compat.get("world_size", self.d.world)
         want = broadcast_object(
             json.loads(self.rd.marker(tag).read_text()).get("files") if self.d.is_main else None
-        )  # sizes at save time; None for checkpoints of older versions (existence checks only)
+        )  # {rank: {file: size}} at save time; None for checkpoints of older versions (existence checks only)
 
         def problems(ranks) -> list[str]:
             out = []
@@ -291,9 +291,7 @@ class Checkpointer:
                     out += [f"rank {r} lacks {m}" for m in self.rd.missing_rank_files(tag, r)]
                     continue
                 have = self.rd.rank_files(tag, r)
-                for rel, size in want.items():
-                    if _file_rank(rel) != r:
-                        continue
+                for rel, size in want.get(str(r), {}).items():
                     if rel not in have:
                         out.append(f"{rel} is missing")
                     elif have[rel] != size:
@@ -391,9 +389,9 @@ class Checkpointer:
             raise ResumeError(f"DeepSpeed could not load the universal checkpoint {uni}")
         self._restore_rng(tag)  # a rank that did not exist before keeps its seeded state
 
-    def _agree_complete(self, tag: str) -> dict[str, int]:
+    def _agree_complete(self, tag: str) -> dict[str, dict[str, int]]:
         """Collective: every rank reports its part of ``tag`` on its storage; any gap fails all. Returns
-        {file: size} over every rank (what the marker records, for a resume to verify)."""
+        {rank: {file: size}} (what the marker records, for a resume to verify; JSON keys are strings)."""
         parts = all_gather_object(
             (
                 socket.gethostname(),
@@ -408,7 +406,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"saving checkpoint {tag}: not every rank holds its part of it:\n  " + "\n  ".join(lines)
             )
-        return {rel: size for *_, files in parts for rel, size in sorted(files.items())}
+        return {str(rank): dict(sorted(files.items())) for _, rank, _, files in parts}
 
     def _clear_leftover(self, tag: str) -> None:
         """Collective, before saving ``tag``: an unfinished save of it (no marker) is removed; a complete-marked
@@ -473,15 +471,6 @@ def _du(path) -> int:
 
 def _mib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def _file_rank(rel: str) -> int:
-    """The rank a checkpoint file belongs to (``lm_fp32.safetensors`` is rank 0's)."""
-    if rel.startswith("rng/rank"):
-        return int(rel[len("rng/rank") : -len(".pt")])
-    if "zero_pp_rank_" in rel:
-        return int(rel.split("zero_pp_rank_")[1].split("_")[0])
-    return 0
 
 
 def convert_to_universal(src, dst) -> str | None:
