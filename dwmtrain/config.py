@@ -93,12 +93,12 @@ class ModelConfig:
     loss_chunk_tokens: int = 1024
 
     def __post_init__(self):
-        from dwmtrain.models.lm import PRESETS
+        from dwmtrain.models.lm import ATTN_IMPLEMENTATIONS, PRESETS
 
         _one_of("model.preset", self.preset, tuple(PRESETS))
         _check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0")
         _check(self.max_seq_len >= 0, "model.max_seq_len", self.max_seq_len, "must be >= 0")
-        _one_of("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _one_of("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _check(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", self.loss_chunk_tokens, "must be >= 0")
 
 
@@ -139,12 +139,13 @@ class DWMConfig:
     alarm_max_weight: float = 0.5  #: alarm when one sample's weight exceeds this fraction of the micro-batch size
 
     def __post_init__(self):
+        from dwmtrain.models.dwm import POOLINGS
         from dwmtrain.models.lm import PRESETS
 
         _one_of("dwm.backbone", self.backbone, tuple(PRESETS))
         _positive("dwm.attn_heads", self.attn_heads)
         _check(self.head_hidden >= 0, "dwm.head_hidden", self.head_hidden, "must be >= 0")
-        _one_of("dwm.pooling", self.pooling, ("mean", "last"))
+        _one_of("dwm.pooling", self.pooling, POOLINGS)
         _positive("dwm.temperature", self.temperature)
         _check(0.0 <= self.uniform_mix <= 1.0, "dwm.uniform_mix", self.uniform_mix, "must be in [0, 1]")
         _check(0.0 <= self.alarm_ess <= 1.0, "dwm.alarm_ess", self.alarm_ess, "must be in [0, 1]")

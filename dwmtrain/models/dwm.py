@@ -24,7 +24,7 @@ from transformers import LlamaModel
 from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.faults import fault_point
 from dwmtrain.fileio import atomic_write_text, follow_umask, sha256_file
-from dwmtrain.models.lm import dtype_preserving_norms, llama_config
+from dwmtrain.models.lm import ATTN_IMPLEMENTATIONS, dtype_preserving_norms, llama_config
 
 
 def normalize_weights(logits: torch.Tensor, temperature: float = 1.0, uniform_mix: float = 0.0) -> torch.Tensor:
@@ -186,8 +186,7 @@ def meta_path(path: str | os.PathLike) -> Path:
 
 FORMAT = "dwmtrain-dwm-v2"
 _SIGNED_KEY = "dwmtrain"  # the safetensors header entry holding the metadata (covered by the file's sha256)
-_POOLING = ("mean", "last")
-_ATTN = ("sdpa", "eager")
+POOLINGS = ("mean", "last")  #: how token states become one embedding per sample (dwm.pooling)
 
 
 def save_dwm(model: DataWeightingModel, path: str | os.PathLike, stage: int, lm_step: int, **extra) -> dict:
@@ -240,8 +239,7 @@ def arch_from_meta(arch: object, where: str) -> DWMArch:
 
     if not isinstance(arch, dict):
         raise DWMFileError(f"{where}: field 'arch' {'missing' if arch is None else 'must be an object'}")
-    known = {f.name: f for f in fields(DWMArch)}
-    unknown = sorted(set(arch) - set(known))
+    unknown = sorted(set(arch) - {f.name for f in fields(DWMArch)})
     if unknown:
         raise DWMFileError(f"{where}: field arch.{unknown[0]} is not a DWM setting (written by a newer dwmtrain?)")
     missing = [k for k in ("backbone", "vocab_size", "max_seq_len") if k not in arch]
@@ -259,10 +257,10 @@ def arch_from_meta(arch: object, where: str) -> DWMArch:
             raise bad(k, "must be a number")
     if arch["backbone"] not in PRESETS:
         raise bad("backbone", f"not one of the presets {sorted(PRESETS)}")
-    if arch.get("pooling", "mean") not in _POOLING:
-        raise bad("pooling", f"must be one of {_POOLING}")
-    if arch.get("attn_implementation", "sdpa") not in _ATTN:
-        raise bad("attn_implementation", f"must be one of {_ATTN}")
+    if arch.get("pooling", "mean") not in POOLINGS:
+        raise bad("pooling", f"must be one of {POOLINGS}")
+    if arch.get("attn_implementation", "sdpa") not in ATTN_IMPLEMENTATIONS:
+        raise bad("attn_implementation", f"must be one of {ATTN_IMPLEMENTATIONS}")
     if arch.get("temperature", 1.0) <= 0:
         raise bad("temperature", "must be > 0")
     if not 0 <= arch.get("uniform_mix", 0.0) < 1:

@@ -18,6 +18,7 @@ import torch.nn as nn
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 
 EXACT_EAGER = "dwmtrain_eager"
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  #: model.attn_implementation (eager: EXACT_EAGER)
 
 
 def exact_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
