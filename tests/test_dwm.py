@@ -124,7 +124,7 @@ def test_an_edited_sidecar_is_refused_naming_the_field(tmp_path, edit, message):
         ),
         (lambda m: m["arch"].update(attn_heads=3), r"field arch.attn_heads=3: must divide"),
         (lambda m: m["arch"].update(temperature=0), r"field arch.temperature=0: must be > 0"),
-        (lambda m: m["arch"].update(uniform_mix=1.5), r"field arch.uniform_mix=1.5: must be in \[0, 1\)"),
+        (lambda m: m["arch"].update(uniform_mix=1.5), r"field arch.uniform_mix=1.5: must be in \[0, 1\]"),
         (lambda m: m["arch"].update(color="red"), r"field arch.color is not a DWM setting"),
     ],
 )
@@ -133,6 +133,8 @@ def test_every_metadata_field_is_validated_in_a_v1_file(tmp_path, edit, message)
     save_dwm(DataWeightingModel(ARCH), path, stage=3, lm_step=120)
     _resign(path, lambda m: None)
     load_dwm_state(path, ARCH)  # a v1 file as it was written still loads
+    _resign(path, lambda m: m["arch"].update(uniform_mix=1.0))  # a value dwm.uniform_mix allows
+    load_dwm_state(path, ARCH)
     _resign(path, edit)
     with pytest.raises(DWMFileError, match=message):
         load_dwm_state(path)

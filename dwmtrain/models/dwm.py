@@ -263,8 +263,8 @@ def arch_from_meta(arch: object, where: str) -> DWMArch:
         raise bad("attn_implementation", f"must be one of {ATTN_IMPLEMENTATIONS}")
     if arch.get("temperature", 1.0) <= 0:
         raise bad("temperature", "must be > 0")
-    if not 0 <= arch.get("uniform_mix", 0.0) < 1:
-        raise bad("uniform_mix", "must be in [0, 1)")
+    if not 0 <= arch.get("uniform_mix", 0.0) <= 1:  # as dwm.uniform_mix allows (1: exactly uniform)
+        raise bad("uniform_mix", "must be in [0, 1]")
     a = DWMArch(**arch)
     if llama_config(a.backbone, a.vocab_size, a.max_seq_len).hidden_size % a.attn_heads:
         raise bad("attn_heads", f"must divide the {a.backbone} backbone's hidden size")
