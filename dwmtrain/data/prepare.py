@@ -70,10 +70,7 @@ def check_input_file(path: str, chunk: int = 1 << 20) -> None:
                         raise DataError(f"{path}: corrupted zstd stream after {total:,} bytes of text ({e})") from None
                     block = d.unused_data if d.eof else b""
             if not d.eof:
-                raise DataError(
-                    f"{path}: compressed stream is truncated (ends after {total:,} bytes of text); "
-                    "re-download or re-compress the file"
-                )
+                raise _truncated(path, total)
     elif path.endswith(".gz"):
         import gzip
         import zlib
@@ -83,10 +80,7 @@ def check_input_file(path: str, chunk: int = 1 << 20) -> None:
                 while block := fh.read(chunk):
                     total += len(block)
         except EOFError:
-            raise DataError(
-                f"{path}: compressed stream is truncated (ends after {total:,} bytes of text); "
-                "re-download or re-compress the file"
-            ) from None
+            raise _truncated(path, total) from None
         except (OSError, zlib.error) as e:
             raise DataError(f"{path}: corrupted gzip stream after {total:,} bytes of text ({e})") from None
     else:
@@ -95,17 +89,29 @@ def check_input_file(path: str, chunk: int = 1 << 20) -> None:
         raise DataError(f"{path}: empty file (no records once decompressed)")
 
 
-def record_lines(path: str, records: list[int]) -> dict[int, int]:
-    """{0-based record index: 1-based line number}: ``datasets`` drops blank lines, so they differ."""
-    want, found, rec = set(records), {}, -1
+def _truncated(path: str, total: int) -> DataError:
+    return DataError(
+        f"{path}: compressed stream is truncated (ends after {total:,} bytes of text); "
+        "re-download or re-compress the file"
+    )
+
+
+def _records(path: str):
+    """(1-based line number, raw line) of every non-blank line: the records, as ``datasets`` counts them."""
     with _open_text_bytes(path) as raw:
         for lineno, line in enumerate(io.BufferedReader(raw), 1):
             if line.strip():
-                rec += 1
-                if rec in want:
-                    found[rec] = lineno
-                    if len(found) == len(want):
-                        break
+                yield lineno, line
+
+
+def record_lines(path: str, records: list[int]) -> dict[int, int]:
+    """{0-based record index: 1-based line number}: ``datasets`` drops blank lines, so they differ."""
+    want, found = set(records), {}
+    for rec, (lineno, _) in enumerate(_records(path)):
+        if rec in want:
+            found[rec] = lineno
+            if len(found) == len(want):
+                break
     return found
 
 
@@ -115,26 +121,23 @@ def diagnose_jsonl(path: str) -> None:
     Only runs after the fast reader failed, to turn a pyarrow error into ``file:line: reason``.
     """
     records = 0
-    with _open_text_bytes(path) as raw:
-        for lineno, line in enumerate(io.BufferedReader(raw), 1):
-            if not line.strip():
-                continue
-            records += 1
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            if "text" in rec and rec["text"] is not None and not isinstance(rec["text"], str):
-                raise DataError(f"{path}:{lineno}: field 'text' must be a string, got {type(rec['text']).__name__}")
-            meta = rec.get("meta")
-            if meta is not None and not isinstance(meta, dict):
-                raise DataError(f"{path}:{lineno}: field 'meta' must be an object, got {type(meta).__name__}")
+    for lineno, line in _records(path):
+        records += 1
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        if "text" in rec and rec["text"] is not None and not isinstance(rec["text"], str):
+            raise DataError(f"{path}:{lineno}: field 'text' must be a string, got {type(rec['text']).__name__}")
+        meta = rec.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise DataError(f"{path}:{lineno}: field 'meta' must be an object, got {type(meta).__name__}")
     if records == 0:
         raise DataError(f"{path}: no records (only blank lines)")
     raise DataError(f"{path}: could not be read as JSON lines (no single bad line found)")
