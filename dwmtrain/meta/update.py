@@ -160,12 +160,17 @@ def run_meta_update(
             f"{mc.steps} meta-steps x {d.world} proc, mode {mc.grad_mode}, alpha {alpha:g}",
             flush=True,
         )
+
+    def batches(k: int) -> tuple[torch.Tensor, dict]:
+        """The next training micro-batch of the stream and the k-th validation batch of this rank."""
+        off = k * d.world * mc.val_batch_size
+        vb = next(val.batches(1, mc.val_batch_size, d.rank, d.world, off))
+        return data.batch(next(stream)[1]).to(d.device), {n: t.to(d.device) for n, t in vb.items()}
+
     t_start = time.time()
     for k in range(mc.steps):
         t0 = time.time()
-        x = data.batch(next(stream)[1]).to(d.device)
-        off = k * d.world * mc.val_batch_size
-        vb = {n: t.to(d.device) for n, t in next(val.batches(1, mc.val_batch_size, d.rank, d.world, off)).items()}
+        x, vb = batches(k)
         log_before = k in (0, mc.steps - 1) or (k + 1) % mc.log_every == 0
         rec = {"meta_step": k + 1, **meta_step(dwm, opt, lm, params, x, vb, alpha, mc, log_before)}
         rec["step_time_s"] = time.time() - t0
@@ -174,12 +179,7 @@ def run_meta_update(
                 f.write(json.dumps(rec) + "\n")
     cal = {}
     if mc.calibrate_batches:  # micro-batches after the fitted ones, validation batches after theirs
-        held = []
-        for j in range(mc.calibrate_batches):
-            x = data.batch(next(stream)[1]).to(d.device)
-            off = (mc.steps + j) * d.world * mc.val_batch_size
-            vb = {n: t.to(d.device) for n, t in next(val.batches(1, mc.val_batch_size, d.rank, d.world, off)).items()}
-            held.append((x, vb))
+        held = [batches(mc.steps + j) for j in range(mc.calibrate_batches)]
         cal = calibrate(dwm, lm, params, held, alpha, mc)
         if d.is_main:
             print(f"[meta] stage {stage}: held-out agreement {cal['held_out_agreement']:.3f} -> logits x "

@@ -57,10 +57,11 @@ class StageHandoff:
         self.cfg, self.d, self.arch, self.dtype, self.rd, self.data = cfg, d, arch, dtype, run_dir, data
         self._fixed = None
         self.expect_sha = dict(expect_sha or {})  # stage -> sha256 a resumed checkpoint was trained with
+        self.pause: dict | None = None  # bilevel: the last boundary's meta job and broadcast times (seconds)
 
     def for_stage(self, stage: int, stage_start_tag: str | None):
         """(model or None, info) for ``stage``; collective in fixed/bilevel modes."""
-        mode = self.cfg.meta.mode
+        mode, self.pause = self.cfg.meta.mode, None
         if mode == "none":
             return None, {"version": "uniform"}
         if mode == "oracle":
@@ -79,9 +80,9 @@ class StageHandoff:
         if status != "ok":
             raise (ExternalMetaRequired if status.startswith("external:") else MetaJobError)(status)
         t1 = time.time()
-        model, info = self._checked(stage, self.broadcast_dwm(str(path)))
-        info["pause"] = {"meta_job_s": t1 - t0, "broadcast_s": time.time() - t1}
-        return model, info
+        loaded = self._checked(stage, self.broadcast_dwm(str(path)))
+        self.pause = {"meta_job_s": t1 - t0, "broadcast_s": time.time() - t1}
+        return loaded
 
     def _checked(self, stage: int, loaded):
         """Refuse a DWM other than the one a checkpoint resumed mid-stage was trained with."""
@@ -138,6 +139,5 @@ class StageHandoff:
             "path": os.path.abspath(path),
             "sha256": meta["sha256"],
             "stage": meta.get("stage"),
-            "timings": meta.get("timings", {}),
         }
         return model, info

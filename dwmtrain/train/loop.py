@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from dwmtrain.data.dataset import rank_micro_batches
 from dwmtrain.distributed import all_reduce_
-from dwmtrain.models.dwm import weight_stats_tensor
+from dwmtrain.models.dwm import read_dwm_meta, weight_stats_tensor
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.handoff import DomainOracle
 from dwmtrain.stages.schedule import stage_of
@@ -41,8 +41,7 @@ def train(run: Run) -> None:
         stage = stage_of(step, run.starts)
         if stage != dwm_stage:  # stage boundary (or start): meta-update / broadcast as configured
             dwm, dwm_info = run.handoff.for_stage(stage, RunDir.tag(run.starts[stage - 1]))  # fitted on that LM
-            report_pause(run, stage, save_s, dwm_info)
-            dwm_info = {k: v for k, v in dwm_info.items() if k not in ("pause", "timings")}  # not run state
+            report_pause(run, stage, save_s, run.handoff.pause)
             dwm_stage, save_s = stage, None
         t0, lr = time.time(), eng.get_lr()[0]  # the lr this step uses (the scheduler steps inside eng.step)
         stats = StepStats()
@@ -134,11 +133,12 @@ def step_record(run: Run, step: int, stage: int, lr: float, dt: float, dwm_versi
     return rec
 
 
-def report_pause(run: Run, stage: int, save_s: float | None, info: dict) -> None:
-    """Rank 0: what a stage boundary's pause was made of, on the console and in meta/stageK.pause.json."""
-    if "pause" not in info or not run.d.is_main:
+def report_pause(run: Run, stage: int, save_s: float | None, pause: dict | None) -> None:
+    """Rank 0: what a stage boundary's pause was made of (``pause``: the hand-off's meta job and broadcast
+    times; the meta job's own parts from its DWM file), on the console and in meta/stageK.pause.json."""
+    if pause is None or not run.d.is_main:
         return
-    t, p = info.get("timings", {}), dict(info["pause"])
+    t, p = read_dwm_meta(run.rd.dwm(stage)).get("timings", {}), dict(pause)
     if save_s is not None:
         p["checkpoint_s"] = save_s
     p["total_s"] = sum(p.values())

@@ -26,6 +26,11 @@ def start(script: str, *args: str, timeout: int = 300) -> None:
         if p.returncode:
             why = f"{script} {' '.join(args)} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     if why:
-        if IN_CI:
-            pytest.fail(f"CI needs this service: {why}")
-        pytest.skip(why)
+        unavailable(f"CI needs this service: {why}")
+
+
+def unavailable(why: str) -> None:
+    """What a test does when something it needs cannot be had here: fail in CI, skip elsewhere."""
+    if IN_CI:
+        pytest.fail(why)
+    pytest.skip(why)
