@@ -90,7 +90,8 @@ def export_checkpoint(
     want = marker.get("compat", {}).get("tokenizer_sha256")
     if not os.path.isfile(cfg.data.tokenizer):
         raise ExportError(f"data.tokenizer={cfg.data.tokenizer}: not found (the run's tokenizer is exported with it)")
-    if want and sha256_file(cfg.data.tokenizer) != want:
+    tokenizer_sha = sha256_file(cfg.data.tokenizer)
+    if want and tokenizer_sha != want:
         raise ExportError(
             f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer checkpoint {tag} was trained with "
             f"(sha256 {want[:12]}...): restore that file"
@@ -118,7 +119,7 @@ def export_checkpoint(
             "stage_boundary": marker.get("stage_boundary", False),
             "config_sha256": marker.get("config_sha256", ""),
             "dtype": dtype,
-            "tokenizer_sha256": sha256_file(cfg.data.tokenizer),
+            "tokenizer_sha256": tokenizer_sha,
         }
         (tmp / "dwmtrain_export.json").write_text(json.dumps(info, indent=1))
         follow_umask(tmp)  # mkdtemp made it 0700 (and safetensors 0600)

@@ -50,19 +50,19 @@ def check_inputs(cfg: Config) -> None:
         except DWMFileError as e:
             problems.append(f"meta.dwm_path: {e}")
     if cfg.meta.mode == "transfer":
-        from dwmtrain.models.dwm import DWMArch, DWMFileError, read_dwm_meta
+        from dwmtrain.models.dwm import DWMArch, DWMFileError, arch_from_meta, arch_mismatch, meta_path, read_dwm_meta
         from dwmtrain.models.lm import llama_config
         from dwmtrain.rundir import RunDir
 
-        want = DWMArch.from_config(cfg, llama_config(cfg.model.preset, cfg.model.vocab_size).vocab_size).shape_fields()
+        want = DWMArch.from_config(cfg, llama_config(cfg.model.preset, cfg.model.vocab_size).vocab_size)
         for k in range(2, cfg.stages.num_stages + 1):
-            try:
-                arch = read_dwm_meta(RunDir(cfg.meta.dwm_run).dwm(k)).get("arch", {})
+            path = RunDir(cfg.meta.dwm_run).dwm(k)
+            try:  # the sidecar only: the tensors are verified when the stage starts
+                arch = arch_from_meta(read_dwm_meta(path).get("arch"), f"DWM metadata {meta_path(path)}")
             except DWMFileError as e:
                 problems.append(f"meta.dwm_run={cfg.meta.dwm_run}: stage {k}: {e}")
                 continue
-            diff = [f"{f}: file {arch.get(f)!r}, run {v!r}" for f, v in want.items() if arch.get(f) != v]
-            if diff:  # found now, not after a whole first stage
+            if diff := arch_mismatch(arch, want):  # found now, not after a whole first stage
                 problems.append(
                     f"meta.dwm_run={cfg.meta.dwm_run}: stage {k}: another DWM architecture: " + "; ".join(diff)
                 )

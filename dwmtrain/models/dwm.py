@@ -271,6 +271,12 @@ def arch_from_meta(arch: object, where: str) -> DWMArch:
     return a
 
 
+def arch_mismatch(file: DWMArch, run: DWMArch) -> list[str]:
+    """Where a DWM file's architecture differs from the run's in a way its tensors cannot absorb."""
+    a, b = file.shape_fields(), run.shape_fields()
+    return [f"{k}: file has {a[k]!r}, run expects {b[k]!r}" for k in a if a[k] != b[k]]
+
+
 def _signed_meta(path: Path) -> dict | None:
     """The metadata held in the safetensors header (None for a v1 file, which has only the sidecar)."""
     from safetensors import safe_open
@@ -329,11 +335,8 @@ def _load_dwm_state(path: Path, expect: DWMArch | None):
                 "(the sidecar was edited); restore it"
             )
     arch = arch_from_meta(meta.get("arch"), f"DWM metadata {mp}")
-    if expect is not None:
-        a, b = arch.shape_fields(), expect.shape_fields()
-        diff = [f"{k}: file has {a[k]!r}, run expects {b[k]!r}" for k in a if a[k] != b[k]]
-        if diff:
-            raise DWMFileError(f"DWM file {path} has another architecture: " + "; ".join(diff))
+    if expect is not None and (diff := arch_mismatch(arch, expect)):
+        raise DWMFileError(f"DWM file {path} has another architecture: " + "; ".join(diff))
     state = load_file(str(path))
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in DataWeightingModel(arch).state_dict().items()}
