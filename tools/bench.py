@@ -46,15 +46,13 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def timeit(fn, dev, reps):
-    out = []
-    for _ in range(reps):
-        sync(dev)
-        t = time.perf_counter()
-        fn()
-        sync(dev)
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+def timed(fn, dev) -> float:
+    """Seconds one call of ``fn`` takes (synchronized on CUDA)."""
+    sync(dev)
+    t = time.perf_counter()
+    fn()
+    sync(dev)
+    return time.perf_counter() - t
 
 
 def interleaved(fns: dict, dev, reps: int) -> dict[str, float]:
@@ -64,7 +62,7 @@ def interleaved(fns: dict, dev, reps: int) -> dict[str, float]:
     times: dict[str, list] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
-            times[k].append(timeit(f, dev, 1))
+            times[k].append(timed(f, dev))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -73,8 +71,8 @@ def line(name: str, measured: str, target: str, ok: bool | None = None) -> str:
     return f"{name}: {measured} / {target}{mark}"
 
 
-def peak_rss_of(args: list[str]) -> dict:
-    """Run this script in a child process for one probe; it prints a JSON line with its measurements."""
+def peak_in_child(args: list[str]) -> dict:
+    """Run this script in a child process for one peak-memory probe; it prints a JSON line with the result."""
     p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=1200)
     if p.returncode != 0:
         raise RuntimeError(f"probe {args} failed:\n{p.stderr[-3000:]}")
@@ -147,7 +145,9 @@ def bench_loss(a) -> list[str]:
     dev = torch.device(a.device)
     common = ["--device", a.device, "--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--micro", str(a.micro),
               "--hidden", str(a.hidden), "--chunk", str(a.chunk), "--dtype", a.dtype]  # fmt: skip
-    mem = {v: peak_rss_of(["--probe", "loss", "--probe-variant", v, *common])["extra_mib"] for v in ("logits", "fused")}
+    mem = {
+        v: peak_in_child(["--probe", "loss", "--probe-variant", v, *common])["extra_mib"] for v in ("logits", "fused")
+    }
     t = interleaved(_loss_fns(a, dev), dev, a.reps)
     size = f"V={a.vocab} T={a.seq_len} B={a.micro} H={a.hidden} {a.dtype}, chunk {a.chunk}"
     mr, tr = mem["fused"] / max(mem["logits"], 1e-9), t["fused"] / t["logits"]
@@ -256,7 +256,9 @@ def bench_meta(a) -> list[str]:
     dev = torch.device(a.device)
     common = ["--device", a.device, "--preset", a.preset, "--seq-len", str(a.seq_len), "--micro", str(a.micro),
               "--dtype", a.dtype] + (["--dwm-backbone", a.dwm_backbone] if a.dwm_backbone else [])  # fmt: skip
-    mem = {v: peak_rss_of(["--probe", "meta", "--probe-variant", v, *common])["extra_mib"] for v in ("fd", "unrolled")}
+    mem = {
+        v: peak_in_child(["--probe", "meta", "--probe-variant", v, *common])["extra_mib"] for v in ("fd", "unrolled")
+    }
     fns, grads = _meta_fns(a, dev)
     t = interleaved(fns, dev, a.reps)
     g1, g2 = grads["fd"].double(), grads["unrolled"].double()
