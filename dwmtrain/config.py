@@ -132,20 +132,22 @@ class DWMConfig:
     attn_heads: int = 4  #: heads of the cross-sample attention block
     head_hidden: int = 0  #: hidden width of the 2-layer head (0: backbone hidden size)
     pooling: str = "mean"  #: mean | last: how token states become one embedding per sample
-    temperature: float = 1.0  #: softmax temperature of the weights
+    temperature: float = 1.0  #: temperature of the weights (logits / T)
+    normalization: str = "softmax"  #: softmax (B * softmax(z/T)) | sigmoid (keep-gates renormalized to mean 1)
     uniform_mix: float = 0.0  #: w <- (1-u) w + u, guards against collapse onto few samples
     init_backbone_from_lm: bool = True  #: first boundary: copy the LM into the backbone (as the paper)
     alarm_ess: float = 0.5  #: alarm when a step's mean ESS falls below this fraction of the micro-batch (collapse)
     alarm_max_weight: float = 0.5  #: alarm when one sample's weight exceeds this fraction of the micro-batch size
 
     def __post_init__(self):
-        from dwmtrain.models.dwm import POOLINGS
+        from dwmtrain.models.dwm import NORMALIZATIONS, POOLINGS
         from dwmtrain.models.lm import PRESETS
 
         _one_of("dwm.backbone", self.backbone, tuple(PRESETS))
         _positive("dwm.attn_heads", self.attn_heads)
         _check(self.head_hidden >= 0, "dwm.head_hidden", self.head_hidden, "must be >= 0")
         _one_of("dwm.pooling", self.pooling, POOLINGS)
+        _one_of("dwm.normalization", self.normalization, NORMALIZATIONS)
         _positive("dwm.temperature", self.temperature)
         _check(0.0 <= self.uniform_mix <= 1.0, "dwm.uniform_mix", self.uniform_mix, "must be in [0, 1]")
         _check(0.0 <= self.alarm_ess <= 1.0, "dwm.alarm_ess", self.alarm_ess, "must be in [0, 1]")

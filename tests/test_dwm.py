@@ -30,6 +30,17 @@ def test_normalize_weights_mean_one_temperature_and_mix():
     assert torch.allclose(mixed, 0.5 * w + 0.5) and mixed.min() >= 0.5
 
 
+def test_sigmoid_normalization_drops_but_does_not_sharpen():
+    """Keep-gates: zero logits are uniform; a sample is raised above the rest only as far as others are dropped."""
+    assert torch.allclose(normalize_weights(torch.zeros(8), normalization="sigmoid"), torch.ones(8))
+    z = torch.tensor([40.0, 20.0, 20.0, 20.0, 20.0, 20.0, -40.0, -40.0])
+    w = normalize_weights(z, normalization="sigmoid")
+    assert torch.isclose(w.mean(), torch.tensor(1.0))
+    # the kept six share the weight equally (the oracle's shape); softmax would give nearly all of it to one
+    assert torch.allclose(w[:6], torch.full((6,), 8 / 6), atol=1e-6) and w[6:].max() < 1e-15
+    assert normalize_weights(z)[0] > 7.9
+
+
 def test_weight_stats():
     s = weight_stats(torch.ones(8))
     assert s["ess"] == pytest.approx(8) and s["entropy"] == pytest.approx(torch.log(torch.tensor(8.0)).item())

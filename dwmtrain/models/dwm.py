@@ -27,10 +27,24 @@ from dwmtrain.fileio import atomic_write_text, follow_umask, sha256_file
 from dwmtrain.models.lm import ATTN_IMPLEMENTATIONS, dtype_preserving_norms, llama_config
 
 
-def normalize_weights(logits: torch.Tensor, temperature: float = 1.0, uniform_mix: float = 0.0) -> torch.Tensor:
-    """Per-sample weights with mean 1: B * softmax(logits / T), mixed with uniform by ``uniform_mix``."""
+NORMALIZATIONS = ("softmax", "sigmoid")  #: how logits become weights (dwm.normalization)
+
+
+def normalize_weights(
+    logits: torch.Tensor, temperature: float = 1.0, uniform_mix: float = 0.0, normalization: str = "softmax"
+) -> torch.Tensor:
+    """Per-sample weights with mean 1 over the micro-batch (last dim), mixed with uniform by ``uniform_mix``.
+
+    ``softmax``: B * softmax(z / T); one sample can take up to all of the micro-batch's weight.
+    ``sigmoid``: keep-gates g = sigmoid(z / T), renormalized: B * g / sum(g). A sample is dropped by its own gate
+    going to 0, but raised above the others only by as much as they are dropped (a kept sample's gate saturates
+    at 1): the shape of the oracle filter (corrupted 0, the rest equal), not that of a sharpened softmax."""
     B = logits.shape[-1]
-    w = B * torch.softmax(logits / temperature, dim=-1)
+    if normalization == "sigmoid":
+        g = torch.sigmoid(logits / temperature)
+        w = B * g / g.sum(-1, keepdim=True).clamp_min(1e-30)
+    else:
+        w = B * torch.softmax(logits / temperature, dim=-1)
     return (1.0 - uniform_mix) * w + uniform_mix
 
 
@@ -77,6 +91,7 @@ class DWMArch:
     temperature: float = 1.0
     uniform_mix: float = 0.0
     attn_implementation: str = "sdpa"
+    normalization: str = "softmax"
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int):
@@ -92,6 +107,7 @@ class DWMArch:
             temperature=d.temperature,
             uniform_mix=d.uniform_mix,
             attn_implementation=cfg.model.attn_implementation,
+            normalization=d.normalization,
         )
 
     def shape_fields(self) -> dict:
@@ -100,7 +116,7 @@ class DWMArch:
         max_seq_len is not one: RoPE has no learned positions, so a DWM transfers across context lengths.
         """
         d = asdict(self)
-        for k in ("temperature", "uniform_mix", "attn_implementation", "max_seq_len"):
+        for k in ("temperature", "uniform_mix", "attn_implementation", "max_seq_len", "normalization"):
             d.pop(k)
         return d
 
@@ -157,7 +173,7 @@ class DataWeightingModel(nn.Module):
         logits = self.score(self.embed(input_ids, attention_mask))
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
-        return normalize_weights(logits, self.arch.temperature, self.arch.uniform_mix)
+        return normalize_weights(logits, self.arch.temperature, self.arch.uniform_mix, self.arch.normalization)
 
     def init_backbone_from(self, lm_state: dict[str, torch.Tensor]) -> None:
         """Copy an LM's transformer (``model.*`` of a LlamaForCausalLM state dict) into the backbone."""
@@ -259,6 +275,8 @@ def arch_from_meta(arch: object, where: str) -> DWMArch:
         raise bad("backbone", f"not one of the presets {sorted(PRESETS)}")
     if arch.get("pooling", "mean") not in POOLINGS:
         raise bad("pooling", f"must be one of {POOLINGS}")
+    if arch.get("normalization", "softmax") not in NORMALIZATIONS:
+        raise bad("normalization", f"must be one of {NORMALIZATIONS}")
     if arch.get("attn_implementation", "sdpa") not in ATTN_IMPLEMENTATIONS:
         raise bad("attn_implementation", f"must be one of {ATTN_IMPLEMENTATIONS}")
     if arch.get("temperature", 1.0) <= 0:
