@@ -18,6 +18,9 @@ Benchmarks:
            time and peak memory (target <= 1.0x each), and their meta-gradients' agreement.
   prepare  prepare-data end to end against raw sentencepiece encoding of the same text in one process,
            with 1 and 2 workers (target >= 0.8 of the raw rate per worker).
+  build    host memory per rank while the LM is built at start-up (--ranks gloo processes): the partitioned
+           build (zero.Init, rank 0 alone builds the seeded copy) against every rank building the full LM.
+           Target: each rank holds at most 1.1/ranks of the full LM after the build; peaks reported.
 """
 
 from __future__ import annotations
@@ -315,7 +318,92 @@ def bench_prepare(a) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------- main
 
-BENCHES = {"loss": bench_loss, "step": bench_step, "meta": bench_meta, "prepare": bench_prepare}
+# ----------------------------------------------------------------------------------------------- build
+
+
+def _build_rank(rank: int, world: int, port: int, preset: str, variant: str, out: str) -> None:
+    """One rank of the build benchmark: its resident-set growth (MiB) while the LM is built, to ``out``."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import deepspeed
+
+    from dwmtrain.config import build_deepspeed_config, load_config
+    from dwmtrain.models.lm import build_lm, llama_config
+    from dwmtrain.train.engine import build_partitioned_lm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    deepspeed.init_distributed()
+    cfg = load_config(None, [f"model.preset={preset}", f"deepspeed.global_batch_size={8 * world}"])
+    vocab = llama_config(preset).vocab_size
+    ds = build_deepspeed_config(cfg, world, "cpu")
+    dist.barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_mib("VmRSS")
+    t = time.perf_counter()
+    if variant == "plain":
+        lm = build_lm(preset, vocab, seed=cfg.run.seed)  # what every rank held before deepspeed.initialize
+    else:
+        lm = build_partitioned_lm(cfg, ds, vocab)
+    dist.barrier()
+    res = {"peak_mib": _status_mib("VmHWM") - base, "after_mib": _status_mib("VmRSS") - base}
+    res["seconds"] = time.perf_counter() - t
+    del lm
+    Path(out, f"{variant}{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def bench_build(a) -> list[str]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from dwmtrain.models.lm import count_parameters
+
+    full = count_parameters(a.preset) * 4 / 2**20  # fp32 MiB
+    res = {}
+    with tempfile.TemporaryDirectory() as out:
+        for variant in ("plain", "partitioned"):
+            with socket.socket() as sk:
+                sk.bind(("127.0.0.1", 0))
+                port = sk.getsockname()[1]
+            args = (a.ranks, port, a.preset, variant, out)
+            mp.start_processes(_build_rank, args, nprocs=a.ranks, start_method="spawn")
+            res[variant] = [json.loads(Path(out, f"{variant}{r}.json").read_text()) for r in range(a.ranks)]
+    pr, pa = res["plain"], res["partitioned"]
+
+    def per_rank(rs, k):
+        return ", ".join(f"{r[k]:,.0f}" for r in rs)
+
+    held = max(r["after_mib"] for r in pa) / full
+    return [
+        f"# build {a.preset} ({full:,.0f} MiB in fp32), {a.ranks} ranks: peak resident-set growth per rank, MiB "
+        f"(plain: {per_rank(pr, 'peak_mib')}; partitioned: {per_rank(pa, 'peak_mib')}); held after the build, "
+        f"partitioned: {per_rank(pa, 'after_mib')}; seconds plain {max(r['seconds'] for r in pr):.1f}, "
+        f"partitioned {max(r['seconds'] for r in pa):.1f}",
+        line(
+            "build: LM held per rank after the build, partitioned / full LM",
+            f"{held:.3f}x",
+            f"<= {1.1 / a.ranks:.3f}x (1.1 / ranks)",
+            held <= 1.1 / a.ranks,
+        ),  # fmt: skip
+        line(
+            "build: peak host memory at start-up, ranks 1.. partitioned / plain",
+            f"{max(r['peak_mib'] for r in pa[1:]) / max(r['peak_mib'] for r in pr[1:]):.3f}x",
+            "report (CPU: shards and transients in host memory; on GPU they are device memory)",
+        ),
+        line(
+            "build: peak host memory at start-up, all ranks partitioned / plain",
+            f"{sum(r['peak_mib'] for r in pa) / sum(r['peak_mib'] for r in pr):.3f}x",
+            "report",
+        ),
+    ]
+
+
+BENCHES = {"loss": bench_loss, "step": bench_step, "meta": bench_meta, "prepare": bench_prepare, "build": bench_build}
 
 
 def main(argv=None) -> int:
@@ -333,6 +421,7 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=32000, help="loss: vocabulary")
     ap.add_argument("--hidden", type=int, default=1024, help="loss: hidden size (370m: 1024, 1.3b: 2048)")
     ap.add_argument("--chunk", type=int, default=1024, help="loss: tokens per LM-head chunk")
+    ap.add_argument("--ranks", type=int, default=2, help="build: processes")
     ap.add_argument("--probe", default="", help=argparse.SUPPRESS)
     ap.add_argument("--probe-variant", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

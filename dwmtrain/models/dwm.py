@@ -26,7 +26,6 @@ from dwmtrain.faults import fault_point
 from dwmtrain.fileio import atomic_write_text, follow_umask, sha256_file
 from dwmtrain.models.lm import ATTN_IMPLEMENTATIONS, dtype_preserving_norms, llama_config
 
-
 NORMALIZATIONS = ("softmax", "sigmoid")  #: how logits become weights (dwm.normalization)
 
 

@@ -156,14 +156,14 @@ def build_lm(
     max_seq_len: int = 0,
     attn_implementation: str = "sdpa",
     seed: int | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
 ) -> WeightedLlamaForCausalLM:
-    """A freshly initialized LM for a preset (seeded when ``seed`` is given)."""
+    """A freshly initialized LM for a preset (seeded when ``seed`` is given; ``dtype=None``: as constructed)."""
     cfg = llama_config(preset, vocab_size, max_seq_len, attn_implementation)
     if seed is not None:
         torch.manual_seed(seed)
     model = dtype_preserving_norms(WeightedLlamaForCausalLM(cfg))
-    return model.to(dtype)
+    return model if dtype is None else model.to(dtype)
 
 
 def count_parameters(preset: str, vocab_size: int = 0) -> int:
