@@ -183,6 +183,7 @@ class MetaConfig:
     dwm_path: str = ""  #: fixed mode: a DWM checkpoint (.safetensors) used from step 0 on
     dwm_run: str = ""  #: transfer mode: a finished bilevel run whose stage-K DWM weighs stage K here (no meta job)
     oracle_drop: list[str] = field(default_factory=list)  #: oracle mode: domains weighted 0 (a headroom baseline)
+    oracle_from_stage: int = 1  #: oracle mode: first stage it weighs (2: uniform stage 1, like the DWM's schedule)
     launch: str = "local"  #: local: rank 0 runs the meta job on this node | external: stop, run it yourself
     steps: int = 20  #: K meta-steps (Adam on the DWM) per boundary
     #: R(theta), the validation loss before the lookahead, is for the log only (an extra forward): computed at
@@ -211,6 +212,7 @@ class MetaConfig:
             _check(
                 bool(self.oracle_drop), "meta.oracle_drop", self.oracle_drop, "meta.mode=oracle needs domains to drop"
             )
+        _check(self.oracle_from_stage >= 1, "meta.oracle_from_stage", self.oracle_from_stage, "must be >= 1")
         _check(self.spread_penalty >= 0, "meta.spread_penalty", self.spread_penalty, "must be >= 0")
         _check(self.calibrate_batches >= 0, "meta.calibrate_batches", self.calibrate_batches, "must be >= 0")
         _positive("meta.calibrate_rho", self.calibrate_rho)

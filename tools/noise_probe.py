@@ -225,6 +225,7 @@ def stage_end_val(run_dir: Path) -> dict[int, float]:
 ARMS = {
     "uniform": ["meta.mode=none"],
     "oracle": ["meta.mode=oracle"],  # every corrupted-<kind> domain weighted 0: the headroom (drop list: compare)
+    "oracle2": ["meta.mode=oracle", "meta.oracle_from_stage=2"],  # the same after a uniform stage 1, as the DWM
     "dwm": ["meta.mode=bilevel"],
 }
 
@@ -241,9 +242,8 @@ def compare(args, log: Path) -> dict:
         for arm in args.arms:
             run = args.work / f"cmp-{arm}-s{seed}"
             over = [f"stages.total_steps={args.compare}", "stages.num_stages=5", "run.eval_batches=8"]
-            drop = (
-                [f"meta.oracle_drop=[{','.join(f'corrupted-{k}' for k in args.corruption)}]"] if arm == "oracle" else []
-            )
+            bad = ",".join(f"corrupted-{k}" for k in args.corruption)
+            drop = [f"meta.oracle_drop=[{bad}]"] if arm.startswith("oracle") else []
             pretrain(run, args, [*ARMS[arm], *drop, *over, f"run.seed={seed}"], log)
             vals[arm].append(stage_end_val(run))
             print(f"  {arm} seed {seed}: " + ", ".join(f"{v:.4f}" for v in vals[arm][-1].values()), flush=True)
@@ -253,20 +253,23 @@ def compare(args, log: Path) -> dict:
         cells = [mean_std([v[s] for v in vals[arm]]) for s in steps]
         lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in cells) + " |")
     out = {"steps": steps, "val_loss": vals}
-    if {"uniform", "oracle", "dwm"} <= set(args.arms):
-        last = steps[-1]
-        u, o, w = ([v[last] for v in vals[a]] for a in ("uniform", "oracle", "dwm"))
+    last = steps[-1]
+    for oracle in [a for a in ("oracle", "oracle2") if a in args.arms]:
+        if not {"uniform", "dwm"} <= set(args.arms):
+            break
+        u, o, w = ([v[last] for v in vals[a]] for a in ("uniform", oracle, "dwm"))
         gains = [a - b for a, b in zip(u, w)]  # per seed: uniform - DWM (positive: the DWM helps)
         gap = [(a - b) / (a - c) for a, b, c in zip(u, w, o)]
         gm, gs = mean_std(gains)
-        out["gap_closed"], out["gain"] = mean_std(gap), (gm, gs)
         gap_of_means = (mean_std(u)[0] - mean_std(w)[0]) / (mean_std(u)[0] - mean_std(o)[0])
+        key = "" if oracle == "oracle" else "_" + oracle
+        out["gap_closed" + key], out["gain"] = mean_std(gap), (gm, gs)
+        out["gap_closed_of_means" + key] = gap_of_means
         lines.append(
-            f"\ngap closed at step {last}: {100 * gap_of_means:.1f}% of the oracle's gain (of the means; per seed "
-            f"{', '.join(f'{100 * g:.1f}%' for g in gap)}); DWM better than uniform by {gm:.4f} ± {gs:.4f} nats "
-            f"({'more' if gm > 2 * gs else 'less'} than twice its std)"
+            f"\ngap closed at step {last} (against {oracle}): {100 * gap_of_means:.1f}% of its gain (of the means; "
+            f"per seed {', '.join(f'{100 * g:.1f}%' for g in gap)}); DWM better than uniform by {gm:.4f} ± "
+            f"{gs:.4f} nats ({'more' if gm > 2 * gs else 'less'} than twice its std)"
         )
-        out["gap_closed_of_means"] = gap_of_means
     out["table"] = "\n".join(lines)
     return out
 

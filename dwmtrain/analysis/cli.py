@@ -15,6 +15,7 @@ def _score(a) -> None:
         open_split,
         quality_scores,
         resolve_device,
+        sample_texts,
         score_dataset,
         score_records,
         score_summary,
@@ -36,7 +37,11 @@ def _score(a) -> None:
         print(f"note: {note}")
     dev, dtype = resolve_device(a.device)
     w, z = score_dataset(dwm, ds, idx, a.micro_batch, dev, dtype, with_logits=True, progress=sys.stderr.isatty())
-    recs = score_records(idx, w, z, ds, a.micro_batch, quality_scores(ds, idx))
+    quality = {}
+    if a.rater:
+        texts = sample_texts(ds, idx, a.tokenizer)
+        quality = quality_scores(texts, a.rater, dev, rater_names(a), a.rater_max_length)
+    recs = score_records(idx, w, z, ds, a.micro_batch, quality)
     path = write_records(recs, a.out)
     stage = f" (stage {meta['stage']})" if meta.get("stage") is not None else ""
     print(f"scored {len(recs)} {a.split} samples of {a.data} with {a.dwm}{stage} on {dev} ({str(dtype)[6:]})")
@@ -56,12 +61,33 @@ def _analyze(a) -> None:
         seed=a.seed,
         device=a.device,
         split_by=a.split_by,
+        rater=a.rater,
+        rater_labels=rater_names(a),
+        rater_max_length=a.rater_max_length,
         progress=sys.stderr.isatty(),
         log=lambda m: print(m, flush=True),
     )
     print(summary_text(report))
     for p in report["files"].values():
         print(f"wrote {p}")
+
+
+def rater_names(a) -> list[str] | None:
+    return [x.strip() for x in a.rater_labels.split(",")] if a.rater_labels else None
+
+
+def add_rater_options(p) -> None:
+    p.add_argument(
+        "--rater", default=None, metavar="DIR",
+        help="also rate each sample's text with a local sequence-classification model (e.g. a QuRater copied "
+        "from the hub once): one quality field per label",
+    )  # fmt: skip
+    p.add_argument(
+        "--rater-labels", default="",
+        help="names for the rater's labels, comma-separated (default: its id2label), e.g. "
+        "writing_style,required_expertise,facts_and_trivia,educational_value",
+    )  # fmt: skip
+    p.add_argument("--rater-max-length", type=int, default=512, help="rater: tokens per text (truncated)")
 
 
 def register(sub) -> None:
@@ -84,13 +110,17 @@ def register(sub) -> None:
     p.add_argument("--micro-batch", type=int, default=8, help="samples the DWM weighs together (training's: 8)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", required=True, help="FILE.jsonl or FILE.parquet")
+    add_rater_options(p)
+    p.add_argument("--tokenizer", default=None, help="--rater: decode samples with this sentencepiece model "
+                   "(default: the one recorded in the data's index.json)")  # fmt: skip
     p.set_defaults(fn=_score)
 
     p = sub.add_parser(
         "analyze-preferences",
         help="which data each stage's DWM prefers: domain shares, weight histograms, inter-stage rank correlation",
         description="Scores the same samples (same micro-batches) with every stage DWM of RUN_DIR and writes "
-        "domains.png, weights_hist.png, rank_correlation.png, preferences.json and summary.txt into OUT. "
+        "domains.png, weights_hist.png, rank_correlation.png, preferences.json and summary.txt into OUT "
+        "(and quality.png, Figure 3's panels, with --rater). "
         "Preferred: weight > 1 in its micro-batch (--split-by logit: raw logit above the median).",
     )
     p.add_argument("run_dir")
@@ -101,4 +131,5 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--split-by", default="weight", choices=("weight", "logit"), help="preferred/unpreferred rule")
+    add_rater_options(p)
     p.set_defaults(fn=_analyze)

@@ -137,14 +137,33 @@ def score_dataset(
     return (weights, logits) if with_logits else weights
 
 
-def quality_scores(dataset, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-sample quality scores (e.g. QuRating's writing/expertise/facts/education) of ``indices``.
+def sample_texts(ds, indices: np.ndarray, tokenizer: str | os.PathLike | None = None) -> list[str]:
+    """The text of each sample, decoded with ``tokenizer`` (default: the one the data was prepared with,
+    recorded in its index.json; its sha256 is checked when recorded)."""
+    from dwmtrain.data.tokenizer import Tokenizer
+    from dwmtrain.fileio import sha256_file
 
-    Hook: a dataset exposing ``quality`` (field name -> one score per sequence) gets Figure 3's analysis;
-    prepared data carries none today, so this returns {}.
-    """
-    q = getattr(dataset, "quality", None) or {}
-    return {str(k): np.asarray(v, dtype=np.float64)[indices] for k, v in q.items()}
+    path = tokenizer or ds.index.get("tokenizer")
+    if not path or not Path(path).is_file():
+        raise DataError(f"{ds.path}: tokenizer {path!r} to decode its samples not found (pass --tokenizer FILE)")
+    want = ds.index.get("tokenizer_sha256")
+    if want and sha256_file(path) != want:
+        raise DataError(f"tokenizer {path}: not the one {ds.path} was prepared with (sha256 differs)")
+    sp = Tokenizer(path)
+    return [sp.decode(ds[int(i)].tolist()) for i in indices]
+
+
+def quality_scores(
+    texts: list[str], rater: str, device: str = "cpu", names: list[str] | None = None, max_length: int = 512
+) -> dict[str, np.ndarray]:
+    """Per-sample quality scores of ``texts`` (Figure 3's dimensions: QuRater-1.3B's writing style, required
+    expertise, facts and trivia, educational value), one field per label of a local rater model."""
+    from dwmtrain.select.qurating import load_rater, rater_label_names, rater_logits
+
+    tok, model = load_rater(rater, device)
+    labels = rater_label_names(model, names)
+    logits = rater_logits(texts, tok, model, max_length)
+    return {name: logits[:, k] for k, name in enumerate(labels)}
 
 
 def score_records(
@@ -677,8 +696,14 @@ def analyze_preferences(
     split_by: str = "weight",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    rater: str | None = None,
+    rater_labels: list[str] | None = None,
+    rater_max_length: int = 512,
 ) -> dict:
-    """Score the same samples with every stage's DWM of a run; write figures, JSON and summary; return the report."""
+    """Score the same samples with every stage's DWM of a run; write figures, JSON and summary; return the report.
+
+    With ``rater`` (a local Hugging Face sequence-classification model, e.g. a QuRater), each sample's text,
+    decoded with the run's tokenizer, is also rated on every label: the quality panels of Figure 3."""
     from dwmtrain.models.dwm import DWMArch, DWMFileError, dwm_from_state, load_dwm_state
     from dwmtrain.models.lm import llama_config
 
@@ -713,7 +738,11 @@ def analyze_preferences(
         w, z = score_dataset(model, ds, idx, micro, dev, dtype, with_logits=True, progress=progress)
         scored.append(StageScores(k, os.path.relpath(p, rd.root), w, z, meta))
         del model
-    report = compute_preferences(scored, ds.domains[idx], ds.domain_names, micro, quality_scores(ds, idx), split_by)
+    quality = {}
+    if rater:
+        log(f"rating {len(idx)} samples with {rater}")
+        quality = quality_scores(sample_texts(ds, idx, cfg.data.tokenizer), rater, dev, rater_labels, rater_max_length)
+    report = compute_preferences(scored, ds.domains[idx], ds.domain_names, micro, quality, split_by)
     report.update(
         run_dir=str(rd.root),
         data=str(data),

@@ -71,8 +71,6 @@ def rater_scores(
     batch_size: int = 16,
 ) -> np.ndarray:
     """The rater's logit (the single one, or label ``label``) of each text, truncated to ``max_length`` tokens."""
-    import torch
-
     n_labels = model.config.num_labels
     if label is None:
         if n_labels != 1:
@@ -80,13 +78,20 @@ def rater_scores(
         label = 0
     if not 0 <= label < n_labels:
         raise DataError(f"--rater-label {label}: the rater has labels 0..{n_labels - 1}")
+    return rater_logits(texts, tok, model, max_length, batch_size)[:, label]
+
+
+def rater_logits(texts: list[str], tok, model, max_length: int = 512, batch_size: int = 16) -> np.ndarray:
+    """Every label's logit of each text [N, labels], truncated to ``max_length`` tokens."""
+    import torch
+
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos:
         max_length = min(max_length, max_pos)
     accepted = set(inspect.signature(model.forward).parameters)
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths together: less padding
-    out = np.empty(len(texts), dtype=np.float64)
+    out = np.empty((len(texts), model.config.num_labels), dtype=np.float64)
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
             ids = order[s : s + batch_size]
@@ -94,9 +99,19 @@ def rater_scores(
                 [texts[i] for i in ids], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
             )
             enc = {k: v.to(device) for k, v in enc.items() if k in accepted}
-            logits = model(**enc).logits.float()[:, label]
-            out[ids] = logits.cpu().numpy()
+            out[ids] = model(**enc).logits.float().cpu().numpy()
     return out
+
+
+def rater_label_names(model, names: list[str] | None = None) -> list[str]:
+    """One name per rater label: ``names`` if given (as many as labels), else the model's id2label."""
+    n = model.config.num_labels
+    if names:
+        if len(names) != n:
+            raise DataError(f"--rater-labels names {len(names)} labels, the rater has {n}")
+        return list(names)
+    id2label = getattr(model.config, "id2label", None) or {}
+    return [str(id2label.get(i, f"LABEL_{i}")) for i in range(n)]
 
 
 class QuRatingScorer(Scorer):

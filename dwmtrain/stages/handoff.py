@@ -62,7 +62,7 @@ class StageHandoff:
     def for_stage(self, stage: int, stage_start_tag: str | None):
         """(model or None, info) for ``stage``; collective in fixed/bilevel modes."""
         mode, self.pause = self.cfg.meta.mode, None
-        if mode == "none":
+        if mode == "none" or (mode == "oracle" and stage < self.cfg.meta.oracle_from_stage):
             return None, {"version": "uniform"}
         if mode == "oracle":
             return DomainOracle(self.data, self.cfg.meta.oracle_drop), {"version": "oracle"}
