@@ -262,3 +262,54 @@ def test_quality_hook_figure(tmp_path):
     q = rep["stages"][0]["quality"]["writing"]
     assert q["mean_preferred"] > q["mean_unpreferred"]  # writing was made to follow stage 2's logits
     assert "quality writing" in (tmp_path / "summary.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def rater(tmp_path_factory):
+    """A tiny, seeded two-label rater (a QuRater stand-in: no judgement, real model and tokenizer files)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from dwmtrain.data.tokenizer import export_hf
+
+    path = tmp_path_factory.mktemp("rater") / "rater"
+    export_hf(SP_MODEL, path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=512, num_labels=2, pad_token_id=2, bos_token_id=1,
+        eos_token_id=2, id2label={0: "writing_style", 1: "educational_value"},
+        label2id={"writing_style": 0, "educational_value": 1},
+    )  # fmt: skip
+    LlamaForSequenceClassification(cfg).save_pretrained(path)
+    return path
+
+
+def test_a_rater_gives_the_quality_panels_from_the_cli(run_dir, data_dir, rater, tmp_path, capsys):
+    """--rater: every sample's decoded text rated on every label; score records carry the fields, and
+    analyze-preferences draws Figure 3's panels from them."""
+    from dwmtrain.analysis.preferences import sample_texts
+    from dwmtrain.select.qurating import load_rater, rater_logits
+
+    dwm_file = RunDir(run_dir).dwm(3)
+    run_cli(["score", "--dwm", str(dwm_file), "--data", str(data_dir), "--split", "heldout", "--samples", "32",
+             "--out", str(tmp_path / "s.jsonl"), "--rater", str(rater), "--rater-max-length", "64"])  # fmt: skip
+    recs = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert {"writing_style", "educational_value"} <= set(recs[0])
+    ds = TokenDataset(data_dir, "heldout")
+    texts = sample_texts(ds, np.array([r["index"] for r in recs]))
+    assert all(len(t) > 20 for t in texts)  # real text, decoded with the tokenizer the data's index names
+    want = rater_logits(texts, *load_rater(str(rater)), max_length=64)
+    np.testing.assert_allclose([r["educational_value"] for r in recs], want[:, 1], rtol=1e-5, atol=1e-6)
+
+    out = tmp_path / "analysis"
+    run_cli(["analyze-preferences", str(run_dir), "--samples", "256", "--out", str(out), "--device", "cpu",
+             "--rater", str(rater), "--rater-labels", "writing,education", "--rater-max-length", "64"])  # fmt: skip
+    assert "rating 256 samples" in capsys.readouterr().out
+    rep = json.loads((out / "preferences.json").read_text())
+    assert rep["quality_fields"] == ["education", "writing"]
+    assert set(rep["stages"][0]["quality"]) == {"education", "writing"}
+    assert_real_png(out / "quality.png")
+    assert "quality writing" in (out / "summary.txt").read_text()
+    with pytest.raises(DWMTrainError, match="names 1 labels, the rater has 2"):
+        run_cli(["analyze-preferences", str(run_dir), "--samples", "16", "--out", str(out), "--device", "cpu",
+                 "--rater", str(rater), "--rater-labels", "writing"])  # fmt: skip
