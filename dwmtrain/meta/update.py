@@ -157,7 +157,8 @@ def run_meta_update(
         log.write_text("")
         print(
             f"[meta] stage {stage}: LM from {rd.checkpoint(tag)} (step {state.step}); DWM {how}; "
-            f"{mc.steps} meta-steps x {d.world} proc, mode {mc.grad_mode}, alpha {alpha:g}",
+            f"{mc.steps} meta-steps x {d.world} proc, mode {mc.grad_mode}, alpha {alpha:g}; "
+            f"validation {val.describe()}",
             flush=True,
         )
 

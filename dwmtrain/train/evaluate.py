@@ -27,11 +27,16 @@ class ValidationSet:
         if source == "lambada":
             self.items = load_lambada(lambada_path, Tokenizer(tokenizer_path), seq_len)
             self.n = len(self.items)
+            self.where = f"{lambada_path} (LAMBADA-style cloze, target tokens)"
         else:
             self.heldout = TokenDataset(heldout_data or train_data, "heldout")
             self.n = len(self.heldout)
+            self.where = f"the heldout split of {heldout_data or train_data}"
         if self.n == 0:
             raise DataError(f"validation source {source!r} (data.val_source) is empty")
+
+    def describe(self) -> str:
+        return f"{self.source}: {self.n} items from {self.where}"
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         if self.source == "lambada":

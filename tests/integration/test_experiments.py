@@ -104,6 +104,25 @@ def test_every_tiny_twin_passes_the_preflight(exp, monkeypatch, capsys):
     assert capsys.readouterr().out.count("# generated DeepSpeed config") == len(twins)
 
 
+def test_the_validation_stage_count_and_static_twins_train(exp):
+    """Beyond the two arms: held-out validation (the DWM_VAL ablation, one meta-update), the 2-stage twin at its
+    own stage count, and DWM_w1 (the source run's stage-2 DWM for every step, no meta job)."""
+    work, _, src = exp
+    run = train(work, "random_dwm_val_heldout", "stages.num_stages=2")
+    assert load_config(RunDir(run).config).data.val_source == "heldout"
+    assert RunDir(run).dwm(2).is_file() and [r["stage"] for r in records(RunDir(run).evals)] == [1, 2]
+    assert "heldout" in RunDir(run).meta_log(2).read_text()
+
+    run = train(work, "random_dwm_2stages", "stages.num_stages=2")
+    assert sorted({r["stage"] for r in records(run / "metrics.jsonl")}) == [1, 2]
+    assert sorted(p.name for p in RunDir(run).dwm_dir.glob("*.safetensors")) == ["stage2.safetensors"]
+
+    sha = json.loads(Path(f"{RunDir(src).dwm(2)}.json").read_text())["sha256"]
+    run = train(work, "random_dwm_w1")
+    assert {r["dwm"] for r in records(run / "metrics.jsonl")} == {f"stage2:{sha[:12]}"}
+    assert not RunDir(run).dwm_dir.exists() or not any(RunDir(run).dwm_dir.iterdir())  # no meta job ran
+
+
 def test_export_equals_the_training_model_and_its_tokenizer(exp, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -167,6 +186,25 @@ def test_eval_two_runs_per_stage_tables_figure_and_cache(exp):
     assert (again.stdout + again.stderr).count(": cached") == 12, again.stdout[-2000:]
     assert json.loads((work / "cmp" / "results.json").read_text()) == res
     assert time.time() - t0 < 60
+    # one checkpoint (--checkpoint takes a tag or a step): the same results, from the same cache
+    from dwmtrain.evaluation import stage_end_checkpoints
+
+    ck = stage_end_checkpoints(dwm_run)[0][1]  # stage 2's end
+    one = dwm(work, "eval", str(dwm_run), "--task-data", str(TASK_DATA), "--checkpoint", str(ck.step), "--out", "one")
+    assert (one.stdout + one.stderr).count(": cached") == 2, one.stdout[-2000:]
+    rows = json.loads((work / "one" / "results.json").read_text())["0shot"]
+    assert [r["stage"] for r in rows] == [2]
+    same = next(r for r in res["0shot"] if r["run"] == "RANDOM+DWM" and r["stage"] == 2)
+    assert rows[0]["AVERAGE"] == same["AVERAGE"]
+
+
+def test_report_summarizes_each_stage_and_points_at_eval(exp):
+    work, _, run = exp
+    out = dwm(work, "report", str(run)).stdout
+    table = [ln.split() for ln in out.splitlines() if ln.strip()[:1].isdigit()]
+    assert [(r[0], r[-1].split(":")[0]) for r in table[:3]] == [("1", "uniform"), ("2", "stage2"), ("3", "stage3")]
+    assert f"dwmtrain eval {run} --task-data DIR" in out
+    assert f"dwmtrain analyze-preferences {run}" in out and f"dwmtrain export {run} --out DIR" in out
 
 
 def test_score_and_analyze_preferences_write_records_and_figures(exp, tmp_path):
