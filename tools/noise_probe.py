@@ -241,7 +241,7 @@ def compare(args, log: Path) -> dict:
     for seed in range(args.seeds):
         for arm in args.arms:
             run = args.work / f"cmp-{arm}-s{seed}"
-            over = [f"stages.total_steps={args.compare}", "stages.num_stages=5", "run.eval_batches=8"]
+            over = [f"stages.total_steps={args.compare}", f"stages.num_stages={args.stages}", "run.eval_batches=8"]
             bad = ",".join(f"corrupted-{k}" for k in args.corruption)
             drop = [f"meta.oracle_drop=[{bad}]"] if arm.startswith("oracle") else []
             pretrain(run, args, [*ARMS[arm], *drop, *over, f"run.seed={seed}"], log)
@@ -306,6 +306,7 @@ def main(argv=None) -> int:
         help="also train the --arms for STEPS steps (5 stages) per seed and tabulate stage-end validation loss",
     )
     ap.add_argument("--compare-only", action="store_true", help="skip the AUC probe (e.g. --fraction 0: clean data)")
+    ap.add_argument("--stages", type=int, default=5, help="--compare: stages per run (stage 1 uniform)")
     ap.add_argument("--seeds", type=int, default=1, help="--compare: seeds 0..N-1 (data order and init)")
     ap.add_argument("--arms", default="uniform,oracle,dwm", type=lambda v: v.split(","), help="--compare arms")
     ap.add_argument(
