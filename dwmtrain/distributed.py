@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -61,10 +62,27 @@ def init_distributed(timeout_s: int) -> Dist:
     name = acc.device_name()
     if name == "cpu":
         device = torch.device("cpu")
+        release_shm_names(rank)
     else:
         acc.set_device(local_rank)
         device = torch.device(name, local_rank)
     return Dist(rank, world, local_rank, local_world, device, name)
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """DeepSpeed's shared-memory all-reduce buffer of ``rank`` (CPU runs whose ranks are all on one machine)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_names(rank: int) -> None:
+    """Collective. DeepSpeed's CPU all-reduce creates one 66 MB /dev/shm buffer per rank and never removes it:
+    every CPU run leaked them (memory-backed) until a reboot. Once every rank has mapped its peers' buffers
+    (``init_distributed`` returned everywhere: the barrier), the names can go; the memory stays mapped and is
+    freed when the last rank exits, however it exits."""
+    if int(os.environ.get("LOCAL_SIZE", "0")) == dist.get_world_size():  # DeepSpeed's own test, on every rank
+        dist.barrier()
+        shm_buffer_path(rank).unlink(missing_ok=True)
 
 
 class RendezvousError(DWMTrainError):

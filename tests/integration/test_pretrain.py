@@ -1,6 +1,8 @@
 """Real `deepspeed --num_gpus 2` launches of launchers/pretrain.py on CPU (gloo), tiny preset."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +64,9 @@ def test_trains_loss_falls_checkpoints_and_exact_resume_after_sigkill(tmp_path, 
     p = run(pretrain_cmd(full, base(data64, "deepspeed.global_batch_size=64")), check=False)
     assert p.returncode != 0
     assert "global batch" in p.stderr and "checkpoint has 32, now 64" in p.stderr
+    # DeepSpeed's CPU all-reduce buffers (66 MB of /dev/shm per rank) are gone, after the SIGKILL too
+    port = pretrain_cmd(full, [])[4]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def test_sigkill_resume_across_stage_boundary(tmp_path, data64):
