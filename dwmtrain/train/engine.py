@@ -46,17 +46,19 @@ def build_partitioned_lm(cfg: Config, ds_config: dict, vocab_size: int):
 
     main = not dist.is_initialized() or dist.get_rank() == 0
     m = cfg.model
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):  # its draws are overwritten below
+        lm = build_lm(m.preset, vocab_size, m.max_seq_len, m.attn_implementation, dtype=None)
+    release_free_host_memory()  # the construction's full-size temporaries
     seeded = build_lm(m.preset, vocab_size, m.max_seq_len, m.attn_implementation, seed=cfg.run.seed) if main else None
     cpu_rng = broadcast_object(torch.get_rng_state() if main else None)
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        lm = build_lm(m.preset, vocab_size, m.max_seq_len, m.attn_implementation, dtype=None)
     source = dict(seeded.named_parameters()) if main else {}
     with torch.no_grad():
         for name, p in lm.named_parameters():
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if main:
                     p.data.copy_(source[name].data)
+                    source[name].data = torch.empty(0)  # the seeded copy is freed as it is copied
             release_free_host_memory()  # the gathered copy just freed (else the heap keeps it resident)
     del seeded, source
     release_free_host_memory()
