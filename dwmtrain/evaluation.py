@@ -226,9 +226,11 @@ def figure2(rows_by_shots: dict[int, list[dict]], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(rows_by_shots), figsize=(5.2 * len(rows_by_shots), 3.8), squeeze=False)
     for ax, (k, rows) in zip(axes[0], sorted(rows_by_shots.items())):
-        styles = [("--", "o", 7), ("-", "s", 5), (":", "^", 6), ("-.", "D", 4)]  # coinciding runs stay visible
-        for i, label in enumerate(dict.fromkeys(r["run"] for r in rows)):
-            pts = [(r["stage"], r["AVERAGE"]) for r in rows if r["run"] == label and r["AVERAGE"] is not None]
+        styles = [("--", "o", 7), ("-", "s", 5), (":", "^", 6), ("-.", "D", 4)]
+        labels = list(dict.fromkeys(r["run"] for r in rows))
+        for i, label in enumerate(labels):
+            dodge = (i - (len(labels) - 1) / 2) * 0.05  # runs with equal scores stay side by side, not hidden
+            pts = [(r["stage"] + dodge, r["AVERAGE"]) for r in rows if r["run"] == label and r["AVERAGE"] is not None]
             ls, marker, size = styles[i % len(styles)]
             if pts:
                 ax.plot(*zip(*pts), linestyle=ls, marker=marker, markersize=size, linewidth=1.8, label=label)
