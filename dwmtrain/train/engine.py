@@ -3,6 +3,8 @@ cosine."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dwmtrain.config import Config
@@ -71,12 +73,17 @@ def build_partitioned_lm(cfg: Config, ds_config: dict, vocab_size: int):
 def release_free_host_memory() -> None:
     """Return the C heap's free pages to the system (glibc ``malloc_trim``). Building and partitioning frees
     many tensors of a few MiB, below glibc's mmap threshold, which the heap otherwise keeps resident."""
-    import ctypes
-    import ctypes.util
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
-    name = ctypes.util.find_library("c")
-    if name and "libc.so" in name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to do
-            pass
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
