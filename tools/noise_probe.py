@@ -238,7 +238,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 def compare(args, log: Path) -> dict:
     """uniform / oracle / DWM over the same steps, data order and seed (per seed); stage-end validation."""
     vals: dict[str, list[dict[int, float]]] = {arm: [] for arm in args.arms}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for arm in args.arms:
             run = args.work / f"cmp-{arm}-s{seed}"
             over = [f"stages.total_steps={args.compare}", f"stages.num_stages={args.stages}", "run.eval_batches=8"]
@@ -306,6 +306,7 @@ def main(argv=None) -> int:
         help="also train the --arms for STEPS steps (5 stages) per seed and tabulate stage-end validation loss",
     )
     ap.add_argument("--compare-only", action="store_true", help="skip the AUC probe (e.g. --fraction 0: clean data)")
+    ap.add_argument("--first-seed", type=int, default=0, help="--compare: seeds FIRST..FIRST+N-1")
     ap.add_argument("--stages", type=int, default=5, help="--compare: stages per run (stage 1 uniform)")
     ap.add_argument("--seeds", type=int, default=1, help="--compare: seeds 0..N-1 (data order and init)")
     ap.add_argument("--arms", default="uniform,oracle,dwm", type=lambda v: v.split(","), help="--compare arms")
