@@ -21,9 +21,11 @@ def run_training(cfg: Config) -> int:
         _teardown(clean=True)
     except ExternalMetaRequired as e:  # a decision every rank shares: said once, by rank 0
         _say_once(f"[dwmtrain] stopped at a stage boundary: {e}")
+        _teardown(clean=True)  # every rank stops here: leave together (CI saw rank 0 abort at exit once)
         return 3
     except StoppedForTimeLimit as e:
         _say_once(f"[dwmtrain] {e}; rerun (or requeue) the same command to resume")
+        _teardown(clean=True)
         return STOP_EXIT_CODE
     except DWMTrainError as e:
         print(f"[dwmtrain] error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
