@@ -21,6 +21,7 @@ import warnings
 from dwmtrain.config import load_config
 from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.rundir import RunDir
+from dwmtrain.stages.meta_job import exit_with_parent
 
 
 def process_started_at() -> float:
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides of meta.* settings")
     a = ap.parse_args(argv)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker: end with torchrun, even if it is SIGKILLed
+        exit_with_parent()
     rd = RunDir(a.run_dir)
     try:
         cfg = load_config(rd.config, [*a.overrides, f"run.run_dir={rd.root}"])
