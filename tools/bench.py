@@ -16,8 +16,8 @@ Benchmarks:
            prediction 2*P_w / 6*P (target: measured <= predicted). On CUDA also tokens/s, MFU, memory.
   meta     the fd meta-step against the textbook unrolled create_graph step (Meta-Weight-Net / higher):
            time and peak memory (target <= 1.0x each), and their meta-gradients' agreement.
-  prepare  prepare-data end to end against raw sentencepiece encoding of the same text in one process,
-           with 1 and 2 workers (target >= 0.8 of the raw rate per worker).
+  prepare  prepare-data end to end against raw sentencepiece encoding of the same text on one core,
+           with 1 and 2 workers (target >= 0.8 of the raw rate per worker, 2 workers >= 1.8x one).
   build    host memory per rank while the LM is built at start-up (--ranks gloo processes): the partitioned
            build (zero.Init, rank 0 alone builds the seeded copy) against every rank building the full LM.
            Target: each rank holds at most 1.1/ranks of the full LM after the build; peaks reported.
@@ -285,6 +285,11 @@ def bench_meta(a) -> list[str]:
 
 
 def bench_prepare(a) -> list[str]:
+    """prepare-data end to end against one core of sentencepiece on the same text.
+
+    The input is the bundled corpus repeated ``--prepare-copies`` times (16M tokens at 4): on the 4M-token
+    corpus itself, one-off costs (the JSON reader's set-up, the worker start) weigh as much as encoding.
+    """
     import io
 
     import zstandard
@@ -293,26 +298,36 @@ def bench_prepare(a) -> list[str]:
     from dwmtrain.data.tokenizer import Tokenizer
 
     src, model = CORPUS / "sample.jsonl.zst", str(CORPUS / "sample_sp4096.model")
-    texts = [
-        json.loads(x)["text"] for x in io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(src, "rb")))
-    ]
+    raw_bytes = zstandard.ZstdDecompressor().stream_reader(open(src, "rb")).read() * a.prepare_copies
+    texts = [json.loads(x)["text"] for x in io.BytesIO(raw_bytes)]
     tok = Tokenizer(model)
-    t0 = time.perf_counter()
-    n_raw = sum(len(ids) + 1 for ids in tok.encode_batch(texts))  # + EOS, as prepare-data counts
-    raw = n_raw / (time.perf_counter() - t0)
-    out = []
+    out, raws, runs = [], [], {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
-        for workers in (1, 2):
+        corpus = Path(tmp) / "corpus.jsonl"
+        corpus.write_bytes(raw_bytes)
+        for rep_i in range(a.prepare_reps):  # interleaved repetitions; the best of each is reported
             t0 = time.perf_counter()
-            rep = prepare_data([str(src)], model, f"{tmp}/w{workers}", seq_len=1024, workers=workers, progress=False)
-            rate = rep.tokens / (time.perf_counter() - t0)
-            out.append(line(f"prepare.rate per worker / raw sentencepiece ({workers} worker{'s' * (workers > 1)})",
-                            f"{rate / workers / raw:.2f} ({rate:,.0f} vs {raw:,.0f} tokens/s)", ">= 0.8",
-                            rate / workers / raw >= 0.8))  # fmt: skip
-            reported = rep.tokens / rep.seconds
+            n_raw = sum(len(ids) + 1 for ids in tok.encode_batch(texts, num_threads=1))  # + EOS, as prepare-data
+            raws.append(n_raw / (time.perf_counter() - t0))
+            for workers in (1, 2):
+                t0 = time.perf_counter()
+                rep = prepare_data([str(corpus)], model, f"{tmp}/w{workers}-{rep_i}", seq_len=1024, workers=workers,
+                                   progress=False)  # fmt: skip
+                runs[workers].append((rep.tokens / (time.perf_counter() - t0), rep))
+                assert rep.tokens == n_raw, (rep.tokens, n_raw)
+        raw, rates = max(raws), {}
+        for workers in (1, 2):
+            rate, rep = max(runs[workers], key=lambda r: r[0])
+            rates[workers] = rate
             plural = "s" * (workers > 1)
+            out.append(line(f"prepare.rate per worker / raw sentencepiece on one core ({workers} worker{plural}, "
+                            f"{n_raw / 1e6:.1f}M tokens)", f"{rate / workers / raw:.2f} ({rate:,.0f} vs {raw:,.0f} "
+                            "tokens/s)", ">= 0.8", rate / workers / raw >= 0.8))  # fmt: skip
+            reported = rep.tokens / rep.seconds
             out.append(line(f"prepare.reported_rate / measured ({workers} worker{plural})", f"{reported / rate:.2f}",
                             "~1.0 (the rate prepare-data reports is end to end)"))  # fmt: skip
+        out.append(line("prepare.scaling 2 workers / 1 worker", f"{rates[2] / rates[1]:.2f}x",
+                        f">= 1.8x (near-linear; {os.cpu_count()} cores here)", rates[2] / rates[1] >= 1.8))  # fmt: skip
     return out
 
 
@@ -422,6 +437,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=1024, help="loss: hidden size (370m: 1024, 1.3b: 2048)")
     ap.add_argument("--chunk", type=int, default=1024, help="loss: tokens per LM-head chunk")
     ap.add_argument("--ranks", type=int, default=2, help="build: processes")
+    ap.add_argument("--prepare-reps", type=int, default=2, help="prepare: interleaved repetitions (best kept)")
+    ap.add_argument("--prepare-copies", type=int, default=4, help="prepare: copies of the bundled corpus to read")
     ap.add_argument("--probe", default="", help=argparse.SUPPRESS)
     ap.add_argument("--probe-variant", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

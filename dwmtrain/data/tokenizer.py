@@ -97,8 +97,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        """sentencepiece encodes a list on ``num_threads`` threads (-1: all cores)."""
+        return self.sp.encode(texts, num_threads=num_threads)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
