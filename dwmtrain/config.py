@@ -192,7 +192,9 @@ class MetaConfig:
     lr: float = 1e-4  #: Adam learning rate of the DWM
     lookahead_lr: float = 0.0  #: alpha of the lookahead step; 0: the LM's learning rate at the boundary
     grad_mode: str = "fd"  #: fd (finite differences, production) | per_sample | jvp | unrolled (reference)
-    fd_eps: float = 1e-2  #: fd mode: norm of the parameter perturbation along v = grad L_val(theta*)
+    #: fd mode: norm of the parameter perturbation along v = grad L_val(theta*); 0: by the LM's dtype and
+    #: parameter norm (meta.metagrad.FD_EPS; fp32: max(3e-4 x the norm, 0.02), measured most accurate)
+    fd_eps: float = 0.0
     val_batch_size: int = 8  #: validation examples per meta-step
     nproc: int = 1  #: data-parallel processes of the meta job (GPUs, or CPU processes)
     timeout_s: int = 3600  #: training stops with a resumable checkpoint if the meta job takes longer
@@ -218,7 +220,8 @@ class MetaConfig:
         _positive("meta.calibrate_rho", self.calibrate_rho)
         if self.mode == "transfer":
             _check(bool(self.dwm_run), "meta.dwm_run", self.dwm_run, "meta.mode=transfer needs a bilevel run directory")
-        for f in ("steps", "log_every", "lr", "fd_eps", "val_batch_size", "nproc", "timeout_s"):
+        _check(self.fd_eps >= 0, "meta.fd_eps", self.fd_eps, "must be >= 0 (0: by the LM's dtype and norm)")
+        for f in ("steps", "log_every", "lr", "val_batch_size", "nproc", "timeout_s"):
             _positive(f"meta.{f}", getattr(self, f))
         _check(self.lookahead_lr >= 0, "meta.lookahead_lr", self.lookahead_lr, "must be >= 0")
 

@@ -1,9 +1,11 @@
 """Every meta-gradient mode against unrolled autograd through theta*, tiny model in float64."""
 
+import copy
+
 import pytest
 import torch
 
-from dwmtrain.meta.metagrad import dwm_surrogate, lm_params, meta_gradient
+from dwmtrain.meta.metagrad import FD_EPS, default_fd_eps, dwm_surrogate, lm_params, meta_gradient
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch
 from dwmtrain.models.lm import build_lm
 
@@ -28,14 +30,14 @@ def dwm_grad(dwm, x, g):
     return torch.cat([p.grad.flatten() for p in dwm.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("mode, tol", [("per_sample", 1e-6), ("jvp", 1e-6), ("fd", 1e-3)])
+@pytest.mark.parametrize("mode, tol", [("per_sample", 1e-6), ("jvp", 1e-6), ("fd", 1e-6)])
 def test_modes_match_unrolled_autograd(setup, mode, tol):
     lm, dwm, x, vb = setup
     params = lm_params(lm)
     w = dwm(x).detach()
     alpha = 0.5
     ref = meta_gradient(lm, params, x, vb, w, alpha, "unrolled")
-    got = meta_gradient(lm, params, x, vb, w, alpha, mode, fd_eps=1e-2)  # the default eps
+    got = meta_gradient(lm, params, x, vb, w, alpha, mode)  # fd: the default eps for fp64
     err_w = ((got.dR_dw - ref.dR_dw).norm() / ref.dR_dw.norm()).item()
     g_ref, g_got = dwm_grad(dwm, x, ref), dwm_grad(dwm, x, got)
     err = ((g_got - g_ref).norm() / g_ref.norm()).item()
@@ -54,6 +56,28 @@ def test_finite_difference_error_shrinks_with_eps(setup):
         for e in (1e-1, 1e-2)
     ]
     assert errs[1] < errs[0] / 10  # O(eps^2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_default_fd_eps_is_near_the_most_accurate_for_the_dtype(setup, dtype):
+    """meta.fd_eps=0 picks the perturbation by dtype and parameter norm (FD_EPS): within 3x of the best error
+    over a grid of eps, against the exact fp64 meta-gradient."""
+    lm, dwm, x, vb = setup
+    params, w = lm_params(lm), dwm(x).detach()
+    exact = meta_gradient(lm, params, x, vb, w, 0.5, "per_sample").dR_dw
+    lm_d = copy.deepcopy(lm).to(dtype)
+    params_d = lm_params(lm_d)
+
+    def err(eps):
+        got = meta_gradient(lm_d, params_d, x, vb, w.to(dtype), 0.5, "fd", fd_eps=eps).dR_dw.double()
+        return ((got - exact).norm() / exact.norm()).item()
+
+    eps = default_fd_eps(params_d)
+    norm = torch.sqrt(sum(p.square().sum() for p in params.values())).item()
+    assert eps == pytest.approx(max(FD_EPS[dtype][0] * norm, FD_EPS[dtype][1]), rel=1e-2)
+    grid = [err(e) for e in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)]
+    assert err(0.0) == err(eps) <= 3 * min(grid), (err(eps), grid)
+    assert err(eps) < (2e-3 if dtype == torch.float32 else 1e-1)
 
 
 def test_fused_attention_modes_run_without_double_backward():

@@ -16,6 +16,10 @@ Benchmarks:
            prediction 2*P_w / 6*P (target: measured <= predicted). On CUDA also tokens/s, MFU, memory.
   meta     the fd meta-step against the textbook unrolled create_graph step (Meta-Weight-Net / higher):
            time and peak memory (target <= 1.0x each), and their meta-gradients' agreement.
+  dwmcompile  the frozen DWM's forward, eager against torch.compile (time, compile time, agreement).
+  metaacc  the meta-gradient dR/dw in fp32 and bf16 (and fp32 with TF32 matmuls on CUDA) against the exact
+           one (per_sample mode in fp64), with the fd step's error across fd_eps, and the error of the
+           default (fd_eps by dtype and parameter norm, metagrad.FD_EPS) against the grid's best (<= 3x).
   prepare  prepare-data end to end against raw sentencepiece encoding of the same text on one core,
            with 1 and 2 workers (target >= 0.8 of the raw rate per worker, 2 workers >= 1.8x one).
   build    host memory per rank while the LM is built at start-up (--ranks gloo processes): the partitioned
@@ -26,6 +30,7 @@ Benchmarks:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -213,6 +218,40 @@ def bench_step(a) -> list[str]:
     return out
 
 
+def bench_dwmcompile(a) -> list[str]:
+    """The frozen DWM's forward (inference mode, the LM's dtype) eager against torch.compile: time, the
+    one-off compile time, and the weights' agreement."""
+    from dwmtrain.models.dwm import DataWeightingModel, DWMArch
+
+    dev, dt = torch.device(a.device), a.torch_dtype
+    torch.manual_seed(0)
+    arch = DWMArch(a.dwm_backbone or a.preset, a.vocab_size or 32000, a.seq_len)
+    dwm = DataWeightingModel(arch).to(dev, dt).eval().requires_grad_(False)
+    x = torch.randint(0, arch.vocab_size, (a.micro, a.seq_len), device=dev)
+    compiled = torch.compile(dwm)
+
+    def run(m):
+        def f():
+            with torch.inference_mode():
+                return m(x)
+
+        return f
+
+    ref = run(dwm)()
+    t0 = time.perf_counter()
+    got = run(compiled)()
+    sync(dev)
+    compile_s = time.perf_counter() - t0
+    diff = (got.float() - ref.float()).abs().max().item()
+    t = interleaved({"eager": run(dwm), "compiled": run(compiled)}, dev, a.reps)
+    r = t["compiled"] / t["eager"]
+    size = f"DWM {arch.backbone}, {a.micro}x{a.seq_len} {a.dtype} on {dev.type}"
+    return [
+        line(f"dwm.compile compiled/eager ({size})", f"{r:.2f}x ({t['compiled'] * 1e3:.1f} vs {t['eager'] * 1e3:.1f} "
+             f"ms; compiling took {compile_s:.0f} s; max |w diff| {diff:.1e})", "< 1.0x where it pays", r < 1.0),
+    ]  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------- meta
 
 
@@ -279,6 +318,55 @@ def bench_meta(a) -> list[str]:
         line("meta.gradient fd vs unrolled (dR/dw)", f"cosine {cos:.6f}, relative error {rel:.1e}", "cosine > 0.999",
              cos > 0.999),
     ]  # fmt: skip
+
+
+def bench_metaacc(a) -> list[str]:
+    """The meta-gradient dR/dw in each dtype against the exact one (``per_sample`` mode in fp64), and the fd
+    step's error across ``fd_eps``: where truncation (large eps) meets rounding (small eps) per dtype."""
+    from dwmtrain.meta.metagrad import default_fd_eps, lm_params, meta_gradient
+    from dwmtrain.models.lm import build_lm
+
+    dev = torch.device(a.device)
+    lm0 = build_lm(a.preset, a.vocab_size, a.seq_len, "eager", seed=0).eval().requires_grad_(False)
+    V = lm0.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (a.micro, a.seq_len), generator=g).to(dev)
+    vx = torch.randint(0, V, (2 * a.micro, a.seq_len), generator=g).to(dev)
+    vb = {"input_ids": vx, "attention_mask": torch.ones_like(vx), "labels": vx}
+    w = torch.softmax(torch.randn(a.micro, generator=g), 0).to(dev) * a.micro
+    alpha = 1e-3
+
+    def dR_dw(dtype, mode, eps=1e-2, tf32=False):
+        lm = copy.deepcopy(lm0).to(dev, dtype)
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            return meta_gradient(lm, lm_params(lm), x, vb, w.to(dtype), alpha, mode, eps, False).dR_dw.double()
+        finally:
+            if dev.type == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = False
+
+    exact = dR_dw(torch.float64, "per_sample")
+    dtypes = {"fp64": (torch.float64, False), "fp32": (torch.float32, False), "bf16": (torch.bfloat16, False)}
+    if dev.type == "cuda":
+        dtypes["fp32+tf32"] = (torch.float32, True)
+    out = []
+    for name, (dt, tf32) in dtypes.items():
+        errs = {}
+        for eps in a.fd_eps_list:
+            d = dR_dw(dt, "fd", eps, tf32)
+            errs[eps] = ((d - exact).norm() / exact.norm()).item()
+        ps = dR_dw(dt, "per_sample", tf32=tf32)
+        ps_err = ((ps - exact).norm() / exact.norm()).item()
+        auto = ((dR_dw(dt, "fd", 0.0, tf32) - exact).norm() / exact.norm()).item()
+        auto_eps = default_fd_eps({k: t.to(dt) for k, t in lm_params(lm0).items()})
+        best = min(errs, key=errs.get)
+        curve = ", ".join(f"{e:g}: {errs[e]:.1e}" for e in a.fd_eps_list)
+        out.append(line(f"metaacc.{name} fd relative error by fd_eps ({a.preset}, {a.micro}x{a.seq_len})", curve,
+                        f"best fd_eps {best:g}; exact per_sample mode in {name}: {ps_err:.1e}"))  # fmt: skip
+        out.append(line(f"metaacc.{name} default fd_eps {auto_eps:.3g} / best", f"{auto / errs[best]:.2f}x "
+                        f"({auto:.1e} vs {errs[best]:.1e})", "<= 3x", auto <= 3 * errs[best]))  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- prepare
@@ -418,7 +506,15 @@ def bench_build(a) -> list[str]:
     ]
 
 
-BENCHES = {"loss": bench_loss, "step": bench_step, "meta": bench_meta, "prepare": bench_prepare, "build": bench_build}
+BENCHES = {
+    "loss": bench_loss,
+    "step": bench_step,
+    "meta": bench_meta,
+    "metaacc": bench_metaacc,
+    "dwmcompile": bench_dwmcompile,
+    "prepare": bench_prepare,
+    "build": bench_build,
+}
 
 
 def main(argv=None) -> int:
@@ -437,6 +533,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=1024, help="loss: hidden size (370m: 1024, 1.3b: 2048)")
     ap.add_argument("--chunk", type=int, default=1024, help="loss: tokens per LM-head chunk")
     ap.add_argument("--ranks", type=int, default=2, help="build: processes")
+    ap.add_argument("--fd-eps-list", type=lambda v: [float(e) for e in v.split(",")],
+                    default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0], help="metaacc: the fd_eps values to try")  # fmt: skip
     ap.add_argument("--prepare-reps", type=int, default=2, help="prepare: interleaved repetitions (best kept)")
     ap.add_argument("--prepare-copies", type=int, default=4, help="prepare: copies of the bundled corpus to read")
     ap.add_argument("--probe", default="", help=argparse.SUPPRESS)

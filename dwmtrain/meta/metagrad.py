@@ -30,6 +30,27 @@ from dwmtrain.train.loss import per_sample_loss
 
 Params = dict[str, torch.Tensor]
 
+#: The fd step's perturbation, by dtype, as (per unit of the LM's parameter norm, floor). Its truncation error
+#: grows with eps; its rounding error grows as eps shrinks below the rounding of the perturbed parameters
+#: (which scales with their norm) or of the losses (the floor). Chosen from the error against the exact
+#: per_sample mode in fp64 over a grid of eps (``tools/bench.py --only metaacc``; docs/benchmarks.md): at the
+#: tiny (norm 20), small (55) and 370m (447) presets the default is within a few times of the best eps.
+FD_EPS = {
+    torch.float64: (2e-7, 1e-5),
+    torch.float32: (3e-4, 2e-2),
+    torch.bfloat16: (2e-3, 3e-1),
+    torch.float16: (2e-3, 3e-1),
+}
+
+
+def default_fd_eps(params: Params) -> float:
+    """The fd perturbation's norm for these parameters (meta.fd_eps=0): max(per-norm x |params|, floor) of
+    their dtype (the norm in fp64, so a bf16 LM's does not round)."""
+    dtype = next(iter(params.values())).dtype
+    per_norm, floor = FD_EPS.get(dtype, FD_EPS[torch.bfloat16])
+    norm = torch.sqrt(sum(t.detach().double().square().sum() for t in params.values())).item()
+    return max(per_norm * norm, floor)
+
 
 def lm_params(model: torch.nn.Module) -> Params:
     """Detached parameters of a frozen LM, by name."""
@@ -80,11 +101,12 @@ def meta_gradient(
     w: torch.Tensor,
     alpha: float,
     mode: str = "fd",
-    fd_eps: float = 1e-2,
+    fd_eps: float = 0.0,
     with_before: bool = True,
 ) -> MetaGrad:
-    """dR/dw_i for the micro-batch ``x`` with weights ``w`` (see the module docstring). ``with_before``:
-    also R(theta), a validation forward the gradient does not need (diagnostics)."""
+    """dR/dw_i for the micro-batch ``x`` with weights ``w`` (see the module docstring). ``fd_eps``: the fd
+    perturbation's norm (0: ``default_fd_eps``). ``with_before``: also R(theta), a validation forward the
+    gradient does not need (diagnostics)."""
     if mode == "unrolled":
         return _unrolled(model, params, x, vb, w, alpha)
     before = None
@@ -104,7 +126,7 @@ def inner_products(model, params: Params, x: torch.Tensor, v: Params, mode: str,
     """c_i = <v, grad L_i(params)> for every sample of x. [B]"""
     if mode == "fd":
         # perturbation of norm fd_eps along v; central difference error is O(eps^2)
-        eps = fd_eps / _dot(v, v).sqrt().clamp_min(1e-30).item()
+        eps = (fd_eps or default_fd_eps(params)) / _dot(v, v).sqrt().clamp_min(1e-30).item()
         with torch.no_grad():
             up = train_losses(model, _axpy(eps, v, params), x)
             dn = train_losses(model, _axpy(-eps, v, params), x)

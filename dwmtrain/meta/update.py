@@ -6,6 +6,7 @@ training micro-batch and validation batch, and the DWM gradients are all-reduced
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -14,7 +15,7 @@ import torch
 from dwmtrain.config import Config
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
 from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier
-from dwmtrain.meta.metagrad import dwm_surrogate, lm_params, meta_gradient
+from dwmtrain.meta.metagrad import default_fd_eps, dwm_surrogate, lm_params, meta_gradient
 from dwmtrain.models.dwm import (
     DataWeightingModel,
     DWMArch,
@@ -152,12 +153,16 @@ def run_meta_update(
     order = GlobalOrder(len(data), cfg.run.seed)
     stream = rank_micro_batches(order, state.consumed_samples, d.rank, d.world, cfg.deepspeed.micro_batch_size)
     params, log = lm_params(lm), rd.meta_records(stage)
+    if mc.grad_mode == "fd" and not mc.fd_eps:  # once: the LM is frozen
+        mc = dataclasses.replace(mc, fd_eps=default_fd_eps(params))
     if d.is_main:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("")
         print(
             f"[meta] stage {stage}: LM from {rd.checkpoint(tag)} (step {state.step}); DWM {how}; "
-            f"{mc.steps} meta-steps x {d.world} proc, mode {mc.grad_mode}, alpha {alpha:g}; "
+            f"{mc.steps} meta-steps x {d.world} proc, mode {mc.grad_mode}"
+            + (f" (fd_eps {mc.fd_eps:.3g})" if mc.grad_mode == "fd" else "")
+            + f", alpha {alpha:g}; "
             f"validation {val.describe()}",
             flush=True,
         )
@@ -190,6 +195,8 @@ def run_meta_update(
     meta = {}
     if d.is_main:
         info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead_lr=alpha, world_size=d.world, **cal)
+        if mc.grad_mode == "fd":
+            info["fd_eps"] = mc.fd_eps
         info["timings"] = {k: round(v, 3) for k, v in timings.items()}
         meta = save_dwm(
             dwm,
