@@ -138,6 +138,9 @@ class DWMConfig:
     init_backbone_from_lm: bool = True  #: first boundary: copy the LM into the backbone (as the paper)
     alarm_ess: float = 0.5  #: alarm when a step's mean ESS falls below this fraction of the micro-batch (collapse)
     alarm_max_weight: float = 0.5  #: alarm when one sample's weight exceeds this fraction of the micro-batch size
+    #: torch.compile the frozen DWM's forward on the trainer ranks: 0.88x its time on CPU at small, after ~30 s
+    #: of compiling per process (tools/bench.py --only dwmcompile); pays on long runs, not in short tests
+    compile: bool = False
 
     def __post_init__(self):
         from dwmtrain.models.dwm import NORMALIZATIONS, POOLINGS

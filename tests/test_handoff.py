@@ -36,6 +36,21 @@ def test_stage1_uniform_and_finished_dwm_is_reused(tmp_path):
         h.for_stage(2, "step0000010")
 
 
+def test_a_compiled_dwm_weighs_as_the_eager_one_across_stages(tmp_path):
+    h = handoff(tmp_path, "dwm.compile=true")
+    x = torch.randint(0, 512, (8, 32))
+    for stage in (2, 3):  # a new DWM per stage, one compiled forward
+        torch.manual_seed(stage)
+        m = DataWeightingModel(ARCH)
+        torch.nn.init.normal_(m.fc2.weight)
+        save_dwm(m, RunDir(tmp_path).dwm(stage), stage=stage, lm_step=10 * stage)
+        model, _ = h.for_stage(stage, f"step{10 * stage:07d}")
+        assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), m.eval()(x), rtol=1e-5, atol=1e-6)
+        assert model(x).std() > 1e-3  # weights that differ between samples
+
+
 def test_missing_dwm_needs_a_complete_stage_start_checkpoint(tmp_path):
     with pytest.raises(MetaJobError, match="no complete checkpoint step0000010 at the start of stage 2"):
         handoff(tmp_path).for_stage(2, "step0000010")

@@ -134,6 +134,8 @@ class StageHandoff:
         meta = run_on_rank0(verify_and_read)
         state = broadcast_tensors(read.get("state"), self.d.device)
         model = dwm_from_state(self.arch, state).to(self.d.device, self.dtype).eval().requires_grad_(False)
+        if self.cfg.dwm.compile:  # the parameters are graph inputs: a new stage's DWM reuses the compiled graph
+            model = torch.compile(model, dynamic=False)
         info = {
             "version": f"stage{meta.get('stage')}:{meta['sha256'][:12]}",
             "path": os.path.abspath(path),
