@@ -520,7 +520,7 @@ BENCHES = {
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="every benchmark, CPU sizes that finish in < 10 min")
-    ap.add_argument("--only", default="loss,step,meta,prepare")
+    ap.add_argument("--only", default="loss,step,meta,metaacc,dwmcompile,prepare")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--dwm-backbone", default="")

@@ -21,14 +21,15 @@ from dwmtrain.train.setup import Run
 from dwmtrain.train.stop import StoppedForTimeLimit
 
 
-@torch.no_grad()
 def weigh(dwm, x: torch.Tensor, indices: list[int]) -> torch.Tensor:
     """Weights [B] (mean 1) from the frozen DWM, the domain oracle, or uniform."""
     if dwm is None:
         return torch.ones(x.shape[0], device=x.device)
     if isinstance(dwm, DomainOracle):
         return dwm.weights(indices).to(x.device)
-    return dwm(x).float()
+    with torch.inference_mode():  # no autograd bookkeeping at all (no version counters, no views tracked)
+        w = dwm(x).float()
+    return w.clone()  # a normal tensor again: the weighted loss saves it for its backward
 
 
 def train(run: Run) -> None:
