@@ -466,14 +466,14 @@ def bench_build(a) -> list[str]:
 
     from dwmtrain.models.lm import count_parameters
 
-    full = count_parameters(a.preset) * 4 / 2**20  # fp32 MiB
+    full = count_parameters(a.build_preset) * 4 / 2**20  # fp32 MiB
     res = {}
     with tempfile.TemporaryDirectory() as out:
         for variant in ("plain", "partitioned"):
             with socket.socket() as sk:
                 sk.bind(("127.0.0.1", 0))
                 port = sk.getsockname()[1]
-            args = (a.ranks, port, a.preset, variant, out)
+            args = (a.ranks, port, a.build_preset, variant, out)
             mp.start_processes(_build_rank, args, nprocs=a.ranks, start_method="spawn")
             res[variant] = [json.loads(Path(out, f"{variant}{r}.json").read_text()) for r in range(a.ranks)]
     pr, pa = res["plain"], res["partitioned"]
@@ -483,7 +483,7 @@ def bench_build(a) -> list[str]:
 
     held = max(r["after_mib"] for r in pa) / full
     return [
-        f"# build {a.preset} ({full:,.0f} MiB in fp32), {a.ranks} ranks: peak resident-set growth per rank, MiB "
+        f"# build {a.build_preset} ({full:,.0f} MiB in fp32), {a.ranks} ranks: peak resident-set growth per rank, MiB "
         f"(plain: {per_rank(pr, 'peak_mib')}; partitioned: {per_rank(pa, 'peak_mib')}); held after the build, "
         f"partitioned: {per_rank(pa, 'after_mib')}; seconds plain {max(r['seconds'] for r in pr):.1f}, "
         f"partitioned {max(r['seconds'] for r in pa):.1f}",
@@ -520,7 +520,7 @@ BENCHES = {
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="every benchmark, CPU sizes that finish in < 10 min")
-    ap.add_argument("--only", default="loss,step,meta,metaacc,dwmcompile,prepare")
+    ap.add_argument("--only", default="loss,step,meta,metaacc,dwmcompile,prepare,build")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--dwm-backbone", default="")
@@ -533,6 +533,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=1024, help="loss: hidden size (370m: 1024, 1.3b: 2048)")
     ap.add_argument("--chunk", type=int, default=1024, help="loss: tokens per LM-head chunk")
     ap.add_argument("--ranks", type=int, default=2, help="build: processes")
+    ap.add_argument("--build-preset", default="1.3b", help="build: the LM preset built at start-up")
     ap.add_argument("--fd-eps-list", type=lambda v: [float(e) for e in v.split(",")],
                     default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0], help="metaacc: the fd_eps values to try")  # fmt: skip
     ap.add_argument("--prepare-reps", type=int, default=2, help="prepare: interleaved repetitions (best kept)")
