@@ -37,8 +37,11 @@ def test_stage1_uniform_and_finished_dwm_is_reused(tmp_path):
 
 
 def test_a_compiled_dwm_weighs_as_the_eager_one_across_stages(tmp_path):
+    from torch._dynamo.utils import counters
+
     h = handoff(tmp_path, "dwm.compile=true")
     x = torch.randint(0, 512, (8, 32))
+    graphs = []
     for stage in (2, 3):  # a new DWM per stage, one compiled forward
         torch.manual_seed(stage)
         m = DataWeightingModel(ARCH)
@@ -49,6 +52,8 @@ def test_a_compiled_dwm_weighs_as_the_eager_one_across_stages(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(model(x), m.eval()(x), rtol=1e-5, atol=1e-6)
         assert model(x).std() > 1e-3  # weights that differ between samples
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0]  # stage 3's DWM ran on stage 2's compiled graph: no recompile
 
 
 def test_missing_dwm_needs_a_complete_stage_start_checkpoint(tmp_path):
