@@ -92,8 +92,7 @@ def test_a_sigkilled_torchrun_takes_its_workers_with_it(tmp_path):
         assert _wait(lambda: not _alive(worker), 15), "the meta job's worker outlived torchrun"
         trainer.wait(15)  # torchrun's exit is the job's failure: the trainer sees it and returns
     finally:
-        for p in (trainer,):
-            if p.poll() is None:
-                p.kill()
+        if trainer.poll() is None:
+            trainer.kill()
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)

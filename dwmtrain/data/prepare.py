@@ -169,12 +169,13 @@ def _tokenize_batch(batch: dict, tokenizer_path: str) -> dict:
         if t is not None and not isinstance(t, str):
             raise TypeError(f"'text' must be a string, got {type(t).__name__}")
         skip.append("missing text" if t is None else "" if t.strip() else "empty text")
-    todo = [t for t, why in zip(texts, skip) if not why]
-    enc = tok.encode_batch(todo, num_threads=1) if todo else []  # a worker is one core
+    kept = [i for i, why in enumerate(skip) if not why]
+    enc = tok.encode_batch([texts[i] for i in kept], num_threads=1) if kept else []  # a worker is one core
+    n = np.array([len(e) for e in enc], np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(enc), np.int32, int(n.sum()))
+    flat = np.insert(flat, np.cumsum(n), EOS_ID)  # EOS after each record
     lengths = np.zeros(len(texts), np.int64)
-    lengths[[i for i, why in enumerate(skip) if not why]] = [len(e) + 1 for e in enc]  # + EOS
-    flat = np.fromiter(itertools.chain.from_iterable(enc), np.int32, int(lengths.sum()) - len(enc))
-    flat = np.insert(flat, np.cumsum([len(e) for e in enc]), EOS_ID)  # EOS after each record
+    lengths[kept] = n + 1
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     ids = pa.ListArray.from_arrays(offsets, flat)
     return pa.table({"ids": ids, "domain": pa.array(domains, pa.string()), "skip": pa.array(skip, pa.string())})

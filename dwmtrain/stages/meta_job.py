@@ -13,6 +13,7 @@ import site
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import dwmtrain
@@ -102,7 +103,7 @@ def exit_with_parent(poll_s: float = 1.0) -> threading.Thread:
 
     def watch():
         while os.getppid() == parent:
-            threading.Event().wait(poll_s)
+            time.sleep(poll_s)
         print(f"[dwmtrain] meta job: parent {parent} is gone; exiting", file=sys.stderr, flush=True)
         os._exit(1)
 
