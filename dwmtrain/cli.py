@@ -10,14 +10,14 @@ from collections import Counter
 
 
 def _describe_model(a) -> None:
-    from dwmtrain.models.lm import describe
+    from dwmtrain.models.spec import ModelSpec
 
-    print(describe(a.preset, a.vocab_size))
+    print(ModelSpec.from_preset(a.preset, a.vocab_size).describe())
 
 
 def _train_tokenizer(a) -> None:
-    from dwmtrain.data.prepare import iter_texts
-    from dwmtrain.data.tokenizer import train_tokenizer
+    from dwmtrain.data.readers import iter_texts
+    from dwmtrain.data.sentencepiece_tokenizer import train_tokenizer
 
     skipped: Counter = Counter()
     with tempfile.TemporaryDirectory() as cache:
@@ -25,15 +25,15 @@ def _train_tokenizer(a) -> None:
     print(f"wrote {path} (vocab {a.vocab_size})")
     print("skipped records: " + (", ".join(f"{k}: {v}" for k, v in skipped.items()) or "0"))
     if a.hf_out:
-        from dwmtrain.data.tokenizer import export_hf
+        from dwmtrain.data.tokenizer import load_tokenizer
 
-        print(f"wrote {export_hf(path, a.hf_out)}")
+        print(f"wrote {load_tokenizer(path).export_hf(a.hf_out)}")
 
 
 def _export_tokenizer(a) -> None:
-    from dwmtrain.data.tokenizer import export_hf
+    from dwmtrain.data.tokenizer import load_tokenizer
 
-    print(f"wrote {export_hf(a.model, a.out)}")
+    print(f"wrote {load_tokenizer(a.model).export_hf(a.out)}")
 
 
 def _prepare_data(a) -> None:

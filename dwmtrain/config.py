@@ -71,10 +71,20 @@ class RunConfig:
     tensorboard: bool = True  #: write TensorBoard event files under run_dir/tensorboard
     dist_timeout_s: int = 600  #: a collective (or the rendezvous) waiting longer ends the job: a dead or hung rank
     threads_per_rank: int = 0  #: torch intra-op threads per rank on CPU (0: cores / local ranks)
+    #: a step with a non-finite loss or gradient norm is skipped (no update, the LR schedule waits) and counted;
+    #: this many in a row stop the run (exit 2) before that step is saved, so a rerun resumes from a sound state
+    stop_after_nonfinite: int = 5
 
     def __post_init__(self):
         _check(bool(self.run_dir), "run.run_dir", self.run_dir, "must be set")
-        for f in ("log_every", "checkpoint_every", "keep_last", "eval_batches", "dist_timeout_s"):
+        for f in (
+            "log_every",
+            "checkpoint_every",
+            "keep_last",
+            "eval_batches",
+            "dist_timeout_s",
+            "stop_after_nonfinite",
+        ):
             _positive(f"run.{f}", getattr(self, f))
         _check(self.eval_every >= 0, "run.eval_every", self.eval_every, "must be >= 0")
         _check(self.threads_per_rank >= 0, "run.threads_per_rank", self.threads_per_rank, "must be >= 0")
@@ -84,16 +94,16 @@ class RunConfig:
 class ModelConfig:
     """The language model being pretrained."""
 
-    preset: str = "tiny"  #: tiny | small | 370m | 1.3b (see dwmtrain.models.lm.PRESETS)
+    preset: str = "tiny"  #: tiny | small | 370m | 1.3b (see dwmtrain.models.spec.PRESETS)
     vocab_size: int = 0  #: 0: the preset's; must equal the tokenizer's vocabulary
     max_seq_len: int = 0  #: 0: the preset's context (1024 for the paper presets)
     attn_implementation: str = "sdpa"  #: sdpa (fused kernels) | eager
     #: the training loss applies the LM head this many tokens at a time, never holding the full
-    #: [tokens, vocab] logits (train.loss.fused_weighted_loss); 0: the full-logits path
+    #: [tokens, vocab] logits (models.loss.fused_weighted_loss); 0: the full-logits path
     loss_chunk_tokens: int = 1024
 
     def __post_init__(self):
-        from dwmtrain.models.lm import ATTN_IMPLEMENTATIONS, PRESETS
+        from dwmtrain.models.spec import ATTN_IMPLEMENTATIONS, PRESETS
 
         _one_of("model.preset", self.preset, tuple(PRESETS))
         _check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0")
@@ -144,7 +154,7 @@ class DWMConfig:
 
     def __post_init__(self):
         from dwmtrain.models.dwm import NORMALIZATIONS, POOLINGS
-        from dwmtrain.models.lm import PRESETS
+        from dwmtrain.models.spec import PRESETS
 
         _one_of("dwm.backbone", self.backbone, tuple(PRESETS))
         _positive("dwm.attn_heads", self.attn_heads)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dwmtrain.errors import DWMTrainError
+from dwmtrain.errors import DWMTrainError, PlannedStop
 from dwmtrain.faults import fault_point
 
 
@@ -201,7 +201,8 @@ class RankZeroError(RuntimeError):
 
 
 def _portable(e: BaseException) -> BaseException:
-    """The exception as other ranks can unpickle it: the project's own errors as they are, others wrapped."""
-    if isinstance(e, DWMTrainError):
+    """The exception as other ranks can unpickle it: the project's own errors and stops as they are, others
+    wrapped."""
+    if isinstance(e, (DWMTrainError, PlannedStop)):
         return e
     return RankZeroError(f"rank 0 failed: {type(e).__name__}: {e}")

@@ -1,9 +1,16 @@
-"""The project's own error types: an expected failure, reported as one line and exit code 2.
+"""The project's own error types and exit codes.
 
-Entry points catch ``DWMTrainError`` only; anything else is a bug and keeps its traceback.
+An expected failure is a ``DWMTrainError``: entry points turn it into one line and exit code 2; anything else
+is a bug and keeps its traceback. A planned stop is a ``PlannedStop``, which carries the exit code the job
+ends with (the SLURM scripts turn 3 and 4 into success, so ``afterok`` chains go on).
 """
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ERROR = 2  #: a clear error: the message names the field, file or host
+EXIT_META_EXTERNAL = 3  #: stopped at a stage boundary (meta.launch=external): run the meta-update job, rerun
+EXIT_STOPPED = 4  #: stopped on SIGUSR1 with a complete checkpoint: rerun (or requeue) the same command
 
 
 class DWMTrainError(Exception):
@@ -18,3 +25,18 @@ class ConfigError(DWMTrainError, ValueError):
 
 class DataError(DWMTrainError, ValueError):
     """Bad input data; the message names the file and line (or shard and sequence)."""
+
+
+class CheckpointError(DWMTrainError, RuntimeError):
+    """A checkpoint could not be written completely (a rank's part is missing); nothing was marked complete."""
+
+
+class ResumeError(CheckpointError):
+    """The checkpoint cannot continue this run; the message says what changed."""
+
+
+class PlannedStop(Exception):
+    """The run stopped on purpose with a complete checkpoint; rerunning the same command continues it. The
+    message is what rank 0 says; ``exit_code`` is what the job ends with."""
+
+    exit_code = EXIT_STOPPED

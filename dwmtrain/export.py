@@ -54,9 +54,9 @@ def hf_model(cfg: Config, state: dict[str, torch.Tensor], dtype: torch.dtype = t
     """A plain ``LlamaForCausalLM`` (standard attention, KV cache on) holding the checkpoint's weights."""
     from transformers import LlamaForCausalLM
 
-    from dwmtrain.models.lm import llama_config
+    from dwmtrain.models.spec import lm_spec
 
-    hf_cfg = llama_config(cfg.model.preset, cfg.model.vocab_size, cfg.model.max_seq_len, "sdpa")  # as trained
+    hf_cfg = lm_spec(cfg.model).hf_config("sdpa")  # as trained
     hf_cfg.use_cache = True  # generation and lm-eval; training turned it off
     model = LlamaForCausalLM(hf_cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -75,9 +75,9 @@ def export_checkpoint(
     """Write checkpoint ``checkpoint`` (default: the newest) of ``run_dir`` as an HF directory ``out``."""
     from transformers import GenerationConfig
 
-    from dwmtrain.data.tokenizer import export_hf
+    from dwmtrain.checkpoint import consolidated_lm_state
+    from dwmtrain.data.tokenizer import load_tokenizer
     from dwmtrain.fileio import follow_umask, sha256_file
-    from dwmtrain.train.checkpoint import consolidated_lm_state
 
     rd, out = RunDir(run_dir), Path(out)
     cfg = run_config(rd.root)
@@ -106,7 +106,7 @@ def export_checkpoint(
         GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2, max_length=cfg.data.seq_len).save_pretrained(
             tmp
         )
-        tok = export_hf(cfg.data.tokenizer, tmp / "tokenizer")
+        tok = load_tokenizer(cfg.data.tokenizer).export_hf(tmp / "tokenizer")
         for f in tok.iterdir():  # the tokenizer's files sit next to the model's, as HF expects
             f.rename(tmp / f.name)
         tok.rmdir()

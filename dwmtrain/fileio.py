@@ -1,9 +1,14 @@
-"""File helpers shared by data, models and checkpoints: content hashes, atomic writes, the user's umask."""
+"""File helpers shared by every room: content hashes, atomic writes of files and directories, JSON lines,
+the user's umask."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -16,15 +21,68 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; when the block ends it becomes ``path`` (synced to disk,
+    with the mode a plain ``open`` gives), so readers see the old file or the whole new one, never a part.
+    On an exception the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # no ".jsonl" suffix: input globs never see it
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        follow_umask(tmp)  # safetensors and mkstemp write 0600
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A fresh temporary directory beside ``path`` to fill; when the block ends it becomes ``path``. An existing
+    ``path`` is refused unless ``overwrite``, and then replaced only once the new one is complete. On an
+    exception the temporary directory is removed and ``path`` is untouched."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it (only after a successful run)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        follow_umask(tmp)
+        if path.exists():  # overwrite only now that the new one is complete
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` so that readers see the old file or the whole new one, never a part."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines log (metrics.jsonl, meta/stageK.jsonl); [] if it does not exist. A line cut
+    short by a kill (only ever the last) is left out."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def follow_umask(path: str | os.PathLike) -> None:

@@ -24,13 +24,13 @@ def check_inputs(cfg: Config) -> None:
     if not Path(d.tokenizer).is_file():
         problems.append(f"data.tokenizer={d.tokenizer}: not found")
     else:
-        from dwmtrain.data.tokenizer import Tokenizer, check_vocab
+        from dwmtrain.data.tokenizer import check_vocab, load_tokenizer
         from dwmtrain.errors import DWMTrainError
-        from dwmtrain.models.lm import llama_config
+        from dwmtrain.models.spec import lm_spec
 
         try:
-            vocab = llama_config(cfg.model.preset, cfg.model.vocab_size).vocab_size
-            check_vocab(Tokenizer(d.tokenizer).vocab_size, vocab, d.tokenizer)
+            vocab = lm_spec(cfg.model).vocab_size
+            check_vocab(load_tokenizer(d.tokenizer).vocab_size, vocab, d.tokenizer)
         except DWMTrainError as e:
             problems.append(f"data.tokenizer: {e}")
     if d.val_source == "lambada" and not Path(d.lambada_path).is_file():
@@ -51,10 +51,10 @@ def check_inputs(cfg: Config) -> None:
             problems.append(f"meta.dwm_path: {e}")
     if cfg.meta.mode == "transfer":
         from dwmtrain.models.dwm import DWMArch, DWMFileError, arch_from_meta, arch_mismatch, meta_path, read_dwm_meta
-        from dwmtrain.models.lm import llama_config
+        from dwmtrain.models.spec import lm_spec
         from dwmtrain.rundir import RunDir
 
-        want = DWMArch.from_config(cfg, llama_config(cfg.model.preset, cfg.model.vocab_size).vocab_size)
+        want = DWMArch.from_config(cfg, lm_spec(cfg.model).vocab_size)
         for k in range(2, cfg.stages.num_stages + 1):
             path = RunDir(cfg.meta.dwm_run).dwm(k)
             try:  # the sidecar only: the tensors are verified when the stage starts

@@ -6,7 +6,8 @@ import zstandard
 
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
 from dwmtrain.data.prepare import DataError, prepare_data
-from dwmtrain.data.tokenizer import EOS_ID, Tokenizer
+from dwmtrain.data.sentencepiece_tokenizer import EOS_ID
+from dwmtrain.data.tokenizer import load_tokenizer
 
 from .conftest import corpus_records, write_jsonl
 
@@ -23,7 +24,7 @@ def test_packing_is_exact(tmp_path, sp_model):
         heldout_fraction=0.0,
         progress=False,
     )
-    tok = Tokenizer(sp_model)
+    tok = load_tokenizer(sp_model)
     stream = np.concatenate([np.array(tok.encode(r["text"]) + [EOS_ID]) for r in recs])
     ds = TokenDataset(tmp_path / "out", verify="sha256")
     n = len(stream) // 32

@@ -22,12 +22,16 @@ def _partitioned_build(d):
     import deepspeed
 
     from dwmtrain.config import build_deepspeed_config, load_config
+    from dwmtrain.models.spec import ModelSpec
     from dwmtrain.train.engine import build_partitioned_lm
 
     deepspeed.init_distributed()  # adopts the spawned gloo group, as setup's init_distributed does
     cfg = load_config("tiny", ["data.seq_len=32", "deepspeed.global_batch_size=16", "run.seed=5"])
     torch.manual_seed(100 + d.rank)  # whatever state the ranks are in: the build seeds itself
-    lm = build_partitioned_lm(cfg, build_deepspeed_config(cfg, d.world, "cpu"), 512)
+    spec = ModelSpec.from_preset("tiny", 512, 0)
+    lm = build_partitioned_lm(
+        spec, cfg.model.attn_implementation, cfg.run.seed, build_deepspeed_config(cfg, d.world, "cpu")
+    )
     rng_after = torch.get_rng_state()
     held = sum(p.ds_tensor.numel() for p in lm.parameters())  # what this rank stores between gathers
     full = {}
@@ -41,9 +45,10 @@ def test_partitioned_build_has_the_plain_seeded_weights_and_rng_on_every_rank():
     """zero.Init build: each rank holds about half the LM, the gathered weights equal a plain seeded build
     bit for bit, and every rank's RNG continues as after that build."""
     from dwmtrain.models.lm import build_lm
+    from dwmtrain.models.spec import ModelSpec
 
     torch.manual_seed(5)
-    plain = build_lm("tiny", 512, 32, seed=5)
+    plain = build_lm(ModelSpec.from_preset("tiny", 512, 32), seed=5)
     rng_plain = torch.get_rng_state()
     total = sum(p.numel() for p in plain.parameters())
     for full, held, rng in run_distributed(_partitioned_build, timeout=240):
@@ -156,8 +161,8 @@ COMPAT = {"global_batch_size": 32, "world_size": 2, "config_sha256": "c" * 64}
 
 
 def checkpointer(d, root, compat=COMPAT, keep_last=2):
+    from dwmtrain.checkpoint import Checkpointer
     from dwmtrain.rundir import RunDir
-    from dwmtrain.train.checkpoint import Checkpointer
 
     return Checkpointer(RunDir(root), d, compat=compat, global_batch_size=32, keep_last=keep_last, keep_stage=True)
 
@@ -245,8 +250,8 @@ class FullDiskEngine(ShardEngine):
 
 
 def test_a_disk_that_fills_during_a_save_is_a_checkpoint_error_and_the_last_checkpoint_stays(tmp_path):
+    from dwmtrain.checkpoint import CheckpointError
     from dwmtrain.distributed import Dist
-    from dwmtrain.train.checkpoint import CheckpointError
 
     d, one = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu"), {**COMPAT, "world_size": 1}
     ck = checkpointer(d, tmp_path, one)
@@ -281,7 +286,8 @@ def _handoff(d, root, dwm_path, mode, rank0_raises=False):
     ov = [f"run.run_dir={root}", f"meta.mode={mode}", f"meta.dwm_path={dwm_path}"]
     h = handoff.StageHandoff(load_config(None, ov), d, DWMArch("tiny", 512, 32), torch.float32, RunDir(root))
     try:
-        model, info = h.for_stage(2, "step0000004")
+        w = h.for_stage(2, "step0000004")
+        model, info = w.model, w.info
     except Exception as e:  # noqa: BLE001 - returned to the test, which checks every rank raised the same
         return type(e).__name__, str(e)
     torch.manual_seed(0)

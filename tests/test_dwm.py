@@ -187,8 +187,9 @@ def test_dwm_files_follow_the_umask(tmp_path):
 
 def test_backbone_init_from_lm():
     from dwmtrain.models.lm import build_lm
+    from dwmtrain.models.spec import ModelSpec
 
-    lm = build_lm("tiny", seed=3)
+    lm = build_lm(ModelSpec.from_preset("tiny"), seed=3)
     m = DataWeightingModel(ARCH)
     m.init_backbone_from(lm.state_dict())
     assert torch.equal(m.backbone.embed_tokens.weight, lm.model.embed_tokens.weight)

@@ -9,6 +9,7 @@ from dwmtrain.models.dwm import DataWeightingModel, DWMArch, DWMFileError, save_
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.handoff import StageHandoff
 from dwmtrain.stages.meta_job import MetaJobError
+from dwmtrain.stages.weighting import Uniform
 
 ARCH = DWMArch("tiny", 512, 32)
 D = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu")
@@ -21,12 +22,13 @@ def handoff(tmp_path, *ov, expect_sha=None):
 
 def test_stage1_uniform_and_finished_dwm_is_reused(tmp_path):
     h = handoff(tmp_path)
-    assert h.for_stage(1, None) == (None, {"version": "uniform"})
+    assert isinstance(h.for_stage(1, None), Uniform) and h.for_stage(1, None).info == {"version": "uniform"}
     torch.manual_seed(0)
     m = DataWeightingModel(ARCH)
     torch.nn.init.normal_(m.fc2.weight)
     meta = save_dwm(m, RunDir(tmp_path).dwm(2), stage=2, lm_step=10)
-    model, info = h.for_stage(2, "step0000010")  # no meta job: the file exists and checks out
+    w = h.for_stage(2, "step0000010")  # no meta job: the file exists and checks out
+    model, info = w.model, w.info
     assert info["sha256"] == meta["sha256"] and info["version"] == f"stage2:{meta['sha256'][:12]}"
     x = torch.randint(0, 512, (8, 32))
     assert torch.allclose(model(x), m.eval()(x)) and not any(p.requires_grad for p in model.parameters())
@@ -47,7 +49,7 @@ def test_a_compiled_dwm_weighs_as_the_eager_one_across_stages(tmp_path):
         m = DataWeightingModel(ARCH)
         torch.nn.init.normal_(m.fc2.weight)
         save_dwm(m, RunDir(tmp_path).dwm(stage), stage=stage, lm_step=10 * stage)
-        model, _ = h.for_stage(stage, f"step{10 * stage:07d}")
+        model = h.for_stage(stage, f"step{10 * stage:07d}").model
         assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
         with torch.no_grad():
             torch.testing.assert_close(model(x), m.eval()(x), rtol=1e-5, atol=1e-6)

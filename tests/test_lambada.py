@@ -3,9 +3,11 @@ import json
 import pytest
 import torch
 
-from dwmtrain.data.lambada import collate_cloze, load_lambada, per_example_loss, split_last_word
+from dwmtrain.data.lambada import collate_cloze, load_lambada, split_last_word
 from dwmtrain.data.prepare import DataError
-from dwmtrain.data.tokenizer import BOS_ID, Tokenizer
+from dwmtrain.data.sentencepiece_tokenizer import BOS_ID
+from dwmtrain.data.tokenizer import load_tokenizer
+from dwmtrain.models.loss import per_example_loss
 
 from .conftest import LAMBADA
 
@@ -15,7 +17,7 @@ def test_split_last_word():
 
 
 def test_loader_targets_are_the_last_word(sp_model):
-    tok = Tokenizer(sp_model)
+    tok = load_tokenizer(sp_model)
     items = load_lambada(str(LAMBADA), tok, max_len=256)
     assert len(items) > 100
     first = json.loads(LAMBADA.read_text().splitlines()[0])["text"]
@@ -51,7 +53,7 @@ def test_bad_lambada_line(tmp_path, sp_model):
     p = tmp_path / "l.jsonl"
     p.write_text('{"text": "a fine sentence here"}\n{"txt": "no"}\n')
     with pytest.raises(DataError, match=r"l.jsonl:2: missing or empty 'text'"):
-        load_lambada(str(p), Tokenizer(sp_model), 64)
+        load_lambada(str(p), load_tokenizer(sp_model), 64)
 
 
 def test_bundled_corpus_is_real_and_multidomain():
@@ -70,7 +72,7 @@ def test_bundled_corpus_is_real_and_multidomain():
 
 
 def test_items_fit_a_tiny_maximum_length_and_overlong_targets_are_counted(tmp_path, sp_model, capsys):
-    tok = Tokenizer(sp_model)
+    tok = load_tokenizer(sp_model)
     path = tmp_path / "l.jsonl"
     long_word = "Pneumonoultramicroscopicsilicovolcanoconiosis"
     path.write_text(

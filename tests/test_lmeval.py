@@ -30,7 +30,7 @@ def tiny_model(tmp_path_factory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dwmtrain.data.tokenizer import export_hf
+    from dwmtrain.data.sentencepiece_tokenizer import export_hf
 
     out = tmp_path_factory.mktemp("lmeval") / "model"
     export_hf(SP_MODEL, out)  # creates the directory; the model is saved beside the tokenizer

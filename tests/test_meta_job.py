@@ -14,10 +14,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A stand-in for the meta job's worker: the same guard dwmtrain.launch.meta_update installs.
+# A stand-in for the meta job's worker: the same guard dwmtrain.meta.job installs.
 WORKER = """
 import os, sys, time
-from dwmtrain.stages.meta_job import exit_with_parent
+from dwmtrain.procs import exit_with_parent
 if os.environ.get("TORCHELASTIC_RUN_ID"):
     exit_with_parent(poll_s=0.2)
 open(sys.argv[1] + ".tmp", "w").write(str(os.getpid()))

@@ -8,12 +8,13 @@ import torch
 from dwmtrain.meta.metagrad import FD_EPS, default_fd_eps, dwm_surrogate, lm_params, meta_gradient
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch
 from dwmtrain.models.lm import build_lm
+from dwmtrain.models.spec import ModelSpec
 
 
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    lm = build_lm("tiny", attn_implementation="eager", seed=0).double().eval().requires_grad_(False)
+    lm = build_lm(ModelSpec.from_preset("tiny"), "eager", seed=0).double().eval().requires_grad_(False)
     dwm = DataWeightingModel(DWMArch("tiny", 512, 16, attn_implementation="eager")).double()
     torch.nn.init.normal_(dwm.fc2.weight, std=0.5)
     x = torch.randint(0, 512, (8, 16))
@@ -83,7 +84,7 @@ def test_the_default_fd_eps_is_near_the_most_accurate_for_the_dtype(setup, dtype
 def test_fused_attention_modes_run_without_double_backward():
     """fd and per_sample need only first-order autograd, so fused SDPA kernels are fine."""
     torch.manual_seed(1)
-    lm = build_lm("tiny", attn_implementation="sdpa", seed=0).eval().requires_grad_(False)
+    lm = build_lm(ModelSpec.from_preset("tiny"), "sdpa", seed=0).eval().requires_grad_(False)
     x = torch.randint(0, 512, (8, 16))
     vb = {"input_ids": x[:2], "attention_mask": torch.ones_like(x[:2]), "labels": x[:2]}
     w = torch.ones(8)

@@ -269,7 +269,7 @@ def rater(tmp_path_factory):
     """A tiny, seeded two-label rater (a QuRater stand-in: no judgement, real model and tokenizer files)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from dwmtrain.data.tokenizer import export_hf
+    from dwmtrain.data.sentencepiece_tokenizer import export_hf
 
     path = tmp_path_factory.mktemp("rater") / "rater"
     export_hf(SP_MODEL, path)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from dwmtrain.data.tokenizer import Tokenizer
+from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.errors import DataError
 from dwmtrain.select import (
     dsir_features,
@@ -190,7 +190,7 @@ def test_qurating_rater_is_top_k_of_its_logits(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from dwmtrain.data.tokenizer import export_hf
+    from dwmtrain.data.sentencepiece_tokenizer import export_hf
 
     rater = tmp_path / "rater"
     export_hf(SP_MODEL, rater)  # no pad token: the selector must pad with the model's pad id
@@ -267,7 +267,7 @@ def test_random_seeded_budgets_and_prepare_data(tmp_path, small_jsonl):
 
     out = tmp_path / "t.jsonl.zst"
     rep = select("random", [str(small_jsonl)], str(out), budget_tokens=5000, tokenizer=str(SP_MODEL), seed=1)
-    tok = Tokenizer(SP_MODEL)
+    tok = load_tokenizer(SP_MODEL)
     lens = [len(tok.encode(r["text"])) + 1 for r in read_out(out)]
     assert rep["tokens_selected"] == sum(lens) >= 5000 > sum(lens) - lens[-1]  # crossing document included
     assert rep["budget_reached"] and rep["pool_tokens"] > rep["tokens_selected"]

@@ -1,6 +1,7 @@
 import pytest
 
-from dwmtrain.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, check_vocab, export_hf, train_tokenizer
+from dwmtrain.data.sentencepiece_tokenizer import BOS_ID, EOS_ID, export_hf, train_tokenizer
+from dwmtrain.data.tokenizer import check_vocab, load_tokenizer
 
 from .conftest import corpus_records
 
@@ -28,7 +29,7 @@ def trained(tmp_path_factory):
 
 
 def test_special_ids_and_vocab(trained):
-    tok = Tokenizer(trained[0])
+    tok = load_tokenizer(trained[0])
     assert tok.vocab_size == 600
     assert (tok.sp.unk_id(), tok.sp.bos_id(), tok.sp.eos_id(), tok.sp.pad_id()) == (0, BOS_ID, EOS_ID, -1)
     # byte fallback: nothing unseen becomes <unk>
@@ -39,7 +40,7 @@ def test_special_ids_and_vocab(trained):
 def test_hf_export_tokenizes_exactly_like_sentencepiece(trained, text):
     from transformers import AutoTokenizer
 
-    sp = Tokenizer(trained[0])
+    sp = load_tokenizer(trained[0])
     hf = AutoTokenizer.from_pretrained(trained[1])
     ids = sp.encode(text)
     assert hf.encode(text, add_special_tokens=False) == ids
@@ -51,7 +52,7 @@ def test_hf_export_on_shipped_tokenizer_and_long_text(tmp_path, sp_model):
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(export_hf(sp_model, tmp_path / "hf"))
-    sp = Tokenizer(sp_model)
+    sp = load_tokenizer(sp_model)
     text = "\n".join(UNSEEN) * 20
     assert hf.encode(text, add_special_tokens=False) == sp.encode(text)
     with pytest.raises(FileExistsError):
@@ -60,7 +61,7 @@ def test_hf_export_on_shipped_tokenizer_and_long_text(tmp_path, sp_model):
 
 def test_vocab_mismatch_is_refused(sp_model):
     with pytest.raises(ValueError, match=r"4096 pieces but model.vocab_size=32000"):
-        check_vocab(Tokenizer(sp_model).vocab_size, 32000, sp_model)
+        check_vocab(load_tokenizer(sp_model).vocab_size, 32000, sp_model)
 
 
 def test_hf_export_directory_follows_the_umask(tmp_path, sp_model):

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from dwmtrain.checkpoint import ResumeError, check_compatible
 from dwmtrain.errors import ConfigError
-from dwmtrain.train.checkpoint import ResumeError, check_compatible
-from dwmtrain.train.loss import lr_multiplier, per_sample_loss, weighted_loss
+from dwmtrain.lr_schedule import lr_multiplier
+from dwmtrain.models.loss import per_sample_loss, weighted_loss
 
 
 def test_per_sample_and_weighted_loss_match_hand_computation():
@@ -51,7 +52,7 @@ def test_weight_alarm_names_what_collapsed():
 def test_domain_oracle_zeroes_the_dropped_domain(prepared):
     from dwmtrain.data.dataset import TokenDataset
     from dwmtrain.errors import ConfigError
-    from dwmtrain.stages.handoff import DomainOracle
+    from dwmtrain.stages.weighting import DomainOracle
 
     ds = TokenDataset(prepared)
     drop = ds.domain_names[0]
@@ -86,7 +87,7 @@ def test_experiment_configs_inherit_their_base(tmp_path):
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
 def test_fused_weighted_loss_equals_the_full_logits_path(dtype, tol, chunk):
-    from dwmtrain.train.loss import fused_weighted_loss, per_sample_loss, weighted_loss
+    from dwmtrain.models.loss import fused_weighted_loss, per_sample_loss, weighted_loss
 
     g = torch.Generator().manual_seed(0)
     B, T, H, V = 4, 33, 16, 50
@@ -108,9 +109,10 @@ def test_fused_weighted_loss_equals_the_full_logits_path(dtype, tol, chunk):
 
 def test_the_lm_returns_the_weighted_objective_without_logits():
     from dwmtrain.models.lm import build_lm
-    from dwmtrain.train.loss import per_sample_loss, weighted_loss
+    from dwmtrain.models.loss import per_sample_loss, weighted_loss
+    from dwmtrain.models.spec import ModelSpec
 
-    lm = build_lm("tiny", 512, 32, seed=0)
+    lm = build_lm(ModelSpec.from_preset("tiny", 512, 32), seed=0)
     lm.loss_chunk_tokens = 50
     x = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
     w = torch.linspace(0.2, 1.8, 8)

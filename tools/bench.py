@@ -128,7 +128,7 @@ def _loss_inputs(a, dev):
 
 
 def _loss_fns(a, dev):
-    from dwmtrain.train.loss import fused_weighted_loss, per_sample_loss, weighted_loss
+    from dwmtrain.models.loss import fused_weighted_loss, per_sample_loss, weighted_loss
 
     h, W, y, w = _loss_inputs(a, dev)
 
@@ -172,19 +172,20 @@ def bench_loss(a) -> list[str]:
 
 def bench_step(a) -> list[str]:
     from dwmtrain.models.dwm import DataWeightingModel, DWMArch
-    from dwmtrain.models.lm import build_lm, count_parameters
+    from dwmtrain.models.lm import build_lm
+    from dwmtrain.models.spec import ModelSpec
     from dwmtrain.train.metrics import peak_flops
 
     dev = torch.device(a.device)
     dt = a.torch_dtype
     torch.manual_seed(0)
-    lm = build_lm(a.preset, a.vocab_size, a.seq_len, seed=0).to(dev, dt)
+    lm = build_lm(ModelSpec.from_preset(a.preset, a.vocab_size, a.seq_len), seed=0).to(dev, dt)
     V = lm.config.vocab_size
     arch = DWMArch(a.dwm_backbone or a.preset, V, a.seq_len)
     dwm = DataWeightingModel(arch).to(dev, dt).eval().requires_grad_(False)
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=dev.type == "cuda")
     x = torch.randint(0, V, (a.micro, a.seq_len), device=dev)
-    P, Pw = count_parameters(a.preset, V), sum(p.numel() for p in dwm.parameters())
+    P, Pw = ModelSpec.from_preset(a.preset, V).num_parameters(), sum(p.numel() for p in dwm.parameters())
 
     def lm_step(w=None):
         w = torch.ones(a.micro, device=dev) if w is None else w
@@ -259,10 +260,11 @@ def _meta_fns(a, dev):
     from dwmtrain.meta.metagrad import dwm_surrogate, lm_params, meta_gradient
     from dwmtrain.models.dwm import DataWeightingModel, DWMArch
     from dwmtrain.models.lm import build_lm
+    from dwmtrain.models.spec import ModelSpec
 
     torch.manual_seed(0)
     attn = "eager"  # create_graph's double backward has no fused-SDPA kernel
-    lm = build_lm(a.preset, a.vocab_size, a.seq_len, attn, seed=0).to(dev, a.torch_dtype)
+    lm = build_lm(ModelSpec.from_preset(a.preset, a.vocab_size, a.seq_len), attn, seed=0).to(dev, a.torch_dtype)
     lm.eval().requires_grad_(False)
     V = lm.config.vocab_size
     params = lm_params(lm)
@@ -325,9 +327,12 @@ def bench_metaacc(a) -> list[str]:
     step's error across ``fd_eps``: where truncation (large eps) meets rounding (small eps) per dtype."""
     from dwmtrain.meta.metagrad import default_fd_eps, lm_params, meta_gradient
     from dwmtrain.models.lm import build_lm
+    from dwmtrain.models.spec import ModelSpec
 
     dev = torch.device(a.device)
-    lm0 = build_lm(a.preset, a.vocab_size, a.seq_len, "eager", seed=0).eval().requires_grad_(False)
+    lm0 = (
+        build_lm(ModelSpec.from_preset(a.preset, a.vocab_size, a.seq_len), "eager", seed=0).eval().requires_grad_(False)
+    )
     V = lm0.config.vocab_size
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, V, (a.micro, a.seq_len), generator=g).to(dev)
@@ -389,12 +394,12 @@ def bench_prepare(a) -> list[str]:
     import zstandard
 
     from dwmtrain.data.prepare import prepare_data
-    from dwmtrain.data.tokenizer import Tokenizer
+    from dwmtrain.data.tokenizer import load_tokenizer
 
     src, model = CORPUS / "sample.jsonl.zst", str(CORPUS / "sample_sp4096.model")
     raw_bytes = zstandard.ZstdDecompressor().stream_reader(open(src, "rb")).read() * a.prepare_copies
     texts = [json.loads(x)["text"] for x in io.BytesIO(raw_bytes)]
-    tok = Tokenizer(model)
+    tok = load_tokenizer(model)
     out, raws, runs = [], [], {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
@@ -440,13 +445,14 @@ def _build_rank(rank: int, world: int, port: int, preset: str, variant: str, out
     import deepspeed
 
     from dwmtrain.config import build_deepspeed_config, load_config
-    from dwmtrain.models.lm import build_lm, llama_config
+    from dwmtrain.models.lm import build_lm
+    from dwmtrain.models.spec import ModelSpec
     from dwmtrain.train.engine import build_partitioned_lm
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     deepspeed.init_distributed()
     cfg = load_config(None, [f"model.preset={preset}", f"deepspeed.global_batch_size={8 * world}"])
-    vocab = llama_config(preset).vocab_size
+    vocab = ModelSpec.from_preset(preset).vocab_size
     ds = build_deepspeed_config(cfg, world, "cpu")
     dist.barrier()
     with open("/proc/self/clear_refs", "w") as f:
@@ -454,7 +460,9 @@ def _build_rank(rank: int, world: int, port: int, preset: str, variant: str, out
     base = _status_mib("VmRSS")
     t = time.perf_counter()
     if variant == "plain":
-        lm = build_lm(preset, vocab, seed=cfg.run.seed)  # what every rank held before deepspeed.initialize
+        lm = build_lm(
+            ModelSpec.from_preset(preset, vocab), seed=cfg.run.seed
+        )  # what every rank held before deepspeed.initialize
     else:
         lm = build_partitioned_lm(cfg, ds, vocab)
     dist.barrier()
@@ -470,9 +478,9 @@ def bench_build(a) -> list[str]:
 
     import torch.multiprocessing as mp
 
-    from dwmtrain.models.lm import count_parameters
+    from dwmtrain.models.spec import ModelSpec
 
-    full = count_parameters(a.build_preset) * 4 / 2**20  # fp32 MiB
+    full = ModelSpec.from_preset(a.build_preset).num_parameters() * 4 / 2**20  # fp32 MiB
     res = {}
     with tempfile.TemporaryDirectory() as out:
         for variant in ("plain", "partitioned"):

@@ -216,7 +216,7 @@ def main(argv=None) -> int:
         "seed": args.seed,
     }
     if args.tokenizer_vocab:
-        from dwmtrain.data.tokenizer import train_tokenizer
+        from dwmtrain.data.sentencepiece_tokenizer import train_tokenizer
 
         train_tokenizer((r["text"] for r in train), out / f"sample_sp{args.tokenizer_vocab}", args.tokenizer_vocab)
         (out / f"sample_sp{args.tokenizer_vocab}.vocab").unlink(missing_ok=True)

@@ -24,12 +24,13 @@ def make_tiny_rater(out: Path, sp_model: Path, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from dwmtrain.data.tokenizer import Tokenizer, export_hf
+    from dwmtrain.data.sentencepiece_tokenizer import export_hf
+    from dwmtrain.data.tokenizer import load_tokenizer
 
     export_hf(sp_model, out)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=Tokenizer(sp_model).vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=load_tokenizer(sp_model).vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, num_labels=1,
         pad_token_id=2, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip

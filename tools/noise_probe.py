@@ -92,9 +92,9 @@ def build_noisy_corpus(
     ``corrupted-<kind>``), and clean documents the LM never sees (the meta-update's validation set)."""
     import zstandard
 
-    from dwmtrain.data.tokenizer import Tokenizer
+    from dwmtrain.data.tokenizer import load_tokenizer
 
-    tok = Tokenizer(SP)
+    tok = load_tokenizer(SP)
     rng = random.Random(seed)
     bad_docs = []
     if "file" in kinds:

@@ -140,7 +140,7 @@ def score_dataset(
 def sample_texts(ds, indices: np.ndarray, tokenizer: str | os.PathLike | None = None) -> list[str]:
     """The text of each sample, decoded with ``tokenizer`` (default: the one the data was prepared with,
     recorded in its index.json; its sha256 is checked when recorded)."""
-    from dwmtrain.data.tokenizer import Tokenizer
+    from dwmtrain.data.tokenizer import load_tokenizer
     from dwmtrain.fileio import sha256_file
 
     path = tokenizer or ds.index.get("tokenizer")
@@ -149,8 +149,8 @@ def sample_texts(ds, indices: np.ndarray, tokenizer: str | os.PathLike | None = 
     want = ds.index.get("tokenizer_sha256")
     if want and sha256_file(path) != want:
         raise DataError(f"tokenizer {path}: not the one {ds.path} was prepared with (sha256 differs)")
-    sp = Tokenizer(path)
-    return [sp.decode(ds[int(i)].tolist()) for i in indices]
+    tok = load_tokenizer(path)
+    return [tok.decode(ds[int(i)].tolist()) for i in indices]
 
 
 def quality_scores(
@@ -705,7 +705,7 @@ def analyze_preferences(
     With ``rater`` (a local Hugging Face sequence-classification model, e.g. a QuRater), each sample's text,
     decoded with the run's tokenizer, is also rated on every label: the quality panels of Figure 3."""
     from dwmtrain.models.dwm import DWMArch, DWMFileError, dwm_from_state, load_dwm_state
-    from dwmtrain.models.lm import llama_config
+    from dwmtrain.models.spec import lm_spec
 
     rd, cfg = load_run(run_dir)
     present, missing = stage_dwm_files(rd, cfg.stages.num_stages)
@@ -721,7 +721,7 @@ def analyze_preferences(
     data = Path(data) if data else Path(cfg.data.train_data)
     ds = open_split(data, split, "" if data != Path(cfg.data.train_data) else f" (data.train_data of {rd.config})")
     micro = cfg.deepspeed.micro_batch_size
-    vocab = llama_config(cfg.model.preset, cfg.model.vocab_size).vocab_size
+    vocab = lm_spec(cfg.model).vocab_size
     if ds.vocab_size != vocab:
         raise DataError(f"{data}: prepared with a {ds.vocab_size}-piece vocabulary, the run's model has {vocab}")
     # The run's architecture, as training rebuilds it (temperature, uniform_mix from the config, not the file).

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dwmtrain.data.prepare import FORMAT, DataError
+from dwmtrain.data.prepare import FORMAT
+from dwmtrain.errors import DataError
 from dwmtrain.fileio import sha256_file
 
 

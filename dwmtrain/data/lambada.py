@@ -8,9 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dwmtrain.data.prepare import DataError
-from dwmtrain.data.tokenizer import BOS_ID, Tokenizer
-from dwmtrain.train.loss import per_sample_loss
+from dwmtrain.data.tokenizer import Tokenizer
+from dwmtrain.errors import DataError
 
 
 @dataclass
@@ -58,7 +57,7 @@ def load_lambada(path: str, tokenizer: Tokenizer, max_len: int) -> list[ClozeIte
             full = tokenizer.encode(ctx + tgt)
             # the target's tokens are what the whole text adds to the context (as lm-eval scores it)
             tgt_ids = full[len(ctx_ids) :] if full[: len(ctx_ids)] == ctx_ids else tokenizer.encode(tgt.strip())
-            ctx_ids = [BOS_ID] + ctx_ids
+            ctx_ids = ([] if tokenizer.bos_id is None else [tokenizer.bos_id]) + ctx_ids
             keep = max_len - len(tgt_ids)
             if keep < 1:  # ctx_ids[-keep:] with keep <= 0 would keep (nearly) the whole context
                 too_long.append(lineno)
@@ -93,13 +92,3 @@ def collate_cloze(items: list[ClozeItem], pad_id: int = 0) -> dict[str, torch.Te
 def lm_batch(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """A packed [B, T] batch scored on every next token (held-out validation, training)."""
     return {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens.clone()}
-
-
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean next-token loss per example over labelled positions, and exact-match of all of them.
-
-    logits [B, T, V], labels [B, T] (-100 = ignore) -> loss [B], correct [B] (bool).
-    """
-    lb = labels[:, 1:]
-    hit = ((logits[:, :-1].argmax(-1) == lb) | (lb == -100)).all(1)
-    return per_sample_loss(logits, labels), hit

@@ -1,4 +1,4 @@
-"""``dwmtrain prepare-data``: SlimPajama JSONL(.zst) -> packed, memory-mapped token shards.
+"""``dwmtrain prepare-data``: documents (any format ``data.readers`` reads) -> packed, memory-mapped token shards.
 
 Layout of an output directory::
 
@@ -14,7 +14,6 @@ run never leaves a half-written (or half-overwritten) output.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -26,127 +25,23 @@ from pathlib import Path
 
 import numpy as np
 
-from dwmtrain.data.tokenizer import EOS_ID, Tokenizer
-from dwmtrain.errors import DataError  # noqa: F401  (re-exported: raised by the readers here)
-from dwmtrain.fileio import sha256_file
+from dwmtrain.data.readers import (
+    domain_of,
+    expand_inputs,
+    load_dataset,
+    name_lines,
+    reader_for,
+    record_problem,
+    text_skip_reason,
+)
+from dwmtrain.data.tokenizer import load_tokenizer
+from dwmtrain.errors import DataError
+from dwmtrain.fileio import atomic_dir, sha256_file
 
 FORMAT = "dwmtrain-tokens-v1"
 
 
-# ----------------------------------------------------------------------------- diagnosis
-
-
-def _open_text_bytes(path: str):
-    if path.endswith(".zst"):
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-    if path.endswith(".gz"):
-        import gzip
-
-        return gzip.open(path, "rb")
-    return open(path, "rb")
-
-
-def check_input_file(path: str, chunk: int = 1 << 20) -> None:
-    """Refuse an empty file, and a compressed one whose stream ends early (a partial download or copy):
-    ``datasets`` would otherwise read what decompresses and silently drop the rest.
-
-    One streaming pass over a .zst / .gz file (about a second per GB of text); plain files cost a stat."""
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: empty file (no records)")
-    total = 0
-    if path.endswith(".zst"):
-        import zstandard
-
-        with open(path, "rb") as fh:
-            d = zstandard.ZstdDecompressor().decompressobj()
-            while block := fh.read(chunk):
-                while block:  # a file may hold several frames, one after another
-                    if d.eof:
-                        d = zstandard.ZstdDecompressor().decompressobj()
-                    try:
-                        total += len(d.decompress(block))
-                    except zstandard.ZstdError as e:
-                        raise DataError(f"{path}: corrupted zstd stream after {total:,} bytes of text ({e})") from None
-                    block = d.unused_data if d.eof else b""
-            if not d.eof:
-                raise _truncated(path, total)
-    elif path.endswith(".gz"):
-        import gzip
-        import zlib
-
-        try:
-            with gzip.open(path, "rb") as fh:
-                while block := fh.read(chunk):
-                    total += len(block)
-        except EOFError:
-            raise _truncated(path, total) from None
-        except (OSError, zlib.error) as e:
-            raise DataError(f"{path}: corrupted gzip stream after {total:,} bytes of text ({e})") from None
-    else:
-        return
-    if total == 0:
-        raise DataError(f"{path}: empty file (no records once decompressed)")
-
-
-def _truncated(path: str, total: int) -> DataError:
-    return DataError(
-        f"{path}: compressed stream is truncated (ends after {total:,} bytes of text); "
-        "re-download or re-compress the file"
-    )
-
-
-def _records(path: str):
-    """(1-based line number, raw line) of every non-blank line: the records, as ``datasets`` counts them."""
-    with _open_text_bytes(path) as raw:
-        for lineno, line in enumerate(io.BufferedReader(raw), 1):
-            if line.strip():
-                yield lineno, line
-
-
-def record_lines(path: str, records: list[int]) -> dict[int, int]:
-    """{0-based record index: 1-based line number}: ``datasets`` drops blank lines, so they differ."""
-    want, found = set(records), {}
-    for rec, (lineno, _) in enumerate(_records(path)):
-        if rec in want:
-            found[rec] = lineno
-            if len(found) == len(want):
-                break
-    return found
-
-
-def diagnose_jsonl(path: str) -> None:
-    """Find the first line ``datasets`` could not read and raise a DataError naming it.
-
-    Only runs after the fast reader failed, to turn a pyarrow error into ``file:line: reason``.
-    """
-    records = 0
-    for lineno, line in _records(path):
-        records += 1
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        if "text" in rec and rec["text"] is not None and not isinstance(rec["text"], str):
-            raise DataError(f"{path}:{lineno}: field 'text' must be a string, got {type(rec['text']).__name__}")
-        meta = rec.get("meta")
-        if meta is not None and not isinstance(meta, dict):
-            raise DataError(f"{path}:{lineno}: field 'meta' must be an object, got {type(meta).__name__}")
-    if records == 0:
-        raise DataError(f"{path}: no records (only blank lines)")
-    raise DataError(f"{path}: could not be read as JSON lines (no single bad line found)")
-
-
 # ----------------------------------------------------------------------------- reading + tokenizing
-
-_SP_CACHE: dict[str, Tokenizer] = {}
 
 
 def _tokenize_batch(batch: dict, tokenizer_path: str) -> dict:
@@ -156,24 +51,20 @@ def _tokenize_batch(batch: dict, tokenizer_path: str) -> dict:
     would cost about a tenth of the encoding itself."""
     import pyarrow as pa
 
-    tok = _SP_CACHE.get(tokenizer_path)
-    if tok is None:
-        tok = _SP_CACHE[tokenizer_path] = Tokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)  # loaded once per worker process
     texts = batch.get("text") or [None] * len(next(iter(batch.values())))
     metas = batch.get("meta") or [None] * len(texts)
     domains, skip = [], []
-    for i, t in enumerate(texts):
-        if metas[i] is not None and not isinstance(metas[i], dict):  # diagnose_jsonl names the line
-            raise TypeError(f"field 'meta' must be an object, got {type(metas[i]).__name__}")
-        domains.append(str((metas[i] or {}).get("redpajama_set_name") or "unknown"))
-        if t is not None and not isinstance(t, str):
-            raise TypeError(f"'text' must be a string, got {type(t).__name__}")
-        skip.append("missing text" if t is None else "" if t.strip() else "empty text")
+    for t, meta in zip(texts, metas):
+        if problem := record_problem({"text": t, "meta": meta}):  # the reader's diagnosis names the line
+            raise TypeError(problem)
+        domains.append(domain_of(meta))
+        skip.append(text_skip_reason(t))
     kept = [i for i, why in enumerate(skip) if not why]
     enc = tok.encode_batch([texts[i] for i in kept], num_threads=1) if kept else []  # a worker is one core
     n = np.array([len(e) for e in enc], np.int64)
     flat = np.fromiter(itertools.chain.from_iterable(enc), np.int32, int(n.sum()))
-    flat = np.insert(flat, np.cumsum(n), EOS_ID)  # EOS after each record
+    flat = np.insert(flat, np.cumsum(n), tok.eos_id)  # EOS after each record
     lengths = np.zeros(len(texts), np.int64)
     lengths[kept] = n + 1
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
@@ -181,72 +72,31 @@ def _tokenize_batch(batch: dict, tokenizer_path: str) -> dict:
     return pa.table({"ids": ids, "domain": pa.array(domains, pa.string()), "skip": pa.array(skip, pa.string())})
 
 
-def load_jsonl(f: str, cache_dir: str):
-    """One SlimPajama-format file (JSONL, JSONL.zst, JSONL.gz) or hub dataset name via ``datasets``."""
-    import datasets
-
-    if os.path.exists(f):
-        check_input_file(f)
-    try:
-        if os.path.exists(f):
-            ds = datasets.load_dataset("json", data_files=[f], split="train", cache_dir=cache_dir)
-        else:  # a hub dataset name, where a network exists
-            ds = datasets.load_dataset(f, split="train", cache_dir=cache_dir)
-    except Exception as e:  # pyarrow / datasets errors carry no line number: find it ourselves
-        if not os.path.exists(f):
-            raise DataError(f"{f}: no such file, and not loadable as a dataset name ({e})") from None
-        diagnose_jsonl(f)
-        raise DataError(f"{f}: {e}") from None
-    if "text" not in ds.column_names:
-        raise DataError(f"{f}: no 'text' field in any record (columns: {ds.column_names})")
-    return ds
-
-
 def read_tokenized(files: list[str], tokenizer_path: str, workers: int, cache_dir: str):
-    """Load each file with ``datasets`` and tokenize it in parallel worker processes."""
+    """Load each file (``data.readers``) and tokenize it in parallel worker processes."""
     out = []
     for f in files:
-        ds = load_jsonl(f, cache_dir)
-        cols = [c for c in ds.column_names if c not in ("text", "meta")]
+        ds = load_dataset(f, cache_dir)
         try:
-            tok = _map_tokenize(ds, tokenizer_path, workers, cols, f)
+            tok = _map_tokenize(ds, tokenizer_path, workers, f)
         except (UnicodeDecodeError, ValueError, TypeError) as e:  # pyarrow reads bad UTF-8 lazily
-            diagnose_jsonl(f)
+            if os.path.exists(f):
+                reader_for(f).diagnose(f)
             raise DataError(f"{f}: {e}") from None
         out.append((f, tok))
     return out
 
 
-def _map_tokenize(ds, tokenizer_path, workers, cols, f):
+def _map_tokenize(ds, tokenizer_path, workers, f):
     return ds.map(
         _tokenize_batch,
         batched=True,
         batch_size=256,
         num_proc=max(1, workers) if len(ds) > 512 and workers > 1 else None,
         fn_kwargs={"tokenizer_path": tokenizer_path},
-        remove_columns=cols + [c for c in ("text", "meta") if c in ds.column_names],
+        remove_columns=ds.column_names,
         desc=f"tokenize {os.path.basename(f)}",
     )
-
-
-def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files as given; a directory means its ``*.jsonl*`` files, sorted."""
-    files = []
-    for p in inputs:
-        files += sorted(str(x) for x in Path(p).glob("*.jsonl*")) if Path(p).is_dir() else [p]
-    if not files:
-        raise DataError(f"no input files in {inputs}")
-    return files
-
-
-def iter_texts(inputs: list[str], cache_dir: str, report: Counter | None = None):
-    """Non-empty ``text`` of every record (for tokenizer training); empty/missing ones are counted."""
-    for f in expand_inputs(inputs):
-        for t in load_jsonl(f, cache_dir)["text"]:
-            if isinstance(t, str) and t.strip():
-                yield t
-            elif report is not None:
-                report["missing text" if t is None else "empty text"] += 1
 
 
 # ----------------------------------------------------------------------------- packing
@@ -339,13 +189,79 @@ def _majority(dseqs: np.ndarray, num_domains: int) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=n * num_domains).reshape(n, num_domains).argmax(1)
 
 
-def _name_lines(skipped_at: list[tuple[str, int, str]]) -> list[str]:
-    """``file:line: reason`` for skipped records (record indices mapped to the file's line numbers)."""
-    lines = {
-        f: record_lines(f, [i for g, i, _ in skipped_at if g == f]) if os.path.isfile(f) else {}
-        for f in {f for f, _, _ in skipped_at}
-    }
-    return [f"{f}:{lines[f].get(i, f'record {i + 1}')}: {why}" for f, i, why in skipped_at]
+class _Packer:
+    """Token ids and their domains, cut into ``seq_len`` sequences as they come; each sequence goes to the
+    train or held-out split by one seeded draw, in order, and takes the majority domain of its tokens."""
+
+    def __init__(self, writers: dict, seq_len: int, heldout_fraction: float, seed: int, report: PrepareReport):
+        self.writers, self.seq_len, self.heldout_fraction, self.report = writers, seq_len, heldout_fraction, report
+        self.rng = np.random.default_rng(seed)
+        self.domains: dict[str, int] = {}
+        self.buf: list[np.ndarray] = []
+        self.dom_buf: list[np.ndarray] = []
+        self.buffered = 0
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray, doms: list[str]) -> None:
+        """One Arrow batch: the kept records' ids concatenated, ids per record (0: skipped), their domains."""
+        kept = lengths[lengths > 0]  # a skipped record has no ids; a kept one at least its EOS
+        doc_dom = np.fromiter((self.domains.setdefault(d, len(self.domains)) for d in doms), np.int32, len(doms))
+        self.buf.append(ids.astype(np.int64, copy=False))
+        self.dom_buf.append(np.repeat(doc_dom, kept))
+        self.buffered += len(ids)
+        self.report.documents += len(kept)
+        self.report.tokens += len(ids)
+        if self.buffered >= self.seq_len:
+            self._write_full()
+
+    def _write_full(self) -> None:
+        flat, dflat = np.concatenate(self.buf), np.concatenate(self.dom_buf)
+        n, T = len(flat) // self.seq_len, self.seq_len
+        seqs, dseqs = flat[: n * T].reshape(n, T), dflat[: n * T].reshape(n, T)
+        held = self.rng.random(n) < self.heldout_fraction  # one draw per sequence, in order, as always
+        for seq, dom, h in zip(seqs, _majority(dseqs, len(self.domains)), held):
+            self.writers["heldout" if h else "train"].add(seq, int(dom))
+        self.buf, self.dom_buf = [flat[n * T :]], [dflat[n * T :]]
+        self.buffered = len(self.buf[0])
+
+    def domain_names(self) -> list[str]:
+        return sorted(self.domains, key=self.domains.get)
+
+
+def _pack(tokenized, packer: _Packer, report: PrepareReport, progress: bool, t_start: float) -> None:
+    """Every tokenized batch into the packer, whole Arrow chunks at a time (no per-row dicts); skips counted."""
+    from tqdm import tqdm
+
+    skipped_at: list[tuple[str, int, str]] = []  # (file, record index, reason): lines named at the end
+    bar = tqdm(total=sum(len(ds) for _, ds in tokenized), unit="doc", disable=not progress, desc="pack", smoothing=0.1)
+    for f, ds in tokenized:
+        for docs, ids, lengths, skips, doms in _arrow_batches(ds):
+            bar.update(docs)
+            for i, why in skips:
+                report.skipped[why] += 1
+                if len(skipped_at) < 20:
+                    skipped_at.append((f, i, why))
+            packer.add(ids, lengths, doms)
+            dt = max(time.time() - t_start, 1e-9)
+            bar.set_postfix(docs_s=f"{report.documents / dt:.0f}", tok_s=f"{report.tokens / dt:.0f}")
+    bar.close()
+    report.skipped_examples = name_lines(skipped_at)
+    report.tail_tokens_dropped = packer.buffered
+
+
+def _report_json(report: PrepareReport) -> str:
+    return json.dumps(
+        {
+            "documents": report.documents,
+            "tokens": report.tokens,
+            "skipped": dict(report.skipped),
+            "skipped_examples": report.skipped_examples,
+            "tail_tokens_dropped": report.tail_tokens_dropped,
+            "sequences": report.sequences,
+            "seconds": round(report.seconds, 3),
+            "tokens_per_s": round(report.tokens / max(report.seconds, 1e-9)),
+        },
+        indent=1,
+    )
 
 
 def prepare_data(
@@ -361,65 +277,21 @@ def prepare_data(
     progress: bool = True,
 ) -> PrepareReport:
     """Tokenize, append EOS, pack into ``seq_len`` sequences and write shards + index atomically."""
-    from tqdm import tqdm
-
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it (only after a successful run)")
     if not 0 <= heldout_fraction < 1:
         raise DataError(f"heldout_fraction={heldout_fraction}: must be in [0, 1)")
     files = expand_inputs(inputs)
-    tok = Tokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     t_start = time.time()  # the rate shown counts tokenizing (before the packing loop) too
-    try:
-        report = PrepareReport()
+    report = PrepareReport()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         tokenized = read_tokenized(files, tokenizer_path, workers, str(tmp / "cache"))
-        writers = {
-            "train": _ShardWriter(tmp, "train", seq_len, dtype, shard_sequences),
-            "heldout": _ShardWriter(tmp, "heldout", seq_len, dtype, shard_sequences),
-        }
-        rng = np.random.default_rng(seed)
-        domains: dict[str, int] = {}
-        buf: list[np.ndarray] = []
-        dom_buf: list[np.ndarray] = []
-        buffered = 0
-        skipped_at: list[tuple[str, int, str]] = []  # (file, record index, reason): lines named at the end
-        total_docs = sum(len(ds) for _, ds in tokenized)
-        bar = tqdm(total=total_docs, unit="doc", disable=not progress, desc="pack", smoothing=0.1)
-        for f, ds in tokenized:
-            for docs, ids, lengths, skips, doms in _arrow_batches(ds):  # whole Arrow chunks, no per-row dicts
-                bar.update(docs)
-                for i, why in skips:
-                    report.skipped[why] += 1
-                    if len(skipped_at) < 20:
-                        skipped_at.append((f, i, why))
-                kept = lengths[lengths > 0]  # a skipped record has no ids; a kept one at least its EOS
-                doc_dom = np.fromiter((domains.setdefault(d, len(domains)) for d in doms), np.int32, len(doms))
-                buf.append(ids.astype(np.int64, copy=False))
-                dom_buf.append(np.repeat(doc_dom, kept))
-                buffered += len(ids)
-                report.documents += len(kept)
-                report.tokens += len(ids)
-                if buffered >= seq_len:
-                    flat, dflat = np.concatenate(buf), np.concatenate(dom_buf)
-                    n = len(flat) // seq_len
-                    seqs, dseqs = flat[: n * seq_len].reshape(n, seq_len), dflat[: n * seq_len].reshape(n, seq_len)
-                    held = rng.random(n) < heldout_fraction  # one draw per sequence, in order, as always
-                    for seq, dom, h in zip(seqs, _majority(dseqs, len(domains)), held):
-                        writers["heldout" if h else "train"].add(seq, int(dom))
-                    buf, dom_buf = [flat[n * seq_len :]], [dflat[n * seq_len :]]
-                    buffered = len(buf[0])
-                dt = max(time.time() - t_start, 1e-9)
-                bar.set_postfix(docs_s=f"{report.documents / dt:.0f}", tok_s=f"{report.tokens / dt:.0f}")
-        bar.close()
-        report.skipped_examples = _name_lines(skipped_at)
-        report.tail_tokens_dropped = buffered
+        writers = {split: _ShardWriter(tmp, split, seq_len, dtype, shard_sequences) for split in ("train", "heldout")}
+        packer = _Packer(writers, seq_len, heldout_fraction, seed, report)
+        _pack(tokenized, packer, report, progress, t_start)
         splits = {name: w.finish() for name, w in writers.items()}
         report.sequences = {k: v["num_sequences"] for k, v in splits.items()}
         if report.sequences["train"] == 0:
@@ -431,7 +303,7 @@ def prepare_data(
             "vocab_size": tok.vocab_size,
             "tokenizer": os.path.abspath(tokenizer_path),
             "tokenizer_sha256": sha256_file(tokenizer_path),
-            "domains": sorted(domains, key=domains.get),
+            "domains": packer.domain_names(),
             "splits": splits,
             "inputs": [os.path.abspath(f) if os.path.exists(f) else f for f in files],
             "seed": seed,
@@ -439,30 +311,6 @@ def prepare_data(
         }
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
         report.seconds = time.time() - t_start
-        (tmp / "report.json").write_text(
-            json.dumps(
-                {
-                    "documents": report.documents,
-                    "tokens": report.tokens,
-                    "skipped": dict(report.skipped),
-                    "skipped_examples": report.skipped_examples,
-                    "tail_tokens_dropped": report.tail_tokens_dropped,
-                    "sequences": report.sequences,
-                    "seconds": round(report.seconds, 3),
-                    "tokens_per_s": round(report.tokens / max(report.seconds, 1e-9)),
-                },
-                indent=1,
-            )
-        )
+        (tmp / "report.json").write_text(_report_json(report))
         shutil.rmtree(tmp / "cache", ignore_errors=True)
-        if out.exists():  # overwrite only now that the new output is complete
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-        return report
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return report

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import functional_call
 
-from dwmtrain.data.lambada import per_example_loss
-from dwmtrain.train.loss import per_sample_loss
+from dwmtrain.models.loss import per_example_loss, per_sample_loss
 
 Params = dict[str, torch.Tensor]
 

@@ -12,9 +12,12 @@ import time
 
 import torch
 
+from dwmtrain.checkpoint import RunState, consolidated_lm_state
 from dwmtrain.config import Config
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
+from dwmtrain.data.validation import validation_set
 from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier
+from dwmtrain.lr_schedule import scheduled_lr
 from dwmtrain.meta.metagrad import default_fd_eps, dwm_surrogate, lm_params, meta_gradient
 from dwmtrain.models.dwm import (
     DataWeightingModel,
@@ -25,24 +28,21 @@ from dwmtrain.models.dwm import (
     save_dwm,
     weight_stats,
 )
-from dwmtrain.models.lm import build_lm, llama_config
+from dwmtrain.models.lm import build_lm
+from dwmtrain.models.spec import lm_spec
 from dwmtrain.rundir import RunDir
-from dwmtrain.train.checkpoint import RunState, consolidated_lm_state
-from dwmtrain.train.evaluate import validation_set
-from dwmtrain.train.loss import scheduled_lr
 
 
-def lookahead_lr(cfg: Config, step: int) -> float:
+def lookahead_lr(cfg: Config, scheduler_steps: int) -> float:
     """alpha of the lookahead theta* = theta - alpha sum_i w_i grad L_i: ``meta.lookahead_lr``, or the LM's
     scheduled learning rate at the boundary step (the one place alpha is decided, for every launch)."""
-    return cfg.meta.lookahead_lr or scheduled_lr(cfg, step)
+    return cfg.meta.lookahead_lr or scheduled_lr(cfg, scheduler_steps)
 
 
 def load_frozen_lm(cfg: Config, rd: RunDir, tag: str, device, attn: str):
     """The LM of checkpoint ``tag``, frozen: its consolidated fp32 weights (written at stage boundaries by
     rank 0, so no other node's shards and no optimizer state are read), else DeepSpeed's zero_to_fp32."""
-    vocab = llama_config(cfg.model.preset, cfg.model.vocab_size).vocab_size
-    lm = build_lm(cfg.model.preset, vocab, cfg.model.max_seq_len, attn)
+    lm = build_lm(lm_spec(cfg.model), attn)
     state = consolidated_lm_state(rd, tag)
     lm.load_state_dict(state)
     return lm.to(device).eval().requires_grad_(False), state
@@ -137,7 +137,7 @@ def run_meta_update(
     timings = {"startup_s": t_in - started_at} if started_at else {}
     rd, mc = RunDir(cfg.run.run_dir), cfg.meta
     state = RunState.from_marker(tag, json.loads(rd.marker(tag).read_text()))
-    alpha = alpha or lookahead_lr(cfg, state.step)
+    alpha = alpha or lookahead_lr(cfg, state.scheduler_steps)  # skipped steps did not advance the LR
     # the reference modes differentiate twice / forward-mode through attention: eager kernels only
     attn = "eager" if mc.grad_mode in ("jvp", "unrolled") else cfg.model.attn_implementation
     lm, lm_state = load_frozen_lm(cfg, rd, tag, d.device, attn)

@@ -24,7 +24,8 @@ from transformers import LlamaModel
 from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.faults import fault_point
 from dwmtrain.fileio import atomic_write_text, follow_umask, sha256_file
-from dwmtrain.models.lm import ATTN_IMPLEMENTATIONS, dtype_preserving_norms, llama_config
+from dwmtrain.models.lm import dtype_preserving_norms
+from dwmtrain.models.spec import ATTN_IMPLEMENTATIONS, PRESETS, ModelSpec
 
 NORMALIZATIONS = ("softmax", "sigmoid")  #: how logits become weights (dwm.normalization)
 
@@ -109,6 +110,10 @@ class DWMArch:
             normalization=d.normalization,
         )
 
+    def backbone_spec(self) -> ModelSpec:
+        """The backbone's LM shape (the DWM's own vocabulary and context)."""
+        return ModelSpec.from_preset(self.backbone, self.vocab_size, self.max_seq_len)
+
     def shape_fields(self) -> dict:
         """Fields that change the tensors (a mismatch means the file cannot be loaded).
 
@@ -126,7 +131,7 @@ class DataWeightingModel(nn.Module):
     def __init__(self, arch: DWMArch):
         super().__init__()
         self.arch = arch
-        cfg = llama_config(arch.backbone, arch.vocab_size, arch.max_seq_len, arch.attn_implementation)
+        cfg = arch.backbone_spec().hf_config(arch.attn_implementation)
         self.backbone = dtype_preserving_norms(LlamaModel(cfg))
         H = cfg.hidden_size
         if H % arch.attn_heads:
@@ -250,8 +255,6 @@ def read_dwm_meta(path: str | os.PathLike) -> dict:
 
 def arch_from_meta(arch: object, where: str) -> DWMArch:
     """A DWMArch from a metadata ``arch`` object, every field checked; DWMFileError names the field."""
-    from dwmtrain.models.lm import PRESETS
-
     if not isinstance(arch, dict):
         raise DWMFileError(f"{where}: field 'arch' {'missing' if arch is None else 'must be an object'}")
     unknown = sorted(set(arch) - {f.name for f in fields(DWMArch)})
@@ -283,7 +286,7 @@ def arch_from_meta(arch: object, where: str) -> DWMArch:
     if not 0 <= arch.get("uniform_mix", 0.0) <= 1:  # as dwm.uniform_mix allows (1: exactly uniform)
         raise bad("uniform_mix", "must be in [0, 1]")
     a = DWMArch(**arch)
-    if llama_config(a.backbone, a.vocab_size, a.max_seq_len).hidden_size % a.attn_heads:
+    if a.backbone_spec().hidden_size % a.attn_heads:
         raise bad("attn_heads", f"must divide the {a.backbone} backbone's hidden size")
     return a
 

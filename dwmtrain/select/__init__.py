@@ -1,20 +1,16 @@
-"""Offline data selection baselines of the paper: RANDOM, DSIR and QuRating, SlimPajama JSONL in and out.
+"""Offline data selection baselines of the paper: RANDOM, DSIR and QuRating, documents in, SlimPajama JSONL out.
 
 ``select(method, inputs, out, budget_tokens=... | budget_docs=..., ...)`` writes the selected records,
 unchanged but for ``meta.selection``, to ``out`` (``.jsonl`` / ``.jsonl.zst``, readable by
 ``dwmtrain prepare-data``) and a report beside it; the CLI is ``dwmtrain select {random,dsir,qurating}``.
+
+    base.py     the Scorer interface, ranking and budget math      driver.py   the scan, cut and write; METHODS
+    random_select.py, dsir.py, qurating.py                          the methods
 """
 
-from dwmtrain.select.common import (
-    METHODS,
-    gumbel_topk,
-    iter_records,
-    report_path,
-    sample_order,
-    select,
-    summary,
-    take_budget,
-)
+from dwmtrain.data.readers import iter_records
+from dwmtrain.select.base import gumbel_topk, sample_order, take_budget
+from dwmtrain.select.driver import METHODS, report_path, select, summary
 from dwmtrain.select.dsir import dsir_features, fit_ngram_dist, hash_bucket, hashed_ngrams, importance_logw, words
 from dwmtrain.select.qurating import load_rater, rater_scores, score_of
 from dwmtrain.select.random_select import random_order

@@ -24,7 +24,7 @@ def _positive(s: str) -> int:
 
 
 def _run(a) -> None:
-    from dwmtrain.select.common import report_path, select, summary
+    from dwmtrain.select.driver import report_path, select, summary
 
     opts: dict = {}
     if a.method == "dsir":

@@ -20,9 +20,9 @@ import re
 
 import numpy as np
 
-from dwmtrain.data.prepare import expand_inputs
+from dwmtrain.data.readers import expand_inputs, iter_records, text_skip_reason
 from dwmtrain.errors import DataError
-from dwmtrain.select.common import Scorer, gumbel_topk, iter_records
+from dwmtrain.select.base import Scorer, gumbel_topk
 
 WORD_RE = re.compile(r"\w+|[^\w\s]+")  # nltk WordPunctTokenizer's pattern
 _CACHE: dict[int, dict[str, int]] = {}
@@ -114,10 +114,9 @@ class DSIRScorer(Scorer):
             return
         files = expand_inputs(self.target_files)
         self.target_files = files
-        for _, _, _, rec in iter_records(files):
-            t = rec.get("text")
-            if t is None or not t.strip():
-                reason = "missing text" if t is None else "empty text"
+        for r in iter_records(files):
+            t = r.rec.get("text")
+            if reason := text_skip_reason(t):
                 self.target_skipped[reason] = self.target_skipped.get(reason, 0) + 1
                 continue
             idx, cnt = dsir_features(t, self.num_buckets)

@@ -16,8 +16,9 @@ import os
 
 import numpy as np
 
+from dwmtrain.data.readers import get_field
 from dwmtrain.errors import DataError
-from dwmtrain.select.common import Scorer, get_field, sample_order
+from dwmtrain.select.base import Scorer, sample_order
 
 
 def score_of(rec: dict, field: str) -> float | str:

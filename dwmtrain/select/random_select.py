@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dwmtrain.select.common import Scorer
+from dwmtrain.select.base import Scorer
 
 
 def random_order(n: int, seed: int) -> np.ndarray:

@@ -16,33 +16,21 @@ import time
 import torch
 
 from dwmtrain.distributed import Dist, broadcast_tensors, run_on_rank0
-from dwmtrain.models.dwm import DWMArch, DWMFileError, dwm_from_state, load_dwm_state, oracle_weights
+from dwmtrain.errors import EXIT_META_EXTERNAL, PlannedStop
+from dwmtrain.models.dwm import DWMArch, DWMFileError, dwm_from_state, load_dwm_state
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.meta_job import MetaJobError, meta_job_command, run_meta_job
+from dwmtrain.stages.weighting import DomainOracle, FrozenDWM, Uniform, Weighting
 
 
-class ExternalMetaRequired(RuntimeError):
+class ExternalMetaRequired(PlannedStop):
     """meta.launch=external: stop here so the meta job can be run as its own (e.g. SLURM) job."""
 
-
-class DomainOracle:
-    """Weights from the samples' domain labels: those in ``drop`` get 0, the rest mean 1 per micro-batch."""
-
-    def __init__(self, data, drop: list[str]):
-        unknown = sorted(set(drop) - set(data.domain_names))
-        if unknown:
-            from dwmtrain.errors import ConfigError
-
-            raise ConfigError(f"meta.oracle_drop={drop}: {unknown} not among the data's domains {data.domain_names}")
-        self.data = data
-        self.keep = torch.tensor([name not in drop for name in data.domain_names])
-
-    def weights(self, indices: list[int]) -> torch.Tensor:
-        return oracle_weights(self.keep[torch.as_tensor(self.data.domains[indices].astype("int64"))])
+    exit_code = EXIT_META_EXTERNAL
 
 
 class StageHandoff:
-    """Provides the (frozen, replicated) DWM for each stage."""
+    """Provides the weighting of each stage (a frozen DWM replicated on every rank, or a fixed rule)."""
 
     def __init__(
         self,
@@ -59,69 +47,69 @@ class StageHandoff:
         self.expect_sha = dict(expect_sha or {})  # stage -> sha256 a resumed checkpoint was trained with
         self.pause: dict | None = None  # bilevel: the last boundary's meta job and broadcast times (seconds)
 
-    def for_stage(self, stage: int, stage_start_tag: str | None):
-        """(model or None, info) for ``stage``; collective in fixed/bilevel modes."""
+    def for_stage(self, stage: int, stage_start_tag: str | None) -> Weighting:
+        """The weighting of ``stage``; collective in fixed/transfer/bilevel modes."""
         mode, self.pause = self.cfg.meta.mode, None
         if mode == "none" or (mode == "oracle" and stage < self.cfg.meta.oracle_from_stage):
-            return None, {"version": "uniform"}
+            return Uniform()
         if mode == "oracle":
-            return DomainOracle(self.data, self.cfg.meta.oracle_drop), {"version": "oracle"}
+            return DomainOracle(self.data, self.cfg.meta.oracle_drop)
         if mode == "fixed":
             if self._fixed is None:
                 self._fixed = self._checked(stage, self.broadcast_dwm(self.cfg.meta.dwm_path))
             return self._fixed
         if stage == 1:
-            return None, {"version": "uniform"}
+            return Uniform()
         if mode == "transfer":  # the source run's DWM of the same stage, as it weighed that stage there
             return self._checked(stage, self.broadcast_dwm(str(RunDir(self.cfg.meta.dwm_run).dwm(stage))))
         path = self.rd.dwm(stage)
         t0 = time.time()
-        status = run_on_rank0(lambda: self._ensure_stage_dwm(stage, path, stage_start_tag))  # ranks stay in touch
-        if status != "ok":
-            raise (ExternalMetaRequired if status.startswith("external:") else MetaJobError)(status)
+        run_on_rank0(lambda: self._ensure_stage_dwm(stage, path, stage_start_tag))  # ranks stay in touch
         t1 = time.time()
         loaded = self._checked(stage, self.broadcast_dwm(str(path)))
         self.pause = {"meta_job_s": t1 - t0, "broadcast_s": time.time() - t1}
         return loaded
 
-    def _checked(self, stage: int, loaded):
+    def _checked(self, stage: int, loaded: FrozenDWM) -> FrozenDWM:
         """Refuse a DWM other than the one a checkpoint resumed mid-stage was trained with."""
-        model, info = loaded
-        want = self.expect_sha.get(stage)
+        want, info = self.expect_sha.get(stage), loaded.info
         if want and want != info["sha256"]:
             raise DWMFileError(
                 f"{info['path']} (sha256 {info['sha256'][:12]}...) is not the DWM the resumed checkpoint used for "
                 f"stage {stage} ({want[:12]}...); restore that file or resume from the stage's start checkpoint"
             )
-        return model, info
+        return loaded
 
-    def _ensure_stage_dwm(self, stage: int, path, tag: str | None) -> str:
-        """Rank 0: reuse a finished DWM for this stage, or run the meta job. Returns 'ok' or an error."""
+    def _ensure_stage_dwm(self, stage: int, path, tag: str | None) -> None:
+        """Rank 0: reuse a finished DWM for this stage, or run the meta job (MetaJobError if it fails;
+        ExternalMetaRequired with meta.launch=external)."""
         try:
             load_dwm_state(path, self.arch)  # sha256 + architecture: a finished DWM is reused
             print(f"[dwmtrain] stage {stage}: reusing {path}", flush=True)
-            return "ok"
+            return
         except DWMFileError as e:
             if path.exists():
                 print(f"[dwmtrain] stage {stage}: {e}; recomputing", flush=True)
         if tag is None or not self.rd.marker(tag).is_file():
-            return f"no complete checkpoint {tag} at the start of stage {stage} to run the meta-update from"
+            raise MetaJobError(
+                f"no complete checkpoint {tag} at the start of stage {stage} to run the meta-update from"
+            )
         cmd = meta_job_command(self.rd.root, stage, tag, self.cfg.meta.nproc)
         if self.cfg.meta.launch == "external":
-            return "external: meta.launch=external; run the meta-update job, then rerun this command:\n  " + " ".join(
-                cmd
+            raise ExternalMetaRequired(
+                "stopped at a stage boundary: meta.launch=external; run the meta-update job, then rerun this "
+                "command:\n  " + " ".join(cmd)
             )
         print(f"[dwmtrain] stage {stage}: running the meta-update job ({self.cfg.meta.nproc} proc)", flush=True)
         t0 = time.time()
         try:
             run_meta_job(cmd, self.cfg.meta.timeout_s, self.rd.meta_log(stage))
             load_dwm_state(path, self.arch)
-        except (MetaJobError, DWMFileError) as e:
-            return str(e)
+        except DWMFileError as e:
+            raise MetaJobError(str(e)) from None
         print(f"[dwmtrain] stage {stage}: meta-update done in {time.time() - t0:.1f} s -> {path}", flush=True)
-        return "ok"
 
-    def broadcast_dwm(self, path: str):
+    def broadcast_dwm(self, path: str) -> FrozenDWM:
         """Rank 0 verifies and reads the file; every rank gets the tensors over torch.distributed.
 
         Any failure to read it on rank 0 is raised on every rank at once (no rank is left waiting)."""
@@ -142,4 +130,4 @@ class StageHandoff:
             "sha256": meta["sha256"],
             "stage": meta.get("stage"),
         }
-        return model, info
+        return FrozenDWM(model, info)

@@ -1,23 +1,20 @@
 """The meta-update job as a process: its command line, its environment, running it with a timeout.
 
-The job is ``python -m dwmtrain.launch.meta_update`` under torchrun (single node, ``meta.nproc``
-processes), so it runs from an installed package as well as from a checkout.
+The job is ``python -m dwmtrain.meta.job`` under torchrun (single node, ``meta.nproc`` processes), so it
+runs from an installed package as well as from a checkout.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import site
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import dwmtrain
 from dwmtrain.errors import DWMTrainError
+from dwmtrain.meta import job
+from dwmtrain.procs import run_logged
 
 # The trainer's rendezvous variables must not leak into the meta job's own (torchrun sets them anew).
 _RENDEZVOUS_VARS = (
@@ -57,7 +54,7 @@ def meta_job_command(run_dir: str | os.PathLike, stage: int, tag: str, nproc: in
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",
-        "dwmtrain.launch.meta_update",
+        job.__name__,
         "--run-dir",
         str(run_dir),
         "--stage",
@@ -76,64 +73,11 @@ def meta_job_env() -> dict:
     return env
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def _signal_on_parent_death(parent_pid: int, sig: int = signal.SIGTERM):
-    """A ``preexec_fn``: the kernel sends ``sig`` to the child when the process that started it dies.
-
-    So a trainer rank that is SIGKILLed (by the OOM killer, by a scheduler) takes its meta job with it:
-    torchrun forwards SIGTERM to its workers. A parent that died before the prctl is caught by ppid.
-    """
-
-    def preexec():
-        if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0 and os.getppid() != parent_pid:
-            os.kill(os.getpid(), sig)
-
-    return preexec if sys.platform.startswith("linux") else None
-
-
-def exit_with_parent(poll_s: float = 1.0) -> threading.Thread:
-    """End this process when its parent dies (this process is reparented): a daemon thread polls the ppid.
-
-    The meta job's workers call it, so a torchrun that is killed outright does not leave them running.
-    Polling rather than PR_SET_PDEATHSIG, which fires when the parent's *thread* that forked exits.
-    """
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        print(f"[dwmtrain] meta job: parent {parent} is gone; exiting", file=sys.stderr, flush=True)
-        os._exit(1)
-
-    t = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
-    t.start()
-    return t
-
-
 def run_meta_job(cmd: list[str], timeout_s: float, log_path: Path) -> None:
     """Run the meta job to completion or kill its process group at the timeout; MetaJobError on failure."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=meta_job_env(),
-            start_new_session=True,
-            preexec_fn=_signal_on_parent_death(os.getpid()),
-        )
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise MetaJobError(
-                f"meta-update job timed out after {timeout_s:.0f} s (meta.timeout_s); log: {log_path}"
-            ) from None
+    rc = run_logged(cmd, timeout_s, log_path, meta_job_env())
+    if rc is None:
+        raise MetaJobError(f"meta-update job timed out after {timeout_s:.0f} s (meta.timeout_s); log: {log_path}")
     if rc != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         raise MetaJobError(f"meta-update job exited with {rc}; log: {log_path}\n  " + "\n  ".join(tail))

@@ -9,20 +9,21 @@ import torch
 
 from dwmtrain.config import Config
 from dwmtrain.distributed import broadcast_object
+from dwmtrain.lr_schedule import default_warmup, lr_multiplier
 from dwmtrain.models.lm import build_lm
-from dwmtrain.train.loss import default_warmup, lr_multiplier
+from dwmtrain.models.spec import ModelSpec
 
 
-def build_engine(cfg: Config, ds_config: dict, vocab_size: int):
+def build_engine(cfg: Config, ds_config: dict, spec: ModelSpec):
     """Collective: the LM wrapped by ZeRO-3 with its optimizer and LR schedule (DeepSpeed engine)."""
     import deepspeed
 
-    lm = build_partitioned_lm(cfg, ds_config, vocab_size)
+    lm = build_partitioned_lm(spec, cfg.model.attn_implementation, cfg.run.seed, ds_config)
     lm.loss_chunk_tokens = cfg.model.loss_chunk_tokens or lm.loss_chunk_tokens
     total = cfg.stages.total_steps
     warm = default_warmup(total, cfg.optimizer.warmup_steps)
 
-    def schedule(opt):  # base lr * multiplier: train.loss.scheduled_lr computes the same value
+    def schedule(opt):  # base lr * multiplier: lr_schedule.scheduled_lr computes the same value
         return torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_multiplier(s, total, warm, cfg.optimizer.min_lr_ratio)
         )
@@ -33,8 +34,8 @@ def build_engine(cfg: Config, ds_config: dict, vocab_size: int):
     return engine
 
 
-def build_partitioned_lm(cfg: Config, ds_config: dict, vocab_size: int):
-    """Collective: the run's seeded LM, built already partitioned by ZeRO-3 (``deepspeed.zero.Init``), with
+def build_partitioned_lm(spec: ModelSpec, attn: str, seed: int, ds_config: dict):
+    """Collective: the run's seeded LM of ``spec``, built already partitioned by ZeRO-3 (``deepspeed.zero.Init``), with
     exactly the weights a plain seeded build gives.
 
     Only global rank 0 builds the full LM (on the CPU, from the seed, as a single-process run would); every
@@ -47,12 +48,11 @@ def build_partitioned_lm(cfg: Config, ds_config: dict, vocab_size: int):
     import torch.distributed as dist
 
     main = not dist.is_initialized() or dist.get_rank() == 0
-    m = cfg.model
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     with deepspeed.zero.Init(config_dict_or_path=ds_config):  # its draws are overwritten below
-        lm = build_lm(m.preset, vocab_size, m.max_seq_len, m.attn_implementation, dtype=None)
+        lm = build_lm(spec, attn, dtype=None)
     release_free_host_memory()  # the construction's full-size temporaries
-    seeded = build_lm(m.preset, vocab_size, m.max_seq_len, m.attn_implementation, seed=cfg.run.seed) if main else None
+    seeded = build_lm(spec, attn, seed=seed) if main else None
     cpu_rng = broadcast_object(torch.get_rng_state() if main else None)
     source = dict(seeded.named_parameters()) if main else {}
     with torch.no_grad():

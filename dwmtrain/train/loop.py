@@ -1,4 +1,5 @@
-"""The training loop: get batch, weigh, forward, backward, step, log, maybe checkpoint, maybe boundary."""
+"""The training loop: stage boundary, micro-batches (weigh, forward, backward, step), the step's agreement, log,
+validate, checkpoint, planned stop."""
 
 from __future__ import annotations
 
@@ -9,78 +10,99 @@ import torch
 from tqdm import tqdm
 
 from dwmtrain.data.dataset import rank_micro_batches
+from dwmtrain.data.validation import validation_metrics
 from dwmtrain.distributed import all_reduce_
+from dwmtrain.faults import fault_active
 from dwmtrain.models.dwm import read_dwm_meta, weight_stats_tensor
+from dwmtrain.models.loss import per_sample_loss, weighted_loss
 from dwmtrain.rundir import RunDir
-from dwmtrain.stages.handoff import DomainOracle
 from dwmtrain.stages.schedule import stage_of
-from dwmtrain.train.evaluate import evaluate
-from dwmtrain.train.loss import per_sample_loss, weighted_loss
+from dwmtrain.stages.weighting import Weighting
 from dwmtrain.train.metrics import mfu
 from dwmtrain.train.setup import Run
 from dwmtrain.train.stop import StoppedForTimeLimit
 
 
-def weigh(dwm, x: torch.Tensor, indices: list[int]) -> torch.Tensor:
-    """Weights [B] (mean 1) from the frozen DWM, the domain oracle, or uniform."""
-    if dwm is None:
-        return torch.ones(x.shape[0], device=x.device)
-    if isinstance(dwm, DomainOracle):
-        return dwm.weights(indices).to(x.device)
-    with torch.inference_mode():  # no autograd bookkeeping at all (no version counters, no views tracked)
-        w = dwm(x).float()
-    return w.clone()  # a normal tensor again: the weighted loss saves it for its backward
-
-
 def train(run: Run) -> None:
-    cfg, d, eng, plan = run.cfg, run.d, run.engine, run.plan
-    total, step = cfg.stages.total_steps, run.start_step
-    batches = rank_micro_batches(run.order, step * plan.global_batch_size, d.rank, d.world, plan.micro_batch_size)
-    dwm, dwm_info, dwm_stage, alarmed, save_s = None, {}, None, set(), None
-    bar = tqdm(total=total, initial=step, disable=not d.is_main, unit="step", dynamic_ncols=True, mininterval=2)
+    """Train from ``run.start_step`` to the last step; the progress bar and the metrics close however it ends."""
+    bar = tqdm(total=run.cfg.stages.total_steps, initial=run.start_step, disable=not run.d.is_main, unit="step",
+               dynamic_ncols=True, mininterval=2)  # fmt: skip
+    with bar, run.metrics:  # closed before an error is said, so its line is not written into the bar
+        run_steps(run, bar)
+
+
+def run_steps(run: Run, bar) -> None:
+    """The loop: stage boundary, one optimizer step, the step's agreement, log, validate, checkpoint, stop."""
+    cfg, total, step = run.cfg, run.cfg.stages.total_steps, run.start_step
+    batches = rank_micro_batches(run.order, step * run.plan.global_batch_size, run.d.rank, run.d.world,
+                                 run.plan.micro_batch_size)  # fmt: skip
+    weighting, weighting_stage, save_s, alarmed = None, None, None, set()
     while step < total:
         stage = stage_of(step, run.starts)
-        if stage != dwm_stage:  # stage boundary (or start): meta-update / broadcast as configured
-            dwm, dwm_info = run.handoff.for_stage(stage, RunDir.tag(run.starts[stage - 1]))  # fitted on that LM
+        if stage != weighting_stage:  # stage boundary (or start): meta-update / broadcast as configured
+            weighting = run.handoff.for_stage(stage, RunDir.tag(run.starts[stage - 1]))  # fitted on that LM
             report_pause(run, stage, save_s, run.handoff.pause)
-            dwm_stage, save_s = stage, None
-        t0, lr = time.time(), eng.get_lr()[0]  # the lr this step uses (the scheduler steps inside eng.step)
-        stats = StepStats()
-        for _ in range(plan.gradient_accumulation_steps):
-            idx = next(batches)[1]
-            x = run.data.batch(idx).to(d.device)
-            w = weigh(dwm, x, idx)  # [B], mean 1
-            if cfg.model.loss_chunk_tokens:  # the head a chunk at a time: no [B, T, V] logits
-                loss, losses = eng(input_ids=x, sample_weights=w)
-            else:
-                losses = per_sample_loss(eng(input_ids=x).logits, x)  # [B]
-                loss = weighted_loss(losses, w)
-            eng.backward(loss)
-            eng.step()
-            stats.add(losses, w)
+            weighting_stage, save_s = stage, None
+        t0, lr = time.time(), run.engine.get_lr()[0]  # the lr this step uses (the scheduler steps inside eng.step)
+        stats = train_step(run, batches, weighting, step)
         step += 1
+        stop, nonfinite = agree_on_step(run, stats, step, stage)  # collective: SIGUSR1 anywhere; a bad step anywhere
         bar.update(1)
-        if step % cfg.run.log_every == 0 or step == total:  # statistics reach the host only when logged
-            rec = step_record(
-                run, step, stage, lr, time.time() - t0, dwm_info.get("version", "uniform"), stats.reduce()
-            )
+        if nonfinite or step % cfg.run.log_every == 0 or step == total:  # statistics reach the host only when logged
+            rec = step_record(run, step, stage, lr, time.time() - t0, weighting.version, stats.reduce(), nonfinite)
             alarmed = raise_alarm(run, rec, alarmed)
             run.metrics.log(rec)
-            bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+            bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", gnorm=f"{rec['grad_norm'] or float('nan'):.2f}",
+                            tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)  # fmt: skip
+        run.nonfinite.check(step, stage, weighting.version, run.ckpt.last_tag)  # too many in a row: stop, unsaved
         boundary = step in run.starts[1:]
         if boundary or step == total or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
-            run.metrics.log(
-                {"step": step, "stage": stage, **validate(run), "dwm": dwm_info.get("version", "uniform")}, kind="eval"
-            )
-        stop = run.stop.agreed()  # collective: SIGUSR1 on any rank (SLURM's warning before the time limit)
+            run.metrics.log({"step": step, "stage": stage, **validate(run), "dwm": weighting.version}, kind="eval")
         if stop or boundary or step == total or step % cfg.run.checkpoint_every == 0:
-            t_save = time.time()
-            run.ckpt.save(eng, step=step, stage=stage, boundary=boundary, dwm=dwm_info, final=step == total)
+            t_save, nf = time.time(), (run.nonfinite.total, run.nonfinite.streak)
+            run.ckpt.save(run.engine, step=step, stage=stage, boundary=boundary, dwm=weighting.info,
+                          final=step == total, nonfinite=nf)  # fmt: skip
             save_s = time.time() - t_save
         if stop and step < total:
-            raise StoppedForTimeLimit(f"stopped at step {step} on SIGUSR1 with a complete checkpoint")
-    bar.close()
-    run.metrics.close()
+            raise StoppedForTimeLimit(f"stopped at step {step} on SIGUSR1 with a complete checkpoint; rerun (or "
+                                      "requeue) the same command to resume")  # fmt: skip
+
+
+def train_step(run: Run, batches, weighting: Weighting, step: int) -> StepStats:
+    """One optimizer step: every micro-batch weighed, forward, backward; DeepSpeed steps at the last one."""
+    eng, stats = run.engine, StepStats()
+    for _ in range(run.plan.gradient_accumulation_steps):
+        idx = next(batches)[1]
+        x = run.data.batch(idx).to(run.d.device)
+        w = weighting(x, idx)  # [B], mean 1
+        if fault_active("nonfinite-loss", rank=run.d.rank, step=step + 1):
+            w = w * float("nan")  # the loss and every gradient of this micro-batch become NaN
+        if run.cfg.model.loss_chunk_tokens:  # the head a chunk at a time: no [B, T, V] logits
+            loss, losses = eng(input_ids=x, sample_weights=w)
+        else:
+            losses = per_sample_loss(eng(input_ids=x).logits, x)  # [B]
+            loss = weighted_loss(losses, w)
+        eng.backward(loss)
+        eng.step()
+        stats.add(losses, w)
+    return stats
+
+
+def agree_on_step(run: Run, stats: StepStats, step: int, stage: int) -> tuple[bool, bool]:
+    """Collective: (a planned stop, whether the step was non-finite on any rank), from one all-reduce; the
+    non-finite step is counted and said."""
+    skipped = not run.engine.was_step_applied()  # DeepSpeed skips a step whose gradient norm is not finite
+    stop, bad_loss = run.stop.agree(stats.nonfinite())
+    nonfinite = bad_loss or (skipped and run.precision != "fp16")  # fp16: an overflow is the loss scaler's business
+    run.nonfinite.record(nonfinite)
+    if nonfinite and run.d.is_main:
+        tqdm.write(
+            f"[dwmtrain] step {step} (stage {stage}): non-finite {'loss' if bad_loss else 'gradient norm'}; "
+            f"{'the update was skipped' if skipped else 'the update was applied (its gradient was finite)'} "
+            f"({run.nonfinite.streak} in a row, {run.nonfinite.total} in all; stop at "
+            f"{run.cfg.run.stop_after_nonfinite} in a row)"
+        )
+    return stop, nonfinite
 
 
 class StepStats:
@@ -99,6 +121,10 @@ class StepStats:
         ext = torch.stack([hi, -lo])
         self.ext = ext if self.ext is None else torch.maximum(self.ext, ext)
 
+    def nonfinite(self) -> torch.Tensor:
+        """A device flag: a micro-batch of this step had a non-finite loss or weight (no host sync)."""
+        return ~torch.isfinite(self.acc[:2]).all()
+
     def reduce(self) -> dict:
         """Collective: means over every micro-batch of every rank; min / max of the weights over all ranks."""
         all_reduce_(self.acc), all_reduce_(self.ext, "max")
@@ -114,15 +140,19 @@ class StepStats:
         }
 
 
-def step_record(run: Run, step: int, stage: int, lr: float, dt: float, dwm_version: str, stats: dict) -> dict:
-    """One metrics.jsonl record."""
+def step_record(run: Run, step, stage, lr, dt, dwm_version: str, stats: dict, nonfinite: bool) -> dict:
+    """One metrics.jsonl record. ``grad_norm``: the global gradient norm before clipping (None: step skipped)."""
     tps = run.plan.tokens_per_step / dt
+    norm = None if nonfinite or not run.engine.was_step_applied() else run.engine.get_global_grad_norm()
     rec = {
         "step": step,
         "stage": stage,
         "loss": stats["loss"],
         "loss_unweighted": stats["loss_unweighted"],
         "lr": lr,
+        "grad_norm": None if norm is None else float(norm),
+        "nonfinite": int(nonfinite),
+        "nonfinite_steps": run.nonfinite.total,
         "tokens_per_s": tps,
         "samples_seen": step * run.plan.global_batch_size,
         "dwm": dwm_version,
@@ -184,7 +214,7 @@ def raise_alarm(run: Run, rec: dict, alarmed: set) -> set:
 def validate(run: Run) -> dict:
     """Validation loss / accuracy of the LM over all ranks (collective: every rank runs the same forwards)."""
     eng = run.engine
-    out = evaluate(
+    out = validation_metrics(
         lambda b: eng(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
         run.val,
         run.cfg.run.eval_batches,

@@ -5,36 +5,30 @@ from __future__ import annotations
 import sys
 
 from dwmtrain.config import Config
+from dwmtrain.errors import EXIT_ERROR, EXIT_OK, DWMTrainError, PlannedStop
 
 
 def run_training(cfg: Config) -> int:
-    """Set up, train, and turn expected failures (the project's own errors) into one message and exit 2."""
-    from dwmtrain.errors import DWMTrainError
-    from dwmtrain.stages.handoff import ExternalMetaRequired
+    """Set up, train, and turn planned stops and expected failures (the project's own errors) into their exit
+    codes: 3 or 4 with one message from rank 0, 2 with one line naming what to fix."""
     from dwmtrain.train.loop import train
     from dwmtrain.train.setup import setup
-    from dwmtrain.train.stop import EXIT_CODE as STOP_EXIT_CODE
-    from dwmtrain.train.stop import StoppedForTimeLimit
 
     try:
         train(setup(cfg))
         _teardown(clean=True)
-    except ExternalMetaRequired as e:  # a decision every rank shares: said once, by rank 0
-        _say_once(f"[dwmtrain] stopped at a stage boundary: {e}")
+    except PlannedStop as e:  # a decision every rank shares: said once, by rank 0
+        _say_once(f"[dwmtrain] {e}")
         _teardown(clean=True)  # every rank stops here: leave together (CI saw rank 0 abort at exit once)
-        return 3
-    except StoppedForTimeLimit as e:
-        _say_once(f"[dwmtrain] {e}; rerun (or requeue) the same command to resume")
-        _teardown(clean=True)
-        return STOP_EXIT_CODE
+        return e.exit_code
     except DWMTrainError as e:
         print(f"[dwmtrain] error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
         if e.hint:
             print(f"[dwmtrain] {e.hint}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_ERROR
     finally:
         _teardown(clean=False)
-    return 0
+    return EXIT_OK
 
 
 def _say_once(message: str) -> None:

@@ -62,6 +62,12 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
 
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _truncate_after(path: Path, step: int) -> None:
     """Keep records with step <= ``step`` (those after it are re-run after a resume)."""

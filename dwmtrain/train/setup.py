@@ -9,21 +9,23 @@ from pathlib import Path
 
 import torch
 
+from dwmtrain.checkpoint import Checkpointer, compat_fields
 from dwmtrain.config import BatchPlan, Config, batch_plan, build_deepspeed_config, resolve_precision
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset
-from dwmtrain.data.prepare import DataError, prepare_data
-from dwmtrain.data.tokenizer import Tokenizer, check_vocab
+from dwmtrain.data.prepare import prepare_data
+from dwmtrain.data.tokenizer import check_vocab, load_tokenizer
+from dwmtrain.data.validation import ValidationSet, validation_set
 from dwmtrain.distributed import Dist, barrier, cpu_threads, init_distributed, run_on_rank0
+from dwmtrain.errors import DataError
 from dwmtrain.fileio import sha256_file
 from dwmtrain.models.dwm import DWMArch, dwm_parameter_count
-from dwmtrain.models.lm import count_parameters, flops_per_token, llama_config
+from dwmtrain.models.spec import flops_per_token, lm_spec
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.handoff import StageHandoff
 from dwmtrain.stages.schedule import stage_starts
-from dwmtrain.train.checkpoint import Checkpointer
 from dwmtrain.train.engine import build_engine
-from dwmtrain.train.evaluate import ValidationSet, validation_set
 from dwmtrain.train.metrics import MetricsWriter, peak_flops
+from dwmtrain.train.nonfinite import NonFiniteCount
 from dwmtrain.train.stop import StopRequest
 
 
@@ -35,6 +37,7 @@ class Run:
     d: Dist
     rd: RunDir
     plan: BatchPlan
+    precision: str  #: fp32 | bf16 | fp16, as resolved for this accelerator
     engine: object
     data: TokenDataset
     order: GlobalOrder
@@ -45,6 +48,7 @@ class Run:
     starts: list[int]
     n_params: int
     stop: StopRequest
+    nonfinite: NonFiniteCount
     start_step: int = 0
     peak_flops: float | None = None  # per device, for MFU (None off GPU or for an unknown GPU)
 
@@ -54,7 +58,8 @@ def log0(d: Dist, msg: str) -> None:
         print(f"[dwmtrain] {msg}", flush=True)
 
 
-def setup(cfg: Config) -> Run:
+def start_process_group(cfg: Config) -> tuple[Dist, RunDir]:
+    """The process group, the threads per CPU rank, the seed, and the run directory on rank 0."""
     d = init_distributed(cfg.run.dist_timeout_s)
     if d.accelerator == "cpu":
         torch.set_num_threads(cpu_threads(cfg.run.threads_per_rank, d.local_world))
@@ -63,48 +68,49 @@ def setup(cfg: Config) -> Run:
     if d.is_main:
         rd.root.mkdir(parents=True, exist_ok=True)
     barrier()
+    return d, rd
 
+
+def setup(cfg: Config) -> Run:
+    d, rd = start_process_group(cfg)
     tok_sha = sha256_file(cfg.data.tokenizer)
     data = ensure_data(cfg, d, tok_sha)
-    vocab = llama_config(cfg.model.preset, cfg.model.vocab_size).vocab_size
-    check_vocab(Tokenizer(cfg.data.tokenizer).vocab_size, vocab, cfg.data.tokenizer)
+    spec = lm_spec(cfg.model)
+    check_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, spec.vocab_size, cfg.data.tokenizer)
     plan = batch_plan(cfg, d.world)
     starts = stage_starts(cfg.stages.total_steps, cfg.stages.num_stages, cfg.stages.boundaries)
     ds_config = build_deepspeed_config(cfg, d.world, d.accelerator)
-    compat = compat_fields(cfg, d.world, plan, vocab, tok_sha, starts)
-    ckpt = Checkpointer(
-        rd,
-        d,
-        compat=compat,
-        global_batch_size=plan.global_batch_size,
-        keep_last=cfg.run.keep_last,
-        keep_stage=cfg.run.keep_stage_checkpoints,
-        boundary_weights=True,
-    )
-    engine = build_engine(cfg, ds_config, vocab)
+    compat = compat_fields(cfg, d.world, plan.global_batch_size, spec.vocab_size, tok_sha, starts)
+    ckpt = Checkpointer(rd, d, compat=compat, global_batch_size=plan.global_batch_size, keep_last=cfg.run.keep_last,
+                        keep_stage=cfg.run.keep_stage_checkpoints, boundary_weights=True)  # fmt: skip
+    engine = build_engine(cfg, ds_config, spec)
     resumed = ckpt.resume(engine)  # None for a fresh run; refuses an incompatible checkpoint
     if d.is_main:  # only once the run is known to be compatible
         rd.config.write_text(cfg.to_yaml())
         rd.deepspeed_json.write_text(json.dumps(ds_config, indent=2))
-
-    arch = DWMArch.from_config(cfg, vocab)
-    dwm_dtype = torch.float32 if resolve_precision(cfg.deepspeed.precision, d.accelerator) == "fp32" else torch.bfloat16
+    arch = DWMArch.from_config(cfg, spec.vocab_size)
+    precision = resolve_precision(cfg.deepspeed.precision, d.accelerator)
+    dwm_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     start_step = resumed.step if resumed else 0
+    expect_sha = resumed.dwm_in_use(starts) if resumed else None
+    nonfinite_so_far = (resumed.nonfinite_steps, resumed.nonfinite_streak) if resumed else (0, 0)
     run = Run(
         cfg=cfg,
         d=d,
         rd=rd,
         plan=plan,
+        precision=precision,
         engine=engine,
         data=data,
         order=GlobalOrder(len(data), cfg.run.seed),
         val=validation_set(cfg),
         ckpt=ckpt,
         metrics=MetricsWriter(rd, d.is_main, cfg.run.tensorboard, start_step if resumed else None),
-        handoff=StageHandoff(cfg, d, arch, dwm_dtype, rd, resumed.dwm_in_use(starts) if resumed else None, data=data),
+        handoff=StageHandoff(cfg, d, arch, dwm_dtype, rd, expect_sha, data=data),
         starts=starts,
-        n_params=count_parameters(cfg.model.preset, vocab),
-        stop=StopRequest(),
+        n_params=spec.num_parameters(),
+        stop=StopRequest(d.device),
+        nonfinite=NonFiniteCount(cfg.run.stop_after_nonfinite, *nonfinite_so_far),
         start_step=start_step,
         peak_flops=peak_flops(torch.cuda.get_device_name() if d.accelerator == "cuda" else ""),
     )
@@ -141,26 +147,6 @@ def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
     return ds
 
 
-def compat_fields(cfg: Config, world: int, plan: BatchPlan, vocab: int, tok_sha: str, starts: list[int]) -> dict:
-    """What every checkpoint records and a resume compares (train.checkpoint.BREAKING says which break it)."""
-    return {
-        "model_preset": cfg.model.preset,
-        "vocab_size": vocab,
-        "max_seq_len": cfg.model.max_seq_len,
-        "seq_len": cfg.data.seq_len,
-        "tokenizer_sha256": tok_sha,
-        "global_batch_size": plan.global_batch_size,
-        "world_size": world,
-        "dwm_backbone": cfg.dwm.backbone,
-        "meta_mode": cfg.meta.mode,
-        "data_sha": sha256_file(Path(cfg.data.train_data) / "index.json"),
-        "seed": cfg.run.seed,
-        "total_steps": cfg.stages.total_steps,
-        "stage_starts": starts,
-        "config_sha256": cfg.hash(),
-    }
-
-
 def announce(run: Run, arch: DWMArch) -> None:
     """The start-up lines: model size, world, batch, stages, and the paper's Eq. 9 DWM overhead."""
     cfg, d, plan = run.cfg, run.d, run.plan
@@ -174,8 +160,7 @@ def announce(run: Run, arch: DWMArch) -> None:
         )
     log0(
         d,
-        f"LM {cfg.model.preset}: {run.n_params:,} parameters; world {d.world} ({d.accelerator}, "
-        f"{resolve_precision(cfg.deepspeed.precision, d.accelerator)}); batch {plan.micro_batch_size} x "
-        f"{plan.gradient_accumulation_steps} accum x {d.world} = {plan.global_batch_size} seq "
-        f"({plan.tokens_per_step:,} tokens); stages start at {run.starts}",
+        f"LM {cfg.model.preset}: {run.n_params:,} parameters; world {d.world} ({d.accelerator}, {run.precision}); "
+        f"batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} accum x {d.world} = "
+        f"{plan.global_batch_size} seq ({plan.tokens_per_step:,} tokens); stages start at {run.starts}",
     )

@@ -1,5 +1,6 @@
-"""A planned stop before a time limit: SLURM's ``--signal=USR1@T`` warning (or any SIGUSR1) asks the run
-to finish its step, write a complete checkpoint and exit with code 4, so the job can be requeued."""
+"""The per-step agreement of all ranks: a planned stop before a time limit (SLURM's ``--signal=USR1@T`` warning,
+or any SIGUSR1, asks the run to finish its step, write a complete checkpoint and exit with code 4, so the job
+can be requeued), and whether any rank's loss was non-finite. One all-reduce per step decides both."""
 
 from __future__ import annotations
 
@@ -8,24 +9,31 @@ import signal
 import torch
 
 from dwmtrain.distributed import all_reduce_
+from dwmtrain.errors import EXIT_STOPPED, PlannedStop
 
-EXIT_CODE = 4
 
-
-class StoppedForTimeLimit(Exception):
+class StoppedForTimeLimit(PlannedStop):
     """The run stopped on request with a complete checkpoint; rerunning the command resumes it."""
+
+    exit_code = EXIT_STOPPED
 
 
 class StopRequest:
-    """Remembers a SIGUSR1; ``agreed()`` tells every rank, at the same step, whether any rank got one."""
+    """Remembers a SIGUSR1; ``agree()`` tells every rank, at the same step, whether any rank got one."""
 
-    def __init__(self, signum: int = signal.SIGUSR1):
-        self.flag = torch.zeros(1)
+    def __init__(self, device: torch.device | str = "cpu", signum: int = signal.SIGUSR1):
+        self.requested, self.device = False, torch.device(device)
         signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        self.flag.fill_(1.0)
+        self.requested = True
 
-    def agreed(self) -> bool:
-        """Collective: True on every rank once any rank has been signalled (ranks get it at different times)."""
-        return bool(all_reduce_(self.flag.clone(), "max").item())
+    def agree(self, nonfinite: torch.Tensor | None = None) -> tuple[bool, bool]:
+        """Collective, once per step: (any rank was signalled, any rank's ``nonfinite`` flag is set). Ranks get a
+        signal at different times; the flag lives on the device, so it costs no host sync of its own."""
+        flags = torch.zeros(2, device=self.device)
+        flags[0] = float(self.requested)
+        if nonfinite is not None:
+            flags[1] = nonfinite.to(self.device, torch.float32)
+        stop, bad = all_reduce_(flags, "max").tolist()
+        return stop > 0, bad > 0

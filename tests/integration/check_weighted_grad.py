@@ -20,15 +20,16 @@ from dwmtrain.config import build_deepspeed_config, load_config  # noqa: E402
 from dwmtrain.distributed import init_distributed  # noqa: E402
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch  # noqa: E402
 from dwmtrain.models.lm import build_lm  # noqa: E402
-from dwmtrain.train.loop import weigh  # noqa: E402
-from dwmtrain.train.loss import per_sample_loss, weighted_loss  # noqa: E402
+from dwmtrain.models.loss import per_sample_loss, weighted_loss  # noqa: E402
+from dwmtrain.models.spec import ModelSpec  # noqa: E402
+from dwmtrain.stages.weighting import FrozenDWM  # noqa: E402
 
 
 def main():
     d = init_distributed(600)
     torch.set_num_threads(1)
     cfg = load_config(None, ["data.seq_len=32", "deepspeed.global_batch_size=16", "optimizer.grad_clip=0"])
-    lm = build_lm("tiny", seed=0)
+    lm = build_lm(ModelSpec.from_preset("tiny"), seed=0)
     ref = copy.deepcopy(lm)
     eng, *_ = deepspeed.initialize(
         model=lm, model_parameters=lm.parameters(), config=build_deepspeed_config(cfg, d.world, d.accelerator)
@@ -38,15 +39,17 @@ def main():
     fresh = DataWeightingModel(arch).eval()
     g = torch.Generator().manual_seed(100 + d.rank)
     x = torch.randint(0, 512, (8, 32), generator=g)
-    assert torch.equal(weigh(fresh, x, []), torch.ones(8)), "fresh DWM must give exactly uniform weights"
+    assert torch.equal(FrozenDWM(fresh, {})(x, []), torch.ones(8)), "fresh DWM must give exactly uniform weights"
 
     torch.manual_seed(7)  # same DWM on every rank
     dwm = DataWeightingModel(arch).eval()
     torch.nn.init.normal_(dwm.fc2.weight, std=2.0)
-    w = weigh(dwm, x, [])
+    w = FrozenDWM(dwm, {})(x, [])
     assert w.std() > 0.05 and abs(w.mean().item() - 1) < 1e-5, w
     perm = torch.randperm(8, generator=g)
-    assert torch.allclose(weigh(dwm, x[perm], []), w[perm], atol=1e-5), "permuting the batch must permute the weights"
+    assert torch.allclose(FrozenDWM(dwm, {})(x[perm], []), w[perm], atol=1e-5), (
+        "permuting the batch must permute the weights"
+    )
 
     full_path = weighted_loss(per_sample_loss(eng(input_ids=x).logits, x), w).detach()  # the logits path
     eng.module.loss_chunk_tokens = 64  # 8 x 31 scored tokens: four chunks

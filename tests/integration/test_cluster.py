@@ -56,7 +56,7 @@ def test_the_meta_job_reads_consolidated_weights_equal_to_zero_to_fp32(reference
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
-    from dwmtrain.train.checkpoint import safe_torch_load
+    from dwmtrain.checkpoint import safe_torch_load
 
     ck = reference[0] / "checkpoints"
     w = load_file(str(ck / "step0000004" / "lm_fp32.safetensors"))

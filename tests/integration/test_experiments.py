@@ -126,10 +126,11 @@ def test_the_validation_stage_count_and_static_twins_train(exp):
 def test_export_equals_the_training_model_and_its_tokenizer(exp, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dwmtrain.checkpoint import consolidated_lm_state
     from dwmtrain.config import load_config
     from dwmtrain.data.tokenizer import Tokenizer
     from dwmtrain.models.lm import build_lm
-    from dwmtrain.train.checkpoint import consolidated_lm_state
+    from dwmtrain.models.spec import lm_spec
 
     _, _, run = exp
     rd = RunDir(run)
@@ -138,7 +139,7 @@ def test_export_equals_the_training_model_and_its_tokenizer(exp, tmp_path):
     for tag in ("step0000002", "step0000003"):  # a stage boundary (lm_fp32.safetensors) and the final checkpoint
         out = tmp_path / tag
         dwm(run.parent, "export", str(run), "--checkpoint", tag, "--out", str(out))
-        lm = build_lm(cfg.model.preset, cfg.model.vocab_size, cfg.model.max_seq_len, cfg.model.attn_implementation)
+        lm = build_lm(lm_spec(cfg.model), cfg.model.attn_implementation)
         lm.load_state_dict(consolidated_lm_state(rd, tag))
         hf = AutoModelForCausalLM.from_pretrained(out)  # no trust_remote_code
         with torch.no_grad():
@@ -148,7 +149,7 @@ def test_export_equals_the_training_model_and_its_tokenizer(exp, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
-    from dwmtrain.train.checkpoint import safe_torch_load
+    from dwmtrain.checkpoint import safe_torch_load
 
     with safe_torch_load():
         shards = get_fp32_state_dict_from_zero_checkpoint(str(rd.checkpoints), tag="step0000002")

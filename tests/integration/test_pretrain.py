@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dwmtrain.checkpoint import safe_torch_load
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm
+from dwmtrain.report import summarize
 
 from .helpers import DEEPSPEED, REPO, by_step, pretrain_cmd, records, run, run_until_step_then_kill, short_run
 
@@ -104,3 +106,33 @@ def test_static_dwm_for_the_whole_run(tmp_path, data64):
         check=False,
     )
     assert p.returncode != 0 and "sha256" in p.stderr and "corrupted or replaced" in p.stderr
+
+
+def test_a_nonfinite_loss_on_one_rank_is_skipped_everywhere_counted_and_stops_the_run(tmp_path, data64):
+    """NaN weights on rank 1 at step 5, then at steps 9-10 with run.stop_after_nonfinite=2."""
+    rd = tmp_path / "nan"
+    args = base(data64, "run.keep_last=1", "run.keep_stage_checkpoints=false", "run.stop_after_nonfinite=2")
+    p = run(pretrain_cmd(rd, args), check=False, DWMTRAIN_FAULT="nonfinite-loss:rank=1:step=5,9-10")
+    assert p.returncode == 2, p.stderr[-3000:]
+    # one line, the same on every rank (rank 0's progress bar may share the terminal line)
+    err = {x[x.index("[dwmtrain] error") :] for x in p.stderr.splitlines() if "NonFiniteError" in x}
+    assert len(err) == 1, err
+    (err,) = err
+    assert "2 consecutive steps" in err and "steps 9-10, stage 3, DWM uniform" in err and "step0000008" in err
+    m = by_step(rd / "metrics.jsonl")
+    assert max(m) == 10 and [s for s in m if m[s]["nonfinite"]] == [5, 9, 10]
+    assert m[5]["grad_norm"] is None and m[4]["grad_norm"] > 0 and m[6]["grad_norm"] > 0
+    assert m[6]["lr"] == m[5]["lr"] != m[4]["lr"]  # the skipped step did not advance the LR schedule
+    assert m[6]["loss"] == m[6]["loss"] and m[10]["nonfinite_steps"] == 3  # finite again after the skip
+    ck = rd / "checkpoints"
+    # keep_last=1 and no stage checkpoints kept, yet step 4 stays: the newest before the first non-finite step
+    assert sorted(q.name for q in ck.iterdir() if (q / "COMPLETE").exists()) == ["step0000004", "step0000008"]
+    marker = json.loads((ck / "step0000008" / "COMPLETE").read_text())
+    assert (marker["skipped_steps"], marker["nonfinite_steps"], marker["nonfinite_streak"]) == (1, 1, 0)
+    with safe_torch_load():  # every rank's engine skipped that step: DeepSpeed's count in each rank's shard
+        shards = [torch.load(f) for f in sorted((ck / "step0000008").glob("zero_pp_rank_*_model_states.pt"))]
+    assert [s["skipped_steps"] for s in shards] == [1, 1]
+    assert "non-finite steps: 3" in summarize(rd)
+    p = run(pretrain_cmd(rd, args))  # the same command, the fault gone: resumes from step 8 and finishes
+    assert "resumed from" in p.stdout + p.stderr and f"{ck}/step0000008" in p.stdout + p.stderr
+    assert max(by_step(rd / "metrics.jsonl")) == 12

@@ -1,8 +1,8 @@
-"""Pure loss and schedule math: per-sample losses, the weighted objective, the LR schedule."""
+"""The loss math every room shares (pure functions): per-sample next-token losses, the weighted objective,
+the fused weighted loss that never holds the full logits, and the per-example loss of labelled validation
+batches. Below models, data, meta and train: all of them use it."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -21,25 +21,6 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def weighted_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The LM objective for one micro-batch: mean_i w_i * L_i (weights have mean 1, so uniform = plain mean)."""
     return (weights.to(losses.dtype) * losses).mean()
-
-
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_ratio`` at the last step. ``step`` is 0-based."""
-    if warmup_steps and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def default_warmup(total_steps: int, warmup_steps: int) -> int:
-    return warmup_steps if warmup_steps else max(1, total_steps // 100)
-
-
-def scheduled_lr(cfg, step: int) -> float:
-    """The LM learning rate after ``step`` optimizer steps: exactly what the engine's LambdaLR sets."""
-    o, total = cfg.optimizer, cfg.stages.total_steps
-    return o.lr * lr_multiplier(step, total, default_warmup(total, o.warmup_steps), o.min_lr_ratio)
 
 
 class _WeightedLinearCE(torch.autograd.Function):
@@ -95,3 +76,13 @@ def fused_weighted_loss(
     coef = (weights.detach().to(acc) / (lb.shape[0] * n))[:, None].expand_as(valid).reshape(-1)
     loss, tok = _WeightedLinearCE.apply(h.reshape(-1, h.shape[-1]), weight, lb.reshape(-1), coef, chunk)
     return loss, (tok.view(lb.shape) * valid).sum(1) / n
+
+
+def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token loss per example over labelled positions, and exact-match of all of them.
+
+    logits [B, T, V], labels [B, T] (-100 = ignore) -> loss [B], correct [B] (bool).
+    """
+    lb = labels[:, 1:]
+    hit = ((logits[:, :-1].argmax(-1) == lb) | (lb == -100)).all(1)
+    return per_sample_loss(logits, labels), hit

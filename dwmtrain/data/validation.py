@@ -1,14 +1,16 @@
-"""Validation batches (LAMBADA targets, or the held-out split) and their loss / accuracy."""
+"""In-training validation: LAMBADA targets or the held-out split, and their loss / accuracy over all ranks
+(the trainer at stage ends, the meta job for its reward)."""
 
 from __future__ import annotations
 
 import torch
 
 from dwmtrain.data.dataset import TokenDataset
-from dwmtrain.data.lambada import collate_cloze, lm_batch, load_lambada, per_example_loss
-from dwmtrain.data.tokenizer import Tokenizer
+from dwmtrain.data.lambada import collate_cloze, lm_batch, load_lambada
+from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.distributed import all_reduce_
 from dwmtrain.errors import DataError
+from dwmtrain.models.loss import per_example_loss
 
 
 class ValidationSet:
@@ -25,7 +27,7 @@ class ValidationSet:
     ):
         self.source = source
         if source == "lambada":
-            self.items = load_lambada(lambada_path, Tokenizer(tokenizer_path), seq_len)
+            self.items = load_lambada(lambada_path, load_tokenizer(tokenizer_path), seq_len)
             self.n = len(self.items)
             self.where = f"{lambada_path} (LAMBADA-style cloze, target tokens)"
         else:
@@ -51,7 +53,7 @@ class ValidationSet:
 
 
 @torch.no_grad()
-def evaluate(forward, val: ValidationSet, n_batches: int, bs: int, rank: int, world: int, device) -> dict:
+def validation_metrics(forward, val: ValidationSet, n_batches: int, bs: int, rank: int, world: int, device) -> dict:
     """Mean per-example loss and accuracy (exact match of all target tokens) over all ranks."""
     tot = torch.zeros(3, dtype=torch.float64, device=device)
     for b in val.batches(n_batches, bs, rank, world):

@@ -1,0 +1,58 @@
+"""What every checkpoint records about the run that wrote it, and which changes a resume refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dwmtrain.errors import ResumeError
+from dwmtrain.fileio import sha256_file
+
+# Changing any of these makes the saved state unusable for this run.
+BREAKING = {
+    "model_preset": "model.preset",
+    "vocab_size": "model.vocab_size",
+    "max_seq_len": "model.max_seq_len",
+    "seq_len": "data.seq_len",
+    "tokenizer_sha256": "data.tokenizer (its sha256)",
+    "global_batch_size": "the global batch (deepspeed.global_batch_size/_tokens)",
+    "dwm_backbone": "dwm.backbone",
+    "meta_mode": "meta.mode",
+    "data_sha": "the training data (data.train_data index)",
+    "seed": "run.seed (the data order)",
+}
+
+
+def compat_fields(cfg, world: int, global_batch: int, vocab: int, tok_sha: str, starts: list[int]) -> dict:
+    """What every checkpoint records and a resume compares (``BREAKING`` says which changes break it)."""
+    return {
+        "model_preset": cfg.model.preset,
+        "vocab_size": vocab,
+        "max_seq_len": cfg.model.max_seq_len,
+        "seq_len": cfg.data.seq_len,
+        "tokenizer_sha256": tok_sha,
+        "global_batch_size": global_batch,
+        "world_size": world,
+        "dwm_backbone": cfg.dwm.backbone,
+        "meta_mode": cfg.meta.mode,
+        "data_sha": sha256_file(Path(cfg.data.train_data) / "index.json"),
+        "seed": cfg.run.seed,
+        "total_steps": cfg.stages.total_steps,
+        "stage_starts": starts,
+        "config_sha256": cfg.hash(),
+    }
+
+
+def check_compatible(saved: dict, current: dict) -> list[str]:
+    """Raise ResumeError listing breaking changes; return notes for harmless ones."""
+    broken = [
+        f"{BREAKING[k]}: checkpoint has {saved.get(k)!r}, now {current.get(k)!r}"
+        for k in BREAKING
+        if k in saved and saved.get(k) != current.get(k)
+    ]
+    if broken:
+        raise ResumeError("the config changed in a way that breaks this run:\n  " + "\n  ".join(broken))
+    return [
+        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in current
+        if k not in BREAKING and saved.get(k) != current.get(k)
+    ]

@@ -1,0 +1,318 @@
+"""The selection driver: read the pool, rank it, cut at the budget, write the subset; the table of methods.
+
+A selection runs in two passes over the input files so that only per-document numbers (location, checksum,
+domain, token count, score) are held for the whole pool:
+
+1. scan: every record is read, validated and scored by the method's scorer; records without text (or, for
+   ``qurating --missing skip``, without a score) are counted skips, reported by reason;
+2. write: the ranked documents are cut at the budget and the selected records, read again and checked
+   against the first pass's checksum, are written unchanged (plus ``meta.selection``) in rank order.
+
+Budget crossing: documents are taken in rank order until the budget is *reached*; the document that reaches
+or crosses a token budget is included (as QuRating's ``select_subset.py`` does), so the selection holds at
+least the budget (unless the pool is smaller) and exceeds it by less than its last document. A token is one
+tokenizer piece, plus one EOS per document: the count ``dwmtrain prepare-data`` reports for the output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dwmtrain.data.readers import domain_of, expand_inputs, iter_records, reader_for, text_skip_reason
+from dwmtrain.errors import DataError
+from dwmtrain.fileio import atomic_file, atomic_write_text
+from dwmtrain.select.base import take_budget
+from dwmtrain.select.dsir import DSIRScorer
+from dwmtrain.select.qurating import QuRatingScorer
+from dwmtrain.select.random_select import RandomScorer
+
+METHODS = {"random": RandomScorer, "dsir": DSIRScorer, "qurating": QuRatingScorer}
+OUT_SUFFIXES = (".jsonl", ".jsonl.zst")
+CHUNK = 1024  # records scored (and tokenized) together
+MAX_EXAMPLES = 20
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def report_path(out: str | os.PathLike) -> Path:
+    """``DIR/NAME.report.json`` for ``DIR/NAME.jsonl[.zst]``.
+
+    Not ``OUT.report.json``: that name matches ``*.jsonl*``, so ``prepare-data --input DIR`` would read it.
+    """
+    out = Path(out)
+    stem = next((out.name[: -len(s)] for s in (".jsonl.zst", ".jsonl") if out.name.endswith(s)), out.name)
+    return out.with_name(f"{stem}.report.json")
+
+
+def check_output(out: str, files: list[str], overwrite: bool) -> None:
+    """Refuse an output with the wrong suffix, one that is also an input, or one that exists without overwrite."""
+    if not out.endswith(OUT_SUFFIXES):
+        raise DataError(f"--out {out}: must end in .jsonl or .jsonl.zst")
+    if os.path.abspath(out) in {os.path.abspath(f) for f in files}:
+        raise DataError(f"--out {out} is also an input")
+    if not overwrite:
+        for p in (Path(out), report_path(out)):
+            if p.exists():
+                raise FileExistsError(f"{p} exists; pass --overwrite to replace it (only after a successful run)")
+
+
+def write_records(out: str, lines: list[str]) -> None:
+    """Write JSON lines to ``out`` (zstd if ``.zst``) atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with atomic_file(out) as tmp, open(tmp, "wb") as fh:
+        if out.endswith(".zst"):
+            import zstandard
+
+            with zstandard.ZstdCompressor(level=10).stream_writer(fh, closefd=False) as w:
+                for line in lines:
+                    w.write(line.encode("utf-8"))
+        else:
+            for line in lines:
+                fh.write(line.encode("utf-8"))
+
+
+def collect_selected(files: list[str], picked: dict[tuple[int, int], tuple[int, int]], method: str, scores) -> list:
+    """Second pass: the selected records as JSON lines in rank order, each with ``meta.selection`` added.
+
+    ``picked`` maps (file index, line) to (rank, crc32 of the line when it was scored).
+    """
+    out: list[str | None] = [None] * len(picked)
+    for fi in sorted({fi for fi, _ in picked}):
+        path = files[fi]
+        for lineno, line in reader_for(path).raw_lines(path):
+            hit = picked.get((fi, lineno))
+            if hit is None:
+                continue
+            rank, crc = hit
+            if zlib.crc32(line) != crc:
+                raise DataError(f"{path}:{lineno}: changed while selecting; run again")
+            rec = json.loads(line.decode("utf-8"))
+            meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+            s = scores[rank]
+            meta["selection"] = {"method": method, "score": None if s is None else float(s), "rank": rank}
+            rec["meta"] = meta
+            out[rank] = json.dumps(rec, ensure_ascii=False) + "\n"
+    missing = [r for r, v in enumerate(out) if v is None]
+    if missing:
+        raise DataError(f"{len(missing)} selected records vanished from the inputs while selecting; run again")
+    return out
+
+
+# ----------------------------------------------------------------------------- the scan
+
+
+@dataclass
+class Pool:
+    """Per pool document, compactly (a pool may hold millions): where it is, its checksum, domain, tokens."""
+
+    files: list[str]
+    fis: array = field(default_factory=lambda: array("i"))
+    lns: array = field(default_factory=lambda: array("q"))
+    crcs: array = field(default_factory=lambda: array("I"))
+    dom_ids: array = field(default_factory=lambda: array("i"))
+    ntok: array = field(default_factory=lambda: array("q"))
+    dom_names: dict[str, int] = field(default_factory=dict)
+    parts: list[np.ndarray] = field(default_factory=list)  # scores, one array per scored batch
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(f"{where}: {reason}")
+
+    def add_batch(self, buf: list, scorer, tok) -> None:
+        """Score (and count the tokens of) a batch of usable records."""
+        texts = [r.rec["text"] for r in buf]
+        doms = [domain_of(r.rec.get("meta")) for r in buf]
+        if tok is not None:
+            self.ntok.extend(len(ids) + 1 for ids in tok.encode_batch(texts))  # +1: the EOS prepare-data appends
+        self.parts.append(np.asarray(scorer.score_batch([r.rec for r in buf], texts, doms), dtype=np.float64))
+        for r, d in zip(buf, doms):
+            self.fis.append(r.file_index)
+            self.lns.append(r.line)
+            self.crcs.append(r.crc)
+            self.dom_ids.append(self.dom_names.setdefault(d, len(self.dom_names)))
+
+    def domain_names(self) -> list[str]:
+        return sorted(self.dom_names, key=self.dom_names.get)
+
+
+def scan_pool(files: list[str], scorer, tok, method: str, progress: bool) -> Pool:
+    """First pass: every record read, checked and scored; the unusable ones are counted skips."""
+    from tqdm import tqdm
+
+    pool, buf = Pool(files), []
+    bar = tqdm(unit="doc", disable=not progress, desc=f"scan ({method})")
+    for r in iter_records(files):
+        bar.update(1)
+        where = f"{files[r.file_index]}:{r.line}"
+        reason = text_skip_reason(r.rec.get("text")) or scorer.check(r.rec, where)
+        if reason:
+            pool.skip(reason, where)
+            continue
+        buf.append(r)
+        if len(buf) >= CHUNK:
+            pool.add_batch(buf, scorer, tok)
+            buf = []
+    if buf:
+        pool.add_batch(buf, scorer, tok)
+    bar.close()
+    return pool
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def domain_tables(pool: Pool, chosen: np.ndarray, lengths) -> tuple[dict, dict]:
+    """Documents (and tokens) per domain in the pool and in the selection."""
+    names, n = pool.domain_names(), len(pool.fis)
+    dom_arr = np.frombuffer(pool.dom_ids, dtype=np.int32)
+    tables = []
+    for idx in (np.arange(n), chosen):
+        docs = np.bincount(dom_arr[idx], minlength=len(names))
+        toks = np.bincount(dom_arr[idx], weights=lengths[idx], minlength=len(names)) if lengths is not None else None
+        table = {}
+        for j, name in enumerate(names):
+            if docs[j]:
+                table[name] = {"documents": int(docs[j])}
+                if toks is not None:
+                    table[name]["tokens"] = int(toks[j])
+        tables.append(dict(sorted(table.items())))
+    return tables[0], tables[1]
+
+
+def build_report(method, scorer, seed, files, out, budgets, tokenizer, pool, scores, chosen, lengths) -> dict:
+    """Everything a selection did, for ``NAME.report.json`` and ``summary``."""
+    budget_tokens, budget_docs = budgets
+    k = len(chosen)
+    tokens_selected = int(lengths[chosen].sum()) if lengths is not None else None
+    dom_pool, dom_sel = domain_tables(pool, chosen, lengths)
+    report = {
+        "method": method,
+        "parameters": scorer.parameters(),
+        "seed": seed,
+        "inputs": [os.path.abspath(f) for f in files],
+        "output": os.path.abspath(out),
+        "token_budget": budget_tokens,
+        "document_budget": budget_docs,
+        "budget_rule": "documents in rank order until the budget is reached; the document crossing it is included",
+        "budget_reached": bool((tokens_selected if budget_tokens is not None else k) >= (budget_tokens or budget_docs)),
+        "tokenizer": os.path.abspath(tokenizer) if tokenizer else None,
+        "token_count": "tokenizer pieces + 1 EOS per document (what prepare-data counts)" if tokenizer else None,
+        "pool_documents": len(pool.fis),
+        "selected_documents": int(k),
+        "pool_tokens": int(lengths.sum()) if lengths is not None else None,
+        "tokens_selected": tokens_selected,
+        "skipped": dict(sorted(pool.skipped.items())),
+        "skipped_examples": pool.examples,
+        "domains_pool": dom_pool,
+        "domains_selected": dom_sel,
+    }
+    if scorer.has_scores:
+        report["score_mean"] = {"pool": float(np.mean(scores)), "selected": float(np.mean(scores[chosen]))}
+    report.update(scorer.extra_report())
+    return report
+
+
+# ----------------------------------------------------------------------------- select
+
+
+def _check_budget(budget_tokens: int | None, budget_docs: int | None, tokenizer: str | None) -> None:
+    if (budget_tokens is None) == (budget_docs is None):
+        raise DataError("give exactly one of --budget-tokens and --budget-docs")
+    budget = budget_tokens if budget_tokens is not None else budget_docs
+    if budget is None or budget <= 0:
+        raise DataError(f"budget {budget}: must be a positive number")
+    if budget_tokens is not None and not tokenizer:
+        raise DataError("--budget-tokens needs --tokenizer (the tokenizer to count tokens with)")
+
+
+def scorer_for(method: str, options: dict):
+    """The method's scorer from the table, or a DataError naming the methods."""
+    if method not in METHODS:
+        raise DataError(f"unknown selection method {method!r}; one of {', '.join(METHODS)}")
+    return METHODS[method](**options)
+
+
+def select(
+    method: str,
+    inputs: list[str] | str,
+    out: str | os.PathLike,
+    *,
+    budget_tokens: int | None = None,
+    budget_docs: int | None = None,
+    tokenizer: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+    **method_options,
+) -> dict:
+    """Select a subset of ``inputs`` with ``method`` up to the budget, write it to ``out``; returns the report."""
+    inputs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(x) for x in inputs]
+    out = str(out)
+    _check_budget(budget_tokens, budget_docs, tokenizer)
+    files = expand_inputs(inputs)
+    check_output(out, files, overwrite)
+    tok = None
+    if tokenizer:
+        from dwmtrain.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    scorer = scorer_for(method, method_options)
+    scorer.prepare()
+    pool = scan_pool(files, scorer, tok, method, progress)
+    if not pool.fis:
+        raise DataError(f"{inputs}: no usable records (skipped: {dict(pool.skipped) or 'none'})")
+    scores = scorer.finalize(np.concatenate(pool.parts), pool.domain_names())
+    order = scorer.order(scores, seed)
+    lengths = np.asarray(pool.ntok, dtype=np.int64) if tok is not None else None
+    k = take_budget(lengths[order], budget_tokens) if budget_tokens is not None else min(budget_docs, len(pool.fis))
+    chosen = order[:k]
+    picked = {(pool.fis[i], pool.lns[i]): (rank, pool.crcs[i]) for rank, i in enumerate(chosen.tolist())}
+    lines = collect_selected(files, picked, method, [scores[i] if scorer.has_scores else None for i in chosen])
+    budgets = (budget_tokens, budget_docs)
+    report = build_report(method, scorer, seed, files, out, budgets, tokenizer, pool, scores, chosen, lengths)
+    write_records(out, lines)
+    atomic_write_text(report_path(out), json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def summary(report: dict) -> str:
+    """A few lines for the terminal: sizes, budget, skips, and the domain mix before and after."""
+    r = report
+    lines = [f"method: {r['method']}  seed: {r['seed']}  {json.dumps(r['parameters'])}"]
+    if r["token_budget"] is not None:
+        lines.append(
+            f"selected {r['selected_documents']} of {r['pool_documents']} documents, "
+            f"{r['tokens_selected']} of {r['pool_tokens']} tokens (budget {r['token_budget']}; "
+            "the document crossing it is included)"
+        )
+    else:
+        lines.append(
+            f"selected {r['selected_documents']} of {r['pool_documents']} documents (budget {r['document_budget']})"
+        )
+    if not r["budget_reached"]:
+        lines.append("warning: the pool is smaller than the budget; every usable document was selected")
+    sk = r["skipped"]
+    lines.append("skipped records: " + (", ".join(f"{k}: {v}" for k, v in sk.items()) if sk else "0"))
+    lines += [f"  e.g. {e}" for e in r["skipped_examples"][:5]]
+    if "score_mean" in r:
+        lines.append(f"mean score: pool {r['score_mean']['pool']:.4g}, selected {r['score_mean']['selected']:.4g}")
+    pool, sel = r["domains_pool"], r["domains_selected"]
+    np_, ns = max(r["pool_documents"], 1), max(r["selected_documents"], 1)
+    width = max([len("domain")] + [len(d) for d in pool])
+    lines.append(f"{'domain':<{width}}  {'pool docs':>10}  {'selected docs':>14}")
+    for d in sorted(pool, key=lambda d: -sel.get(d, {}).get("documents", 0)):
+        a, b = pool[d]["documents"], sel.get(d, {}).get("documents", 0)
+        lines.append(f"{d:<{width}}  {a:>5} {100 * a / np_:3.0f}%  {b:>8} {100 * b / ns:3.0f}%")
+    return "\n".join(lines)
