@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checkout wrapper of ``dwmtrain.launch.meta_update`` (the single-node meta-update job).
+"""Checkout wrapper of ``dwmtrain.meta.job`` (the single-node meta-update job).
 
 torchrun --standalone --nproc_per_node N launchers/meta_update.py --run-dir DIR --stage K [--checkpoint TAG]
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dwmtrain.launch.meta_update import main  # noqa: E402
+from dwmtrain.meta.job import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,7 +4,7 @@
 1. Corrupt a fraction (30% by default) of the bundled corpus's documents by shuffling their tokens
    (domain label "corrupted"), and prepare the mix.
 2. Train a short uniform stage (meta.mode=none) with the real deepspeed launcher.
-3. Run one meta-update job (python -m dwmtrain.launch.meta_update) on the stage-end checkpoint.
+3. Run one meta-update job (python -m dwmtrain.meta.job) on the stage-end checkpoint.
 4. Score held-out micro-batches of 8 with the learned DWM and print the ROC-AUC of the weights for
    clean (positive) against corrupted sequences.
 

@@ -71,7 +71,7 @@ def test_external_and_local_meta_launches_fit_the_same_dwm(reference, tmp_path, 
     p = run(pretrain_cmd(ext, bilevel(data64, "meta.launch=external")), check=False)
     assert p.returncode == 3, p.stderr[-3000:]
     printed = p.stderr.split("rerun this command:\n", 1)[1].splitlines()[0]
-    assert "dwmtrain.launch.meta_update" in printed and "--lookahead-lr" not in printed
+    assert "-m dwmtrain.meta.job" in printed and "--lookahead-lr" not in printed
     run(shlex.split(printed))  # what a SLURM meta job runs
     run(pretrain_cmd(ext, bilevel(data64, "meta.launch=external")))
     dwm_local, dwm_ext = (read_dwm_meta(r / "dwm" / "stage2.safetensors") for r in (local, ext))
