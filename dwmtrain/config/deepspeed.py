@@ -1,0 +1,67 @@
+"""The DeepSpeed JSON, generated from the config tree plus a ZeRO template (``dwmtrain/ds_configs/``): batch sizes,
+precision, clipping and the optimizer come from the tree, never from the template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dwmtrain.config.batch import batch_plan
+from dwmtrain.config.schema import PACKAGE_DIR
+from dwmtrain.errors import ConfigError
+
+DS_TEMPLATE_DIR = PACKAGE_DIR / "ds_configs"
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    if precision == "auto":
+        return "fp32" if accelerator == "cpu" else "bf16"
+    if accelerator == "cpu" and precision != "fp32":
+        raise ConfigError(f"deepspeed.precision={precision}: the CPU accelerator trains in fp32")
+    return precision
+
+
+def build_deepspeed_config(cfg, world: int, accelerator: str) -> dict:
+    """Generate the DeepSpeed JSON from the config tree plus a ZeRO template."""
+    ds = cfg.deepspeed
+    tpath = DS_TEMPLATE_DIR / f"{ds.template}.json" if "/" not in ds.template else Path(ds.template)
+    if not tpath.is_file() and Path(ds.template).is_file():
+        tpath = Path(ds.template)
+    try:
+        template = json.loads(tpath.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.template={ds.template!r}: {tpath} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed template {tpath}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    for forbidden in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if forbidden in template:
+            raise ConfigError(
+                f"deepspeed template {tpath}: {forbidden} belongs in the run config (deepspeed.*), not the template"
+            )
+    plan = batch_plan(cfg, world)
+    prec = resolve_precision(ds.precision, accelerator)
+    out = dict(template)
+    out.update(
+        train_batch_size=plan.global_batch_size,
+        train_micro_batch_size_per_gpu=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        gradient_clipping=cfg.optimizer.grad_clip,
+        bf16={"enabled": prec == "bf16"},
+        fp16={"enabled": prec == "fp16"},
+        steps_per_print=10**9,  # we log ourselves
+        wall_clock_breakdown=False,
+    )
+    opt = cfg.optimizer
+    out["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": opt.lr,
+            "betas": list(opt.betas),
+            "eps": opt.eps,
+            "weight_decay": opt.weight_decay,
+        },
+    }
+    if accelerator == "cpu" and not out.get("zero_optimization", {}).get("offload_optimizer"):
+        # The fused CUDA Adam does not exist on the CPU accelerator; torch's AdamW does the same math.
+        out["optimizer"]["params"]["torch_adam"] = True
+    return out

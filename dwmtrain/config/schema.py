@@ -1,0 +1,294 @@
+"""The typed config tree of a run: one dataclass per section, each documenting its fields and validating itself
+when created (errors name ``section.field=value``).
+
+Everything the config refers to by default ships inside the package: the ZeRO templates, the bundled configs
+(``--config tiny``) and the sample corpus, named ``dwmtrain:data/corpus/...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dwmtrain.config.batch import global_batch_sequences
+from dwmtrain.config.checks import check, one_of, positive
+from dwmtrain.errors import ConfigError
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+PACKAGE_PREFIX = "dwmtrain:"  # a path inside the installed package, e.g. dwmtrain:data/corpus/sample.jsonl.zst
+
+
+def package_path(path: str) -> str:
+    """``dwmtrain:REL`` -> the absolute path of REL inside the package; any other path unchanged."""
+    return str(PACKAGE_DIR / path[len(PACKAGE_PREFIX) :]) if path.startswith(PACKAGE_PREFIX) else path
+
+
+@dataclass
+class RunConfig:
+    """Where and how the run records itself."""
+
+    name: str = "dwm"  #: free-form run name, shown in logs
+    run_dir: str = "runs/dwm"  #: all outputs: checkpoints, DWM files, metrics, logs (``--run-dir`` sets it)
+    seed: int = 1234  #: seeds data order, model init and DWM init
+    log_every: int = 1  #: write a metrics.jsonl record every N optimizer steps
+    checkpoint_every: int = 100  #: sharded checkpoint every N steps (stage boundaries always checkpoint)
+    keep_last: int = 3  #: keep the newest k periodic checkpoints (stage-boundary ones are kept too)
+    keep_stage_checkpoints: bool = True  #: never prune checkpoints taken at stage boundaries
+    eval_every: int = 0  #: validation loss/accuracy every N steps (0: only at stage ends)
+    eval_batches: int = 4  #: validation micro-batches per evaluation
+    tensorboard: bool = True  #: write TensorBoard event files under run_dir/tensorboard
+    dist_timeout_s: int = 600  #: a collective (or the rendezvous) waiting longer ends the job: a dead or hung rank
+    threads_per_rank: int = 0  #: torch intra-op threads per rank on CPU (0: cores / local ranks)
+    #: a step with a non-finite loss or gradient norm is skipped (no update, the LR schedule waits) and counted;
+    #: this many in a row stop the run (exit 2) before that step is saved, so a rerun resumes from a sound state
+    stop_after_nonfinite: int = 5
+
+    def __post_init__(self):
+        check(bool(self.run_dir), "run.run_dir", self.run_dir, "must be set")
+        for f in (
+            "log_every",
+            "checkpoint_every",
+            "keep_last",
+            "eval_batches",
+            "dist_timeout_s",
+            "stop_after_nonfinite",
+        ):
+            positive(f"run.{f}", getattr(self, f))
+        check(self.eval_every >= 0, "run.eval_every", self.eval_every, "must be >= 0")
+        check(self.threads_per_rank >= 0, "run.threads_per_rank", self.threads_per_rank, "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """The language model being pretrained."""
+
+    preset: str = "tiny"  #: tiny | small | 370m | 1.3b (see dwmtrain.models.spec.PRESETS)
+    vocab_size: int = 0  #: 0: the preset's; must equal the tokenizer's vocabulary
+    max_seq_len: int = 0  #: 0: the preset's context (1024 for the paper presets)
+    attn_implementation: str = "sdpa"  #: sdpa (fused kernels) | eager
+    #: the training loss applies the LM head this many tokens at a time, never holding the full
+    #: [tokens, vocab] logits (models.loss.fused_weighted_loss); 0: the full-logits path
+    loss_chunk_tokens: int = 1024
+
+    def __post_init__(self):
+        from dwmtrain.models.spec import ATTN_IMPLEMENTATIONS, PRESETS
+
+        one_of("model.preset", self.preset, tuple(PRESETS))
+        check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0")
+        check(self.max_seq_len >= 0, "model.max_seq_len", self.max_seq_len, "must be >= 0")
+        one_of("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        check(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", self.loss_chunk_tokens, "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Prepared token shards, tokenizer and validation data."""
+
+    train_data: str = "runs/data/sample"  #: directory written by ``dwmtrain prepare-data``
+    tokenizer: str = "runs/data/tokenizer.model"  #: sentencepiece model used to prepare the data
+    seq_len: int = 1024  #: packed sequence length; must equal the prepared data's
+    val_source: str = "lambada"  #: lambada (the paper) | heldout (the DWM_VAL ablation)
+    lambada_path: str = "dwmtrain:data/corpus/lambada_sample.jsonl"  #: lambada_openai-format JSONL
+    raw: list[str] = field(default_factory=list)  #: JSONL(.zst) inputs to prepare train_data from if missing
+    heldout_data: str = ""  #: val_source=heldout: prepared dir whose heldout split validates ("": train_data)
+    verify: str = "size"  #: shard check at load: size (cheap) | sha256 (reads everything)
+
+    def __post_init__(self):
+        # bundled files (``dwmtrain:...``) become absolute paths into the installed package
+        self.tokenizer, self.lambada_path = package_path(self.tokenizer), package_path(self.lambada_path)
+        self.raw = [package_path(r) for r in self.raw]
+        positive("data.seq_len", self.seq_len)
+        one_of("data.val_source", self.val_source, ("lambada", "heldout"))
+        one_of("data.verify", self.verify, ("size", "sha256"))
+
+
+@dataclass
+class DWMConfig:
+    """The Data Weighting Model: backbone embeds samples, attention across the micro-batch, 2 linears."""
+
+    backbone: str = "tiny"  #: LM preset of the backbone (the paper: 370m)
+    attn_heads: int = 4  #: heads of the cross-sample attention block
+    head_hidden: int = 0  #: hidden width of the 2-layer head (0: backbone hidden size)
+    pooling: str = "mean"  #: mean | last: how token states become one embedding per sample
+    temperature: float = 1.0  #: temperature of the weights (logits / T)
+    normalization: str = "softmax"  #: softmax (B * softmax(z/T)) | sigmoid (keep-gates renormalized to mean 1)
+    uniform_mix: float = 0.0  #: w <- (1-u) w + u, guards against collapse onto few samples
+    init_backbone_from_lm: bool = True  #: first boundary: copy the LM into the backbone (as the paper)
+    alarm_ess: float = 0.5  #: alarm when a step's mean ESS falls below this fraction of the micro-batch (collapse)
+    alarm_max_weight: float = 0.5  #: alarm when one sample's weight exceeds this fraction of the micro-batch size
+    #: torch.compile the frozen DWM's forward on the trainer ranks: 0.88x its time on CPU at small, after ~30 s
+    #: of compiling per process (tools/bench.py --only dwmcompile); pays on long runs, not in short tests
+    compile: bool = False
+
+    def __post_init__(self):
+        from dwmtrain.models.dwm import NORMALIZATIONS, POOLINGS
+        from dwmtrain.models.spec import PRESETS
+
+        one_of("dwm.backbone", self.backbone, tuple(PRESETS))
+        positive("dwm.attn_heads", self.attn_heads)
+        check(self.head_hidden >= 0, "dwm.head_hidden", self.head_hidden, "must be >= 0")
+        one_of("dwm.pooling", self.pooling, POOLINGS)
+        one_of("dwm.normalization", self.normalization, NORMALIZATIONS)
+        positive("dwm.temperature", self.temperature)
+        check(0.0 <= self.uniform_mix <= 1.0, "dwm.uniform_mix", self.uniform_mix, "must be in [0, 1]")
+        check(0.0 <= self.alarm_ess <= 1.0, "dwm.alarm_ess", self.alarm_ess, "must be in [0, 1]")
+        check(0.0 < self.alarm_max_weight <= 1.0, "dwm.alarm_max_weight", self.alarm_max_weight, "must be in (0, 1]")
+
+
+@dataclass
+class StagesConfig:
+    """Training is split into stages; the DWM is refit at each boundary. Stage 1 is uniform."""
+
+    total_steps: int = 100  #: optimizer steps of the whole run
+    num_stages: int = 5  #: T; boundaries split total_steps evenly unless ``boundaries`` is given
+    boundaries: list[int] = field(default_factory=list)  #: explicit start steps of stages 2..T
+
+    def __post_init__(self):
+        positive("stages.total_steps", self.total_steps)
+        positive("stages.num_stages", self.num_stages)
+        from dwmtrain.stages.schedule import stage_starts
+
+        try:
+            stage_starts(self.total_steps, self.num_stages, list(self.boundaries))
+        except ValueError as e:  # name the field the user set: boundaries if given, else the stage count
+            if self.boundaries:
+                raise ConfigError(f"stages.boundaries={self.boundaries!r}: {e}") from None
+            raise ConfigError(f"stages.num_stages={self.num_stages}: {e}") from None
+
+
+@dataclass
+class MetaConfig:
+    """How the DWM is obtained at stage boundaries."""
+
+    mode: str = "bilevel"  #: none | fixed (``dwm_path``) | transfer (``dwm_run``) | oracle (``oracle_drop``) | bilevel
+    dwm_path: str = ""  #: fixed mode: a DWM checkpoint (.safetensors) used from step 0 on
+    dwm_run: str = ""  #: transfer mode: a finished bilevel run whose stage-K DWM weighs stage K here (no meta job)
+    oracle_drop: list[str] = field(default_factory=list)  #: oracle mode: domains weighted 0 (a headroom baseline)
+    oracle_from_stage: int = 1  #: oracle mode: first stage it weighs (2: uniform stage 1, like the DWM's schedule)
+    launch: str = "local"  #: local: rank 0 runs the meta job on this node | external: stop, run it yourself
+    steps: int = 20  #: K meta-steps (Adam on the DWM) per boundary
+    #: R(theta), the validation loss before the lookahead, is for the log only (an extra forward): computed at
+    #: the first and last meta-step and every log_every-th
+    log_every: int = 10
+    lr: float = 1e-4  #: Adam learning rate of the DWM
+    lookahead_lr: float = 0.0  #: alpha of the lookahead step; 0: the LM's learning rate at the boundary
+    grad_mode: str = "fd"  #: fd (finite differences, production) | per_sample | jvp | unrolled (reference)
+    #: fd mode: norm of the parameter perturbation along v = grad L_val(theta*); 0: by the LM's dtype and
+    #: parameter norm (meta.metagrad.FD_EPS; fp32: max(3e-4 x the norm, 0.02), measured most accurate)
+    fd_eps: float = 0.0
+    val_batch_size: int = 8  #: validation examples per meta-step
+    nproc: int = 1  #: data-parallel processes of the meta job (GPUs, or CPU processes)
+    timeout_s: int = 3600  #: training stops with a resumable checkpoint if the meta job takes longer
+    backbone_trainable: bool = True  #: train the DWM backbone too (False: only attention + linears)
+    normalize_grad: bool = True  #: standardize dR/dw over each micro-batch: scale-free meta-steps
+    spread_penalty: float = 0.5  #: collapse guard: + spread_penalty * var(log w); in units of normalize_grad (0: off)
+    calibrate_batches: int = 0  #: after fitting, shrink the DWM by its agreement with dR/dw on N unseen micro-batches
+    calibrate_rho: float = 0.5  #: agreement at which the fitted DWM is kept at full strength (less: shrunk)
+
+    def __post_init__(self):
+        one_of("meta.mode", self.mode, ("none", "fixed", "transfer", "oracle", "bilevel"))
+        one_of("meta.launch", self.launch, ("local", "external"))
+        one_of("meta.grad_mode", self.grad_mode, ("fd", "per_sample", "jvp", "unrolled"))
+        if self.mode == "fixed":
+            check(bool(self.dwm_path), "meta.dwm_path", self.dwm_path, "meta.mode=fixed needs a DWM file")
+        if self.mode == "oracle":
+            check(
+                bool(self.oracle_drop), "meta.oracle_drop", self.oracle_drop, "meta.mode=oracle needs domains to drop"
+            )
+        check(self.oracle_from_stage >= 1, "meta.oracle_from_stage", self.oracle_from_stage, "must be >= 1")
+        check(self.spread_penalty >= 0, "meta.spread_penalty", self.spread_penalty, "must be >= 0")
+        check(self.calibrate_batches >= 0, "meta.calibrate_batches", self.calibrate_batches, "must be >= 0")
+        positive("meta.calibrate_rho", self.calibrate_rho)
+        if self.mode == "transfer":
+            check(bool(self.dwm_run), "meta.dwm_run", self.dwm_run, "meta.mode=transfer needs a bilevel run directory")
+        check(self.fd_eps >= 0, "meta.fd_eps", self.fd_eps, "must be >= 0 (0: by the LM's dtype and norm)")
+        for f in ("steps", "log_every", "lr", "val_batch_size", "nproc", "timeout_s"):
+            positive(f"meta.{f}", getattr(self, f))
+        check(self.lookahead_lr >= 0, "meta.lookahead_lr", self.lookahead_lr, "must be >= 0")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay (the paper: lr 5e-4, betas 0.9/0.95, eps 1e-8)."""
+
+    lr: float = 5e-4  #: peak learning rate (reached after warmup)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  #: AdamW beta1, beta2
+    eps: float = 1e-8  #: AdamW epsilon
+    weight_decay: float = 0.1  #: decoupled weight decay (AdamW)
+    warmup_steps: int = 0  #: linear warmup steps; 0: 1% of total steps
+    min_lr_ratio: float = 0.1  #: cosine decays to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0  #: 0 disables clipping
+
+    def __post_init__(self):
+        positive("optimizer.lr", self.lr)
+        check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optimizer.betas",
+            self.betas,
+            "must be two numbers in [0, 1)",
+        )
+        positive("optimizer.eps", self.eps)
+        check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        check(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, "must be >= 0")
+        check(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        check(self.grad_clip >= 0, "optimizer.grad_clip", self.grad_clip, "must be >= 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Batch arithmetic and ZeRO settings; the only place batch sizes are written."""
+
+    template: str = "zero3"  #: zero3 | zero3_offload | a path to a JSON template
+    micro_batch_size: int = 8  #: sequences per rank per forward (the DWM scores these together)
+    global_batch_size: int = 0  #: sequences per optimizer step (0: from global_batch_tokens or accum)
+    global_batch_tokens: int = 0  #: tokens per optimizer step (the paper: 4M = 4096 x 1024)
+    gradient_accumulation_steps: int = 0  #: 0: derived from the global batch and world size
+    precision: str = "auto"  #: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+
+    def __post_init__(self):
+        positive("deepspeed.micro_batch_size", self.micro_batch_size)
+        for f in ("global_batch_size", "global_batch_tokens", "gradient_accumulation_steps"):
+            check(getattr(self, f) >= 0, f"deepspeed.{f}", getattr(self, f), "must be >= 0")
+        one_of("deepspeed.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        if self.template not in ("zero3", "zero3_offload"):
+            check(Path(self.template).is_file(), "deepspeed.template", self.template, "no such template")
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dwm: DWMConfig = field(default_factory=DWMConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self):
+        # Cross-section checks: things no single section can see (the world size is checked at launch).
+        global_batch_sequences(self.deepspeed.global_batch_size, self.deepspeed.global_batch_tokens, self.data.seq_len)
+        if self.model.max_seq_len:
+            check(
+                self.data.seq_len <= self.model.max_seq_len,
+                "data.seq_len",
+                self.data.seq_len,
+                f"exceeds model.max_seq_len={self.model.max_seq_len}",
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """sha256 of the resolved config (recorded in every checkpoint)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
