@@ -108,7 +108,8 @@ def _export(a) -> None:
 
 
 def _eval(a) -> None:
-    from dwmtrain.evaluation import COLUMNS, compare, evaluate_run
+    from dwmtrain.eval.runs import evaluate_run
+    from dwmtrain.eval.tables import COLUMNS, compare
 
     labels = a.labels.split(",") if a.labels else [os.path.basename(os.path.normpath(r)) for r in a.run_dirs]
     if len(labels) != len(a.run_dirs) or len(set(labels)) != len(labels):

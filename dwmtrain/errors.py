@@ -35,6 +35,10 @@ class ResumeError(CheckpointError):
     """The checkpoint cannot continue this run; the message says what changed."""
 
 
+class AnalysisError(DWMTrainError, ValueError):
+    """A run directory, output path or request an analysis cannot use."""
+
+
 class PlannedStop(Exception):
     """The run stopped on purpose with a complete checkpoint; rerunning the same command continues it. The
     message is what rank 0 says; ``exit_code`` is what the job ends with."""

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from dwmtrain.errors import ConfigError, DWMTrainError
-from dwmtrain.lmeval import LAMBADA_TASK, PAPER_TASKS, REPORTED_METRIC, TASKS, EvalDataError, run_lm_eval
-from dwmtrain.lmeval.tasks import required_splits, task_config
+from dwmtrain.eval import LAMBADA_TASK, PAPER_TASKS, REPORTED_METRIC, TASKS, EvalDataError, run_lm_eval
+from dwmtrain.eval.tasks import required_splits, task_config
 
 from .conftest import REPO, SP_MODEL
 
@@ -216,7 +216,7 @@ def test_fetch_tool_writes_the_layout_for_logiqa(tmp_path, capsys):
         (src / name).write_text(LOGIQA_TXT, encoding="utf-8")
     out = tmp_path / "data"
     assert _fetch_tool().main(["--out", str(out), "--tasks", "logiqa", "--logiqa-source", str(src)]) == 0
-    from dwmtrain.lmeval.tasks import check_data
+    from dwmtrain.eval.tasks import check_data
 
     files = check_data(["logiqa"], out)
     assert set(files) == {"logiqa"} and sorted(files["logiqa"]) == ["test", "train"]

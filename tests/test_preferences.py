@@ -11,16 +11,9 @@ import pytest
 import torch
 
 from dwmtrain.analysis.cli import register
-from dwmtrain.analysis.preferences import (
-    StageScores,
-    choose_samples,
-    compute_preferences,
-    rankdata,
-    score_dataset,
-    spearman,
-    within_batch_spearman,
-    write_outputs,
-)
+from dwmtrain.analysis.preferences import write_outputs
+from dwmtrain.analysis.scoring import choose_samples, score_dataset
+from dwmtrain.analysis.stats import StageScores, compute_preferences, rankdata, spearman, within_batch_spearman
 from dwmtrain.data.dataset import TokenDataset
 from dwmtrain.errors import DWMTrainError
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, load_dwm, normalize_weights, save_dwm
@@ -287,7 +280,7 @@ def rater(tmp_path_factory):
 def test_a_rater_gives_the_quality_panels_from_the_cli(run_dir, data_dir, rater, tmp_path, capsys):
     """--rater: every sample's decoded text rated on every label; score records carry the fields, and
     analyze-preferences draws Figure 3's panels from them."""
-    from dwmtrain.analysis.preferences import sample_texts
+    from dwmtrain.analysis.scoring import sample_texts
     from dwmtrain.select.qurating import load_rater, rater_logits
 
     dwm_file = RunDir(run_dir).dwm(3)

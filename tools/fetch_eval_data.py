@@ -5,7 +5,7 @@
 
 writes ``DATA_DIR/<task>/<split>.jsonl``: one record a line, exactly as ``datasets.load_dataset`` gives it for the
 hub dataset the installed lm-eval YAML names (docs/evaluation.md). Only the splits lm-eval reads are fetched: the
-scored split and the few-shot split (``dwmtrain.lmeval.tasks.required_splits``).
+scored split and the few-shot split (``dwmtrain.eval.tasks.required_splits``).
 
 LogiQA's hub dataset (EleutherAI/logiqa) is a loading script that datasets>=4 no longer runs; its records are made
 here from the original text files of lgw863/LogiQA-dataset (Train.txt, Eval.txt, Test.txt), parsed exactly as that
@@ -81,7 +81,7 @@ def write_jsonl(records: Iterable[dict], path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Fetch every requested task's splits into ``--out``."""
-    from dwmtrain.lmeval.tasks import TASKS, required_splits
+    from dwmtrain.eval.tasks import TASKS, required_splits
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="DATA_DIR to write <task>/<split>.jsonl into")

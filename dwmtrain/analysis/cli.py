@@ -9,10 +9,10 @@ import sys
 
 
 def _score(a) -> None:
-    from dwmtrain.analysis.preferences import (
+    from dwmtrain.analysis.preferences import open_split
+    from dwmtrain.analysis.scoring import (
         check_out_suffix,
         choose_samples,
-        open_split,
         quality_scores,
         resolve_device,
         sample_texts,
@@ -50,7 +50,8 @@ def _score(a) -> None:
 
 
 def _analyze(a) -> None:
-    from dwmtrain.analysis.preferences import analyze_preferences, summary_text
+    from dwmtrain.analysis.preferences import analyze_preferences
+    from dwmtrain.analysis.summary import summary_text
 
     report = analyze_preferences(
         a.run_dir,

@@ -188,7 +188,7 @@ def test_eval_two_runs_per_stage_tables_figure_and_cache(exp):
     assert json.loads((work / "cmp" / "results.json").read_text()) == res
     assert time.time() - t0 < 60
     # one checkpoint (--checkpoint takes a tag or a step): the same results, from the same cache
-    from dwmtrain.evaluation import stage_end_checkpoints
+    from dwmtrain.eval.runs import stage_end_checkpoints
 
     ck = stage_end_checkpoints(dwm_run)[0][1]  # stage 2's end
     one = dwm(work, "eval", str(dwm_run), "--task-data", str(TASK_DATA), "--checkpoint", str(ck.step), "--out", "one")

@@ -1,7 +1,7 @@
 """Run lm-evaluation-harness on a Hugging Face model directory, fully offline, on the paper's tasks.
 
 lm-eval does the work (its task runner, prompts and metrics); this module points its tasks at local JSONL files
-(``dwmtrain.lmeval.tasks``), keeps every hub client offline for the call, and returns a plain JSON-able dict.
+(``dwmtrain.eval.tasks``), keeps every hub client offline for the call, and returns a plain JSON-able dict.
 """
 
 from __future__ import annotations
@@ -16,28 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from dwmtrain.errors import DWMTrainError
-from dwmtrain.lmeval.tasks import (
-    LAMBADA_TASK,
-    PAPER_TASKS,
-    REPORTED_METRIC,
-    TASKS,
-    EvalDataError,
+from dwmtrain.eval.tasks import (
     check_data,
-    sha256,
     spec,
     write_task_dir,
 )
-
-__all__ = [
-    "LAMBADA_TASK",
-    "PAPER_TASKS",
-    "REPORTED_METRIC",
-    "TASKS",
-    "EvalDataError",
-    "LMEvalError",
-    "offline",
-    "run_lm_eval",
-]
+from dwmtrain.fileio import sha256_file
 
 _OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -135,12 +119,49 @@ def run_lm_eval(
     model_dir = Path(model_dir).resolve()
     if not (model_dir / "config.json").is_file():
         raise LMEvalError(f"lm-eval model {model_dir}: no config.json (expected a Hugging Face model directory)")
+    lm_eval = _import_lm_eval()
+    settings = dict(num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit,
+                    bootstrap_iters=bootstrap_iters, log_samples=log_samples)  # fmt: skip
+    raw = _simple_evaluate(lm_eval, model_dir, dtype, tasks, data_dir, cache_dir, seed, settings)
+    if raw is None:  # only on a non-zero rank of a distributed run
+        return {}
+    results = {
+        t: _task_result(raw["results"][t], int(raw["n-samples"][t]["effective"]), int(raw["n-shot"][t])) for t in tasks
+    }
+    out: dict[str, Any] = {
+        "results": results,
+        "lm_eval_version": lm_eval.__version__,
+        "config": {
+            "model_dir": str(model_dir),
+            "tasks": tasks,
+            "data_dir": str(Path(data_dir).resolve()),
+            "dtype": dtype,
+            "seed": seed,
+            **{k: v for k, v in settings.items() if k != "log_samples"},
+            "task_versions": {t: raw["versions"].get(t) for t in tasks},
+            "data_files": {
+                t: {s: {"path": str(p), "sha256": sha256_file(p)} for s, p in splits.items()}
+                for t, splits in files.items()
+            },
+        },
+    }
+    if log_samples:
+        out["samples"] = {t: _samples(raw["samples"][t]) for t in tasks}
+    return out
+
+
+def _import_lm_eval():
     try:
         import lm_eval
         import lm_eval.models.huggingface  # noqa: F401  (its "hf" model needs accelerate: lm-eval's [hf] extra)
-        from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise LMEvalError(f"lm-eval cannot run ({e}); install it with: pip install 'lm-eval[hf]'") from e
+    return lm_eval
+
+
+def _simple_evaluate(lm_eval, model_dir: Path, dtype, tasks, data_dir, cache_dir, seed: int, settings: dict):
+    """lm-eval's ``simple_evaluate`` on task YAMLs written for this call only, with every hub client offline."""
+    from lm_eval.tasks import TaskManager
 
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -154,50 +175,16 @@ def run_lm_eval(
             # only the generated directory is indexed: the tasks keep lm-eval's names with nothing to shadow,
             # and the ~14k built-in YAMLs (8 s here) are not parsed at all
             manager = TaskManager(include_path=str(task_dir), include_defaults=False)
-            raw = lm_eval.simple_evaluate(
+            return lm_eval.simple_evaluate(
                 model="hf",
                 model_args={"pretrained": str(model_dir), "dtype": dtype},
                 tasks=tasks,
-                num_fewshot=num_fewshot,
-                batch_size=batch_size,
-                device=device,
-                limit=limit,
-                bootstrap_iters=bootstrap_iters,
-                log_samples=log_samples,
                 task_manager=manager,
                 random_seed=seed,
                 numpy_random_seed=seed,
                 torch_random_seed=seed,
                 fewshot_random_seed=seed,
+                **settings,
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if raw is None:  # only on a non-zero rank of a distributed run
-        return {}
-
-    results = {
-        t: _task_result(raw["results"][t], int(raw["n-samples"][t]["effective"]), int(raw["n-shot"][t])) for t in tasks
-    }
-    out: dict[str, Any] = {
-        "results": results,
-        "lm_eval_version": lm_eval.__version__,
-        "config": {
-            "model_dir": str(model_dir),
-            "tasks": tasks,
-            "num_fewshot": num_fewshot,
-            "data_dir": str(Path(data_dir).resolve()),
-            "batch_size": batch_size,
-            "device": device,
-            "dtype": dtype,
-            "limit": limit,
-            "seed": seed,
-            "bootstrap_iters": bootstrap_iters,
-            "task_versions": {t: raw["versions"].get(t) for t in tasks},
-            "data_files": {
-                t: {s: {"path": str(p), "sha256": sha256(p)} for s, p in splits.items()} for t, splits in files.items()
-            },
-        },
-    }
-    if log_samples:
-        out["samples"] = {t: _samples(raw["samples"][t]) for t in tasks}
-    return out

@@ -7,7 +7,6 @@ Local layout: ``DATA_DIR/<task>/<split>.jsonl`` in the record format of the task
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,15 +137,6 @@ def check_data(tasks: list[str] | tuple[str, ...], data_dir: str | Path) -> dict
     if problems:
         raise EvalDataError("; ".join(problems) + f" (see {DOCS} to prepare it)")
     return found
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, so results record exactly which data they came from."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def override_config(task: str, files: dict[str, Path], datasets_cache: str | Path | None = None) -> dict[str, Any]:
