@@ -154,7 +154,20 @@ def _report(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dwmtrain", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    add_data_commands(sub)
+    add_run_commands(sub)
+    add_eval_command(sub)
+    from dwmtrain.select.cli import register as register_select
 
+    register_select(sub)
+    from dwmtrain.analysis.cli import register as register_analysis
+
+    register_analysis(sub)
+    return ap
+
+
+def add_data_commands(sub) -> None:
+    """describe-model, train-tokenizer, export-tokenizer, prepare-data."""
     p = sub.add_parser("describe-model", help="print a preset's architecture and parameter count")
     p.add_argument("preset")
     p.add_argument("--vocab-size", type=int, default=0)
@@ -184,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT, only once the new output is complete")
     p.set_defaults(fn=_prepare_data)
 
+
+def add_run_commands(sub) -> None:
+    """train, configs, config, report, export."""
     p = sub.add_parser(
         "train",
         help="launch pretraining with DeepSpeed (prints, then runs, the deepspeed command)",
@@ -199,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("configs", help="list the bundled configs (usable as --config NAME)")
     p.set_defaults(fn=_configs)
 
+    p = sub.add_parser("config", help="print the resolved config (YAML + overrides)")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*", help="dotted key=value")
+    p.add_argument("--get", default="", help="print one resolved field (e.g. stages.num_stages)")
+    p.set_defaults(fn=_config)
+
     p = sub.add_parser("report", help="summarize a run: per-stage validation, weights, meta-updates, files")
     p.add_argument("run_dir")
     p.set_defaults(fn=_report)
@@ -211,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUT, only once the new export is complete")
     p.set_defaults(fn=_export)
 
+
+def add_eval_command(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="lm-eval on every stage-end checkpoint of one or more runs (9 tasks 0/2-shot + LAMBADA), cached; "
@@ -231,21 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", default="", help="tables and figure (default: RUN/lm_eval, or eval-A-vs-B for several)")
     p.set_defaults(fn=_eval)
-
-    from dwmtrain.select.cli import register as register_select
-
-    register_select(sub)
-
-    from dwmtrain.analysis.cli import register as register_analysis
-
-    register_analysis(sub)
-
-    p = sub.add_parser("config", help="print the resolved config (YAML + overrides)")
-    p.add_argument("config", nargs="?")
-    p.add_argument("overrides", nargs="*", help="dotted key=value")
-    p.add_argument("--get", default="", help="print one resolved field (e.g. stages.num_stages)")
-    p.set_defaults(fn=_config)
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from dwmtrain.config import Config, load_config
 from dwmtrain.errors import DWMTrainError
+from dwmtrain.fileio import atomic_dir, sha256_file
 from dwmtrain.rundir import RunDir
 
 FORMAT = "dwmtrain-hf-export-v1"
@@ -73,11 +72,7 @@ def export_checkpoint(
     overwrite: bool = False,
 ) -> dict:
     """Write checkpoint ``checkpoint`` (default: the newest) of ``run_dir`` as an HF directory ``out``."""
-    from transformers import GenerationConfig
-
     from dwmtrain.checkpoint import consolidated_lm_state
-    from dwmtrain.data.tokenizer import load_tokenizer
-    from dwmtrain.fileio import follow_umask, sha256_file
 
     rd, out = RunDir(run_dir), Path(out)
     cfg = run_config(rd.root)
@@ -87,50 +82,51 @@ def export_checkpoint(
     if out.exists() and not (out.is_dir() and not out.is_symlink() and (out / "dwmtrain_export.json").is_file()):
         raise ExportError(f"{out}: --overwrite replaces only an earlier dwmtrain export, and this is not one")
     marker = json.loads(rd.marker(tag).read_text())
-    want = marker.get("compat", {}).get("tokenizer_sha256")
+    tokenizer_sha = check_tokenizer(cfg, marker.get("compat", {}).get("tokenizer_sha256"), tag)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = hf_model(cfg, consolidated_lm_state(rd, tag), torch_dtype)
+    info = {
+        "format": FORMAT,
+        "run_dir": str(rd.root.resolve()),
+        "checkpoint": tag,
+        "step": marker["step"],
+        "stage": marker["stage"],
+        "stage_boundary": marker.get("stage_boundary", False),
+        "config_sha256": marker.get("config_sha256", ""),
+        "dtype": dtype,
+        "tokenizer_sha256": tokenizer_sha,
+    }
+    with atomic_dir(out, overwrite=True) as tmp:  # the old export goes only once the new one is complete
+        write_export(tmp, model, cfg, info)
+    return info
+
+
+def check_tokenizer(cfg: Config, want: str | None, tag: str) -> str:
+    """The sha256 of the run's tokenizer, refused unless it is the one checkpoint ``tag`` was trained with."""
     if not os.path.isfile(cfg.data.tokenizer):
         raise ExportError(f"data.tokenizer={cfg.data.tokenizer}: not found (the run's tokenizer is exported with it)")
-    tokenizer_sha = sha256_file(cfg.data.tokenizer)
-    if want and tokenizer_sha != want:
+    sha = sha256_file(cfg.data.tokenizer)
+    if want and sha != want:
         raise ExportError(
             f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer checkpoint {tag} was trained with "
             f"(sha256 {want[:12]}...): restore that file"
         )
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = hf_model(cfg, consolidated_lm_state(rd, tag), torch_dtype)
+    return sha
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2, max_length=cfg.data.seq_len).save_pretrained(
-            tmp
-        )
-        tok = load_tokenizer(cfg.data.tokenizer).export_hf(tmp / "tokenizer")
-        for f in tok.iterdir():  # the tokenizer's files sit next to the model's, as HF expects
-            f.rename(tmp / f.name)
-        tok.rmdir()
-        info = {
-            "format": FORMAT,
-            "run_dir": str(rd.root.resolve()),
-            "checkpoint": tag,
-            "step": marker["step"],
-            "stage": marker["stage"],
-            "stage_boundary": marker.get("stage_boundary", False),
-            "config_sha256": marker.get("config_sha256", ""),
-            "dtype": dtype,
-            "tokenizer_sha256": tokenizer_sha,
-        }
-        (tmp / "dwmtrain_export.json").write_text(json.dumps(info, indent=1))
-        follow_umask(tmp)  # mkdtemp made it 0700 (and safetensors 0600)
-        if out.exists():  # --overwrite: the old export goes only once the new one is complete
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return info
+
+def write_export(tmp: Path, model, cfg: Config, info: dict) -> None:
+    """The model, its generation config and the tokenizer's files side by side, as HF expects, and the record."""
+    from transformers import GenerationConfig
+
+    from dwmtrain.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    model.save_pretrained(tmp, safe_serialization=True)
+    GenerationConfig(
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, max_length=cfg.data.seq_len
+    ).save_pretrained(tmp)
+    tok_dir = tok.export_hf(tmp / "tokenizer")
+    for f in tok_dir.iterdir():
+        f.rename(tmp / f.name)
+    tok_dir.rmdir()
+    (tmp / "dwmtrain_export.json").write_text(json.dumps(info, indent=1))

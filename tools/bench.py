@@ -6,8 +6,10 @@ in the same run (interleaved repetitions, or sibling processes for peak memory),
 on a shared CPU means little. Figures and commands go into docs/benchmarks.md.
 
     python tools/bench.py --quick                 # every CPU benchmark at sizes that finish in < 10 min here
-    python tools/bench.py --only loss --hidden 1024 --reps 3
-    python tools/bench.py --only step,meta --preset 1.3b --dwm-backbone 370m --seq-len 1024 --dtype bf16  # GPU
+    python tools/bench.py --only loss,meta         # some of them, each with its own defaults
+    python tools/bench.py loss --hidden 1024 --reps 3                                  # one, with its options
+    python tools/bench.py --device cuda step --preset 1.3b --dwm-backbone 370m --seq-len 1024 --dtype bf16
+    python tools/bench.py NAME --help             # a benchmark's own options
 
 Benchmarks:
   loss     the training loss at vocab 32,000 / seq 1,024 / micro-batch 8: the fused, chunked LM-head loss
@@ -79,8 +81,10 @@ def line(name: str, measured: str, target: str, ok: bool | None = None) -> str:
     return f"{name}: {measured} / {target}{mark}"
 
 
-def peak_in_child(args: list[str]) -> dict:
-    """Run this script in a child process for one peak-memory probe; it prints a JSON line with the result."""
+def peak_in_child(a, variant: str) -> dict:
+    """Run benchmark ``a.bench`` with its options as ``a`` holds them in a child process, as a peak-memory probe of
+    ``variant``; the child prints a JSON line with the result."""
+    args = ["--device", a.device, a.bench, *option_argv(PARSERS[a.bench], a), "--probe", variant]
     p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=1200)
     if p.returncode != 0:
         raise RuntimeError(f"probe {args} failed:\n{p.stderr[-3000:]}")
@@ -121,8 +125,8 @@ def peak_during(fn, dev) -> float:
 def _loss_inputs(a, dev):
     g = torch.Generator(device="cpu").manual_seed(0)
     h = torch.randn(a.micro, a.seq_len, a.hidden, generator=g).to(dev, a.torch_dtype).requires_grad_()
-    W = (torch.randn(a.vocab, a.hidden, generator=g) * 0.02).to(dev, a.torch_dtype).requires_grad_()
-    y = torch.randint(0, a.vocab, (a.micro, a.seq_len), generator=g).to(dev)
+    W = (torch.randn(a.vocab_size, a.hidden, generator=g) * 0.02).to(dev, a.torch_dtype).requires_grad_()
+    y = torch.randint(0, a.vocab_size, (a.micro, a.seq_len), generator=g).to(dev)
     w = torch.rand(a.micro, generator=g).to(dev) * 2
     return h, W, y, w
 
@@ -146,18 +150,14 @@ def _loss_fns(a, dev):
 def probe_loss(a) -> None:
     """Child process: extra peak memory of one loss forward+backward over the inputs (RSS high-water mark)."""
     dev = torch.device(a.device)
-    print(json.dumps({"extra_mib": peak_during(_loss_fns(a, dev)[a.probe_variant], dev)}))
+    print(json.dumps({"extra_mib": peak_during(_loss_fns(a, dev)[a.probe], dev)}))
 
 
 def bench_loss(a) -> list[str]:
     dev = torch.device(a.device)
-    common = ["--device", a.device, "--vocab", str(a.vocab), "--seq-len", str(a.seq_len), "--micro", str(a.micro),
-              "--hidden", str(a.hidden), "--chunk", str(a.chunk), "--dtype", a.dtype]  # fmt: skip
-    mem = {
-        v: peak_in_child(["--probe", "loss", "--probe-variant", v, *common])["extra_mib"] for v in ("logits", "fused")
-    }
+    mem = {v: peak_in_child(a, v)["extra_mib"] for v in ("logits", "fused")}
     t = interleaved(_loss_fns(a, dev), dev, a.reps)
-    size = f"V={a.vocab} T={a.seq_len} B={a.micro} H={a.hidden} {a.dtype}, chunk {a.chunk}"
+    size = f"V={a.vocab_size} T={a.seq_len} B={a.micro} H={a.hidden} {a.dtype}, chunk {a.chunk}"
     mr, tr = mem["fused"] / max(mem["logits"], 1e-9), t["fused"] / t["logits"]
     return [
         line(f"loss.extra_memory fused/logits ({size})",
@@ -293,16 +293,12 @@ def _meta_fns(a, dev):
 def probe_meta(a) -> None:
     dev = torch.device(a.device)
     fns, _ = _meta_fns(a, dev)
-    print(json.dumps({"extra_mib": peak_during(fns[a.probe_variant], dev)}))
+    print(json.dumps({"extra_mib": peak_during(fns[a.probe], dev)}))
 
 
 def bench_meta(a) -> list[str]:
     dev = torch.device(a.device)
-    common = ["--device", a.device, "--preset", a.preset, "--seq-len", str(a.seq_len), "--micro", str(a.micro),
-              "--dtype", a.dtype] + (["--dwm-backbone", a.dwm_backbone] if a.dwm_backbone else [])  # fmt: skip
-    mem = {
-        v: peak_in_child(["--probe", "meta", "--probe-variant", v, *common])["extra_mib"] for v in ("fd", "unrolled")
-    }
+    mem = {v: peak_in_child(a, v)["extra_mib"] for v in ("fd", "unrolled")}
     fns, grads = _meta_fns(a, dev)
     t = interleaved(fns, dev, a.reps)
     g1, g2 = grads["fd"].double(), grads["unrolled"].double()
@@ -397,14 +393,14 @@ def bench_prepare(a) -> list[str]:
     from dwmtrain.data.tokenizer import load_tokenizer
 
     src, model = CORPUS / "sample.jsonl.zst", str(CORPUS / "sample_sp4096.model")
-    raw_bytes = zstandard.ZstdDecompressor().stream_reader(open(src, "rb")).read() * a.prepare_copies
+    raw_bytes = zstandard.ZstdDecompressor().stream_reader(open(src, "rb")).read() * a.copies
     texts = [json.loads(x)["text"] for x in io.BytesIO(raw_bytes)]
     tok = load_tokenizer(model)
     out, raws, runs = [], [], {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.jsonl"
         corpus.write_bytes(raw_bytes)
-        for rep_i in range(a.prepare_reps):  # interleaved repetitions; the best of each is reported
+        for rep_i in range(a.reps):  # interleaved repetitions; the best of each is reported
             t0 = time.perf_counter()
             n_raw = sum(len(ids) + 1 for ids in tok.encode_batch(texts, num_threads=1))  # + EOS, as prepare-data
             raws.append(n_raw / (time.perf_counter() - t0))
@@ -429,8 +425,6 @@ def bench_prepare(a) -> list[str]:
                         f">= 1.8x (near-linear; {os.cpu_count()} cores here)", rates[2] / rates[1] >= 1.8))  # fmt: skip
     return out
 
-
-# ----------------------------------------------------------------------------------------------- main
 
 # ----------------------------------------------------------------------------------------------- build
 
@@ -459,12 +453,11 @@ def _build_rank(rank: int, world: int, port: int, preset: str, variant: str, out
         f.write("5")
     base = _status_mib("VmRSS")
     t = time.perf_counter()
-    if variant == "plain":
-        lm = build_lm(
-            ModelSpec.from_preset(preset, vocab), seed=cfg.run.seed
-        )  # what every rank held before deepspeed.initialize
+    spec = ModelSpec.from_preset(preset, vocab)
+    if variant == "plain":  # what every rank held before deepspeed.initialize
+        lm = build_lm(spec, seed=cfg.run.seed)
     else:
-        lm = build_partitioned_lm(cfg, ds, vocab)
+        lm = build_partitioned_lm(spec, cfg.model.attn_implementation, cfg.run.seed, ds)
     dist.barrier()
     res = {"peak_mib": _status_mib("VmHWM") - base, "after_mib": _status_mib("VmRSS") - base}
     res["seconds"] = time.perf_counter() - t
@@ -480,14 +473,14 @@ def bench_build(a) -> list[str]:
 
     from dwmtrain.models.spec import ModelSpec
 
-    full = ModelSpec.from_preset(a.build_preset).num_parameters() * 4 / 2**20  # fp32 MiB
+    full = ModelSpec.from_preset(a.preset).num_parameters() * 4 / 2**20  # fp32 MiB
     res = {}
     with tempfile.TemporaryDirectory() as out:
         for variant in ("plain", "partitioned"):
             with socket.socket() as sk:
                 sk.bind(("127.0.0.1", 0))
                 port = sk.getsockname()[1]
-            args = (a.ranks, port, a.build_preset, variant, out)
+            args = (a.ranks, port, a.preset, variant, out)
             mp.start_processes(_build_rank, args, nprocs=a.ranks, start_method="spawn")
             res[variant] = [json.loads(Path(out, f"{variant}{r}.json").read_text()) for r in range(a.ranks)]
     pr, pa = res["plain"], res["partitioned"]
@@ -497,7 +490,7 @@ def bench_build(a) -> list[str]:
 
     held = max(r["after_mib"] for r in pa) / full
     return [
-        f"# build {a.build_preset} ({full:,.0f} MiB in fp32), {a.ranks} ranks: peak resident-set growth per rank, MiB "
+        f"# build {a.preset} ({full:,.0f} MiB in fp32), {a.ranks} ranks: peak resident-set growth per rank, MiB "
         f"(plain: {per_rank(pr, 'peak_mib')}; partitioned: {per_rank(pa, 'peak_mib')}); held after the build, "
         f"partitioned: {per_rank(pa, 'after_mib')}; seconds plain {max(r['seconds'] for r in pr):.1f}, "
         f"partitioned {max(r['seconds'] for r in pa):.1f}",
@@ -520,58 +513,119 @@ def bench_build(a) -> list[str]:
     ]
 
 
+# ----------------------------------------------------------------------------------------------- options
+
+
+def _dtype(p, default="fp32"):
+    p.add_argument("--dtype", default=default, choices=("fp32", "bf16"))
+
+
+def _lm_shape(p, seq_len=128):
+    p.add_argument("--preset", default="small", help="the LM preset")
+    p.add_argument("--vocab-size", type=int, default=0, help="the LM's vocabulary (0: the preset's)")
+    p.add_argument("--seq-len", type=int, default=seq_len)
+    p.add_argument("--micro", type=int, default=8, help="micro-batch")
+
+
+def loss_options(p):
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--hidden", type=int, default=1024, help="hidden size (370m: 1024, 1.3b: 2048)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--micro", type=int, default=8)
+    p.add_argument("--chunk", type=int, default=1024, help="tokens per LM-head chunk")
+    p.add_argument("--reps", type=int, default=5)
+    _dtype(p)
+
+
+def step_options(p):  # step, meta and dwmcompile: an LM (and a DWM backbone) of a preset
+    _lm_shape(p)
+    p.add_argument("--dwm-backbone", default="", help="the DWM backbone's preset (default: the LM's)")
+    p.add_argument("--reps", type=int, default=5)
+    _dtype(p)
+
+
+def metaacc_options(p):
+    _lm_shape(p)
+    p.add_argument("--fd-eps-list", type=lambda v: [float(e) for e in v.split(",")],
+                   default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0], help="the fd_eps values to try")  # fmt: skip
+
+
+def prepare_options(p):
+    p.add_argument("--reps", type=int, default=2, help="interleaved repetitions (the best is kept)")
+    p.add_argument("--copies", type=int, default=4, help="copies of the bundled corpus to read")
+
+
+def build_options(p):
+    p.add_argument("--preset", default="1.3b", help="the LM preset built at start-up")
+    p.add_argument("--ranks", type=int, default=2, help="processes")
+
+
+#: name: (run, its options, its option defaults under --quick)
 BENCHES = {
-    "loss": bench_loss,
-    "step": bench_step,
-    "meta": bench_meta,
-    "metaacc": bench_metaacc,
-    "dwmcompile": bench_dwmcompile,
-    "prepare": bench_prepare,
-    "build": bench_build,
+    "loss": (bench_loss, loss_options, {"hidden": 256, "reps": 3}),
+    "step": (bench_step, step_options, {"reps": 3}),
+    "meta": (bench_meta, step_options, {"reps": 3}),
+    "metaacc": (bench_metaacc, metaacc_options, {}),
+    "dwmcompile": (bench_dwmcompile, step_options, {"reps": 3}),
+    "prepare": (bench_prepare, prepare_options, {}),
+    "build": (bench_build, build_options, {}),
 }
+PROBES = {"loss": probe_loss, "meta": probe_meta}
+PARSERS: dict[str, argparse.ArgumentParser] = {}
+
+
+def option_argv(parser: argparse.ArgumentParser, a) -> list[str]:
+    """``a``'s values of ``parser``'s options, as a command line (for a probe in a child process)."""
+    out = []
+    for act in parser._actions:
+        if act.option_strings and act.dest not in ("help", "probe"):
+            v = getattr(a, act.dest)
+            out += [act.option_strings[0], ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    return out
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="every benchmark, CPU sizes that finish in < 10 min")
+    ap.add_argument("--only", default=",".join(BENCHES), help="these benchmarks, each with its own defaults")
+    sub = ap.add_subparsers(dest="bench", metavar="NAME", help="one benchmark with its own options")
+    for name, (fn, options, _) in BENCHES.items():
+        PARSERS[name] = sub.add_parser(name, help=(fn.__doc__ or "").split("\n")[0] or None)
+        options(PARSERS[name])
+        PARSERS[name].add_argument("--probe", default="", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def benchmark_args(a) -> list[argparse.Namespace]:
+    """The benchmarks to run: the one named with its options, else ``--only``'s with their defaults."""
+    if a.bench:
+        return [a]
+    out = []
+    for name in a.only.split(","):
+        ns = PARSERS[name].parse_args([])
+        if a.quick:
+            vars(ns).update({k: min(getattr(ns, k), v) for k, v in BENCHES[name][2].items()})
+        out.append(argparse.Namespace(**vars(ns), bench=name, device=a.device))
+    return out
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="every benchmark, CPU sizes that finish in < 10 min")
-    ap.add_argument("--only", default="loss,step,meta,metaacc,dwmcompile,prepare,build")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--dwm-backbone", default="")
-    ap.add_argument("--vocab-size", type=int, default=0, help="step/meta: the LM's vocabulary (0: the preset's)")
-    ap.add_argument("--seq-len", type=int, default=0, help="0: 1024 for loss, 128 for step/meta")
-    ap.add_argument("--micro", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--vocab", type=int, default=32000, help="loss: vocabulary")
-    ap.add_argument("--hidden", type=int, default=1024, help="loss: hidden size (370m: 1024, 1.3b: 2048)")
-    ap.add_argument("--chunk", type=int, default=1024, help="loss: tokens per LM-head chunk")
-    ap.add_argument("--ranks", type=int, default=2, help="build: processes")
-    ap.add_argument("--build-preset", default="1.3b", help="build: the LM preset built at start-up")
-    ap.add_argument("--fd-eps-list", type=lambda v: [float(e) for e in v.split(",")],
-                    default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0], help="metaacc: the fd_eps values to try")  # fmt: skip
-    ap.add_argument("--prepare-reps", type=int, default=2, help="prepare: interleaved repetitions (best kept)")
-    ap.add_argument("--prepare-copies", type=int, default=4, help="prepare: copies of the bundled corpus to read")
-    ap.add_argument("--probe", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--probe-variant", default="", help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    a.torch_dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    a = parse_args(argv)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))))
-    if a.probe:
-        a.seq_len = a.seq_len or (1024 if a.probe == "loss" else 128)
-        (probe_loss if a.probe == "loss" else probe_meta)(a)
+    if a.bench and a.probe:
+        a.torch_dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+        PROBES[a.bench](a)
         return 0
-    if a.quick:
-        a.hidden, a.reps = min(a.hidden, 256), min(a.reps, 3)
     print(f"# tools/bench.py {' '.join(argv if argv is not None else sys.argv[1:])} on {a.device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)  # fmt: skip
     t_all = time.time()
-    for name in a.only.split(","):
+    for b in benchmark_args(a):
         t0 = time.time()
-        seq = a.seq_len or (1024 if name == "loss" else 128)
-        for ln in BENCHES[name](argparse.Namespace(**{**vars(a), "seq_len": seq})):
+        b.torch_dtype = torch.bfloat16 if getattr(b, "dtype", "fp32") == "bf16" else torch.float32
+        for ln in BENCHES[b.bench][0](b):
             print(ln, flush=True)
-        print(f"#   {name}: {time.time() - t0:.0f} s", flush=True)
+        print(f"#   {b.bench}: {time.time() - t0:.0f} s", flush=True)
     print(f"# all: {time.time() - t_all:.0f} s")
     return 0
 

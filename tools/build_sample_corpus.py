@@ -157,6 +157,33 @@ def cloze_items(passage: str, max_words: int = 120) -> str | None:
     return None
 
 
+def collect_domains(max_chars: int):
+    """(training records, held-out prose passages for the cloze set, per-domain stats), or None if a domain
+    has too few documents on this machine."""
+    train, heldout_prose = [], []
+    stats = {}
+    for domain, fn in DOMAINS.items():
+        docs = fn()
+        random.shuffle(docs)
+        total, kept = 0, []
+        for text, src in docs:
+            if total >= max_chars:
+                break
+            kept.append((text, src))
+            total += len(text)
+        if len(kept) < 20:
+            print(f"domain {domain}: only {len(kept)} documents found on this machine", file=sys.stderr)
+            return None
+        # hold out ~8% of prose domains' passages for the cloze set (never trained on)
+        n_hold = len(kept) // 12 if domain in CLOZE_DOMAINS else 0
+        heldout_prose += [t for t, _ in kept[:n_hold]]
+        for text, src in kept[n_hold:]:
+            train.append({"text": text, "meta": {"redpajama_set_name": domain, "source": src}})
+        stats[domain] = {"documents": len(kept) - n_hold, "chars": sum(len(t) for t, _ in kept[n_hold:])}
+    random.shuffle(train)
+    return train, heldout_prose, stats
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="dwmtrain/data/corpus")
@@ -169,27 +196,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    train, heldout_prose = [], []
-    stats = {}
-    for domain, fn in DOMAINS.items():
-        docs = fn()
-        random.shuffle(docs)
-        total, kept = 0, []
-        for text, src in docs:
-            if total >= args.max_chars_per_domain:
-                break
-            kept.append((text, src))
-            total += len(text)
-        if len(kept) < 20:
-            print(f"domain {domain}: only {len(kept)} documents found on this machine", file=sys.stderr)
-            return 1
-        # hold out ~8% of prose domains' passages for the cloze set (never trained on)
-        n_hold = len(kept) // 12 if domain in CLOZE_DOMAINS else 0
-        heldout_prose += [t for t, _ in kept[:n_hold]]
-        for text, src in kept[n_hold:]:
-            train.append({"text": text, "meta": {"redpajama_set_name": domain, "source": src}})
-        stats[domain] = {"documents": len(kept) - n_hold, "chars": sum(len(t) for t, _ in kept[n_hold:])}
-    random.shuffle(train)
+    collected = collect_domains(args.max_chars_per_domain)
+    if collected is None:
+        return 1
+    train, heldout_prose, stats = collected
 
     buf = io.BytesIO()
     for rec in train:

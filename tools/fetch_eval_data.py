@@ -68,14 +68,14 @@ def hub_records(path: str, name: str | None, split: str) -> Iterable[dict]:
 
 def write_jsonl(records: Iterable[dict], path: Path) -> int:
     """Write ``records`` one JSON object a line, atomically; return how many."""
+    from dwmtrain.fileio import atomic_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec in records:
             f.write(json.dumps(dict(rec), ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dwmtrain.fileio import read_jsonl  # noqa: E402
 from dwmtrain.rundir import RunDir  # noqa: E402
 from dwmtrain.stages.meta_job import meta_job_command, meta_job_env  # noqa: E402
 
@@ -218,7 +219,7 @@ def auc_by_kind(scores: list[float], domains: list[str]) -> dict[str, float]:
 
 def stage_end_val(run_dir: Path) -> dict[int, float]:
     """{step: clean held-out validation loss} at every stage end (eval.jsonl)."""
-    recs = [json.loads(x) for x in RunDir(run_dir).evals.read_text().splitlines() if x.strip()]
+    recs = read_jsonl(RunDir(run_dir).evals)
     return {r["step"]: r["val_loss"] for r in recs}
 
 
@@ -274,7 +275,7 @@ def compare(args, log: Path) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "noise")
     ap.add_argument("--preset", default="tiny")
@@ -325,10 +326,11 @@ def main(argv=None) -> int:
     if ("file" in args.corruption) != bool(args.bad_file):
         ap.error("--bad-file goes with --corruption file (and needs it)")
     args.work = args.work.resolve()
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
-    log = args.work / "log.txt"
+    return args
 
+
+def prepare_corpora(args) -> dict:
+    """The noisy and clean corpora, written and prepared (clean: half held out, the validation of the meta job)."""
     from dwmtrain.data.prepare import prepare_data
 
     info = build_noisy_corpus(
@@ -336,38 +338,42 @@ def main(argv=None) -> int:
         args.corruption, args.bad_file,
     )  # fmt: skip
     for name, out, heldout in (("clean.jsonl", "clean", 0.5), ("noisy.jsonl", "data", 0.05)):
-        prepare_data(
-            [str(args.work / name)],
-            str(SP),
-            str(args.work / out),
-            seq_len=args.seq_len,
-            workers=2,
-            heldout_fraction=heldout,
-            progress=False,
-        )
+        prepare_data([str(args.work / name)], str(SP), str(args.work / out), seq_len=args.seq_len, workers=2,
+                     heldout_fraction=heldout, progress=False)  # fmt: skip
     kinds = ", ".join(f"{n} {k}" for k, n in info["corrupted_by_kind"].items())
     print(f"noisy corpus: {info['corrupted']}/{info['documents']} documents corrupted ({kinds})", flush=True)
+    return info
 
-    result = dict(info)
+
+def auc_probe(args, log: Path) -> dict:
+    """One uniform stage, one meta-update, then how well the DWM's weights separate clean from corrupted."""
+    run = args.work / "probe"
+    pretrain(run, args, ["meta.mode=none", f"stages.total_steps={args.steps}", "stages.num_stages=1"], log)
+    tag = json.loads(RunDir(run).latest.read_text())["tag"]
+    sh(meta_job_command(run, 2, tag, args.ranks), log, env=meta_job_env())
+    scores, domains = score_heldout(run, args.work / "data", 2, args.score_batches, args.seed)
+    aucs = auc_by_kind(scores, domains)
+    clean = [s for s, d in zip(scores, domains) if not d.startswith("corrupted-")]
+    bad = [s for s, d in zip(scores, domains) if d.startswith("corrupted-")]
+    print(
+        f"held-out samples: {len(clean)} clean, {len(bad)} corrupted; mean weight clean "
+        f"{sum(clean) / len(clean):.3f}, corrupted {sum(bad) / len(bad):.3f}; "
+        f"weights {min(scores):.3f}..{max(scores):.3f}"
+    )
+    print("ROC-AUC (clean vs corrupted): " + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()), flush=True)
+    weights = {"clean_mean": sum(clean) / len(clean), "corrupted_mean": sum(bad) / len(bad)}
+    weights.update(min=min(scores), max=max(scores))
+    return {"auc": aucs["all"], "auc_by_kind": aucs, "clean": len(clean), "corrupted": len(bad), "weights": weights}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    log = args.work / "log.txt"
+    result = prepare_corpora(args)
     if not args.compare_only:
-        run = args.work / "probe"
-        pretrain(run, args, ["meta.mode=none", f"stages.total_steps={args.steps}", "stages.num_stages=1"], log)
-        tag = json.loads(RunDir(run).latest.read_text())["tag"]
-        sh(meta_job_command(run, 2, tag, args.ranks), log, env=meta_job_env())
-        scores, domains = score_heldout(run, args.work / "data", 2, args.score_batches, args.seed)
-        aucs = auc_by_kind(scores, domains)
-        clean = [s for s, d in zip(scores, domains) if not d.startswith("corrupted-")]
-        bad = [s for s, d in zip(scores, domains) if d.startswith("corrupted-")]
-        print(
-            f"held-out samples: {len(clean)} clean, {len(bad)} corrupted; mean weight clean "
-            f"{sum(clean) / len(clean):.3f}, corrupted {sum(bad) / len(bad):.3f}; "
-            f"weights {min(scores):.3f}..{max(scores):.3f}"
-        )
-        print("ROC-AUC (clean vs corrupted): " + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()), flush=True)
-        result.update(auc=aucs["all"], auc_by_kind=aucs, clean=len(clean), corrupted=len(bad))
-        result["weights"] = {"clean_mean": sum(clean) / len(clean), "corrupted_mean": sum(bad) / len(bad)}
-        result["weights"].update(min=min(scores), max=max(scores))
-
+        result.update(auc_probe(args, log))
     if args.compare:
         result["compare"] = compare(args, log)
         print(result["compare"]["table"], flush=True)

@@ -17,6 +17,8 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from dwmtrain.fileio import atomic_file
+
 # The paper's convention (Figures 3 and 5): preferred data red, unpreferred blue.
 PREFERRED = "#d62728"
 UNPREFERRED = "#1f77b4"
@@ -88,13 +90,6 @@ def save_png(fig: Figure, path: str | os.PathLike) -> Path:
     """Render ``fig`` to ``path`` (PNG) so that readers see the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with style(), open(tmp, "wb") as f:
-            fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with style(), atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path

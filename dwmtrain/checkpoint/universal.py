@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import socket
 from pathlib import Path
 
 from dwmtrain.checkpoint.safe_load import safe_torch_load
 from dwmtrain.distributed import Dist, all_gather_object, run_on_rank0
 from dwmtrain.errors import ResumeError
+from dwmtrain.fileio import atomic_dir
 from dwmtrain.rundir import RunDir
 
 
@@ -21,15 +20,13 @@ def convert_to_universal(src: Path, dst: Path) -> str | None:
     missing = [f for f in ("zero_pp_rank_0_mp_rank_00_model_states.pt",) if not (src / f).is_file()]
     if missing:
         return f"converting {src} for another world size: {', '.join(missing)} not on rank 0's storage"
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(
-        input_folder=str(src), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=False,
-    )  # fmt: skip
-    with safe_torch_load():
-        ds_to_universal(args)
-    tmp.replace(dst)
+    with atomic_dir(dst, overwrite=True) as tmp:
+        args = argparse.Namespace(
+            input_folder=str(src), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True, inject_missing_state=False,
+        )  # fmt: skip
+        with safe_torch_load():
+            ds_to_universal(args)
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -126,6 +127,36 @@ def calibrate(dwm, lm, params, batches, alpha: float, mc) -> dict:
     return {"held_out_agreement": rho, "logit_scale": scale, "batches": int(t[1].item())}
 
 
+class MetaBatches:
+    """The meta job's data: training micro-batches from the run's current position in its data stream, and each
+    rank's k-th validation batch."""
+
+    def __init__(self, cfg: Config, d: Dist, consumed_samples: int):
+        self.data, self.val = TokenDataset(cfg.data.train_data, "train", verify=cfg.data.verify), validation_set(cfg)
+        order = GlobalOrder(len(self.data), cfg.run.seed)
+        self.stream = rank_micro_batches(order, consumed_samples, d.rank, d.world, cfg.deepspeed.micro_batch_size)
+        self.d, self.val_batch_size = d, cfg.meta.val_batch_size
+
+    def __call__(self, k: int) -> tuple[torch.Tensor, dict]:
+        """The next training micro-batch of the stream and the k-th validation batch of this rank."""
+        d, bs = self.d, self.val_batch_size
+        vb = next(self.val.batches(1, bs, d.rank, d.world, k * d.world * bs))
+        return self.data.batch(next(self.stream)[1]).to(d.device), {n: t.to(d.device) for n, t in vb.items()}
+
+
+def fit(dwm, opt, lm, params, batches: MetaBatches, alpha: float, mc, log: Path | None) -> None:
+    """``mc.steps`` meta-steps; rank 0 (``log`` set) appends each one's record to ``log``."""
+    for k in range(mc.steps):
+        t0 = time.time()
+        x, vb = batches(k)
+        log_before = k in (0, mc.steps - 1) or (k + 1) % mc.log_every == 0
+        rec = {"meta_step": k + 1, **meta_step(dwm, opt, lm, params, x, vb, alpha, mc, log_before)}
+        rec["step_time_s"] = time.time() - t0
+        if log is not None:
+            with open(log, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
 def run_meta_update(
     cfg: Config, d: Dist, stage: int, tag: str, alpha: float | None = None, started_at: float | None = None
 ) -> dict:
@@ -142,74 +173,45 @@ def run_meta_update(
     attn = "eager" if mc.grad_mode in ("jvp", "unrolled") else cfg.model.attn_implementation
     lm, lm_state = load_frozen_lm(cfg, rd, tag, d.device, attn)
     timings["load_lm_s"] = time.time() - t_in
-    arch = DWMArch.from_config(cfg, lm.config.vocab_size)
-    dwm, how = initial_dwm(cfg, arch, stage, rd, lm_state)
+    dwm, how = initial_dwm(cfg, DWMArch.from_config(cfg, lm.config.vocab_size), stage, rd, lm_state)
     del lm_state
     dwm = dwm.to(d.device).train()
     dwm.backbone.requires_grad_(mc.backbone_trainable)
     opt = torch.optim.Adam([p for p in dwm.parameters() if p.requires_grad], lr=mc.lr)
-    data, val = TokenDataset(cfg.data.train_data, "train", verify=cfg.data.verify), validation_set(cfg)
-    # training micro-batches from the run's current position in its data stream
-    order = GlobalOrder(len(data), cfg.run.seed)
-    stream = rank_micro_batches(order, state.consumed_samples, d.rank, d.world, cfg.deepspeed.micro_batch_size)
-    params, log = lm_params(lm), rd.meta_records(stage)
+    batches, params = MetaBatches(cfg, d, state.consumed_samples), lm_params(lm)
     if mc.grad_mode == "fd" and not mc.fd_eps:  # once: the LM is frozen
         mc = dataclasses.replace(mc, fd_eps=default_fd_eps(params))
-    if d.is_main:
+    log = rd.meta_records(stage) if d.is_main else None
+    if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text("")
-        print(
-            f"[meta] stage {stage}: LM from {rd.checkpoint(tag)} (step {state.step}); DWM {how}; "
-            f"{mc.steps} meta-steps x {d.world} proc, mode {mc.grad_mode}"
-            + (f" (fd_eps {mc.fd_eps:.3g})" if mc.grad_mode == "fd" else "")
-            + f", alpha {alpha:g}; "
-            f"validation {val.describe()}",
-            flush=True,
-        )
-
-    def batches(k: int) -> tuple[torch.Tensor, dict]:
-        """The next training micro-batch of the stream and the k-th validation batch of this rank."""
-        off = k * d.world * mc.val_batch_size
-        vb = next(val.batches(1, mc.val_batch_size, d.rank, d.world, off))
-        return data.batch(next(stream)[1]).to(d.device), {n: t.to(d.device) for n, t in vb.items()}
-
+        eps = f" (fd_eps {mc.fd_eps:.3g})" if mc.grad_mode == "fd" else ""
+        print(f"[meta] stage {stage}: LM from {rd.checkpoint(tag)} (step {state.step}); DWM {how}; {mc.steps} "
+              f"meta-steps x {d.world} proc, mode {mc.grad_mode}{eps}, alpha {alpha:g}; validation "
+              f"{batches.val.describe()}", flush=True)  # fmt: skip
     t_start = time.time()
-    for k in range(mc.steps):
-        t0 = time.time()
-        x, vb = batches(k)
-        log_before = k in (0, mc.steps - 1) or (k + 1) % mc.log_every == 0
-        rec = {"meta_step": k + 1, **meta_step(dwm, opt, lm, params, x, vb, alpha, mc, log_before)}
-        rec["step_time_s"] = time.time() - t0
-        if d.is_main:
-            with open(log, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    fit(dwm, opt, lm, params, batches, alpha, mc, log)
     cal = {}
     if mc.calibrate_batches:  # micro-batches after the fitted ones, validation batches after theirs
-        held = [batches(mc.steps + j) for j in range(mc.calibrate_batches)]
-        cal = calibrate(dwm, lm, params, held, alpha, mc)
+        cal = calibrate(dwm, lm, params, [batches(mc.steps + j) for j in range(mc.calibrate_batches)], alpha, mc)
         if d.is_main:
             print(f"[meta] stage {stage}: held-out agreement {cal['held_out_agreement']:.3f} -> logits x "
                   f"{cal['logit_scale']:.3f}", flush=True)  # fmt: skip
     barrier()
     timings["meta_steps_s"] = time.time() - t_start
-    meta = {}
-    if d.is_main:
-        info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead_lr=alpha, world_size=d.world, **cal)
-        if mc.grad_mode == "fd":
-            info["fd_eps"] = mc.fd_eps
-        info["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        meta = save_dwm(
-            dwm,
-            rd.dwm(stage),
-            stage=stage,
-            lm_step=state.step,
-            checkpoint=str(rd.checkpoint(tag)),
-            seconds=time.time() - t_start,
-            **info,
-        )
-        print(
-            f"[meta] wrote {rd.dwm(stage)} (sha256 {meta['sha256'][:12]}...) in {time.time() - t_start:.1f} s",
-            flush=True,
-        )
+    meta = write_dwm(dwm, rd, stage, tag, state.step, mc, alpha, d.world, cal, timings, t_start) if d.is_main else {}
     barrier()
+    return meta
+
+
+def write_dwm(dwm, rd: RunDir, stage, tag, lm_step, mc, alpha, world, cal, timings, t_start) -> dict:
+    """Rank 0: the fitted DWM and what made it (its settings and where the job's time went) as stage's file."""
+    info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead_lr=alpha, world_size=world, **cal)
+    if mc.grad_mode == "fd":
+        info["fd_eps"] = mc.fd_eps
+    info["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    path = rd.dwm(stage)
+    meta = save_dwm(dwm, path, stage=stage, lm_step=lm_step, checkpoint=str(rd.checkpoint(tag)),
+                    seconds=time.time() - t_start, **info)  # fmt: skip
+    print(f"[meta] wrote {path} (sha256 {meta['sha256'][:12]}...) in {time.time() - t_start:.1f} s", flush=True)
     return meta

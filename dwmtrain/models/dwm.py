@@ -23,7 +23,7 @@ from transformers import LlamaModel
 
 from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.faults import fault_point
-from dwmtrain.fileio import atomic_write_text, follow_umask, sha256_file
+from dwmtrain.fileio import atomic_file, atomic_write_text, sha256_file
 from dwmtrain.models.lm import dtype_preserving_norms
 from dwmtrain.models.spec import ATTN_IMPLEMENTATIONS, PRESETS, ModelSpec
 
@@ -220,17 +220,15 @@ def save_dwm(model: DataWeightingModel, path: str | os.PathLike, stage: int, lm_
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     signed = {"format": FORMAT, "arch": asdict(model.arch), "stage": stage, "lm_step": lm_step}
     meta = {**signed, "num_parameters": sum(v.numel() for v in state.values()), **extra}
     # what changes the weights is signed; the rest (timings, paths) is information, so the same fit gives the
     # same sha256 in any run directory
     # one header entry: safetensors writes several in no fixed order, and the sha256 must be reproducible
-    save_file(state, str(tmp), metadata={_SIGNED_KEY: json.dumps(signed, sort_keys=True)})
-    follow_umask(tmp)  # safetensors writes 0600
-    meta["sha256"] = sha256_file(tmp)
-    os.replace(tmp, path)  # tensors first, metadata last: the sidecar marks the file complete
+    with atomic_file(path) as tmp:  # tensors first, metadata last: the sidecar marks the file complete
+        save_file(state, str(tmp), metadata={_SIGNED_KEY: json.dumps(signed, sort_keys=True)})
+        meta["sha256"] = sha256_file(tmp)
     fault_point("dwm-tensors-written", stage=stage)
     atomic_write_text(meta_path(path), json.dumps(meta, indent=1))
     return meta

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from dwmtrain.fileio import atomic_write_text
+from dwmtrain.fileio import atomic_write_text, read_jsonl
 from dwmtrain.rundir import RunDir
 
 # Dense bf16 peak per device, for MFU. Override with DWMTRAIN_PEAK_TFLOPS.
@@ -71,13 +71,6 @@ class MetricsWriter:
 
 def _truncate_after(path: Path, step: int) -> None:
     """Keep records with step <= ``step`` (those after it are re-run after a resume)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-    atomic_write_text(path, "".join(x + "\n" for x in keep))
+    if path.exists():  # a line cut short by a kill is dropped too
+        keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
