@@ -101,7 +101,7 @@ def test_template_may_not_hold_batch_sizes(tmp_path):
 
 
 def test_stage_schedule():
-    from dwmtrain.stages.schedule import is_boundary, stage_of, stage_starts
+    from dwmtrain.config.stages import is_boundary, stage_of, stage_starts
 
     assert stage_starts(100, 5) == [0, 20, 40, 60, 80]
     assert stage_starts(11, 3) == [0, 4, 8]

@@ -17,6 +17,7 @@ import yaml
 
 from dwmtrain.config.batch import global_batch_sequences
 from dwmtrain.config.checks import check, one_of, positive
+from dwmtrain.config.stages import stage_starts
 from dwmtrain.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -151,8 +152,6 @@ class StagesConfig:
     def __post_init__(self):
         positive("stages.total_steps", self.total_steps)
         positive("stages.num_stages", self.num_stages)
-        from dwmtrain.stages.schedule import stage_starts
-
         try:
             stage_starts(self.total_steps, self.num_stages, list(self.boundaries))
         except ValueError as e:  # name the field the user set: boundaries if given, else the stage count

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from dwmtrain.data.tokenizer import Tokenizer
+from dwmtrain.data.tokenizer_base import Tokenizer
 from dwmtrain.errors import DataError
 from dwmtrain.fileio import atomic_dir
 

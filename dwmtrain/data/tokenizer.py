@@ -1,52 +1,28 @@
-"""The tokenizer interface that data preparation, training, validation, export and analysis all go through.
-
-``load_tokenizer(path)`` picks the implementation from the file: a sentencepiece ``.model`` today
-(``data.sentencepiece_tokenizer``). A tokenizer is identified by its file's sha256, which every prepared dataset
-and checkpoint records.
+"""Loading a tokenizer: ``load_tokenizer(path)`` picks the implementation of the tokenizer interface
+(``data.tokenizer_base.Tokenizer``) from a plain table: a sentencepiece ``.model`` today. A tokenizer is
+identified by its file's sha256, which every prepared dataset and checkpoint records.
 """
 
 from __future__ import annotations
 
-import abc
 import functools
 import os
-from pathlib import Path
 
+from dwmtrain.data.sentencepiece_tokenizer import SentencePieceTokenizer
+from dwmtrain.data.tokenizer_base import Tokenizer
 from dwmtrain.errors import ConfigError, DataError
 
-
-class Tokenizer(abc.ABC):
-    """Text to the LM's token ids and back."""
-
-    path: str  #: the file it was loaded from
-    vocab_size: int  #: ids are 0..vocab_size-1
-    bos_id: int | None  #: put before a context (validation cloze items); None if the tokenizer has none
-    eos_id: int  #: appended after every document by prepare-data
-
-    @abc.abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """The ids of ``text``, without special tokens."""
-
-    @abc.abstractmethod
-    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
-        """``encode`` of each text, on ``num_threads`` threads (-1: all cores; 1 inside a worker process)."""
-
-    @abc.abstractmethod
-    def decode(self, ids: list[int]) -> str:
-        """The text of ``ids``."""
-
-    @abc.abstractmethod
-    def export_hf(self, out_dir: str | os.PathLike) -> Path:
-        """A Hugging Face tokenizer directory (``AutoTokenizer``) that tokenizes exactly like this one."""
+#: file suffix: the implementation that reads it
+IMPLEMENTATIONS: dict[str, type[Tokenizer]] = {".model": SentencePieceTokenizer}
 
 
 @functools.lru_cache(maxsize=8)
 def _load(path: str, version: tuple) -> Tokenizer:
-    if path.endswith(".model"):
-        from dwmtrain.data.sentencepiece_tokenizer import SentencePieceTokenizer
-
-        return SentencePieceTokenizer(path)
-    raise DataError(f"tokenizer {path}: not a tokenizer dwmtrain reads (a sentencepiece .model)")
+    for suffix, impl in IMPLEMENTATIONS.items():
+        if path.endswith(suffix):
+            return impl(path)
+    known = ", ".join(f"{s} ({i.__name__})" for s, i in IMPLEMENTATIONS.items())
+    raise DataError(f"tokenizer {path}: not a tokenizer dwmtrain reads ({known})")
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

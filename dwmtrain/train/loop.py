@@ -9,6 +9,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from dwmtrain.config.stages import stage_of
 from dwmtrain.data.dataset import rank_micro_batches
 from dwmtrain.data.validation import validation_metrics
 from dwmtrain.distributed import all_reduce_
@@ -16,7 +17,6 @@ from dwmtrain.faults import fault_active
 from dwmtrain.models.dwm import read_dwm_meta, weight_stats_tensor
 from dwmtrain.models.loss import per_sample_loss, weighted_loss
 from dwmtrain.rundir import RunDir
-from dwmtrain.stages.schedule import stage_of
 from dwmtrain.stages.weighting import Weighting
 from dwmtrain.train.metrics import mfu
 from dwmtrain.train.setup import Run

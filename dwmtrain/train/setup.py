@@ -11,6 +11,7 @@ import torch
 
 from dwmtrain.checkpoint import Checkpointer, compat_fields
 from dwmtrain.config import BatchPlan, Config, batch_plan, build_deepspeed_config, resolve_precision
+from dwmtrain.config.stages import stage_starts
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset
 from dwmtrain.data.prepare import prepare_data
 from dwmtrain.data.tokenizer import check_vocab, load_tokenizer
@@ -22,7 +23,6 @@ from dwmtrain.models.dwm import DWMArch, dwm_parameter_count
 from dwmtrain.models.spec import flops_per_token, lm_spec
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.handoff import StageHandoff
-from dwmtrain.stages.schedule import stage_starts
 from dwmtrain.train.engine import build_engine
 from dwmtrain.train.metrics import MetricsWriter, peak_flops
 from dwmtrain.train.nonfinite import NonFiniteCount

@@ -1,4 +1,5 @@
-"""Stage boundaries as data: which optimizer steps start which stage."""
+"""The stage schedule as config data (pure): which optimizer steps start which stage; checked when the config
+loads (``StagesConfig``), asked by the loop."""
 
 from __future__ import annotations
 

@@ -1,0 +1,92 @@
+"""The package's structure holds: rooms (subpackages and top-level modules of ``dwmtrain``) import each other in
+one direction only, no module imports itself back through others, and every function is short enough to read."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "dwmtrain"
+MAX_LINES = 60
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """{module: the dwmtrain modules it imports}, function-level imports included."""
+    mods = {_module_name(p): p for p in PKG.rglob("*.py")}
+    out: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            deps |= {t for t in targets if t in mods and t != name and t.startswith("dwmtrain.")}
+        out[name] = deps
+    return out
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph.get(n, ())):
+            if state.get(m) == 1:
+                return stack[stack.index(m) :] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_no_module_imports_itself_back():
+    imports = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in _imports().items()}
+    assert _cycle(imports) is None, " -> ".join(_cycle(imports))
+
+
+def test_rooms_import_each_other_in_one_direction():
+    rooms: dict[str, set[str]] = {}
+    for m, deps in _imports().items():
+        if m == "dwmtrain":
+            continue
+        rooms.setdefault(_room(m), set()).update(_room(d) for d in deps if _room(d) != _room(m) and d != "dwmtrain")
+    assert _cycle(rooms) is None, "rooms import each other both ways: " + " -> ".join(_cycle(rooms))
+
+
+def test_no_function_is_longer_than_a_reader_holds():
+    long = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_LINES:
+                    long.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long
+
+
+def test_the_cycle_check_sees_a_circle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
