@@ -147,3 +147,43 @@ def test_step_statistics_stay_on_the_device_until_reduced(monkeypatch):
     assert r["loss_unweighted"] == pytest.approx((3 + 2) / 2)
     assert r["w_ess"] == pytest.approx((weight_stats(mbs[0][1])["ess"] + 0) / 2)
     assert (r["w_min"], r["w_max"]) == (0.0, 1.5)
+
+
+def test_nonfinite_steps_are_counted_and_too_many_in_a_row_stop_naming_step_stage_and_dwm():
+    from dwmtrain.errors import DWMTrainError
+    from dwmtrain.train.nonfinite import NonFiniteCount, NonFiniteError
+
+    c = NonFiniteCount(stop_after=2)
+    for bad in (False, True, False, True):
+        c.record(bad)
+        c.check(4, 2, "stage2:abc", "step0000004")  # never two in a row yet
+    assert (c.total, c.streak) == (2, 1)
+    c.record(True)
+    with pytest.raises(NonFiniteError) as e:
+        c.check(5, 2, "stage2:abc", "step0000004")
+    msg = str(e.value)
+    assert isinstance(e.value, DWMTrainError) and "\n" not in msg
+    assert "steps 4-5, stage 2, DWM stage2:abc" in msg and "resumes from checkpoint step0000004" in msg
+
+
+def test_the_lookahead_alpha_follows_the_lr_scheduler_not_the_step_count():
+    from dwmtrain.checkpoint import RunState
+    from dwmtrain.config import load_config
+    from dwmtrain.lr_schedule import scheduled_lr
+    from dwmtrain.meta.update import lookahead_lr
+
+    cfg = load_config(None, ["stages.total_steps=100", "optimizer.warmup_steps=10"])
+    state = RunState(step=40, stage=3, consumed_samples=0, skipped_steps=3)  # 3 updates skipped: LR at 37
+    assert state.scheduler_steps == 37
+    assert lookahead_lr(cfg, state.scheduler_steps) == scheduled_lr(cfg, 37) != scheduled_lr(cfg, 40)
+    fixed = load_config(None, ["meta.lookahead_lr=0.01"])
+    assert lookahead_lr(fixed, 37) == 0.01
+
+
+def test_fault_points_match_ranges_and_lists(monkeypatch):
+    import dwmtrain.faults as faults
+
+    monkeypatch.setattr(faults, "_SPEC", "nonfinite-loss:rank=1:step=5,9-10")
+    hits = [(r, s) for r in (0, 1) for s in range(1, 13) if faults.fault_active("nonfinite-loss", rank=r, step=s)]
+    assert hits == [(1, 5), (1, 9), (1, 10)]
+    assert not faults.fault_active("tensor-broadcast", rank=1, step=5)
