@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -182,11 +181,10 @@ def test_eval_two_runs_per_stage_tables_figure_and_cache(exp):
     image_has_content(work / "cmp" / "figure2.png")
     # the per-checkpoint cache: nothing is evaluated again; a new checkpoint would be
     assert p.stdout.count("tasks\n") + p.stderr.count("tasks\n") >= 12
-    t0 = time.time()
     again = dwm(work, *args)
-    assert (again.stdout + again.stderr).count(": cached") == 12, again.stdout[-2000:]
+    out = again.stdout + again.stderr
+    assert out.count(": cached") == 12 and "tasks\n" not in out, again.stdout[-2000:]  # nothing exported or run
     assert json.loads((work / "cmp" / "results.json").read_text()) == res
-    assert time.time() - t0 < 60
     # one checkpoint (--checkpoint takes a tag or a step): the same results, from the same cache
     from dwmtrain.eval.runs import stage_end_checkpoints
 
