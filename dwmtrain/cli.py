@@ -258,7 +258,7 @@ def add_eval_command(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dwmtrain.errors import DWMTrainError
+    from dwmtrain.errors import EXIT_ERROR, EXIT_OK, DWMTrainError
 
     a, rest = build_parser().parse_known_args(argv)
     if rest and not getattr(a, "passthrough", False):
@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         a.fn(a, rest) if getattr(a, "passthrough", False) else a.fn(a)
     except (DWMTrainError, FileExistsError, FileNotFoundError) as e:
         print(f"dwmtrain {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 if __name__ == "__main__":

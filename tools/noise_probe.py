@@ -17,7 +17,6 @@ the validation loss both ways.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
@@ -91,27 +90,22 @@ def build_noisy_corpus(
 ) -> dict:
     """The bundled corpus with ``fraction`` of its documents corrupted, each by one of ``kinds`` (domain label
     ``corrupted-<kind>``), and clean documents the LM never sees (the meta-update's validation set)."""
-    import zstandard
-
+    from dwmtrain.data.readers import iter_records, text_skip_reason
     from dwmtrain.data.tokenizer import load_tokenizer
+    from dwmtrain.errors import DataError
 
     tok = load_tokenizer(SP)
     rng = random.Random(seed)
-    bad_docs = []
-    if "file" in kinds:
-        with open(bad_file, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        bad_docs.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        sys.exit(f"noise_probe: {bad_file}:{i}: not a SlimPajama record with 'text' ({e})")
-        if not bad_docs:
-            sys.exit(f"noise_probe: {bad_file}: no documents")
-    raw = zstandard.ZstdDecompressor().stream_reader(open(CORPUS / "sample.jsonl.zst", "rb"))
+    try:
+        bad_docs = [r.rec["text"] for r in iter_records([bad_file]) if not text_skip_reason(r.rec.get("text"))] \
+            if "file" in kinds else []  # fmt: skip
+    except DataError as e:
+        sys.exit(f"noise_probe: {e}")
+    if "file" in kinds and not bad_docs:
+        sys.exit(f"noise_probe: {bad_file}: no documents")
     recs = []
-    for line in io.TextIOWrapper(raw, encoding="utf-8"):
-        recs.append(json.loads(line))
+    for r in iter_records([str(CORPUS / "sample.jsonl.zst")]):
+        recs.append(r.rec)
         if len(recs) >= n_docs + n_docs // 4:
             break
     # documents the LM never trains on, uncorrupted: the validation set of the meta-update

@@ -15,7 +15,8 @@ import os
 import sys
 import warnings
 
-from dwmtrain.config import ConfigError, build_deepspeed_config, load_config
+from dwmtrain.config import build_deepspeed_config, load_config
+from dwmtrain.errors import EXIT_ERROR, EXIT_OK, ConfigError
 from dwmtrain.preflight import check_inputs
 
 
@@ -55,11 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(a.config, list(a.overrides) + ([f"run.run_dir={a.run_dir}"] if a.run_dir else []))
         if a.dry_run:
             dry_run(cfg)
-            return 0
+            return EXIT_OK
         check_inputs(cfg)  # before any process group or GPU is touched
     except ConfigError as e:
         print(f"pretrain: config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     from dwmtrain.launch.env import rendezvous_env
     from dwmtrain.train.main import run_training
 

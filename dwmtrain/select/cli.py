@@ -119,7 +119,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (``python -m dwmtrain.select.cli``) with ``dwmtrain``'s exit codes: 2 on expected errors."""
-    from dwmtrain.errors import DWMTrainError
+    from dwmtrain.errors import EXIT_ERROR, EXIT_OK, DWMTrainError
 
     ap = argparse.ArgumentParser(prog="dwmtrain")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         a.fn(a)
     except (DWMTrainError, FileExistsError, FileNotFoundError) as e:
         print(f"dwmtrain {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 if __name__ == "__main__":
