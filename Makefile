@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test check demo clean
+.PHONY: install test test-fast check demo clean
 
 # torch first, pinned: a CPU machine gets the CPU build, a GPU machine the CUDA build; the
 # package's own `torch>=2.4` is then already satisfied and pulls nothing more.
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The unit and spawned-rank tests, without the real launches (everything under tests/integration is `slow`).
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check .

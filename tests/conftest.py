@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import REPO
+
 CORPUS = REPO / "dwmtrain" / "data" / "corpus"
 SP_MODEL = CORPUS / "sample_sp4096.model"
 LAMBADA = CORPUS / "lambada_sample.jsonl"

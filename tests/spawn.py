@@ -9,7 +9,6 @@ rank's traceback; a hang is killed at ``timeout`` seconds.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from datetime import timedelta
@@ -19,11 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .helpers import free_port
 
 
 def _rank_main(rank: int, fn, world: int, port: int, out: str, args: tuple) -> None:

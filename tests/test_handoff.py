@@ -1,4 +1,6 @@
-"""StageHandoff without processes (world size 1): reuse, sha checks, missing checkpoints."""
+"""StageHandoff: reuse, sha checks, missing checkpoints (world size 1); the DWM broadcast from rank 0 (2 gloo ranks)."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from dwmtrain.rundir import RunDir
 from dwmtrain.stages.handoff import StageHandoff
 from dwmtrain.stages.meta_job import MetaJobError
 from dwmtrain.stages.weighting import Uniform
+
+from .spawn import run_distributed
 
 ARCH = DWMArch("tiny", 512, 32)
 D = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu")
@@ -72,3 +76,81 @@ def test_corrupted_fixed_dwm_is_refused(tmp_path):
     h = handoff(tmp_path, "meta.mode=fixed", f"meta.dwm_path={path}")
     with pytest.raises(DWMFileError, match="corrupted or replaced"):
         h.for_stage(1, None)
+
+
+# --------------------------------------------------------------------------- the DWM hand-off on 2 gloo ranks
+
+
+def _handoff(d, root, dwm_path, mode, rank0_raises=False):
+    import dwmtrain.stages.handoff as handoff
+    from dwmtrain.config import load_config
+    from dwmtrain.models.dwm import DWMArch
+    from dwmtrain.rundir import RunDir
+
+    if d.is_main and rank0_raises:  # something no one planned for, on rank 0 only
+
+        def unexpected(*a, **k):
+            raise KeyError("no such thing")
+
+        handoff.load_dwm_state = unexpected
+    if not d.is_main:  # only rank 0 may read the file: the others get the tensors over gloo
+
+        def no_file_access(*a, **k):
+            raise AssertionError(f"rank {d.rank} read the DWM file")
+
+        handoff.load_dwm_state = no_file_access
+    ov = [f"run.run_dir={root}", f"meta.mode={mode}", f"meta.dwm_path={dwm_path}"]
+    h = handoff.StageHandoff(load_config(None, ov), d, DWMArch("tiny", 512, 32), torch.float32, RunDir(root))
+    try:
+        w = h.for_stage(2, "step0000004")
+        model, info = w.model, w.info
+    except Exception as e:  # noqa: BLE001 - returned to the test, which checks every rank raised the same
+        return type(e).__name__, str(e)
+    torch.manual_seed(0)
+    x = torch.randint(0, 512, (8, 32))
+    return model(x), info
+
+
+def _saved_dwm(path: Path):
+    from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm
+
+    torch.manual_seed(0)
+    m = DataWeightingModel(DWMArch("tiny", 512, 32))
+    torch.nn.init.normal_(m.fc2.weight)
+    meta = save_dwm(m, path, stage=2, lm_step=4)
+    torch.manual_seed(0)
+    return m.eval()(torch.randint(0, 512, (8, 32))), meta
+
+
+@pytest.mark.parametrize("mode", ["fixed", "bilevel"])
+def test_dwm_broadcast_from_rank0_gives_every_rank_the_same_model(tmp_path, mode):
+    from dwmtrain.rundir import RunDir
+
+    path = RunDir(tmp_path).dwm(2)  # bilevel reuses the finished stage-2 DWM; fixed reads it from dwm_path
+    want, meta = _saved_dwm(path)
+    (w0, i0), (w1, i1) = run_distributed(_handoff, str(tmp_path), str(path), mode)
+    assert i0 == i1 and i0["sha256"] == meta["sha256"]
+    assert torch.allclose(w0, want) and torch.equal(w0, w1) and not torch.allclose(want, torch.ones(8))
+
+
+def test_corrupted_dwm_fails_on_every_rank_at_once(tmp_path):
+    from dwmtrain.rundir import RunDir
+
+    path = RunDir(tmp_path).dwm(2)
+    _saved_dwm(path)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    r0, r1 = run_distributed(_handoff, str(tmp_path), str(path), "fixed")
+    assert r0 == r1 and r0[0] == "DWMFileError" and "corrupted or replaced" in r0[1]
+
+
+def test_any_failure_on_rank0_in_the_handoff_fails_every_rank_at_once(tmp_path):
+    from dwmtrain.rundir import RunDir
+
+    path = RunDir(tmp_path).dwm(2)
+    _saved_dwm(path)
+    r0, r1 = run_distributed(_handoff, str(tmp_path), str(path), "fixed", True)
+    # at once: rank 1 raised rank 0's error, passed on to it; a rank left waiting would instead have raised the
+    # process group's timeout (60 s, tests/spawn.py)
+    assert r0[0] == "KeyError" and r1[0] == "RankZeroError" and "KeyError: 'no such thing'" in r1[1]

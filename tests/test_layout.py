@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "dwmtrain"
+from .helpers import REPO
+
+PKG = REPO / "dwmtrain"
 MAX_LINES = 60
 
 

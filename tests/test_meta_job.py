@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import REPO, alive, ppid, wait_until
 
 # A stand-in for the meta job's worker: the same guard dwmtrain.meta.job installs.
 WORKER = """
@@ -35,41 +34,20 @@ run_meta_job(cmd, 300, Path(sys.argv[3]))
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")  # a zombie no one reaps has exited
-
-
-def _ppid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def _wait(pred, timeout_s: float) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return pred()
-
-
 def _start(tmp_path: Path):
     (tmp_path / "worker.py").write_text(textwrap.dedent(WORKER))
     pid_file = tmp_path / "worker.pid"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     trainer = subprocess.Popen(
         [sys.executable, "-c", TRAINER, str(tmp_path / "worker.py"), str(pid_file), str(tmp_path / "meta.log")],
         env=env,
     )
-    if not _wait(pid_file.exists, 60):
+    if not wait_until(pid_file.exists, 60, 0.2):
         trainer.kill()
         pytest.fail(f"the meta job's worker did not start; log:\n{(tmp_path / 'meta.log').read_text()}")
     worker = int(pid_file.read_text())
-    torchrun = _ppid(worker)
-    assert _ppid(torchrun) == trainer.pid  # trainer -> torchrun -> worker
+    torchrun = ppid(worker)
+    assert ppid(torchrun) == trainer.pid  # trainer -> torchrun -> worker
     return trainer, torchrun, worker
 
 
@@ -78,10 +56,10 @@ def test_a_sigkilled_trainer_takes_its_meta_job_with_it(tmp_path):
     try:
         trainer.send_signal(signal.SIGKILL)
         trainer.wait(10)
-        assert _wait(lambda: not _alive(torchrun) and not _alive(worker), 30), "meta job outlived its trainer"
+        assert wait_until(lambda: not alive(torchrun) and not alive(worker), 30, 0.2), "meta job outlived its trainer"
     finally:
         for pid in (torchrun, worker):
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -89,10 +67,10 @@ def test_a_sigkilled_torchrun_takes_its_workers_with_it(tmp_path):
     trainer, torchrun, worker = _start(tmp_path)
     try:
         os.kill(torchrun, signal.SIGKILL)
-        assert _wait(lambda: not _alive(worker), 15), "the meta job's worker outlived torchrun"
+        assert wait_until(lambda: not alive(worker), 15, 0.2), "the meta job's worker outlived torchrun"
         trainer.wait(15)  # torchrun's exit is the job's failure: the trainer sees it and returns
     finally:
         if trainer.poll() is None:
             trainer.kill()
-        if _alive(worker):
+        if alive(worker):
             os.kill(worker, signal.SIGKILL)

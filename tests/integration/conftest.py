@@ -1,4 +1,6 @@
-"""Fixtures of the integration tests."""
+"""Fixtures of the integration tests; every test here is `slow` (real launches), so `make test-fast` skips them."""
+
+from pathlib import Path
 
 import pytest
 
@@ -6,6 +8,17 @@ from dwmtrain.data.prepare import prepare_data
 
 from ..conftest import CORPUS
 from .helpers import pretrain_cmd, run, short_run
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests under tests/integration `slow`. A conftest hook sees every collected item, not only this
+    folder's: the others are left as they are."""
+    for item in items:
+        if item.path.resolve().is_relative_to(HERE):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

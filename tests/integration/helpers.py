@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from ..helpers import REPO, free_port, kill_tree, wait_until
+from ..helpers import cmdline as cmdline  # re-exported: the launch tests read their processes through here
+from ..helpers import process_tree as process_tree
+
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 TINY = REPO / "launchers" / "configs" / "tiny.yaml"
 
 
 def pretrain_cmd(run_dir: Path, overrides: list[str], world: int = 2, config: Path = TINY) -> list[str]:
+    """A deepspeed launch of launchers/pretrain.py on its own free rendezvous port (``master_port(cmd)``)."""
     return [
         DEEPSPEED,
         "--num_gpus",
         str(world),
         "--master_port",
-        str(29500 + os.getpid() % 1000),
+        str(free_port()),
         str(REPO / "launchers" / "pretrain.py"),
         "--config",
         str(config),
@@ -30,6 +32,11 @@ def pretrain_cmd(run_dir: Path, overrides: list[str], world: int = 2, config: Pa
         "run.threads_per_rank=1",
         *overrides,
     ]
+
+
+def master_port(cmd: list[str]) -> str:
+    """The rendezvous port a launch command was given."""
+    return cmd[cmd.index("--master_port") + 1]
 
 
 def short_run(data_dir: Path, *extra: str) -> list[str]:
@@ -59,58 +66,27 @@ def run(cmd: list[str], timeout: int = 600, check: bool = True, **extra_env: str
     return p
 
 
+def wait_for_step(p: subprocess.Popen, metrics: Path, step: int, timeout: float = 300, interval_s: float = 0.1) -> None:
+    """Poll until metrics.jsonl shows ``step``; fail if the job ends first or ``timeout`` seconds pass."""
+
+    def reached() -> bool:
+        assert p.poll() is None, f"job ended (rc {p.returncode}) before step {step}"
+        return any(r["step"] >= step for r in by_step(metrics).values())
+
+    if not wait_until(reached, timeout, interval_s):
+        raise AssertionError(f"no step {step} within {timeout} s")
+
+
 def run_until_step_then_kill(cmd: list[str], metrics: Path, step: int, timeout: int = 600) -> None:
     """Start the job, wait until metrics.jsonl shows ``step``, then SIGKILL the whole process group."""
     p = subprocess.Popen(
         cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    t0 = time.time()
     try:
-        while time.time() - t0 < timeout:
-            if p.poll() is not None:
-                raise AssertionError(f"job ended (rc {p.returncode}) before step {step}")
-            if metrics.exists() and any(
-                json.loads(x)["step"] >= step for x in metrics.read_text().splitlines() if x.strip()
-            ):
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError("timed out waiting for the step")
+        wait_for_step(p, metrics, step, timeout, interval_s=0.05)
     finally:
         kill_tree(p.pid)
         p.wait()
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (from /proc), parents before children."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while we looked
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        out.append(todo.pop(0))
-        todo += children.get(out[-1], [])
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every descendant, by process id (the tree is listed before anything is killed)."""
-    for q in process_tree(pid):
-        try:
-            os.kill(q, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def records(path: Path) -> list[dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ..spawn import free_port
+from ..helpers import free_port
 from .helpers import DEEPSPEED, REPO, TINY, by_step, env, pretrain_cmd, run, short_run
 from .services import start
 

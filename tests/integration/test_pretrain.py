@@ -11,7 +11,17 @@ from dwmtrain.checkpoint import safe_torch_load
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm
 from dwmtrain.report import summarize
 
-from .helpers import DEEPSPEED, REPO, by_step, pretrain_cmd, records, run, run_until_step_then_kill, short_run
+from .helpers import (
+    DEEPSPEED,
+    REPO,
+    by_step,
+    master_port,
+    pretrain_cmd,
+    records,
+    run,
+    run_until_step_then_kill,
+    short_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +36,14 @@ def test_weighted_loss_gradients_under_zero3():
 
 
 def test_trains_loss_falls_checkpoints_and_exact_resume_after_sigkill(tmp_path, data64):
+    launched = []  # every command this test runs
+
+    def launch(run_dir: Path, overrides: list[str]) -> list[str]:
+        launched.append(pretrain_cmd(run_dir, overrides))
+        return launched[-1]
+
     full, killed = tmp_path / "full", tmp_path / "killed"
-    run(pretrain_cmd(full, base(data64)))
+    run(launch(full, base(data64)))
     a = by_step(full / "metrics.jsonl")
     assert sorted(a) == list(range(1, 13))
     assert a[12]["loss"] < a[1]["loss"] - 0.5, "loss must fall"
@@ -49,10 +65,10 @@ def test_trains_loss_falls_checkpoints_and_exact_resume_after_sigkill(tmp_path, 
     assert list((full / "tensorboard").iterdir())
 
     # killed at step 7 (after the boundary at 4, before the one at 8), resumed from step 6
-    run_until_step_then_kill(pretrain_cmd(killed, base(data64)), killed / "metrics.jsonl", 7)
+    run_until_step_then_kill(launch(killed, base(data64)), killed / "metrics.jsonl", 7)
     latest = json.loads((killed / "checkpoints" / "latest.json").read_text())["step"]
     assert latest in (4, 6)
-    p = run(pretrain_cmd(killed, base(data64)))
+    p = run(launch(killed, base(data64)))
     assert "resumed from" in p.stdout + p.stderr
     b = by_step(killed / "metrics.jsonl")
     assert sorted(b) == list(range(1, 13))
@@ -61,14 +77,14 @@ def test_trains_loss_falls_checkpoints_and_exact_resume_after_sigkill(tmp_path, 
         assert b[s]["lr"] == a[s]["lr"]
 
     # rerunning a finished run changes nothing; a breaking config change is refused
-    run(pretrain_cmd(full, base(data64)))
+    run(launch(full, base(data64)))
     assert by_step(full / "metrics.jsonl")[12]["loss"] == a[12]["loss"]
-    p = run(pretrain_cmd(full, base(data64, "deepspeed.global_batch_size=64")), check=False)
+    p = run(launch(full, base(data64, "deepspeed.global_batch_size=64")), check=False)
     assert p.returncode != 0
     assert "global batch" in p.stderr and "checkpoint has 32, now 64" in p.stderr
     # DeepSpeed's CPU all-reduce buffers (66 MB of /dev/shm per rank) are gone, after the SIGKILL too
-    port = pretrain_cmd(full, [])[4]
-    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    for port in map(master_port, launched):  # each launch had its own port, which names its buffers
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")), port
 
 
 def test_sigkill_resume_across_stage_boundary(tmp_path, data64):

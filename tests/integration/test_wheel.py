@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ..helpers import free_port
 from .helpers import REPO, by_step, run
 
 pytestmark = pytest.mark.slow
@@ -76,7 +77,7 @@ def test_wheel_installed_outside_the_checkout_runs_bilevel_training(tmp_path, da
         "--nproc",
         "2",
         "--master-port",
-        str(29400 + os.getpid() % 500),
+        str(free_port()),
         "--config",
         "tiny",  # a bundled config, by name
         "--run-dir",

@@ -1,0 +1,76 @@
+"""Collectives (tensor and object broadcast, gradient all-reduce) and the step statistics' reduce, on 2 gloo ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .spawn import run_distributed
+
+
+def _broadcast(d):
+    from dwmtrain.distributed import broadcast_object, broadcast_tensors
+
+    state = None
+    if d.is_main:
+        state = {
+            "w": torch.arange(12, dtype=torch.float32).view(3, 4),
+            "b": torch.tensor([1.5], dtype=torch.float64),
+            "i": torch.tensor([7, 8], dtype=torch.int64),
+        }
+    got = broadcast_tensors(state, d.device)
+    meta = broadcast_object({"from": d.rank} if d.is_main else None)
+    return got, meta
+
+
+def test_broadcast_tensors_and_objects_reach_every_rank():
+    (r0, m0), (r1, m1) = run_distributed(_broadcast)
+    assert m0 == m1 == {"from": 0}
+    assert list(r1) == ["w", "b", "i"]
+    for k in r0:
+        assert r1[k].dtype == r0[k].dtype and torch.equal(r1[k], r0[k])
+    assert r1["w"][2, 3].item() == 11.0
+
+
+def _grads(d):
+    from dwmtrain.distributed import all_reduce_grads
+
+    p1, p2 = torch.zeros(3, requires_grad=True), torch.zeros(2, 2, requires_grad=True)
+    p1.grad = torch.full((3,), float(d.rank + 1))  # rank 0: 1, rank 1: 2
+    p2.grad = torch.full((2, 2), float(10 * (d.rank + 1)))
+    norm = all_reduce_grads([p1, p2])
+    return p1.grad, p2.grad, norm
+
+
+def test_all_reduce_grads_averages_over_ranks():
+    (a1, a2, n0), (b1, b2, n1) = run_distributed(_grads)
+    assert torch.equal(a1, torch.full((3,), 1.5)) and torch.equal(b1, a1)
+    assert torch.equal(a2, torch.full((2, 2), 15.0)) and torch.equal(b2, a2)
+    assert n0 == n1 == pytest.approx((3 * 1.5**2 + 4 * 15.0**2) ** 0.5)
+
+
+# --------------------------------------------------------------------------- step statistics
+
+LOSSES = {0: [[2.0, 4.0], [1.0, 3.0]], 1: [[5.0, 1.0], [2.0, 2.0]]}  # rank -> micro-batches of 2 samples
+WEIGHTS = {0: [[1.0, 1.0], [0.5, 1.5]], 1: [[1.8, 0.2], [1.0, 1.0]]}
+
+
+def _step_stats(d):
+    from dwmtrain.train.loop import StepStats
+
+    s = StepStats()
+    for losses, w in zip(LOSSES[d.rank], WEIGHTS[d.rank]):
+        s.add(torch.tensor(losses), torch.tensor(w))
+    return s.reduce()
+
+
+def test_step_statistics_reduce_over_ranks():
+    from dwmtrain.models.dwm import weight_stats
+
+    r0, r1 = run_distributed(_step_stats)
+    assert r0 == r1
+    mbs = [(torch.tensor(lo), torch.tensor(w)) for r in (0, 1) for lo, w in zip(LOSSES[r], WEIGHTS[r])]
+    assert r0["loss"] == pytest.approx(sum((w * lo).mean().item() for lo, w in mbs) / 4)
+    assert r0["loss_unweighted"] == pytest.approx(sum(lo.mean().item() for lo, _ in mbs) / 4)
+    assert r0["w_ess"] == pytest.approx(sum(weight_stats(w)["ess"] for _, w in mbs) / 4)
+    assert (r0["w_min"], r0["w_max"]) == pytest.approx((0.2, 1.8))  # both from rank 1
