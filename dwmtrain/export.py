@@ -50,17 +50,18 @@ def resolve_tag(rd: RunDir, checkpoint: str | None) -> str:
 
 
 def hf_model(cfg: Config, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
-    """A plain ``LlamaForCausalLM`` (standard attention, KV cache on) holding the checkpoint's weights."""
-    from transformers import LlamaForCausalLM
+    """The architecture's plain HF causal LM (standard attention, KV cache on) holding the checkpoint's weights."""
+    from transformers import AutoModelForCausalLM
 
+    from dwmtrain.models.lm import load_lm_state
     from dwmtrain.models.spec import lm_spec
 
-    hf_cfg = lm_spec(cfg.model).hf_config("sdpa")  # as trained
+    spec = lm_spec(cfg.model)
+    hf_cfg = spec.hf_config("sdpa")  # as trained
     hf_cfg.use_cache = True  # generation and lm-eval; training turned it off
-    model = LlamaForCausalLM(hf_cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ExportError(f"checkpoint weights do not fit the {cfg.model.preset} preset: {missing or unexpected}")
+    model = AutoModelForCausalLM.from_config(hf_cfg)
+    if bad := load_lm_state(model, state):
+        raise ExportError(f"checkpoint weights do not fit the model {spec.name}: {bad[:3]}")
     return model.to(dtype).eval()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from dwmtrain.errors import ResumeError
@@ -10,6 +12,7 @@ from dwmtrain.fileio import sha256_file
 # Changing any of these makes the saved state unusable for this run.
 BREAKING = {
     "model_preset": "model.preset",
+    "model_shape": "the model's shape (model.preset / model.hf_config / model.init_from)",
     "vocab_size": "model.vocab_size",
     "max_seq_len": "model.max_seq_len",
     "seq_len": "data.seq_len",
@@ -22,11 +25,15 @@ BREAKING = {
 }
 
 
-def compat_fields(cfg, world: int, global_batch: int, vocab: int, tok_sha: str, starts: list[int]) -> dict:
-    """What every checkpoint records and a resume compares (``BREAKING`` says which changes break it)."""
+def compat_fields(cfg, world: int, global_batch: int, spec, tok_sha: str, starts: list[int]) -> dict:
+    """What every checkpoint records and a resume compares (``BREAKING`` says which changes break it); ``spec``
+    is the LM's ``ModelSpec``."""
+    shape = spec.shape()
+    external = cfg.model.hf_config or cfg.model.init_from
     return {
-        "model_preset": cfg.model.preset,
-        "vocab_size": vocab,
+        "model_preset": "hf-config" if external else cfg.model.preset,
+        "model_shape": hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16],
+        "vocab_size": spec.vocab_size,
         "max_seq_len": cfg.model.max_seq_len,
         "seq_len": cfg.data.seq_len,
         "tokenizer_sha256": tok_sha,

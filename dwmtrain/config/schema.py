@@ -68,9 +68,16 @@ class RunConfig:
 class ModelConfig:
     """The language model being pretrained."""
 
-    preset: str = "tiny"  #: tiny | small | 370m | 1.3b (see dwmtrain.models.spec.PRESETS)
-    vocab_size: int = 0  #: 0: the preset's; must equal the tokenizer's vocabulary
-    max_seq_len: int = 0  #: 0: the preset's context (1024 for the paper presets)
+    #: tiny | small | 370m | 1.3b | llama3.2-1b | llama3.2-3b | llama3.1-8b (dwmtrain.models.spec.PRESETS)
+    preset: str = "tiny"
+    #: a Hugging Face causal-LM config (config.json, or a model directory) instead of the preset: Llama, Mistral,
+    #: Qwen2, Qwen3 (dwmtrain.models.spec.SUPPORTED)
+    hf_config: str = ""
+    #: a Hugging Face checkpoint directory (safetensors, sharded or not) to continue pretraining from; its
+    #: config.json is the model unless hf_config names another. Read when a run starts, never on a resume
+    init_from: str = ""
+    vocab_size: int = 0  #: 0: the model's; must equal the tokenizer's vocabulary
+    max_seq_len: int = 0  #: 0: the model's context (1024 for the paper presets)
     attn_implementation: str = "sdpa"  #: sdpa (fused kernels) | eager
     #: the training loss applies the LM head this many tokens at a time, never holding the full
     #: [tokens, vocab] logits (models.loss.fused_weighted_loss); 0: the full-logits path
@@ -80,10 +87,19 @@ class ModelConfig:
         from dwmtrain.models.spec import ATTN_IMPLEMENTATIONS, PRESETS
 
         one_of("model.preset", self.preset, tuple(PRESETS))
+        for name in ("hf_config", "init_from"):
+            path = getattr(self, name)
+            check(not path or Path(path).exists(), f"model.{name}", path, "no such file or directory")
+        check(not self.init_from or Path(self.init_from).is_dir(), "model.init_from", self.init_from,
+              "must be a Hugging Face model directory")  # fmt: skip
         check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0")
         check(self.max_seq_len >= 0, "model.max_seq_len", self.max_seq_len, "must be >= 0")
         one_of("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         check(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", self.loss_chunk_tokens, "must be >= 0")
+        if self.hf_config or self.init_from:  # the architecture is checked now, not after a queue wait
+            from dwmtrain.models.spec import lm_spec
+
+            lm_spec(self)
 
 
 @dataclass
@@ -112,7 +128,7 @@ class DataConfig:
 class DWMConfig:
     """The Data Weighting Model: backbone embeds samples, attention across the micro-batch, 2 linears."""
 
-    backbone: str = "tiny"  #: LM preset of the backbone (the paper: 370m)
+    backbone: str = "tiny"  #: LM preset of the backbone (the paper: 370m), or lm: the LM's own model
     attn_heads: int = 4  #: heads of the cross-sample attention block
     head_hidden: int = 0  #: hidden width of the 2-layer head (0: backbone hidden size)
     pooling: str = "mean"  #: mean | last: how token states become one embedding per sample
@@ -130,7 +146,7 @@ class DWMConfig:
         from dwmtrain.models.dwm import NORMALIZATIONS, POOLINGS
         from dwmtrain.models.spec import PRESETS
 
-        one_of("dwm.backbone", self.backbone, tuple(PRESETS))
+        one_of("dwm.backbone", self.backbone, (*PRESETS, "lm"))
         positive("dwm.attn_heads", self.attn_heads)
         check(self.head_hidden >= 0, "dwm.head_hidden", self.head_hidden, "must be >= 0")
         one_of("dwm.pooling", self.pooling, POOLINGS)

@@ -18,6 +18,7 @@ from dwmtrain.config import Config
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
 from dwmtrain.data.validation import validation_set
 from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier
+from dwmtrain.errors import CheckpointError
 from dwmtrain.lr_schedule import scheduled_lr
 from dwmtrain.meta.metagrad import default_fd_eps, dwm_surrogate, lm_params, meta_gradient
 from dwmtrain.models.dwm import (
@@ -29,7 +30,7 @@ from dwmtrain.models.dwm import (
     save_dwm,
     weight_stats,
 )
-from dwmtrain.models.lm import build_lm
+from dwmtrain.models.lm import build_lm, load_lm_state
 from dwmtrain.models.spec import lm_spec
 from dwmtrain.rundir import RunDir
 
@@ -45,7 +46,8 @@ def load_frozen_lm(cfg: Config, rd: RunDir, tag: str, device, attn: str):
     rank 0, so no other node's shards and no optimizer state are read), else DeepSpeed's zero_to_fp32."""
     lm = build_lm(lm_spec(cfg.model), attn)
     state = consolidated_lm_state(rd, tag)
-    lm.load_state_dict(state)
+    if bad := load_lm_state(lm, state):
+        raise CheckpointError(f"checkpoint {rd.checkpoint(tag)}: its weights do not fit the run's model: {bad[:3]}")
     return lm.to(device).eval().requires_grad_(False), state
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import LlamaModel
+from transformers import MODEL_MAPPING
 
 from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.faults import fault_point
@@ -92,13 +92,19 @@ class DWMArch:
     uniform_mix: float = 0.0
     attn_implementation: str = "sdpa"
     normalization: str = "softmax"
+    #: the backbone's Hugging Face config fields (JSON) when it is not a preset: the LM's own (dwm.backbone=lm)
+    backbone_config: str = ""
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int):
         """The DWM of a run (``cfg`` is the whole config tree); the vocabulary is the LM's."""
+        from dwmtrain.models.spec import lm_spec
+
         d = cfg.dwm
+        lm = lm_spec(cfg.model) if d.backbone == "lm" else None
         return cls(
-            backbone=d.backbone,
+            backbone=lm.name if lm else d.backbone,
+            backbone_config=lm.config_json if lm else "",
             vocab_size=vocab_size,
             max_seq_len=cfg.model.max_seq_len or cfg.data.seq_len,
             attn_heads=d.attn_heads,
@@ -112,16 +118,22 @@ class DWMArch:
 
     def backbone_spec(self) -> ModelSpec:
         """The backbone's LM shape (the DWM's own vocabulary and context)."""
+        if self.backbone_config:
+            return ModelSpec.from_fields(self.backbone, json.loads(self.backbone_config)).resized(
+                self.vocab_size, self.max_seq_len
+            )
         return ModelSpec.from_preset(self.backbone, self.vocab_size, self.max_seq_len)
 
     def shape_fields(self) -> dict:
         """Fields that change the tensors (a mismatch means the file cannot be loaded).
 
-        max_seq_len is not one: RoPE has no learned positions, so a DWM transfers across context lengths.
-        """
+        max_seq_len is not one: RoPE has no learned positions, so a DWM transfers across context lengths. The
+        backbone is compared by its shape, whatever names it."""
         d = asdict(self)
         for k in ("temperature", "uniform_mix", "attn_implementation", "max_seq_len", "normalization"):
             d.pop(k)
+        d["backbone_config"] = json.dumps(self.backbone_spec().shape(), sort_keys=True)
+        d["backbone"] = self.backbone if not self.backbone_config else "(its own config)"
         return d
 
 
@@ -132,7 +144,7 @@ class DataWeightingModel(nn.Module):
         super().__init__()
         self.arch = arch
         cfg = arch.backbone_spec().hf_config(arch.attn_implementation)
-        self.backbone = dtype_preserving_norms(LlamaModel(cfg))
+        self.backbone = dtype_preserving_norms(MODEL_MAPPING[type(cfg)](cfg))
         H = cfg.hidden_size
         if H % arch.attn_heads:
             raise ConfigError(f"dwm.attn_heads={arch.attn_heads}: must divide the backbone hidden size {H}")
@@ -271,7 +283,12 @@ def arch_from_meta(arch: object, where: str) -> DWMArch:
     for k in ("temperature", "uniform_mix"):
         if k in arch and (type(arch[k]) not in (int, float) or arch[k] != arch[k]):
             raise bad(k, "must be a number")
-    if arch["backbone"] not in PRESETS:
+    if arch.get("backbone_config"):
+        try:
+            ModelSpec.from_fields(arch["backbone"], json.loads(arch["backbone_config"]))
+        except (ConfigError, json.JSONDecodeError, TypeError, KeyError) as e:
+            raise bad("backbone_config", f"not a supported model config ({e})") from None
+    elif arch["backbone"] not in PRESETS:
         raise bad("backbone", f"not one of the presets {sorted(PRESETS)}")
     if arch.get("pooling", "mean") not in POOLINGS:
         raise bad("pooling", f"must be one of {POOLINGS}")
@@ -292,7 +309,11 @@ def arch_from_meta(arch: object, where: str) -> DWMArch:
 def arch_mismatch(file: DWMArch, run: DWMArch) -> list[str]:
     """Where a DWM file's architecture differs from the run's in a way its tensors cannot absorb."""
     a, b = file.shape_fields(), run.shape_fields()
-    return [f"{k}: file has {a[k]!r}, run expects {b[k]!r}" for k in a if a[k] != b[k]]
+    out = [f"{k}: file has {a[k]!r}, run expects {b[k]!r}" for k in a if a[k] != b[k] and k != "backbone_config"]
+    fa, fb = json.loads(a["backbone_config"]), json.loads(b["backbone_config"])
+    out += [f"backbone {k}: file has {fa.get(k)!r}, run expects {fb.get(k)!r}"
+            for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]  # fmt: skip
+    return out
 
 
 def _signed_meta(path: Path) -> dict | None:

@@ -1,12 +1,15 @@
-"""The trained LM: a Hugging Face ``LlamaForCausalLM`` built from a ``ModelSpec``, whose forward can also return
-the weighted training objective without the full logits; dtype-preserving eager attention and RMSNorm.
+"""The trained LM: the Hugging Face causal-LM class of a ``ModelSpec``'s architecture (Llama, Mistral, Qwen2,
+Qwen3), whose forward can also return the weighted training objective without the full logits; dtype-preserving
+eager attention and RMSNorm.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
-from transformers import AttentionInterface, LlamaForCausalLM
+from transformers import AttentionInterface
 
 from dwmtrain.models.loss import fused_weighted_loss
 from dwmtrain.models.spec import EXACT_EAGER, ModelSpec
@@ -48,11 +51,10 @@ def _rmsnorm_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def dtype_preserving_norms(module: torch.nn.Module) -> torch.nn.Module:
-    """Patch every Llama RMSNorm in ``module`` so float64 models stay float64 (for exact gradient tests)."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
+    """Patch every RMSNorm of ``module`` (Llama's, Mistral's, Qwen's: the same math) so float64 models stay
+    float64 (for exact gradient tests)."""
     for m in module.modules():
-        if isinstance(m, LlamaRMSNorm):
+        if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon"):
             m.forward = _rmsnorm_forward.__get__(m)
     return module
 
@@ -69,11 +71,12 @@ class LossHead(nn.Linear):
         return fused_weighted_loss(hidden, self.weight, labels, sample_weights, chunk)
 
 
-class WeightedLlamaForCausalLM(LlamaForCausalLM):
-    """``LlamaForCausalLM`` (same modules, same state dict) whose forward can also return the weighted
+class WeightedLoss:
+    """Mixed into an HF causal LM (same modules, same state dict): its forward can also return the weighted
     training objective without materializing the logits: ``model(input_ids=x, sample_weights=w)`` ->
     (mean_i w_i * L_i, per-sample losses [B] without gradient), the LM head applied a chunk of tokens at a
-    time. Without ``sample_weights`` it is the plain HF forward."""
+    time. Without ``sample_weights`` it is the plain HF forward. A tied head stays tied: ``LossHead`` holds the
+    embedding's own parameter."""
 
     loss_chunk_tokens = 1024
 
@@ -88,14 +91,35 @@ class WeightedLlamaForCausalLM(LlamaForCausalLM):
         return self.lm_head(hidden, labels=input_ids, sample_weights=sample_weights, chunk=self.loss_chunk_tokens)
 
 
+@functools.cache
+def weighted_lm_class(config_class: type) -> type:
+    """The HF causal-LM class of ``config_class`` with ``WeightedLoss`` mixed in."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    base = MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
+    return type(f"Weighted{base.__name__}", (WeightedLoss, base), {"__module__": __name__})
+
+
 def build_lm(
     spec: ModelSpec,
     attn_implementation: str = "sdpa",
     seed: int | None = None,
     dtype: torch.dtype | None = torch.float32,
-) -> WeightedLlamaForCausalLM:
+) -> torch.nn.Module:
     """A freshly initialized LM of ``spec`` (seeded when ``seed`` is given; ``dtype=None``: as constructed)."""
     if seed is not None:
         torch.manual_seed(seed)
-    model = dtype_preserving_norms(WeightedLlamaForCausalLM(spec.hf_config(attn_implementation)))
+    cfg = spec.hf_config(attn_implementation)
+    model = dtype_preserving_norms(weighted_lm_class(type(cfg))(cfg))
     return model if dtype is None else model.to(dtype)
+
+
+def load_lm_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load ``state`` (names as the model's own) into ``model``; returns what did not fit (missing or unexpected
+    names), a tied head's weight not counted: it is the embedding's, held once."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if tied:
+        missing = [k for k in missing if k != "lm_head.weight"]
+        model.tie_weights()
+    return [*missing, *unexpected]

@@ -80,7 +80,7 @@ def setup(cfg: Config) -> Run:
     plan = batch_plan(cfg, d.world)
     starts = stage_starts(cfg.stages.total_steps, cfg.stages.num_stages, cfg.stages.boundaries)
     ds_config = build_deepspeed_config(cfg, d.world, d.accelerator)
-    compat = compat_fields(cfg, d.world, plan.global_batch_size, spec.vocab_size, tok_sha, starts)
+    compat = compat_fields(cfg, d.world, plan.global_batch_size, spec, tok_sha, starts)
     ckpt = Checkpointer(rd, d, compat=compat, global_batch_size=plan.global_batch_size, keep_last=cfg.run.keep_last,
                         keep_stage=cfg.run.keep_stage_checkpoints, boundary_weights=True)  # fmt: skip
     engine = build_engine(cfg, ds_config, spec)

@@ -2,6 +2,8 @@
 head weight gathered inside the engine's forward) == a hand-computed weighted sum of per-sample gradients.
 
 Also: permuting a micro-batch permutes its DWM weights; a fresh DWM gives uniform weights.
+``--tied``: a Llama-3-style tiny LM (grouped-query attention 4/2, the head tied to the embedding), the known trap of
+a tied head under ZeRO-3: the shared parameter's gradient is the sum of both uses.
 Prints CHECK-OK on success (rank 0), raises otherwise.
 """
 
@@ -29,7 +31,12 @@ def main():
     d = init_distributed(600)
     torch.set_num_threads(1)
     cfg = load_config(None, ["data.seq_len=32", "deepspeed.global_batch_size=16", "optimizer.grad_clip=0"])
-    lm = build_lm(ModelSpec.from_preset("tiny"), seed=0)
+    spec = ModelSpec.from_preset("tiny")
+    if "--tied" in sys.argv:
+        spec = ModelSpec.from_fields(
+            "tiny-tied", {**spec.config, "num_key_value_heads": 2, "tie_word_embeddings": True}
+        )
+    lm = build_lm(spec, seed=0)
     ref = copy.deepcopy(lm)
     eng, *_ = deepspeed.initialize(
         model=lm, model_parameters=lm.parameters(), config=build_deepspeed_config(cfg, d.world, d.accelerator)
@@ -81,6 +88,7 @@ def main():
         err = ((full - want[n]).norm() / want[n].norm().clamp_min(1e-12)).item()
         worst = max(worst, err)
         assert err < 1e-4, (n, err)
+    assert not spec.tie_word_embeddings or eng.module.lm_head.weight is eng.module.model.embed_tokens.weight
     if d.is_main:
         print(f"CHECK-OK worst relative gradient error {worst:.2e} over {len(want)} tensors", flush=True)
 

@@ -15,6 +15,7 @@ from .helpers import (
     DEEPSPEED,
     REPO,
     by_step,
+    free_port,
     master_port,
     pretrain_cmd,
     records,
@@ -30,8 +31,11 @@ def base(data64, *extra):
     return short_run(data64, "run.keep_last=2", "meta.mode=none", *extra)
 
 
-def test_weighted_loss_gradients_under_zero3():
-    p = run([DEEPSPEED, "--num_gpus", "2", str(REPO / "tests" / "integration" / "check_weighted_grad.py")])
+@pytest.mark.parametrize("variant", [[], ["--tied"]], ids=["untied", "tied-gqa"])
+def test_weighted_loss_gradients_under_zero3(variant):
+    port = str(free_port())
+    script = str(REPO / "tests" / "integration" / "check_weighted_grad.py")
+    p = run([DEEPSPEED, "--num_gpus", "2", "--master_port", port, script, *variant])
     assert "CHECK-OK" in p.stdout
 
 
