@@ -170,6 +170,10 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ finding and resuming
 
+    def has_checkpoint(self) -> bool:
+        """Collective: whether rank 0's storage holds a complete-marked checkpoint (a start resumes, then)."""
+        return broadcast_object(any(p is None for _, _, p in self._candidates()) if self.d.is_main else None)
+
     def latest(self) -> RunState | None:
         """State of the newest checkpoint whose marker is sound on this storage (no shard checks), or None."""
         return next((state for _, state, problem in self._candidates() if problem is None), None)

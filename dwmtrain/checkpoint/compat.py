@@ -44,6 +44,7 @@ def compat_fields(cfg, world: int, global_batch: int, spec, tok_sha: str, starts
         "data_sha": sha256_file(Path(cfg.data.train_data) / "index.json"),
         "seed": cfg.run.seed,
         "total_steps": cfg.stages.total_steps,
+        "init_from": cfg.model.init_from,
         "stage_starts": starts,
         "config_sha256": cfg.hash(),
     }

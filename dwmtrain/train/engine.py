@@ -8,17 +8,20 @@ import functools
 import torch
 
 from dwmtrain.config import Config
-from dwmtrain.distributed import broadcast_object
+from dwmtrain.distributed import broadcast_object, run_on_rank0
+from dwmtrain.errors import ConfigError
 from dwmtrain.lr_schedule import default_warmup, lr_multiplier
 from dwmtrain.models.lm import build_lm
+from dwmtrain.models.pretrained import PretrainedWeights
 from dwmtrain.models.spec import ModelSpec
 
 
-def build_engine(cfg: Config, ds_config: dict, spec: ModelSpec):
-    """Collective: the LM wrapped by ZeRO-3 with its optimizer and LR schedule (DeepSpeed engine)."""
+def build_engine(cfg: Config, ds_config: dict, spec: ModelSpec, init_from: str = ""):
+    """Collective: the LM wrapped by ZeRO-3 with its optimizer and LR schedule (DeepSpeed engine); its weights
+    those of the Hugging Face checkpoint ``init_from`` when given, else seeded."""
     import deepspeed
 
-    lm = build_partitioned_lm(spec, cfg.model.attn_implementation, cfg.run.seed, ds_config)
+    lm = build_partitioned_lm(spec, cfg.model.attn_implementation, cfg.run.seed, ds_config, init_from)
     lm.loss_chunk_tokens = cfg.model.loss_chunk_tokens or lm.loss_chunk_tokens
     total = cfg.stages.total_steps
     warm = default_warmup(total, cfg.optimizer.warmup_steps)
@@ -34,16 +37,16 @@ def build_engine(cfg: Config, ds_config: dict, spec: ModelSpec):
     return engine
 
 
-def build_partitioned_lm(spec: ModelSpec, attn: str, seed: int, ds_config: dict):
-    """Collective: the run's seeded LM of ``spec``, built already partitioned by ZeRO-3 (``deepspeed.zero.Init``), with
-    exactly the weights a plain seeded build gives.
+def build_partitioned_lm(spec: ModelSpec, attn: str, seed: int, ds_config: dict, init_from: str = ""):
+    """Collective: the run's LM of ``spec``, built already partitioned by ZeRO-3 (``deepspeed.zero.Init``), with
+    exactly the weights a plain seeded build gives, or those of the Hugging Face checkpoint ``init_from``.
 
-    Only global rank 0 builds the full LM (on the CPU, from the seed, as a single-process run would); every
-    other rank holds only its shards from the start. The values are then copied in one tensor at a time:
-    each parameter is gathered, rank 0 writes it, and DeepSpeed broadcasts and re-partitions it on leaving
-    the context. So a node of 8 ranks holds one full copy at start-up instead of 8, and the weights do not
-    depend on the device, the world size or where zero.Init draws its (discarded) initial values. The RNG
-    state afterwards is the plain build's on every rank."""
+    Only global rank 0 reads the full weights (building the seeded LM on the CPU as a single-process run would, or
+    reading the checkpoint one tensor at a time); every other rank holds only its shards from the start. The values
+    are copied in one tensor at a time: each parameter is gathered, rank 0 writes it, and DeepSpeed broadcasts and
+    re-partitions it on leaving the context. So a node of 8 ranks holds one full copy at start-up instead of 8, and
+    the weights do not depend on the device, the world size or where zero.Init draws its (discarded) initial
+    values. The RNG state afterwards is the same on every rank (the plain build's when no checkpoint is read)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -52,22 +55,51 @@ def build_partitioned_lm(spec: ModelSpec, attn: str, seed: int, ds_config: dict)
     with deepspeed.zero.Init(config_dict_or_path=ds_config):  # its draws are overwritten below
         lm = build_lm(spec, attn, dtype=None)
     release_free_host_memory()  # the construction's full-size temporaries
-    seeded = build_lm(spec, attn, seed=seed) if main else None
-    cpu_rng = broadcast_object(torch.get_rng_state() if main else None)
-    source = dict(seeded.named_parameters()) if main else {}
-    with torch.no_grad():
-        for name, p in lm.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                if main:
-                    p.data.copy_(source[name].data)
-                    source[name].data = torch.empty(0)  # the seeded copy is freed as it is copied
-            release_free_host_memory()  # the gathered copy just freed (else the heap keeps it resident)
+    if init_from:
+        box: dict = {}
+        run_on_rank0(lambda: box.update(w=_checked_weights(init_from, lm, spec)))  # unfit weights: every rank raises
+        source = {n: (lambda n=n: box["w"].tensor(n)) for n, _ in lm.named_parameters()} if main else {}
+        seeded = None
+    else:
+        seeded = build_lm(spec, attn, seed=seed) if main else None
+        source = {n: (lambda p=p: _take(p)) for n, p in seeded.named_parameters()} if main else {}
+    cpu_rng = broadcast_object(torch.get_rng_state() if main else None)  # the plain build's, on every rank
+    _copy_into_partitions(lm, source, main)
     del seeded, source
     release_free_host_memory()
     torch.set_rng_state(cpu_rng)
     if cuda_rng is not None:
         torch.cuda.set_rng_state_all(cuda_rng)
     return lm
+
+
+def _checked_weights(init_from: str, lm, spec: ModelSpec):
+    """Rank 0: the checkpoint's weights, refused (ConfigError) unless every tensor fits the model."""
+    weights = PretrainedWeights(init_from)
+    want = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in lm.named_parameters()}
+    if bad := weights.problems(want, spec.tie_word_embeddings):
+        raise ConfigError(f"model.init_from={init_from}: its weights do not fit the model {spec.name}: "
+                          + "; ".join(bad[:3]) + (f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""))  # fmt: skip
+    return weights
+
+
+def _take(p: torch.nn.Parameter) -> torch.Tensor:
+    """``p``'s values, ``p`` itself emptied: the seeded copy is freed as it is copied."""
+    t, p.data = p.data, torch.empty(0)
+    return t
+
+
+def _copy_into_partitions(lm, source: dict, main: bool) -> None:
+    """Collective: each parameter gathered in turn, rank 0 writes ``source[name]()`` into it, DeepSpeed
+    re-partitions it; what rank 0 read is freed as it goes."""
+    import deepspeed
+
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if main:
+                    p.data.copy_(source.pop(name)())
+            release_free_host_memory()  # the gathered copy just freed (else the heap keeps it resident)
 
 
 def release_free_host_memory() -> None:

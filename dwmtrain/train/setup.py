@@ -83,7 +83,8 @@ def setup(cfg: Config) -> Run:
     compat = compat_fields(cfg, d.world, plan.global_batch_size, spec, tok_sha, starts)
     ckpt = Checkpointer(rd, d, compat=compat, global_batch_size=plan.global_batch_size, keep_last=cfg.run.keep_last,
                         keep_stage=cfg.run.keep_stage_checkpoints, boundary_weights=True)  # fmt: skip
-    engine = build_engine(cfg, ds_config, spec)
+    # continued pretraining reads model.init_from at the run's start only: a resume has the weights already
+    engine = build_engine(cfg, ds_config, spec, "" if ckpt.has_checkpoint() else cfg.model.init_from)
     resumed = ckpt.resume(engine)  # None for a fresh run; refuses an incompatible checkpoint
     if d.is_main:  # only once the run is known to be compatible
         rd.config.write_text(cfg.to_yaml())

@@ -127,7 +127,7 @@ def test_export_equals_the_training_model_and_its_tokenizer(exp, tmp_path):
 
     from dwmtrain.checkpoint import consolidated_lm_state
     from dwmtrain.config import load_config
-    from dwmtrain.data.tokenizer import Tokenizer
+    from dwmtrain.data.tokenizer import load_tokenizer
     from dwmtrain.models.lm import build_lm
     from dwmtrain.models.spec import lm_spec
 
@@ -154,7 +154,7 @@ def test_export_equals_the_training_model_and_its_tokenizer(exp, tmp_path):
         shards = get_fp32_state_dict_from_zero_checkpoint(str(rd.checkpoints), tag="step0000002")
     fp32 = load_file(str(rd.lm_weights("step0000002")))
     assert all(torch.equal(fp32[k], shards[k]) for k in shards) and fp32.keys() == shards.keys()
-    tok, sp = AutoTokenizer.from_pretrained(tmp_path / "step0000003"), Tokenizer(SP_MODEL)
+    tok, sp = AutoTokenizer.from_pretrained(tmp_path / "step0000003"), load_tokenizer(SP_MODEL)
     text = "def f(x):\n\treturn x  # ünïcödé, 12345 <s> ok\r\n"
     assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
     assert tok.decode(sp.encode(text)) == text
