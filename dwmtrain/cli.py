@@ -16,12 +16,14 @@ def _describe_model(a) -> None:
 
 
 def _train_tokenizer(a) -> None:
+    from dwmtrain.data.hf_tokenizer import train_hf_tokenizer
     from dwmtrain.data.readers import iter_texts
     from dwmtrain.data.sentencepiece_tokenizer import train_tokenizer
 
     skipped: Counter = Counter()
+    train = train_hf_tokenizer if a.kind == "hf" else train_tokenizer
     with tempfile.TemporaryDirectory() as cache:
-        path = train_tokenizer(iter_texts(a.input, cache, skipped), a.out, a.vocab_size)
+        path = train(iter_texts(a.input, cache, skipped), a.out, a.vocab_size)
     print(f"wrote {path} (vocab {a.vocab_size})")
     print("skipped records: " + (", ".join(f"{k}: {v}" for k, v in skipped.items()) or "0"))
     if a.hf_out:
@@ -173,11 +175,14 @@ def add_data_commands(sub) -> None:
     p.add_argument("--vocab-size", type=int, default=0)
     p.set_defaults(fn=_describe_model)
 
-    p = sub.add_parser("train-tokenizer", help="train a sentencepiece BPE model (byte fallback) on JSONL text")
-    p.add_argument("--input", nargs="+", required=True, help="JSONL / JSONL.zst files or directories")
-    p.add_argument("--out", required=True, help="model prefix: writes PREFIX.model")
+    p = sub.add_parser("train-tokenizer", help="train a tokenizer on documents: sentencepiece BPE or byte-level BPE")
+    p.add_argument("--input", nargs="+", required=True, help="document files or directories (data.readers formats)")
+    p.add_argument("--out", required=True, help="sp: model prefix (writes PREFIX.model); hf: a tokenizer directory")
+    p.add_argument("--kind", default="sp", choices=("sp", "hf"),
+                   help="sp: sentencepiece BPE with byte fallback and Llama 2's ids; hf: a byte-level BPE "
+                   "tokenizer.json (tokenizers) with Llama 3's special tokens")  # fmt: skip
     p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--hf-out", default="", help="also export a Hugging Face tokenizer directory here")
+    p.add_argument("--hf-out", default="", help="sp: also export a Hugging Face tokenizer directory here")
     p.set_defaults(fn=_train_tokenizer)
 
     p = sub.add_parser("export-tokenizer", help="export a sentencepiece model as a Hugging Face tokenizer")

@@ -16,7 +16,7 @@ import torch
 
 from dwmtrain.config import Config, load_config
 from dwmtrain.errors import DWMTrainError
-from dwmtrain.fileio import atomic_dir, sha256_file
+from dwmtrain.fileio import atomic_dir
 from dwmtrain.rundir import RunDir
 
 FORMAT = "dwmtrain-hf-export-v1"
@@ -104,9 +104,11 @@ def export_checkpoint(
 
 def check_tokenizer(cfg: Config, want: str | None, tag: str) -> str:
     """The sha256 of the run's tokenizer, refused unless it is the one checkpoint ``tag`` was trained with."""
-    if not os.path.isfile(cfg.data.tokenizer):
+    from dwmtrain.data.tokenizer import load_tokenizer
+
+    if not os.path.exists(cfg.data.tokenizer):
         raise ExportError(f"data.tokenizer={cfg.data.tokenizer}: not found (the run's tokenizer is exported with it)")
-    sha = sha256_file(cfg.data.tokenizer)
+    sha = load_tokenizer(cfg.data.tokenizer).sha256
     if want and sha != want:
         raise ExportError(
             f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer checkpoint {tag} was trained with "

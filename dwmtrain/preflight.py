@@ -21,7 +21,7 @@ def check_inputs(cfg: Config) -> None:
             problems.append(f"data.train_data={d.train_data}: no prepared data there ({train_index} not found)")
         elif missing_raw:
             problems.append(f"data.raw: {', '.join(missing_raw)} not found (and data.train_data is not prepared)")
-    if not Path(d.tokenizer).is_file():
+    if not Path(d.tokenizer).exists():
         problems.append(f"data.tokenizer={d.tokenizer}: not found")
     else:
         from dwmtrain.data.tokenizer import check_vocab, load_tokenizer

@@ -6,7 +6,7 @@ import zstandard
 
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
 from dwmtrain.data.prepare import DataError, prepare_data
-from dwmtrain.data.sentencepiece_tokenizer import EOS_ID
+from dwmtrain.data.sentencepiece_tokenizer import BOS_ID, EOS_ID
 from dwmtrain.data.tokenizer import load_tokenizer
 
 from .conftest import corpus_records, write_jsonl
@@ -25,7 +25,9 @@ def test_packing_is_exact(tmp_path, sp_model):
         progress=False,
     )
     tok = load_tokenizer(sp_model)
-    stream = np.concatenate([np.array(tok.encode(r["text"]) + [EOS_ID]) for r in recs])
+    # each document as the tokenizer's convention has it: Llama's BOS, the text, EOS
+    stream = np.concatenate([np.array([BOS_ID] + tok.encode(r["text"]) + [EOS_ID]) for r in recs])
+    assert (tok.bos_id, tok.eos_id) == (BOS_ID, EOS_ID) and tok.document("a b") == [BOS_ID, *tok.encode("a b"), EOS_ID]
     ds = TokenDataset(tmp_path / "out", verify="sha256")
     n = len(stream) // 32
     assert len(ds) == n and rep.tail_tokens_dropped == len(stream) - n * 32

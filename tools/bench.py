@@ -402,7 +402,7 @@ def bench_prepare(a) -> list[str]:
         corpus.write_bytes(raw_bytes)
         for rep_i in range(a.reps):  # interleaved repetitions; the best of each is reported
             t0 = time.perf_counter()
-            n_raw = sum(len(ids) + 1 for ids in tok.encode_batch(texts, num_threads=1))  # + EOS, as prepare-data
+            n_raw = sum(len(ids) + tok.specials_per_document for ids in tok.encode_batch(texts, num_threads=1))
             raws.append(n_raw / (time.perf_counter() - t0))
             for workers in (1, 2):
                 t0 = time.perf_counter()

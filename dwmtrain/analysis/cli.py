@@ -22,7 +22,7 @@ def _score(a) -> None:
         write_records,
     )
     from dwmtrain.errors import DataError
-    from dwmtrain.models.dwm import load_dwm, read_dwm_meta
+    from dwmtrain.models.dwm import check_dwm_tokenizer, load_dwm, read_dwm_meta
 
     check_out_suffix(a.out)  # before any work: the suffix picks the format
     meta = read_dwm_meta(a.dwm)
@@ -32,6 +32,7 @@ def _score(a) -> None:
         raise DataError(
             f"{a.data}: prepared with a {ds.vocab_size}-piece vocabulary, DWM {a.dwm} has {dwm.arch.vocab_size}"
         )
+    check_dwm_tokenizer(meta, a.dwm, ds.index.get("tokenizer", "?"), ds.index.get("tokenizer_sha256", ""))
     idx, notes = choose_samples(len(ds), a.samples, a.seed, a.micro_batch, a.shuffle)
     for note in notes:
         print(f"note: {note}")

@@ -109,15 +109,14 @@ def sample_texts(ds, indices: np.ndarray, tokenizer: str | os.PathLike | None = 
     """The text of each sample, decoded with ``tokenizer`` (default: the one the data was prepared with,
     recorded in its index.json; its sha256 is checked when recorded)."""
     from dwmtrain.data.tokenizer import load_tokenizer
-    from dwmtrain.fileio import sha256_file
 
     path = tokenizer or ds.index.get("tokenizer")
-    if not path or not Path(path).is_file():
+    if not path or not Path(path).exists():
         raise DataError(f"{ds.path}: tokenizer {path!r} to decode its samples not found (pass --tokenizer FILE)")
-    want = ds.index.get("tokenizer_sha256")
-    if want and sha256_file(path) != want:
-        raise DataError(f"tokenizer {path}: not the one {ds.path} was prepared with (sha256 differs)")
     tok = load_tokenizer(path)
+    want = ds.index.get("tokenizer_sha256")
+    if want and tok.sha256 != want:
+        raise DataError(f"tokenizer {path}: not the one {ds.path} was prepared with (sha256 differs)")
     return [tok.decode(ds[int(i)].tolist()) for i in indices]
 
 

@@ -107,7 +107,9 @@ class DataConfig:
     """Prepared token shards, tokenizer and validation data."""
 
     train_data: str = "runs/data/sample"  #: directory written by ``dwmtrain prepare-data``
-    tokenizer: str = "runs/data/tokenizer.model"  #: sentencepiece model used to prepare the data
+    #: the tokenizer the data was prepared with: a sentencepiece .model, a Hugging Face tokenizer.json or a
+    #: directory AutoTokenizer loads (fast tokenizers only, no remote code)
+    tokenizer: str = "runs/data/tokenizer.model"
     seq_len: int = 1024  #: packed sequence length; must equal the prepared data's
     val_source: str = "lambada"  #: lambada (the paper) | heldout (the DWM_VAL ablation)
     lambada_path: str = "dwmtrain:data/corpus/lambada_sample.jsonl"  #: lambada_openai-format JSONL

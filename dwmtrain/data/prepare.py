@@ -65,8 +65,10 @@ def _tokenize_batch(batch: dict, tokenizer_path: str) -> dict:
     n = np.array([len(e) for e in enc], np.int64)
     flat = np.fromiter(itertools.chain.from_iterable(enc), np.int32, int(n.sum()))
     flat = np.insert(flat, np.cumsum(n), tok.eos_id)  # EOS after each record
+    if tok.bos_id is not None:  # and BOS before it, where the tokenizer's convention has one (Llama's)
+        flat = np.insert(flat, np.concatenate([[0], np.cumsum(n + 1)[:-1]]).astype(np.int64), tok.bos_id)
     lengths = np.zeros(len(texts), np.int64)
-    lengths[kept] = n + 1
+    lengths[kept] = n + tok.specials_per_document
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     ids = pa.ListArray.from_arrays(offsets, flat)
     return pa.table({"ids": ids, "domain": pa.array(domains, pa.string()), "skip": pa.array(skip, pa.string())})
@@ -302,7 +304,9 @@ def prepare_data(
             "dtype": np.dtype(dtype).name,
             "vocab_size": tok.vocab_size,
             "tokenizer": os.path.abspath(tokenizer_path),
-            "tokenizer_sha256": sha256_file(tokenizer_path),
+            "tokenizer_sha256": tok.sha256,
+            "bos_id": tok.bos_id,  # each document: [bos_id] + text + [eos_id] (no BOS when None)
+            "eos_id": tok.eos_id,
             "domains": packer.domain_names(),
             "splits": splits,
             "inputs": [os.path.abspath(f) if os.path.exists(f) else f for f in files],

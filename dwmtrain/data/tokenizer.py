@@ -1,6 +1,7 @@
 """Loading a tokenizer: ``load_tokenizer(path)`` picks the implementation of the tokenizer interface
-(``data.tokenizer_base.Tokenizer``) from a plain table: a sentencepiece ``.model`` today. A tokenizer is
-identified by its file's sha256, which every prepared dataset and checkpoint records.
+(``data.tokenizer_base.Tokenizer``) from a plain table: a sentencepiece ``.model``, or a Hugging Face
+``tokenizer.json`` or directory. A tokenizer is identified by its ``sha256``, which every prepared dataset,
+checkpoint and DWM file records.
 """
 
 from __future__ import annotations
@@ -8,30 +9,36 @@ from __future__ import annotations
 import functools
 import os
 
+from dwmtrain.data.hf_tokenizer import HFTokenizer
 from dwmtrain.data.sentencepiece_tokenizer import SentencePieceTokenizer
 from dwmtrain.data.tokenizer_base import Tokenizer
 from dwmtrain.errors import ConfigError, DataError
 
-#: file suffix: the implementation that reads it
-IMPLEMENTATIONS: dict[str, type[Tokenizer]] = {".model": SentencePieceTokenizer}
+#: what a path names: the implementation that reads it
+IMPLEMENTATIONS: dict[str, type[Tokenizer]] = {
+    ".model": SentencePieceTokenizer,  # a sentencepiece model
+    ".json": HFTokenizer,  # a Hugging Face tokenizer.json
+    "/": HFTokenizer,  # a directory AutoTokenizer loads
+}
 
 
 @functools.lru_cache(maxsize=8)
 def _load(path: str, version: tuple) -> Tokenizer:
-    for suffix, impl in IMPLEMENTATIONS.items():
-        if path.endswith(suffix):
-            return impl(path)
-    known = ", ".join(f"{s} ({i.__name__})" for s, i in IMPLEMENTATIONS.items())
-    raise DataError(f"tokenizer {path}: not a tokenizer dwmtrain reads ({known})")
+    kind = "/" if os.path.isdir(path) else os.path.splitext(path)[1]
+    if kind not in IMPLEMENTATIONS:
+        known = "a sentencepiece .model, a Hugging Face tokenizer.json or a directory with one"
+        raise DataError(f"tokenizer {path}: not a tokenizer dwmtrain reads ({known})")
+    return IMPLEMENTATIONS[kind](path)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """The tokenizer in ``path`` (loaded once per process while the file is unchanged)."""
     path = str(path)
     try:
-        st = os.stat(path)
+        st = os.stat(os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path)
     except FileNotFoundError:
-        raise DataError(f"tokenizer {path}: not found") from None
+        what = "no tokenizer.json in it (a fast tokenizer is needed)" if os.path.isdir(path) else "not found"
+        raise DataError(f"tokenizer {path}: {what}") from None
     return _load(path, (st.st_mtime_ns, st.st_size))
 
 

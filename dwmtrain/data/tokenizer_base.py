@@ -1,5 +1,11 @@
 """The tokenizer interface (``Tokenizer``): what data preparation, training, validation, export and analysis ask
-of a tokenizer. Implementations: ``data.sentencepiece_tokenizer``; ``data.tokenizer.load_tokenizer`` picks one."""
+of a tokenizer. Implementations: ``data.sentencepiece_tokenizer``, ``data.hf_tokenizer``;
+``data.tokenizer.load_tokenizer`` picks one.
+
+Documents follow the tokenizer's own convention at their edges: ``bos_id`` before each (when the tokenizer puts
+one before a text, as Llama's do; None otherwise), ``eos_id`` after each. Prepared training sequences, the
+in-training validation items and lm-eval's requests (which encode with the tokenizer's special tokens) so agree.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +17,26 @@ from pathlib import Path
 class Tokenizer(abc.ABC):
     """Text to the LM's token ids and back."""
 
-    path: str  #: the file it was loaded from
+    path: str  #: the file or directory it was loaded from
     vocab_size: int  #: ids are 0..vocab_size-1
-    bos_id: int | None  #: put before a context (validation cloze items); None if the tokenizer has none
+    bos_id: int | None  #: put before every document and validation context; None if the convention has none
     eos_id: int  #: appended after every document by prepare-data
+
+    @property
+    def sha256(self) -> str:
+        """What identifies the tokenizer (recorded by prepared data, checkpoints and DWM files)."""
+        from dwmtrain.fileio import sha256_file
+
+        return sha256_file(self.path)
+
+    @property
+    def specials_per_document(self) -> int:
+        """Tokens prepare-data adds to each document: EOS, and BOS where the convention has one."""
+        return 1 + (self.bos_id is not None)
+
+    def document(self, text: str) -> list[int]:
+        """A document's ids as prepare-data writes them."""
+        return ([] if self.bos_id is None else [self.bos_id]) + self.encode(text) + [self.eos_id]
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:

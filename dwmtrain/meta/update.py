@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from dwmtrain.checkpoint import RunState, consolidated_lm_state
 from dwmtrain.config import Config
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
+from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.data.validation import validation_set
 from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier
 from dwmtrain.errors import CheckpointError
@@ -201,14 +203,17 @@ def run_meta_update(
                   f"{cal['logit_scale']:.3f}", flush=True)  # fmt: skip
     barrier()
     timings["meta_steps_s"] = time.time() - t_start
-    meta = write_dwm(dwm, rd, stage, tag, state.step, mc, alpha, d.world, cal, timings, t_start) if d.is_main else {}
+    args = (dwm, rd, stage, tag, state.step, mc, alpha, d.world, cal, timings, t_start, cfg.data.tokenizer)
+    meta = write_dwm(*args) if d.is_main else {}
     barrier()
     return meta
 
 
-def write_dwm(dwm, rd: RunDir, stage, tag, lm_step, mc, alpha, world, cal, timings, t_start) -> dict:
-    """Rank 0: the fitted DWM and what made it (its settings and where the job's time went) as stage's file."""
+def write_dwm(dwm, rd: RunDir, stage, tag, lm_step, mc, alpha, world, cal, timings, t_start, tokenizer: str) -> dict:
+    """Rank 0: the fitted DWM and what made it (its settings, its tokenizer, where the job's time went) as the
+    stage's file."""
     info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead_lr=alpha, world_size=world, **cal)
+    info.update(tokenizer=os.path.abspath(tokenizer), tokenizer_sha256=load_tokenizer(tokenizer).sha256)
     if mc.grad_mode == "fd":
         info["fd_eps"] = mc.fd_eps
     info["timings"] = {k: round(v, 3) for k, v in timings.items()}

@@ -389,6 +389,16 @@ def _load_dwm_state(path: Path, expect: DWMArch | None):
     return arch, state, meta
 
 
+def check_dwm_tokenizer(meta: dict, path, tokenizer: str, tokenizer_sha: str) -> None:
+    """Refuse a DWM fitted on data of another tokenizer than the run's (its ids would mean other text)."""
+    want = meta.get("tokenizer_sha256")
+    if want and tokenizer_sha and want != tokenizer_sha:
+        raise DWMFileError(
+            f"DWM file {path} was fitted with tokenizer {meta.get('tokenizer', '?')} (sha256 {want[:12]}...), this "
+            f"run's is data.tokenizer={tokenizer} (sha256 {tokenizer_sha[:12]}...): the DWM and the LM must share one"
+        )
+
+
 def dwm_from_state(arch: DWMArch, state: dict[str, torch.Tensor]) -> DataWeightingModel:
     """A DWM of ``arch`` holding ``state`` (the one place a DWM is rebuilt from tensors)."""
     model = DataWeightingModel(arch)

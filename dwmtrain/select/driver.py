@@ -135,7 +135,8 @@ class Pool:
         texts = [r.rec["text"] for r in buf]
         doms = [domain_of(r.rec.get("meta")) for r in buf]
         if tok is not None:
-            self.ntok.extend(len(ids) + 1 for ids in tok.encode_batch(texts))  # +1: the EOS prepare-data appends
+            extra = tok.specials_per_document  # the EOS (and BOS) prepare-data adds
+            self.ntok.extend(len(ids) + extra for ids in tok.encode_batch(texts))
         self.parts.append(np.asarray(scorer.score_batch([r.rec for r in buf], texts, doms), dtype=np.float64))
         for r, d in zip(buf, doms):
             self.fis.append(r.file_index)
@@ -208,7 +209,9 @@ def build_report(method, scorer, seed, files, out, budgets, tokenizer, pool, sco
         "budget_rule": "documents in rank order until the budget is reached; the document crossing it is included",
         "budget_reached": bool((tokens_selected if budget_tokens is not None else k) >= (budget_tokens or budget_docs)),
         "tokenizer": os.path.abspath(tokenizer) if tokenizer else None,
-        "token_count": "tokenizer pieces + 1 EOS per document (what prepare-data counts)" if tokenizer else None,
+        "token_count": "tokenizer pieces + the EOS (and BOS) of each document: what prepare-data counts"
+        if tokenizer
+        else None,
         "pool_documents": len(pool.fis),
         "selected_documents": int(k),
         "pool_tokens": int(lengths.sum()) if lengths is not None else None,

@@ -17,7 +17,7 @@ import torch
 
 from dwmtrain.distributed import Dist, broadcast_tensors, run_on_rank0
 from dwmtrain.errors import EXIT_META_EXTERNAL, PlannedStop
-from dwmtrain.models.dwm import DWMArch, DWMFileError, dwm_from_state, load_dwm_state
+from dwmtrain.models.dwm import DWMArch, DWMFileError, check_dwm_tokenizer, dwm_from_state, load_dwm_state
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.meta_job import MetaJobError, meta_job_command, run_meta_job
 from dwmtrain.stages.weighting import DomainOracle, FrozenDWM, Uniform, Weighting
@@ -41,8 +41,10 @@ class StageHandoff:
         run_dir: RunDir,
         expect_sha: dict[int, str] | None = None,
         data=None,
+        tokenizer_sha: str = "",
     ):
         self.cfg, self.d, self.arch, self.dtype, self.rd, self.data = cfg, d, arch, dtype, run_dir, data
+        self.tokenizer_sha = tokenizer_sha  # a DWM fitted with another tokenizer is refused
         self._fixed = None
         self.expect_sha = dict(expect_sha or {})  # stage -> sha256 a resumed checkpoint was trained with
         self.pause: dict | None = None  # bilevel: the last boundary's meta job and broadcast times (seconds)
@@ -117,6 +119,8 @@ class StageHandoff:
 
         def verify_and_read():
             _, read["state"], meta = load_dwm_state(path, self.arch)
+            if self.tokenizer_sha:
+                check_dwm_tokenizer(meta, path, self.cfg.data.tokenizer, self.tokenizer_sha)
             return meta
 
         meta = run_on_rank0(verify_and_read)

@@ -18,7 +18,6 @@ from dwmtrain.data.tokenizer import check_vocab, load_tokenizer
 from dwmtrain.data.validation import ValidationSet, validation_set
 from dwmtrain.distributed import Dist, barrier, cpu_threads, init_distributed, run_on_rank0
 from dwmtrain.errors import DataError
-from dwmtrain.fileio import sha256_file
 from dwmtrain.models.dwm import DWMArch, dwm_parameter_count
 from dwmtrain.models.spec import flops_per_token, lm_spec
 from dwmtrain.rundir import RunDir
@@ -73,7 +72,7 @@ def start_process_group(cfg: Config) -> tuple[Dist, RunDir]:
 
 def setup(cfg: Config) -> Run:
     d, rd = start_process_group(cfg)
-    tok_sha = sha256_file(cfg.data.tokenizer)
+    tok_sha = load_tokenizer(cfg.data.tokenizer).sha256
     data = ensure_data(cfg, d, tok_sha)
     spec = lm_spec(cfg.model)
     check_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, spec.vocab_size, cfg.data.tokenizer)
@@ -107,7 +106,7 @@ def setup(cfg: Config) -> Run:
         val=validation_set(cfg),
         ckpt=ckpt,
         metrics=MetricsWriter(rd, d.is_main, cfg.run.tensorboard, start_step if resumed else None),
-        handoff=StageHandoff(cfg, d, arch, dwm_dtype, rd, expect_sha, data=data),
+        handoff=StageHandoff(cfg, d, arch, dwm_dtype, rd, expect_sha, data=data, tokenizer_sha=tok_sha),
         starts=starts,
         n_params=spec.num_parameters(),
         stop=StopRequest(d.device),
