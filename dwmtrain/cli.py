@@ -8,6 +8,8 @@ import sys
 import tempfile
 from collections import Counter
 
+from dwmtrain.data.readers import add_field_options
+
 
 def _describe_model(a) -> None:
     from dwmtrain.models.spec import ModelSpec
@@ -17,13 +19,13 @@ def _describe_model(a) -> None:
 
 def _train_tokenizer(a) -> None:
     from dwmtrain.data.hf_tokenizer import train_hf_tokenizer
-    from dwmtrain.data.readers import iter_texts
+    from dwmtrain.data.readers import fields_of, iter_texts
     from dwmtrain.data.sentencepiece_tokenizer import train_tokenizer
 
     skipped: Counter = Counter()
     train = train_hf_tokenizer if a.kind == "hf" else train_tokenizer
     with tempfile.TemporaryDirectory() as cache:
-        path = train(iter_texts(a.input, cache, skipped), a.out, a.vocab_size)
+        path = train(iter_texts(a.input, cache, skipped, fields_of(a)), a.out, a.vocab_size)
     print(f"wrote {path} (vocab {a.vocab_size})")
     print("skipped records: " + (", ".join(f"{k}: {v}" for k, v in skipped.items()) or "0"))
     if a.hf_out:
@@ -40,6 +42,7 @@ def _export_tokenizer(a) -> None:
 
 def _prepare_data(a) -> None:
     from dwmtrain.data.prepare import prepare_data
+    from dwmtrain.data.readers import fields_of
 
     report = prepare_data(
         a.input,
@@ -51,6 +54,7 @@ def _prepare_data(a) -> None:
         shard_sequences=a.shard_sequences,
         seed=a.seed,
         overwrite=a.overwrite,
+        fields=fields_of(a),
     )
     print(report.summary())
     print(f"wrote {a.out}")
@@ -183,6 +187,7 @@ def add_data_commands(sub) -> None:
                    "tokenizer.json (tokenizers) with Llama 3's special tokens")  # fmt: skip
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--hf-out", default="", help="sp: also export a Hugging Face tokenizer directory here")
+    add_field_options(p)
     p.set_defaults(fn=_train_tokenizer)
 
     p = sub.add_parser("export-tokenizer", help="export a sentencepiece model as a Hugging Face tokenizer")
@@ -190,8 +195,10 @@ def add_data_commands(sub) -> None:
     p.add_argument("out")
     p.set_defaults(fn=_export_tokenizer)
 
-    p = sub.add_parser("prepare-data", help="tokenize + pack SlimPajama JSONL(.zst) into token shards")
-    p.add_argument("--input", nargs="+", required=True, help="files, directories, or a hub dataset name")
+    p = sub.add_parser(
+        "prepare-data", help="tokenize + pack documents (JSONL, Parquet, Arrow, saved datasets) into shards"
+    )
+    p.add_argument("--input", nargs="+", required=True, help="files, directories (searched recursively), or a hub name")
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seq-len", type=int, default=1024)
@@ -200,6 +207,7 @@ def add_data_commands(sub) -> None:
     p.add_argument("--shard-sequences", type=int, default=65536)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace OUT, only once the new output is complete")
+    add_field_options(p)
     p.set_defaults(fn=_prepare_data)
 
 

@@ -113,7 +113,9 @@ class DataConfig:
     seq_len: int = 1024  #: packed sequence length; must equal the prepared data's
     val_source: str = "lambada"  #: lambada (the paper) | heldout (the DWM_VAL ablation)
     lambada_path: str = "dwmtrain:data/corpus/lambada_sample.jsonl"  #: lambada_openai-format JSONL
-    raw: list[str] = field(default_factory=list)  #: JSONL(.zst) inputs to prepare train_data from if missing
+    raw: list[str] = field(default_factory=list)  #: documents to prepare train_data from if missing (data.readers)
+    text_field: str = "text"  #: where a raw record's text is (a dotted path)
+    domain_field: str = "meta.redpajama_set_name"  #: where a raw record's domain is (absent: unknown)
     heldout_data: str = ""  #: val_source=heldout: prepared dir whose heldout split validates ("": train_data)
     verify: str = "size"  #: shard check at load: size (cheap) | sha256 (reads everything)
 

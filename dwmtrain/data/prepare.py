@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from dwmtrain.data.readers import (
-    domain_of,
+    SLIMPAJAMA,
+    Fields,
     expand_inputs,
     load_dataset,
     name_lines,
@@ -44,22 +45,25 @@ FORMAT = "dwmtrain-tokens-v1"
 # ----------------------------------------------------------------------------- reading + tokenizing
 
 
-def _tokenize_batch(batch: dict, tokenizer_path: str) -> dict:
-    """datasets.map worker: text -> ids (+EOS), domain name, skip reason ('' if kept).
+def _tokenize_batch(batch: dict, tokenizer_path: str, fields: tuple[str, str]) -> dict:
+    """datasets.map worker: text -> ids (BOS/EOS as the tokenizer's convention), domain name, skip reason ('' if
+    kept); ``fields``: where the text and the domain are (``Fields``).
 
     The ids go back as one Arrow list array built from numpy: converting a Python list per record
     would cost about a tenth of the encoding itself."""
     import pyarrow as pa
 
-    tok = load_tokenizer(tokenizer_path)  # loaded once per worker process
-    texts = batch.get("text") or [None] * len(next(iter(batch.values())))
-    metas = batch.get("meta") or [None] * len(texts)
-    domains, skip = [], []
-    for t, meta in zip(texts, metas):
-        if problem := record_problem({"text": t, "meta": meta}):  # the reader's diagnosis names the line
+    tok, fields = load_tokenizer(tokenizer_path), Fields(*fields)  # loaded once per worker process
+    n_rows = len(next(iter(batch.values())))
+    text_col, dom_col = fields.columns()
+    texts, domains, skip = [], [], []
+    for t, d in zip(batch.get(text_col) or [None] * n_rows, batch.get(dom_col) or [None] * n_rows):
+        rec = {dom_col: d, text_col: t}
+        if problem := record_problem(rec, fields):  # the reader's diagnosis names the record
             raise TypeError(problem)
-        domains.append(domain_of(meta))
-        skip.append(text_skip_reason(t))
+        texts.append(fields.text_of(rec))
+        domains.append(fields.domain_of(rec))
+        skip.append(text_skip_reason(texts[-1]))
     kept = [i for i, why in enumerate(skip) if not why]
     enc = tok.encode_batch([texts[i] for i in kept], num_threads=1) if kept else []  # a worker is one core
     n = np.array([len(e) for e in enc], np.int64)
@@ -74,28 +78,28 @@ def _tokenize_batch(batch: dict, tokenizer_path: str) -> dict:
     return pa.table({"ids": ids, "domain": pa.array(domains, pa.string()), "skip": pa.array(skip, pa.string())})
 
 
-def read_tokenized(files: list[str], tokenizer_path: str, workers: int, cache_dir: str):
-    """Load each file (``data.readers``) and tokenize it in parallel worker processes."""
+def read_tokenized(files: list[str], tokenizer_path: str, workers: int, cache_dir: str, fields: Fields = SLIMPAJAMA):
+    """Load each input (``data.readers``) and tokenize it in parallel worker processes."""
     out = []
     for f in files:
-        ds = load_dataset(f, cache_dir)
+        ds = load_dataset(f, cache_dir, fields)
         try:
-            tok = _map_tokenize(ds, tokenizer_path, workers, f)
+            tok = _map_tokenize(ds, tokenizer_path, workers, f, fields)
         except (UnicodeDecodeError, ValueError, TypeError) as e:  # pyarrow reads bad UTF-8 lazily
             if os.path.exists(f):
-                reader_for(f).diagnose(f)
+                reader_for(f).diagnose(f, fields)
             raise DataError(f"{f}: {e}") from None
         out.append((f, tok))
     return out
 
 
-def _map_tokenize(ds, tokenizer_path, workers, f):
+def _map_tokenize(ds, tokenizer_path, workers, f, fields: Fields):
     return ds.map(
         _tokenize_batch,
         batched=True,
         batch_size=256,
         num_proc=max(1, workers) if len(ds) > 512 and workers > 1 else None,
-        fn_kwargs={"tokenizer_path": tokenizer_path},
+        fn_kwargs={"tokenizer_path": tokenizer_path, "fields": (fields.text, fields.domain)},
         remove_columns=ds.column_names,
         desc=f"tokenize {os.path.basename(f)}",
     )
@@ -277,8 +281,10 @@ def prepare_data(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    fields: Fields = SLIMPAJAMA,
 ) -> PrepareReport:
-    """Tokenize, append EOS, pack into ``seq_len`` sequences and write shards + index atomically."""
+    """Tokenize (BOS and EOS as the tokenizer's convention), pack into ``seq_len`` sequences and write shards +
+    index atomically; ``fields`` says where each record's text and domain are."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it (only after a successful run)")
@@ -290,7 +296,7 @@ def prepare_data(
     t_start = time.time()  # the rate shown counts tokenizing (before the packing loop) too
     report = PrepareReport()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        tokenized = read_tokenized(files, tokenizer_path, workers, str(tmp / "cache"))
+        tokenized = read_tokenized(files, tokenizer_path, workers, str(tmp / "cache"), fields)
         writers = {split: _ShardWriter(tmp, split, seq_len, dtype, shard_sequences) for split in ("train", "heldout")}
         packer = _Packer(writers, seq_len, heldout_fraction, seed, report)
         _pack(tokenized, packer, report, progress, t_start)
@@ -310,6 +316,8 @@ def prepare_data(
             "domains": packer.domain_names(),
             "splits": splits,
             "inputs": [os.path.abspath(f) if os.path.exists(f) else f for f in files],
+            "text_field": fields.text,
+            "domain_field": fields.domain,
             "seed": seed,
             "heldout_fraction": heldout_fraction,
         }

@@ -1,14 +1,16 @@
 """Reading documents: the one module everything that reads text records goes through (``prepare-data``,
 ``select``, ``score``, tokenizer training, the noise probe).
 
-A reader knows one input format: how to check a file before it is read, how to load it as a ``datasets``
-table (``prepare-data``'s fast path), how to walk its records one by one with their line numbers (``select``
-writes them back unchanged), and how to name the first bad line when the fast path fails. Today there is one,
-JSON lines (``.jsonl``, ``.jsonl.zst``, ``.jsonl.gz``) in SlimPajama's layout: ``text``, and the domain in
-``meta.redpajama_set_name``. A second format (parquet, a saved ``datasets`` directory) is one more ``Reader``.
+A reader knows one input format: how to check a file before it is read, how to load it as a ``datasets`` table
+(``prepare-data``'s fast path: memory-mapped Arrow, never all in memory), how to walk its records one by one with
+their positions (``select`` writes them back), and how to name the first bad record when the fast path fails.
+Formats: JSON lines (``.jsonl``, ``.jsonl.zst``, ``.jsonl.gz``), Parquet (``.parquet``), Arrow files
+(``.arrow``) and a directory ``datasets.save_to_disk`` wrote. A record's position is its line in a JSON-lines
+file and its row (1-based) in the others; every message names ``file:position``.
 
-Every record without text is a counted skip with one of ``SKIP_REASONS``, never a silent drop; every unreadable
-record is a ``DataError`` naming ``file:line``.
+``Fields`` says where the text and the domain are (``data.text_field``, ``data.domain_field``; defaults:
+SlimPajama's ``text`` and ``meta.redpajama_set_name``). Every record without text is a counted skip with one of
+``SKIP_REASONS``, never a silent drop; every unreadable record is a ``DataError`` naming where it is.
 """
 
 from __future__ import annotations
@@ -28,9 +30,62 @@ from dwmtrain.errors import DataError
 SKIP_MISSING_TEXT = "missing text"
 SKIP_EMPTY_TEXT = "empty text"
 SKIP_REASONS = (SKIP_MISSING_TEXT, SKIP_EMPTY_TEXT)
+DEFAULT_DOMAIN_FIELD = "meta.redpajama_set_name"
 
 
 # ----------------------------------------------------------------------------- what a record holds
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Where a record keeps its text and its domain (dotted paths into the record)."""
+
+    text: str = "text"
+    domain: str = DEFAULT_DOMAIN_FIELD
+
+    def text_of(self, rec: dict):
+        return _lookup(rec, self.text)
+
+    def domain_of(self, rec: dict) -> str:
+        v = _lookup(rec, self.domain)
+        return "unknown" if v is None or v == "" else str(v)
+
+    def columns(self) -> tuple[str, str]:
+        """The top-level columns the two fields live in."""
+        return self.text.split(".")[0], self.domain.split(".")[0]
+
+    def check_columns(self, columns: list[str], where: str) -> None:
+        """A missing text column is an error; so is a missing domain column the user named (the default one may
+        be absent: every record's domain is then ``unknown``)."""
+        text_col, dom_col = self.columns()
+        if text_col not in columns:
+            raise DataError(f"{where}: no column {self.text!r} (columns: {', '.join(columns)}; data.text_field)")
+        if dom_col not in columns and self.domain != DEFAULT_DOMAIN_FIELD:
+            raise DataError(f"{where}: no column {self.domain!r} (columns: {', '.join(columns)}; data.domain_field)")
+
+
+SLIMPAJAMA = Fields()
+
+
+def add_field_options(p) -> None:
+    """``--text-field`` and ``--domain-field`` on a command that reads documents."""
+    p.add_argument("--text-field", default=SLIMPAJAMA.text, help="the record's text (a dotted path; default: text)")
+    why = f"the record's domain (a dotted path; default: {SLIMPAJAMA.domain}; absent: unknown)"
+    p.add_argument("--domain-field", default=SLIMPAJAMA.domain, help=why)
+
+
+def fields_of(a) -> Fields:
+    """The ``Fields`` of parsed ``--text-field`` / ``--domain-field`` options."""
+    return Fields(a.text_field, a.domain_field)
+
+
+def _lookup(rec, dotted: str):
+    node = rec
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
 
 
 def text_skip_reason(text) -> str:
@@ -42,15 +97,16 @@ def text_skip_reason(text) -> str:
 
 def domain_of(meta) -> str:
     """The SlimPajama domain of a record's ``meta`` (``redpajama_set_name``), ``unknown`` if it has none."""
-    return str((meta or {}).get("redpajama_set_name") or "unknown")
+    return SLIMPAJAMA.domain_of({"meta": meta})
 
 
-def record_problem(rec) -> str | None:
-    """Why a parsed JSON value is not a usable record (None if it is): the message a DataError carries."""
+def record_problem(rec, fields: Fields = SLIMPAJAMA) -> str | None:
+    """Why a parsed value is not a usable record (None if it is): the message a DataError carries."""
     if not isinstance(rec, dict):
         return f"expected a JSON object, got {type(rec).__name__}"
-    if rec.get("text") is not None and not isinstance(rec["text"], str):
-        return f"field 'text' must be a string, got {type(rec['text']).__name__}"
+    text = fields.text_of(rec)
+    if text is not None and not isinstance(text, str):
+        return f"field {fields.text!r} must be a string, got {type(text).__name__}"
     if rec.get("meta") is not None and not isinstance(rec["meta"], dict):
         return f"field 'meta' must be an object, got {type(rec['meta']).__name__}"
     return None
@@ -71,8 +127,8 @@ class Record:
     """One input record and where it came from."""
 
     file_index: int  #: position of its file in the inputs
-    line: int  #: 1-based line number (what messages name)
-    crc: int  #: crc32 of the raw line: a second read checks the file did not change meanwhile
+    line: int  #: 1-based line (JSON lines) or row (the other formats): what messages name
+    crc: int  #: crc32 of the record as read: a second read checks the file did not change meanwhile
     rec: dict
 
 
@@ -86,27 +142,36 @@ class Reader(abc.ABC):
 
     @abc.abstractmethod
     def accepts(self, path: str) -> bool:
-        """Whether ``path`` is a file of this format (by its name)."""
+        """Whether ``path`` is an input of this format."""
 
     @abc.abstractmethod
     def check(self, path: str) -> None:
-        """Refuse, before any reading, a file that cannot be whole: empty, or cut short."""
+        """Refuse, before any reading, an input that cannot be whole: empty, cut short, corrupt."""
 
     @abc.abstractmethod
     def dataset(self, path: str, cache_dir: str):
-        """The file as a ``datasets.Dataset`` with a ``text`` column (and ``meta`` where present)."""
+        """The input as a ``datasets.Dataset`` (memory-mapped Arrow)."""
 
     @abc.abstractmethod
-    def records(self, path: str, file_index: int = 0) -> Iterator[Record]:
-        """Every record of the file, parsed and checked, with its line; a bad one raises naming it."""
+    def rows(self, path: str) -> Iterator[tuple[int, int, dict]]:
+        """(position, crc, record) of every record, in order; a record that cannot be parsed raises naming it."""
 
-    @abc.abstractmethod
+    def records(self, path: str, file_index: int = 0, fields: Fields = SLIMPAJAMA) -> Iterator[Record]:
+        """Every record, checked against ``fields``; a bad one raises naming ``path:position``."""
+        for pos, crc, rec in self.rows(path):
+            if problem := record_problem(rec, fields):
+                raise DataError(f"{path}:{pos}: {problem}")
+            yield Record(file_index, pos, crc, rec)
+
     def record_lines(self, path: str, indices: list[int]) -> dict[int, int]:
-        """{0-based record index (as ``dataset`` counts them): 1-based line number}."""
+        """{0-based record index (as ``dataset`` counts them): position}."""
+        return {i: i + 1 for i in indices}
 
-    @abc.abstractmethod
-    def diagnose(self, path: str) -> None:
+    def diagnose(self, path: str, fields: Fields = SLIMPAJAMA) -> None:
         """Raise a DataError naming the first record that cannot be read (after the fast path failed)."""
+        if not sum(1 for _ in self.records(path, 0, fields)):
+            raise DataError(f"{path}: no records")
+        raise DataError(f"{path}: could not be read (no single bad record found)")
 
 
 class JsonlReader(Reader):
@@ -115,7 +180,7 @@ class JsonlReader(Reader):
     patterns = ("*.jsonl*",)
 
     def accepts(self, path: str) -> bool:
-        return ".jsonl" in Path(path).name
+        return ".jsonl" in Path(path).name and not os.path.isdir(path)
 
     def check(self, path: str) -> None:
         """An empty file, and a compressed one whose stream ends early (a partial download or copy): ``datasets``
@@ -144,21 +209,15 @@ class JsonlReader(Reader):
                 if line.strip():
                     yield lineno, line
 
-    def records(self, path: str, file_index: int = 0) -> Iterator[Record]:
+    def rows(self, path: str) -> Iterator[tuple[int, int, dict]]:
         for lineno, line in self._lines(path):
             try:
                 rec = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                rec = None
-            if rec is None or record_problem(rec):
-                self.diagnose(path)  # raises naming the first bad line, which is this one
-                raise DataError(f"{path}:{lineno}: not a SlimPajama record")
-            yield Record(file_index, lineno, zlib.crc32(line), rec)
-
-    def raw_lines(self, path: str) -> Iterator[tuple[int, bytes]]:
-        """(line number, raw bytes) of every line, blank ones included (a second pass that copies records)."""
-        with open_bytes(path) as raw:
-            yield from enumerate(io.BufferedReader(raw), 1)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+            yield lineno, zlib.crc32(line), rec
 
     def record_lines(self, path: str, indices: list[int]) -> dict[int, int]:
         want, found = set(indices), {}
@@ -169,26 +228,131 @@ class JsonlReader(Reader):
                     break
         return found
 
-    def diagnose(self, path: str) -> None:
-        records = 0
-        for lineno, line in self._lines(path):
-            records += 1
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid UTF-8 at byte {e.start}") from None
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-            if problem := record_problem(rec):
-                raise DataError(f"{path}:{lineno}: {problem}")
-        if records == 0:
+    def diagnose(self, path: str, fields: Fields = SLIMPAJAMA) -> None:
+        n = sum(1 for _ in self.records(path, 0, fields))
+        if n == 0:
             raise DataError(f"{path}: no records (only blank lines)")
         raise DataError(f"{path}: could not be read as JSON lines (no single bad line found)")
 
 
-READERS: tuple[Reader, ...] = (JsonlReader(),)
+class ParquetReader(Reader):
+    """Parquet files (FineWeb, FineWeb-Edu, DCLM ship so), read a row group at a time."""
+
+    patterns = ("*.parquet",)
+
+    def accepts(self, path: str) -> bool:
+        return path.endswith(".parquet") and not os.path.isdir(path)
+
+    def _file(self, path: str):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow's errors for a cut or foreign file vary; all are the file's
+            raise DataError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())[:200]})") from None
+
+    def check(self, path: str) -> None:
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: empty file (no records)")
+        if self._file(path).metadata.num_rows == 0:
+            raise DataError(f"{path}: no rows")
+
+    def dataset(self, path: str, cache_dir: str):
+        import datasets
+
+        return datasets.load_dataset("parquet", data_files=[path], split="train", cache_dir=cache_dir)
+
+    def rows(self, path: str) -> Iterator[tuple[int, int, dict]]:
+        pos = 0
+        try:
+            for batch in self._file(path).iter_batches(batch_size=1024):
+                for rec in batch.to_pylist():
+                    pos += 1
+                    yield pos, _crc(rec), rec
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a corrupt page deep in the file
+            raise DataError(f"{path}: row {pos + 1}: cannot be read ({' '.join(str(e).split())[:200]})") from None
+
+
+class ArrowReader(Reader):
+    """Arrow IPC files, as ``datasets`` writes them (``data-00000-of-00001.arrow``)."""
+
+    patterns = ("*.arrow",)
+
+    def accepts(self, path: str) -> bool:
+        return path.endswith(".arrow") and not os.path.isdir(path)
+
+    def _batches(self, path: str):
+        import pyarrow as pa
+
+        try:
+            return pa.ipc.open_stream(pa.memory_map(path)).__iter__()
+        except Exception:  # noqa: BLE001 - the file format rather than the stream format
+            try:
+                f = pa.ipc.open_file(pa.memory_map(path))
+                return (f.get_batch(i) for i in range(f.num_record_batches))
+            except Exception as e:  # noqa: BLE001 - neither: not an Arrow file
+                raise DataError(f"{path}: not a readable Arrow file ({' '.join(str(e).split())[:200]})") from None
+
+    def check(self, path: str) -> None:
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: empty file (no records)")
+        self._batches(path)
+
+    def dataset(self, path: str, cache_dir: str):
+        import datasets
+
+        return datasets.load_dataset("arrow", data_files=[path], split="train", cache_dir=cache_dir)
+
+    def rows(self, path: str) -> Iterator[tuple[int, int, dict]]:
+        pos = 0
+        for batch in self._batches(path):
+            for rec in batch.to_pylist():
+                pos += 1
+                yield pos, _crc(rec), rec
+
+
+class SavedDatasetReader(Reader):
+    """A directory ``datasets.Dataset.save_to_disk`` wrote (one split; a DatasetDict's ``train``)."""
+
+    patterns = ()
+
+    def accepts(self, path: str) -> bool:
+        return os.path.isdir(path) and _is_saved_dataset(Path(path))
+
+    def check(self, path: str) -> None:
+        self.dataset(path, "")
+
+    def dataset(self, path: str, cache_dir: str):
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as e:  # noqa: BLE001 - a damaged save
+            raise DataError(f"{path}: not a readable saved dataset ({' '.join(str(e).split())[:200]})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{path}: a saved DatasetDict without a 'train' split (splits: {', '.join(ds)})")
+            ds = ds["train"]
+        if len(ds) == 0:
+            raise DataError(f"{path}: no rows")
+        return ds
+
+    def rows(self, path: str) -> Iterator[tuple[int, int, dict]]:
+        for pos, rec in enumerate(self.dataset(path, ""), 1):
+            yield pos, _crc(rec), rec
+
+
+READERS: tuple[Reader, ...] = (JsonlReader(), ParquetReader(), ArrowReader(), SavedDatasetReader())
+
+
+def _is_saved_dataset(d: Path) -> bool:
+    return (d / "state.json").is_file() or (d / "dataset_dict.json").is_file()
+
+
+def _crc(rec: dict) -> int:
+    return zlib.crc32(json.dumps(rec, sort_keys=True, default=str).encode("utf-8"))
 
 
 def reader_for(path: str) -> Reader:
@@ -196,7 +360,10 @@ def reader_for(path: str) -> Reader:
     for r in READERS:
         if r.accepts(path):
             return r
-    raise DataError(f"{path}: not an input format dwmtrain reads (JSON lines: .jsonl, .jsonl.zst, .jsonl.gz)")
+    raise DataError(
+        f"{path}: not an input format dwmtrain reads (JSON lines .jsonl/.jsonl.zst/.jsonl.gz, .parquet, .arrow, "
+        "or a directory datasets.save_to_disk wrote)"
+    )
 
 
 def open_bytes(path: str):
@@ -236,7 +403,6 @@ def _check_zstd(path: str, chunk: int = 1 << 20) -> int:
 def _check_gzip(path: str, chunk: int = 1 << 20) -> int:
     """Bytes of text in a gzip file; DataError if corrupted or cut short."""
     import gzip
-    import zlib as _zlib
 
     total = 0
     try:
@@ -245,7 +411,7 @@ def _check_gzip(path: str, chunk: int = 1 << 20) -> int:
                 total += len(block)
     except EOFError:
         raise _truncated(path, total) from None
-    except (OSError, _zlib.error) as e:
+    except (OSError, zlib.error) as e:
         raise DataError(f"{path}: corrupted gzip stream after {total:,} bytes of text ({e})") from None
     return total
 
@@ -260,21 +426,32 @@ def _truncated(path: str, total: int) -> DataError:
 # ----------------------------------------------------------------------------- inputs as a whole
 
 
+def _walk(d: Path) -> list[str]:
+    """Every input under directory ``d``, recursively (SlimPajama ships as train/chunk1..10/*.jsonl.zst); a saved
+    dataset's directory is one input."""
+    if _is_saved_dataset(d):
+        return [str(d)]
+    found: list[str] = []
+    for entry in sorted(d.iterdir()):
+        if entry.is_dir():
+            found += _walk(entry)
+        elif not entry.name.startswith(".") and any(entry.match(p) for r in READERS for p in r.patterns):
+            found.append(str(entry))
+    return found
+
+
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files as given; a directory means its files of any known format, sorted."""
+    """Files (and saved datasets) as given; a directory means every input under it, recursively, sorted."""
     files = []
     for p in inputs:
-        if Path(p).is_dir():
-            files += sorted({str(x) for r in READERS for pat in r.patterns for x in Path(p).glob(pat)})
-        else:
-            files.append(p)
+        files += _walk(Path(p)) if Path(p).is_dir() else [p]
     if not files:
         raise DataError(f"no input files in {inputs}")
     return files
 
 
-def load_dataset(f: str, cache_dir: str):
-    """One input file (checked first) or a hub dataset name, as a ``datasets.Dataset`` with a ``text`` column."""
+def load_dataset(f: str, cache_dir: str, fields: Fields = SLIMPAJAMA):
+    """One input (checked first) or a hub dataset name, as a ``datasets.Dataset`` holding the text column."""
     import datasets
 
     if not os.path.exists(f):
@@ -287,26 +464,29 @@ def load_dataset(f: str, cache_dir: str):
         reader.check(f)
         try:
             ds = reader.dataset(f, cache_dir)
+        except DataError:
+            raise
         except Exception as e:  # pyarrow / datasets errors carry no line number: find it ourselves
-            reader.diagnose(f)
+            reader.diagnose(f, fields)
             raise DataError(f"{f}: {e}") from None
-    if "text" not in ds.column_names:
-        raise DataError(f"{f}: no 'text' field in any record (columns: {ds.column_names})")
+    fields.check_columns(ds.column_names, f)
     return ds
 
 
-def iter_records(files: list[str]) -> Iterator[Record]:
-    """Every record of every file in order, each with its file index, line and checksum."""
+def iter_records(files: list[str], fields: Fields = SLIMPAJAMA) -> Iterator[Record]:
+    """Every record of every input in order, each with its file index, position and checksum."""
     for fi, path in enumerate(files):
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise DataError(f"{path}: no such file")
-        yield from reader_for(path).records(path, fi)
+        yield from reader_for(path).records(path, fi, fields)
 
 
-def iter_texts(inputs: list[str], cache_dir: str, report: Counter | None = None) -> Iterator[str]:
-    """Non-empty ``text`` of every record (tokenizer training); the records without are counted in ``report``."""
+def iter_texts(inputs: list[str], cache_dir: str, report: Counter | None = None, fields: Fields = SLIMPAJAMA):
+    """Non-empty text of every record (tokenizer training); the records without are counted in ``report``."""
+    col = fields.columns()[0]
     for f in expand_inputs(inputs):
-        for t in load_dataset(f, cache_dir)["text"]:
+        for value in load_dataset(f, cache_dir, fields)[col]:
+            t = _lookup({col: value}, fields.text)
             if isinstance(t, str) and t.strip():
                 yield t
             elif report is not None:
@@ -314,9 +494,9 @@ def iter_texts(inputs: list[str], cache_dir: str, report: Counter | None = None)
 
 
 def name_lines(skipped_at: list[tuple[str, int, str]]) -> list[str]:
-    """``file:line: reason`` for skipped records given as (file, 0-based record index, reason)."""
+    """``file:position: reason`` for skipped records given as (file, 0-based record index, reason)."""
     lines = {
-        f: reader_for(f).record_lines(f, [i for g, i, _ in skipped_at if g == f]) if os.path.isfile(f) else {}
+        f: reader_for(f).record_lines(f, [i for g, i, _ in skipped_at if g == f]) if os.path.exists(f) else {}
         for f in {f for f, _, _ in skipped_at}
     }
     return [f"{f}:{lines[f].get(i, f'record {i + 1}')}: {why}" for f, i, why in skipped_at]

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from dwmtrain.data.readers import SLIMPAJAMA
 from dwmtrain.errors import DataError
 
 
@@ -14,6 +15,7 @@ class Scorer:
     """What a method plugs into ``select``: per-record checks, batched scores, and the ranking."""
 
     has_scores = True  #: whether ``meta.selection.score`` means anything (not for random)
+    fields = SLIMPAJAMA  #: where records keep their text and domain (``select`` sets it)
 
     def prepare(self) -> None:
         """Load what scoring needs (target distribution, rater) before the pool is read."""

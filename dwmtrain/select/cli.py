@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dwmtrain.data.readers import add_field_options
+
 USAGE = """\
 dwmtrain select random   --input IN... --out OUT.jsonl[.zst] (--budget-docs N | --budget-tokens N --tokenizer SP)
 dwmtrain select dsir     --input IN... --out OUT (--target-domains a,b | --target-file F...) BUDGET
@@ -24,6 +26,7 @@ def _positive(s: str) -> int:
 
 
 def _run(a) -> None:
+    from dwmtrain.data.readers import fields_of
     from dwmtrain.select.driver import report_path, select, summary
 
     opts: dict = {}
@@ -56,6 +59,7 @@ def _run(a) -> None:
         seed=a.seed,
         overwrite=a.overwrite,
         progress=not a.no_progress,
+        fields=fields_of(a),
         **opts,
     )
     print(summary(report))
@@ -65,7 +69,9 @@ def _run(a) -> None:
 
 def _common() -> argparse.ArgumentParser:
     c = argparse.ArgumentParser(add_help=False)
-    c.add_argument("--input", nargs="+", required=True, help="SlimPajama JSONL / JSONL.zst / JSONL.gz files or dirs")
+    c.add_argument(
+        "--input", nargs="+", required=True, help="JSONL(.zst/.gz), Parquet, Arrow files, saved datasets, dirs"
+    )
     c.add_argument("--out", required=True, help="output .jsonl or .jsonl.zst (report: NAME.report.json beside it)")
     b = c.add_mutually_exclusive_group(required=True)
     b.add_argument("--budget-tokens", type=_positive, help="select until this many tokens (needs --tokenizer)")
@@ -73,11 +79,13 @@ def _common() -> argparse.ArgumentParser:
     c.add_argument(
         "--tokenizer",
         default=None,
-        help="sentencepiece .model counting tokens (+1 EOS per document); needed by --budget-tokens",
+        help="the tokenizer counting tokens (with each document's EOS, and BOS where it has one); needed by "
+        "--budget-tokens",
     )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--overwrite", action="store_true", help="replace OUT, only once the new output is complete")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_field_options(c)
     return c
 
 

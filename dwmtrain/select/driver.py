@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dwmtrain.data.readers import domain_of, expand_inputs, iter_records, reader_for, text_skip_reason
+from dwmtrain.data.readers import SLIMPAJAMA, Fields, expand_inputs, iter_records, reader_for, text_skip_reason
 from dwmtrain.errors import DataError
 from dwmtrain.fileio import atomic_file, atomic_write_text
 from dwmtrain.select.base import take_budget
@@ -80,27 +79,27 @@ def write_records(out: str, lines: list[str]) -> None:
                 fh.write(line.encode("utf-8"))
 
 
-def collect_selected(files: list[str], picked: dict[tuple[int, int], tuple[int, int]], method: str, scores) -> list:
+def collect_selected(files: list[str], picked: dict, method: str, scores, fields: Fields = SLIMPAJAMA) -> list:
     """Second pass: the selected records as JSON lines in rank order, each with ``meta.selection`` added.
 
-    ``picked`` maps (file index, line) to (rank, crc32 of the line when it was scored).
+    ``picked`` maps (file index, position) to (rank, crc32 of the record when it was scored).
     """
     out: list[str | None] = [None] * len(picked)
     for fi in sorted({fi for fi, _ in picked}):
         path = files[fi]
-        for lineno, line in reader_for(path).raw_lines(path):
-            hit = picked.get((fi, lineno))
+        for r in reader_for(path).records(path, fi, fields):
+            hit = picked.get((fi, r.line))
             if hit is None:
                 continue
             rank, crc = hit
-            if zlib.crc32(line) != crc:
-                raise DataError(f"{path}:{lineno}: changed while selecting; run again")
-            rec = json.loads(line.decode("utf-8"))
+            if r.crc != crc:
+                raise DataError(f"{path}:{r.line}: changed while selecting; run again")
+            rec = r.rec
             meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
             s = scores[rank]
             meta["selection"] = {"method": method, "score": None if s is None else float(s), "rank": rank}
             rec["meta"] = meta
-            out[rank] = json.dumps(rec, ensure_ascii=False) + "\n"
+            out[rank] = json.dumps(rec, ensure_ascii=False, default=str) + "\n"  # parquet may hold dates
     missing = [r for r, v in enumerate(out) if v is None]
     if missing:
         raise DataError(f"{len(missing)} selected records vanished from the inputs while selecting; run again")
@@ -115,6 +114,7 @@ class Pool:
     """Per pool document, compactly (a pool may hold millions): where it is, its checksum, domain, tokens."""
 
     files: list[str]
+    fields: Fields = SLIMPAJAMA
     fis: array = field(default_factory=lambda: array("i"))
     lns: array = field(default_factory=lambda: array("q"))
     crcs: array = field(default_factory=lambda: array("I"))
@@ -132,8 +132,8 @@ class Pool:
 
     def add_batch(self, buf: list, scorer, tok) -> None:
         """Score (and count the tokens of) a batch of usable records."""
-        texts = [r.rec["text"] for r in buf]
-        doms = [domain_of(r.rec.get("meta")) for r in buf]
+        texts = [self.fields.text_of(r.rec) for r in buf]
+        doms = [self.fields.domain_of(r.rec) for r in buf]
         if tok is not None:
             extra = tok.specials_per_document  # the EOS (and BOS) prepare-data adds
             self.ntok.extend(len(ids) + extra for ids in tok.encode_batch(texts))
@@ -148,16 +148,16 @@ class Pool:
         return sorted(self.dom_names, key=self.dom_names.get)
 
 
-def scan_pool(files: list[str], scorer, tok, method: str, progress: bool) -> Pool:
+def scan_pool(files: list[str], scorer, tok, method: str, progress: bool, fields: Fields = SLIMPAJAMA) -> Pool:
     """First pass: every record read, checked and scored; the unusable ones are counted skips."""
     from tqdm import tqdm
 
-    pool, buf = Pool(files), []
+    pool, buf = Pool(files, fields), []
     bar = tqdm(unit="doc", disable=not progress, desc=f"scan ({method})")
-    for r in iter_records(files):
+    for r in iter_records(files, fields):
         bar.update(1)
         where = f"{files[r.file_index]}:{r.line}"
-        reason = text_skip_reason(r.rec.get("text")) or scorer.check(r.rec, where)
+        reason = text_skip_reason(fields.text_of(r.rec)) or scorer.check(r.rec, where)
         if reason:
             pool.skip(reason, where)
             continue
@@ -258,9 +258,11 @@ def select(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = False,
+    fields: Fields = SLIMPAJAMA,
     **method_options,
 ) -> dict:
-    """Select a subset of ``inputs`` with ``method`` up to the budget, write it to ``out``; returns the report."""
+    """Select a subset of ``inputs`` with ``method`` up to the budget, write it to ``out``; returns the report.
+    ``fields``: where each record's text and domain are (any input format ``data.readers`` reads)."""
     inputs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(x) for x in inputs]
     out = str(out)
     _check_budget(budget_tokens, budget_docs, tokenizer)
@@ -272,8 +274,9 @@ def select(
 
         tok = load_tokenizer(tokenizer)
     scorer = scorer_for(method, method_options)
+    scorer.fields = fields
     scorer.prepare()
-    pool = scan_pool(files, scorer, tok, method, progress)
+    pool = scan_pool(files, scorer, tok, method, progress, fields)
     if not pool.fis:
         raise DataError(f"{inputs}: no usable records (skipped: {dict(pool.skipped) or 'none'})")
     scores = scorer.finalize(np.concatenate(pool.parts), pool.domain_names())
@@ -282,7 +285,7 @@ def select(
     k = take_budget(lengths[order], budget_tokens) if budget_tokens is not None else min(budget_docs, len(pool.fis))
     chosen = order[:k]
     picked = {(pool.fis[i], pool.lns[i]): (rank, pool.crcs[i]) for rank, i in enumerate(chosen.tolist())}
-    lines = collect_selected(files, picked, method, [scores[i] if scorer.has_scores else None for i in chosen])
+    lines = collect_selected(files, picked, method, [scores[i] if scorer.has_scores else None for i in chosen], fields)
     budgets = (budget_tokens, budget_docs)
     report = build_report(method, scorer, seed, files, out, budgets, tokenizer, pool, scores, chosen, lengths)
     write_records(out, lines)

@@ -114,8 +114,8 @@ class DSIRScorer(Scorer):
             return
         files = expand_inputs(self.target_files)
         self.target_files = files
-        for r in iter_records(files):
-            t = r.rec.get("text")
+        for r in iter_records(files, self.fields):
+            t = self.fields.text_of(r.rec)
             if reason := text_skip_reason(t):
                 self.target_skipped[reason] = self.target_skipped.get(reason, 0) + 1
                 continue

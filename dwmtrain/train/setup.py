@@ -14,6 +14,7 @@ from dwmtrain.config import BatchPlan, Config, batch_plan, build_deepspeed_confi
 from dwmtrain.config.stages import stage_starts
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset
 from dwmtrain.data.prepare import prepare_data
+from dwmtrain.data.readers import Fields
 from dwmtrain.data.tokenizer import check_vocab, load_tokenizer
 from dwmtrain.data.validation import ValidationSet, validation_set
 from dwmtrain.distributed import Dist, barrier, cpu_threads, init_distributed, run_on_rank0
@@ -132,6 +133,7 @@ def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
                 seq_len=cfg.data.seq_len,
                 workers=max(1, os.cpu_count() or 1),
                 progress=True,
+                fields=Fields(cfg.data.text_field, cfg.data.domain_field),
             )
             print(rep.summary(), flush=True)
 
