@@ -66,5 +66,24 @@ def check_inputs(cfg: Config) -> None:
                 problems.append(
                     f"meta.dwm_run={cfg.meta.dwm_run}: stage {k}: another DWM architecture: " + "; ".join(diff)
                 )
+    problems += backbone_problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
+
+
+def backbone_problems(cfg: Config) -> list[str]:
+    """A bilevel run whose first meta job would copy the LM into a backbone of another shape: said now, not at the
+    first stage boundary."""
+    if cfg.meta.mode != "bilevel" or not cfg.dwm.init_backbone_from_lm:
+        return []
+    from dwmtrain.models.dwm import DWMArch
+    from dwmtrain.models.spec import lm_spec
+
+    lm = lm_spec(cfg.model)
+    lm_shape, bb_shape = lm.shape(), DWMArch.from_config(cfg, lm.vocab_size).backbone_spec().shape()
+    diff = [f"{k} {bb_shape[k]} vs the LM's {lm_shape[k]}" for k in lm_shape if lm_shape[k] != bb_shape.get(k)]
+    if not diff:
+        return []
+    return [f"dwm.backbone={cfg.dwm.backbone}: dwm.init_backbone_from_lm copies the LM into the DWM's backbone, which "
+            f"needs the LM's shape ({', '.join(diff[:3])}); set dwm.backbone=lm (or the LM's preset), or "
+            "dwm.init_backbone_from_lm=false"]  # fmt: skip

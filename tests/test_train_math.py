@@ -187,3 +187,14 @@ def test_fault_points_match_ranges_and_lists(monkeypatch):
     hits = [(r, s) for r in (0, 1) for s in range(1, 13) if faults.fault_active("nonfinite-loss", rank=r, step=s)]
     assert hits == [(1, 5), (1, 9), (1, 10)]
     assert not faults.fault_active("tensor-broadcast", rank=1, step=5)
+
+
+def test_a_run_that_draws_more_than_its_data_says_how_often_and_from_which_step():
+    from dwmtrain.train.setup import epochs_note
+
+    assert epochs_note(100, 32, 3200) == "" and epochs_note(100, 32, 10_000) == ""
+    note = epochs_note(100, 32, 3000)  # 3,200 drawn: the 94th step is the first of the second epoch
+    assert "3,200 sequences from 3,000" in note and "1.07 epochs" in note and "from step 94" in note
+    # the paper's 370M config (7,500 steps of 4,096 x 1,024 tokens) on a 30B-token selection
+    note = epochs_note(7500, 4096, 30_000_000_000 // 1024)
+    assert "1.05 epochs" in note and "from step 7153" in note

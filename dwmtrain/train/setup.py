@@ -149,9 +149,21 @@ def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
     return ds
 
 
+def epochs_note(total_steps: int, global_batch: int, sequences: int) -> str:
+    """What a run draws of its data: '' when every sequence is seen at most once, else how often and from which
+    step the data repeats (the sample order is a fresh permutation per epoch)."""
+    drawn = total_steps * global_batch
+    if drawn <= sequences:
+        return ""
+    return (f"the run draws {drawn:,} sequences from {sequences:,} prepared: {drawn / sequences:.2f} epochs; the data "
+            f"repeats (a new order) from step {sequences // global_batch + 1}")  # fmt: skip
+
+
 def announce(run: Run, arch: DWMArch) -> None:
-    """The start-up lines: model size, world, batch, stages, and the paper's Eq. 9 DWM overhead."""
+    """The start-up lines: model size, world, batch, stages, epochs, and the paper's Eq. 9 DWM overhead."""
     cfg, d, plan = run.cfg, run.d, run.plan
+    if note := epochs_note(cfg.stages.total_steps, plan.global_batch_size, len(run.data)):
+        log0(d, f"{cfg.data.train_data}: {note}")
     if cfg.meta.mode not in ("none", "oracle"):
         p_w = dwm_parameter_count(arch)
         log0(
@@ -162,7 +174,8 @@ def announce(run: Run, arch: DWMArch) -> None:
         )
     log0(
         d,
-        f"LM {cfg.model.preset}: {run.n_params:,} parameters; world {d.world} ({d.accelerator}, {run.precision}); "
+        f"LM {lm_spec(cfg.model).name}: {run.n_params:,} parameters; world {d.world} ({d.accelerator}, "
+        f"{run.precision}); "
         f"batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} accum x {d.world} = "
         f"{plan.global_batch_size} seq ({plan.tokens_per_step:,} tokens); stages start at {run.starts}",
     )

@@ -14,6 +14,7 @@ from ..helpers import process_tree as process_tree
 
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 TINY = REPO / "launchers" / "configs" / "tiny.yaml"
+TASK_DATA = REPO / "tests" / "data" / "lmeval"  # a few lm-eval records of each task, made up
 
 
 def pretrain_cmd(run_dir: Path, overrides: list[str], world: int = 2, config: Path = TINY) -> list[str]:

@@ -51,3 +51,100 @@ def test_continued_pretraining_starts_from_the_exported_weights_and_a_resume_nev
 
     p = run(pretrain_cmd(tmp_path / "again", cont_args), check=False)  # a fresh start does read them
     assert p.returncode == 2 and "model.init_from=" in p.stderr and "model.safetensors cannot be read" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def llama3_style(tmp_path_factory):
+    """A tiny Llama-3-style model (GQA 4/2 heads, tied embeddings, rope_theta 500000), a byte-level BPE
+    tokenizer.json trained on the bundled corpus, and FineWeb-Edu-style parquet shards of it, prepared."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import LlamaConfig
+
+    from dwmtrain.data.hf_tokenizer import train_hf_tokenizer
+
+    from ..conftest import corpus_records
+
+    work = tmp_path_factory.mktemp("llama3")
+    recs = corpus_records()
+    tok = train_hf_tokenizer((r["text"] for r in recs), work / "tok", vocab_size=2048)
+    rows = [{"text": r["text"], "id": str(i), "dump": r["meta"]["redpajama_set_name"], "score": 3.0}
+            for i, r in enumerate(recs)]  # fmt: skip
+    for k in range(3):
+        (work / "fineweb" / f"CC-MAIN-{k}").mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(rows[k::3]), str(work / "fineweb" / f"CC-MAIN-{k}" / "000.parquet"))
+    LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=512,
+                bos_token_id=0, eos_token_id=1).save_pretrained(work / "model")  # fmt: skip
+    run([sys.executable, "-m", "dwmtrain.cli", "prepare-data", "--input", str(work / "fineweb"), "--tokenizer",
+         str(tok / "tokenizer.json"), "--out", str(work / "data"), "--seq-len", "64", "--domain-field", "dump",
+         "--workers", "2"])  # fmt: skip
+    cfg = work / "llama3.yaml"
+    cfg.write_text(
+        f"base: tiny\nmodel:\n  hf_config: {work / 'model'}\n  vocab_size: 0\n"
+        f"data:\n  tokenizer: {tok / 'tokenizer.json'}\n  train_data: {work / 'data'}\n  raw: []\n"
+        "dwm:\n  backbone: lm\nstages:\n  total_steps: 12\n  num_stages: 3\n"
+        "run:\n  checkpoint_every: 2\nmeta:\n  nproc: 2\n  steps: 3\n"
+    )
+    return work, cfg
+
+
+def test_a_llama3_style_model_tokenizer_json_and_parquet_train_bilevel_resume_export_and_eval(llama3_style, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dwmtrain.checkpoint import consolidated_lm_state
+    from dwmtrain.config import load_config
+    from dwmtrain.data.tokenizer import load_tokenizer
+    from dwmtrain.models.lm import build_lm, load_lm_state
+    from dwmtrain.models.spec import lm_spec
+
+    from .helpers import TASK_DATA, run_until_step_then_kill
+
+    work, cfg = llama3_style
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    p = run(pretrain_cmd(ref, [], config=cfg))
+    n = sum(t.numel() for t in build_lm(lm_spec(load_config(cfg).model)).parameters())  # the tied head counted once
+    assert f"{n:,} parameters" in p.stdout and n == 223_552, p.stdout[-2000:]
+    a = by_step(ref / "metrics.jsonl")
+    assert sorted(a) == list(range(1, 13)) and a[12]["loss"] < a[1]["loss"]
+    assert {a[s]["dwm"] for s in (5, 9)} != {"uniform"} and (ref / "dwm" / "stage3.safetensors").is_file()
+    run_until_step_then_kill(pretrain_cmd(killed, [], config=cfg), killed / "metrics.jsonl", 7)
+    run(pretrain_cmd(killed, [], config=cfg))
+    b = by_step(killed / "metrics.jsonl")
+    assert [b[s]["loss"] for s in range(1, 13)] == [a[s]["loss"] for s in range(1, 13)]
+
+    hf = tmp_path / "hf"
+    run([sys.executable, "-m", "dwmtrain.cli", "export", str(ref), "--out", str(hf)])
+    model, auto = AutoModelForCausalLM.from_pretrained(hf), AutoTokenizer.from_pretrained(hf)  # no remote code
+    assert model.config.tie_word_embeddings and model.config.num_key_value_heads == 2
+    run_cfg = load_config(RunDir(ref).config)
+    lm = build_lm(lm_spec(run_cfg.model))
+    assert not load_lm_state(lm, consolidated_lm_state(RunDir(ref), "step0000012"))
+    x = torch.randint(2, 2048, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, lm.eval()(x).logits, rtol=1e-5, atol=1e-5)
+    text = "Grüße, def f(x):\n\treturn x"
+    assert auto(text, add_special_tokens=False)["input_ids"] == load_tokenizer(work / "tok" / "tokenizer.json").encode(
+        text
+    )
+    p = run([sys.executable, "-m", "dwmtrain.cli", "eval", str(ref), "--task-data", str(TASK_DATA), "--tasks",
+             "arc_easy,piqa", "--shots", "0", "--limit", "4", "--out", str(tmp_path / "eval")])  # fmt: skip
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["0shot"]
+    assert [r["stage"] for r in rows] == [1, 2, 3] and all(r["AVERAGE"] is not None for r in rows)
+
+
+def test_sequences_of_2048_train_through_a_stage_boundary_with_a_meta_update(tmp_path):
+    from dwmtrain.data.prepare import prepare_data
+
+    from ..conftest import CORPUS
+
+    data = tmp_path / "data-2048"
+    prepare_data([str(CORPUS / "sample.jsonl.zst")], str(CORPUS / "sample_sp4096.model"), str(data), seq_len=2048,
+                 workers=2, progress=False)  # fmt: skip
+    args = [f"data.train_data={data}", "data.seq_len=2048", "model.max_seq_len=2048", "stages.total_steps=4",
+            "stages.num_stages=2", "deepspeed.micro_batch_size=2", "deepspeed.global_batch_size=4",
+            "meta.mode=bilevel", "meta.nproc=2", "meta.steps=2", "meta.val_batch_size=2",
+            "data.val_source=heldout", "run.eval_batches=1"]  # fmt: skip
+    run(pretrain_cmd(tmp_path / "r", args))
+    m = by_step(tmp_path / "r" / "metrics.jsonl")
+    assert sorted(m) == [1, 2, 3, 4] and m[3]["dwm"].startswith("stage2:") and m[4]["w_min"] < m[4]["w_max"]
