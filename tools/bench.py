@@ -380,10 +380,11 @@ def bench_metaacc(a) -> list[str]:
 
 
 def bench_prepare(a) -> list[str]:
-    """prepare-data end to end against one core of sentencepiece on the same text.
+    """prepare-data end to end against one core of the raw tokenizer on the same text.
 
-    The input is the bundled corpus repeated ``--prepare-copies`` times (16M tokens at 4): on the 4M-token
-    corpus itself, one-off costs (the JSON reader's set-up, the worker start) weigh as much as encoding.
+    The input is the bundled corpus repeated ``--copies`` times (16M tokens at 4): on the 4M-token corpus itself,
+    one-off costs (the JSON reader's set-up, the worker start) weigh as much as encoding. ``--tokenizer sp``: the
+    bundled sentencepiece model; ``hf``: a byte-level BPE tokenizer.json of the same vocabulary trained on it.
     """
     import io
 
@@ -395,9 +396,13 @@ def bench_prepare(a) -> list[str]:
     src, model = CORPUS / "sample.jsonl.zst", str(CORPUS / "sample_sp4096.model")
     raw_bytes = zstandard.ZstdDecompressor().stream_reader(open(src, "rb")).read() * a.copies
     texts = [json.loads(x)["text"] for x in io.BytesIO(raw_bytes)]
-    tok = load_tokenizer(model)
     out, raws, runs = [], [], {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
+        if a.tokenizer == "hf":
+            from dwmtrain.data.hf_tokenizer import train_hf_tokenizer
+
+            model = str(train_hf_tokenizer(texts[: len(texts) // a.copies], Path(tmp) / "hf", 4096) / "tokenizer.json")
+        tok = load_tokenizer(model)
         corpus = Path(tmp) / "corpus.jsonl"
         corpus.write_bytes(raw_bytes)
         for rep_i in range(a.reps):  # interleaved repetitions; the best of each is reported
@@ -415,7 +420,8 @@ def bench_prepare(a) -> list[str]:
             rate, rep = max(runs[workers], key=lambda r: r[0])
             rates[workers] = rate
             plural = "s" * (workers > 1)
-            out.append(line(f"prepare.rate per worker / raw sentencepiece on one core ({workers} worker{plural}, "
+            name = type(tok).__name__
+            out.append(line(f"prepare.rate per worker / raw {name} on one core ({workers} worker{plural}, "
                             f"{n_raw / 1e6:.1f}M tokens)", f"{rate / workers / raw:.2f} ({rate:,.0f} vs {raw:,.0f} "
                             "tokens/s)", ">= 0.8", rate / workers / raw >= 0.8))  # fmt: skip
             reported = rep.tokens / rep.seconds
@@ -551,6 +557,7 @@ def metaacc_options(p):
 
 
 def prepare_options(p):
+    p.add_argument("--tokenizer", default="sp", choices=("sp", "hf"), help="sentencepiece, or a HF tokenizer.json")
     p.add_argument("--reps", type=int, default=2, help="interleaved repetitions (the best is kept)")
     p.add_argument("--copies", type=int, default=4, help="copies of the bundled corpus to read")
 
