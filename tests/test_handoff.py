@@ -154,3 +154,15 @@ def test_any_failure_on_rank0_in_the_handoff_fails_every_rank_at_once(tmp_path):
     # at once: rank 1 raised rank 0's error, passed on to it; a rank left waiting would instead have raised the
     # process group's timeout (60 s, tests/spawn.py)
     assert r0[0] == "KeyError" and r1[0] == "RankZeroError" and "KeyError: 'no such thing'" in r1[1]
+
+
+def test_a_fixed_dwm_fitted_with_another_tokenizer_is_refused_naming_both(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_dwm(DataWeightingModel(ARCH), path, stage=2, lm_step=0, tokenizer="/tok/a.model", tokenizer_sha256="a" * 64)
+    cfg = load_config(None, [f"run.run_dir={tmp_path}", "meta.mode=fixed", f"meta.dwm_path={path}",
+                             "data.tokenizer=/tok/b.json"])  # fmt: skip
+    same = StageHandoff(cfg, D, ARCH, torch.float32, RunDir(tmp_path), tokenizer_sha="a" * 64)
+    assert same.for_stage(1, None).info["sha256"]
+    other = StageHandoff(cfg, D, ARCH, torch.float32, RunDir(tmp_path), tokenizer_sha="b" * 64)
+    with pytest.raises(DWMFileError, match=r"fitted with tokenizer /tok/a.model .*data.tokenizer=/tok/b.json"):
+        other.for_stage(1, None)
