@@ -53,11 +53,15 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     try:
         yield tmp
         follow_umask(tmp)
-        if path.exists():  # overwrite only now that the new one is complete
+        if path.exists() or path.is_symlink():  # overwrite only now that the new one is complete
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # the old one back: a failure leaves what the user had
+                raise
+            old.unlink() if old.is_symlink() else shutil.rmtree(old)
         else:
             os.replace(tmp, path)
     finally:

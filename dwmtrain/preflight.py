@@ -3,6 +3,7 @@ start of every run): each problem is one line naming the field and the path."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,6 +13,18 @@ from dwmtrain.errors import ConfigError
 
 def check_inputs(cfg: Config) -> None:
     """Raise ConfigError listing every missing or unusable input the config names."""
+    from dwmtrain.rundir import RunDir
+
+    pinned = RunDir(cfg.run.run_dir).model_config  # a model.init_from run's own copy of the model's config
+    if cfg.model.init_from and not cfg.model.hf_config and pinned.is_file():
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_config=str(pinned)))
+    problems = data_problems(cfg) + dwm_problems(cfg) + backbone_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
+
+
+def data_problems(cfg: Config) -> list[str]:
+    """The prepared data (or the raw documents to prepare it from), the tokenizer and the validation source."""
     problems = []
     d = cfg.data
     train_index = Path(d.train_data) / "index.json"
@@ -30,7 +43,8 @@ def check_inputs(cfg: Config) -> None:
 
         try:
             vocab = lm_spec(cfg.model).vocab_size
-            check_vocab(load_tokenizer(d.tokenizer).vocab_size, vocab, d.tokenizer)
+            padded = bool(cfg.model.hf_config or cfg.model.init_from)
+            check_vocab(load_tokenizer(d.tokenizer).vocab_size, vocab, d.tokenizer, padded=padded)
         except DWMTrainError as e:
             problems.append(f"data.tokenizer: {e}")
     if d.val_source == "lambada" and not Path(d.lambada_path).is_file():
@@ -42,33 +56,35 @@ def check_inputs(cfg: Config) -> None:
             problems.append(f"{field}: {held.parent} has no heldout split (data.val_source=heldout)")
         elif not held.is_file() and (d.heldout_data or not d.raw):
             problems.append(f"{field}={held.parent}: no prepared data there (data.val_source=heldout)")
-    if cfg.meta.mode == "fixed":
-        from dwmtrain.models.dwm import DWMFileError, read_dwm_meta
+    return problems
 
+
+def dwm_problems(cfg: Config) -> list[str]:
+    """The DWM files a fixed or transfer run reads: present, readable and of the architecture this run builds."""
+    from dwmtrain.models.dwm import DWMArch, DWMFileError, arch_from_meta, arch_mismatch, meta_path, read_dwm_meta
+
+    if cfg.meta.mode == "fixed":
         try:
             read_dwm_meta(cfg.meta.dwm_path)
         except DWMFileError as e:
-            problems.append(f"meta.dwm_path: {e}")
-    if cfg.meta.mode == "transfer":
-        from dwmtrain.models.dwm import DWMArch, DWMFileError, arch_from_meta, arch_mismatch, meta_path, read_dwm_meta
-        from dwmtrain.models.spec import lm_spec
-        from dwmtrain.rundir import RunDir
+            return [f"meta.dwm_path: {e}"]
+    if cfg.meta.mode != "transfer":
+        return []
+    from dwmtrain.models.spec import lm_spec
+    from dwmtrain.rundir import RunDir
 
-        want = DWMArch.from_config(cfg, lm_spec(cfg.model).vocab_size)
-        for k in range(2, cfg.stages.num_stages + 1):
-            path = RunDir(cfg.meta.dwm_run).dwm(k)
-            try:  # the sidecar only: the tensors are verified when the stage starts
-                arch = arch_from_meta(read_dwm_meta(path).get("arch"), f"DWM metadata {meta_path(path)}")
-            except DWMFileError as e:
-                problems.append(f"meta.dwm_run={cfg.meta.dwm_run}: stage {k}: {e}")
-                continue
-            if diff := arch_mismatch(arch, want):  # found now, not after a whole first stage
-                problems.append(
-                    f"meta.dwm_run={cfg.meta.dwm_run}: stage {k}: another DWM architecture: " + "; ".join(diff)
-                )
-    problems += backbone_problems(cfg)
-    if problems:
-        raise ConfigError("; ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
+    problems = []
+    want = DWMArch.from_config(cfg, lm_spec(cfg.model).vocab_size)
+    for k in range(2, cfg.stages.num_stages + 1):
+        path = RunDir(cfg.meta.dwm_run).dwm(k)
+        try:  # the sidecar only: the tensors are verified when the stage starts
+            arch = arch_from_meta(read_dwm_meta(path).get("arch"), f"DWM metadata {meta_path(path)}")
+        except DWMFileError as e:
+            problems.append(f"meta.dwm_run={cfg.meta.dwm_run}: stage {k}: {e}")
+            continue
+        if diff := arch_mismatch(arch, want):  # found now, not after a whole first stage
+            problems.append(f"meta.dwm_run={cfg.meta.dwm_run}: stage {k}: another DWM architecture: " + "; ".join(diff))
+    return problems
 
 
 def backbone_problems(cfg: Config) -> list[str]:

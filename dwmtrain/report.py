@@ -25,12 +25,13 @@ def stage_table(steps: list[dict], evals: list[dict]) -> list[str]:
     by_stage = defaultdict(list)
     for r in steps:
         by_stage[r["stage"]].append(r)
+    finite = {s: [r for r in rs if not r.get("nonfinite")] or rs for s, rs in by_stage.items()}  # the means
     ev = {r["stage"]: r for r in evals}  # the evaluation at the end of each stage
     lines = ["stage  steps      loss  loss_unw  val_loss  lambada_acc  w_entropy   w_ess  w_min  w_max  dwm"]
     for s in sorted(by_stage):
         rs, e = by_stage[s], ev.get(s, {})
 
-        def mean(k, rs=rs):
+        def mean(k, rs=finite[s]):  # a skipped (non-finite) step's NaN does not hide its stage's figures
             return sum(r[k] for r in rs) / len(rs)
 
         alarms = sum(r.get("w_alarm", 0) for r in rs)

@@ -2,6 +2,7 @@
 
 RUN_DIR/
   config.yaml, deepspeed.json      the resolved config and the generated DeepSpeed JSON
+  model_config.json                a model.init_from run's model config (config.yaml's model.hf_config)
   metrics.jsonl, eval.jsonl        one record per optimizer step / per evaluation
   tensorboard/                     TensorBoard event files
   checkpoints/latest.json          the newest complete checkpoint ({"tag", "step"})
@@ -51,6 +52,12 @@ class RunDir:
     @property
     def deepspeed_json(self) -> Path:
         return self.root / "deepspeed.json"
+
+    @property
+    def model_config(self) -> Path:
+        """The Hugging Face config of a run started from ``model.init_from``, kept with the run: a resume, the meta
+        job, the export and the evaluation know the model without the checkpoint directory."""
+        return self.root / "model_config.json"
 
     @property
     def metrics(self) -> Path:

@@ -194,3 +194,40 @@ def test_resume_at_k_matches_uninterrupted_run(world, k):
     assert resumed == full[k : k + len(resumed)]
     # independent of world size: the global stream is one order
     assert _consume(order, k, 1, micro, 5) == full[k : k + 40]
+
+
+def test_atomic_dir_keeps_what_the_user_had_through_every_failure(tmp_path, monkeypatch):
+    import os
+
+    from dwmtrain import fileio
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        with fileio.atomic_dir(out):
+            pass
+    with pytest.raises(RuntimeError):  # the block fails: nothing replaced, no temporary left
+        with fileio.atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "a").write_text("new")
+            raise RuntimeError("boom")
+    assert (out / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    real, calls = os.replace, []
+
+    def failing_second_replace(src, dst):  # the swap itself fails after the old one was moved aside
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", failing_second_replace)
+    with pytest.raises(OSError, match="disk full"):
+        with fileio.atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "a").write_text("new")
+    monkeypatch.setattr(fileio.os, "replace", real)
+    assert (out / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+    with fileio.atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "b").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -3,9 +3,10 @@
 A checkpoint ``checkpoints/stepNNNNNNN/`` (paths: ``RunDir``) holds DeepSpeed's ZeRO-3 shards (model,
 optimizer, LR scheduler), one RNG file per rank, and our ``COMPLETE`` marker with the ``RunState``
 (step, stage, consumed samples, DWM path + sha256, config hash, compatibility fields). The marker is
-written by rank 0 only after every rank has confirmed its files, and ``checkpoints/latest.json`` is
-then replaced atomically: a checkpoint without both is never resumed from. DeepSpeed's own ``latest``
-file is not written (it is written non-atomically and before all ranks finish).
+written by rank 0 only after every rank has confirmed its files: it is the commit point, and a checkpoint
+without it is never resumed from; ``checkpoints/latest.json`` is then replaced atomically, a pointer for people
+and tools. DeepSpeed's own ``latest`` file is not written (it is written non-atomically and before all ranks
+finish).
 
     state.py         RunState (the marker) and every rank's RNG
     compat.py        what a resume compares, and which changes break a run

@@ -29,7 +29,7 @@ def compat_fields(cfg, world: int, global_batch: int, spec, tok_sha: str, starts
     """What every checkpoint records and a resume compares (``BREAKING`` says which changes break it); ``spec``
     is the LM's ``ModelSpec``."""
     shape = spec.shape()
-    external = cfg.model.hf_config or cfg.model.init_from
+    external = cfg.model.hf_config or cfg.model.init_from  # (a run from init_from names its kept config as hf_config)
     return {
         "model_preset": "hf-config" if external else cfg.model.preset,
         "model_shape": hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16],

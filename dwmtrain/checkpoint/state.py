@@ -22,7 +22,7 @@ class RunState:
     #: steps whose update the optimizer skipped (a non-finite gradient norm, or an fp16 overflow): the LR
     #: schedule did not advance for them, so the engine's learning rate is the schedule's at step - skipped
     skipped_steps: int = 0
-    nonfinite_steps: int = 0  #: steps with a non-finite loss or gradient norm, in all (run.max_nonfinite_steps)
+    nonfinite_steps: int = 0  #: steps with a non-finite loss or gradient norm, in all (run.stop_after_nonfinite)
     nonfinite_streak: int = 0  #: of those, the consecutive ones ending at ``step`` (0: the last step was finite)
     tag: str = ""  #: the checkpoint it was read from (not saved)
 

@@ -87,16 +87,16 @@ class ModelConfig:
         from dwmtrain.models.spec import ATTN_IMPLEMENTATIONS, PRESETS
 
         one_of("model.preset", self.preset, tuple(PRESETS))
-        for name in ("hf_config", "init_from"):
-            path = getattr(self, name)
-            check(not path or Path(path).exists(), f"model.{name}", path, "no such file or directory")
-        check(not self.init_from or Path(self.init_from).is_dir(), "model.init_from", self.init_from,
+        check(not self.hf_config or Path(self.hf_config).exists(), "model.hf_config", self.hf_config,
+              "no such file or directory")  # fmt: skip
+        # init_from may be gone by a resume (the run keeps its config.json): read, and checked, when a run starts
+        check(not self.init_from or not Path(self.init_from).is_file(), "model.init_from", self.init_from,
               "must be a Hugging Face model directory")  # fmt: skip
         check(self.vocab_size >= 0, "model.vocab_size", self.vocab_size, "must be >= 0")
         check(self.max_seq_len >= 0, "model.max_seq_len", self.max_seq_len, "must be >= 0")
         one_of("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         check(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", self.loss_chunk_tokens, "must be >= 0")
-        if self.hf_config or self.init_from:  # the architecture is checked now, not after a queue wait
+        if self.hf_config or Path(self.init_from or "/nonexistent").is_dir():  # the architecture, now: not after a wait
             from dwmtrain.models.spec import lm_spec
 
             lm_spec(self)

@@ -26,7 +26,7 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        self.tok = _load_fast(Path(self.path))
+        self.tok, self._files = _load_fast(Path(self.path))
         self.vocab_size = len(self.tok)
         eos = self.tok.eos_token_id
         if eos is None:
@@ -37,18 +37,17 @@ class HFTokenizer(Tokenizer):
                 "give a directory whose tokenizer_config.json names eos_token"
             )
         self.eos_id = int(eos)
-        bos, with_specials = self.tok.bos_token_id, self.tok("a").input_ids
-        self.bos_id = int(bos) if bos is not None and with_specials[:1] == [bos] else None
         self.backend = self.tok.backend_tokenizer
+        # the BOS convention is what the tokenizer does to a text, whether or not a config names a bos_token
+        plain, with_specials = self.encode("a"), self.backend.encode("a").ids
+        self.bos_id = with_specials[0] if with_specials[1:] == plain and len(with_specials) == len(plain) + 1 else None
 
     @property
     def sha256(self) -> str:
-        """Over the files that define the tokenization (tokenizer.json and, where present, its configs)."""
-        h, base = hashlib.sha256(), _directory(Path(self.path))
-        for name in _FILES:
-            f = base / name
-            if f.is_file():
-                h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+        """Over the files it was loaded from (the tokenizer.json and, for a directory, its configs)."""
+        h = hashlib.sha256()
+        for f in self._files:
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
         return h.hexdigest()
 
     def encode(self, text: str) -> list[int]:
@@ -61,36 +60,37 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids)
+        return self.tok.decode(ids, skip_special_tokens=True)  # as sentencepiece drops BOS / EOS
 
     def export_hf(self, out_dir: str | os.PathLike) -> Path:
         out = Path(out_dir)
+        if out.exists():
+            raise FileExistsError(f"{out} exists; refusing to overwrite a tokenizer directory")
         with atomic_dir(out) as tmp:
             self.tok.save_pretrained(tmp)
         return out
 
 
-def _directory(path: Path) -> Path:
-    return path if path.is_dir() else path.parent
-
-
 def _load_fast(path: Path):
-    """A fast tokenizer from a directory, or from a tokenizer.json (with the configs beside it, if any)."""
+    """(a fast tokenizer, the files that define it) from a directory, or from a tokenizer file: the one named,
+    with the configs beside it when it is that directory's ``tokenizer.json`` (they name its special tokens)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    directory = path if path.is_dir() else path.parent if path.name == "tokenizer.json" else None
     try:
-        if path.is_dir() or (path.parent / "tokenizer_config.json").is_file():
+        if directory is not None and (path.is_dir() or (directory / "tokenizer_config.json").is_file()):
             tok = AutoTokenizer.from_pretrained(
-                str(_directory(path)), local_files_only=True, trust_remote_code=False, use_fast=True
+                str(directory), local_files_only=True, trust_remote_code=False, use_fast=True
             )
+            files = [directory / n for n in _FILES if (directory / n).is_file()]
         else:
-            tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+            tok, files = PreTrainedTokenizerFast(tokenizer_file=str(path)), [path]
     except (OSError, ValueError, KeyError, TypeError) as e:
         msg = " ".join(str(e).split())[:300] or type(e).__name__  # one line: transformers' messages run long
         raise DataError(f"tokenizer {path}: not a Hugging Face tokenizer dwmtrain can load: {msg}") from None
     if not isinstance(tok, PreTrainedTokenizerFast):
         raise DataError(f"tokenizer {path}: {type(tok).__name__} is a slow tokenizer; give its tokenizer.json")
-    return tok
+    return tok, files
 
 
 def train_hf_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 32000) -> Path:
@@ -100,6 +100,9 @@ def train_hf_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_s
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    out = Path(out_dir)
+    if out.exists():  # before hours of training, not after
+        raise FileExistsError(f"{out} exists; refusing to overwrite a tokenizer directory")
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -119,7 +122,6 @@ def train_hf_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_s
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN, clean_up_tokenization_spaces=False
     )
-    out = Path(out_dir)
     with atomic_dir(out) as tmp:
         tok.save_pretrained(tmp)
     return out

@@ -69,7 +69,7 @@ def _tokenize_batch(batch: dict, tokenizer_path: str, fields: tuple[str, str]) -
     n = np.array([len(e) for e in enc], np.int64)
     flat = np.fromiter(itertools.chain.from_iterable(enc), np.int32, int(n.sum()))
     flat = np.insert(flat, np.cumsum(n), tok.eos_id)  # EOS after each record
-    if tok.bos_id is not None:  # and BOS before it, where the tokenizer's convention has one (Llama's)
+    if tok.bos_id is not None and kept:  # and BOS before it, where the tokenizer's convention has one (Llama's)
         flat = np.insert(flat, np.concatenate([[0], np.cumsum(n + 1)[:-1]]).astype(np.int64), tok.bos_id)
     lengths = np.zeros(len(texts), np.int64)
     lengths[kept] = n + tok.specials_per_document

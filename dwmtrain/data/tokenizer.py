@@ -42,8 +42,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return _load(path, (st.st_mtime_ns, st.st_size))
 
 
-def check_vocab(tokenizer_vocab: int, model_vocab: int, tokenizer_path: str, field: str = "model.vocab_size"):
-    """Refuse a tokenizer whose vocabulary does not match the model's embedding table."""
+def check_vocab(
+    tokenizer_vocab: int, model_vocab: int, tokenizer_path: str, field: str = "model.vocab_size", padded: bool = False
+):
+    """Refuse a tokenizer whose vocabulary does not match the model's embedding table. ``padded``: a model from a
+    Hugging Face config may have more rows than its tokenizer has pieces (Qwen pads its table); fewer never fit."""
+    if padded and tokenizer_vocab <= model_vocab:
+        return
     if tokenizer_vocab != model_vocab:
         raise ConfigError(
             f"tokenizer {tokenizer_path} has {tokenizer_vocab} pieces but {field}={model_vocab}; "

@@ -127,8 +127,8 @@ class DWMArch:
     def shape_fields(self) -> dict:
         """Fields that change the tensors (a mismatch means the file cannot be loaded).
 
-        max_seq_len is not one: RoPE has no learned positions, so a DWM transfers across context lengths. The
-        backbone is compared by its shape, whatever names it."""
+        max_seq_len is not one: RoPE has no learned positions, so a DWM transfers across context lengths. A
+        backbone of its own config (dwm.backbone=lm) is compared by its shape, not by its file's name."""
         d = asdict(self)
         for k in ("temperature", "uniform_mix", "attn_implementation", "max_seq_len", "normalization"):
             d.pop(k)

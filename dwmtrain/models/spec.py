@@ -117,19 +117,22 @@ class ModelSpec:
         return cls.from_fields(name, PRESET_CONFIGS[name]).resized(vocab_size, max_seq_len)
 
     @classmethod
-    def from_hf_config(cls, path: str | os.PathLike, vocab_size: int = 0, max_seq_len: int = 0) -> ModelSpec:
-        """The model a Hugging Face ``config.json`` (or a model directory holding one) describes."""
+    def from_hf_config(
+        cls, path: str | os.PathLike, vocab_size: int = 0, max_seq_len: int = 0, field: str = "model.hf_config"
+    ) -> ModelSpec:
+        """The model a Hugging Face ``config.json`` (or a model directory holding one) describes; errors name
+        ``field``."""
         p = Path(path)
         file = p / "config.json" if p.is_dir() else p
         try:
             fields = json.loads(file.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"model.hf_config={path}: {file} not found") from None
+            raise ConfigError(f"{field}={path}: {file} not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"model.hf_config={path}: {file} is not a JSON config ({e})") from None
+            raise ConfigError(f"{field}={path}: {file} is not a JSON config ({e})") from None
         if not isinstance(fields, dict) or "model_type" not in fields:
-            raise ConfigError(f"model.hf_config={path}: {file} has no model_type (not a Hugging Face model config)")
-        fields = _from_text_config(fields, file)
+            raise ConfigError(f"{field}={path}: {file} has no model_type (not a Hugging Face model config)")
+        fields = _from_text_config(fields)
         return cls.from_fields(str(file.resolve()), fields).resized(vocab_size, max_seq_len)
 
     @functools.cached_property
@@ -222,7 +225,7 @@ class ModelSpec:
         )
 
 
-def _from_text_config(fields: dict, file: Path) -> dict:
+def _from_text_config(fields: dict) -> dict:
     """A multimodal wrapper's text model config, else the config itself."""
     if fields.get("model_type") not in SUPPORTED and isinstance(fields.get("text_config"), dict):
         return fields["text_config"]
@@ -232,9 +235,10 @@ def _from_text_config(fields: dict, file: Path) -> dict:
 def lm_spec(model_cfg) -> ModelSpec:
     """The LM a run's ``model`` section describes: ``hf_config`` (or ``init_from``'s config) if given, else the
     preset; ``vocab_size``/``max_seq_len`` resize it."""
-    source = getattr(model_cfg, "hf_config", "") or getattr(model_cfg, "init_from", "")
-    if source:
-        return ModelSpec.from_hf_config(source, model_cfg.vocab_size, model_cfg.max_seq_len)
+    hf, init = getattr(model_cfg, "hf_config", ""), getattr(model_cfg, "init_from", "")
+    if hf or init:
+        field = "model.hf_config" if hf else "model.init_from"
+        return ModelSpec.from_hf_config(hf or init, model_cfg.vocab_size, model_cfg.max_seq_len, field)
     return ModelSpec.from_preset(model_cfg.preset, model_cfg.vocab_size, model_cfg.max_seq_len)
 
 

@@ -91,14 +91,24 @@ def _take(p: torch.nn.Parameter) -> torch.Tensor:
 
 def _copy_into_partitions(lm, source: dict, main: bool) -> None:
     """Collective: each parameter gathered in turn, rank 0 writes ``source[name]()`` into it, DeepSpeed
-    re-partitions it; what rank 0 read is freed as it goes."""
+    re-partitions it; what rank 0 read is freed as it goes. A read that fails on rank 0 (a checkpoint's disk) is
+    the same error on every rank at once, before anyone waits in the gather."""
     import deepspeed
 
     with torch.no_grad():
         for name, p in lm.named_parameters():
+            value, err = None, None
+            if main:
+                try:
+                    value = source.pop(name)()
+                except Exception as e:  # noqa: BLE001 - reaches every rank as the project's error
+                    err = f"reading {name}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            if err := broadcast_object(err):
+                raise ConfigError(f"model.init_from: {err}")
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if main:
-                    p.data.copy_(source.pop(name)())
+                    p.data.copy_(value)
+            del value
             release_free_host_memory()  # the gathered copy just freed (else the heap keeps it resident)
 
 

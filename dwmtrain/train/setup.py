@@ -18,7 +18,8 @@ from dwmtrain.data.readers import Fields
 from dwmtrain.data.tokenizer import check_vocab, load_tokenizer
 from dwmtrain.data.validation import ValidationSet, validation_set
 from dwmtrain.distributed import Dist, barrier, cpu_threads, init_distributed, run_on_rank0
-from dwmtrain.errors import DataError
+from dwmtrain.errors import ConfigError, DataError
+from dwmtrain.fileio import atomic_write_text
 from dwmtrain.models.dwm import DWMArch, dwm_parameter_count
 from dwmtrain.models.spec import flops_per_token, lm_spec
 from dwmtrain.rundir import RunDir
@@ -71,12 +72,37 @@ def start_process_group(cfg: Config) -> tuple[Dist, RunDir]:
     return d, rd
 
 
+def pin_model_config(cfg: Config, rd: RunDir, d: Dist) -> None:
+    """A run from ``model.init_from`` keeps its model's config.json (``RUN_DIR/model_config.json``, on every node's
+    storage) and names it as ``model.hf_config`` in the config.yaml it writes: a resume, the meta job, the export
+    and the evaluation then never need the checkpoint directory again."""
+    m = cfg.model
+    if m.hf_config or not m.init_from:
+        return
+
+    def read() -> str:
+        src = rd.model_config if rd.model_config.is_file() else Path(m.init_from) / "config.json"
+        if not src.is_file():
+            raise ConfigError(f"model.init_from={m.init_from}: {src} not found (and the run directory has no "
+                              f"{rd.model_config.name} yet)")  # fmt: skip
+        return src.read_text()
+
+    text = run_on_rank0(read)
+    if d.local_rank == 0 and not rd.model_config.is_file():
+        rd.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(rd.model_config, text)
+    barrier()
+    m.hf_config = str(rd.model_config)
+
+
 def setup(cfg: Config) -> Run:
     d, rd = start_process_group(cfg)
+    pin_model_config(cfg, rd, d)
     tok_sha = load_tokenizer(cfg.data.tokenizer).sha256
     data = ensure_data(cfg, d, tok_sha)
     spec = lm_spec(cfg.model)
-    check_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, spec.vocab_size, cfg.data.tokenizer)
+    padded = bool(cfg.model.hf_config or cfg.model.init_from)
+    check_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, spec.vocab_size, cfg.data.tokenizer, padded=padded)
     plan = batch_plan(cfg, d.world)
     starts = stage_starts(cfg.stages.total_steps, cfg.stages.num_stages, cfg.stages.boundaries)
     ds_config = build_deepspeed_config(cfg, d.world, d.accelerator)
@@ -146,6 +172,10 @@ def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
             f"{path} was tokenized with {ds.index['tokenizer']} (sha256 {ds.index['tokenizer_sha256'][:12]}...), "
             f"not data.tokenizer={cfg.data.tokenizer} ({tok_sha[:12]}...)"
         )
+    if "bos_id" not in ds.index and load_tokenizer(cfg.data.tokenizer).bos_id is not None and d.rank == 0:
+        note = (f"note: {path} was prepared before documents began with the tokenizer's BOS; it trains as it is, "
+                f"but a fresh prepare (another data.train_data) matches a pretrained model's convention")  # fmt: skip
+        print(note, flush=True)
     return ds
 
 

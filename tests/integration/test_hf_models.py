@@ -28,7 +28,7 @@ def _first_batch_loss(hf_dir, data_dir, seed: int, global_batch: int) -> float:
         return per_sample_loss(model(input_ids=x).logits, x).mean().item()
 
 
-def test_continued_pretraining_starts_from_the_exported_weights_and_a_resume_never_rereads_them(tmp_path, data64):
+def test_continued_pretraining_starts_from_the_exported_weights_and_a_resume_never_needs_them(tmp_path, data64):
     first, hf, cont = tmp_path / "first", tmp_path / "hf", tmp_path / "cont"
     args = short_run(data64, "meta.mode=none", "stages.total_steps=4", "stages.num_stages=1")
     run(pretrain_cmd(first, args))
@@ -43,12 +43,15 @@ def test_continued_pretraining_starts_from_the_exported_weights_and_a_resume_nev
     fresh = by_step(first / "metrics.jsonl")[1]["loss"]
     assert abs(step1 - fresh) > 0.1  # the exported model, not a fresh one, took the first step
 
-    weights = hf / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])  # a read now would fail: a resume must not read them
+    assert RunDir(cont).model_config.is_file()  # the run keeps its model's config.json
+    hf.rename(tmp_path / "hf-moved")  # gone: a resume needs neither its weights nor its config
     p = run(pretrain_cmd(cont, [*cont_args, "stages.total_steps=6"]))
     assert f"resumed from {RunDir(cont).checkpoint('step0000004')}" in p.stdout + p.stderr
     assert max(by_step(cont / "metrics.jsonl")) == 6
 
+    (tmp_path / "hf-moved").rename(hf)
+    weights = hf / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     p = run(pretrain_cmd(tmp_path / "again", cont_args), check=False)  # a fresh start does read them
     assert p.returncode == 2 and "model.init_from=" in p.stderr and "model.safetensors cannot be read" in p.stderr
 
