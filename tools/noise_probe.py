@@ -182,7 +182,9 @@ def base_overrides(args) -> list[str]:
     ]
 
 
-def score_heldout(run_dir: Path, data_dir: Path, stage: int, n_batches: int, seed: int):
+def score_heldout(run_dir: Path, data_dir: Path, stage: int, passes: int, seed: int):
+    """The stage's DWM weights of every held-out sequence, ``passes`` times, each pass in fresh random micro-batches
+    of 8 (a weight depends on the batch it is scored in): ([score], [domain]) of equal length."""
     import torch
 
     from dwmtrain.data.dataset import TokenDataset
@@ -193,11 +195,12 @@ def score_heldout(run_dir: Path, data_dir: Path, stage: int, n_batches: int, see
     rng = random.Random(seed)
     scores, domains = [], []
     with torch.no_grad():
-        for _ in range(n_batches):
-            idx = rng.sample(range(len(ds)), 8)
-            w = dwm(ds.batch(idx))
-            scores += w.tolist()
-            domains += [ds.domain(i) for i in idx]
+        for _ in range(passes):
+            order = rng.sample(range(len(ds)), len(ds))
+            for b in range(len(ds) // 8):
+                idx = order[8 * b : 8 * b + 8]
+                scores += dwm(ds.batch(idx)).tolist()
+                domains += [ds.domain(i) for i in idx]
     return scores, domains
 
 
@@ -290,7 +293,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="validation of the meta-update: clean held-out documents (default) or the cloze set",
     )
     ap.add_argument("--val-batch", type=int, default=16)
-    ap.add_argument("--score-batches", type=int, default=40)
+    ap.add_argument("--score-passes", type=int, default=2, help="held-out scoring: passes over every sequence")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-auc", type=float, default=0.0, help="exit 1 if the AUC is below this")
     ap.add_argument(
@@ -345,7 +348,7 @@ def auc_probe(args, log: Path) -> dict:
     pretrain(run, args, ["meta.mode=none", f"stages.total_steps={args.steps}", "stages.num_stages=1"], log)
     tag = json.loads(RunDir(run).latest.read_text())["tag"]
     sh(meta_job_command(run, 2, tag, args.ranks), log, env=meta_job_env())
-    scores, domains = score_heldout(run, args.work / "data", 2, args.score_batches, args.seed)
+    scores, domains = score_heldout(run, args.work / "data", 2, args.score_passes, args.seed)
     aucs = auc_by_kind(scores, domains)
     clean = [s for s, d in zip(scores, domains) if not d.startswith("corrupted-")]
     bad = [s for s, d in zip(scores, domains) if d.startswith("corrupted-")]
