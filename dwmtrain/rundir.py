@@ -6,6 +6,7 @@ RUN_DIR/
   metrics.jsonl, eval.jsonl        one record per optimizer step / per evaluation
   tensorboard/                     TensorBoard event files
   checkpoints/latest.json          the newest complete checkpoint ({"tag", "step"})
+  checkpoints/latest               the same tag as DeepSpeed's tools read it (zero_to_fp32.py, load_checkpoint)
   checkpoints/stepNNNNNNN/         DeepSpeed ZeRO-3 shards, rng/rankR.pt, and COMPLETE (the run state
                                    with every file's size)
   checkpoints/unverified/          complete-marked checkpoints a resume could not verify, moved aside
@@ -24,6 +25,7 @@ from pathlib import Path
 
 MARKER = "COMPLETE"
 LATEST = "latest.json"
+DS_LATEST = "latest"  # DeepSpeed's own pointer: a bare tag
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,10 @@ class RunDir:
     @property
     def latest(self) -> Path:
         return self.checkpoints / LATEST
+
+    @property
+    def ds_latest(self) -> Path:
+        return self.checkpoints / DS_LATEST
 
     def checkpoint(self, tag: str) -> Path:
         return self.checkpoints / tag

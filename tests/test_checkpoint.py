@@ -72,6 +72,7 @@ def test_checkpoint_save_prunes_periodic_keeps_boundaries_and_replaces_leftovers
     ck = tmp_path / "checkpoints"
     assert not (ck / "step0000012" / "stray.pt").exists()
     assert json.loads((ck / "latest.json").read_text()) == {"tag": "step0000012", "step": 12}
+    assert (ck / "latest").read_text() == "step0000012"  # DeepSpeed's pointer, for its own tools
     marker = json.loads((ck / "step0000004" / "COMPLETE").read_text())
     assert marker["stage_boundary"] and marker["consumed_samples"] == 4 * 32 and marker["compat"] == COMPAT
     for tag in tags:  # both ranks' shards and RNG states

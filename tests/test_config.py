@@ -85,8 +85,13 @@ def test_deepspeed_json_generated_from_one_place():
     assert ds["optimizer"]["params"]["torch_adam"] is True
     gpu = build_deepspeed_config(cfg, world=8, accelerator="cuda")
     assert gpu["bf16"]["enabled"] is True and "torch_adam" not in gpu["optimizer"]["params"]
-    off = build_deepspeed_config(load_config(None, ["deepspeed.template=zero3_offload"]), 1, "cuda")
-    assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    z = ds["zero_optimization"]
+    assert (z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == (50_000_000, 100_000)
+    assert "offload_optimizer" not in z and "offload_param" not in z
+    knobs = ["deepspeed.offload_optimizer=cpu", "deepspeed.offload_params=cpu", "deepspeed.reduce_bucket_size=1000000"]
+    off = build_deepspeed_config(load_config(None, knobs), 1, "cuda")["zero_optimization"]
+    assert off["offload_optimizer"]["device"] == off["offload_param"]["device"] == "cpu"
+    assert off["reduce_bucket_size"] == 1_000_000
     json.dumps(ds)
     with pytest.raises(ConfigError, match="world_size|not divisible"):
         build_deepspeed_config(cfg, world=3, accelerator="cpu")
@@ -98,6 +103,19 @@ def test_template_may_not_hold_batch_sizes(tmp_path):
     cfg = load_config(None, [f"deepspeed.template={t}"])
     with pytest.raises(ConfigError, match="train_batch_size belongs in the run config"):
         build_deepspeed_config(cfg, 1, "cpu")
+
+
+def test_zero_knobs_are_validated_and_never_set_twice(tmp_path):
+    with pytest.raises(ConfigError, match="deepspeed.offload_params='cpu': needs deepspeed.offload_optimizer=cpu"):
+        load_config(None, ["deepspeed.offload_params=cpu"])
+    with pytest.raises(ConfigError, match="deepspeed.prefetch_bucket_size=0"):
+        load_config(None, ["deepspeed.prefetch_bucket_size=0"])
+    with pytest.raises(ConfigError, match="deepspeed.template='zero3_offload': is gone: set deepspeed.offload_opt"):
+        load_config(None, ["deepspeed.template=zero3_offload"])
+    t = tmp_path / "t.json"
+    t.write_text('{"zero_optimization": {"stage": 3, "reduce_bucket_size": 5}}')
+    with pytest.raises(ConfigError, match=r"reduce_bucket_size belongs in the run config \(deepspeed.reduce_buc"):
+        build_deepspeed_config(load_config(None, [f"deepspeed.template={t}"]), 1, "cpu")
 
 
 def test_stage_schedule():

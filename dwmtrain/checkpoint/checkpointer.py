@@ -78,6 +78,7 @@ class Checkpointer:
             atomic_write_text(self.rd.marker(tag), json.dumps(marker, indent=1))
             fault_point("checkpoint-marker-written", step=step)
             atomic_write_text(self.rd.latest, json.dumps({"tag": tag, "step": step}))
+            atomic_write_text(self.rd.ds_latest, tag)  # DeepSpeed's tools find it without --tag
         self._bytes = max(self._bytes or 0, _du(self.rd.checkpoint(tag)))
         self._prune(keep=tag)
         barrier()

@@ -13,6 +13,27 @@ from dwmtrain.errors import ConfigError
 DS_TEMPLATE_DIR = PACKAGE_DIR / "ds_configs"
 
 
+#: zero_optimization key -> the deepspeed.* field that sets it
+ZERO_KNOBS = {
+    "stage3_prefetch_bucket_size": "prefetch_bucket_size",
+    "stage3_param_persistence_threshold": "param_persistence_threshold",
+    "reduce_bucket_size": "reduce_bucket_size",
+    "stage3_max_live_parameters": "max_live_parameters",
+    "offload_optimizer": "offload_optimizer",
+    "offload_param": "offload_params",
+}
+
+
+def zero_knobs(ds) -> dict:
+    """The zero_optimization entries the config tree owns."""
+    out = {key: getattr(ds, name) for key, name in ZERO_KNOBS.items() if not key.startswith("offload")}
+    if ds.offload_optimizer == "cpu":
+        out["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_params == "cpu":
+        out["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return out
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     if precision == "auto":
         return "fp32" if accelerator == "cpu" else "bf16"
@@ -38,9 +59,14 @@ def build_deepspeed_config(cfg, world: int, accelerator: str) -> dict:
             raise ConfigError(
                 f"deepspeed template {tpath}: {forbidden} belongs in the run config (deepspeed.*), not the template"
             )
+    for key, field_name in ZERO_KNOBS.items():
+        if key in template.get("zero_optimization", {}):
+            raise ConfigError(f"deepspeed template {tpath}: zero_optimization.{key} belongs in the run config "
+                              f"(deepspeed.{field_name}), not the template")  # fmt: skip
     plan = batch_plan(cfg, world)
     prec = resolve_precision(ds.precision, accelerator)
     out = dict(template)
+    out["zero_optimization"] = {**template.get("zero_optimization", {}), **zero_knobs(ds)}
     out.update(
         train_batch_size=plan.global_batch_size,
         train_micro_batch_size_per_gpu=plan.micro_batch_size,
@@ -61,7 +87,7 @@ def build_deepspeed_config(cfg, world: int, accelerator: str) -> dict:
             "weight_decay": opt.weight_decay,
         },
     }
-    if accelerator == "cpu" and not out.get("zero_optimization", {}).get("offload_optimizer"):
+    if accelerator == "cpu" and ds.offload_optimizer == "none":
         # The fused CUDA Adam does not exist on the CPU accelerator; torch's AdamW does the same math.
         out["optimizer"]["params"]["torch_adam"] = True
     return out

@@ -262,20 +262,48 @@ class OptimizerConfig:
 class DeepSpeedConfig:
     """Batch arithmetic and ZeRO settings; the only place batch sizes are written."""
 
-    template: str = "zero3"  #: zero3 | zero3_offload | a path to a JSON template
+    template: str = "zero3"  #: zero3 | a path to a JSON template (the ZeRO knobs below are not set there)
     micro_batch_size: int = 8  #: sequences per rank per forward (the DWM scores these together)
     global_batch_size: int = 0  #: sequences per optimizer step (0: from global_batch_tokens or accum)
     global_batch_tokens: int = 0  #: tokens per optimizer step (the paper: 4M = 4096 x 1024)
     gradient_accumulation_steps: int = 0  #: 0: derived from the global batch and world size
     precision: str = "auto"  #: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    # ZeRO-3's knobs at scale (written into zero_optimization; docs/scaling.md says what each trades)
+    #: parameters gathered ahead of use (stage3_prefetch_bucket_size): more overlaps communication with compute,
+    #: costs that many elements of GPU memory in the training dtype
+    prefetch_bucket_size: int = 50_000_000
+    #: parameters this small stay whole on every rank (stage3_param_persistence_threshold): no gather for norms and
+    #: biases, at their full size on every rank
+    param_persistence_threshold: int = 100_000
+    #: gradient elements reduce-scattered at once (reduce_bucket_size): bigger is fewer, larger messages and a
+    #: bigger buffer
+    reduce_bucket_size: int = 50_000_000
+    #: most gathered parameters alive at once per rank (stage3_max_live_parameters): caps the gather's memory
+    max_live_parameters: int = 1_000_000_000
+    #: none | cpu: Adam's states (12 bytes/parameter with the fp32 master) in pinned host memory, stepped on the
+    #: CPU (DeepSpeedCPUAdam): frees most of a GPU's model states, costs PCIe traffic and host cores per step
+    offload_optimizer: str = "none"
+    #: none | cpu: the parameter partitions in host memory too, gathered over PCIe for each use (slowest; with
+    #: offload_optimizer=cpu only)
+    offload_params: str = "none"
 
     def __post_init__(self):
         positive("deepspeed.micro_batch_size", self.micro_batch_size)
         for f in ("global_batch_size", "global_batch_tokens", "gradient_accumulation_steps"):
             check(getattr(self, f) >= 0, f"deepspeed.{f}", getattr(self, f), "must be >= 0")
         one_of("deepspeed.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
-        if self.template not in ("zero3", "zero3_offload"):
+        check(self.template != "zero3_offload", "deepspeed.template", self.template,
+              "is gone: set deepspeed.offload_optimizer=cpu and deepspeed.offload_params=cpu")  # fmt: skip
+        if self.template != "zero3":
             check(Path(self.template).is_file(), "deepspeed.template", self.template, "no such template")
+        for f in ("prefetch_bucket_size", "reduce_bucket_size", "max_live_parameters"):
+            positive(f"deepspeed.{f}", getattr(self, f))
+        check(self.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
+              self.param_persistence_threshold, "must be >= 0")  # fmt: skip
+        one_of("deepspeed.offload_optimizer", self.offload_optimizer, ("none", "cpu"))
+        one_of("deepspeed.offload_params", self.offload_params, ("none", "cpu"))
+        check(self.offload_params == "none" or self.offload_optimizer == "cpu", "deepspeed.offload_params",
+              self.offload_params, "needs deepspeed.offload_optimizer=cpu")  # fmt: skip
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,7 @@ def test_trains_loss_falls_checkpoints_and_exact_resume_after_sigkill(tmp_path, 
     ] == 32
     assert [r["step"] for r in records(full / "eval.jsonl")] == [4, 8, 12]
     assert list((full / "tensorboard").iterdir())
+    deepspeeds_own_tools_read_it(full, tmp_path)
 
     # killed at step 7 (after the boundary at 4, before the one at 8), resumed from step 6
     run_until_step_then_kill(launch(killed, base(data64)), killed / "metrics.jsonl", 7)
@@ -89,6 +91,25 @@ def test_trains_loss_falls_checkpoints_and_exact_resume_after_sigkill(tmp_path, 
     # DeepSpeed's CPU all-reduce buffers (66 MB of /dev/shm per rank) are gone, after the SIGKILL too
     for port in map(master_port, launched):  # each launch had its own port, which names its buffers
         assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")), port
+
+
+def deepspeeds_own_tools_read_it(run_dir: Path, tmp_path: Path) -> None:
+    """DeepSpeed's zero_to_fp32.py (written into the checkpoint directory) and ds_to_universal work on a dwmtrain
+    checkpoint directory without a tag: its ``latest`` names the newest complete checkpoint."""
+    from safetensors.torch import load_file
+
+    ck = run_dir / "checkpoints"
+    assert (ck / "latest").read_text() == "step0000012"
+    out = tmp_path / "fp32"
+    run([sys.executable, str(ck / "zero_to_fp32.py"), str(ck), str(out), "--safe_serialization"])
+    theirs = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    ours = load_file(ck / "step0000012" / "lm_fp32.safetensors")
+    assert set(ours) <= set(theirs) and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    uni = tmp_path / "universal" / "step0000012"
+    src = ck / (ck / "latest").read_text()
+    run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+         "--output_folder", str(uni), "--num_extract_workers", "2", "--num_merge_workers", "2"])  # fmt: skip
+    assert (uni / "zero" / "optimizer_state.pt").is_file()
 
 
 def test_sigkill_resume_across_stage_boundary(tmp_path, data64):

@@ -37,7 +37,6 @@ def test_wheel_installed_outside_the_checkout_runs_bilevel_training(tmp_path, da
     names = set(zipfile.ZipFile(whl).namelist())
     for f in (
         "dwmtrain/ds_configs/zero3.json",
-        "dwmtrain/ds_configs/zero3_offload.json",
         "dwmtrain/configs/tiny.yaml",
         "dwmtrain/data/corpus/sample_sp4096.model",
         "dwmtrain/data/corpus/lambada_sample.jsonl",
