@@ -167,6 +167,53 @@ def bench_loss(a) -> list[str]:
     ]  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------------------- actckpt
+
+CKPT_VARIANTS = {"off": 0, "full": 1, "every2": 2}
+
+
+def _ckpt_step(a, dev, every: int):
+    """One LM forward+backward (fused weighted loss) with activation checkpointing every ``every``-th layer."""
+    from dwmtrain.models.lm import build_lm, enable_activation_checkpointing
+    from dwmtrain.models.spec import ModelSpec
+
+    lm = build_lm(ModelSpec.from_preset(a.preset, a.vocab_size, a.seq_len), seed=0).to(dev, a.torch_dtype).train()
+    enable_activation_checkpointing(lm, every)
+    x = torch.randint(0, lm.config.vocab_size, (a.micro, a.seq_len), generator=torch.Generator().manual_seed(0))
+    x, w = x.to(dev), torch.ones(a.micro, device=dev)
+
+    def step():
+        lm(input_ids=x, sample_weights=w)[0].backward()
+        for p in lm.parameters():
+            p.grad = None
+
+    step()  # the gradients' first allocation and the allocator's warm-up are not the activations' cost
+    return step
+
+
+def probe_actckpt(a) -> None:
+    dev = torch.device(a.device)
+    print(json.dumps({"extra_mib": peak_during(_ckpt_step(a, dev, CKPT_VARIANTS[a.probe]), dev)}))
+
+
+def bench_actckpt(a) -> list[str]:
+    """Activation checkpointing (model.activation_checkpointing) against none: the step's peak memory above the
+    model states, and its time."""
+    dev = torch.device(a.device)
+    mem = {v: peak_in_child(a, v)["extra_mib"] for v in CKPT_VARIANTS}
+    t = interleaved({v: _ckpt_step(a, dev, k) for v, k in CKPT_VARIANTS.items()}, dev, a.reps)
+    size = f"{a.preset}, {a.micro}x{a.seq_len} {a.dtype} on {dev.type}"
+    out = []
+    for v in ("full", "every2"):
+        mr, tr = mem[v] / max(mem["off"], 1e-9), t[v] / t["off"]
+        out += [
+            line(f"actckpt.peak_activations {v}/off ({size})", f"{mr:.3f}x ({mem[v]:.0f} vs {mem['off']:.0f} MiB)",
+                 "< 1x" if v == "every2" else "<= 0.5x", mr < 1 if v == "every2" else mr <= 0.5),
+            line(f"actckpt.step_time {v}/off", f"{tr:.2f}x ({t[v] * 1e3:.0f} vs {t['off'] * 1e3:.0f} ms)", "-"),
+        ]  # fmt: skip
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- step
 
 
@@ -550,6 +597,12 @@ def step_options(p):  # step, meta and dwmcompile: an LM (and a DWM backbone) of
     _dtype(p)
 
 
+def actckpt_options(p):
+    _lm_shape(p, seq_len=1024)
+    p.add_argument("--reps", type=int, default=3)
+    _dtype(p)
+
+
 def metaacc_options(p):
     _lm_shape(p)
     p.add_argument("--fd-eps-list", type=lambda v: [float(e) for e in v.split(",")],
@@ -576,8 +629,9 @@ BENCHES = {
     "dwmcompile": (bench_dwmcompile, step_options, {"reps": 3}),
     "prepare": (bench_prepare, prepare_options, {}),
     "build": (bench_build, build_options, {}),
+    "actckpt": (bench_actckpt, actckpt_options, {"reps": 2}),
 }
-PROBES = {"loss": probe_loss, "meta": probe_meta}
+PROBES = {"loss": probe_loss, "meta": probe_meta, "actckpt": probe_actckpt}
 PARSERS: dict[str, argparse.ArgumentParser] = {}
 
 

@@ -82,6 +82,9 @@ class ModelConfig:
     #: the training loss applies the LM head this many tokens at a time, never holding the full
     #: [tokens, vocab] logits (models.loss.fused_weighted_loss); 0: the full-logits path
     loss_chunk_tokens: int = 1024
+    #: recompute decoder layers' activations in the backward instead of keeping them: 0 off, 1 every layer (full),
+    #: k every k-th layer (about 1/k of full's saving, and of its recompute: ~1/3 more LM compute at full)
+    activation_checkpointing: int = 0
 
     def __post_init__(self):
         from dwmtrain.models.spec import ATTN_IMPLEMENTATIONS, PRESETS
@@ -96,6 +99,8 @@ class ModelConfig:
         check(self.max_seq_len >= 0, "model.max_seq_len", self.max_seq_len, "must be >= 0")
         one_of("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         check(self.loss_chunk_tokens >= 0, "model.loss_chunk_tokens", self.loss_chunk_tokens, "must be >= 0")
+        check(self.activation_checkpointing >= 0, "model.activation_checkpointing", self.activation_checkpointing,
+              "must be >= 0 (0: off, 1: every layer, k: every k-th layer)")  # fmt: skip
         if self.hf_config or Path(self.init_from or "/nonexistent").is_dir():  # the architecture, now: not after a wait
             from dwmtrain.models.spec import lm_spec
 

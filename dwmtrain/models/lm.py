@@ -114,6 +114,21 @@ def build_lm(
     return model if dtype is None else model.to(dtype)
 
 
+def enable_activation_checkpointing(model: torch.nn.Module, every: int) -> int:
+    """Recompute the activations of every ``every``-th decoder layer in the backward instead of keeping them (0:
+    off). Hugging Face's own per-layer switch, with torch's non-reentrant checkpoint: the layer's forward is
+    recomputed inside the layer, so ZeRO-3's module hooks gather its parameters again for the recompute (the
+    reentrant path is DeepSpeed #7830's). Returns how many layers recompute."""
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = bool(every) and i % every == 0
+        layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
 def load_lm_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
     """Load ``state`` (names as the model's own) into ``model``; returns what did not fit (missing or unexpected
     names), a tied head's weight not counted: it is the embedding's, held once."""

@@ -11,7 +11,7 @@ from dwmtrain.config import Config
 from dwmtrain.distributed import broadcast_object, run_on_rank0
 from dwmtrain.errors import ConfigError
 from dwmtrain.lr_schedule import default_warmup, lr_multiplier
-from dwmtrain.models.lm import build_lm
+from dwmtrain.models.lm import build_lm, enable_activation_checkpointing
 from dwmtrain.models.pretrained import PretrainedWeights
 from dwmtrain.models.spec import ModelSpec
 
@@ -23,6 +23,7 @@ def build_engine(cfg: Config, ds_config: dict, spec: ModelSpec, init_from: str =
 
     lm = build_partitioned_lm(spec, cfg.model.attn_implementation, cfg.run.seed, ds_config, init_from)
     lm.loss_chunk_tokens = cfg.model.loss_chunk_tokens or lm.loss_chunk_tokens
+    enable_activation_checkpointing(lm, cfg.model.activation_checkpointing)
     total = cfg.stages.total_steps
     warm = default_warmup(total, cfg.optimizer.warmup_steps)
 
