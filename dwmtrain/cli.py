@@ -145,6 +145,14 @@ def _eval(a) -> None:
     print(open(os.path.join(out, "results.md")).read())
 
 
+def _plan(a) -> None:
+    from dwmtrain.config import load_config
+    from dwmtrain.plan import make_plan, parse_device, print_plan
+
+    cfg = load_config(a.config, a.overrides)
+    print_plan(make_plan(cfg, a.nodes, a.gpus_per_node, parse_device(a.gpu, a.gpus_per_node), a.mfu))
+
+
 def _cuda() -> bool:
     import torch
 
@@ -224,6 +232,17 @@ def add_run_commands(sub) -> None:
     p.add_argument("--master-port", type=int, default=0)
     p.add_argument("--print-only", action="store_true", help="print the command, do not run it")
     p.set_defaults(fn=_train, passthrough=True)
+
+    p = sub.add_parser(
+        "plan", help="before launch: memory per GPU, the meta job's, checkpoints and disk, time per stage; fits?"
+    )
+    p.add_argument("--config", required=True, help="YAML run config, or a bundled config's name")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="h100", help="h100 | h200 | a100 | cpu | a memory size (80GiB)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for the time estimate")
+    p.add_argument("overrides", nargs="*", help="dotted key=value")
+    p.set_defaults(fn=_plan)
 
     p = sub.add_parser("configs", help="list the bundled configs (usable as --config NAME)")
     p.set_defaults(fn=_configs)

@@ -186,3 +186,24 @@ def test_the_logging_forward_is_optional_and_changes_nothing(setup):
     b = meta_gradient(lm, params, x, vb, w, 0.5, "fd", with_before=False)
     assert b.val_before is None and a.val_before is not None
     assert torch.equal(a.dR_dw, b.dR_dw) and a.val_after == b.val_after
+
+
+def test_the_chunked_losses_equal_the_full_logits_path(setup):
+    """The meta job's memory-saving losses (the fused weighted loss in the lookahead, per-sample losses a chunk of
+    logits at a time in the fd forwards, the validation head only at the labelled positions, here different in
+    every example) against the full [B, T, V] logits, fp64: the validation loss and dR/dw in fd and per_sample."""
+    from dwmtrain.meta.metagrad import val_loss
+
+    lm, dwm, x, vb = setup
+    vb = dict(vb, labels=torch.full_like(vb["labels"], -100))
+    for i, t in enumerate((3, 7, 11, 5)):  # a target of one or two tokens, somewhere else in each example
+        vb["labels"][i, t : t + 1 + i % 2] = vb["input_ids"][i, t : t + 1 + i % 2]
+    full = copy.deepcopy(lm)
+    full.loss_chunk_tokens, lm.loss_chunk_tokens = 0, 5  # 5: several chunks per micro-batch
+    params, w = lm_params(lm), dwm(x).detach()
+    assert val_loss(lm, params, vb).item() == pytest.approx(val_loss(full, lm_params(full), vb).item(), rel=1e-12)
+    for mode in ("fd", "per_sample"):
+        a = meta_gradient(lm, params, x, vb, w, 0.5, mode).dR_dw
+        b = meta_gradient(full, lm_params(full), x, vb, w, 0.5, mode).dR_dw
+        assert ((a - b).norm() / b.norm()).item() < (1e-8 if mode == "fd" else 1e-10), mode  # fd: / 2 eps
+    lm.loss_chunk_tokens = 1024

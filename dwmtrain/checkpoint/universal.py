@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from dwmtrain.checkpoint.safe_load import safe_torch_load
@@ -13,21 +16,40 @@ from dwmtrain.fileio import atomic_dir
 from dwmtrain.rundir import RunDir
 
 
-def convert_to_universal(src: Path, dst: Path) -> str | None:
-    """DeepSpeed's ds_to_universal, in this process (its checkpoint reads stay weights_only); None or an error."""
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+def conversion_workers() -> int:
+    """ds_to_universal's extract and merge worker processes: this machine's cores, at most 8 (each holds a few
+    parameters' fp32 states at a time)."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
+
+def convert_to_universal(src: Path, dst: Path, workers: int = 0) -> str | None:
+    """DeepSpeed's ds_to_universal with ``workers`` extract/merge processes (0: ``conversion_workers()``), in a
+    fresh Python process (its workers fork from a process without the trainer's threads), its checkpoint reads
+    kept weights_only; None or an error."""
     missing = [f for f in ("zero_pp_rank_0_mp_rank_00_model_states.pt",) if not (src / f).is_file()]
     if missing:
         return f"converting {src} for another world size: {', '.join(missing)} not on rank 0's storage"
-    with atomic_dir(dst, overwrite=True) as tmp:
-        args = argparse.Namespace(
-            input_folder=str(src), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-            keep_temp_folder=False, strict=True, inject_missing_state=False,
-        )  # fmt: skip
-        with safe_torch_load():
-            ds_to_universal(args)
+    workers = workers or conversion_workers()
+    try:
+        with atomic_dir(dst, overwrite=True) as tmp:  # a failed conversion leaves nothing behind
+            p = subprocess.run([sys.executable, "-m", __name__, str(src), str(tmp), str(workers)],
+                               capture_output=True, text=True)  # fmt: skip
+            if p.returncode != 0:
+                raise ResumeError(" ".join((p.stderr or p.stdout).strip().splitlines()[-3:])[:500])
+    except ResumeError as e:
+        return f"converting {src} for another world size (ds_to_universal, {workers} workers) failed: {e}"
     return None
+
+
+def _convert(src: str, dst: str, workers: int) -> None:
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=src, output_folder=dst, num_extract_workers=workers, num_merge_workers=workers,
+        keep_temp_folder=False, strict=True, inject_missing_state=False,
+    )  # fmt: skip
+    with safe_torch_load():
+        ds_to_universal(args)
 
 
 def load_universal(engine, rd: RunDir, d: Dist, tag: str) -> None:
@@ -56,3 +78,7 @@ def load_universal(engine, rd: RunDir, d: Dist, tag: str) -> None:
         engine._config.load_universal_checkpoint = False
     if path is None:
         raise ResumeError(f"DeepSpeed could not load the universal checkpoint {uni}")
+
+
+if __name__ == "__main__":  # convert_to_universal's worker: SRC DST WORKERS
+    _convert(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -206,6 +206,10 @@ class MetaConfig:
     #: parameter norm (meta.metagrad.FD_EPS; fp32: max(3e-4 x the norm, 0.02), measured most accurate)
     fd_eps: float = 0.0
     val_batch_size: int = 8  #: validation examples per meta-step
+    #: the dtype the meta job holds the frozen LM in: fp32 | train (the training dtype: bf16 on GPUs). Every
+    #: process holds 3 LM-sized tensors at its peak: at 8B, 96 GB in fp32, 48 GB in bf16. The meta-gradient's
+    #: error against fp64 is 7e-4 in fp32 and 5e-2 to 1e-1 in bf16 (tools/bench.py metaacc; docs/scaling.md)
+    lm_dtype: str = "fp32"
     nproc: int = 1  #: data-parallel processes of the meta job (GPUs, or CPU processes)
     timeout_s: int = 3600  #: training stops with a resumable checkpoint if the meta job takes longer
     backbone_trainable: bool = True  #: train the DWM backbone too (False: only attention + linears)
@@ -218,6 +222,7 @@ class MetaConfig:
         one_of("meta.mode", self.mode, ("none", "fixed", "transfer", "oracle", "bilevel"))
         one_of("meta.launch", self.launch, ("local", "external"))
         one_of("meta.grad_mode", self.grad_mode, ("fd", "per_sample", "jvp", "unrolled"))
+        one_of("meta.lm_dtype", self.lm_dtype, ("fp32", "train"))
         if self.mode == "fixed":
             check(bool(self.dwm_path), "meta.dwm_path", self.dwm_path, "meta.mode=fixed needs a DWM file")
         if self.mode == "oracle":

@@ -47,6 +47,28 @@ def dry_run(cfg) -> None:
     print(cfg.to_yaml(), end="")
     print(f"# generated DeepSpeed config (world size {world}, accelerator {acc}):")
     print(json.dumps(ds, indent=2))
+    print("# " + plan_verdict(cfg, world, acc))
+
+
+def plan_verdict(cfg, world: int, accelerator: str) -> str:
+    """The planner's one line for this world size, on this machine's devices (dwmtrain plan has the table)."""
+    from dwmtrain.plan import make_plan, parse_device, verdict
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    gpu = "cpu" if accelerator == "cpu" else _device_kind()
+    p = make_plan(cfg, max(world // max(local, 1), 1), local, parse_device(gpu, local))
+    return verdict(p) + ("" if p.fits else "; `dwmtrain plan` says what to change")
+
+
+def _device_kind() -> str:
+    """This machine's GPU as the planner names it (h100, h200, a100), else its memory in GiB."""
+    import torch
+
+    name = torch.cuda.get_device_name().lower()
+    for kind in ("h200", "h100", "a100"):
+        if kind in name:
+            return kind
+    return f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f}GiB"
 
 
 def main(argv: list[str] | None = None) -> int:

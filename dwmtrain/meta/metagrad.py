@@ -20,9 +20,11 @@ computed by one of:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from dwmtrain.models.loss import per_example_loss, per_sample_loss
@@ -56,15 +58,44 @@ def lm_params(model: torch.nn.Module) -> Params:
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
+def _chunked(model) -> int:
+    """The LM head's chunk of tokens when the model computes its losses without full logits (0: it does not)."""
+    return getattr(model, "loss_chunk_tokens", 0) if hasattr(model, "lm_head") else 0
+
+
 def train_losses(model, params: Params, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean token loss L_i at ``params``. x [B, T] -> [B]."""
+    """Per-sample mean token loss L_i at ``params``. x [B, T] -> [B]. Without full [B, T, V] logits where the
+    model can (``models.lm.WeightedLoss``, no gradient: the fd mode's perturbed forwards)."""
+    if _chunked(model) and not torch.is_grad_enabled():
+        return functional_call(model, params, (x,), {"sample_weights": torch.ones(x.shape[0], device=x.device)})[1]
     return per_sample_loss(functional_call(model, params, (x,)).logits, x)
 
 
+def weighted_train_loss(model, params: Params, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i L_i at ``params`` (w is data), through the fused loss where the model has it."""
+    if _chunked(model):
+        return functional_call(model, params, (x,), {"sample_weights": w.detach()})[0] * x.shape[0]
+    return (w.detach() * train_losses(model, params, x)).sum()
+
+
 def val_loss(model, params: Params, vb: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Validation loss R at ``params``: mean over examples of the labelled-token loss."""
-    logits = functional_call(model, params, (vb["input_ids"],), {"attention_mask": vb["attention_mask"]}).logits
-    return per_example_loss(logits, vb["labels"])[0].mean()
+    """Validation loss R at ``params``: mean over examples of the labelled-token loss. The LM head is applied
+    only where some example has a label (the LAMBADA targets), where the model allows (``logits_to_keep``)."""
+    kw = {"attention_mask": vb["attention_mask"]}
+    labels = vb["labels"]
+    if _chunked(model):
+        pos = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)  # logits at t predict the token at t + 1
+        logits = functional_call(model, params, (vb["input_ids"],), {**kw, "logits_to_keep": pos}).logits
+        tok = F.cross_entropy(
+            logits.float().transpose(1, 2) if logits.dtype != torch.float64 else logits.transpose(1, 2),
+            labels[:, pos + 1],
+            ignore_index=-100,
+            reduction="none",
+        )
+        m = (labels[:, pos + 1] != -100).to(tok.dtype)
+        return ((tok * m).sum(1) / m.sum(1).clamp_min(1)).mean()
+    logits = functional_call(model, params, (vb["input_ids"],), kw).logits
+    return per_example_loss(logits, labels)[0].mean()
 
 
 def _dot(a: Params, b: Params) -> torch.Tensor:
@@ -85,11 +116,42 @@ class MetaGrad:
     val_after: float  # R at theta*
 
 
+@contextlib.contextmanager
+def _differentiable(model, params: Params):
+    """``params`` as leaves that require grad. Where they are the model's own parameters (the frozen LM's theta),
+    those very tensors: a checkpointed layer (model.activation_checkpointing) then recomputes with the same
+    parameters it ran with; other values (theta*) get detached copies."""
+    own = dict(model.named_parameters())
+    if all(k in own and own[k].data_ptr() == t.data_ptr() and own[k].shape == t.shape for k, t in params.items()):
+        ps = {k: own[k] for k in params}
+        flags = {k: p.requires_grad for k, p in ps.items()}
+        try:
+            yield {k: p.requires_grad_(True) for k, p in ps.items()}
+        finally:
+            for k, p in ps.items():
+                p.requires_grad_(flags[k])
+    else:
+        yield {k: t.detach().requires_grad_(True) for k, t in params.items()}
+
+
+@contextlib.contextmanager
+def _no_recompute(model):
+    """No layer is checkpointed meanwhile (Hugging Face recomputes only in training mode): a functional call at
+    parameters that are not the module's own cannot be recomputed, which the module would do with its own."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
 def lookahead(model, params: Params, x: torch.Tensor, w: torch.Tensor, alpha: float) -> Params:
     """theta* = theta - alpha * sum_i w_i grad L_i(theta) (w is data here, not differentiated)."""
-    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    g = torch.autograd.grad((w.detach() * train_losses(model, p, x)).sum(), list(p.values()))
-    return {k: params[k] - alpha * gk for k, gk in zip(params, g)}
+    with _differentiable(model, params) as p:
+        g = torch.autograd.grad(weighted_train_loss(model, p, x, w), list(p.values()))
+    # theta* in the gradient's own memory: theta + (-(alpha g)), the same rounding as theta - alpha g
+    return {k: gk.mul_(-alpha).add_(params[k]) for k, gk in zip(params, g)}
 
 
 def meta_gradient(
@@ -112,11 +174,12 @@ def meta_gradient(
     if with_before:
         with torch.no_grad():
             before = val_loss(model, params, vb).item()
-    star = lookahead(model, params, x, w, alpha)
-    ps = {k: v.detach().requires_grad_(True) for k, v in star.items()}
-    r = val_loss(model, ps, vb)
-    v = dict(zip(ps, torch.autograd.grad(r, list(ps.values()))))
+    ps = {k: t.requires_grad_(True) for k, t in lookahead(model, params, x, w, alpha).items()}
+    with _no_recompute(model):
+        r = val_loss(model, ps, vb)
+        v = dict(zip(ps, torch.autograd.grad(r, list(ps.values()))))
     after = r.item()
+    del ps, r  # theta* is no longer needed: at most theta, v and one perturbed copy are alive from here
     c = inner_products(model, params, x, v, mode, fd_eps)
     return MetaGrad(-alpha * c, before, after)
 
@@ -131,11 +194,11 @@ def inner_products(model, params: Params, x: torch.Tensor, v: Params, mode: str,
             dn = train_losses(model, _axpy(-eps, v, params), x)
         return (up - dn) / (2 * eps)
     if mode == "per_sample":
-        p = {k: t.detach().requires_grad_(True) for k, t in params.items()}
         out = []
-        for i in range(x.shape[0]):
-            gi = torch.autograd.grad(train_losses(model, p, x[i : i + 1])[0], list(p.values()))
-            out.append(sum((g * v[k]).sum() for g, k in zip(gi, p)))
+        with _differentiable(model, params) as p:
+            for i in range(x.shape[0]):
+                gi = torch.autograd.grad(train_losses(model, p, x[i : i + 1])[0], list(p.values()))
+                out.append(sum((g * v[k]).sum() for g, k in zip(gi, p)))
         return torch.stack(out)
     if mode == "jvp":
         names = list(params)

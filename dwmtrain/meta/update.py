@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dwmtrain.checkpoint import RunState, consolidated_lm_state
-from dwmtrain.config import Config
+from dwmtrain.config import Config, resolve_precision
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
 from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.data.validation import validation_set
@@ -32,7 +32,7 @@ from dwmtrain.models.dwm import (
     save_dwm,
     weight_stats,
 )
-from dwmtrain.models.lm import build_lm, load_lm_state
+from dwmtrain.models.lm import build_lm, enable_activation_checkpointing, load_lm_state
 from dwmtrain.models.spec import lm_spec
 from dwmtrain.rundir import RunDir
 
@@ -43,14 +43,27 @@ def lookahead_lr(cfg: Config, scheduler_steps: int) -> float:
     return cfg.meta.lookahead_lr or scheduled_lr(cfg, scheduler_steps)
 
 
-def load_frozen_lm(cfg: Config, rd: RunDir, tag: str, device, attn: str):
+def load_frozen_lm(cfg: Config, rd: RunDir, tag: str, d: Dist, attn: str):
     """The LM of checkpoint ``tag``, frozen: its consolidated fp32 weights (written at stage boundaries by
-    rank 0, so no other node's shards and no optimizer state are read), else DeepSpeed's zero_to_fp32."""
+    rank 0, so no other node's shards and no optimizer state are read), else DeepSpeed's zero_to_fp32; held in
+    ``meta.lm_dtype``. Its losses skip the full logits (``model.loss_chunk_tokens``; 0: the full-logits path), and
+    ``model.activation_checkpointing`` recomputes its layers in the lookahead's backward (fd and per_sample)."""
     lm = build_lm(lm_spec(cfg.model), attn)
     state = consolidated_lm_state(rd, tag)
     if bad := load_lm_state(lm, state):
         raise CheckpointError(f"checkpoint {rd.checkpoint(tag)}: its weights do not fit the run's model: {bad[:3]}")
-    return lm.to(device).eval().requires_grad_(False), state
+    dtype = torch.float32
+    if cfg.meta.lm_dtype == "train":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            resolve_precision(cfg.deepspeed.precision, d.accelerator), torch.float32
+        )
+    lm.loss_chunk_tokens = cfg.model.loss_chunk_tokens
+    lm = lm.to(d.device, dtype).eval().requires_grad_(False)
+    if cfg.meta.grad_mode in ("fd", "per_sample") and enable_activation_checkpointing(
+        lm, cfg.model.activation_checkpointing
+    ):
+        lm.train()  # Hugging Face recomputes only in training mode; the Llama family has no dropout
+    return lm, state
 
 
 def initial_dwm(cfg: Config, arch: DWMArch, stage: int, rd: RunDir, lm_state: dict) -> tuple:
@@ -70,8 +83,10 @@ def initial_dwm(cfg: Config, arch: DWMArch, stage: int, rd: RunDir, lm_state: di
 def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc, log_before: bool = True) -> dict:
     """One Adam step of the DWM on dR/dw at (x, vb); gradients averaged over ranks. Returns the record
     (with R(theta), the validation loss before the lookahead, only when ``log_before``)."""
-    w = dwm(x)  # [B], differentiable in the DWM parameters
-    g = meta_gradient(lm, params, x, vb, w.detach(), alpha, mc.grad_mode, mc.fd_eps, with_before=log_before)
+    with torch.no_grad():  # the LM's passes first, without the DWM's graph alive beside them
+        w0 = dwm(x)
+    g = meta_gradient(lm, params, x, vb, w0, alpha, mc.grad_mode, mc.fd_eps, with_before=log_before)
+    w = dwm(x)  # [B], differentiable in the DWM parameters: the same values as w0
     trainable = [p for group in opt.param_groups for p in group["params"]]
     opt.zero_grad(set_to_none=False)
     dR = g.dR_dw
@@ -175,7 +190,7 @@ def run_meta_update(
     alpha = alpha or lookahead_lr(cfg, state.scheduler_steps)  # skipped steps did not advance the LR
     # the reference modes differentiate twice / forward-mode through attention: eager kernels only
     attn = "eager" if mc.grad_mode in ("jvp", "unrolled") else cfg.model.attn_implementation
-    lm, lm_state = load_frozen_lm(cfg, rd, tag, d.device, attn)
+    lm, lm_state = load_frozen_lm(cfg, rd, tag, d, attn)
     timings["load_lm_s"] = time.time() - t_in
     dwm, how = initial_dwm(cfg, DWMArch.from_config(cfg, lm.config.vocab_size), stage, rd, lm_state)
     del lm_state

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from transformers import AttentionInterface
 
-from dwmtrain.models.loss import fused_weighted_loss
+from dwmtrain.models.loss import fused_weighted_loss, per_sample_loss_chunked, weighted_loss
 from dwmtrain.models.spec import EXACT_EAGER, ModelSpec
 
 
@@ -68,6 +68,9 @@ class LossHead(nn.Linear):
     def forward(self, hidden, labels=None, sample_weights=None, chunk: int = 1024):
         if labels is None:
             return super().forward(hidden)
+        if not torch.is_grad_enabled():  # the losses only (the meta job's perturbed forwards, evaluation)
+            losses = per_sample_loss_chunked(hidden, self.weight, labels, chunk)
+            return weighted_loss(losses, sample_weights), losses
         return fused_weighted_loss(hidden, self.weight, labels, sample_weights, chunk)
 
 

@@ -78,6 +78,27 @@ def fused_weighted_loss(
     return loss, (tok.view(lb.shape) * valid).sum(1) / n
 
 
+def chunked_token_losses(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Per-token next-token losses straight from the hidden states, ``chunk`` tokens of logits at a time, without
+    gradients (hidden [N, H], labels [N] with -100 ignored -> [N], 0 where ignored)."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+    with torch.no_grad():
+        for s in range(0, hidden.shape[0], chunk):
+            logits, lab = (hidden[s : s + chunk] @ weight.t()).to(acc), labels[s : s + chunk]
+            ce = F.cross_entropy(logits, lab.clamp_min(0), reduction="none")
+            out[s : s + chunk] = torch.where(lab != -100, ce, 0.0)
+    return out
+
+
+def per_sample_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+    """``per_sample_loss(hidden @ weight.T, labels)`` without gradients or the full logits. hidden [B, T, H]."""
+    h, lb = hidden[:, :-1], labels[:, 1:]
+    tok = chunked_token_losses(h.reshape(-1, h.shape[-1]), weight, lb.reshape(-1), chunk).view(lb.shape)
+    m = (lb != -100).to(tok.dtype)
+    return (tok * m).sum(1) / m.sum(1).clamp_min(1)
+
+
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token loss per example over labelled positions, and exact-match of all of them.
 

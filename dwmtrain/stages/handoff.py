@@ -66,6 +66,8 @@ class StageHandoff:
             return self._checked(stage, self.broadcast_dwm(str(RunDir(self.cfg.meta.dwm_run).dwm(stage))))
         path = self.rd.dwm(stage)
         t0 = time.time()
+        if torch.cuda.is_available():  # the meta job shares these GPUs (meta.launch=local): give back the cache
+            torch.cuda.empty_cache()
         run_on_rank0(lambda: self._ensure_stage_dwm(stage, path, stage_start_tag))  # ranks stay in touch
         t1 = time.time()
         loaded = self._checked(stage, self.broadcast_dwm(str(path)))

@@ -1,0 +1,125 @@
+"""Memory per process of a run, from its config: pure arithmetic over the model's shape, the batch and the
+ZeRO-3 layout (DeepSpeed's own estimator for the mixed-precision model states), plus what autograd saves
+(``activations``: traced on the meta device)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dwmtrain.plan.activations import saved_per_micro_batch
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of the memory table: what, how many bytes, and how it was counted."""
+
+    name: str
+    nbytes: int
+    how: str = ""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the run's ranks are and how ZeRO-3 holds the LM."""
+
+    nodes: int
+    gpus_per_node: int
+    precision: str  #: fp32 | bf16 | fp16 (resolved for the accelerator)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def model_states(n_params: int, largest: int, lay: Layout) -> Item:
+    """Parameters, gradients and Adam's states of this rank's ZeRO-3 partition (the gathered largest layer is
+    counted under ``gathered``)."""
+    if lay.precision == "fp32":  # fp32 partition, its gradient, the fp32 master copy and Adam's m, v: 20 B/param
+        per = 20 if not lay.offload_optimizer else (4 if not lay.offload_params else 0)
+        return Item("model states (ZeRO-3 partition)", n_params * per // lay.world,
+                    f"{per} B/param / {lay.world} ranks (fp32: partition, gradient, master, Adam m+v)")  # fmt: skip
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    _, gpu, largest_bytes = estimate_zero3_model_states_mem_needs(
+        n_params, largest, lay.gpus_per_node, lay.nodes, cpu_offload=lay.offload_optimizer,
+        cpu_offload_params=lay.offload_params, zero_init=True, additional_buffer_factor=1.0,
+    )  # fmt: skip
+    return Item("model states (ZeRO-3 partition)", gpu - largest_bytes,
+                "DeepSpeed estimate_zero3_model_states_mem_needs (18 B/param / ranks, mixed precision)")  # fmt: skip
+
+
+def host_model_states(n_params: int, largest: int, lay: Layout) -> int:
+    """Host memory per node for the offloaded states (DeepSpeed's estimator; 0 without offload)."""
+    if not lay.offload_optimizer or lay.precision == "fp32":
+        return 0
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cpu, _, _ = estimate_zero3_model_states_mem_needs(
+        n_params, largest, lay.gpus_per_node, lay.nodes, cpu_offload=True,
+        cpu_offload_params=lay.offload_params, zero_init=True, additional_buffer_factor=1.0,
+    )  # fmt: skip
+    return cpu
+
+
+def gathered(n_params: int, largest: int, prefetch: int, reduce_bucket: int, lay: Layout) -> Item:
+    """Parameters gathered for use (the largest module and the prefetch bucket) and the gradient bucket being
+    reduce-scattered, in the training dtype."""
+    b = DTYPE_BYTES[lay.precision]
+    live = min(n_params, largest + prefetch) * b + min(n_params, reduce_bucket) * b
+    how = f"(largest {largest:,} + prefetch {prefetch:,}) + reduce bucket {reduce_bucket:,} elements"
+    return Item("gathered parameters + gradient bucket", live, how)
+
+
+def activations(spec, micro: int, seq: int, lay: Layout, attn: str, chunk: int, every: int, fused_attn: bool) -> Item:
+    """What one micro-batch's backward needs: the saved tensors of every layer (a checkpointed one keeps only its
+    input), the loss head's, and one layer's worth being recomputed and differentiated at a time. ``fused_attn``:
+    the attention kernel keeps no [T, T] probabilities (flash / memory-efficient SDPA)."""
+    s = saved_per_micro_batch(spec, micro, seq, TORCH_DTYPE[lay.precision], attn, chunk)
+    per_layer = s.layer_linear + (0 if fused_attn else s.layer_quadratic)
+    n = spec.num_hidden_layers
+    kept = sum(1 for i in range(n) if not every or i % every)
+    nbytes = kept * per_layer + (n - kept) * s.layer_input + s.head + per_layer  # + the layer in backward
+    how = f"traced on the meta device: {per_layer / 2**20:,.0f} MiB/layer saved, {n - kept} of {n} checkpointed"
+    return Item(f"activations ({micro} x {seq} tokens)", nbytes, how)
+
+
+def dwm_memory(dwm_params: int, backbone, micro: int, seq: int, lay: Layout) -> Item:
+    """The frozen DWM replicated on every rank, in the training dtype, and its no-grad forward's largest
+    intermediates (one layer's MLP and attention at a time)."""
+    b = DTYPE_BYTES[lay.precision]
+    fwd = micro * seq * (3 * backbone.intermediate_size + 4 * backbone.hidden_size) * b
+    return Item("DWM (frozen weights + forward)", dwm_params * b + fwd, f"{dwm_params:,} parameters, replicated")
+
+
+@dataclass(frozen=True)
+class MetaShape:
+    """The meta job's copies of the LM and its batches."""
+
+    copies: int  #: LM-sized tensors alive at the peak
+    dtype: str  #: the dtype the frozen LM is held in
+
+
+def meta_job_memory(n_params: int, dwm_params: int, saved_train: int, logits: int, shape: MetaShape) -> list[Item]:
+    """Per process of the meta job: the frozen LM and its LM-sized temporaries (theta, the lookahead gradient
+    turned theta*, v = grad L_val(theta*), the fd perturbation), the trained DWM with Adam, and the activations
+    of the lookahead's backward."""
+    b = DTYPE_BYTES[shape.dtype]
+    return [
+        Item("frozen LM + LM-sized temporaries", shape.copies * n_params * b,
+             f"{shape.copies} copies x {n_params:,} x {b} B ({shape.dtype})"),
+        Item("DWM being fitted (weights, gradient, Adam)", dwm_params * 16, "fp32: 16 B/param"),
+        Item("activations of the lookahead", saved_train + logits, "traced, plus the loss's logits"),
+    ]  # fmt: skip
+
+
+def checkpoint_bytes(n_params: int) -> tuple[int, int]:
+    """(one ZeRO-3 checkpoint: the fp32 master weights and Adam's m and v, 12 B/param; the consolidated fp32
+    weights written at stage boundaries and at the end, 4 B/param)."""
+    return 12 * n_params, 4 * n_params

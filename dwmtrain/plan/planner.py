@@ -1,0 +1,167 @@
+"""``dwmtrain plan``: whether a run fits before it is launched. Memory per GPU (model states, gathered
+parameters, activations, the fused loss, the DWM, the runtime), the meta job's memory per process, checkpoint
+sizes and disk, tokens per step and time per stage; a verdict, and the first change that makes it fit."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from dwmtrain.config import Config, batch_plan, resolve_precision
+from dwmtrain.config.stages import stage_starts
+from dwmtrain.errors import ConfigError
+from dwmtrain.models.dwm import DWMArch, dwm_parameter_count
+from dwmtrain.models.spec import lm_spec
+from dwmtrain.plan import memory as mem
+from dwmtrain.plan.hardware import RUNTIME_BYTES, Device
+
+HEADROOM = 0.92  #: a plan fits when its peak is within this share of the device's memory (fragmentation)
+META_COPIES = 3  #: LM-sized tensors the meta job holds at its peak (meta.update: theta, theta* or theta+eps v, v)
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: Config
+    device: Device
+    layout: mem.Layout
+    n_params: int
+    dwm_params: int
+    items: list[mem.Item]
+    meta_items: list[mem.Item]
+    host_offload_per_node: int
+    checkpoint_bytes: tuple[int, int]
+    disk_bytes: int
+    tokens_per_step: int
+    steps_per_stage: list[int]
+    flops_per_token: float
+    mfu: float
+
+    @property
+    def peak(self) -> int:
+        return sum(i.nbytes for i in self.items)
+
+    @property
+    def meta_peak(self) -> int:
+        return sum(i.nbytes for i in self.meta_items)
+
+    @property
+    def budget(self) -> int:
+        return int(self.device.memory_bytes * HEADROOM)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.budget
+
+    def stage_seconds(self) -> list[float] | None:
+        if not self.device.peak_flops:
+            return None
+        rate = self.layout.world * self.device.peak_flops * self.mfu / self.flops_per_token  # tokens/s
+        return [s * self.tokens_per_step / rate for s in self.steps_per_stage]
+
+
+def _largest_module(spec) -> int:
+    """The biggest single module ZeRO-3 gathers whole: the embedding (or the untied head), or an MLP matrix."""
+    return max(spec.vocab_size * spec.hidden_size, spec.hidden_size * spec.intermediate_size)
+
+
+def _flops_per_token(spec, seq: int, dwm_params: int, backbone, every: int) -> float:
+    """6N + attention (12 L H T, PaLM's count), the recompute of checkpointed layers (2N of their share), and the
+    DWM's forward (2N + its attention)."""
+    n, L = spec.num_parameters(), spec.num_hidden_layers
+    attn = 12 * L * spec.num_attention_heads * spec.head_dim * seq
+    recompute = (2 * n + attn / 3) * (len(range(0, L, every)) / L) if every else 0.0
+    dwm = 2 * dwm_params + 4 * backbone.num_hidden_layers * backbone.hidden_size * seq
+    return 6 * n + attn + recompute + dwm
+
+
+def _disk(cfg: Config, ckpt: tuple[int, int]) -> int:
+    """The checkpoints a run keeps at its end: keep_last periodic ones, every stage boundary's (with its fp32
+    weights), and the final one."""
+    r, st = cfg.run, cfg.stages
+    periodic = min(r.keep_last, st.total_steps // r.checkpoint_every)
+    boundaries = st.num_stages - 1 if r.keep_stage_checkpoints else 0
+    return (periodic + boundaries + 1) * ckpt[0] + (boundaries + 1) * ckpt[1]
+
+
+def make_plan(cfg: Config, nodes: int, gpus_per_node: int, device: Device, mfu: float = 0.4) -> Plan:
+    spec = lm_spec(cfg.model)
+    ds, seq = cfg.deepspeed, cfg.data.seq_len
+    lay = mem.Layout(nodes, gpus_per_node, resolve_precision(ds.precision, device.accelerator),
+                     ds.offload_optimizer == "cpu", ds.offload_params == "cpu")  # fmt: skip
+    bp = batch_plan(cfg, lay.world)
+    arch = DWMArch.from_config(cfg, spec.vocab_size)
+    n, nd, largest = spec.num_parameters(), dwm_parameter_count(arch), _largest_module(spec)
+    mb, chunk, every = bp.micro_batch_size, cfg.model.loss_chunk_tokens, cfg.model.activation_checkpointing
+    fused = cfg.model.attn_implementation == "sdpa"
+    items = [
+        mem.model_states(n, largest, lay),
+        mem.gathered(n, largest, ds.prefetch_bucket_size, ds.reduce_bucket_size, lay),
+        mem.activations(spec, mb, seq, lay, cfg.model.attn_implementation, chunk, every, fused),
+        mem.dwm_memory(nd, arch.backbone_spec(), mb, seq, lay),
+        mem.Item(
+            "runtime (context, libraries, communication buffers)",
+            RUNTIME_BYTES[device.accelerator],
+            "per process; see plan.hardware",
+        ),  # fmt: skip
+    ]
+    ckpt = mem.checkpoint_bytes(n)
+    starts = [*stage_starts(cfg.stages.total_steps, cfg.stages.num_stages, list(cfg.stages.boundaries)),
+              cfg.stages.total_steps]  # fmt: skip
+    resident = sum(i.nbytes for i in items if not i.name.startswith("activations"))
+    return Plan(
+        cfg, device, lay, n, nd, items, meta_items(cfg, spec, nd, lay, device, resident),
+        mem.host_model_states(n, largest, lay),
+        ckpt, _disk(cfg, ckpt), bp.global_batch_size * seq, [b - a for a, b in zip(starts, starts[1:])],
+        _flops_per_token(spec, seq, nd, arch.backbone_spec(), every), mfu,
+    )  # fmt: skip
+
+
+def meta_items(
+    cfg: Config, spec, dwm_params: int, lay: mem.Layout, device: Device, trainer_resident: int
+) -> list[mem.Item]:
+    """The meta job's memory per process: every process holds the whole frozen LM (data-parallel over
+    ``meta.nproc``), in ``meta.lm_dtype``."""
+    dtype = lay.precision if cfg.meta.lm_dtype == "train" else "fp32"
+    meta_lay = dataclasses.replace(lay, precision=dtype)
+    mb, seq, chunk = cfg.deepspeed.micro_batch_size, cfg.data.seq_len, cfg.model.loss_chunk_tokens
+    every = cfg.model.activation_checkpointing if cfg.meta.grad_mode in ("fd", "per_sample") else 0
+    act = mem.activations(spec, mb, seq, meta_lay, cfg.model.attn_implementation, chunk, every, True)
+    items = mem.meta_job_memory(spec.num_parameters(), dwm_params, act.nbytes, 0, mem.MetaShape(META_COPIES, dtype))
+    items.append(mem.Item("runtime", RUNTIME_BYTES[device.accelerator], ""))
+    if cfg.meta.launch == "local":  # the trainer ranks wait on the same GPUs, their cache given back
+        items.append(
+            mem.Item(
+                "the waiting trainer rank on this GPU",
+                trainer_resident,
+                "its model states, gathered "
+                "parameters, DWM and runtime (activations freed, the caching allocator emptied)",
+            )
+        )
+    return items
+
+
+def _with(cfg: Config, section: str, **fields) -> Config:
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **fields)})
+
+
+def first_fix(cfg: Config, nodes: int, gpus_per_node: int, device: Device) -> tuple[str, Plan] | None:
+    """The first single change, in the order a user would try them, that makes the plan fit."""
+    mb = cfg.deepspeed.micro_batch_size
+    tries = []
+    if not cfg.model.activation_checkpointing:
+        tries.append(("model.activation_checkpointing=1", _with(cfg, "model", activation_checkpointing=1)))
+    for m in sorted({mb // 2, mb // 4, 1} - {0}, reverse=True):
+        if m < mb:  # the same global batch: more accumulation
+            tries.append((f"deepspeed.micro_batch_size={m}", _with(cfg, "deepspeed", micro_batch_size=m)))
+    if cfg.deepspeed.offload_optimizer == "none":
+        tries.append(("deepspeed.offload_optimizer=cpu", _with(cfg, "deepspeed", offload_optimizer="cpu")))
+    tries += [(f"--nodes {nodes * k}", (cfg, nodes * k)) for k in (2, 4, 8, 16)]
+    for label, c in tries:
+        c, n = c if isinstance(c, tuple) else (c, nodes)
+        try:
+            p = make_plan(c, n, gpus_per_node, device)
+        except ConfigError:  # the global batch does not divide over that many ranks
+            continue
+        if p.fits:
+            return label, p
+    return None

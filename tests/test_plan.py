@@ -1,0 +1,114 @@
+"""The planner (``dwmtrain plan``): its arithmetic, its verdicts, and its memory figures against measured peaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dwmtrain.config import load_config
+from dwmtrain.plan import make_plan, parse_device
+from dwmtrain.plan import memory as mem
+from dwmtrain.plan.planner import first_fix
+
+from .spawn import run_distributed
+
+SHAPE = {"tiny": ["data.seq_len=64"], "small": ["data.seq_len=256"]}
+
+
+def _activations(micro: int, every: int = 0) -> int:
+    from dwmtrain.models.spec import ModelSpec
+
+    spec = ModelSpec.from_preset("small", 0, 256)
+    return mem.activations(spec, micro, 256, mem.Layout(1, 2, "fp32"), "sdpa", 1024, every, True).nbytes
+
+
+def test_traced_activations_scale_with_the_batch_and_fall_with_checkpointing():
+    two, four, eight = _activations(2), _activations(4), _activations(8)
+    assert eight - four == pytest.approx(2 * (four - two), rel=1e-3)  # linear in the batch (+ the head's gradient)
+    full, half = _activations(8, every=1), _activations(8, every=2)
+    assert full < half < eight and full < 0.35 * eight
+
+
+def test_model_states_are_deepspeeds_estimate_in_mixed_precision():
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    n, largest = 8_030_261_248, 525_336_576
+    lay = mem.Layout(4, 8, "bf16")
+    _, gpu, big = estimate_zero3_model_states_mem_needs(n, largest, 8, 4, False, False, True, 1.0)
+    assert mem.model_states(n, largest, lay).nbytes == gpu - big
+    assert mem.model_states(n, largest, mem.Layout(4, 8, "bf16", offload_optimizer=True)).nbytes < gpu / 8
+
+
+def test_checkpoint_disk_counts_kept_periodic_boundary_and_final_saves():
+    cfg = load_config("tiny", ["stages.total_steps=100", "stages.num_stages=5", "run.checkpoint_every=10",
+                               "run.keep_last=3", "deepspeed.global_batch_size=16"])  # fmt: skip
+    p = make_plan(cfg, 1, 2, parse_device("h100"))
+    per, weights = p.checkpoint_bytes
+    assert (per, weights) == (12 * p.n_params, 4 * p.n_params)
+    assert p.disk_bytes == (3 + 4 + 1) * per + (4 + 1) * weights
+    assert p.steps_per_stage == [20] * 5 and p.tokens_per_step == 16 * cfg.data.seq_len
+
+
+def test_the_8b_run_fits_4x8_h100_and_its_meta_job_fits_too():
+    cfg = load_config("experiments/scale/llama3.1-8b_4x8h100")
+    p = make_plan(cfg, 4, 8, parse_device("h100"))
+    assert p.n_params == 8_030_261_248 and p.fits and p.meta_peak <= p.budget
+    secs = p.stage_seconds()
+    assert len(secs) == 5 and all(s > 0 for s in secs)
+
+
+def test_a_run_that_does_not_fit_names_the_first_change_that_does():
+    cfg = load_config("experiments/scale/llama3.1-8b_4x8h100", ["model.activation_checkpointing=0",
+                                                                 "deepspeed.micro_batch_size=8"])  # fmt: skip
+    dev = parse_device("h100")
+    p = make_plan(cfg, 4, 8, dev)
+    assert not p.fits
+    label, fixed = first_fix(cfg, 4, 8, dev)
+    assert label == "model.activation_checkpointing=1" and fixed.fits
+
+
+def test_a_device_the_planner_does_not_know_is_a_clear_error():
+    from dwmtrain.errors import ConfigError
+
+    assert parse_device("48GiB").memory_bytes == 48 * 2**30
+    with pytest.raises(ConfigError, match="--gpu v100: not h100, h200, a100, cpu or a memory size"):
+        parse_device("v100")
+
+
+def _peak_rss(d, preset: str, overrides: list[str]) -> float:
+    """Three training steps with a co-located frozen DWM on 2 CPU ranks, as the trainer runs them: this rank's
+    peak resident set (bytes)."""
+    import deepspeed
+
+    from dwmtrain.config import build_deepspeed_config
+    from dwmtrain.models.dwm import DataWeightingModel, DWMArch
+    from dwmtrain.models.spec import lm_spec
+    from dwmtrain.train.engine import build_engine, fixed_mmap_threshold
+
+    fixed_mmap_threshold()  # as start_process_group does on CPU ranks
+    deepspeed.init_distributed()
+    cfg = load_config(preset, overrides)
+    engine = build_engine(cfg, build_deepspeed_config(cfg, d.world, "cpu"), lm_spec(cfg.model))
+    V, mb, T = engine.module.config.vocab_size, cfg.deepspeed.micro_batch_size, cfg.data.seq_len
+    dwm = DataWeightingModel(DWMArch.from_config(cfg, V)).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(d.rank)
+    for _ in range(3):
+        x = torch.randint(0, V, (mb, T), generator=g)
+        with torch.inference_mode():
+            w = dwm(x)
+        loss, _ = engine(input_ids=x, sample_weights=w.clone())
+        engine.backward(loss)
+        engine.step()
+    for ln in open("/proc/self/status"):
+        if ln.startswith("VmHWM:"):
+            return int(ln.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_the_plans_memory_is_within_a_quarter_of_the_measured_peak(preset):
+    """The planner's per-process total on CPU ranks (fp32) against the measured peak RSS of each of 2 ranks."""
+    over = [*SHAPE[preset], "deepspeed.global_batch_size=16", "deepspeed.micro_batch_size=8"]
+    plan = make_plan(load_config(preset, over), 1, 2, parse_device("cpu", 2))
+    for peak in run_distributed(_peak_rss, preset, over, timeout=300):
+        assert abs(plan.peak - peak) <= 0.25 * peak, (preset, plan.peak / 2**20, peak / 2**20)
