@@ -89,7 +89,16 @@ def train_command(a, rest: list[str]) -> list[str]:
     return [*cmd, "--module", "dwmtrain.launch.pretrain", *rest]
 
 
+#: CPU ranks: glibc gives tensors above 128 KiB their own pages, returned when freed. By default it raises that
+#: threshold to the largest block freed so far (up to 32 MiB), after which every step's activations stay resident:
+#: a step's peak at the small preset was 1.8x what its tensors need (docs/scaling.md). Read at process start only.
+CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def _train(a, rest: list[str]) -> None:
+    if not _cuda():
+        for k, v in CPU_MALLOC_ENV.items():
+            os.environ.setdefault(k, v)
     cmd = train_command(a, rest)
     print("$ " + " ".join(cmd), flush=True)
     if not a.print_only:

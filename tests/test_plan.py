@@ -83,9 +83,8 @@ def _peak_rss(d, preset: str, overrides: list[str]) -> float:
     from dwmtrain.config import build_deepspeed_config
     from dwmtrain.models.dwm import DataWeightingModel, DWMArch
     from dwmtrain.models.spec import lm_spec
-    from dwmtrain.train.engine import build_engine, fixed_mmap_threshold
+    from dwmtrain.train.engine import build_engine
 
-    fixed_mmap_threshold()  # as start_process_group does on CPU ranks
     deepspeed.init_distributed()
     cfg = load_config(preset, overrides)
     engine = build_engine(cfg, build_deepspeed_config(cfg, d.world, "cpu"), lm_spec(cfg.model))
@@ -106,9 +105,30 @@ def _peak_rss(d, preset: str, overrides: list[str]) -> float:
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_the_plans_memory_is_within_a_quarter_of_the_measured_peak(preset):
-    """The planner's per-process total on CPU ranks (fp32) against the measured peak RSS of each of 2 ranks."""
+def test_the_plans_memory_is_within_a_quarter_of_the_measured_peak(preset, monkeypatch):
+    """The planner's per-process total on CPU ranks (fp32) against the measured peak RSS of each of 2 ranks,
+    started with the allocator setting `dwmtrain train` gives CPU ranks."""
+    from dwmtrain.cli import CPU_MALLOC_ENV
+
+    for k, v in CPU_MALLOC_ENV.items():
+        monkeypatch.setenv(k, v)  # the spawned ranks start with it
     over = [*SHAPE[preset], "deepspeed.global_batch_size=16", "deepspeed.micro_batch_size=8"]
     plan = make_plan(load_config(preset, over), 1, 2, parse_device("cpu", 2))
     for peak in run_distributed(_peak_rss, preset, over, timeout=300):
         assert abs(plan.peak - peak) <= 0.25 * peak, (preset, plan.peak / 2**20, peak / 2**20)
+
+
+def test_dry_run_ends_with_the_plans_verdict(monkeypatch, capsys):
+    """--dry-run of the 8B multi-node config as a login node without GPUs runs it for 4 x 8 H100 (its inputs,
+    /data and /models on the cluster, are not checked here)."""
+    import dwmtrain.launch.pretrain as pretrain
+
+    monkeypatch.setenv("WORLD_SIZE", "32")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("DWMTRAIN_GPU", "h100")
+    monkeypatch.setattr(pretrain, "check_inputs", lambda cfg: None)
+    assert pretrain.main(["--config", "experiments/scale/llama3.1-8b_4x8h100", "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("# plan: FITS on 4 x 8 H100 80GB: peak ")
+    text = "\n".join(out)
+    assert '"gradient_accumulation_steps": 16,' in text and '"bf16": {\n    "enabled": true' in text

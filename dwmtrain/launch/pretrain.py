@@ -33,13 +33,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def dry_run(cfg) -> None:
-    """Everything checked first (inputs, batch arithmetic for this world size), then printed."""
+    """Everything checked first (inputs, batch arithmetic for this world size), then printed, with the planner's
+    verdict. On a login node without the GPUs, DWMTRAIN_GPU=h100 (h200, a100, a memory size) plans for them and
+    WORLD_SIZE / LOCAL_WORLD_SIZE give the ranks."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    acc = "cpu"
+    acc = "cuda" if os.environ.get("DWMTRAIN_GPU") else "cpu"
     try:
         from deepspeed.accelerator import get_accelerator
 
-        acc = get_accelerator().device_name()
+        acc = "cuda" if os.environ.get("DWMTRAIN_GPU") else get_accelerator().device_name()
     except ImportError:
         pass
     check_inputs(cfg)
@@ -55,7 +57,7 @@ def plan_verdict(cfg, world: int, accelerator: str) -> str:
     from dwmtrain.plan import make_plan, parse_device, verdict
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    gpu = "cpu" if accelerator == "cpu" else _device_kind()
+    gpu = os.environ.get("DWMTRAIN_GPU") or ("cpu" if accelerator == "cpu" else _device_kind())
     p = make_plan(cfg, max(world // max(local, 1), 1), local, parse_device(gpu, local))
     return verdict(p) + ("" if p.fits else "; `dwmtrain plan` says what to change")
 

@@ -121,16 +121,6 @@ def release_free_host_memory() -> None:
         trim(0)
 
 
-def fixed_mmap_threshold(nbytes: int = 128 * 1024) -> None:
-    """Tensors above ``nbytes`` get their own pages, returned to the system when freed (glibc ``mallopt``). By
-    default glibc raises that threshold to the largest block freed so far (up to 32 MiB), after which the
-    activations of every step stay resident in the heap: on CPU ranks the peak of a step at the small preset was
-    1.8x what its tensors need (docs/scaling.md). Called on CPU ranks, where host memory is the device's."""
-    lib = _libc()
-    if lib is not None and hasattr(lib, "mallopt"):
-        lib.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD; setting it turns the dynamic adjustment off
-
-
 def _malloc_trim():
     lib = _libc()
     return getattr(lib, "malloc_trim", None) if lib is not None else None

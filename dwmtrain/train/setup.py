@@ -24,7 +24,7 @@ from dwmtrain.models.dwm import DWMArch, dwm_parameter_count
 from dwmtrain.models.spec import flops_per_token, lm_spec
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.handoff import StageHandoff
-from dwmtrain.train.engine import build_engine, fixed_mmap_threshold
+from dwmtrain.train.engine import build_engine
 from dwmtrain.train.metrics import MetricsWriter, peak_flops
 from dwmtrain.train.nonfinite import NonFiniteCount
 from dwmtrain.train.stop import StopRequest
@@ -64,7 +64,6 @@ def start_process_group(cfg: Config) -> tuple[Dist, RunDir]:
     d = init_distributed(cfg.run.dist_timeout_s)
     if d.accelerator == "cpu":
         torch.set_num_threads(cpu_threads(cfg.run.threads_per_rank, d.local_world))
-        fixed_mmap_threshold()
     torch.manual_seed(cfg.run.seed)
     rd = RunDir(cfg.run.run_dir)
     if d.is_main:
