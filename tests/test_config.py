@@ -108,6 +108,8 @@ def test_template_may_not_hold_batch_sizes(tmp_path):
 def test_zero_knobs_are_validated_and_never_set_twice(tmp_path):
     with pytest.raises(ConfigError, match="deepspeed.offload_params='cpu': needs deepspeed.offload_optimizer=cpu"):
         load_config(None, ["deepspeed.offload_params=cpu"])
+    with pytest.raises(ConfigError, match="deepspeed.tensor_parallel=2: tensor parallelism is not available: Deep"):
+        load_config(None, ["deepspeed.tensor_parallel=2"])
     with pytest.raises(ConfigError, match="deepspeed.prefetch_bucket_size=0"):
         load_config(None, ["deepspeed.prefetch_bucket_size=0"])
     with pytest.raises(ConfigError, match="deepspeed.template='zero3_offload': is gone: set deepspeed.offload_opt"):
