@@ -132,3 +132,15 @@ def test_dry_run_ends_with_the_plans_verdict(monkeypatch, capsys):
     assert out[-1].startswith("# plan: FITS on 4 x 8 H100 80GB: peak ")
     text = "\n".join(out)
     assert '"gradient_accumulation_steps": 16,' in text and '"bf16": {\n    "enabled": true' in text
+
+
+def test_plan_command_prints_the_table_and_the_verdict(capsys):
+    from dwmtrain.cli import main
+
+    assert main(["plan", "--config", "paper_370m", "--nodes", "1", "--gpus-per-node", "8", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    for part in ("per device (training):", "meta job per process", "checkpoints: ", "time per stage at 40% MFU"):
+        assert part in out
+    assert out.strip().splitlines()[-1].startswith("plan: FITS on 1 x 8 H100 80GB")
+    assert main(["plan", "--config", "paper_370m", "--gpus-per-node", "3"]) == 2  # 4096 sequences over 3 ranks
+    assert "not divisible" in capsys.readouterr().err

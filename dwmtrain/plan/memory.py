@@ -115,7 +115,7 @@ def meta_job_memory(n_params: int, dwm_params: int, saved_train: int, logits: in
         Item("frozen LM + LM-sized temporaries", shape.copies * n_params * b,
              f"{shape.copies} copies x {n_params:,} x {b} B ({shape.dtype})"),
         Item("DWM being fitted (weights, gradient, Adam)", dwm_params * 16, "fp32: 16 B/param"),
-        Item("activations of the lookahead", saved_train + logits, "traced, plus the loss's logits"),
+        Item("activations of the lookahead", saved_train + logits, "traced as in training (no [B, T, V] logits)"),
     ]  # fmt: skip
 
 

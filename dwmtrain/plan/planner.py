@@ -128,7 +128,7 @@ def meta_items(
     act = mem.activations(spec, mb, seq, meta_lay, cfg.model.attn_implementation, chunk, every, True)
     items = mem.meta_job_memory(spec.num_parameters(), dwm_params, act.nbytes, 0, mem.MetaShape(META_COPIES, dtype))
     items.append(mem.Item("runtime", RUNTIME_BYTES[device.accelerator], ""))
-    if cfg.meta.launch == "local":  # the trainer ranks wait on the same GPUs, their cache given back
+    if cfg.meta.launch == "local" and device.accelerator == "cuda":  # trainer ranks wait on the same GPUs
         items.append(
             mem.Item(
                 "the waiting trainer rank on this GPU",

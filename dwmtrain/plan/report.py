@@ -29,7 +29,8 @@ def verdict(p: Plan, fix: tuple[str, Plan] | None = None) -> str:
 def table(p: Plan) -> list[str]:
     """The whole plan, as printed by ``dwmtrain plan``."""
     cfg, lay = p.cfg, p.layout
-    out = [f"# {cfg.run.name}: LM {p.n_params:,} parameters, DWM {p.dwm_params:,}; {lay.nodes} nodes x "
+    nodes = f"{lay.nodes} node{'s' if lay.nodes > 1 else ''}"
+    out = [f"# {cfg.run.name}: LM {p.n_params:,} parameters, DWM {p.dwm_params:,}; {nodes} x "
            f"{lay.gpus_per_node} {p.device.name} ({lay.world} ranks), ZeRO-3, {lay.precision}",
            "", "per device (training):"]  # fmt: skip
     out += [f"  {i.name:<52} {gib(i.nbytes):>12}   {i.how}" for i in p.items]

@@ -56,9 +56,8 @@ def test_the_meta_jobs_memory_savings_fit_the_same_dwm(bilevel_reference, tmp_pa
     against the full-logits path, on the reference run's first boundary."""
     ref, _ = bilevel_reference
     want = read_dwm_meta(ref / "dwm" / "stage2.safetensors")["sha256"]
-    assert _refit_stage2(ref, tmp_path / "again")["sha256"] == want  # rerun by hand: the same file
     recompute = _refit_stage2(ref, tmp_path / "again", "model.activation_checkpointing=1", "meta.lm_dtype=train")
-    assert recompute["sha256"] == want  # recomputation is exact, and the CPU's training dtype is fp32
+    assert recompute["sha256"] == want  # rerun by hand: the same file; recomputation is exact, CPU's dtype is fp32
     chunked = records(tmp_path / "again" / "meta" / "stage2.jsonl")
     full = _refit_stage2(ref, tmp_path / "again", "model.loss_chunk_tokens=0")  # the full-logits path
     # The same fit to fp32 rounding (tests/test_metagrad.py holds the paths equal in fp64): the losses to 1e-5, the
