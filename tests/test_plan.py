@@ -26,7 +26,7 @@ def test_traced_activations_scale_with_the_batch_and_fall_with_checkpointing():
     two, four, eight = _activations(2), _activations(4), _activations(8)
     assert eight - four == pytest.approx(2 * (four - two), rel=1e-3)  # linear in the batch (+ the head's gradient)
     full, half = _activations(8, every=1), _activations(8, every=2)
-    assert full < half < eight and full < 0.35 * eight
+    assert full < half < eight and full < 0.5 * eight
 
 
 def test_model_states_are_deepspeeds_estimate_in_mixed_precision():

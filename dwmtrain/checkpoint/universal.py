@@ -16,26 +16,42 @@ from dwmtrain.fileio import atomic_dir
 from dwmtrain.rundir import RunDir
 
 
-def conversion_workers() -> int:
-    """ds_to_universal's extract and merge worker processes: this machine's cores, at most 8 (each holds a few
-    parameters' fp32 states at a time)."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+def conversion_workers(src: Path) -> int:
+    """ds_to_universal's extract and merge worker processes: this machine's cores, at most 8, and no more than
+    half the available memory holds (each extract worker loads one rank's optimizer file whole)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    shard = max((p.stat().st_size for p in src.glob("*optim_states.pt")), default=0)
+    return max(1, min(8, cores, (_available_memory() // 2) // max(2 * shard, 1)))
 
 
-def convert_to_universal(src: Path, dst: Path, workers: int = 0) -> str | None:
+def _available_memory() -> int:
+    try:
+        for ln in open("/proc/meminfo"):
+            if ln.startswith("MemAvailable:"):
+                return int(ln.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62
+
+
+def convert_to_universal(src: Path, dst: Path, workers: int = 0, timeout_s: float = 6 * 3600) -> str | None:
     """DeepSpeed's ds_to_universal with ``workers`` extract/merge processes (0: ``conversion_workers()``), in a
     fresh Python process (its workers fork from a process without the trainer's threads), its checkpoint reads
     kept weights_only; None or an error."""
     missing = [f for f in ("zero_pp_rank_0_mp_rank_00_model_states.pt",) if not (src / f).is_file()]
     if missing:
         return f"converting {src} for another world size: {', '.join(missing)} not on rank 0's storage"
-    workers = workers or conversion_workers()
+    workers = workers or conversion_workers(src)
     try:
         with atomic_dir(dst, overwrite=True) as tmp:  # a failed conversion leaves nothing behind
-            p = subprocess.run([sys.executable, "-m", __name__, str(src), str(tmp), str(workers)],
-                               capture_output=True, text=True)  # fmt: skip
+            try:
+                p = subprocess.run([sys.executable, "-m", __name__, str(src), str(tmp), str(workers)],
+                                   capture_output=True, text=True, timeout=timeout_s)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                raise ResumeError(f"still running after {timeout_s:.0f} s; stopped") from None
             if p.returncode != 0:
-                raise ResumeError(" ".join((p.stderr or p.stdout).strip().splitlines()[-3:])[:500])
+                tail = " ".join((p.stderr or p.stdout).strip().splitlines()[-3:])[:500]
+                raise ResumeError(f"exit code {p.returncode}: {tail or 'no output (killed for memory?)'}")
     except ResumeError as e:
         return f"converting {src} for another world size (ds_to_universal, {workers} workers) failed: {e}"
     return None

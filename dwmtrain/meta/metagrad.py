@@ -98,6 +98,15 @@ def val_loss(model, params: Params, vb: dict[str, torch.Tensor]) -> torch.Tensor
     return per_example_loss(logits, labels)[0].mean()
 
 
+def _norm(v: Params) -> float:
+    """|v|, accumulated in fp64 when v is bf16/fp16 (fp32 and fp64 as they are)."""
+    dt = next(iter(v.values())).dtype
+    if dt in (torch.bfloat16, torch.float16):
+        sq = sum(torch.linalg.vector_norm(t, dtype=torch.float64) ** 2 for t in v.values())
+        return max(float(sq) ** 0.5, 1e-30)
+    return _dot(v, v).sqrt().clamp_min(1e-30).item()
+
+
 def _dot(a: Params, b: Params) -> torch.Tensor:
     return sum((a[k] * b[k]).sum() for k in a)
 
@@ -150,8 +159,17 @@ def lookahead(model, params: Params, x: torch.Tensor, w: torch.Tensor, alpha: fl
     """theta* = theta - alpha * sum_i w_i grad L_i(theta) (w is data here, not differentiated)."""
     with _differentiable(model, params) as p:
         g = torch.autograd.grad(weighted_train_loss(model, p, x, w), list(p.values()))
-    # theta* in the gradient's own memory: theta + (-(alpha g)), the same rounding as theta - alpha g
-    return {k: gk.mul_(-alpha).add_(params[k]) for k, gk in zip(params, g)}
+    # theta* in the gradient's own memory: theta + (-(alpha g)), the same rounding as theta - alpha g. A gradient
+    # autograd returned as an expanded or shared tensor (stride 0, the same storage twice) gets its own memory.
+    seen: set[int] = set()
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        t = t if key not in seen and 0 not in t.stride() else t.clone()
+        seen.add(key)
+        return t
+
+    return {k: own(gk).mul_(-alpha).add_(params[k]) for k, gk in zip(params, g)}
 
 
 def meta_gradient(
@@ -188,7 +206,7 @@ def inner_products(model, params: Params, x: torch.Tensor, v: Params, mode: str,
     """c_i = <v, grad L_i(params)> for every sample of x. [B]"""
     if mode == "fd":
         # perturbation of norm fd_eps along v; central difference error is O(eps^2)
-        eps = (fd_eps or default_fd_eps(params)) / _dot(v, v).sqrt().clamp_min(1e-30).item()
+        eps = (fd_eps or default_fd_eps(params)) / _norm(v)
         with torch.no_grad():
             up = train_losses(model, _axpy(eps, v, params), x)
             dn = train_losses(model, _axpy(-eps, v, params), x)

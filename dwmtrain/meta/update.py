@@ -62,7 +62,10 @@ def load_frozen_lm(cfg: Config, rd: RunDir, tag: str, d: Dist, attn: str):
     if cfg.meta.grad_mode in ("fd", "per_sample") and enable_activation_checkpointing(
         lm, cfg.model.activation_checkpointing
     ):
-        lm.train()  # Hugging Face recomputes only in training mode; the Llama family has no dropout
+        lm.train()  # Hugging Face recomputes only in training mode: no dropout may make its passes random
+        for m in lm.modules():
+            if isinstance(getattr(m, "attention_dropout", None), float):
+                m.attention_dropout = 0.0
     return lm, state
 
 

@@ -77,7 +77,9 @@ def gathered(n_params: int, largest: int, prefetch: int, reduce_bucket: int, lay
     return Item("gathered parameters + gradient bucket", live, how)
 
 
-def activations(spec, micro: int, seq: int, lay: Layout, attn: str, chunk: int, every: int, fused_attn: bool) -> Item:
+def activations(
+    spec, micro: int, seq: int, lay: Layout, attn: str, chunk: int, every: int, fused_attn: bool, head: bool = True
+) -> Item:
     """What one micro-batch's backward needs: the saved tensors of every layer (a checkpointed one keeps only its
     input), the loss head's, and one layer's worth being recomputed and differentiated at a time. ``fused_attn``:
     the attention kernel keeps no [T, T] probabilities (flash / memory-efficient SDPA)."""
@@ -85,7 +87,10 @@ def activations(spec, micro: int, seq: int, lay: Layout, attn: str, chunk: int, 
     per_layer = s.layer_linear + (0 if fused_attn else s.layer_quadratic)
     n = spec.num_hidden_layers
     kept = sum(1 for i in range(n) if not every or i % every)
-    nbytes = kept * per_layer + (n - kept) * s.layer_input + s.head + per_layer  # + the layer in backward
+    # + the layer in backward, and the fused loss's transients: its fp32 head gradient and one chunk's logits
+    transient = spec.vocab_size * (spec.hidden_size + 2 * (chunk or seq * micro)) * 4
+    head_bytes = s.head + transient if head else 0  # head=False: logits at a few labelled positions only
+    nbytes = kept * per_layer + (n - kept) * s.layer_input + per_layer + head_bytes
     how = f"traced on the meta device: {per_layer / 2**20:,.0f} MiB/layer saved, {n - kept} of {n} checkpointed"
     return Item(f"activations ({micro} x {seq} tokens)", nbytes, how)
 

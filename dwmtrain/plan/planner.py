@@ -16,6 +16,7 @@ from dwmtrain.plan import memory as mem
 from dwmtrain.plan.hardware import RUNTIME_BYTES, Device
 
 HEADROOM = 0.92  #: a plan fits when its peak is within this share of the device's memory (fragmentation)
+LAMBADA_TOKENS = 128  #: a LAMBADA example's length as planned (passage and target; most are shorter)
 META_COPIES = 3  #: LM-sized tensors the meta job holds at its peak (meta.update: theta, theta* or theta+eps v, v)
 
 
@@ -127,6 +128,11 @@ def meta_items(
     every = cfg.model.activation_checkpointing if cfg.meta.grad_mode in ("fd", "per_sample") else 0
     act = mem.activations(spec, mb, seq, meta_lay, cfg.model.attn_implementation, chunk, every, True)
     items = mem.meta_job_memory(spec.num_parameters(), dwm_params, act.nbytes, 0, mem.MetaShape(META_COPIES, dtype))
+    val_len = seq if cfg.data.val_source == "heldout" else min(seq, LAMBADA_TOKENS)
+    val = mem.activations(spec, cfg.meta.val_batch_size, val_len, meta_lay, cfg.model.attn_implementation, chunk, 0,
+                          True, head=False)  # fmt: skip
+    items.append(mem.Item("activations of the validation pass at theta*", val.nbytes,
+                          f"{cfg.meta.val_batch_size} x {val_len} tokens, not recomputed"))  # fmt: skip
     items.append(mem.Item("runtime", RUNTIME_BYTES[device.accelerator], ""))
     if cfg.meta.launch == "local" and device.accelerator == "cuda":  # trainer ranks wait on the same GPUs
         items.append(

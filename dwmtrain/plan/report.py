@@ -18,8 +18,12 @@ def verdict(p: Plan, fix: tuple[str, Plan] | None = None) -> str:
     where = f"{p.layout.nodes} x {p.layout.gpus_per_node} {p.device.name}"
     head = f"peak {gib(p.peak)} of {gib(p.device.memory_bytes)} per device ({HEADROOM:.0%} usable)"
     if p.fits:
-        meta = "" if p.meta_peak <= p.budget else f"; but the meta job needs {gib(p.meta_peak)} per process"
-        return f"plan: FITS on {where}: {head}{meta}"
+        if p.meta_peak > p.budget:
+            return (
+                f"plan: training FITS on {where} ({head}), but the META JOB DOES NOT: it needs "
+                f"{gib(p.meta_peak)} per process (meta.lm_dtype=train, meta.launch=external, a smaller DWM)"
+            )
+        return f"plan: FITS on {where}: {head}"
     if fix is None:
         return f"plan: DOES NOT FIT on {where}: {head}; no single change found (try tensor parallelism or a larger GPU)"
     label, fp = fix
