@@ -25,10 +25,27 @@ def run_training(cfg: Config) -> int:
         print(f"[dwmtrain] error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
         if e.hint:
             print(f"[dwmtrain] {e.hint}", file=sys.stderr, flush=True)
+        _exit_now_if_distributed(EXIT_ERROR)
         return EXIT_ERROR
     finally:
         _teardown(clean=False)
     return EXIT_OK
+
+
+def _exit_now_if_distributed(code: int) -> None:
+    """A rank leaving on an error, perhaps alone, with gloo's threads alive: it leaves the group and ends at once,
+    without the interpreter's exit-time destructors, where such a rank sometimes aborted ("terminate called without
+    an active exception", exit 250 instead of 2: seen in CI). Its outputs are flushed first."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    _teardown(clean=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _say_once(message: str) -> None:
