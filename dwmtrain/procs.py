@@ -1,6 +1,6 @@
 """Process helpers for the jobs dwmtrain starts (the meta job) and the workers inside them: a child that dies
 with its parent, a worker that exits when its parent is gone, a command run to completion or killed at a
-timeout, and when this process started."""
+timeout, when this process started, and this host's memory."""
 
 from __future__ import annotations
 
@@ -80,3 +80,14 @@ def process_started_at() -> float:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return time.time()
+
+
+def host_memory(field: str = "MemTotal") -> int | None:
+    """A /proc/meminfo figure of this host in bytes (MemTotal, MemAvailable, ...), or None where there is none."""
+    try:
+        for ln in open("/proc/meminfo"):
+            if ln.startswith(field + ":"):
+                return int(ln.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

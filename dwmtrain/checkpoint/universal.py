@@ -13,6 +13,7 @@ from dwmtrain.checkpoint.safe_load import safe_torch_load
 from dwmtrain.distributed import Dist, all_gather_object, run_on_rank0
 from dwmtrain.errors import ResumeError
 from dwmtrain.fileio import atomic_dir
+from dwmtrain.procs import host_memory
 from dwmtrain.rundir import RunDir
 
 
@@ -21,17 +22,7 @@ def conversion_workers(src: Path) -> int:
     half the available memory holds (each extract worker loads one rank's optimizer file whole)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     shard = max((p.stat().st_size for p in src.glob("*optim_states.pt")), default=0)
-    return max(1, min(8, cores, (_available_memory() // 2) // max(2 * shard, 1)))
-
-
-def _available_memory() -> int:
-    try:
-        for ln in open("/proc/meminfo"):
-            if ln.startswith("MemAvailable:"):
-                return int(ln.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2**62
+    return max(1, min(8, cores, ((host_memory("MemAvailable") or 2**62) // 2) // max(2 * shard, 1)))
 
 
 def convert_to_universal(src: Path, dst: Path, workers: int = 0, timeout_s: float = 6 * 3600) -> str | None:

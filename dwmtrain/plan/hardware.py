@@ -6,6 +6,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from dwmtrain.procs import host_memory
+
 GIB = 2**30
 
 
@@ -32,13 +34,7 @@ RUNTIME_BYTES = {"cuda": int(2.0 * GIB), "cpu": int(0.39 * GIB) + 66 * 2**20}
 
 def host_memory_bytes() -> int:
     """This machine's RAM (MemTotal)."""
-    try:
-        for ln in open("/proc/meminfo"):
-            if ln.startswith("MemTotal:"):
-                return int(ln.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host_memory("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def parse_device(spec: str, ranks_per_node: int = 1) -> Device:
