@@ -24,10 +24,25 @@ class Dist:
     local_world: int
     device: torch.device
     accelerator: str  # "cuda" | "cpu" | ...
+    #: ranks per tensor-parallel group: consecutive global ranks (DeepSpeed's (data, tensor) mesh), which see the
+    #: same micro-batches; the data order, validation shards and checkpoint names follow the data-parallel rank
+    tp: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def dp_world(self) -> int:
+        return self.world // self.tp
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
 
 
 def init_distributed(timeout_s: int) -> Dist:

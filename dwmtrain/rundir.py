@@ -7,8 +7,8 @@ RUN_DIR/
   tensorboard/                     TensorBoard event files
   checkpoints/latest.json          the newest complete checkpoint ({"tag", "step"})
   checkpoints/latest               the same tag as DeepSpeed's tools read it (zero_to_fp32.py, load_checkpoint)
-  checkpoints/stepNNNNNNN/         DeepSpeed ZeRO-3 shards, rng/rankR.pt, and COMPLETE (the run state
-                                   with every file's size)
+  checkpoints/stepNNNNNNN/         DeepSpeed's shards (``ShardLayout``), rng/rankR.pt, and COMPLETE (the
+                                   run state with every file's size)
   checkpoints/unverified/          complete-marked checkpoints a resume could not verify, moved aside
   dwm/stageK.safetensors(.json)    the DWM that weighs stage K, and its sidecar
   meta/stageK.jsonl, stageK.log    the meta-update job's per-step records and its output
@@ -26,6 +26,29 @@ from pathlib import Path
 MARKER = "COMPLETE"
 LATEST = "latest.json"
 DS_LATEST = "latest"  # DeepSpeed's own pointer: a bare tag
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How DeepSpeed names what each rank writes into a checkpoint: by ZeRO stage and (data, tensor) rank."""
+
+    zero_stage: int = 3
+    tp: int = 1  #: ranks per tensor-parallel group (consecutive global ranks)
+
+    @classmethod
+    def of(cls, compat: dict) -> ShardLayout:
+        """The layout a checkpoint's compatibility fields record (checkpoints from before they did: ZeRO-3)."""
+        return cls(int(compat.get("zero_stage", 3)), int(compat.get("tensor_parallel", 1)))
+
+    def patterns(self, rank: int) -> tuple[str, ...]:
+        """Globs of global rank ``rank``'s files: ZeRO-3 writes a model and an optimizer shard per rank; ZeRO-1/2
+        an optimizer shard per rank, named by its data-parallel and tensor-parallel rank, and the model states once
+        per tensor-parallel rank (by data-parallel rank 0)."""
+        if self.zero_stage == 3:
+            return f"zero_pp_rank_{rank}_mp_rank_*_model_states.pt", f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"
+        dp, t = divmod(rank, self.tp)
+        optim = f"*zero_pp_rank_{dp}_mp_rank_{t:02d}_optim_states.pt"
+        return (f"mp_rank_{t:02d}_model_states.pt", optim) if dp == 0 else (optim,)
 
 
 @dataclass(frozen=True)
@@ -103,23 +126,18 @@ class RunDir:
         """Checkpoint ``tag`` converted to DeepSpeed's universal format (to resume at another world size)."""
         return self.checkpoints / "universal" / tag
 
-    @staticmethod
-    def _shard_patterns(rank: int) -> tuple[str, str]:
-        """The ZeRO-3 model and optimizer shards rank ``rank`` writes (DeepSpeed's names)."""
-        return f"zero_pp_rank_{rank}_mp_rank_*_model_states.pt", f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"
-
-    def missing_rank_files(self, tag: str, rank: int) -> list[str]:
-        """What rank ``rank`` writes into checkpoint ``tag`` (its ZeRO-3 model and optimizer shards, its RNG)
-        and this machine's storage does not hold."""
+    def missing_rank_files(self, tag: str, rank: int, layout: ShardLayout = ShardLayout()) -> list[str]:
+        """What rank ``rank`` writes into checkpoint ``tag`` (its model and optimizer shards, its RNG) and this
+        machine's storage does not hold."""
         d = self.checkpoint(tag)
-        missing = [str(d / pat) for pat in self._shard_patterns(rank) if not any(d.glob(pat))]
+        missing = [str(d / pat) for pat in layout.patterns(rank) if not any(d.glob(pat))]
         return missing + ([] if self.rng(tag, rank).is_file() else [str(self.rng(tag, rank))])
 
-    def rank_files(self, tag: str, rank: int) -> dict[str, int]:
+    def rank_files(self, tag: str, rank: int, layout: ShardLayout = ShardLayout()) -> dict[str, int]:
         """{path relative to the checkpoint: size} of what rank ``rank`` wrote into ``tag`` on this storage
         (its shards and RNG; rank 0 also the stage-end ``lm_fp32.safetensors``)."""
         d = self.checkpoint(tag)
-        files = [p for pat in self._shard_patterns(rank) for p in d.glob(pat)] + [self.rng(tag, rank)]
+        files = [p for pat in layout.patterns(rank) for p in d.glob(pat)] + [self.rng(tag, rank)]
         if rank == 0:
             files.append(self.lm_weights(tag))
         return {str(p.relative_to(d)): p.stat().st_size for p in files if p.is_file()}

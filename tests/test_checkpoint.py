@@ -242,3 +242,52 @@ def test_a_save_missing_a_ranks_part_is_never_marked_complete(tmp_path):
     assert e0 == e1 and e0.startswith("CheckpointError: saving checkpoint step0000004")
     assert not (tmp_path / "checkpoints" / "step0000004" / "COMPLETE").exists()
     assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["tag"] == "step0000002"
+
+
+# DeepSpeed 0.19's names in a checkpoint of 4 ranks as tensor parallel 2 x data parallel 2 under ZeRO-1: the model
+# states once per tensor-parallel rank (by data-parallel rank 0), an optimizer shard per rank
+TP_FILES = ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_0_mp_rank_01_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_01_optim_states.pt"]  # fmt: skip
+
+
+def test_shard_layout_names_each_ranks_files_by_data_and_tensor_parallel_rank(tmp_path):
+    from dwmtrain.rundir import RunDir, ShardLayout
+
+    rd, tag = RunDir(tmp_path), "step0000004"
+    for f in [*TP_FILES, *(f"rng/rank{r}.pt" for r in range(4))]:
+        (rd.checkpoint(tag) / f).parent.mkdir(parents=True, exist_ok=True)
+        (rd.checkpoint(tag) / f).write_bytes(b"x" * (1 + len(f)))
+    tp = ShardLayout.of({"zero_stage": 1, "tensor_parallel": 2})
+    owned = [sorted(k for k in rd.rank_files(tag, r, tp) if not k.startswith("rng")) for r in range(4)]
+    assert owned == [[TP_FILES[0], TP_FILES[2]], [TP_FILES[1], TP_FILES[3]], [TP_FILES[4]], [TP_FILES[5]]]
+    assert all(not rd.missing_rank_files(tag, r, tp) for r in range(4))
+    (rd.checkpoint(tag) / TP_FILES[3]).unlink()
+    assert rd.missing_rank_files(tag, 1, tp) == [str(rd.checkpoint(tag) / "*zero_pp_rank_0_mp_rank_01_optim_states.pt")]
+    assert ShardLayout.of({}) == ShardLayout(3, 1)  # checkpoints from before the layout was recorded: ZeRO-3
+    assert rd.missing_rank_files(tag, 0)  # read as ZeRO-3 this checkpoint lacks rank 0's zero_pp_rank_0_* model shard
+
+
+def test_a_tensor_parallel_checkpoint_is_not_resumed_at_another_world_size_or_layout(tmp_path):
+    """Saved by 4 ranks as TP 2 x DP 2 (ZeRO-1); resumed by 1 rank: refused with the reason, the files kept. A
+    changed layout at the same world size is a breaking config change."""
+    from dwmtrain.checkpoint import Checkpointer, RunState, check_compatible
+    from dwmtrain.distributed import Dist
+    from dwmtrain.errors import ResumeError
+    from dwmtrain.rundir import RunDir
+
+    rd, tag = RunDir(tmp_path), "step0000004"
+    saved = {**COMPAT, "world_size": 4, "zero_stage": 1, "tensor_parallel": 2}
+    for f in [*TP_FILES, *(f"rng/rank{r}.pt" for r in range(4))]:
+        (rd.checkpoint(tag) / f).parent.mkdir(parents=True, exist_ok=True)
+        (rd.checkpoint(tag) / f).write_bytes(b"x")
+    state = RunState(step=4, stage=2, consumed_samples=128, compat=saved, config_sha256=COMPAT["config_sha256"])
+    rd.marker(tag).write_text(json.dumps(state.to_marker()))
+    d = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu", tp=1)
+    ck = Checkpointer(rd, d, compat={**saved, "world_size": 1}, global_batch_size=32)
+    with pytest.raises(ResumeError, match=r"saved by 4 ranks with ZeRO-1 and tensor parallelism 2: resuming on 1 "):
+        ck.resume(ShardEngine(0))
+    assert sorted(p.name for p in rd.checkpoint(tag).glob("*.pt")) == sorted(TP_FILES)
+    with pytest.raises(ResumeError, match=r"deepspeed.tensor_parallel_size \(how each matrix is split\): checkpoint "
+                                          r"has 2, now 1"):  # fmt: skip
+        check_compatible(saved, {**saved, "tensor_parallel": 1, "zero_stage": 3})

@@ -108,16 +108,58 @@ def test_template_may_not_hold_batch_sizes(tmp_path):
 def test_zero_knobs_are_validated_and_never_set_twice(tmp_path):
     with pytest.raises(ConfigError, match="deepspeed.offload_params='cpu': needs deepspeed.offload_optimizer=cpu"):
         load_config(None, ["deepspeed.offload_params=cpu"])
-    with pytest.raises(ConfigError, match="deepspeed.tensor_parallel=2: tensor parallelism is not available: Deep"):
-        load_config(None, ["deepspeed.tensor_parallel=2"])
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage=3: with deepspeed.tensor_parallel_size=2: DeepSp"):
+        load_config(None, ["deepspeed.tensor_parallel_size=2"])
+    with pytest.raises(ConfigError, match="deepspeed.offload_params='cpu': needs deepspeed.zero_stage=3"):
+        load_config(None, ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu", "deepspeed.offload_params=cpu"])
     with pytest.raises(ConfigError, match="deepspeed.prefetch_bucket_size=0"):
         load_config(None, ["deepspeed.prefetch_bucket_size=0"])
     with pytest.raises(ConfigError, match="deepspeed.template='zero3_offload': is gone: set deepspeed.offload_opt"):
         load_config(None, ["deepspeed.template=zero3_offload"])
     t = tmp_path / "t.json"
-    t.write_text('{"zero_optimization": {"stage": 3, "reduce_bucket_size": 5}}')
+    t.write_text('{"zero_optimization": {"reduce_bucket_size": 5}}')
     with pytest.raises(ConfigError, match=r"reduce_bucket_size belongs in the run config \(deepspeed.reduce_buc"):
         build_deepspeed_config(load_config(None, [f"deepspeed.template={t}"]), 1, "cpu")
+    t.write_text('{"zero_optimization": {"stage": 2}}')
+    with pytest.raises(ConfigError, match=r"zero_optimization.stage belongs in the run config \(deepspeed.zero_st"):
+        build_deepspeed_config(load_config(None, [f"deepspeed.template={t}"]), 1, "cpu")
+
+
+def test_tensor_parallel_layout_in_the_deepspeed_json_and_the_batch():
+    """TP=2 on 4 ranks: 2 data-parallel ranks carry the batch; ZeRO-1 without ZeRO-3's knobs; AutoTP splits the
+    attention and MLP matrices and nothing else (the embedding, norms and LM head stay whole)."""
+    import re
+
+    from dwmtrain.config import batch_plan
+
+    cfg = load_config("tiny", ["deepspeed.tensor_parallel_size=2", "deepspeed.zero_stage=1",
+                               "deepspeed.global_batch_size=32"])  # fmt: skip
+    plan = batch_plan(cfg, 4)
+    assert (plan.world_size, plan.gradient_accumulation_steps, plan.global_batch_size) == (2, 2, 32)
+    ds = build_deepspeed_config(cfg, 4, "cpu")
+    assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == 2
+    z = ds["zero_optimization"]
+    assert z["stage"] == 1 and not [k for k in z if k.startswith("stage3_")], z
+    tp = ds["tensor_parallel"]
+    assert tp["autotp_size"] == 2 and tp["partition_config"]["use_default_specs"] is False
+    specs = tp["partition_config"]["layer_specs"]
+
+    def split(name):
+        kinds = [s["partition_type"] for s in specs if any(re.match(p, name) for p in s["patterns"])]
+        assert len(kinds) <= 1, (name, kinds)
+        return kinds[0] if kinds else "whole"
+
+    layer = "model.layers.3."
+    assert [split(layer + m + ".weight") for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+            "mlp.gate_proj", "mlp.up_proj")] == ["column"] * 5  # fmt: skip
+    assert split(layer + "self_attn.q_proj.bias") == "column"  # Qwen2's q/k/v bias follows its rows
+    assert [split(layer + m + ".weight") for m in ("self_attn.o_proj", "mlp.down_proj")] == ["row"] * 2
+    for whole in ("model.embed_tokens.weight", "lm_head.weight", layer + "input_layernorm.weight",
+                  layer + "self_attn.q_norm.weight", "model.norm.weight"):  # fmt: skip
+        assert split(whole) == "whole", whole
+    with pytest.raises(ConfigError, match="deepspeed.tensor_parallel_size=2: does not divide the world of 3 ranks"):
+        batch_plan(cfg, 3)
+    assert "tensor_parallel" not in build_deepspeed_config(load_config("tiny", []), 2, "cpu")
 
 
 def test_stage_schedule():

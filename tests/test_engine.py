@@ -63,7 +63,7 @@ def _steps_with_checkpointing(d, every: int):
     over = ["data.seq_len=64", "deepspeed.global_batch_size=8", "deepspeed.micro_batch_size=4", "run.seed=3",
             f"model.activation_checkpointing={every}"]  # fmt: skip
     cfg = load_config("tiny", over)
-    engine = build_engine(cfg, build_deepspeed_config(cfg, d.world, "cpu"), ModelSpec.from_preset("tiny", 512, 64))
+    engine = build_engine(cfg, build_deepspeed_config(cfg, d.world, "cpu"), ModelSpec.from_preset("tiny", 512, 64), d)
     recomputed = sum(getattr(m, "gradient_checkpointing", False) for m in engine.module.model.layers)
     g = torch.Generator().manual_seed(11 + d.rank)
     losses, grads = [], []

@@ -87,7 +87,7 @@ def _peak_rss(d, preset: str, overrides: list[str]) -> float:
 
     deepspeed.init_distributed()
     cfg = load_config(preset, overrides)
-    engine = build_engine(cfg, build_deepspeed_config(cfg, d.world, "cpu"), lm_spec(cfg.model))
+    engine = build_engine(cfg, build_deepspeed_config(cfg, d.world, "cpu"), lm_spec(cfg.model), d)
     V, mb, T = engine.module.config.vocab_size, cfg.deepspeed.micro_batch_size, cfg.data.seq_len
     dwm = DataWeightingModel(DWMArch.from_config(cfg, V)).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(d.rank)

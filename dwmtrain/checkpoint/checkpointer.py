@@ -24,7 +24,7 @@ from dwmtrain.distributed import Dist, all_gather_object, barrier, broadcast_obj
 from dwmtrain.errors import CheckpointError, ResumeError
 from dwmtrain.faults import fault_point
 from dwmtrain.fileio import atomic_write_text
-from dwmtrain.rundir import RunDir
+from dwmtrain.rundir import RunDir, ShardLayout
 
 
 class Checkpointer:
@@ -43,6 +43,7 @@ class Checkpointer:
     ):
         self.rd, self.d = run_dir, d
         self.compat, self.global_batch_size = compat, global_batch_size
+        self.layout = ShardLayout.of(compat)  # the files each rank writes
         self.keep_last, self.keep_stage = keep_last, keep_stage
         # write lm_fp32.safetensors at stage ends (the meta job's input; export / eval read it without the shards)
         self.boundary_weights = boundary_weights
@@ -125,8 +126,8 @@ class Checkpointer:
             (
                 socket.gethostname(),
                 self.d.rank,
-                self.rd.missing_rank_files(tag, self.d.rank),
-                self.rd.rank_files(tag, self.d.rank),
+                self.rd.missing_rank_files(tag, self.d.rank, self.layout),
+                self.rd.rank_files(tag, self.d.rank, self.layout),
             )
         )
         gaps = [r for r in parts if r[2]]
@@ -221,26 +222,27 @@ class Checkpointer:
         want = broadcast_object(
             json.loads(self.rd.marker(tag).read_text()).get("files") if self.d.is_main else None
         )  # {rank: {file: size}} at save time; None for checkpoints of older versions (existence checks only)
+        layout = ShardLayout.of(state.compat)  # what the save wrote (a changed layout is refused after this)
         if saved_world == self.d.world:
-            mine = (socket.gethostname(), self._problems(tag, want, [self.d.rank]))
+            mine = (socket.gethostname(), self._problems(tag, want, [self.d.rank], layout))
             found = [(h, p) for h, p in all_gather_object(mine) if p]
             where = ""
         else:
-            everyone = [(socket.gethostname(), self._problems(tag, want, range(saved_world)))]
+            everyone = [(socket.gethostname(), self._problems(tag, want, range(saved_world), layout))]
             found = [(h, p) for h, p in broadcast_object(everyone if self.d.is_main else None) if p]
             where = f" (resuming {saved_world} ranks' save on {self.d.world} reads every part from rank 0's storage)"
         if not found:
             return None
         return "; ".join(f"{', '.join(p)} on {h}" for h, p in found) + where
 
-    def _problems(self, tag: str, want: dict | None, ranks) -> list[str]:
+    def _problems(self, tag: str, want: dict | None, ranks, layout: ShardLayout) -> list[str]:
         """Missing or resized files of ``ranks``' parts of ``tag`` on this storage."""
         out = []
         for r in ranks:
             if want is None:
-                out += [f"rank {r} lacks {m}" for m in self.rd.missing_rank_files(tag, r)]
+                out += [f"rank {r} lacks {m}" for m in self.rd.missing_rank_files(tag, r, layout)]
                 continue
-            have = self.rd.rank_files(tag, r)
+            have = self.rd.rank_files(tag, r, layout)
             for rel, size in want.get(str(r), {}).items():
                 if rel not in have:
                     out.append(f"{rel} is missing")
@@ -262,6 +264,14 @@ class Checkpointer:
         for note in check_compatible(state.compat, self.compat):
             self._log(f"resume: config changed (allowed): {note}")
         saved_world = state.compat.get("world_size", self.d.world)
+        if saved_world != self.d.world and self.layout != ShardLayout():
+            raise ResumeError(
+                f"{self.rd.checkpoint(state.tag)} was saved by {saved_world} ranks with ZeRO-{self.layout.zero_stage}"
+                + (f" and tensor parallelism {self.layout.tp}" if self.layout.tp > 1 else "")
+                + f": resuming on {self.d.world} ranks re-shards through DeepSpeed's universal checkpoint, which "
+                "dwmtrain does for ZeRO-3 without tensor parallelism only; resume on "
+                f"{saved_world} ranks (the checkpoint is kept)"
+            )
         if saved_world != self.d.world:  # the ZeRO-3 shards are per rank: re-shard through the universal format
             self._log(
                 f"resume: world size {saved_world} -> {self.d.world}: loading {state.tag} as a universal checkpoint"

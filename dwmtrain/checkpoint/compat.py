@@ -22,6 +22,8 @@ BREAKING = {
     "meta_mode": "meta.mode",
     "data_sha": "the training data (data.train_data index)",
     "seed": "run.seed (the data order)",
+    "zero_stage": "deepspeed.zero_stage (what each rank's shards hold)",
+    "tensor_parallel": "deepspeed.tensor_parallel_size (how each matrix is split)",
 }
 
 
@@ -39,6 +41,8 @@ def compat_fields(cfg, world: int, global_batch: int, spec, tok_sha: str, starts
         "tokenizer_sha256": tok_sha,
         "global_batch_size": global_batch,
         "world_size": world,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "tensor_parallel": cfg.deepspeed.tensor_parallel_size,
         "dwm_backbone": cfg.dwm.backbone,
         "meta_mode": cfg.meta.mode,
         "data_sha": sha256_file(Path(cfg.data.train_data) / "index.json"),

@@ -1,5 +1,5 @@
-"""The LM's consolidated fp32 weights: gathered from the ZeRO-3 partitions at stage boundaries (the meta job's
-input), and read back for the meta job, the export and the evaluation."""
+"""The LM's consolidated fp32 weights: gathered from the ZeRO partitions and the tensor-parallel slices at stage
+boundaries (the meta job's input), and read back for the meta job, the export and the evaluation."""
 
 from __future__ import annotations
 
@@ -10,21 +10,39 @@ import torch
 from dwmtrain.checkpoint.safe_load import safe_torch_load
 from dwmtrain.errors import CheckpointError
 from dwmtrain.fileio import atomic_file
-from dwmtrain.rundir import RunDir
+from dwmtrain.rundir import RunDir, ShardLayout
 
 FORMAT = "dwmtrain-lm-fp32-v1"
 
 
 def gather_fp32_weights(module, is_main: bool) -> dict[str, torch.Tensor] | None:
-    """Collective: the full fp32 master weights of a ZeRO-3 module, by name, on rank 0 (None elsewhere)."""
+    """Collective: the full fp32 master weights of a DeepSpeed engine's module, by name, on rank 0 (None
+    elsewhere): ZeRO's partitions gathered, then AutoTP's slices."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     out = {}
     for name, p in module.named_parameters():
         full = safe_get_full_fp32_param(p)  # all-gathers the fp32 partitions (the optimizer's master copy)
+        full = _join_tensor_parallel_slices(module.get_submodule(name.rpartition(".")[0]), p, full)
         if is_main:
             out[name] = full.detach().to("cpu", torch.float32).contiguous().clone()
     return out if is_main else None
+
+
+def _join_tensor_parallel_slices(owner, p, value: torch.Tensor) -> torch.Tensor:
+    """Collective over ``owner``'s tensor-parallel group: the whole ``p`` from every rank's slice ``value`` when
+    AutoTP split ``owner`` (column-parallel: rows, bias too; row-parallel: the weight's columns), else ``value``."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+
+    if isinstance(owner, LinearAllreduce):
+        dim = 1 if p is owner.weight else None  # the row-parallel bias is whole on every rank
+    elif isinstance(owner, LinearLayer):
+        dim = 0
+    else:
+        dim = None
+    if dim is None or getattr(owner, "mp_group", None) is None:
+        return value
+    return owner._all_gather_shards(value, owner._partition_sizes, dim)  # AutoTP's own reassembly (uneven splits)
 
 
 def save_lm_weights(engine, rd: RunDir, tag: str, is_main: bool) -> None:
@@ -48,8 +66,14 @@ def consolidated_lm_state(rd: RunDir, tag: str) -> dict[str, torch.Tensor]:
         return load_file(str(rd.lm_weights(tag)))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    world = json.loads(rd.marker(tag).read_text()).get("compat", {}).get("world_size")
-    gaps = [f for r in range(world or 1) for f in rd.missing_rank_files(tag, r) if "optim" in f]
+    compat = json.loads(rd.marker(tag).read_text()).get("compat", {})
+    world, layout = compat.get("world_size"), ShardLayout.of(compat)
+    if layout.tp > 1:  # zero_to_fp32 reads ZeRO's partitions, not AutoTP's slices
+        raise CheckpointError(
+            f"checkpoint {rd.checkpoint(tag)} (tensor parallelism {layout.tp}) has no lm_fp32.safetensors: only "
+            "stage-boundary and final checkpoints hold the whole LM; use one of them"
+        )
+    gaps = [f for r in range(world or 1) for f in rd.missing_rank_files(tag, r, layout) if "optim" in f]
     if gaps:  # zero_to_fp32 reads the optimizer shards, where ZeRO-3 keeps the fp32 master weights
         raise CheckpointError(
             f"checkpoint {rd.checkpoint(tag)} has no lm_fp32.safetensors and lacks other ranks' shards here "

@@ -11,11 +11,12 @@ from dwmtrain.errors import ConfigError
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Resolved batch sizes: global = micro * accum * world."""
+    """Resolved batch sizes: global = micro * accum * data-parallel ranks (the world over the tensor-parallel size:
+    the ranks of one tensor-parallel group train on the same micro-batches)."""
 
     micro_batch_size: int
     gradient_accumulation_steps: int
-    world_size: int
+    world_size: int  #: data-parallel ranks
     global_batch_size: int
     seq_len: int
 
@@ -76,9 +77,17 @@ def batch_plan(cfg, world: int) -> BatchPlan:
     ds = cfg.deepspeed
     return resolve_batch(
         ds.micro_batch_size,
-        world,
+        data_parallel_size(world, ds.tensor_parallel_size),
         cfg.data.seq_len,
         ds.global_batch_size,
         ds.global_batch_tokens,
         ds.gradient_accumulation_steps,
     )
+
+
+def data_parallel_size(world: int, tensor_parallel: int) -> int:
+    """Data-parallel ranks of ``world`` ranks in tensor-parallel groups of ``tensor_parallel``."""
+    if world % tensor_parallel:
+        raise ConfigError(f"deepspeed.tensor_parallel_size={tensor_parallel}: does not divide the world of {world} "
+                          "ranks")  # fmt: skip
+    return world // tensor_parallel

@@ -15,6 +15,7 @@ DS_TEMPLATE_DIR = PACKAGE_DIR / "ds_configs"
 
 #: zero_optimization key -> the deepspeed.* field that sets it
 ZERO_KNOBS = {
+    "stage": "zero_stage",
     "stage3_prefetch_bucket_size": "prefetch_bucket_size",
     "stage3_param_persistence_threshold": "param_persistence_threshold",
     "reduce_bucket_size": "reduce_bucket_size",
@@ -24,9 +25,20 @@ ZERO_KNOBS = {
 }
 
 
+#: AutoTP's split of a Llama-family decoder layer (Llama, Mistral, Qwen2/3 name them alike): q/k/v and the MLP's
+#: gate/up split by output rows (column-parallel), o_proj and down_proj by input columns (row-parallel, one
+#: all-reduce each). Everything else stays whole on every rank: the embedding, the norms and the LM head, whose
+#: full-vocabulary output the fused per-sample loss needs (models.lm.LossHead)
+TP_LAYER_SPECS = [
+    {"patterns": [r".*\.o_proj\.weight$", r".*\.down_proj\.weight$"], "partition_type": "row"},
+    {"patterns": [r".*\.[qkv]_proj\.(weight|bias)$", r".*\.(gate|up)_proj\.weight$"], "partition_type": "column"},
+]
+
+
 def zero_knobs(ds) -> dict:
-    """The zero_optimization entries the config tree owns."""
-    out = {key: getattr(ds, name) for key, name in ZERO_KNOBS.items() if not key.startswith("offload")}
+    """The zero_optimization entries the config tree owns (ZeRO-3's own only at stage 3)."""
+    out = {key: getattr(ds, name) for key, name in ZERO_KNOBS.items()
+           if not key.startswith("offload") and (ds.zero_stage == 3 or not key.startswith("stage3_"))}  # fmt: skip
     if ds.offload_optimizer == "cpu":
         out["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params == "cpu":
@@ -66,7 +78,14 @@ def build_deepspeed_config(cfg, world: int, accelerator: str) -> dict:
     plan = batch_plan(cfg, world)
     prec = resolve_precision(ds.precision, accelerator)
     out = dict(template)
-    out["zero_optimization"] = {**template.get("zero_optimization", {}), **zero_knobs(ds)}
+    zero = {k: v for k, v in template.get("zero_optimization", {}).items()
+            if ds.zero_stage == 3 or not k.startswith("stage3_")}  # fmt: skip
+    out["zero_optimization"] = {**zero, **zero_knobs(ds)}
+    if ds.tensor_parallel_size > 1:
+        out["tensor_parallel"] = {
+            "autotp_size": ds.tensor_parallel_size,
+            "partition_config": {"use_default_specs": False, "layer_specs": TP_LAYER_SPECS},
+        }
     out.update(
         train_batch_size=plan.global_batch_size,
         train_micro_batch_size_per_gpu=plan.micro_batch_size,

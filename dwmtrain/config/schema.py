@@ -278,10 +278,12 @@ class DeepSpeedConfig:
     global_batch_tokens: int = 0  #: tokens per optimizer step (the paper: 4M = 4096 x 1024)
     gradient_accumulation_steps: int = 0  #: 0: derived from the global batch and world size
     precision: str = "auto"  #: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    #: Megatron-style tensor parallelism (DeepSpeed AutoTP) over this many ranks: not available yet, refused.
-    #: AutoTP training composes with ZeRO stages 0-2 only, and every dwmtrain path (the partitioned build, the
-    #: checkpoints, the meta job's consolidated weights, the data ranks) is ZeRO-3; docs/scaling.md says more
-    tensor_parallel: int = 1
+    #: 1 | 2 | 3: what ZeRO shards over the data-parallel ranks (1: the optimizer states, 2: and the gradients,
+    #: 3: and the parameters); tensor parallelism needs 1 or 2
+    zero_stage: int = 3
+    #: Megatron-style tensor parallelism (DeepSpeed AutoTP) over this many consecutive ranks (within a node):
+    #: each attention and MLP matrix split across them; with ZeRO stage 1 or 2 (AutoTP training's), docs/scaling.md
+    tensor_parallel_size: int = 1
     # ZeRO-3's knobs at scale (written into zero_optimization; docs/scaling.md says what each trades)
     #: parameters gathered ahead of use (stage3_prefetch_bucket_size): more overlaps communication with compute,
     #: costs that many elements of GPU memory in the training dtype
@@ -314,9 +316,13 @@ class DeepSpeedConfig:
             positive(f"deepspeed.{f}", getattr(self, f))
         check(self.param_persistence_threshold >= 0, "deepspeed.param_persistence_threshold",
               self.param_persistence_threshold, "must be >= 0")  # fmt: skip
-        check(self.tensor_parallel == 1, "deepspeed.tensor_parallel", self.tensor_parallel,
-              "tensor parallelism is not available: DeepSpeed 0.19's AutoTP training runs with ZeRO stages 0-2 only, "
-              "and dwmtrain trains with ZeRO-3 (docs/scaling.md); use 1")  # fmt: skip
+        positive("deepspeed.tensor_parallel_size", self.tensor_parallel_size)
+        one_of("deepspeed.zero_stage", self.zero_stage, (1, 2, 3))
+        check(self.tensor_parallel_size == 1 or self.zero_stage < 3, "deepspeed.zero_stage", self.zero_stage,
+              f"with deepspeed.tensor_parallel_size={self.tensor_parallel_size}: DeepSpeed's AutoTP training runs "
+              "with ZeRO stage 1 or 2; set deepspeed.zero_stage=1")  # fmt: skip
+        check(self.offload_params == "none" or self.zero_stage == 3, "deepspeed.offload_params", self.offload_params,
+              f"needs deepspeed.zero_stage=3 (only it partitions parameters), not {self.zero_stage}")  # fmt: skip
         one_of("deepspeed.offload_optimizer", self.offload_optimizer, ("none", "cpu"))
         one_of("deepspeed.offload_params", self.offload_params, ("none", "cpu"))
         check(self.offload_params == "none" or self.offload_optimizer == "cpu", "deepspeed.offload_params",

@@ -53,14 +53,18 @@ class ValidationSet:
 
 
 @torch.no_grad()
-def validation_metrics(forward, val: ValidationSet, n_batches: int, bs: int, rank: int, world: int, device) -> dict:
-    """Mean per-example loss and accuracy (exact match of all target tokens) over all ranks."""
+def validation_metrics(
+    forward, val: ValidationSet, n_batches: int, bs: int, rank: int, world: int, device, counted: bool = True
+) -> dict:
+    """Mean per-example loss and accuracy (exact match of all target tokens) over all ranks (collective);
+    ``rank``/``world``: the data-parallel ones; ``counted``: whether this rank's examples enter the sums (one rank
+    of each tensor-parallel group)."""
     tot = torch.zeros(3, dtype=torch.float64, device=device)
     for b in val.batches(n_batches, bs, rank, world):
         b = {k: v.to(device) for k, v in b.items()}
         loss, hit = per_example_loss(forward(b), b["labels"])
         tot += torch.stack([loss.sum().double(), hit.sum().double(), torch.tensor(len(loss), device=device)])
-    all_reduce_(tot)
+    all_reduce_(tot if counted else tot.zero_())
     return {
         "val_loss": (tot[0] / tot[2]).item(),
         "val_acc": (tot[1] / tot[2]).item(),

@@ -1,5 +1,5 @@
-"""The DeepSpeed engine of a run: the seeded LM (built partitioned), AdamW from the generated config, warmup +
-cosine."""
+"""The DeepSpeed engine of a run: the seeded LM (built partitioned under ZeRO-3, whole for ZeRO-1/2 and tensor
+parallelism), AdamW from the generated config, warmup + cosine."""
 
 from __future__ import annotations
 
@@ -8,20 +8,25 @@ import functools
 import torch
 
 from dwmtrain.config import Config
-from dwmtrain.distributed import broadcast_object, run_on_rank0
-from dwmtrain.errors import ConfigError
+from dwmtrain.distributed import Dist, broadcast_object, run_on_rank0
+from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.lr_schedule import default_warmup, lr_multiplier
 from dwmtrain.models.lm import build_lm, enable_activation_checkpointing
 from dwmtrain.models.pretrained import PretrainedWeights
 from dwmtrain.models.spec import ModelSpec
 
 
-def build_engine(cfg: Config, ds_config: dict, spec: ModelSpec, init_from: str = ""):
-    """Collective: the LM wrapped by ZeRO-3 with its optimizer and LR schedule (DeepSpeed engine); its weights
-    those of the Hugging Face checkpoint ``init_from`` when given, else seeded."""
+def build_engine(cfg: Config, ds_config: dict, spec: ModelSpec, d: Dist, init_from: str = ""):
+    """Collective: the LM wrapped by ZeRO (and split by AutoTP over ``d.tp`` ranks) with its optimizer and LR
+    schedule (DeepSpeed engine); its weights those of the Hugging Face checkpoint ``init_from`` when given, else
+    seeded."""
     import deepspeed
 
-    lm = build_partitioned_lm(spec, cfg.model.attn_implementation, cfg.run.seed, ds_config, init_from)
+    attn, seed = cfg.model.attn_implementation, cfg.run.seed
+    if cfg.deepspeed.zero_stage == 3:
+        lm = build_partitioned_lm(spec, attn, seed, ds_config, init_from)
+    else:  # ZeRO-1/2 keep every parameter whole (or AutoTP's slice of it) on every rank
+        lm = build_whole_lm(spec, attn, seed, init_from)
     lm.loss_chunk_tokens = cfg.model.loss_chunk_tokens or lm.loss_chunk_tokens
     enable_activation_checkpointing(lm, cfg.model.activation_checkpointing)
     total = cfg.stages.total_steps
@@ -33,9 +38,42 @@ def build_engine(cfg: Config, ds_config: dict, spec: ModelSpec, init_from: str =
         )
 
     engine, _, _, _ = deepspeed.initialize(
-        model=lm, model_parameters=lm.parameters(), config=ds_config, lr_scheduler=schedule
-    )
+        model=lm, model_parameters=lm.parameters(), config=ds_config, lr_scheduler=schedule,
+        mpu=tensor_parallel_groups(spec, d) if d.tp > 1 else None,
+    )  # fmt: skip
     return engine
+
+
+def tensor_parallel_groups(spec: ModelSpec, d: Dist):
+    """Collective: DeepSpeed's (data, tensor) process groups for AutoTP (``deepspeed.utils.groups``, which the
+    engine takes as its ``mpu``: then its batch arithmetic counts data-parallel ranks only), checked against the
+    ranks dwmtrain's data order and checkpoints assume."""
+    from deepspeed.utils import groups
+
+    for what, n in (("attention heads", spec.num_attention_heads), ("key-value heads", spec.num_key_value_heads)):
+        if n % d.tp:
+            raise ConfigError(f"deepspeed.tensor_parallel_size={d.tp}: does not divide the model's {n} {what} "
+                              f"({spec.name})")  # fmt: skip
+    groups._init_tp_mesh_device(tensor_model_parallel_size=d.tp)  # DeepSpeed's own AutoTP path calls the same
+    if (groups.get_data_parallel_rank(), groups.get_tensor_model_parallel_rank()) != (d.dp_rank, d.tp_rank):
+        raise DWMTrainError(
+            f"rank {d.rank}: DeepSpeed put it at data-parallel rank {groups.get_data_parallel_rank()}, tensor-parallel "
+            f"rank {groups.get_tensor_model_parallel_rank()}; dwmtrain expects {d.dp_rank}, {d.tp_rank}"
+        )
+    return groups
+
+
+def build_whole_lm(spec: ModelSpec, attn: str, seed: int, init_from: str = ""):
+    """The run's LM of ``spec`` built whole on this rank (every rank builds the same seeded weights), or with the
+    weights of the Hugging Face checkpoint ``init_from``, read one tensor at a time; AutoTP then keeps each rank's
+    slice. A node of 8 ranks holds 8 full copies while it builds: docs/scaling.md."""
+    lm = build_lm(spec, attn, seed=seed)
+    if init_from:
+        weights = _checked_weights(init_from, lm, spec)  # unfit weights: every rank raises alike
+        with torch.no_grad():
+            for name, p in lm.named_parameters():
+                p.copy_(weights.tensor(name))
+    return lm
 
 
 def build_partitioned_lm(spec: ModelSpec, attn: str, seed: int, ds_config: dict, init_from: str = ""):

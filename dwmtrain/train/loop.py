@@ -34,7 +34,8 @@ def train(run: Run) -> None:
 def run_steps(run: Run, bar) -> None:
     """The loop: stage boundary, one optimizer step, the step's agreement, log, validate, checkpoint, stop."""
     cfg, total, step = run.cfg, run.cfg.stages.total_steps, run.start_step
-    batches = rank_micro_batches(run.order, step * run.plan.global_batch_size, run.d.rank, run.d.world,
+    # the data-parallel rank's micro-batches: the ranks of a tensor-parallel group train on the same ones
+    batches = rank_micro_batches(run.order, step * run.plan.global_batch_size, run.d.dp_rank, run.d.dp_world,
                                  run.plan.micro_batch_size)  # fmt: skip
     weighting, weighting_stage, save_s, alarmed = None, None, None, set()
     while step < total:
@@ -219,9 +220,10 @@ def validate(run: Run) -> dict:
         run.val,
         run.cfg.run.eval_batches,
         run.plan.micro_batch_size,
-        run.d.rank,
-        run.d.world,
+        run.d.dp_rank,
+        run.d.dp_world,
         run.d.device,
+        counted=run.d.tp_rank == 0,  # a tensor-parallel group computed the same examples: counted once
     )
     eng.train()
     return out

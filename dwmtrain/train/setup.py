@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 
 from dwmtrain.checkpoint import Checkpointer, compat_fields
 from dwmtrain.config import BatchPlan, Config, batch_plan, build_deepspeed_config, resolve_precision
+from dwmtrain.config.batch import data_parallel_size
 from dwmtrain.config.stages import stage_starts
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset
 from dwmtrain.data.prepare import prepare_data
@@ -62,6 +64,8 @@ def log0(d: Dist, msg: str) -> None:
 def start_process_group(cfg: Config) -> tuple[Dist, RunDir]:
     """The process group, the threads per CPU rank, the seed, and the run directory on rank 0."""
     d = init_distributed(cfg.run.dist_timeout_s)
+    d = dataclasses.replace(d, tp=cfg.deepspeed.tensor_parallel_size)
+    data_parallel_size(d.world, d.tp)  # a world the tensor-parallel groups do not divide is refused here
     if d.accelerator == "cpu":
         torch.set_num_threads(cpu_threads(cfg.run.threads_per_rank, d.local_world))
     torch.manual_seed(cfg.run.seed)
@@ -110,7 +114,7 @@ def setup(cfg: Config) -> Run:
     ckpt = Checkpointer(rd, d, compat=compat, global_batch_size=plan.global_batch_size, keep_last=cfg.run.keep_last,
                         keep_stage=cfg.run.keep_stage_checkpoints, boundary_weights=True)  # fmt: skip
     # continued pretraining reads model.init_from at the run's start only: a resume has the weights already
-    engine = build_engine(cfg, ds_config, spec, "" if ckpt.has_checkpoint() else cfg.model.init_from)
+    engine = build_engine(cfg, ds_config, spec, d, "" if ckpt.has_checkpoint() else cfg.model.init_from)
     resumed = ckpt.resume(engine)  # None for a fresh run; refuses an incompatible checkpoint
     if d.is_main:  # only once the run is known to be compatible
         rd.config.write_text(cfg.to_yaml())
@@ -205,7 +209,8 @@ def announce(run: Run, arch: DWMArch) -> None:
     log0(
         d,
         f"LM {lm_spec(cfg.model).name}: {run.n_params:,} parameters; world {d.world} ({d.accelerator}, "
-        f"{run.precision}); "
-        f"batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} accum x {d.world} = "
+        f"{run.precision}, ZeRO-{cfg.deepspeed.zero_stage}"
+        + (f", tensor parallel {d.tp} x data parallel {d.dp_world}" if d.tp > 1 else "")
+        + f"); batch {plan.micro_batch_size} x {plan.gradient_accumulation_steps} accum x {d.dp_world} = "
         f"{plan.global_batch_size} seq ({plan.tokens_per_step:,} tokens); stages start at {run.starts}",
     )
