@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from dwmtrain.plan.planner import first_fix
 from .spawn import run_distributed
 
 SHAPE = {"tiny": ["data.seq_len=64"], "small": ["data.seq_len=256"]}
+TP2 = ["deepspeed.tensor_parallel_size=2", "deepspeed.zero_stage=1"]
 
 
 def _activations(micro: int, every: int = 0) -> int:
@@ -87,10 +90,11 @@ def _peak_rss(d, preset: str, overrides: list[str]) -> float:
 
     deepspeed.init_distributed()
     cfg = load_config(preset, overrides)
+    d = dataclasses.replace(d, tp=cfg.deepspeed.tensor_parallel_size)
     engine = build_engine(cfg, build_deepspeed_config(cfg, d.world, "cpu"), lm_spec(cfg.model), d)
     V, mb, T = engine.module.config.vocab_size, cfg.deepspeed.micro_batch_size, cfg.data.seq_len
     dwm = DataWeightingModel(DWMArch.from_config(cfg, V)).eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(d.rank)
+    g = torch.Generator().manual_seed(d.dp_rank)  # a tensor-parallel group trains on the same micro-batches
     for _ in range(3):
         x = torch.randint(0, V, (mb, T), generator=g)
         with torch.inference_mode():
@@ -104,15 +108,18 @@ def _peak_rss(d, preset: str, overrides: list[str]) -> float:
     raise AssertionError("no VmHWM")
 
 
-@pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_the_plans_memory_is_within_a_quarter_of_the_measured_peak(preset, monkeypatch):
-    """The planner's per-process total on CPU ranks (fp32) against the measured peak RSS of each of 2 ranks,
-    started with the allocator setting `dwmtrain train` gives CPU ranks."""
+@pytest.mark.parametrize(
+    "preset,layout", [("tiny", []), ("small", []), ("small", TP2)], ids=["tiny", "small", "small-tp2"]
+)
+def test_the_plans_memory_is_within_a_quarter_of_the_measured_peak(preset, layout, monkeypatch):
+    """The planner's per-process total on CPU ranks (fp32) against the measured peak RSS of each of 2 ranks
+    (ZeRO-3, or tensor parallel over both with ZeRO-1), started with the allocator setting `dwmtrain train` gives
+    CPU ranks."""
     from dwmtrain.cli import CPU_MALLOC_ENV
 
     for k, v in CPU_MALLOC_ENV.items():
         monkeypatch.setenv(k, v)  # the spawned ranks start with it
-    over = [*SHAPE[preset], "deepspeed.global_batch_size=16", "deepspeed.micro_batch_size=8"]
+    over = [*SHAPE[preset], "deepspeed.global_batch_size=16", "deepspeed.micro_batch_size=8", *layout]
     plan = make_plan(load_config(preset, over), 1, 2, parse_device("cpu", 2))
     for peak in run_distributed(_peak_rss, preset, over, timeout=300):
         assert abs(plan.peak - peak) <= 0.25 * peak, (preset, plan.peak / 2**20, peak / 2**20)

@@ -1,9 +1,10 @@
 """Memory per process of a run, from its config: pure arithmetic over the model's shape, the batch and the
-ZeRO-3 layout (DeepSpeed's own estimator for the mixed-precision model states), plus what autograd saves
-(``activations``: traced on the meta device)."""
+ZeRO / tensor-parallel layout (DeepSpeed's own estimators for the mixed-precision model states), plus what autograd
+saves (``activations``: traced on the meta device)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -25,22 +26,49 @@ class Item:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the run's ranks are and how ZeRO-3 holds the LM."""
+    """Where the run's ranks are and how ZeRO (and tensor parallelism) holds the LM."""
 
     nodes: int
     gpus_per_node: int
     precision: str  #: fp32 | bf16 | fp16 (resolved for the accelerator)
     offload_optimizer: bool = False
     offload_params: bool = False
+    zero_stage: int = 3
+    tp: int = 1  #: ranks per tensor-parallel group
 
     @property
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: what ZeRO shards over."""
+        return self.world // self.tp
+
+
+def tensor_parallel_slice(spec, tp: int):
+    """The model one rank of a tensor-parallel group of ``tp`` holds and computes: its share of the attention
+    heads, key-value heads and MLP width (AutoTP's split), the embedding, norms and LM head whole."""
+    if tp == 1:
+        return spec
+    from dwmtrain.models.spec import ModelSpec
+
+    c = dict(spec.config)
+    c.update(
+        head_dim=spec.head_dim,
+        num_attention_heads=spec.num_attention_heads // tp,
+        num_key_value_heads=spec.num_key_value_heads // tp,
+        intermediate_size=-(-c["intermediate_size"] // tp),
+    )
+    return ModelSpec(f"{spec.name} / tp {tp}", json.dumps(c, sort_keys=True))  # fmt: skip
+
 
 def model_states(n_params: int, largest: int, lay: Layout) -> Item:
     """Parameters, gradients and Adam's states of this rank's ZeRO-3 partition (the gathered largest layer is
-    counted under ``gathered``)."""
+    counted under ``gathered``); under ZeRO-1/2, ``n_params`` is what the rank holds whole (its tensor-parallel
+    slice)."""
+    if lay.zero_stage < 3:
+        return _zero12_model_states(n_params, lay)
     if lay.precision == "fp32":  # fp32 partition, its gradient, the fp32 master copy and Adam's m, v: 20 B/param
         per = 20 if not lay.offload_optimizer else (4 if not lay.offload_params else 0)
         return Item("model states (ZeRO-3 partition)", n_params * per // lay.world,
@@ -53,6 +81,26 @@ def model_states(n_params: int, largest: int, lay: Layout) -> Item:
     )  # fmt: skip
     return Item("model states (ZeRO-3 partition)", gpu - largest_bytes,
                 "DeepSpeed estimate_zero3_model_states_mem_needs (18 B/param / ranks, mixed precision)")  # fmt: skip
+
+
+def _zero12_model_states(n_params: int, lay: Layout) -> Item:
+    """ZeRO-1/2: the parameters whole on every rank, the gradients whole (stage 1) or partitioned (stage 2), the
+    fp32 master and Adam's states partitioned over the data-parallel ranks."""
+    dp, sliced = lay.dp, f", tensor-parallel slice 1/{lay.tp}" if lay.tp > 1 else ""
+    name = f"model states (ZeRO-{lay.zero_stage}{sliced})"
+    if lay.precision == "fp32":  # fp32 parameter; gradient; the optimizer's fp32 copy, its gradient, Adam m+v
+        whole, parted = (8, 16) if lay.zero_stage == 1 else (4, 20)
+        return Item(name, n_params * whole + n_params * parted // dp,
+                    f"{whole} B/param + {parted} B/param / {dp} data-parallel ranks (fp32)")  # fmt: skip
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    _, gpu = estimate_zero2_model_states_mem_needs(n_params, dp, 1, cpu_offload=lay.offload_optimizer,
+                                                   additional_buffer_factor=1.0)  # fmt: skip
+    how = "DeepSpeed estimate_zero2_model_states_mem_needs"
+    if lay.zero_stage == 1 and not lay.offload_optimizer:  # stage 1 keeps the 16-bit gradient whole
+        gpu += 2 * n_params - 2 * n_params // dp
+        how += " + the whole 16-bit gradient (stage 1)"
+    return Item(name, gpu, how)
 
 
 def host_model_states(n_params: int, largest: int, lay: Layout) -> int:
@@ -70,8 +118,10 @@ def host_model_states(n_params: int, largest: int, lay: Layout) -> int:
 
 def gathered(n_params: int, largest: int, prefetch: int, reduce_bucket: int, lay: Layout) -> Item:
     """Parameters gathered for use (the largest module and the prefetch bucket) and the gradient bucket being
-    reduce-scattered, in the training dtype."""
+    reduce-scattered, in the training dtype (ZeRO-1/2 gather nothing: the bucket only)."""
     b = DTYPE_BYTES[lay.precision]
+    if lay.zero_stage < 3:
+        return Item("gradient bucket", min(n_params, reduce_bucket) * b, f"reduce bucket {reduce_bucket:,} elements")
     live = min(n_params, largest + prefetch) * b + min(n_params, reduce_bucket) * b
     how = f"(largest {largest:,} + prefetch {prefetch:,}) + reduce bucket {reduce_bucket:,} elements"
     return Item("gathered parameters + gradient bucket", live, how)
@@ -124,7 +174,9 @@ def meta_job_memory(n_params: int, dwm_params: int, saved_train: int, logits: in
     ]  # fmt: skip
 
 
-def checkpoint_bytes(n_params: int) -> tuple[int, int]:
-    """(one ZeRO-3 checkpoint: the fp32 master weights and Adam's m and v, 12 B/param; the consolidated fp32
-    weights written at stage boundaries and at the end, 4 B/param)."""
-    return 12 * n_params, 4 * n_params
+def checkpoint_bytes(n_params: int, lay: Layout | None = None) -> tuple[int, int]:
+    """(one checkpoint: the fp32 master weights and Adam's m and v, 12 B/param, and under ZeRO-1/2 each
+    tensor-parallel rank's module weights in the training dtype; the consolidated fp32 weights written at stage
+    boundaries and at the end, 4 B/param)."""
+    module = n_params * DTYPE_BYTES[lay.precision] if lay is not None and lay.zero_stage < 3 else 0
+    return 12 * n_params + module, 4 * n_params

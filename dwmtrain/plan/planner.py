@@ -88,16 +88,18 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, device: Device, mfu: 
     spec = lm_spec(cfg.model)
     ds, seq = cfg.deepspeed, cfg.data.seq_len
     lay = mem.Layout(nodes, gpus_per_node, resolve_precision(ds.precision, device.accelerator),
-                     ds.offload_optimizer == "cpu", ds.offload_params == "cpu")  # fmt: skip
+                     ds.offload_optimizer == "cpu", ds.offload_params == "cpu", ds.zero_stage,
+                     ds.tensor_parallel_size)  # fmt: skip
     bp = batch_plan(cfg, lay.world)
     arch = DWMArch.from_config(cfg, spec.vocab_size)
     n, nd, largest = spec.num_parameters(), dwm_parameter_count(arch), _largest_module(spec)
+    here = mem.tensor_parallel_slice(spec, lay.tp)  # what one rank holds and computes
     mb, chunk, every = bp.micro_batch_size, cfg.model.loss_chunk_tokens, cfg.model.activation_checkpointing
     fused = cfg.model.attn_implementation == "sdpa"
     items = [
-        mem.model_states(n, largest, lay),
+        mem.model_states(n if lay.zero_stage == 3 else here.num_parameters(), largest, lay),
         mem.gathered(n, largest, ds.prefetch_bucket_size, ds.reduce_bucket_size, lay),
-        mem.activations(spec, mb, seq, lay, cfg.model.attn_implementation, chunk, every, fused),
+        mem.activations(here, mb, seq, lay, cfg.model.attn_implementation, chunk, every, fused),
         mem.dwm_memory(nd, arch.backbone_spec(), mb, seq, lay),
         mem.Item(
             "runtime (context, libraries, communication buffers)",
@@ -105,7 +107,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, device: Device, mfu: 
             "per process; see plan.hardware",
         ),  # fmt: skip
     ]
-    ckpt = mem.checkpoint_bytes(n)
+    ckpt = mem.checkpoint_bytes(n, lay)
     starts = [*stage_starts(cfg.stages.total_steps, cfg.stages.num_stages, list(cfg.stages.boundaries)),
               cfg.stages.total_steps]  # fmt: skip
     resident = sum(i.nbytes for i in items if not i.name.startswith("activations"))

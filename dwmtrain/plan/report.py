@@ -35,7 +35,8 @@ def table(p: Plan) -> list[str]:
     cfg, lay = p.cfg, p.layout
     nodes = f"{lay.nodes} node{'s' if lay.nodes > 1 else ''}"
     out = [f"# {cfg.run.name}: LM {p.n_params:,} parameters, DWM {p.dwm_params:,}; {nodes} x "
-           f"{lay.gpus_per_node} {p.device.name} ({lay.world} ranks), ZeRO-3, {lay.precision}",
+           f"{lay.gpus_per_node} {p.device.name} ({lay.world} ranks), ZeRO-{lay.zero_stage}"
+           + (f", tensor parallel {lay.tp} x data parallel {lay.dp}" if lay.tp > 1 else "") + f", {lay.precision}",
            "", "per device (training):"]  # fmt: skip
     out += [f"  {i.name:<52} {gib(i.nbytes):>12}   {i.how}" for i in p.items]
     out.append(f"  {'total':<52} {gib(p.peak):>12}   of {gib(p.device.memory_bytes)}")
