@@ -210,7 +210,11 @@ class MetaConfig:
     #: process holds 3 LM-sized tensors at its peak: at 8B, 96 GB in fp32, 48 GB in bf16. The meta-gradient's
     #: error against fp64 is 7e-4 in fp32 and 5e-2 to 1e-1 in bf16 (tools/bench.py metaacc; docs/scaling.md)
     lm_dtype: str = "fp32"
-    nproc: int = 1  #: data-parallel processes of the meta job (GPUs, or CPU processes)
+    nproc: int = 1  #: data-parallel processes of the meta job per node (GPUs, or CPU processes)
+    #: nodes the meta job spans (its world: nodes x nproc, the same DWM as one node with that many processes).
+    #: More nodes make the meta-steps faster; each process still holds the whole LM. launch=local starts it with
+    #: srun inside the run's SLURM allocation; launch=external: launchers/slurm/meta_update.sbatch --nodes=N
+    nodes: int = 1
     timeout_s: int = 3600  #: training stops with a resumable checkpoint if the meta job takes longer
     backbone_trainable: bool = True  #: train the DWM backbone too (False: only attention + linears)
     normalize_grad: bool = True  #: standardize dR/dw over each micro-batch: scale-free meta-steps
@@ -236,7 +240,7 @@ class MetaConfig:
         if self.mode == "transfer":
             check(bool(self.dwm_run), "meta.dwm_run", self.dwm_run, "meta.mode=transfer needs a bilevel run directory")
         check(self.fd_eps >= 0, "meta.fd_eps", self.fd_eps, "must be >= 0 (0: by the LM's dtype and norm)")
-        for f in ("steps", "log_every", "lr", "val_batch_size", "nproc", "timeout_s"):
+        for f in ("steps", "log_every", "lr", "val_batch_size", "nproc", "nodes", "timeout_s"):
             positive(f"meta.{f}", getattr(self, f))
         check(self.lookahead_lr >= 0, "meta.lookahead_lr", self.lookahead_lr, "must be >= 0")
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pretrain: config error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    from dwmtrain.launch.env import rendezvous_env
+    from dwmtrain.rendezvous import rendezvous_env
     from dwmtrain.train.main import run_training
 
     os.environ.update(rendezvous_env(os.environ))  # ranks started by mpirun / srun

@@ -1,6 +1,7 @@
-"""The single-node meta-update job for one stage boundary (its entry point).
+"""The meta-update job for one stage boundary (its entry point).
 
     torchrun --standalone --nproc_per_node N -m dwmtrain.meta.job --run-dir DIR --stage K [--checkpoint TAG]
+    srun --nodes M --ntasks-per-node N python -m dwmtrain.meta.job --run-dir DIR --stage K [--checkpoint TAG]
 
 Reads DIR/config.yaml (written by the training job), the ZeRO-3 checkpoint DIR/checkpoints/TAG, the
 previous DWM (DIR/dwm/stage{K-1}.safetensors) if any, and writes DIR/dwm/stage{K}.safetensors plus
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
         from dwmtrain.distributed import cpu_threads, init_distributed
         from dwmtrain.meta.update import run_meta_update
+        from dwmtrain.rendezvous import rendezvous_env
 
+        os.environ.update(rendezvous_env(os.environ))  # tasks of an srun step (torchrun set them already)
         d = init_distributed(cfg.run.dist_timeout_s)
         if d.accelerator == "cpu":
             torch.set_num_threads(cpu_threads(cfg.run.threads_per_rank, d.local_world))

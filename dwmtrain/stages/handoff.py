@@ -19,7 +19,7 @@ from dwmtrain.distributed import Dist, broadcast_tensors, run_on_rank0
 from dwmtrain.errors import EXIT_META_EXTERNAL, PlannedStop
 from dwmtrain.models.dwm import DWMArch, DWMFileError, check_dwm_tokenizer, dwm_from_state, load_dwm_state
 from dwmtrain.rundir import RunDir
-from dwmtrain.stages.meta_job import MetaJobError, meta_job_command, run_meta_job
+from dwmtrain.stages.meta_job import MetaJobError, check_meta_nodes, meta_job_command, run_meta_job
 from dwmtrain.stages.weighting import DomainOracle, FrozenDWM, Uniform, Weighting
 
 
@@ -48,6 +48,8 @@ class StageHandoff:
         self._fixed = None
         self.expect_sha = dict(expect_sha or {})  # stage -> sha256 a resumed checkpoint was trained with
         self.pause: dict | None = None  # bilevel: the last boundary's meta job and broadcast times (seconds)
+        if cfg.meta.mode == "bilevel":
+            check_meta_nodes(cfg.meta.nodes, cfg.meta.launch)
 
     def for_stage(self, stage: int, stage_start_tag: str | None) -> Weighting:
         """The weighting of ``stage``; collective in fixed/transfer/bilevel modes."""
@@ -98,13 +100,15 @@ class StageHandoff:
             raise MetaJobError(
                 f"no complete checkpoint {tag} at the start of stage {stage} to run the meta-update from"
             )
-        cmd = meta_job_command(self.rd.root, stage, tag, self.cfg.meta.nproc)
+        mc = self.cfg.meta
+        cmd = meta_job_command(self.rd.root, stage, tag, mc.nproc, mc.nodes)
         if self.cfg.meta.launch == "external":
             raise ExternalMetaRequired(
                 "stopped at a stage boundary: meta.launch=external; run the meta-update job, then rerun this "
                 "command:\n  " + " ".join(cmd)
             )
-        print(f"[dwmtrain] stage {stage}: running the meta-update job ({self.cfg.meta.nproc} proc)", flush=True)
+        where = f"{mc.nproc} proc" + (f" x {mc.nodes} nodes" if mc.nodes > 1 else "")
+        print(f"[dwmtrain] stage {stage}: running the meta-update job ({where})", flush=True)
         t0 = time.time()
         try:
             run_meta_job(cmd, self.cfg.meta.timeout_s, self.rd.meta_log(stage))

@@ -1,7 +1,8 @@
 """The meta-update job as a process: its command line, its environment, running it with a timeout.
 
-The job is ``python -m dwmtrain.meta.job`` under torchrun (single node, ``meta.nproc`` processes), so it
-runs from an installed package as well as from a checkout.
+The job is ``python -m dwmtrain.meta.job`` under torchrun (one node, ``meta.nproc`` processes), or one srun
+step of ``meta.nodes`` x ``meta.nproc`` tasks inside the run's SLURM allocation, so it runs from an installed
+package as well as from a checkout.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 import dwmtrain
-from dwmtrain.errors import DWMTrainError
+from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.meta import job
 from dwmtrain.procs import run_logged
 
@@ -41,27 +42,34 @@ class MetaJobError(DWMTrainError, RuntimeError):
     hint = "the stage-boundary checkpoint is complete; rerun the same command to resume"
 
 
-def meta_job_command(run_dir: str | os.PathLike, stage: int, tag: str, nproc: int) -> list[str]:
-    """The single-node meta-update job for one boundary (torchrun picks a free port).
+def meta_job_command(run_dir: str | os.PathLike, stage: int, tag: str, nproc: int, nodes: int = 1) -> list[str]:
+    """The meta-update job for one boundary: torchrun on this node (it picks a free port), or with ``nodes`` > 1
+    an srun step over that many nodes of the SLURM allocation, ``nproc`` tasks each (its tasks find their rank and
+    rendezvous in SLURM's variables, the port per job step: ``dwmtrain.rendezvous``).
 
     The lookahead alpha is not passed: the job derives it from the config and the checkpoint's step
     (``meta.update.lookahead_lr``), so a job started here and one started by hand fit the same DWM.
     """
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        job.__name__,
-        "--run-dir",
-        str(run_dir),
-        "--stage",
-        str(stage),
-        "--checkpoint",
-        tag,
-    ]
+    entry = ["-m", job.__name__, "--run-dir", str(run_dir), "--stage", str(stage), "--checkpoint", tag]
+    if nodes == 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry]
+    # --overlap: the trainer's step keeps its resources while it waits; --kill-on-bad-exit: one failed task ends all
+    return ["srun", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes * nproc}", f"--ntasks-per-node={nproc}",
+            "--kill-on-bad-exit=1", sys.executable, *entry]  # fmt: skip
+
+
+def check_meta_nodes(nodes: int, launch: str, env=os.environ) -> None:
+    """A local meta job over ``nodes`` > 1 needs an srun of at least that many nodes (a one-line error before
+    training starts, not at the first boundary)."""
+    if nodes == 1 or launch != "local":
+        return
+    if "SLURM_JOB_ID" not in env:
+        raise ConfigError(f"meta.nodes={nodes}: with meta.launch=local the meta job is an srun step of the run's "
+                          "SLURM allocation, and this run is not in one; set meta.launch=external and start it "
+                          "across your nodes (docs/launching.md)")  # fmt: skip
+    have = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    if have < nodes:
+        raise ConfigError(f"meta.nodes={nodes}: the SLURM allocation has {have} node{'s' * (have > 1)}")
 
 
 def meta_job_env() -> dict:

@@ -8,7 +8,8 @@
 #   launchers/slurm/pipeline.sh --train "--nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --time=24:00:00" \
 #       --meta "--gpus-per-node=8 --time=4:00:00" paper_370m /ckpt/run1
 #
-# Prints the job ids and how to follow and cancel the chain. DWMTRAIN_PYTHON selects the interpreter.
+# Each meta job asks for meta.nodes nodes (--meta "--nodes=..." overrides). Prints the job ids and how to
+# follow and cancel the chain. DWMTRAIN_PYTHON selects the interpreter.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 TRAIN_OPTS="" META_OPTS=""
@@ -27,6 +28,7 @@ export DWMTRAIN_PYTHON=$PYTHON
 # the resolved config decides the stages (and refuses a bad config before anything is submitted)
 STAGES=$("$PYTHON" -m dwmtrain.cli config "$CONFIG" "$@" meta.launch=external --get stages.num_stages)
 MODE=$("$PYTHON" -m dwmtrain.cli config "$CONFIG" "$@" --get meta.mode)
+META_NODES=$("$PYTHON" -m dwmtrain.cli config "$CONFIG" "$@" --get meta.nodes)
 [[ $MODE == bilevel ]] || STAGES=1   # without meta-updates the run is one job
 mkdir -p "$RUN_DIR"
 LOG="$RUN_DIR/slurm"
@@ -40,7 +42,7 @@ for ((k = 1; k <= STAGES; k++)); do
   echo "stage $k training: job $jid"
   if ((k < STAGES)); then
     # shellcheck disable=SC2086
-    jid=$(sbatch --parsable $META_OPTS --dependency=afterok:$dep --job-name="dwm-meta$((k + 1))" \
+    jid=$(sbatch --parsable --nodes="$META_NODES" $META_OPTS --dependency=afterok:$dep --job-name="dwm-meta$((k + 1))" \
           --output="$LOG/meta$((k + 1))-%j.out" "$HERE/meta_update.sbatch" "$RUN_DIR" $((k + 1)))
     ids+=("$jid"); dep=$jid
     echo "stage $((k + 1)) meta-update: job $jid"

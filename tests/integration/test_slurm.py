@@ -1,8 +1,10 @@
 """SLURM as documented, on a real two-node cluster (two slurmd on this host): the stage pipeline with srun
 tasks on both nodes, and a stage job stopped by the time-limit signal that requeues and continues."""
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -86,3 +88,39 @@ def test_a_stage_job_sent_the_time_limit_signal_requeues_and_continues(slurm, tm
     a, b = by_step(ref / "metrics.jsonl"), by_step(metrics)
     assert sorted(b) == list(range(1, 41))
     assert [b[s]["loss"] for s in range(1, 41)] == [a[s]["loss"] for s in range(1, 41)]
+
+
+def test_a_meta_job_over_two_nodes_fits_the_dwm_of_one_node_with_as_many_processes(slurm, tmp_path, bilevel_reference):
+    """meta.nodes=2, meta.nproc=1 against the reference's meta jobs of 1 node x 2 processes (launch=local under
+    the deepspeed launcher): the same world, the same DWM files. External: the stage-2 boundary's job as its own
+    2-node SLURM job; local: a 2-node training job whose rank 0 starts each meta job as an srun step of both nodes."""
+    ref, args = bilevel_reference
+    want = {k: json.loads((ref / "dwm" / f"stage{k}.safetensors.json").read_text())["sha256"] for k in (2, 3)}
+
+    ext = tmp_path / "external"
+    shutil.copytree(ref, ext, ignore=shutil.ignore_patterns("stage2.safetensors*", "stage3.safetensors*"))
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={tmp_path}/meta-%j.out",
+                          str(SLURM / "meta_update.sbatch"), str(ext), "2", "step0000004"],
+                         env={**slurm_env(), "DWMTRAIN_META_NPROC": "1"}, capture_output=True, text=True,
+                         check=True).stdout.strip()  # fmt: skip
+    state, log = wait_jobs([job])[job], (tmp_path / f"meta-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", (state, log[-3000:])
+    assert "1 processes x 2 nodes" in log and "meta-steps x 2 proc" in log
+    got = json.loads((ext / "dwm" / "stage2.safetensors.json").read_text())
+    assert (got["sha256"], got["world_size"]) == (want[2], 2)
+
+    local = tmp_path / "local"
+    local.mkdir()
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--output={local}/%j.out",
+                          str(SLURM / "pretrain.sbatch"), "tiny", str(local / "run"), *args, "meta.nodes=2",
+                          "meta.nproc=1", "run.threads_per_rank=1"], env=slurm_env(), capture_output=True, text=True,
+                         check=True).stdout.strip()  # fmt: skip
+    state, log = wait_jobs([job])[job], (local / f"{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", (state, log[-3000:])
+    assert log.count("running the meta-update job (1 proc x 2 nodes)") == 2
+    meta_log = (local / "run" / "meta" / "stage2.log").read_text()
+    assert "srun --overlap --nodes=2" in meta_log and "meta-steps x 2 proc" in meta_log
+    for k in (2, 3):
+        assert json.loads((local / "run" / "dwm" / f"stage{k}.safetensors.json").read_text())["sha256"] == want[k]
+    a, b = by_step(ref / "metrics.jsonl"), by_step(local / "run" / "metrics.jsonl")
+    assert [b[s]["loss"] for s in range(1, 13)] == [a[s]["loss"] for s in range(1, 13)]
