@@ -32,6 +32,7 @@ Benchmarks:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 CORPUS = ROOT / "dwmtrain" / "data" / "corpus"
 
@@ -365,6 +367,26 @@ def bench_meta(a) -> list[str]:
     ]  # fmt: skip
 
 
+def to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (fp32) rounded to TF32's 10-bit mantissa, to nearest (ties away from zero: the bit pattern's magnitude
+    plus half of the dropped 13 bits), as tensor cores read fp32 inputs when TF32 is allowed."""
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+class EmulatedTF32(TorchDispatchMode):
+    """On any device: every fp32 matrix product (mm, addmm, bmm, baddbmm: the forward's and autograd's backward
+    alike) takes its operands rounded to TF32 and accumulates in fp32, which is what a GPU's TF32 tensor-core
+    matmul computes (the accumulation order aside)."""
+
+    OPERANDS = {"mm": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "baddbmm": (1, 2)}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        which = self.OPERANDS.get(func.overloadpacket.__name__, ())
+        args = [to_tf32(x) if i in which and x.dtype == torch.float32 else x for i, x in enumerate(args)]
+        return func(*args, **(kwargs or {}))
+
+
 def bench_metaacc(a) -> list[str]:
     """The meta-gradient dR/dw in each dtype against the exact one (``per_sample`` mode in fp64), and the fd
     step's error across ``fd_eps``: where truncation (large eps) meets rounding (small eps) per dtype."""
@@ -386,14 +408,16 @@ def bench_metaacc(a) -> list[str]:
 
     copies: dict = {}
 
-    def dR_dw(dtype, mode, eps=1e-2, tf32=False):
+    def dR_dw(dtype, mode, eps=1e-2, tf32=""):
+        """``tf32``: "" off, "gpu" (cuBLAS's TF32 matmuls), "emulated" (``EmulatedTF32``, on any device)."""
         if dtype not in copies:  # one copy of the LM per dtype, not one per call
             copies[dtype] = copy.deepcopy(lm0).to(dev, dtype)
         lm = copies[dtype]
         if dev.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32 == "gpu"
         try:
-            return meta_gradient(lm, lm_params(lm), x, vb, w.to(dtype), alpha, mode, eps, False).dR_dw.double()
+            with EmulatedTF32() if tf32 == "emulated" else contextlib.nullcontext():
+                return meta_gradient(lm, lm_params(lm), x, vb, w.to(dtype), alpha, mode, eps, False).dR_dw.double()
         finally:
             if dev.type == "cuda":
                 torch.backends.cuda.matmul.allow_tf32 = False
@@ -403,9 +427,10 @@ def bench_metaacc(a) -> list[str]:
     def rel(d: torch.Tensor) -> float:
         return ((d - exact).norm() / exact.norm()).item()
 
-    dtypes = {"fp64": (torch.float64, False), "fp32": (torch.float32, False), "bf16": (torch.bfloat16, False)}
+    dtypes = {"fp64": (torch.float64, ""), "fp32": (torch.float32, ""), "fp32+tf32 (emulated)": (torch.float32,
+              "emulated"), "bf16": (torch.bfloat16, "")}  # fmt: skip
     if dev.type == "cuda":
-        dtypes["fp32+tf32"] = (torch.float32, True)
+        dtypes["fp32+tf32"] = (torch.float32, "gpu")
     out = []
     for name, (dt, tf32) in dtypes.items():
         errs = {eps: rel(dR_dw(dt, "fd", eps, tf32)) for eps in a.fd_eps_list}
@@ -419,7 +444,7 @@ def bench_metaacc(a) -> list[str]:
         out.append(line(f"metaacc.{name} default fd_eps {auto_eps:.3g} / best", f"{auto / errs[best]:.2f}x "
                         f"({auto:.1e} vs {errs[best]:.1e})", "<= 3x", auto <= 3 * errs[best]))  # fmt: skip
         if dt != torch.float64:
-            del copies[dt]  # the fp64 copy serves the reference; the others are done
+            copies.pop(dt)  # the fp64 copy serves the reference; the others are done (fp32 twice: made again)
     return out
 
 

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ.update(rendezvous_env(os.environ))  # tasks of an srun step (torchrun set them already)
         d = init_distributed(cfg.run.dist_timeout_s)
+        # full fp32 matmuls, never TF32: TF32's rounded inputs make dR/dw about 28x less accurate at the default
+        # fd_eps (tools/bench.py metaacc, emulated; docs/scaling.md)
+        torch.set_float32_matmul_precision("highest")
         if d.accelerator == "cpu":
             torch.set_num_threads(cpu_threads(cfg.run.threads_per_rank, d.local_world))
         run_meta_update(cfg, d, a.stage, tag, a.lookahead_lr or None, started_at=process_started_at())
