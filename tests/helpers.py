@@ -79,3 +79,41 @@ def kill_tree(pid: int) -> None:
             os.kill(q, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def wandb_offline_runs(root: Path) -> list[tuple[str, list]]:
+    """(run id, records) of every offline W&B run under ``root``/wandb, oldest first: the records of its
+    ``run-ID.wandb`` log (W&B's LevelDB-style log of protobuf ``Record``s: 32 KiB blocks of chunks, each a CRC,
+    a 2-byte length and a type: full, first, middle, last), read without a network or a W&B account."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out = []
+    for f in sorted(Path(root).glob("wandb/offline-run-*/run-*.wandb")):
+        raw, pos, part, records = f.read_bytes(), 7, b"", []
+        assert raw[:4] == b":W&B", f
+        while pos + 7 <= len(raw):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+                pos += 32768 - pos % 32768
+                continue
+            n, kind = int.from_bytes(raw[pos + 4 : pos + 6], "little"), raw[pos + 6]
+            data, pos = raw[pos + 7 : pos + 7 + n], pos + 7 + n
+            if kind in (1, 4):  # full, last
+                rec = pb.Record()
+                rec.ParseFromString(part + data)
+                records.append(rec)
+                part = b""
+            elif kind in (2, 3):  # first, middle
+                part += data
+        out.append((f.stem.removeprefix("run-"), records))
+    return out
+
+
+def wandb_history(records: list) -> list[dict]:
+    """The logged rows of one offline W&B run: {key: value}."""
+    import json
+
+    rows = []
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    return rows

@@ -30,6 +30,22 @@ def package_path(path: str) -> str:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases tracking of a training run, from rank 0 (disabled by default)."""
+
+    #: disabled | online | offline (W&B's own modes; offline: written under RUN_DIR/wandb without a network,
+    #: ``wandb sync`` uploads it later)
+    mode: str = "disabled"
+    project: str = "dwmtrain"  #: the W&B project
+    entity: str = ""  #: the W&B team or user ('': the logged-in default)
+    name: str = ""  #: the run's display name ('': run.name)
+
+    def __post_init__(self):
+        one_of("run.wandb.mode", self.mode, ("disabled", "online", "offline"))
+        check(bool(self.project), "run.wandb.project", self.project, "must be set")
+
+
+@dataclass
 class RunConfig:
     """Where and how the run records itself."""
 
@@ -48,6 +64,9 @@ class RunConfig:
     #: a step with a non-finite loss or gradient norm is skipped (no update, the LR schedule waits) and counted;
     #: this many in a row stop the run (exit 2) before that step is saved, so a rerun resumes from a sound state
     stop_after_nonfinite: int = 5
+    #: every metrics.jsonl / eval.jsonl record, the resolved config, the stage boundaries and the meta-update logs
+    #: to W&B; a rerun continues the same W&B run (its id is kept in RUN_DIR/wandb_id)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
         check(bool(self.run_dir), "run.run_dir", self.run_dir, "must be set")

@@ -184,6 +184,7 @@ def report_pause(run: Run, stage: int, save_s: float | None, pause: dict | None)
     )
     run.rd.meta_dir.mkdir(parents=True, exist_ok=True)
     (run.rd.meta_dir / f"stage{stage}.pause.json").write_text(json.dumps({**p, "meta_job": t}, indent=1))
+    run.metrics.boundary(run.starts[stage - 1], stage, p)
 
 
 def weight_alarm(stats: dict, micro_batch: int, ess_frac: float, max_frac: float) -> str:

@@ -1,4 +1,4 @@
-"""metrics.jsonl (one record per optimizer step), eval.jsonl, TensorBoard; rank 0 only."""
+"""metrics.jsonl (one record per optimizer step), eval.jsonl, TensorBoard, Weights & Biases; rank 0 only."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from dwmtrain.errors import PlannedStop
 from dwmtrain.fileio import atomic_write_text, read_jsonl
 from dwmtrain.rundir import RunDir
 
@@ -30,16 +31,26 @@ def mfu(tokens_per_s: float, n_params: int, n_devices: int, peak: float | None) 
 
 
 class MetricsWriter:
-    """Appends JSON records; on resume, drops records past the resumed step first."""
+    """Appends JSON records (and sends them to TensorBoard and W&B); on resume, drops records past the resumed
+    step first."""
 
-    def __init__(self, rd: RunDir, enabled: bool, tensorboard: bool, resume_step: int | None):
+    def __init__(self, rd: RunDir, enabled: bool, tensorboard: bool, resume_step: int | None, cfg=None):
         self.enabled = enabled
         self.path, self.eval_path = rd.metrics, rd.evals
-        self.tb = None
+        self.tb = self.wandb = None
         if not enabled:
             return
         for p in (self.path, self.eval_path):
             _truncate_after(p, resume_step if resume_step is not None else 0)
+        if cfg is not None and cfg.run.wandb.mode != "disabled":
+            from dwmtrain.train.wandb_run import WandbRun
+
+            self.wandb = WandbRun(cfg, rd)
+            # a rerun sends the records it keeps again: what a killed run's W&B process had not written yet is
+            # then there too (the rest are the same values at the same steps)
+            for path, kind in ((self.path, "train"), (self.eval_path, "eval")):
+                for rec in read_jsonl(path):
+                    self.wandb.log(rec, kind)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -57,16 +68,26 @@ class MetricsWriter:
             for k, v in rec.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(f"{kind}/{k}", v, rec["step"])
+        if self.wandb is not None:
+            self.wandb.log(rec, kind)
 
-    def close(self) -> None:
+    def boundary(self, step: int, stage: int, pause: dict) -> None:
+        """A stage boundary's pause and its meta-update (W&B; the files are in RUN_DIR/meta already)."""
+        if self.enabled and self.wandb is not None:
+            self.wandb.boundary(step, stage, pause)
+
+    def close(self, failed: bool = False) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish(failed)
+            self.wandb = None
 
     def __enter__(self) -> MetricsWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None and not issubclass(exc_type, PlannedStop))
 
 
 def _truncate_after(path: Path, step: int) -> None:

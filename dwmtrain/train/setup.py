@@ -136,7 +136,7 @@ def setup(cfg: Config) -> Run:
         order=GlobalOrder(len(data), cfg.run.seed),
         val=validation_set(cfg),
         ckpt=ckpt,
-        metrics=MetricsWriter(rd, d.is_main, cfg.run.tensorboard, start_step if resumed else None),
+        metrics=MetricsWriter(rd, d.is_main, cfg.run.tensorboard, start_step if resumed else None, cfg),
         handoff=StageHandoff(cfg, d, arch, dwm_dtype, rd, expect_sha, data=data, tokenizer_sha=tok_sha),
         starts=starts,
         n_params=spec.num_parameters(),

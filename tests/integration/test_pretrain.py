@@ -12,6 +12,7 @@ from dwmtrain.checkpoint import safe_torch_load
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm
 from dwmtrain.report import summarize
 
+from ..helpers import wandb_history, wandb_offline_runs
 from .helpers import (
     DEEPSPEED,
     REPO,
@@ -70,17 +71,23 @@ def test_trains_loss_falls_checkpoints_and_exact_resume_after_sigkill(tmp_path, 
     assert list((full / "tensorboard").iterdir())
     deepspeeds_own_tools_read_it(full, tmp_path)
 
-    # killed at step 7 (after the boundary at 4, before the one at 8), resumed from step 6
-    run_until_step_then_kill(launch(killed, base(data64)), killed / "metrics.jsonl", 7)
+    # killed at step 7 (after the boundary at 4, before the one at 8), resumed from step 6; tracked by W&B offline
+    tracked = base(data64, "run.wandb.mode=offline")
+    run_until_step_then_kill(launch(killed, tracked), killed / "metrics.jsonl", 7)
     latest = json.loads((killed / "checkpoints" / "latest.json").read_text())["step"]
     assert latest in (4, 6)
-    p = run(launch(killed, base(data64)))
+    p = run(launch(killed, tracked), WANDB_SILENT="true")
     assert "resumed from" in p.stdout + p.stderr
     b = by_step(killed / "metrics.jsonl")
     assert sorted(b) == list(range(1, 13))
     for s in range(1, 13):
         assert b[s]["loss"] == a[s]["loss"], (s, b[s]["loss"], a[s]["loss"])
         assert b[s]["lr"] == a[s]["lr"]
+    (id1, _), (id2, after) = wandb_offline_runs(killed)  # the killed run's and the rerun's: one W&B run
+    assert id1 == id2
+    # the SIGKILL took W&B's process too, before it wrote its buffer: the rerun sends its kept records again
+    logged = {r["step"]: r["train/loss"] for r in wandb_history(after) if "train/loss" in r}
+    assert logged == {s: b[s]["loss"] for s in range(1, 13)}
 
     # rerunning a finished run changes nothing; a breaking config change is refused
     run(launch(full, base(data64)))
