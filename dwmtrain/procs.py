@@ -4,6 +4,7 @@ timeout, when this process started, and this host's memory."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -49,6 +50,9 @@ def exit_with_parent(poll_s: float = 1.0) -> threading.Thread:
     return t
 
 
+TERM_GRACE_S = 10.0  #: seconds a timed-out child's process group has between SIGTERM and SIGKILL
+
+
 def run_logged(cmd: list[str], timeout_s: float, log_path: Path, env: dict) -> int | None:
     """Run ``cmd`` with its output appended to ``log_path``, in its own session, dying with this process.
     Returns its exit code, or None when it ran past ``timeout_s`` (its whole process group is then killed)."""
@@ -67,8 +71,16 @@ def run_logged(cmd: list[str], timeout_s: float, log_path: Path, env: dict) -> i
         try:
             return proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            # SIGTERM first: srun passes it to its tasks on every node and ends the step (a SIGKILLed srun cannot);
+            # what has not ended after the grace is killed
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=TERM_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the group's stragglers
             return None
 
 

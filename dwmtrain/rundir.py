@@ -41,14 +41,15 @@ class ShardLayout:
         return cls(int(compat.get("zero_stage", 3)), int(compat.get("tensor_parallel", 1)))
 
     def patterns(self, rank: int) -> tuple[str, ...]:
-        """Globs of global rank ``rank``'s files: ZeRO-3 writes a model and an optimizer shard per rank; ZeRO-1/2
-        an optimizer shard per rank, named by its data-parallel and tensor-parallel rank, and the model states once
-        per tensor-parallel rank (by data-parallel rank 0)."""
+        """Globs of the files global rank ``rank`` needs on its storage: ZeRO-3 writes a model and an optimizer shard
+        per rank; ZeRO-1/2 an optimizer shard per rank, named by its data-parallel and tensor-parallel rank, and
+        the model states once per tensor-parallel rank (by data-parallel rank 0), which every rank of that
+        tensor-parallel rank loads: a ZeRO-1/2 run needs storage its nodes share (a save on node-local disks is
+        refused, naming the file a rank lacks)."""
         if self.zero_stage == 3:
             return f"zero_pp_rank_{rank}_mp_rank_*_model_states.pt", f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"
         dp, t = divmod(rank, self.tp)
-        optim = f"*zero_pp_rank_{dp}_mp_rank_{t:02d}_optim_states.pt"
-        return (f"mp_rank_{t:02d}_model_states.pt", optim) if dp == 0 else (optim,)
+        return f"mp_rank_{t:02d}_model_states.pt", f"*zero_pp_rank_{dp}_mp_rank_{t:02d}_optim_states.pt"
 
 
 @dataclass(frozen=True)

@@ -260,10 +260,15 @@ def test_shard_layout_names_each_ranks_files_by_data_and_tensor_parallel_rank(tm
         (rd.checkpoint(tag) / f).write_bytes(b"x" * (1 + len(f)))
     tp = ShardLayout.of({"zero_stage": 1, "tensor_parallel": 2})
     owned = [sorted(k for k in rd.rank_files(tag, r, tp) if not k.startswith("rng")) for r in range(4)]
-    assert owned == [[TP_FILES[0], TP_FILES[2]], [TP_FILES[1], TP_FILES[3]], [TP_FILES[4]], [TP_FILES[5]]]
+    # each rank needs its tensor-parallel rank's model states (written once, by data-parallel rank 0: every rank
+    # loads them) and its own optimizer shard
+    assert owned == [[TP_FILES[0], TP_FILES[2]], [TP_FILES[1], TP_FILES[3]], [TP_FILES[0], TP_FILES[4]],
+                     [TP_FILES[1], TP_FILES[5]]]  # fmt: skip
     assert all(not rd.missing_rank_files(tag, r, tp) for r in range(4))
     (rd.checkpoint(tag) / TP_FILES[3]).unlink()
     assert rd.missing_rank_files(tag, 1, tp) == [str(rd.checkpoint(tag) / "*zero_pp_rank_0_mp_rank_01_optim_states.pt")]
+    (rd.checkpoint(tag) / TP_FILES[1]).unlink()  # a node that does not see the model states: rank 3 lacks them too
+    assert rd.missing_rank_files(tag, 3, tp) == [str(rd.checkpoint(tag) / TP_FILES[1])]
     assert ShardLayout.of({}) == ShardLayout(3, 1)  # checkpoints from before the layout was recorded: ZeRO-3
     assert rd.missing_rank_files(tag, 0)  # read as ZeRO-3 this checkpoint lacks rank 0's zero_pp_rank_0_* model shard
 
@@ -288,6 +293,16 @@ def test_a_tensor_parallel_checkpoint_is_not_resumed_at_another_world_size_or_la
     with pytest.raises(ResumeError, match=r"saved by 4 ranks with ZeRO-1 and tensor parallelism 2: resuming on 1 "):
         ck.resume(ShardEngine(0))
     assert sorted(p.name for p in rd.checkpoint(tag).glob("*.pt")) == sorted(TP_FILES)
+    # a checkpoint from before the layout was recorded is ZeRO-3's: not resumed as tensor-parallel ZeRO-1
+    old = {k: v for k, v in saved.items() if k not in ("zero_stage", "tensor_parallel")}
+    rd.marker(tag).write_text(json.dumps({**state.to_marker(), "compat": {**old, "world_size": 1}}))
+    for f in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (rd.checkpoint(tag) / f).write_bytes(b"x")
+    d_tp = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu", tp=1)
+    ck = Checkpointer(rd, d_tp, compat={**old, "world_size": 1, "zero_stage": 2, "tensor_parallel": 1},
+                      global_batch_size=32)  # fmt: skip
+    with pytest.raises(ResumeError, match=r"saved with ZeRO-3, tensor parallelism 1; this run has ZeRO-2, tensor "):
+        ck.resume(ShardEngine(0))
     with pytest.raises(ResumeError, match=r"deepspeed.tensor_parallel_size \(how each matrix is split\): checkpoint "
                                           r"has 2, now 1"):  # fmt: skip
         check_compatible(saved, {**saved, "tensor_parallel": 1, "zero_stage": 3})

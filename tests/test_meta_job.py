@@ -78,13 +78,17 @@ def test_a_sigkilled_torchrun_takes_its_workers_with_it(tmp_path):
 
 def test_a_meta_job_over_nodes_is_an_srun_step_of_the_allocation_and_refused_outside_one():
     from dwmtrain.errors import ConfigError
-    from dwmtrain.stages.meta_job import check_meta_nodes, meta_job_command
+    from dwmtrain.stages.meta_job import check_meta_nodes, external_meta_command, meta_job_command
 
     one = meta_job_command("/r", 2, "step0000004", 8)
     assert one[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"]
     two = meta_job_command("/r", 2, "step0000004", 8, nodes=2)
     assert two[:6] == ["srun", "--overlap", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--kill-on-bad-exit=1"]
     assert two[-8:] == one[-8:]  # the same entry point and arguments
+    assert external_meta_command("/r", 2, "step0000004", 8, 1) == " ".join(one)
+    assert external_meta_command("/r", 2, "step0000004", 8, 2).startswith(  # an srun step needs an allocation
+        "sbatch --nodes=2 --ntasks-per-node=8 launchers/slurm/meta_update.sbatch /r 2 step0000004"
+    )
     check_meta_nodes(2, "external", env={})  # started by hand: nothing to check here
     check_meta_nodes(2, "local", env={"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "4"})
     with pytest.raises(ConfigError, match="meta.nodes=2: with meta.launch=local the meta job is an srun step"):

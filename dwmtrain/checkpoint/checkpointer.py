@@ -263,11 +263,17 @@ class Checkpointer:
             return None
         for note in check_compatible(state.compat, self.compat):
             self._log(f"resume: config changed (allowed): {note}")
-        saved_world = state.compat.get("world_size", self.d.world)
-        if saved_world != self.d.world and self.layout != ShardLayout():
+        saved_world, saved = state.compat.get("world_size", self.d.world), ShardLayout.of(state.compat)
+        if saved != self.layout:  # a checkpoint from before the layout was recorded is ZeRO-3's
             raise ResumeError(
-                f"{self.rd.checkpoint(state.tag)} was saved by {saved_world} ranks with ZeRO-{self.layout.zero_stage}"
-                + (f" and tensor parallelism {self.layout.tp}" if self.layout.tp > 1 else "")
+                f"{self.rd.checkpoint(state.tag)} was saved with ZeRO-{saved.zero_stage}, tensor parallelism "
+                f"{saved.tp}; this run has ZeRO-{self.layout.zero_stage}, tensor parallelism {self.layout.tp}: set "
+                "deepspeed.zero_stage and deepspeed.tensor_parallel_size as the run had them (the checkpoint is kept)"
+            )
+        if saved_world != self.d.world and saved != ShardLayout():
+            raise ResumeError(
+                f"{self.rd.checkpoint(state.tag)} was saved by {saved_world} ranks with ZeRO-{saved.zero_stage}"
+                + (f" and tensor parallelism {saved.tp}" if saved.tp > 1 else "")
                 + f": resuming on {self.d.world} ranks re-shards through DeepSpeed's universal checkpoint, which "
                 "dwmtrain does for ZeRO-3 without tensor parallelism only; resume on "
                 f"{saved_world} ranks (the checkpoint is kept)"

@@ -32,12 +32,14 @@ def gather_fp32_weights(module, is_main: bool) -> dict[str, torch.Tensor] | None
 def _join_tensor_parallel_slices(owner, p, value: torch.Tensor) -> torch.Tensor:
     """Collective over ``owner``'s tensor-parallel group: the whole ``p`` from every rank's slice ``value`` when
     AutoTP split ``owner`` (column-parallel: rows, bias too; row-parallel: the weight's columns), else ``value``."""
-    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, TensorParallel_Layer
 
     if isinstance(owner, LinearAllreduce):
         dim = 1 if p is owner.weight else None  # the row-parallel bias is whole on every rank
     elif isinstance(owner, LinearLayer):
         dim = 0
+    elif isinstance(owner, TensorParallel_Layer):  # a split dwmtrain does not configure (config.deepspeed)
+        raise CheckpointError(f"{type(owner).__name__}: an AutoTP layer whose slices dwmtrain cannot join")
     else:
         dim = None
     if dim is None or getattr(owner, "mp_group", None) is None:
@@ -73,8 +75,9 @@ def consolidated_lm_state(rd: RunDir, tag: str) -> dict[str, torch.Tensor]:
             f"checkpoint {rd.checkpoint(tag)} (tensor parallelism {layout.tp}) has no lm_fp32.safetensors: only "
             "stage-boundary and final checkpoints hold the whole LM; use one of them"
         )
-    gaps = [f for r in range(world or 1) for f in rd.missing_rank_files(tag, r, layout) if "optim" in f]
-    if gaps:  # zero_to_fp32 reads the optimizer shards, where ZeRO-3 keeps the fp32 master weights
+    # zero_to_fp32 reads every rank's optimizer shard (where ZeRO keeps the fp32 master weights) and model states
+    gaps = [f for r in range(world or 1) for f in rd.missing_rank_files(tag, r, layout) if "/rng/" not in f]
+    if gaps:
         raise CheckpointError(
             f"checkpoint {rd.checkpoint(tag)} has no lm_fp32.safetensors and lacks other ranks' shards here "
             f"({gaps[0]}...): copy every node's part of it to this machine, or use a stage-boundary checkpoint"

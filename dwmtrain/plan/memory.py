@@ -174,9 +174,12 @@ def meta_job_memory(n_params: int, dwm_params: int, saved_train: int, logits: in
     ]  # fmt: skip
 
 
-def checkpoint_bytes(n_params: int, lay: Layout | None = None) -> tuple[int, int]:
-    """(one checkpoint: the fp32 master weights and Adam's m and v, 12 B/param, and under ZeRO-1/2 each
-    tensor-parallel rank's module weights in the training dtype; the consolidated fp32 weights written at stage
-    boundaries and at the end, 4 B/param)."""
-    module = n_params * DTYPE_BYTES[lay.precision] if lay is not None and lay.zero_stage < 3 else 0
-    return 12 * n_params + module, 4 * n_params
+def checkpoint_bytes(n_params: int, lay: Layout | None = None, rank_params: int = 0) -> tuple[int, int]:
+    """(one checkpoint: the fp32 master weights and Adam's m and v, 12 B/param; under ZeRO-1/2 of what each
+    tensor-parallel rank holds (``rank_params``: its slice, with its own copy of the embedding and head), plus its
+    module weights in the training dtype; the consolidated fp32 weights written at stage boundaries and at the
+    end, 4 B/param)."""
+    if lay is None or lay.zero_stage == 3:
+        return 12 * n_params, 4 * n_params
+    held = (rank_params or n_params) * lay.tp
+    return (12 + DTYPE_BYTES[lay.precision]) * held, 4 * n_params

@@ -107,7 +107,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, device: Device, mfu: 
             "per process; see plan.hardware",
         ),  # fmt: skip
     ]
-    ckpt = mem.checkpoint_bytes(n, lay)
+    ckpt = mem.checkpoint_bytes(n, lay, here.num_parameters())
     starts = [*stage_starts(cfg.stages.total_steps, cfg.stages.num_stages, list(cfg.stages.boundaries)),
               cfg.stages.total_steps]  # fmt: skip
     resident = sum(i.nbytes for i in items if not i.name.startswith("activations"))

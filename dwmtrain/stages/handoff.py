@@ -19,7 +19,13 @@ from dwmtrain.distributed import Dist, broadcast_tensors, run_on_rank0
 from dwmtrain.errors import EXIT_META_EXTERNAL, PlannedStop
 from dwmtrain.models.dwm import DWMArch, DWMFileError, check_dwm_tokenizer, dwm_from_state, load_dwm_state
 from dwmtrain.rundir import RunDir
-from dwmtrain.stages.meta_job import MetaJobError, check_meta_nodes, meta_job_command, run_meta_job
+from dwmtrain.stages.meta_job import (
+    MetaJobError,
+    check_meta_nodes,
+    external_meta_command,
+    meta_job_command,
+    run_meta_job,
+)
 from dwmtrain.stages.weighting import DomainOracle, FrozenDWM, Uniform, Weighting
 
 
@@ -101,12 +107,12 @@ class StageHandoff:
                 f"no complete checkpoint {tag} at the start of stage {stage} to run the meta-update from"
             )
         mc = self.cfg.meta
-        cmd = meta_job_command(self.rd.root, stage, tag, mc.nproc, mc.nodes)
-        if self.cfg.meta.launch == "external":
+        if mc.launch == "external":
             raise ExternalMetaRequired(
                 "stopped at a stage boundary: meta.launch=external; run the meta-update job, then rerun this "
-                "command:\n  " + " ".join(cmd)
+                "command:\n  " + external_meta_command(self.rd.root, stage, tag, mc.nproc, mc.nodes)
             )
+        cmd = meta_job_command(self.rd.root, stage, tag, mc.nproc, mc.nodes)
         where = f"{mc.nproc} proc" + (f" x {mc.nodes} nodes" if mc.nodes > 1 else "")
         print(f"[dwmtrain] stage {stage}: running the meta-update job ({where})", flush=True)
         t0 = time.time()

@@ -34,6 +34,10 @@ _RENDEZVOUS_VARS = (
 )
 
 _MPI_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "PRTE_")  # an mpirun-started trainer's: not the meta job's
+#: what srun reads as its own options from the environment: the trainer task's binding and CPUs are not the meta
+#: job's tasks' (its srun step gets the allocation's defaults)
+_SRUN_INPUT_VARS = ("SLURM_CPU_BIND", "SLURM_CPU_BIND_LIST", "SLURM_CPU_BIND_TYPE", "SLURM_CPU_BIND_VERBOSE",
+                    "SLURM_CPUS_PER_TASK", "SLURM_TRES_PER_TASK", "SLURM_DISTRIBUTION", "SLURM_MEM_BIND")  # fmt: skip
 
 
 class MetaJobError(DWMTrainError, RuntimeError):
@@ -58,6 +62,15 @@ def meta_job_command(run_dir: str | os.PathLike, stage: int, tag: str, nproc: in
             "--kill-on-bad-exit=1", sys.executable, *entry]  # fmt: skip
 
 
+def external_meta_command(run_dir: str | os.PathLike, stage: int, tag: str, nproc: int, nodes: int) -> str:
+    """What a meta.launch=external stop tells the user to run: the command itself on one node, the SLURM job
+    script over more (an srun step needs an allocation of those nodes)."""
+    if nodes == 1:
+        return " ".join(meta_job_command(run_dir, stage, tag, nproc))
+    return (f"sbatch --nodes={nodes} --ntasks-per-node={nproc} launchers/slurm/meta_update.sbatch {run_dir} {stage} "
+            f"{tag}   (launchers/ of the dwmtrain checkout; docs/launching.md)")  # fmt: skip
+
+
 def check_meta_nodes(nodes: int, launch: str, env=os.environ) -> None:
     """A local meta job over ``nodes`` > 1 needs an srun of at least that many nodes (a one-line error before
     training starts, not at the first boundary)."""
@@ -74,7 +87,8 @@ def check_meta_nodes(nodes: int, launch: str, env=os.environ) -> None:
 
 def meta_job_env() -> dict:
     """The trainer's environment without its rendezvous variables, importing this same dwmtrain."""
-    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARS and not k.startswith(_MPI_PREFIXES)}
+    drop = {*_RENDEZVOUS_VARS, *_SRUN_INPUT_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(_MPI_PREFIXES)}
     pkg_parent = str(Path(dwmtrain.__file__).resolve().parents[1])
     if pkg_parent not in site.getsitepackages():  # a checkout run through launchers/*.py
         env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *filter(None, [env.get("PYTHONPATH")])])

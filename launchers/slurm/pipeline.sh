@@ -8,7 +8,7 @@
 #   launchers/slurm/pipeline.sh --train "--nodes=4 --ntasks-per-node=8 --gpus-per-node=8 --time=24:00:00" \
 #       --meta "--gpus-per-node=8 --time=4:00:00" paper_370m /ckpt/run1
 #
-# Each meta job asks for meta.nodes nodes (--meta "--nodes=..." overrides). Prints the job ids and how to
+# Each meta job asks for meta.nodes nodes of meta.nproc tasks (--meta "--nodes=..." overrides). Prints the job ids and how to
 # follow and cancel the chain. DWMTRAIN_PYTHON selects the interpreter.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -29,6 +29,7 @@ export DWMTRAIN_PYTHON=$PYTHON
 STAGES=$("$PYTHON" -m dwmtrain.cli config "$CONFIG" "$@" meta.launch=external --get stages.num_stages)
 MODE=$("$PYTHON" -m dwmtrain.cli config "$CONFIG" "$@" --get meta.mode)
 META_NODES=$("$PYTHON" -m dwmtrain.cli config "$CONFIG" "$@" --get meta.nodes)
+META_NPROC=$("$PYTHON" -m dwmtrain.cli config "$CONFIG" "$@" --get meta.nproc)
 [[ $MODE == bilevel ]] || STAGES=1   # without meta-updates the run is one job
 mkdir -p "$RUN_DIR"
 LOG="$RUN_DIR/slurm"
@@ -42,7 +43,7 @@ for ((k = 1; k <= STAGES; k++)); do
   echo "stage $k training: job $jid"
   if ((k < STAGES)); then
     # shellcheck disable=SC2086
-    jid=$(sbatch --parsable --nodes="$META_NODES" $META_OPTS --dependency=afterok:$dep --job-name="dwm-meta$((k + 1))" \
+    jid=$(sbatch --parsable --nodes="$META_NODES" --ntasks-per-node="$META_NPROC" $META_OPTS --dependency=afterok:$dep --job-name="dwm-meta$((k + 1))" \
           --output="$LOG/meta$((k + 1))-%j.out" "$HERE/meta_update.sbatch" "$RUN_DIR" $((k + 1)))
     ids+=("$jid"); dep=$jid
     echo "stage $((k + 1)) meta-update: job $jid"
