@@ -248,7 +248,7 @@ def add_run_commands(sub) -> None:
     p.add_argument("--config", required=True, help="YAML run config, or a bundled config's name")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu", default="h100", help="h100 | h200 | a100 | cpu | a memory size (80GiB)")
+    p.add_argument("--gpu", default="h100", help="h100 (SXM5) | h100-pcie | h200 | a100 | cpu | a memory size (80GiB)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for the time estimate")
     p.add_argument("overrides", nargs="*", help="dotted key=value")
     p.set_defaults(fn=_plan)

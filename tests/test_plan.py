@@ -74,7 +74,7 @@ def test_a_device_the_planner_does_not_know_is_a_clear_error():
     from dwmtrain.errors import ConfigError
 
     assert parse_device("48GiB").memory_bytes == 48 * 2**30
-    with pytest.raises(ConfigError, match="--gpu v100: not h100, h200, a100, cpu or a memory size"):
+    with pytest.raises(ConfigError, match="--gpu v100: not h100, h100-pcie, h200, a100, cpu or a memory size"):
         parse_device("v100")
 
 

@@ -198,3 +198,24 @@ def test_a_run_that_draws_more_than_its_data_says_how_often_and_from_which_step(
     # the paper's 370M config (7,500 steps of 4,096 x 1,024 tokens) on a 30B-token selection
     note = epochs_note(7500, 4096, 30_000_000_000 // 1024)
     assert "1.05 epochs" in note and "from step 7153" in note
+
+
+def test_mfu_peaks_by_device_name_and_model_flops_with_attention(monkeypatch):
+    """The dense bf16 peak of each GPU by the name torch reports (a PCIe H100 is not an SXM5 one), and the FLOPs
+    MFU divides by: 6N plus PaLM's 12 L H T attention, the DWM's forward beside it."""
+    from dwmtrain.accelerators import peak_flops
+    from dwmtrain.models.spec import ModelSpec, attention_flops_per_token, model_flops_per_token
+    from dwmtrain.train.metrics import mfu
+
+    monkeypatch.delenv("DWMTRAIN_PEAK_TFLOPS", raising=False)
+    names = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 NVL": 835, "NVIDIA H200": 989,
+             "NVIDIA H200 NVL": 835, "NVIDIA A100-SXM4-80GB": 312, "NVIDIA A100 80GB PCIe": 312}  # fmt: skip
+    assert {n: peak_flops(n) / 1e12 for n in names} == names
+    assert peak_flops("cpu") is None and mfu(1e6, 1e9, 8, None) is None
+    monkeypatch.setenv("DWMTRAIN_PEAK_TFLOPS", "100")
+    assert peak_flops("anything") == 1e14
+    spec = ModelSpec.from_preset("1.3b", 32000, 1024)  # 24 layers, 16 heads x 128
+    assert attention_flops_per_token(spec, 1024, True) == 12 * 24 * 2048 * 1024
+    assert attention_flops_per_token(spec, 1024, False) == 4 * 24 * 2048 * 1024
+    assert model_flops_per_token(spec, 1024) == 6 * spec.num_parameters() + 12 * 24 * 2048 * 1024
+    assert mfu(1e5, 1e10, 4, 1e15) == 1e15 / 4e15

@@ -245,3 +245,17 @@ def lm_spec(model_cfg) -> ModelSpec:
 def flops_per_token(n_params: int, with_backward: bool) -> float:
     """Chinchilla's C*N FLOPs per token: 6N for forward+backward, 2N forward only (paper Eq. 9)."""
     return (6.0 if with_backward else 2.0) * n_params
+
+
+def attention_flops_per_token(spec: ModelSpec, seq: int, with_backward: bool) -> float:
+    """The attention's own FLOPs per token at ``seq`` tokens (PaLM, appendix B): QK^T and the weighted sum of the
+    values, 2 x 2 x T x heads x head_dim per layer forward, 3x that with the backward (12 L H T; causal masking not
+    discounted, as PaLM counts it)."""
+    width = spec.num_attention_heads * spec.head_dim
+    return (12.0 if with_backward else 4.0) * spec.num_hidden_layers * width * seq
+
+
+def model_flops_per_token(spec: ModelSpec, seq: int, with_backward: bool = True) -> float:
+    """Model FLOPs per token (what MFU divides by the peak): the parameters' matmuls (6N, or 2N forward only) and
+    the attention's; recomputation is not model FLOPs."""
+    return flops_per_token(spec.num_parameters(), with_backward) + attention_flops_per_token(spec, seq, with_backward)

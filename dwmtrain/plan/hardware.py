@@ -6,6 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from dwmtrain.accelerators import peak_flops
 from dwmtrain.procs import host_memory
 
 GIB = 2**30
@@ -19,11 +20,12 @@ class Device:
     accelerator: str  #: cuda | cpu: decides the training dtype (resolve_precision) and the runtime's footprint
 
 
-#: memory as nvidia-smi reports it (MiB), dense bf16 peak (train.metrics.PEAK_TFLOPS)
+#: --gpu name -> (the name shown, memory as nvidia-smi reports it in MiB, dense bf16 peak: dwmtrain.accelerators)
 GPUS = {
-    "h100": ("H100 80GB", 81_559, 989e12),
-    "h200": ("H200 141GB", 143_771, 989e12),
-    "a100": ("A100 80GB", 81_920, 312e12),
+    "h100": ("H100 80GB", 81_559, peak_flops("H100 SXM5")),
+    "h100-pcie": ("H100 PCIe 80GB", 81_559, peak_flops("H100 PCIe")),
+    "h200": ("H200 141GB", 143_771, peak_flops("H200")),
+    "a100": ("A100 80GB", 81_920, peak_flops("A100")),
 }
 
 #: per process, beyond tensors: the CUDA context, cuBLAS/NCCL workspaces and the caching allocator's slack (a
@@ -38,8 +40,8 @@ def host_memory_bytes() -> int:
 
 
 def parse_device(spec: str, ranks_per_node: int = 1) -> Device:
-    """``h100`` | ``h200`` | ``a100`` | ``cpu`` (this host's RAM shared by its ranks) | a memory size (``48``,
-    ``48GiB``, ``40GB``: an unnamed GPU of that much, no time estimate)."""
+    """``h100`` (SXM5) | ``h100-pcie`` | ``h200`` | ``a100`` | ``cpu`` (this host's RAM shared by its ranks) | a
+    memory size (``48``, ``48GiB``, ``40GB``: an unnamed GPU of that much, no time estimate)."""
     from dwmtrain.errors import ConfigError
 
     s = spec.strip().lower()
@@ -50,6 +52,6 @@ def parse_device(spec: str, ranks_per_node: int = 1) -> Device:
         return Device("CPU ranks", host_memory_bytes() // max(ranks_per_node, 1), None, "cpu")
     m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(gib|gb|g)?", s)
     if not m:
-        raise ConfigError(f"--gpu {spec}: not h100, h200, a100, cpu or a memory size (80, 80GiB, 141GB)")
+        raise ConfigError(f"--gpu {spec}: not {', '.join(GPUS)}, cpu or a memory size (80, 80GiB, 141GB)")
     scale = 1e9 if m.group(2) == "gb" else GIB
     return Device(f"GPU of {spec}", int(float(m.group(1)) * scale), None, "cuda")

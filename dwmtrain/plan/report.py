@@ -56,7 +56,7 @@ def table(p: Plan) -> list[str]:
         out.append(f"time per stage at {p.mfu:.0%} MFU: " + ", ".join(_hours(s) for s in secs)
                    + f" (all: {_hours(sum(secs))}; meta-updates not counted)")  # fmt: skip
     else:
-        out.append("time per stage: no peak FLOP/s known for this device (--gpu h100|h200|a100)")
+        out.append("time per stage: no peak FLOP/s known for this device (--gpu h100|h100-pcie|h200|a100)")
     return out
 
 

@@ -71,7 +71,9 @@ def run_steps(run: Run, bar) -> None:
 
 def train_step(run: Run, batches, weighting: Weighting, step: int) -> StepStats:
     """One optimizer step: every micro-batch weighed, forward, backward; DeepSpeed steps at the last one."""
-    eng, stats = run.engine, StepStats()
+    eng, stats, cuda = run.engine, StepStats(), run.d.accelerator == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(run.d.device)
     for _ in range(run.plan.gradient_accumulation_steps):
         idx = next(batches)[1]
         x = run.data.batch(idx).to(run.d.device)
@@ -86,6 +88,8 @@ def train_step(run: Run, batches, weighting: Weighting, step: int) -> StepStats:
         eng.backward(loss)
         eng.step()
         stats.add(losses, w)
+    if cuda:
+        stats.peak_memory(torch.cuda.max_memory_allocated(run.d.device))
     return stats
 
 
@@ -112,7 +116,8 @@ class StepStats:
 
     def __init__(self):
         self.acc = None  # sum w*L, sum L, entropy, ess, micro-batches
-        self.ext = None  # max of the weights, -min of the weights
+        self.ext = None  # max of the weights, -min of the weights (, this step's peak device memory)
+        self.memory = False
 
     def add(self, losses: torch.Tensor, w: torch.Tensor) -> None:
         losses, w = losses.detach().float(), w.detach().float()
@@ -122,6 +127,10 @@ class StepStats:
         ext = torch.stack([hi, -lo])
         self.ext = ext if self.ext is None else torch.maximum(self.ext, ext)
 
+    def peak_memory(self, nbytes: int) -> None:
+        """This rank's peak allocated device memory in the step (reduced with the weights' maximum)."""
+        self.ext, self.memory = torch.cat([self.ext, self.ext.new_tensor([float(nbytes)])]), True
+
     def nonfinite(self) -> torch.Tensor:
         """A device flag: a micro-batch of this step had a non-finite loss or weight (no host sync)."""
         return ~torch.isfinite(self.acc[:2]).all()
@@ -129,9 +138,10 @@ class StepStats:
     def reduce(self) -> dict:
         """Collective: means over every micro-batch of every rank; min / max of the weights over all ranks."""
         all_reduce_(self.acc), all_reduce_(self.ext, "max")
-        s, (hi, neg_lo) = self.acc.tolist(), self.ext.tolist()
+        s, (hi, neg_lo, *mem) = self.acc.tolist(), self.ext.tolist()
         n = s[4]
         return {
+            **({"peak_mem_gib": mem[0] / 2**30} if self.memory else {}),  # the largest over the ranks
             "loss": s[0] / n,
             "loss_unweighted": s[1] / n,
             "w_entropy": s[2] / n,
@@ -157,11 +167,13 @@ def step_record(run: Run, step, stage, lr, dt, dwm_version: str, stats: dict, no
         "tokens_per_s": tps,
         "samples_seen": step * run.plan.global_batch_size,
         "dwm": dwm_version,
-        **{k: stats[k] for k in ("w_entropy", "w_ess", "w_min", "w_max")},
+        **{k: stats[k] for k in ("w_entropy", "w_ess", "w_min", "w_max", "peak_mem_gib") if k in stats},
         "step_time_s": dt,
     }
-    if (u := mfu(tps, run.n_params, run.d.world, run.peak_flops)) is not None:
+    if (u := mfu(tps, run.flops_per_token, run.d.world, run.peak_flops)) is not None:  # GPUs only: absent on CPU
         rec["mfu"] = u
+        if run.dwm_flops_per_token:  # the DWM's forward, beside the LM's (paper Eq. 9's overhead, measured)
+            rec["mfu_dwm"] = mfu(tps, run.dwm_flops_per_token, run.d.world, run.peak_flops)
     return rec
 
 

@@ -3,31 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from dwmtrain.errors import PlannedStop
 from dwmtrain.fileio import atomic_write_text, read_jsonl
 from dwmtrain.rundir import RunDir
 
-# Dense bf16 peak per device, for MFU. Override with DWMTRAIN_PEAK_TFLOPS.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "A6000": 155.0}
 
-
-def peak_flops(device_name: str) -> float | None:
-    if os.environ.get("DWMTRAIN_PEAK_TFLOPS"):
-        return float(os.environ["DWMTRAIN_PEAK_TFLOPS"]) * 1e12
-    for k, v in PEAK_TFLOPS.items():
-        if k in device_name:
-            return v * 1e12
-    return None
-
-
-def mfu(tokens_per_s: float, n_params: int, n_devices: int, peak: float | None) -> float | None:
-    """Model FLOPs utilization with 6N FLOPs per trained token (attention FLOPs not counted)."""
+def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float | None) -> float | None:
+    """The share of the devices' dense bf16 peak (``accelerators.peak_flops``) that ``flops_per_token`` at this rate
+    is: the LM's model FLOPs (``models.spec.model_flops_per_token``: 6N + attention), or the DWM's forward. None
+    without a known peak (a CPU, an unknown GPU)."""
     if not peak:
         return None
-    return 6.0 * n_params * tokens_per_s / (peak * n_devices)
+    return flops_per_token * tokens_per_s / (peak * n_devices)
 
 
 class MetricsWriter:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from dwmtrain.accelerators import peak_flops
 from dwmtrain.checkpoint import Checkpointer, compat_fields
 from dwmtrain.config import BatchPlan, Config, batch_plan, build_deepspeed_config, resolve_precision
 from dwmtrain.config.batch import data_parallel_size
@@ -23,11 +24,11 @@ from dwmtrain.distributed import Dist, barrier, cpu_threads, init_distributed, r
 from dwmtrain.errors import ConfigError, DataError
 from dwmtrain.fileio import atomic_write_text
 from dwmtrain.models.dwm import DWMArch, dwm_parameter_count
-from dwmtrain.models.spec import flops_per_token, lm_spec
+from dwmtrain.models.spec import attention_flops_per_token, flops_per_token, lm_spec, model_flops_per_token
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.handoff import StageHandoff
 from dwmtrain.train.engine import build_engine
-from dwmtrain.train.metrics import MetricsWriter, peak_flops
+from dwmtrain.train.metrics import MetricsWriter
 from dwmtrain.train.nonfinite import NonFiniteCount
 from dwmtrain.train.stop import StopRequest
 
@@ -54,6 +55,8 @@ class Run:
     nonfinite: NonFiniteCount
     start_step: int = 0
     peak_flops: float | None = None  # per device, for MFU (None off GPU or for an unknown GPU)
+    flops_per_token: float = 0.0  #: the LM's model FLOPs per trained token (6N + attention)
+    dwm_flops_per_token: float = 0.0  #: the DWM's forward per token (0: no DWM weighs this run)
 
 
 def log0(d: Dist, msg: str) -> None:
@@ -144,9 +147,21 @@ def setup(cfg: Config) -> Run:
         nonfinite=NonFiniteCount(cfg.run.stop_after_nonfinite, *nonfinite_so_far),
         start_step=start_step,
         peak_flops=peak_flops(torch.cuda.get_device_name() if d.accelerator == "cuda" else ""),
+        flops_per_token=model_flops_per_token(spec, cfg.data.seq_len),
+        dwm_flops_per_token=dwm_forward_flops(cfg, arch),
     )
     announce(run, arch)
     return run
+
+
+def dwm_forward_flops(cfg: Config, arch: DWMArch) -> float:
+    """The DWM's forward FLOPs per training token (its parameters' 2N and its backbone's attention); 0 when no
+    DWM weighs the run."""
+    if cfg.meta.mode in ("none", "oracle"):
+        return 0.0
+    backbone = arch.backbone_spec()
+    return flops_per_token(dwm_parameter_count(arch), False) + attention_flops_per_token(backbone, cfg.data.seq_len,
+                                                                                         False)  # fmt: skip
 
 
 def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
