@@ -219,7 +219,7 @@ def add_data_commands(sub) -> None:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=0, help="tokenizing processes (0: the CPUs the scheduler gave this)")
     p.add_argument("--heldout-fraction", type=float, default=0.01)
     p.add_argument("--shard-sequences", type=int, default=65536)
     p.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from dwmtrain.errors import DWMTrainError, PlannedStop
 from dwmtrain.faults import fault_point
+from dwmtrain.procs import usable_cpus
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,13 @@ def all_reduce_grads(params: list[torch.Tensor]) -> float:
 
 
 def cpu_threads(threads_per_rank: int, local_world: int) -> int:
-    """torch intra-op threads per CPU rank: ``run.threads_per_rank``, or the cores shared by the local ranks."""
-    return threads_per_rank or max(1, (os.cpu_count() or 1) // max(1, local_world))
+    """torch intra-op threads per CPU rank: ``run.threads_per_rank``, or the CPUs the scheduler gave this process
+    (``procs.usable_cpus``) shared by the local ranks (an srun task's own ``--cpus-per-task``)."""
+    if threads_per_rank:
+        return threads_per_rank
+    if "SLURM_PROCID" in os.environ and os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, usable_cpus())  # a task of an srun step: its --cpus-per-task are its own
+    return max(1, usable_cpus() // max(1, local_world))  # the CPUs this process may use, shared by the node's ranks
 
 
 def all_gather_object(obj) -> list:

@@ -94,6 +94,18 @@ def process_started_at() -> float:
         return time.time()
 
 
+def usable_cpus(env=None) -> int:
+    """The CPUs this process may use, as the scheduler gave them: its affinity (cgroups, taskset, srun's binding),
+    capped by SLURM's allocation when it says (``SLURM_CPUS_PER_TASK`` for a task, else ``SLURM_CPUS_ON_NODE``);
+    not ``os.cpu_count()``, the machine's."""
+    env = os.environ if env is None else env
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE"):
+        if env.get(var, "").isdigit() and int(env[var]) > 0:
+            return min(n, int(env[var]))
+    return max(1, n)
+
+
 def host_memory(field: str = "MemTotal") -> int | None:
     """A /proc/meminfo figure of this host in bytes (MemTotal, MemAvailable, ...), or None where there is none."""
     try:

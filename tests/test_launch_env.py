@@ -79,3 +79,24 @@ def test_srun_task_on_the_second_node():
     assert slurm_port("1234", "1") != slurm_port("1234", "0") != slurm_port("1235", "0")
     assert rendezvous_env({**env, "SLURM_STEP_NODELIST": "n1"})["MASTER_ADDR"] == LOOPBACK
     assert "SLURM_PROCID" in env and rendezvous_env({k: v for k, v in env.items() if k != "SLURM_STEP_ID"}) == {}
+
+
+def test_worker_and_thread_counts_follow_the_cpus_the_scheduler_gave(monkeypatch):
+    """The process's affinity (cgroups, taskset, srun's binding), capped by SLURM's allocation, not the machine's
+    core count; an srun task's --cpus-per-task are its own threads."""
+    import os
+
+    from dwmtrain.distributed import cpu_threads
+    from dwmtrain.procs import usable_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    for var in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    assert usable_cpus() == 12 and cpu_threads(0, 4) == 3 and cpu_threads(5, 4) == 5
+    assert usable_cpus({"SLURM_CPUS_ON_NODE": "8"}) == 8 and usable_cpus({"SLURM_CPUS_PER_TASK": "32"}) == 12
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "8")
+    assert cpu_threads(0, 4) == 2  # a batch step's 8 CPUs shared by 4 local ranks (torchrun inside sbatch)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert cpu_threads(0, 4) == 6  # a task of an srun step: its own --cpus-per-task

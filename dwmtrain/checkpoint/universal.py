@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys
@@ -13,14 +12,14 @@ from dwmtrain.checkpoint.safe_load import safe_torch_load
 from dwmtrain.distributed import Dist, all_gather_object, run_on_rank0
 from dwmtrain.errors import ResumeError
 from dwmtrain.fileio import atomic_dir
-from dwmtrain.procs import host_memory
+from dwmtrain.procs import host_memory, usable_cpus
 from dwmtrain.rundir import RunDir
 
 
 def conversion_workers(src: Path) -> int:
     """ds_to_universal's extract and merge worker processes: this machine's cores, at most 8, and no more than
     half the available memory holds (each extract worker loads one rank's optimizer file whole)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cpus()
     shard = max((p.stat().st_size for p in src.glob("*optim_states.pt")), default=0)
     return max(1, min(8, cores, ((host_memory("MemAvailable") or 2**62) // 2) // max(2 * shard, 1)))
 

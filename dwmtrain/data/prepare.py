@@ -38,6 +38,7 @@ from dwmtrain.data.readers import (
 from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.errors import DataError
 from dwmtrain.fileio import atomic_dir, sha256_file
+from dwmtrain.procs import usable_cpus
 
 FORMAT = "dwmtrain-tokens-v1"
 
@@ -275,7 +276,7 @@ def prepare_data(
     tokenizer_path: str,
     out_dir: str,
     seq_len: int = 1024,
-    workers: int = os.cpu_count() or 1,
+    workers: int = 0,  #: tokenizing processes (0: the CPUs the scheduler gave this process)
     heldout_fraction: float = 0.01,
     shard_sequences: int = 65536,
     seed: int = 0,
@@ -296,7 +297,7 @@ def prepare_data(
     t_start = time.time()  # the rate shown counts tokenizing (before the packing loop) too
     report = PrepareReport()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        tokenized = read_tokenized(files, tokenizer_path, workers, str(tmp / "cache"), fields)
+        tokenized = read_tokenized(files, tokenizer_path, workers or usable_cpus(), str(tmp / "cache"), fields)
         writers = {split: _ShardWriter(tmp, split, seq_len, dtype, shard_sequences) for split in ("train", "heldout")}
         packer = _Packer(writers, seq_len, heldout_fraction, seed, report)
         _pack(tokenized, packer, report, progress, t_start)

@@ -14,6 +14,7 @@ import sentencepiece as spm
 from dwmtrain.data.tokenizer_base import Tokenizer
 from dwmtrain.errors import DataError
 from dwmtrain.fileio import atomic_dir
+from dwmtrain.procs import usable_cpus
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -24,7 +25,7 @@ def train_tokenizer(
     vocab_size: int = 32000,
     max_sentence_length: int = 1 << 16,
     input_sentence_size: int = 2_000_000,
-    num_threads: int = os.cpu_count() or 1,
+    num_threads: int = 0,  #: 0: the CPUs the scheduler gave this process
 ) -> Path:
     """Train a Llama-style sentencepiece BPE model with byte fallback; returns the ``.model`` path.
 
@@ -66,7 +67,7 @@ def train_tokenizer(
             max_sentence_length=max_sentence_length,
             input_sentence_size=input_sentence_size,
             shuffle_input_sentence=True,
-            num_threads=num_threads,
+            num_threads=num_threads or usable_cpus(),
             minloglevel=2,
             hard_vocab_limit=True,
         )

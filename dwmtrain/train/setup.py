@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from dwmtrain.errors import ConfigError, DataError
 from dwmtrain.fileio import atomic_write_text
 from dwmtrain.models.dwm import DWMArch, dwm_parameter_count
 from dwmtrain.models.spec import attention_flops_per_token, flops_per_token, lm_spec, model_flops_per_token
+from dwmtrain.procs import usable_cpus
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.handoff import StageHandoff
 from dwmtrain.train.engine import build_engine
@@ -176,7 +176,7 @@ def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
                 cfg.data.tokenizer,
                 str(path),
                 seq_len=cfg.data.seq_len,
-                workers=max(1, os.cpu_count() or 1),
+                workers=usable_cpus(),
                 progress=True,
                 fields=Fields(cfg.data.text_field, cfg.data.domain_field),
             )
