@@ -40,22 +40,26 @@ def _export_tokenizer(a) -> None:
     print(f"wrote {load_tokenizer(a.model).export_hf(a.out)}")
 
 
+def _data_status(a) -> None:
+    from dwmtrain.data.parts import part_status
+
+    print("\n".join(part_status(a.out)))
+
+
 def _prepare_data(a) -> None:
+    from dwmtrain.data.parts import merge_parts, prepare_part
     from dwmtrain.data.prepare import prepare_data
     from dwmtrain.data.readers import fields_of
 
-    report = prepare_data(
-        a.input,
-        a.tokenizer,
-        a.out,
-        seq_len=a.seq_len,
-        workers=a.workers,
-        heldout_fraction=a.heldout_fraction,
-        shard_sequences=a.shard_sequences,
-        seed=a.seed,
-        overwrite=a.overwrite,
-        fields=fields_of(a),
-    )
+    if a.part:
+        print(prepare_part(a.input, a.tokenizer, a.out, a.part, a.workers, fields_of(a)), flush=True)
+        return
+    options = dict(seq_len=a.seq_len, heldout_fraction=a.heldout_fraction, shard_sequences=a.shard_sequences,
+                   seed=a.seed, overwrite=a.overwrite, fields=fields_of(a))  # fmt: skip
+    if a.merge:
+        report = merge_parts(a.input, a.tokenizer, a.out, **options)
+    else:
+        report = prepare_data(a.input, a.tokenizer, a.out, workers=a.workers, **options)
     print(report.summary())
     print(f"wrote {a.out}")
 
@@ -224,8 +228,16 @@ def add_data_commands(sub) -> None:
     p.add_argument("--shard-sequences", type=int, default=65536)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace OUT, only once the new output is complete")
+    p.add_argument("--part", default="", help="I/N: tokenize part I (from 0) of N of the inputs into OUT.parts/ "
+                   "(a job array's task: $SLURM_ARRAY_TASK_ID/N); a complete part is skipped")  # fmt: skip
+    p.add_argument("--merge", action="store_true", help="pack every part's documents into OUT: the dataset one "
+                   "prepare-data of the inputs writes; refuses a missing part, naming it")  # fmt: skip
     add_field_options(p)
     p.set_defaults(fn=_prepare_data)
+
+    p = sub.add_parser("data-status", help="which parts of a prepare-data job array (OUT.parts/) are done")
+    p.add_argument("out", help="the --out of the array's prepare-data")
+    p.set_defaults(fn=_data_status)
 
 
 def add_run_commands(sub) -> None:

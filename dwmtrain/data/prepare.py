@@ -283,9 +283,11 @@ def prepare_data(
     overwrite: bool = False,
     progress: bool = True,
     fields: Fields = SLIMPAJAMA,
+    documents=None,
 ) -> PrepareReport:
     """Tokenize (BOS and EOS as the tokenizer's convention), pack into ``seq_len`` sequences and write shards +
-    index atomically; ``fields`` says where each record's text and domain are."""
+    index atomically; ``fields`` says where each record's text and domain are. ``documents()``: the inputs'
+    documents already tokenized, (file, dataset) in their order, instead (``data.parts.merge_parts``)."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it (only after a successful run)")
@@ -297,7 +299,9 @@ def prepare_data(
     t_start = time.time()  # the rate shown counts tokenizing (before the packing loop) too
     report = PrepareReport()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        tokenized = read_tokenized(files, tokenizer_path, workers or usable_cpus(), str(tmp / "cache"), fields)
+        cache = str(tmp / "cache")
+        tokenized = documents() if documents else read_tokenized(files, tokenizer_path, workers or usable_cpus(), cache,
+                                                                 fields)  # fmt: skip
         writers = {split: _ShardWriter(tmp, split, seq_len, dtype, shard_sequences) for split in ("train", "heldout")}
         packer = _Packer(writers, seq_len, heldout_fraction, seed, report)
         _pack(tokenized, packer, report, progress, t_start)

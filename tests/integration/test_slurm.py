@@ -124,3 +124,29 @@ def test_a_meta_job_over_two_nodes_fits_the_dwm_of_one_node_with_as_many_process
         assert json.loads((local / "run" / "dwm" / f"stage{k}.safetensors.json").read_text())["sha256"] == want[k]
     a, b = by_step(ref / "metrics.jsonl"), by_step(local / "run" / "metrics.jsonl")
     assert [b[s]["loss"] for s in range(1, 13)] == [a[s]["loss"] for s in range(1, 13)]
+
+
+def test_prepare_data_as_a_job_array_of_four_parts_on_two_nodes_equals_one_prepare(slurm, tmp_path):
+    """launchers/slurm/prepare_array.sh: 4 array tasks over the 2 nodes, then the merge (afterok): the shards and
+    index one prepare-data of the same inputs writes, byte for byte."""
+    from ..conftest import SP_MODEL
+    from ..test_parts import pool, same_dataset
+
+    src = pool(tmp_path / "pool")
+    opts = ["--seq-len", "64", "--shard-sequences", "300", "--workers", "1"]
+    run([sys.executable, "-m", "dwmtrain.cli", "prepare-data", "--input", str(src), "--tokenizer", str(SP_MODEL),
+         "--out", str(tmp_path / "one"), *opts])  # fmt: skip
+    out = tmp_path / "array"
+    p = subprocess.run(["bash", str(SLURM / "prepare_array.sh"), "--sbatch", "--nodes=1", "4", str(out),
+                        str(SP_MODEL), str(src), *opts], env=slurm_env(), capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    parts, merge = Path(f"{out}.slurm/jobs.txt").read_text().strip().split(",")
+    assert f"dwmtrain data-status {out}" in p.stdout
+    states = wait_jobs([parts, merge])
+    logs = "\n".join(f.read_text() for f in sorted(Path(f"{out}.slurm").glob("*.out")))
+    assert all(s["JobState"] == "COMPLETED" for s in states.values()), (states, logs[-3000:])
+    hosts = set(re.findall(r"\[slurm\] part \d/4 of \S+ on (\w+),", logs))
+    assert len(re.findall(r"part \d/4: \d+ files, [\d,]+ documents tokenized", logs)) == 4, logs[-3000:]
+    assert hosts and hosts <= {"n1", "n2"} and "merge of the parts" in logs  # SLURM placed the tasks
+    same_dataset(tmp_path / "one", out)

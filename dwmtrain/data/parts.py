@@ -1,0 +1,142 @@
+"""``prepare-data --part I/N`` and ``--merge``: the tokenizing of a large pool split over N jobs (a SLURM job
+array: ``launchers/slurm/prepare.sbatch``), each writing its own tokenized part, and one merge that packs every
+part's documents in the inputs' order: the same dataset, token for token, as one ``prepare-data`` of the inputs.
+
+    OUT.parts/part-000I-of-000N/        part I: its files' tokenized documents (Arrow) and ``part.json``, the
+                                        marker written last (the inputs, the files, the tokenizer's sha256)
+
+Files are assigned whole and deterministically (largest first, each to the part with the fewest bytes so far), so
+every job of the array computes the same assignment. A part whose marker matches is skipped when the array is
+rerun; a part that failed or was killed has no marker and is redone. The merge refuses a missing or foreign part
+with one line naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from dwmtrain.data.prepare import PrepareReport, prepare_data, read_tokenized
+from dwmtrain.data.readers import SLIMPAJAMA, Fields, expand_inputs
+from dwmtrain.data.tokenizer import load_tokenizer
+from dwmtrain.errors import DataError
+from dwmtrain.fileio import atomic_dir, atomic_write_text
+
+MARKER = "part.json"
+
+
+def parse_part(spec: str) -> tuple[int, int]:
+    """``I/N`` (I from 0, as ``$SLURM_ARRAY_TASK_ID`` counts) -> (I, N); a bad one is a DataError naming it."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise DataError(f"--part {spec}: expected I/N, e.g. 0/4 ($SLURM_ARRAY_TASK_ID/N)") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise DataError(f"--part {spec}: I must be in 0..{n - 1} (and N >= 1)")
+    return i, n
+
+
+def parts_dir(out_dir: str | os.PathLike) -> Path:
+    return Path(str(out_dir).rstrip("/") + ".parts")
+
+
+def part_path(out_dir, i: int, n: int) -> Path:
+    return parts_dir(out_dir) / f"part-{i:04d}-of-{n:04d}"
+
+
+def assign_files(files: list[str], n: int) -> list[list[int]]:
+    """Indices of ``files`` per part: largest first, each to the lightest part (ties: the lower part); every
+    part keeps its files in the inputs' order."""
+    size = [os.path.getsize(f) if os.path.isfile(f) else _dir_bytes(f) for f in files]
+    load, out = [0] * n, [[] for _ in range(n)]
+    for k in sorted(range(len(files)), key=lambda k: (-size[k], k)):
+        j = min(range(n), key=lambda j: (load[j], j))
+        load[j] += size[k]
+        out[j].append(k)
+    return [sorted(ix) for ix in out]
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else 0
+
+
+def _marker(files: list[str], mine: list[int], i: int, n: int, tok_sha: str, fields: Fields) -> dict:
+    return {"part": i, "of": n, "inputs": [os.path.abspath(f) for f in files], "files": mine,
+            "tokenizer_sha256": tok_sha, "text_field": fields.text, "domain_field": fields.domain}  # fmt: skip
+
+
+def prepare_part(inputs: list[str], tokenizer_path: str, out_dir: str, part: str, workers: int = 0,
+                 fields: Fields = SLIMPAJAMA) -> str:  # fmt: skip
+    """Tokenize part I of N of the inputs into its directory (skipped if it is complete); returns what was done."""
+    i, n = parse_part(part)
+    files = expand_inputs(inputs)
+    mine = assign_files(files, n)[i]
+    want = _marker(files, mine, i, n, load_tokenizer(tokenizer_path).sha256, fields)
+    dest = part_path(out_dir, i, n)
+    if (dest / MARKER).is_file() and json.loads((dest / MARKER).read_text()) == want:
+        return f"part {i}/{n} is complete ({dest}): skipped"
+    t0 = time.time()
+    with atomic_dir(dest, overwrite=True) as tmp:  # a killed part leaves no marker: a rerun redoes it
+        tokenized = read_tokenized([files[k] for k in mine], tokenizer_path, workers, str(tmp / "cache"), fields)
+        docs = 0
+        for k, (_, ds) in zip(mine, tokenized):
+            ds.save_to_disk(str(tmp / f"file-{k:06d}"))
+            docs += len(ds)
+        shutil.rmtree(tmp / "cache", ignore_errors=True)
+        atomic_write_text(tmp / MARKER, json.dumps(want, indent=1))
+    dt = time.time() - t0
+    rate = docs / max(dt, 1e-9)
+    return f"part {i}/{n}: {len(mine)} files, {docs:,} documents tokenized in {dt:.1f} s ({rate:,.0f} docs/s) -> {dest}"
+
+
+def merge_parts(inputs: list[str], tokenizer_path: str, out_dir: str, fields: Fields = SLIMPAJAMA,
+                **options) -> PrepareReport:  # fmt: skip
+    """Pack every part's documents into ``out_dir`` (``prepare_data``'s packing, its ``options``); the parts are
+    removed once the dataset is in place."""
+    report = prepare_data(inputs, tokenizer_path, out_dir, fields=fields, **options,
+                          documents=lambda: merged_tokenized(inputs, tokenizer_path, out_dir, fields))  # fmt: skip
+    shutil.rmtree(parts_dir(out_dir), ignore_errors=True)
+    return report
+
+
+def merged_tokenized(inputs: list[str], tokenizer_path: str, out_dir: str, fields: Fields = SLIMPAJAMA):
+    """Every part's tokenized documents, file by file in the inputs' order (what ``prepare_data`` packs): a
+    missing, unfinished or foreign part is a DataError naming it and the command that makes it."""
+    import datasets
+
+    files = expand_inputs(inputs)
+    found = sorted(parts_dir(out_dir).glob("part-*-of-*"))
+    if not found:
+        raise DataError(f"{parts_dir(out_dir)}: no parts (run prepare-data --part I/N for I in 0..N-1 first)")
+    n = int(found[0].name.rsplit("-", 1)[1])
+    tok_sha = load_tokenizer(tokenizer_path).sha256
+    owner = {}
+    for i, mine in enumerate(assign_files(files, n)):
+        dest = part_path(out_dir, i, n)
+        if not (dest / MARKER).is_file():
+            raise DataError(f"{dest}: part {i}/{n} is missing or unfinished (no {MARKER}); rerun prepare-data "
+                            f"--part {i}/{n} with the same inputs, then the merge")  # fmt: skip
+        if json.loads((dest / MARKER).read_text()) != _marker(files, mine, i, n, tok_sha, fields):
+            raise DataError(f"{dest / MARKER}: part {i}/{n} was made from other inputs, tokenizer or fields than "
+                            f"this merge's; rerun prepare-data --part {i}/{n} with these")  # fmt: skip
+        owner.update({k: dest for k in mine})
+    return [(files[k], datasets.load_from_disk(str(owner[k] / f"file-{k:06d}"))) for k in range(len(files))]
+
+
+def part_status(out_dir: str) -> list[str]:
+    """One line per part of the array: complete (its marker), started (a directory, no marker: running, or
+    failed), or not started."""
+    found = sorted(parts_dir(out_dir).glob("part-*-of-*"))
+    if not found:
+        return [f"{parts_dir(out_dir)}: no parts yet"]
+    n = int(found[0].name.rsplit("-", 1)[1])
+    lines = []
+    for i in range(n):
+        d = part_path(out_dir, i, n)
+        started = d.is_dir() or any(parts_dir(out_dir).glob(f".{d.name}*"))  # atomic_dir's temporary name
+        state = "complete" if (d / MARKER).is_file() else "started, not finished" if started else "not started"
+        lines.append(f"part {i}/{n}: {state}")
+    return lines

@@ -1,0 +1,76 @@
+"""prepare-data as parts (``--part I/N``) and one merge: the same dataset as one prepare-data of the inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dwmtrain.errors import DataError
+
+from .conftest import SP_MODEL, corpus_records, write_jsonl
+
+
+def pool(root: Path, files: int = 6, docs: int = 900) -> Path:
+    """``docs`` corpus documents in ``files`` JSONL files of unequal sizes (the assignment balances bytes)."""
+    recs, cut = corpus_records(docs), [0, 40, 90, 300, 420, 700, docs][: files + 1]
+    root.mkdir(parents=True, exist_ok=True)
+    for k, (a, b) in enumerate(zip(cut, cut[1:])):
+        write_jsonl(root / f"shard-{k:02d}.jsonl", recs[a:b])
+    return root
+
+
+def same_dataset(a: Path, b: Path) -> None:
+    """Every shard byte for byte, the domain ids, and the index but for where it was written."""
+    names = sorted(p.name for p in a.iterdir() if p.suffix == ".bin")
+    assert names == sorted(p.name for p in b.iterdir() if p.suffix == ".bin") and names
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    ia, ib = json.loads((a / "index.json").read_text()), json.loads((b / "index.json").read_text())
+    assert ia == ib
+
+
+def test_four_parts_and_a_merge_equal_one_prepare_and_a_rerun_skips_complete_parts(tmp_path, capsys):
+    from dwmtrain.cli import main
+    from dwmtrain.data.parts import assign_files, part_status
+
+    src = pool(tmp_path / "pool")
+    common = ["prepare-data", "--input", str(src), "--tokenizer", str(SP_MODEL), "--seq-len", "64",
+              "--shard-sequences", "300", "--workers", "1"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    out = tmp_path / "parted"
+    files = sorted(str(p) for p in src.iterdir())
+    assert sorted(k for part in assign_files(files, 4) for k in part) == list(range(6))  # each file once
+    for i in (0, 1, 3):
+        assert main([*common, "--out", str(out), "--part", f"{i}/4"]) == 0
+    assert main(["data-status", str(out)]) == 0
+    assert "part 2/4: not started" in capsys.readouterr().out
+    assert part_status(str(out))[:2] == ["part 0/4: complete", "part 1/4: complete"]
+    assert main([*common, "--out", str(out), "--merge"]) == 2  # part 2 is missing: refused, naming it
+    err = capsys.readouterr().err
+    assert "part 2/4 is missing or unfinished" in err and "--part 2/4" in err and not out.exists()
+    capsys.readouterr()
+    assert main([*common, "--out", str(out), "--part", "0/4"]) == 0  # a rerun of the array skips complete parts
+    assert "part 0/4 is complete" in capsys.readouterr().out
+    assert main([*common, "--out", str(out), "--part", "2/4"]) == 0
+    assert main([*common, "--out", str(out), "--merge"]) == 0
+    same_dataset(tmp_path / "one", out)
+    assert not (tmp_path / "parted.parts").exists()  # the parts go once the dataset is in place
+
+
+def test_a_part_of_other_inputs_is_refused_and_a_bad_part_spec_is_a_clear_error(tmp_path):
+    from dwmtrain.data.parts import merged_tokenized, parse_part, prepare_part
+
+    src = pool(tmp_path / "pool", files=2, docs=90)
+    out = str(tmp_path / "out")
+    for i in (0, 1):
+        prepare_part([str(src)], str(SP_MODEL), out, f"{i}/2", workers=1)
+    (src / "shard-01.jsonl").unlink()  # the inputs changed since
+    write_jsonl(src / "shard-02.jsonl", corpus_records(5))
+    with pytest.raises(DataError, match=r"part 0/2 was made from other inputs"):
+        merged_tokenized([str(src)], str(SP_MODEL), out)
+    with pytest.raises(DataError, match=r"--part 4/4: I must be in 0..3"):
+        parse_part("4/4")
+    with pytest.raises(DataError, match=r"--part x: expected I/N"):
+        parse_part("x")
