@@ -81,15 +81,22 @@ def prepare_part(inputs: list[str], tokenizer_path: str, out_dir: str, part: str
     t0 = time.time()
     with atomic_dir(dest, overwrite=True) as tmp:  # a killed part leaves no marker: a rerun redoes it
         tokenized = read_tokenized([files[k] for k in mine], tokenizer_path, workers, str(tmp / "cache"), fields)
-        docs = 0
+        docs = tokens = 0
         for k, (_, ds) in zip(mine, tokenized):
             ds.save_to_disk(str(tmp / f"file-{k:06d}"))
-            docs += len(ds)
+            docs, tokens = docs + len(ds), tokens + _tokens(ds)
         shutil.rmtree(tmp / "cache", ignore_errors=True)
         atomic_write_text(tmp / MARKER, json.dumps(want, indent=1))
     dt = time.time() - t0
-    rate = docs / max(dt, 1e-9)
-    return f"part {i}/{n}: {len(mine)} files, {docs:,} documents tokenized in {dt:.1f} s ({rate:,.0f} docs/s) -> {dest}"
+    rate = f"{docs / max(dt, 1e-9):,.0f} docs/s, {tokens / max(dt, 1e-9):,.0f} tokens/s"
+    return f"part {i}/{n}: {len(mine)} files, {docs:,} documents, {tokens:,} tokens in {dt:.1f} s ({rate}) -> {dest}"
+
+
+def _tokens(ds) -> int:
+    """Tokens in a tokenized dataset (its ``ids`` lists), from the Arrow lengths (no rows read)."""
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.list_value_length(ds.data.table.column("ids"))).as_py() or 0)
 
 
 def merge_parts(inputs: list[str], tokenizer_path: str, out_dir: str, fields: Fields = SLIMPAJAMA,
