@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,6 +277,41 @@ def test_random_seeded_budgets_and_prepare_data(tmp_path, small_jsonl):
     )
     assert prep.tokens == rep["tokens_selected"] and prep.documents == rep["selected_documents"]
     assert json.loads(report_path(out).read_text())["tokens_selected"] == rep["tokens_selected"]
+
+
+def test_the_written_selection_passes_through_rank_buckets_in_order(tmp_path, small_jsonl, monkeypatch):
+    """Buckets of 3 ranks (many temporary files, each sorted alone) write the same bytes as one bucket, and leave
+    no temporary file behind."""
+    import functools
+
+    from dwmtrain.select import driver
+
+    one, many = tmp_path / "one.jsonl.zst", tmp_path / "many.jsonl.zst"
+    select("random", [str(small_jsonl)], str(one), budget_docs=40, seed=5)
+    monkeypatch.setattr(driver, "write_selected", functools.partial(driver.write_selected, bucket=3))
+    select("random", [str(small_jsonl)], str(many), budget_docs=40, seed=5)
+    assert one.read_bytes() == many.read_bytes()
+    assert [r["meta"]["selection"]["rank"] for r in read_out(many)] == list(range(40))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.jsonl.zst", "many.report.json", "one.jsonl.zst",
+                                                          "one.report.json"]  # fmt: skip
+
+
+def test_a_sharded_selection_reads_back_in_rank_order_and_a_rerun_leaves_no_stale_shard(tmp_path, small_jsonl):
+    from dwmtrain.data.readers import expand_inputs
+
+    out = tmp_path / "sel" / "top.jsonl.zst"
+    rep = select("random", [str(small_jsonl)], str(out), budget_docs=25, seed=2, shard_docs=10)
+    names = [Path(p).name for p in rep["outputs"]]
+    assert names == ["top-00000.jsonl.zst", "top-00001.jsonl.zst", "top-00002.jsonl.zst"] and not out.exists()
+    files = expand_inputs([str(out.parent)])  # prepare-data --input DIR: the shards, in name order, not the report
+    assert [Path(f).name for f in files] == names
+    ranks = [r["meta"]["selection"]["rank"] for f in files for r in read_out(Path(f))]
+    assert ranks == list(range(25))
+    (out.parent / "top.report.json").unlink()  # a shard alone is refused too
+    with pytest.raises(FileExistsError, match="top-00000.jsonl.zst exists"):
+        select("random", [str(small_jsonl)], str(out), budget_docs=25, seed=2, shard_docs=10)
+    rep = select("random", [str(small_jsonl)], str(out), budget_docs=15, seed=2, shard_docs=10, overwrite=True)
+    assert sorted(p.name for p in out.parent.glob("top-*")) == ["top-00000.jsonl.zst", "top-00001.jsonl.zst"]
 
 
 def test_never_overwrites_without_flag(tmp_path, small_jsonl):

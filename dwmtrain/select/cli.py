@@ -60,10 +60,12 @@ def _run(a) -> None:
         overwrite=a.overwrite,
         progress=not a.no_progress,
         fields=fields_of(a),
+        shard_docs=a.shard_docs,
         **opts,
     )
     print(summary(report))
-    print(f"wrote {a.out}")
+    outs = report["outputs"]
+    print(f"wrote {a.out}" if len(outs) == 1 and outs[0] == a.out else f"wrote {len(outs)} shards: {outs[0]} ...")
     print(f"wrote {report_path(a.out)}")
 
 
@@ -84,6 +86,8 @@ def _common() -> argparse.ArgumentParser:
     )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--overwrite", action="store_true", help="replace OUT, only once the new output is complete")
+    c.add_argument("--shard-docs", type=int, default=0, help="write NAME-00000.jsonl[.zst], ... of this many "
+                   "documents each instead of one file (prepare-data --part splits a pool by file)")  # fmt: skip
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_field_options(c)
     return c

@@ -6,7 +6,8 @@ domain, token count, score) are held for the whole pool:
 1. scan: every record is read, validated and scored by the method's scorer; records without text (or, for
    ``qurating --missing skip``, without a score) are counted skips, reported by reason;
 2. write: the ranked documents are cut at the budget and the selected records, read again and checked
-   against the first pass's checksum, are written unchanged (plus ``meta.selection``) in rank order.
+   against the first pass's checksum, are written unchanged (plus ``meta.selection``) in rank order, through
+   temporary bucket files by rank: the memory never holds the selected text (``write_selected``).
 
 Budget crossing: documents are taken in rank order until the budget is *reached*; the document that reaches
 or crosses a token budget is included (as QuRating's ``select_subset.py`` does), so the selection holds at
@@ -16,8 +17,11 @@ tokenizer piece, plus one EOS per document: the count ``dwmtrain prepare-data`` 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
+import tempfile
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -59,14 +63,41 @@ def check_output(out: str, files: list[str], overwrite: bool) -> None:
     if os.path.abspath(out) in {os.path.abspath(f) for f in files}:
         raise DataError(f"--out {out} is also an input")
     if not overwrite:
-        for p in (Path(out), report_path(out)):
+        for p in (Path(out), report_path(out), *_shards(out)):
             if p.exists():
                 raise FileExistsError(f"{p} exists; pass --overwrite to replace it (only after a successful run)")
 
 
-def write_records(out: str, lines: list[str]) -> None:
-    """Write JSON lines to ``out`` (zstd if ``.zst``) atomically."""
+def shard_path(out: str, k: int) -> str:
+    """Shard ``k`` of a sharded output: ``DIR/NAME-0000k.jsonl[.zst]`` for ``--out DIR/NAME.jsonl[.zst]`` (the
+    names sort in rank order, so ``prepare-data --input DIR`` reads them in it)."""
+    suffix = next(s for s in OUT_SUFFIXES[::-1] if out.endswith(s))
+    return f"{out[: -len(suffix)]}-{k:05d}{suffix}"
+
+
+def _shards(out: str) -> list[Path]:
+    """The shards of ``out`` on disk (this run's or a previous one's)."""
+    first = Path(shard_path(out, 0))
+    return sorted(first.parent.glob(first.name.replace("00000", "[0-9]" * 5)))
+
+
+def write_records(out: str, lines, shard_docs: int = 0) -> list[str]:
+    """Write JSON lines to ``out`` (zstd if ``.zst``) atomically, or, with ``shard_docs``, that many per shard
+    (``shard_path``; a previous run's extra shards are removed once these are written). Returns the files."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if not shard_docs:
+        _write_lines(out, lines)
+        return [out]
+    lines, written = iter(lines), []
+    while chunk := list(itertools.islice(lines, shard_docs)):
+        written.append(shard_path(out, len(written)))
+        _write_lines(written[-1], chunk)
+    for stale in _shards(out)[len(written) :]:
+        stale.unlink()
+    return written
+
+
+def _write_lines(out: str, lines) -> None:
     with atomic_file(out) as tmp, open(tmp, "wb") as fh:
         if out.endswith(".zst"):
             import zstandard
@@ -79,31 +110,57 @@ def write_records(out: str, lines: list[str]) -> None:
                 fh.write(line.encode("utf-8"))
 
 
-def collect_selected(files: list[str], picked: dict, method: str, scores, fields: Fields = SLIMPAJAMA) -> list:
-    """Second pass: the selected records as JSON lines in rank order, each with ``meta.selection`` added.
+def write_selected(out: str, files: list[str], picked: dict, method: str, scores, fields: Fields = SLIMPAJAMA,
+                   bucket: int = 20_000, shard_docs: int = 0) -> list[str]:  # fmt: skip
+    """Second pass, in bounded memory: the selected records in rank order, each with ``meta.selection`` added.
 
-    ``picked`` maps (file index, position) to (rank, crc32 of the record when it was scored).
-    """
-    out: list[str | None] = [None] * len(picked)
-    for fi in sorted({fi for fi, _ in picked}):
-        path = files[fi]
-        for r in reader_for(path).records(path, fi, fields):
-            hit = picked.get((fi, r.line))
-            if hit is None:
-                continue
-            rank, crc = hit
-            if r.crc != crc:
-                raise DataError(f"{path}:{r.line}: changed while selecting; run again")
-            rec = r.rec
-            meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
-            s = scores[rank]
-            meta["selection"] = {"method": method, "score": None if s is None else float(s), "rank": rank}
-            rec["meta"] = meta
-            out[rank] = json.dumps(rec, ensure_ascii=False, default=str) + "\n"  # parquet may hold dates
-    missing = [r for r, v in enumerate(out) if v is None]
-    if missing:
-        raise DataError(f"{len(missing)} selected records vanished from the inputs while selecting; run again")
-    return out
+    ``picked`` maps (file index, position) to (rank, crc32 of the record when it was scored). As the inputs are
+    read again, each selected record goes to the temporary file of its rank's bucket (``bucket`` ranks, or more
+    so that at most 256 are open); the buckets are then sorted one at a time and appended to ``out`` (or its
+    shards of ``shard_docs``). So the memory holds one bucket's records, whatever the budget. Returns the files."""
+    k = len(picked)
+    size = max(bucket, -(-k // 256))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".select-", dir=os.path.dirname(os.path.abspath(out))))
+    try:
+        handles, seen = {}, 0
+        for fi in sorted({fi for fi, _ in picked}):
+            path = files[fi]
+            for r in reader_for(path).records(path, fi, fields):
+                if (hit := picked.get((fi, r.line))) is None:
+                    continue
+                rank, crc = hit
+                if r.crc != crc:
+                    raise DataError(f"{path}:{r.line}: changed while selecting; run again")
+                rec = r.rec
+                meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+                s = scores[rank]
+                meta["selection"] = {"method": method, "score": None if s is None else float(s), "rank": rank}
+                rec["meta"] = meta
+                if rank // size not in handles:
+                    handles[rank // size] = open(tmpdir / f"{rank // size:06d}", "w", encoding="utf-8")
+                # one line per record: json.dumps escapes newlines (parquet may hold dates: default=str)
+                handles[rank // size].write(f"{rank}\t{json.dumps(rec, ensure_ascii=False, default=str)}\n")
+                seen += 1
+        for h in handles.values():
+            h.close()
+        if seen != k:
+            raise DataError(f"{k - seen} selected records vanished from the inputs while selecting; run again")
+        return write_records(out, _in_rank_order(tmpdir, -(-k // size)), shard_docs)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _in_rank_order(tmpdir: Path, buckets: int):
+    """The bucket files' records, each bucket sorted by rank in memory, bucket after bucket."""
+    for b in range(buckets):
+        if not (tmpdir / f"{b:06d}").is_file():
+            continue
+        with open(tmpdir / f"{b:06d}", encoding="utf-8") as f:
+            rows = sorted((int(rank), line) for rank, _, line in (row.partition("\t") for row in f))
+        for _, line in rows:
+            yield line
+        del rows
 
 
 # ----------------------------------------------------------------------------- the scan
@@ -259,6 +316,7 @@ def select(
     overwrite: bool = False,
     progress: bool = False,
     fields: Fields = SLIMPAJAMA,
+    shard_docs: int = 0,
     **method_options,
 ) -> dict:
     """Select a subset of ``inputs`` with ``method`` up to the budget, write it to ``out``; returns the report.
@@ -285,10 +343,10 @@ def select(
     k = take_budget(lengths[order], budget_tokens) if budget_tokens is not None else min(budget_docs, len(pool.fis))
     chosen = order[:k]
     picked = {(pool.fis[i], pool.lns[i]): (rank, pool.crcs[i]) for rank, i in enumerate(chosen.tolist())}
-    lines = collect_selected(files, picked, method, [scores[i] if scorer.has_scores else None for i in chosen], fields)
     budgets = (budget_tokens, budget_docs)
     report = build_report(method, scorer, seed, files, out, budgets, tokenizer, pool, scores, chosen, lengths)
-    write_records(out, lines)
+    sel_scores = [scores[i] if scorer.has_scores else None for i in chosen]
+    report["outputs"] = write_selected(out, files, picked, method, sel_scores, fields, shard_docs=shard_docs)
     atomic_write_text(report_path(out), json.dumps(report, indent=1) + "\n")
     return report
 
