@@ -25,7 +25,7 @@ from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.faults import fault_point
 from dwmtrain.fileio import atomic_file, atomic_write_text, sha256_file
 from dwmtrain.models.lm import dtype_preserving_norms
-from dwmtrain.models.spec import ATTN_IMPLEMENTATIONS, PRESETS, ModelSpec
+from dwmtrain.models.spec import ATTN_IMPLEMENTATIONS, PRESETS, ModelSpec, attention_flops_per_token, flops_per_token
 
 NORMALIZATIONS = ("softmax", "sigmoid")  #: how logits become weights (dwm.normalization)
 
@@ -416,3 +416,10 @@ def load_dwm(path: str | os.PathLike, expect: DWMArch | None = None, **arch_over
 def dwm_parameter_count(arch: DWMArch) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in DataWeightingModel(arch).parameters())
+
+
+def dwm_forward_flops_per_token(arch: DWMArch, seq: int, n_params: int = 0) -> float:
+    """The DWM's forward FLOPs per scored token: its parameters' 2N and its backbone's attention at ``seq``
+    tokens (``n_params``: its parameter count, when already known)."""
+    n = n_params or dwm_parameter_count(arch)
+    return flops_per_token(n, False) + attention_flops_per_token(arch.backbone_spec(), seq, False)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from dwmtrain.config import Config, batch_plan, resolve_precision
 from dwmtrain.config.stages import stage_starts
 from dwmtrain.errors import ConfigError
-from dwmtrain.models.dwm import DWMArch, dwm_parameter_count
-from dwmtrain.models.spec import lm_spec
+from dwmtrain.models.dwm import DWMArch, dwm_forward_flops_per_token, dwm_parameter_count
+from dwmtrain.models.spec import lm_spec, model_flops_per_token
 from dwmtrain.plan import memory as mem
 from dwmtrain.plan.hardware import RUNTIME_BYTES, Device
 
@@ -65,14 +65,12 @@ def _largest_module(spec) -> int:
     return max(spec.vocab_size * spec.hidden_size, spec.hidden_size * spec.intermediate_size)
 
 
-def _flops_per_token(spec, seq: int, dwm_params: int, backbone, every: int) -> float:
-    """6N + attention (12 L H T, PaLM's count), the recompute of checkpointed layers (2N of their share), and the
-    DWM's forward (2N + its attention)."""
-    n, L = spec.num_parameters(), spec.num_hidden_layers
-    attn = 12 * L * spec.num_attention_heads * spec.head_dim * seq
-    recompute = (2 * n + attn / 3) * (len(range(0, L, every)) / L) if every else 0.0
-    dwm = 2 * dwm_params + 4 * backbone.num_hidden_layers * backbone.hidden_size * seq
-    return 6 * n + attn + recompute + dwm
+def _flops_per_token(spec, seq: int, arch, dwm_params: int, every: int) -> float:
+    """The LM's model FLOPs (6N + PaLM's 12 L H T attention), the recompute of checkpointed layers (their share
+    of the forward), and the DWM's forward."""
+    L = spec.num_hidden_layers
+    recompute = model_flops_per_token(spec, seq, False) * len(range(0, L, every)) / L if every else 0.0
+    return model_flops_per_token(spec, seq) + recompute + dwm_forward_flops_per_token(arch, seq, dwm_params)
 
 
 def _disk(cfg: Config, ckpt: tuple[int, int]) -> int:
@@ -115,7 +113,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, device: Device, mfu: 
         cfg, device, lay, n, nd, items, meta_items(cfg, spec, nd, lay, device, resident),
         mem.host_model_states(n, largest, lay),
         ckpt, _disk(cfg, ckpt), bp.global_batch_size * seq, [b - a for a, b in zip(starts, starts[1:])],
-        _flops_per_token(spec, seq, nd, arch.backbone_spec(), every), mfu,
+        _flops_per_token(spec, seq, arch, nd, every), mfu,
     )  # fmt: skip
 
 

@@ -62,7 +62,7 @@ class MetricsWriter:
 
     def boundary(self, step: int, stage: int, pause: dict) -> None:
         """A stage boundary's pause and its meta-update (W&B; the files are in RUN_DIR/meta already)."""
-        if self.enabled and self.wandb is not None:
+        if self.wandb is not None:  # (None on the ranks that do not write)
             self.wandb.boundary(step, stage, pause)
 
     def close(self, failed: bool = False) -> None:

@@ -22,8 +22,8 @@ from dwmtrain.data.validation import ValidationSet, validation_set
 from dwmtrain.distributed import Dist, barrier, cpu_threads, init_distributed, run_on_rank0
 from dwmtrain.errors import ConfigError, DataError
 from dwmtrain.fileio import atomic_write_text
-from dwmtrain.models.dwm import DWMArch, dwm_parameter_count
-from dwmtrain.models.spec import attention_flops_per_token, flops_per_token, lm_spec, model_flops_per_token
+from dwmtrain.models.dwm import DWMArch, dwm_forward_flops_per_token, dwm_parameter_count
+from dwmtrain.models.spec import flops_per_token, lm_spec, model_flops_per_token
 from dwmtrain.procs import usable_cpus
 from dwmtrain.rundir import RunDir
 from dwmtrain.stages.handoff import StageHandoff
@@ -148,20 +148,12 @@ def setup(cfg: Config) -> Run:
         start_step=start_step,
         peak_flops=peak_flops(torch.cuda.get_device_name() if d.accelerator == "cuda" else ""),
         flops_per_token=model_flops_per_token(spec, cfg.data.seq_len),
-        dwm_flops_per_token=dwm_forward_flops(cfg, arch),
+        dwm_flops_per_token=0.0
+        if cfg.meta.mode in ("none", "oracle")
+        else dwm_forward_flops_per_token(arch, cfg.data.seq_len),
     )
     announce(run, arch)
     return run
-
-
-def dwm_forward_flops(cfg: Config, arch: DWMArch) -> float:
-    """The DWM's forward FLOPs per training token (its parameters' 2N and its backbone's attention); 0 when no
-    DWM weighs the run."""
-    if cfg.meta.mode in ("none", "oracle"):
-        return 0.0
-    backbone = arch.backbone_spec()
-    return flops_per_token(dwm_parameter_count(arch), False) + attention_flops_per_token(backbone, cfg.data.seq_len,
-                                                                                         False)  # fmt: skip
 
 
 def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
