@@ -42,8 +42,10 @@ def _export_tokenizer(a) -> None:
 
 def _data_status(a) -> None:
     from dwmtrain.data.parts import part_status
+    from dwmtrain.select.driver import OUT_SUFFIXES
+    from dwmtrain.select.parts import selection_status
 
-    print("\n".join(part_status(a.out)))
+    print("\n".join(selection_status(a.out) if a.out.endswith(OUT_SUFFIXES) else part_status(a.out)))
 
 
 def _prepare_data(a) -> None:
@@ -235,8 +237,8 @@ def add_data_commands(sub) -> None:
     add_field_options(p)
     p.set_defaults(fn=_prepare_data)
 
-    p = sub.add_parser("data-status", help="which parts of a prepare-data job array (OUT.parts/) are done")
-    p.add_argument("out", help="the --out of the array's prepare-data")
+    p = sub.add_parser("data-status", help="which parts of a prepare-data or select job array are done")
+    p.add_argument("out", help="the --out of the array's prepare-data or select (OUT.jsonl[.zst])")
     p.set_defaults(fn=_data_status)
 
 

@@ -44,6 +44,23 @@ class Scorer:
         """Method-specific report fields."""
         return {}
 
+    # A pool scanned in parts (select.parts): what a part's scan depends on, and pool-wide statistics.
+    two_pass = False  #: scores need statistics of the whole pool: a part's second pass computes them
+
+    def scan_parameters(self) -> dict:
+        """The settings a part's scan depends on (parts made with others are refused by the merge)."""
+        return {}
+
+    def pool_stats(self) -> dict[str, np.ndarray]:
+        """Two-pass methods: this reading's share of the pool statistics."""
+        return {}
+
+    def use_pool_stats(self, parts: list[dict[str, np.ndarray]]) -> None:
+        """Two-pass methods: take the whole pool's statistics from every part's ``pool_stats``."""
+
+    def prepare_merge(self) -> None:
+        """What the merge needs before ranking (not the scoring model)."""
+
 
 def gumbel_topk(logits: np.ndarray, seed: int) -> np.ndarray:
     """Indices in the order of sampling without replacement with probability ∝ exp(logits) (Gumbel top-k)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from dwmtrain.data.readers import add_field_options
@@ -11,6 +12,8 @@ USAGE = """\
 dwmtrain select random   --input IN... --out OUT.jsonl[.zst] (--budget-docs N | --budget-tokens N --tokenizer SP)
 dwmtrain select dsir     --input IN... --out OUT (--target-domains a,b | --target-file F...) BUDGET
 dwmtrain select qurating --input IN... --out OUT (--score-field meta.quality.x | --rater DIR) BUDGET [--temperature T]
+On a cluster: the same command with --part I/N in each task of a job array, then once with --merge
+(launchers/slurm/select_array.sh submits both); dwmtrain data-status OUT shows the parts.
 """
 
 
@@ -27,6 +30,7 @@ def _positive(s: str) -> int:
 
 def _run(a) -> None:
     from dwmtrain.data.readers import fields_of
+    from dwmtrain.errors import DataError
     from dwmtrain.select.driver import report_path, select, summary
 
     opts: dict = {}
@@ -49,7 +53,18 @@ def _run(a) -> None:
             normalize=a.normalize,
             missing=a.missing,
         )
-    report = select(
+    if a.part and a.merge:
+        raise DataError("--part and --merge: one or the other (the parts first, then one merge)")
+    if a.part:
+        from dwmtrain.select.parts import select_part
+
+        print(select_part(a.method, a.input, a.out, a.part, tokenizer=a.tokenizer, progress=not a.no_progress,
+                          fields=fields_of(a), **opts))  # fmt: skip
+        return
+    from dwmtrain.select.parts import merge_selection
+
+    run = merge_selection if a.merge else functools.partial(select, progress=not a.no_progress)
+    report = run(
         a.method,
         a.input,
         a.out,
@@ -58,7 +73,6 @@ def _run(a) -> None:
         tokenizer=a.tokenizer,
         seed=a.seed,
         overwrite=a.overwrite,
-        progress=not a.no_progress,
         fields=fields_of(a),
         shard_docs=a.shard_docs,
         **opts,
@@ -75,7 +89,7 @@ def _common() -> argparse.ArgumentParser:
         "--input", nargs="+", required=True, help="JSONL(.zst/.gz), Parquet, Arrow files, saved datasets, dirs"
     )
     c.add_argument("--out", required=True, help="output .jsonl or .jsonl.zst (report: NAME.report.json beside it)")
-    b = c.add_mutually_exclusive_group(required=True)
+    b = c.add_mutually_exclusive_group()  # required but by --part (select.driver.check_budget)
     b.add_argument("--budget-tokens", type=_positive, help="select until this many tokens (needs --tokenizer)")
     b.add_argument("--budget-docs", type=_positive, help="select this many documents")
     c.add_argument(
@@ -88,6 +102,11 @@ def _common() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace OUT, only once the new output is complete")
     c.add_argument("--shard-docs", type=int, default=0, help="write NAME-00000.jsonl[.zst], ... of this many "
                    "documents each instead of one file (prepare-data --part splits a pool by file)")  # fmt: skip
+    c.add_argument("--part", default="", help="I/N: scan part I (from 0) of N of the input files into "
+                   "NAME.parts/ (a job array's task: $SLURM_ARRAY_TASK_ID/N; no budget needed); DSIR's parts run "
+                   "twice (scan, then weights); a complete part is skipped")  # fmt: skip
+    c.add_argument("--merge", action="store_true", help="rank the whole pool from its parts, cut at the budget, "
+                   "write OUT: what one select of the inputs writes; refuses a missing part, naming it")  # fmt: skip
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_field_options(c)
     return c

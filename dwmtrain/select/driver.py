@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from array import array
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,9 +51,14 @@ def report_path(out: str | os.PathLike) -> Path:
 
     Not ``OUT.report.json``: that name matches ``*.jsonl*``, so ``prepare-data --input DIR`` would read it.
     """
+    return out_stem(out).with_name(f"{out_stem(out).name}.report.json")
+
+
+def out_stem(out: str | os.PathLike) -> Path:
+    """``DIR/NAME`` of ``DIR/NAME.jsonl[.zst]``: the report's and the parts' (``NAME.parts/``) name."""
     out = Path(out)
-    stem = next((out.name[: -len(s)] for s in (".jsonl.zst", ".jsonl") if out.name.endswith(s)), out.name)
-    return out.with_name(f"{stem}.report.json")
+    suffix = next((s for s in (".jsonl.zst", ".jsonl") if out.name.endswith(s)), "")
+    return out.with_name(out.name[: len(out.name) - len(suffix)])
 
 
 def check_output(out: str, files: list[str], overwrite: bool) -> None:
@@ -181,11 +186,13 @@ class Pool:
     parts: list[np.ndarray] = field(default_factory=list)  # scores, one array per scored batch
     skipped: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    example_at: list[tuple] = field(default_factory=list)  # (file index, line, reason) of each example
 
-    def skip(self, reason: str, where: str) -> None:
+    def skip(self, reason: str, where: str, at: tuple[int, int] = (0, 0)) -> None:
         self.skipped[reason] += 1
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(f"{where}: {reason}")
+            self.example_at.append((*at, reason))
 
     def add_batch(self, buf: list, scorer, tok) -> None:
         """Score (and count the tokens of) a batch of usable records."""
@@ -205,20 +212,22 @@ class Pool:
         return sorted(self.dom_names, key=self.dom_names.get)
 
 
-def scan_pool(files: list[str], scorer, tok, method: str, progress: bool, fields: Fields = SLIMPAJAMA) -> Pool:
-    """First pass: every record read, checked and scored; the unusable ones are counted skips."""
+def scan_pool(files: list[str], scorer, tok, method: str, progress: bool, fields: Fields = SLIMPAJAMA,
+              file_ids: list[int] | None = None) -> Pool:  # fmt: skip
+    """First pass: every record read, checked and scored; the unusable ones are counted skips. ``file_ids``: the
+    pool's index of each of ``files`` (a part of the pool scans some of its files)."""
     from tqdm import tqdm
 
     pool, buf = Pool(files, fields), []
-    bar = tqdm(unit="doc", disable=not progress, desc=f"scan ({method})")
+    bar = tqdm(unit="doc", disable=not progress, desc=f"scan ({method})", mininterval=10)
     for r in iter_records(files, fields):
         bar.update(1)
         where = f"{files[r.file_index]}:{r.line}"
         reason = text_skip_reason(fields.text_of(r.rec)) or scorer.check(r.rec, where)
         if reason:
-            pool.skip(reason, where)
+            pool.skip(reason, where, (r.file_index if file_ids is None else file_ids[r.file_index], r.line))
             continue
-        buf.append(r)
+        buf.append(r if file_ids is None else replace(r, file_index=file_ids[r.file_index]))
         if len(buf) >= CHUNK:
             pool.add_batch(buf, scorer, tok)
             buf = []
@@ -287,7 +296,7 @@ def build_report(method, scorer, seed, files, out, budgets, tokenizer, pool, sco
 # ----------------------------------------------------------------------------- select
 
 
-def _check_budget(budget_tokens: int | None, budget_docs: int | None, tokenizer: str | None) -> None:
+def check_budget(budget_tokens: int | None, budget_docs: int | None, tokenizer: str | None) -> None:
     if (budget_tokens is None) == (budget_docs is None):
         raise DataError("give exactly one of --budget-tokens and --budget-docs")
     budget = budget_tokens if budget_tokens is not None else budget_docs
@@ -323,7 +332,7 @@ def select(
     ``fields``: where each record's text and domain are (any input format ``data.readers`` reads)."""
     inputs = [str(inputs)] if isinstance(inputs, (str, os.PathLike)) else [str(x) for x in inputs]
     out = str(out)
-    _check_budget(budget_tokens, budget_docs, tokenizer)
+    check_budget(budget_tokens, budget_docs, tokenizer)
     files = expand_inputs(inputs)
     check_output(out, files, overwrite)
     tok = None
@@ -338,16 +347,41 @@ def select(
     if not pool.fis:
         raise DataError(f"{inputs}: no usable records (skipped: {dict(pool.skipped) or 'none'})")
     scores = scorer.finalize(np.concatenate(pool.parts), pool.domain_names())
-    order = scorer.order(scores, seed)
     lengths = np.asarray(pool.ntok, dtype=np.int64) if tok is not None else None
+    return cut_and_write(Selection(method, scorer, seed, files, out, fields, tokenizer, shard_docs),
+                         pool, scores, lengths, (budget_tokens, budget_docs))  # fmt: skip
+
+
+@dataclass
+class Selection:
+    """What a selection writes and how: its method and scorer, seed, inputs, output, fields, tokenizer."""
+
+    method: str
+    scorer: object
+    seed: int
+    files: list[str]
+    out: str
+    fields: Fields
+    tokenizer: str | None
+    shard_docs: int = 0
+
+
+def cut_and_write(sel: Selection, pool: Pool, scores: np.ndarray, lengths, budgets: tuple,
+                  extra: dict | None = None) -> dict:  # fmt: skip
+    """Rank the scored pool, cut at the budget, write the selected records and the report (plus ``extra``);
+    returns the report."""
+    budget_tokens, budget_docs = budgets
+    order = sel.scorer.order(scores, sel.seed)
     k = take_budget(lengths[order], budget_tokens) if budget_tokens is not None else min(budget_docs, len(pool.fis))
     chosen = order[:k]
     picked = {(pool.fis[i], pool.lns[i]): (rank, pool.crcs[i]) for rank, i in enumerate(chosen.tolist())}
-    budgets = (budget_tokens, budget_docs)
-    report = build_report(method, scorer, seed, files, out, budgets, tokenizer, pool, scores, chosen, lengths)
-    sel_scores = [scores[i] if scorer.has_scores else None for i in chosen]
-    report["outputs"] = write_selected(out, files, picked, method, sel_scores, fields, shard_docs=shard_docs)
-    atomic_write_text(report_path(out), json.dumps(report, indent=1) + "\n")
+    report = build_report(sel.method, sel.scorer, sel.seed, sel.files, sel.out, budgets, sel.tokenizer, pool, scores,
+                          chosen, lengths)  # fmt: skip
+    report.update(extra or {})
+    sel_scores = [scores[i] if sel.scorer.has_scores else None for i in chosen]
+    report["outputs"] = write_selected(sel.out, sel.files, picked, sel.method, sel_scores, sel.fields,
+                                       shard_docs=sel.shard_docs)  # fmt: skip
+    atomic_write_text(report_path(sel.out), json.dumps(report, indent=1) + "\n")
     return report
 
 

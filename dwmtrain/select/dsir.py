@@ -101,13 +101,24 @@ class DSIRScorer(Scorer):
         self.target_domains = set(target_domains or [])
         self.target_files = list(target_files or [])
         self.num_buckets, self.smoothing = num_buckets, smoothing
-        self.target_counts = np.zeros(num_buckets, dtype=np.float64)
-        self.raw_counts = np.zeros(num_buckets, dtype=np.float64)
-        self.target_docs = 0
+        self.file_target_counts = np.zeros(num_buckets, dtype=np.float64)  # --target-file's n-grams
+        self.file_target_docs = 0
         self.target_skipped: dict[str, int] = {}
+        self.keep_features = True  # a part's first pass only counts: its weights come in a second pass
+        self._reset_pool()
+
+    def _reset_pool(self) -> None:
+        """What reading the pool accumulates: its n-gram counts (and its target domains'), and the features."""
+        self.raw_counts = np.zeros(self.num_buckets, dtype=np.float64)
+        self.pool_target_counts = np.zeros(self.num_buckets, dtype=np.float64)  # --target-domains' n-grams
+        self.pool_target_docs = 0
         self._idx: list[np.ndarray] = []
         self._cnt: list[np.ndarray] = []
         self._sizes: list[np.ndarray] = []
+
+    @property
+    def target_docs(self) -> int:
+        return self.file_target_docs + self.pool_target_docs
 
     def prepare(self) -> None:
         if not self.target_files:
@@ -120,21 +131,23 @@ class DSIRScorer(Scorer):
                 self.target_skipped[reason] = self.target_skipped.get(reason, 0) + 1
                 continue
             idx, cnt = dsir_features(t, self.num_buckets)
-            np.add.at(self.target_counts, idx, cnt)
-            self.target_docs += 1
-        if self.target_docs == 0:
+            np.add.at(self.file_target_counts, idx, cnt)
+            self.file_target_docs += 1
+        if self.file_target_docs == 0:
             raise DataError(f"--target-file {' '.join(files)}: no record with text")
 
     def score_batch(self, recs, texts, domains) -> np.ndarray:
         feats = [dsir_features(t, self.num_buckets) for t in texts]
         for (idx, cnt), d in zip(feats, domains):
             if d in self.target_domains:
-                np.add.at(self.target_counts, idx, cnt)
-                self.target_docs += 1
+                np.add.at(self.pool_target_counts, idx, cnt)
+                self.pool_target_docs += 1
         # one array per batch, not per document: the weights need every document's features after the pool
         idx = np.concatenate([f[0] for f in feats])
         cnt = np.concatenate([f[1] for f in feats])
         np.add.at(self.raw_counts, idx, cnt)
+        if not self.keep_features:
+            return np.zeros(len(texts))
         self._idx.append(idx)
         self._cnt.append(cnt)
         self._sizes.append(np.array([len(f[0]) for f in feats], dtype=np.int64))
@@ -147,7 +160,7 @@ class DSIRScorer(Scorer):
                 f"--target-domains {','.join(sorted(self.target_domains))}: no such documents in the pool "
                 f"(domains: {have})"
             )
-        lt = fit_ngram_dist(self.target_counts, self.smoothing)
+        lt = fit_ngram_dist(self.file_target_counts + self.pool_target_counts, self.smoothing)
         lr = fit_ngram_dist(self.raw_counts, self.smoothing)
         diff = lt - lr
         sizes = np.concatenate(self._sizes)
@@ -158,6 +171,26 @@ class DSIRScorer(Scorer):
 
     def order(self, scores, seed) -> np.ndarray:
         return gumbel_topk(scores, seed)
+
+    # a pool scanned in parts: the weights need every part's counts (select.parts)
+    two_pass = True
+
+    def pool_stats(self) -> dict[str, np.ndarray]:
+        """This reading's share of the pool statistics the weights need (summed over the parts)."""
+        return {"raw_counts": self.raw_counts, "pool_target_counts": self.pool_target_counts,
+                "pool_target_docs": np.array([self.pool_target_docs], dtype=np.int64)}  # fmt: skip
+
+    def use_pool_stats(self, parts: list[dict[str, np.ndarray]]) -> None:
+        """The whole pool's statistics, from every part's ``pool_stats`` (integer counts: sums are exact)."""
+        self.raw_counts = np.sum([p["raw_counts"] for p in parts], axis=0)
+        self.pool_target_counts = np.sum([p["pool_target_counts"] for p in parts], axis=0)
+        self.pool_target_docs = int(sum(int(p["pool_target_docs"][0]) for p in parts))
+
+    def scan_parameters(self) -> dict:
+        return self.parameters()
+
+    def prepare_merge(self) -> None:
+        self.prepare()
 
     def parameters(self) -> dict:
         p = {"num_buckets": self.num_buckets, "smoothing": self.smoothing, "ngrams": [1, 2]}

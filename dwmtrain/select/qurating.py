@@ -183,6 +183,12 @@ class QuRatingScorer(Scorer):
             s = (s - s.mean()) / s.std()
         return sample_order(s, self.temperature, seed)
 
+    def scan_parameters(self) -> dict:
+        p = self.parameters()
+        for k in ("temperature", "normalize", "rater_device"):  # the ranking's, or not the scores'
+            p.pop(k, None)
+        return p
+
     def parameters(self) -> dict:
         p = {"temperature": self.temperature, "normalize": self.normalize}
         if self.score_field:

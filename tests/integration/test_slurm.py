@@ -150,3 +150,29 @@ def test_prepare_data_as_a_job_array_of_four_parts_on_two_nodes_equals_one_prepa
     assert len(re.findall(r"part \d/4: \d+ files, [\d,]+ documents, [\d,]+ tokens in", logs)) == 4, logs[-3000:]
     assert hosts and hosts <= {"n1", "n2"} and "merge of the parts" in logs  # SLURM placed the tasks
     same_dataset(tmp_path / "one", out)
+
+
+def test_dsir_selection_as_job_arrays_on_two_nodes_equals_one_select(slurm, tmp_path):
+    """launchers/slurm/select_array.sh dsir: the scan array (3 tasks over the 2 nodes), the weights array after it,
+    then the merge: the records and report one dwmtrain select of the same pool and seed writes."""
+    from ..test_select_parts import CASES, without_paths, write_pool
+
+    src = write_pool(tmp_path / "pool")
+    args = ["--input", str(src), *CASES["dsir"], "--seed", "7"]
+    run([sys.executable, "-m", "dwmtrain.cli", "select", "dsir", *args, "--out", str(tmp_path / "one.jsonl.zst"),
+         "--no-progress"])  # fmt: skip
+    out = tmp_path / "array.jsonl.zst"
+    p = subprocess.run(["bash", str(SLURM / "select_array.sh"), "--sbatch", "--nodes=1", "3", "dsir", *args,
+                        "--out", str(out)], env=slurm_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    jobs = (tmp_path / "array.slurm" / "jobs.txt").read_text().strip().split(",")
+    assert len(jobs) == 3 and f"dwmtrain data-status {out}" in p.stdout  # scan, weights, merge
+    states = wait_jobs(jobs)
+    logs = "\n".join(f.read_text() for f in sorted((tmp_path / "array.slurm").glob("*.out")))
+    assert all(s["JobState"] == "COMPLETED" for s in states.values()), (states, logs[-3000:])
+    assert len(re.findall(r"part \d/3 scanned: \d+ files, [\d,]+ documents in .* docs/s", logs)) == 3, logs[-3000:]
+    assert len(re.findall(r"part \d/3 weighed: ", logs)) == 3 and "merge of the dsir selection" in logs
+    assert set(re.findall(r"\[slurm\] dsir part \d/3 on (\w+)", logs)) <= {"n1", "n2"}
+    assert out.read_bytes() == (tmp_path / "one.jsonl.zst").read_bytes()
+    one, merged = (json.loads((tmp_path / f"{n}.report.json").read_text()) for n in ("one", "array"))
+    assert without_paths(merged) == without_paths(one) and merged["parts"] == 3
