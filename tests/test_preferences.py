@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,6 +175,34 @@ def test_score_writes_jsonl_and_parquet(run_dir, data_dir, tmp_path, capsys):
         np.testing.assert_allclose([r["weight"] for r in rs], direct, atol=1e-6)
         assert np.mean([r["weight"] for r in rs]) == pytest.approx(1.0, abs=1e-5)
         assert [r["domain"] for r in rs] == [ds.domain(r["index"]) for r in rs]
+
+
+def test_score_in_three_parts_and_a_merge_writes_what_one_score_writes(run_dir, data_dir, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from dwmtrain.errors import DataError
+
+    base = ["score", "--dwm", str(RunDir(run_dir).dwm(3)), "--data", str(data_dir), "--split", "heldout",
+            "--samples", "100", "--seed", "5"]  # fmt: skip
+    run_cli([*base, "--out", str(tmp_path / "one.parquet")])
+    out = [*base, "--out", str(tmp_path / "s.parquet")]
+    for i in (2, 0):
+        run_cli([*out, "--part", f"{i}/3"])
+    said = capsys.readouterr().out
+    assert "part 2/3: scored samples 64..95 in" in said and "samples/s" in said  # 12 micro-batches: 4, 4, 4
+    with pytest.raises(DataError, match=r"part 1/3 is missing or unfinished; run dwmtrain score --part 1/3"):
+        run_cli([*out, "--merge"])
+    script = Path(__file__).parents[1] / "launchers" / "slurm" / "score.sbatch"  # as the array's task 1 runs it
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID="1", DWMTRAIN_PYTHON=sys.executable)
+    p = subprocess.run(["bash", str(script), "3", *out[1:]], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "part 1/3: scored samples 32..63" in p.stdout, p.stderr[-2000:]
+    run_cli([*out, "--part", "1/3"])
+    assert "part 1/3 is complete" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"part 0/3 was scored with another DWM, data, samples or options"):
+        run_cli([*base[:-1], "6", "--out", str(tmp_path / "s.parquet"), "--merge"])  # another seed: other samples
+    p = subprocess.run(["bash", str(script), "merge", *out[1:]], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "merged 96 scored heldout samples" in p.stdout, p.stderr[-2000:]
+    assert pq.read_table(tmp_path / "s.parquet").to_pylist() == pq.read_table(tmp_path / "one.parquet").to_pylist()
 
 
 def test_score_errors_name_the_path(run_dir, data_dir, tmp_path):

@@ -6,25 +6,20 @@ Kept free of heavy imports (torch, matplotlib): every ``dwmtrain`` command build
 from __future__ import annotations
 
 import sys
+import time
 
 
 def _score(a) -> None:
+    from dwmtrain.analysis import score_parts as sp
     from dwmtrain.analysis.preferences import open_split
-    from dwmtrain.analysis.scoring import (
-        check_out_suffix,
-        choose_samples,
-        quality_scores,
-        resolve_device,
-        sample_texts,
-        score_dataset,
-        score_records,
-        score_summary,
-        write_records,
-    )
+    from dwmtrain.analysis.scoring import check_out_suffix, choose_samples, score_summary, write_records
+    from dwmtrain.data.parts import parse_part
     from dwmtrain.errors import DataError
     from dwmtrain.models.dwm import check_dwm_tokenizer, load_dwm, read_dwm_meta
 
     check_out_suffix(a.out)  # before any work: the suffix picks the format
+    if a.part and a.merge:
+        raise DataError("--part and --merge: one or the other (the parts first, then one merge)")
     meta = read_dwm_meta(a.dwm)
     dwm = load_dwm(a.dwm).requires_grad_(False)
     ds = open_split(a.data, a.split)
@@ -34,20 +29,48 @@ def _score(a) -> None:
         )
     check_dwm_tokenizer(meta, a.dwm, ds.index.get("tokenizer", "?"), ds.index.get("tokenizer_sha256", ""))
     idx, notes = choose_samples(len(ds), a.samples, a.seed, a.micro_batch, a.shuffle)
-    for note in notes:
+    for note in notes if not a.part else ():
         print(f"note: {note}")
+    stage = f" (stage {meta['stage']})" if meta.get("stage") is not None else ""
+    if a.merge:
+        recs = sp.merged_records(a.out, sp.scoring_marker(a, idx))
+        print(f"merged {len(recs)} scored {a.split} samples of {a.data} ({a.dwm}{stage}) from the parts")
+    elif a.part:
+        i, n = parse_part(a.part)
+        if sp.done_part(a.out, i, n, want := sp.scoring_marker(a, idx)):
+            print(f"part {i}/{n} is complete ({sp.part_dir(a.out, i, n)}): skipped")
+            return
+        lo, hi = sp.micro_batch_range(len(idx), a.micro_batch, i, n)
+        t0 = time.time()
+        recs = _score_samples(a, dwm, ds, idx[lo:hi], lo // a.micro_batch)
+        dest = sp.write_part(a.out, i, n, want, recs)
+        dt = time.time() - t0
+        print(f"part {i}/{n}: scored samples {lo}..{hi - 1} in {dt:.1f} s ({len(recs) / max(dt, 1e-9):,.1f} "
+              f"samples/s) -> {dest}")  # fmt: skip
+        return
+    else:
+        recs = _score_samples(a, dwm, ds, idx, 0)
+        print(f"scored {len(recs)} {a.split} samples of {a.data} with {a.dwm}{stage}")
+    path = write_records(recs, a.out)
+    print(score_summary(recs))
+    print(f"wrote {path}")
+
+
+def _score_samples(a, dwm, ds, idx, first_micro_batch: int) -> list[dict]:
+    """The records of samples ``idx`` (micro-batches numbered from ``first_micro_batch``), rated with --rater."""
+    from dwmtrain.analysis.scoring import quality_scores, resolve_device, sample_texts, score_dataset, score_records
+
     dev, dtype = resolve_device(a.device)
+    print(f"scoring {len(idx)} samples on {dev} ({str(dtype)[6:]})", flush=True)
     w, z = score_dataset(dwm, ds, idx, a.micro_batch, dev, dtype, with_logits=True, progress=sys.stderr.isatty())
     quality = {}
     if a.rater:
         texts = sample_texts(ds, idx, a.tokenizer)
         quality = quality_scores(texts, a.rater, dev, rater_names(a), a.rater_max_length)
     recs = score_records(idx, w, z, ds, a.micro_batch, quality)
-    path = write_records(recs, a.out)
-    stage = f" (stage {meta['stage']})" if meta.get("stage") is not None else ""
-    print(f"scored {len(recs)} {a.split} samples of {a.data} with {a.dwm}{stage} on {dev} ({str(dtype)[6:]})")
-    print(score_summary(recs))
-    print(f"wrote {path}")
+    for r in recs:
+        r["micro_batch"] += first_micro_batch
+    return recs
 
 
 def _analyze(a) -> None:
@@ -115,6 +138,10 @@ def register(sub) -> None:
     add_rater_options(p)
     p.add_argument("--tokenizer", default=None, help="--rater: decode samples with this sentencepiece model "
                    "(default: the one recorded in the data's index.json)")  # fmt: skip
+    p.add_argument("--part", default="", help="I/N: score part I (from 0) of N of the micro-batches into "
+                   "FILE.parts/ (a job array's task, one GPU each); a complete part is skipped")  # fmt: skip
+    p.add_argument("--merge", action="store_true", help="write every part's records to OUT in order: what one "
+                   "score writes; refuses a missing part, naming it")  # fmt: skip
     p.set_defaults(fn=_score)
 
     p = sub.add_parser(
