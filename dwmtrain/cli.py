@@ -129,7 +129,7 @@ def _export(a) -> None:
 
 
 def _eval(a) -> None:
-    from dwmtrain.eval.runs import evaluate_run
+    from dwmtrain.eval.runs import evaluate_runs
     from dwmtrain.eval.tables import COLUMNS, compare
 
     labels = a.labels.split(",") if a.labels else [os.path.basename(os.path.normpath(r)) for r in a.run_dirs]
@@ -144,14 +144,12 @@ def _eval(a) -> None:
 
         raise ConfigError(f"--shots {a.shots!r}: expected comma-separated integers (the paper: 0,2)") from None
     tasks = a.tasks.split(",") if a.tasks else list(COLUMNS)
-    device = a.device if a.device != "auto" else ("cuda" if _cuda() else "cpu")
-    results = {}
-    for label, run in zip(labels, a.run_dirs):
-        results[label] = evaluate_run(
-            run, a.task_data, shots=shots, tasks=tasks, lambada=not a.no_lambada, checkpoint=a.checkpoint or None,
-            limit=a.limit, batch_size=a.batch_size, device=device,
-            dtype="bfloat16" if device.startswith("cuda") else "float32",
-        )  # fmt: skip
+    devices = eval_devices(a.device)
+    results = dict(zip(labels, evaluate_runs(
+        a.run_dirs, a.task_data, shots=shots, tasks=tasks, lambada=not a.no_lambada, checkpoint=a.checkpoint or None,
+        limit=a.limit, batch_size=a.batch_size, devices=devices,
+        dtype="bfloat16" if devices[0].startswith("cuda") else "float32",
+    )))  # fmt: skip
     from dwmtrain.rundir import RunDir
 
     out = a.out or (RunDir(a.run_dirs[0]).lm_eval_dir if len(a.run_dirs) == 1 else "eval-" + "-vs-".join(labels))
@@ -172,6 +170,25 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def eval_devices(spec: str) -> list[str]:
+    """``--device``: auto (every GPU of the node, else the CPU), cpu, cuda, cuda:N, or a comma-separated list."""
+    import torch
+
+    if spec == "auto":
+        return [f"cuda:{k}" for k in range(torch.cuda.device_count())] or ["cpu"]
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    for d in devices:
+        if not (d == "cpu" or d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit())):
+            from dwmtrain.errors import ConfigError
+
+            raise ConfigError(f"--device {spec}: {d!r} is not cpu, cuda or cuda:N")
+        if d.startswith("cuda") and not torch.cuda.is_available():
+            from dwmtrain.errors import ConfigError
+
+            raise ConfigError(f"--device {spec}: no CUDA device available")
+    return devices or ["cpu"]
 
 
 def _report(a) -> None:
@@ -307,7 +324,8 @@ def add_eval_command(sub) -> None:
     p.add_argument("--no-lambada", action="store_true", help="skip LAMBADA (evaluated zero-shot by default)")
     p.add_argument("--limit", type=int, default=None, help="documents per task (a quick look; not the paper's)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help="auto (every GPU of the node: one lm-eval process per GPU; else "
+                   "the CPU) | cpu | cuda | cuda:N | a comma-separated list (cuda:0,cuda:1)")  # fmt: skip
     p.add_argument("--out", default="", help="tables and figure (default: RUN/lm_eval, or eval-A-vs-B for several)")
     p.set_defaults(fn=_eval)
 

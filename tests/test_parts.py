@@ -33,7 +33,7 @@ def same_dataset(a: Path, b: Path) -> None:
 
 def test_four_parts_and_a_merge_equal_one_prepare_and_a_rerun_skips_complete_parts(tmp_path, capsys):
     from dwmtrain.cli import main
-    from dwmtrain.data.parts import assign_files, part_status
+    from dwmtrain.data.parts import assign_files, assign_slices, part_status
 
     src = pool(tmp_path / "pool")
     common = ["prepare-data", "--input", str(src), "--tokenizer", str(SP_MODEL), "--seq-len", "64",
@@ -42,6 +42,8 @@ def test_four_parts_and_a_merge_equal_one_prepare_and_a_rerun_skips_complete_par
     out = tmp_path / "parted"
     files = sorted(str(p) for p in src.iterdir())
     assert sorted(k for part in assign_files(files, 4) for k in part) == list(range(6))  # each file once
+    slices = sorted(x for part in assign_slices(files, 4) for x in part)
+    assert (4, 0, 2) in slices and (4, 1, 2) in slices and len(slices) == 8  # the two largest: two row ranges each
     for i in (0, 1, 3):
         assert main([*common, "--out", str(out), "--part", f"{i}/4"]) == 0
     assert main(["data-status", str(out)]) == 0
@@ -74,3 +76,25 @@ def test_a_part_of_other_inputs_is_refused_and_a_bad_part_spec_is_a_clear_error(
         parse_part("4/4")
     with pytest.raises(DataError, match=r"--part x: expected I/N"):
         parse_part("x")
+
+
+def test_a_pool_of_fewer_files_than_parts_is_cut_into_row_ranges(tmp_path, capsys):
+    """Two files, four parts: each file in row ranges (one part tokenizes each range), and the merge packs the
+    dataset one prepare-data writes."""
+    from dwmtrain.cli import main
+    from dwmtrain.data.parts import assign_slices
+
+    src = pool(tmp_path / "pool", files=2, docs=90)  # 40 and 50 documents
+    common = ["prepare-data", "--input", str(src), "--tokenizer", str(SP_MODEL), "--seq-len", "64",
+              "--shard-sequences", "50", "--workers", "1"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    files = sorted(str(p) for p in src.iterdir())
+    slices = sorted(x for part in assign_slices(files, 4) for x in part)
+    assert slices == [(0, 0, 2), (0, 1, 2), (1, 0, 3), (1, 1, 3), (1, 2, 3)]  # no range over a part's share of bytes
+    out = tmp_path / "parted"
+    for i in range(4):
+        assert main([*common, "--out", str(out), "--part", f"{i}/4"]) == 0
+    said = capsys.readouterr().out
+    assert said.count(" of them row ranges), ") == 4
+    assert main([*common, "--out", str(out), "--merge"]) == 0
+    same_dataset(tmp_path / "one", out)

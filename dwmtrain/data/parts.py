@@ -5,15 +5,17 @@ part's documents in the inputs' order: the same dataset, token for token, as one
     OUT.parts/part-000I-of-000N/        part I: its files' tokenized documents (Arrow) and ``part.json``, the
                                         marker written last (the inputs, the files, the tokenizer's sha256)
 
-Files are assigned whole and deterministically (largest first, each to the part with the fewest bytes so far), so
-every job of the array computes the same assignment. A part whose marker matches is skipped when the array is
-rerun; a part that failed or was killed has no marker and is redone. The merge refuses a missing or foreign part
-with one line naming it.
+Files are assigned deterministically (largest first, each to the part with the fewest bytes so far), so every job
+of the array computes the same assignment; a file larger than a part's share of the bytes (a pool of a few large
+files) is cut into row ranges, each part reading the file and tokenizing only its rows. A part whose marker
+matches is skipped when the array is rerun; a part that failed or was killed has no marker and is redone. The
+merge refuses a missing or foreign part with one line naming it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -48,24 +50,42 @@ def part_path(out_dir, i: int, n: int) -> Path:
 
 
 def assign_files(files: list[str], n: int) -> list[list[int]]:
-    """Indices of ``files`` per part: largest first, each to the lightest part (ties: the lower part); every
-    part keeps its files in the inputs' order."""
+    """Indices of ``files`` per part, whole files: largest first, each to the lightest part (ties: the lower part);
+    every part keeps its files in the inputs' order."""
+    return [sorted(f for f, _, _ in part) for part in _balance(files, n, split=False)]
+
+
+def assign_slices(files: list[str], n: int) -> list[list[tuple[int, int, int]]]:
+    """(file index, k, K) per part: row range k of K of a file. A file larger than a part's share of the bytes
+    (a few large files) is cut into that many row ranges; the slices are then balanced as ``assign_files`` does
+    whole files. Every part keeps its slices in the inputs' order."""
+    return [sorted(part) for part in _balance(files, n, split=True)]
+
+
+def _balance(files: list[str], n: int, split: bool) -> list[list[tuple[int, int, int]]]:
     size = [os.path.getsize(f) if os.path.isfile(f) else _dir_bytes(f) for f in files]
-    load, out = [0] * n, [[] for _ in range(n)]
-    for k in sorted(range(len(files)), key=lambda k: (-size[k], k)):
+    share = max(sum(size) / n, 1)
+    cuts = [min(n, max(1, math.ceil(b / share))) if split else 1 for b in size]
+    slices = [(f, k, cuts[f]) for f in range(len(files)) for k in range(cuts[f])]
+    load, out = [0.0] * n, [[] for _ in range(n)]
+    for f, k, K in sorted(slices, key=lambda s: (-size[s[0]] / s[2], s[0], s[1])):
         j = min(range(n), key=lambda j: (load[j], j))
-        load[j] += size[k]
-        out[j].append(k)
-    return [sorted(ix) for ix in out]
+        load[j] += size[f] / K
+        out[j].append((f, k, K))
+    return out
 
 
 def _dir_bytes(path: str) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else 0
 
 
-def _marker(files: list[str], mine: list[int], i: int, n: int, tok_sha: str, fields: Fields) -> dict:
-    return {"part": i, "of": n, "inputs": [os.path.abspath(f) for f in files], "files": mine,
+def _marker(files: list[str], mine: list, i: int, n: int, tok_sha: str, fields: Fields) -> dict:
+    return {"part": i, "of": n, "inputs": [os.path.abspath(f) for f in files], "slices": [list(x) for x in mine],
             "tokenizer_sha256": tok_sha, "text_field": fields.text, "domain_field": fields.domain}  # fmt: skip
+
+
+def _slice_name(f: int, k: int, K: int) -> str:
+    return f"file-{f:06d}" if K == 1 else f"file-{f:06d}-rows-{k:03d}-of-{K:03d}"
 
 
 def prepare_part(inputs: list[str], tokenizer_path: str, out_dir: str, part: str, workers: int = 0,
@@ -73,23 +93,26 @@ def prepare_part(inputs: list[str], tokenizer_path: str, out_dir: str, part: str
     """Tokenize part I of N of the inputs into its directory (skipped if it is complete); returns what was done."""
     i, n = parse_part(part)
     files = expand_inputs(inputs)
-    mine = assign_files(files, n)[i]
+    mine = assign_slices(files, n)[i]
     want = _marker(files, mine, i, n, load_tokenizer(tokenizer_path).sha256, fields)
     dest = part_path(out_dir, i, n)
     if (dest / MARKER).is_file() and json.loads((dest / MARKER).read_text()) == want:
         return f"part {i}/{n} is complete ({dest}): skipped"
     t0 = time.time()
     with atomic_dir(dest, overwrite=True) as tmp:  # a killed part leaves no marker: a rerun redoes it
-        tokenized = read_tokenized([files[k] for k in mine], tokenizer_path, workers, str(tmp / "cache"), fields)
+        tokenized = read_tokenized([files[f] for f, _, _ in mine], tokenizer_path, workers, str(tmp / "cache"), fields,
+                                   rows=[(k, K) if K > 1 else None for _, k, K in mine])  # fmt: skip
         docs = tokens = 0
-        for k, (_, ds) in zip(mine, tokenized):
-            ds.save_to_disk(str(tmp / f"file-{k:06d}"))
+        for (f, k, K), (_, ds) in zip(mine, tokenized):
+            ds.save_to_disk(str(tmp / _slice_name(f, k, K)))
             docs, tokens = docs + len(ds), tokens + _tokens(ds)
         shutil.rmtree(tmp / "cache", ignore_errors=True)
         atomic_write_text(tmp / MARKER, json.dumps(want, indent=1))
     dt = time.time() - t0
     rate = f"{docs / max(dt, 1e-9):,.0f} docs/s, {tokens / max(dt, 1e-9):,.0f} tokens/s"
-    return f"part {i}/{n}: {len(mine)} files, {docs:,} documents, {tokens:,} tokens in {dt:.1f} s ({rate}) -> {dest}"
+    whole = sum(K == 1 for _, _, K in mine)
+    what = f"{len(mine)} files" + (f" ({len(mine) - whole} of them row ranges)" if whole < len(mine) else "")
+    return f"part {i}/{n}: {what}, {docs:,} documents, {tokens:,} tokens in {dt:.1f} s ({rate}) -> {dest}"
 
 
 def _tokens(ds) -> int:
@@ -120,8 +143,8 @@ def merged_tokenized(inputs: list[str], tokenizer_path: str, out_dir: str, field
         raise DataError(f"{parts_dir(out_dir)}: no parts (run prepare-data --part I/N for I in 0..N-1 first)")
     n = int(found[0].name.rsplit("-", 1)[1])
     tok_sha = load_tokenizer(tokenizer_path).sha256
-    owner = {}
-    for i, mine in enumerate(assign_files(files, n)):
+    slices: dict[int, list] = {}  # file index -> [(k, directory of slice k)]
+    for i, mine in enumerate(assign_slices(files, n)):
         dest = part_path(out_dir, i, n)
         if not (dest / MARKER).is_file():
             raise DataError(f"{dest}: part {i}/{n} is missing or unfinished (no {MARKER}); rerun prepare-data "
@@ -129,8 +152,13 @@ def merged_tokenized(inputs: list[str], tokenizer_path: str, out_dir: str, field
         if json.loads((dest / MARKER).read_text()) != _marker(files, mine, i, n, tok_sha, fields):
             raise DataError(f"{dest / MARKER}: part {i}/{n} was made from other inputs, tokenizer or fields than "
                             f"this merge's; rerun prepare-data --part {i}/{n} with these")  # fmt: skip
-        owner.update({k: dest for k in mine})
-    return [(files[k], datasets.load_from_disk(str(owner[k] / f"file-{k:06d}"))) for k in range(len(files))]
+        for f, k, K in mine:
+            slices.setdefault(f, []).append((k, dest / _slice_name(f, k, K)))
+    out = []
+    for f in range(len(files)):
+        parts = [datasets.load_from_disk(str(d)) for _, d in sorted(slices[f])]
+        out.append((files[f], parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)))
+    return out
 
 
 def part_status(out_dir: str) -> list[str]:

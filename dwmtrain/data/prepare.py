@@ -79,11 +79,20 @@ def _tokenize_batch(batch: dict, tokenizer_path: str, fields: tuple[str, str]) -
     return pa.table({"ids": ids, "domain": pa.array(domains, pa.string()), "skip": pa.array(skip, pa.string())})
 
 
-def read_tokenized(files: list[str], tokenizer_path: str, workers: int, cache_dir: str, fields: Fields = SLIMPAJAMA):
-    """Load each input (``data.readers``) and tokenize it in parallel worker processes."""
+def row_range(rows: int, k: int, K: int) -> range:
+    """Rows of slice k of K of a file of ``rows`` rows (``prepare-data --part``'s row ranges)."""
+    return range(k * rows // K, (k + 1) * rows // K)
+
+
+def read_tokenized(files: list[str], tokenizer_path: str, workers: int, cache_dir: str, fields: Fields = SLIMPAJAMA,
+                   rows: list | None = None):  # fmt: skip
+    """Load each input (``data.readers``) and tokenize it in parallel worker processes; ``rows``: per file, None
+    (every row) or (k, K): only row range k of K (``row_range``)."""
     out = []
-    for f in files:
+    for f, r in zip(files, rows or [None] * len(files)):
         ds = load_dataset(f, cache_dir, fields)
+        if r is not None:
+            ds = ds.select(row_range(len(ds), *r))
         try:
             tok = _map_tokenize(ds, tokenizer_path, workers, f, fields)
         except (UnicodeDecodeError, ValueError, TypeError) as e:  # pyarrow reads bad UTF-8 lazily

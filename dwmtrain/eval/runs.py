@@ -93,8 +93,8 @@ def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def evaluate_run(
-    run_dir: str | os.PathLike,
+def evaluate_runs(
+    run_dirs: list[str | os.PathLike],
     data_dir: str | os.PathLike,
     *,
     shots: tuple[int, ...] = (0, 2),
@@ -103,33 +103,42 @@ def evaluate_run(
     checkpoint: str | None = None,
     limit: int | None = None,
     batch_size: int = 8,
-    device: str = "cpu",
+    devices: tuple[str, ...] = ("cpu",),
     dtype: str = "float32",
     log=print,
-) -> dict[tuple[int, int], dict]:
-    """lm-eval results of every stage-end checkpoint (or one ``checkpoint``): {(stage, shots): result}."""
-    rd = RunDir(run_dir)
+) -> list[dict[tuple[int, int], dict]]:
+    """lm-eval results of every stage-end checkpoint (or one ``checkpoint``) of each run: {(stage, shots): result}
+    per run. What is not cached is evaluated on ``devices``: one lm-eval process per device, each taking the next
+    checkpoint (or checkpoint and shot setting) to evaluate (``eval.parallel``)."""
     tasks = list(tasks or PAPER_TASKS)
     names_of = {k: tasks + ([LAMBADA_TASK] if lambada and k == 0 else []) for k in shots}
     # checked before any export, hashed once for every checkpoint
     data_sha = {k: task_data_digest(check_data(names, data_dir)) for k, names in names_of.items()}
     settings = {"limit": limit, "dtype": dtype, "batch_size": batch_size}
-    lm_eval = {"data_dir": data_dir, "batch_size": batch_size, "device": device, "dtype": dtype, "limit": limit}
-    out: dict[tuple[int, int], dict] = {}
-    for ck in checkpoints_to_evaluate(rd, checkpoint, log):
-        todo = {}
-        for k in shots:
-            key = cache_key(rd, ck, names_of[k], k, data_sha[k], settings)
-            path = rd.lm_eval_result(ck.tag, k, key_hash(key))
-            cached = json.loads(path.read_text()) if path.is_file() else None
-            if cached and cached.get("key") == key:
-                log(f"[dwmtrain eval] {rd.root.name} stage {ck.stage} ({ck.tag}) {k}-shot: cached")
-                out[(ck.stage, k)] = cached
-            else:
-                todo[k] = (names_of[k], key, path)
-        if todo:
-            out.update(evaluate_checkpoint(rd, ck, todo, lm_eval, log))
-    return out
+    lm_eval = {"data_dir": data_dir, "batch_size": batch_size, "dtype": dtype, "limit": limit}
+    outs: list[dict[tuple[int, int], dict]] = []
+    jobs = []  # (run index, run dir, checkpoint, {shots: (tasks, key, cache path)})
+    for r, run_dir in enumerate(run_dirs):
+        rd, out = RunDir(run_dir), {}
+        for ck in checkpoints_to_evaluate(rd, checkpoint, log):
+            todo = {}
+            for k in shots:
+                key = cache_key(rd, ck, names_of[k], k, data_sha[k], settings)
+                path = rd.lm_eval_result(ck.tag, k, key_hash(key))
+                cached = json.loads(path.read_text()) if path.is_file() else None
+                if cached and cached.get("key") == key:
+                    log(f"[dwmtrain eval] {rd.root.name} stage {ck.stage} ({ck.tag}) {k}-shot: cached")
+                    out[(ck.stage, k)] = cached
+                else:
+                    todo[k] = (names_of[k], key, path)
+            if todo:
+                jobs.append((r, str(rd.root), ck, todo))
+        outs.append(out)
+    from dwmtrain.eval.parallel import run_jobs
+
+    for r, res in run_jobs(jobs, list(devices), lm_eval, log):
+        outs[r].update(res)
+    return outs
 
 
 def checkpoints_to_evaluate(rd: RunDir, checkpoint: str | None, log) -> list[StageCheckpoint]:

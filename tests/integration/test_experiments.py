@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +165,9 @@ def test_eval_two_runs_per_stage_tables_figure_and_cache(exp):
     work, random_run, dwm_run = exp
     args = ["eval", str(random_run), str(dwm_run), "--labels", "RANDOM,RANDOM+DWM", "--task-data", str(TASK_DATA),
             "--out", "cmp"]  # fmt: skip
-    p = dwm(work, *args)
+    p = dwm(work, *args, "--device", "cpu,cpu")  # one lm-eval process per device, as on the GPUs of a node
+    assert "[dwmtrain eval] 6 evaluations on 2 devices: cpu, cpu" in p.stdout
+    assert len(set(re.findall(r"\[cpu pid (\d+)\] \[dwmtrain eval\]", p.stdout))) == 2, p.stdout[-3000:]
     res = json.loads((work / "cmp" / "results.json").read_text())
     for shots in ("0shot", "2shot"):
         rows = res[shots]
@@ -184,6 +187,13 @@ def test_eval_two_runs_per_stage_tables_figure_and_cache(exp):
     again = dwm(work, *args)
     out = again.stdout + again.stderr
     assert out.count(": cached") == 12 and "tasks\n" not in out, again.stdout[-2000:]  # nothing exported or run
+    assert json.loads((work / "cmp" / "results.json").read_text()) == res
+    # what a worker of the two evaluated equals what one process evaluates
+    from dwmtrain.rundir import RunDir
+
+    cached = sorted(RunDir(work / dwm_run).lm_eval_dir.rglob("*0shot*.json"))[0]
+    cached.unlink()
+    assert (dwm(work, *args, "--device", "cpu").stdout).count("tasks\n") == 1
     assert json.loads((work / "cmp" / "results.json").read_text()) == res
     # one checkpoint (--checkpoint takes a tag or a step): the same results, from the same cache
     from dwmtrain.eval.runs import stage_end_checkpoints
