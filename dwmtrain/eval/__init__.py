@@ -4,6 +4,7 @@ stage-end checkpoint of one or more runs, cached; the paper's tables and Figure 
     tasks.py    the paper's tasks: lm-eval's own YAMLs pointed at local files
     runner.py   one lm-eval run of a Hugging Face model directory, offline
     runs.py     every stage-end checkpoint of a run: exported, evaluated, cached
+    parallel.py the evaluations on every device of the node, one lm-eval process each
     tables.py   the per-stage tables (Markdown, JSON) and ``compare``     figures.py  Figure 2
 """
 

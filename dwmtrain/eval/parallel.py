@@ -18,15 +18,14 @@ def split_jobs(jobs: list, devices: int) -> list:
     return [(r, run, ck, {k: v}) for r, run, ck, todo in jobs for k, v in todo.items()]
 
 
-def run_jobs(jobs: list, devices: list[str], lm_eval: dict, log) -> list:
-    """[(run index, {(stage, shots): result})] of every job, in the jobs' order."""
-    from dwmtrain.eval.runs import evaluate_checkpoint
+def run_jobs(evaluate, jobs: list, devices: list[str], lm_eval: dict, log) -> list:
+    """[(run index, {(stage, shots): result})] of every job, in the jobs' order: ``evaluate(run dir, checkpoint,
+    todo, lm-eval options, log)`` (``runs.evaluate_checkpoint``) on the devices."""
     from dwmtrain.rundir import RunDir
 
     if len(devices) <= 1 or len(jobs) == 0:
         dev = devices[0] if devices else "cpu"
-        return [(r, evaluate_checkpoint(RunDir(run), ck, todo, dict(lm_eval, device=dev), log))
-                for r, run, ck, todo in jobs]  # fmt: skip
+        return [(r, evaluate(RunDir(run), ck, todo, dict(lm_eval, device=dev), log)) for r, run, ck, todo in jobs]
     jobs = split_jobs(jobs, len(devices))
     workers = min(len(devices), len(jobs))
     log(f"[dwmtrain eval] {len(jobs)} evaluations on {workers} devices: {', '.join(devices[:workers])}")
@@ -40,7 +39,7 @@ def run_jobs(jobs: list, devices: list[str], lm_eval: dict, log) -> list:
         queue.put(d)
     threads = max(1, usable_cpus() // workers)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue, threads)) as pool:
-        futures = [pool.submit(_job, run, ck, todo, lm_eval) for _, run, ck, todo in jobs]
+        futures = [pool.submit(_job, evaluate, run, ck, todo, lm_eval) for _, run, ck, todo in jobs]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for f in done:
             if f.exception() is not None:
@@ -66,10 +65,9 @@ def _init_worker(queue, threads: int) -> None:
         _DEVICE = dev
 
 
-def _job(run: str, ck, todo: dict, lm_eval: dict) -> dict:
-    from dwmtrain.eval.runs import evaluate_checkpoint
+def _job(evaluate, run: str, ck, todo: dict, lm_eval: dict) -> dict:
     from dwmtrain.rundir import RunDir
 
     where = f"gpu {os.environ['CUDA_VISIBLE_DEVICES']}" if _DEVICE == "cuda" else f"{_DEVICE} pid {os.getpid()}"
-    return evaluate_checkpoint(RunDir(run), ck, todo, dict(lm_eval, device=_DEVICE),
+    return evaluate(RunDir(run), ck, todo, dict(lm_eval, device=_DEVICE),
                                lambda m: print(f"[{where}] {m}", flush=True))  # fmt: skip

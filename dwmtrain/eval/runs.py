@@ -136,7 +136,7 @@ def evaluate_runs(
         outs.append(out)
     from dwmtrain.eval.parallel import run_jobs
 
-    for r, res in run_jobs(jobs, list(devices), lm_eval, log):
+    for r, res in run_jobs(evaluate_checkpoint, jobs, list(devices), lm_eval, log):
         outs[r].update(res)
     return outs
 

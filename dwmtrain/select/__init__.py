@@ -6,6 +6,7 @@ unchanged but for ``meta.selection``, to ``out`` (``.jsonl`` / ``.jsonl.zst``, r
 
     base.py     the Scorer interface, ranking and budget math      driver.py   the scan, cut and write; METHODS
     random_select.py, dsir.py, qurating.py                          the methods
+    parts.py    a pool scanned in parts (a job array) and one merge: the same selection
 """
 
 from dwmtrain.data.readers import iter_records
