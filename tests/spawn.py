@@ -39,6 +39,9 @@ def _rank_main(rank: int, fn, world: int, port: int, out: str, args: tuple) -> N
     try:
         result = fn(Dist(rank, world, rank, world, torch.device("cpu"), "cpu"), *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        # every rank done before any tears its group down: a rank still in a gloo exchange with one that has
+        # destroyed its group aborts ("terminate called without an active exception"; seen once in test-fast)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -49,8 +49,8 @@ def zero_knobs(ds) -> dict:
 def resolve_precision(precision: str, accelerator: str) -> str:
     if precision == "auto":
         return "fp32" if accelerator == "cpu" else "bf16"
-    if accelerator == "cpu" and precision != "fp32":
-        raise ConfigError(f"deepspeed.precision={precision}: the CPU accelerator trains in fp32")
+    if accelerator == "cpu" and precision == "fp16":  # DeepSpeed's CPU accelerator has bf16, not fp16
+        raise ConfigError("deepspeed.precision=fp16: the CPU accelerator trains in fp32 or bf16 (GPUs: fp16 too)")
     return precision
 
 

@@ -300,7 +300,7 @@ class DeepSpeedConfig:
     global_batch_size: int = 0  #: sequences per optimizer step (0: from global_batch_tokens or accum)
     global_batch_tokens: int = 0  #: tokens per optimizer step (the paper: 4M = 4096 x 1024)
     gradient_accumulation_steps: int = 0  #: 0: derived from the global batch and world size
-    precision: str = "auto"  #: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    precision: str = "auto"  #: auto (bf16 on GPU, fp32 on CPU) | bf16 (also on CPU: CI's check of it) | fp16 | fp32
     #: 1 | 2 | 3: what ZeRO shards over the data-parallel ranks (1: the optimizer states, 2: and the gradients,
     #: 3: and the parameters); tensor parallelism needs 1 or 2
     zero_stage: int = 3
