@@ -19,6 +19,7 @@ Benchmarks:
   meta     the fd meta-step against the textbook unrolled create_graph step (Meta-Weight-Net / higher):
            time and peak memory (target <= 1.0x each), and their meta-gradients' agreement.
   dwmcompile  the frozen DWM's forward, eager against torch.compile (time, compile time, agreement).
+  metastep one fd meta-step (the meta job's) against one training step of the same LM: time, peak memory.
   metaacc  the meta-gradient dR/dw in fp32 and bf16 (and fp32 with TF32 matmuls on CUDA) against the exact
            one (per_sample mode in fp64), with the fd step's error across fd_eps, and the error of the
            default (fd_eps by dtype and parameter norm, metagrad.FD_EPS) against the grid's best (<= 3x).
@@ -219,22 +220,38 @@ def bench_actckpt(a) -> list[str]:
 # ----------------------------------------------------------------------------------------------- step
 
 
+def matmul_flops(dev, dtype, n: int = 0, reps: int = 10) -> float:
+    """FLOP/s of an n x n x n matrix product in ``dtype`` measured here (mean of ``reps`` after three warm-ups; n:
+    8192 on CUDA, 512 on a CPU): the rate MFU is set against beside the datasheet's."""
+    n = n or (8192 if dev.type == "cuda" else 512)
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(n, n, generator=g).to(dev, dtype) for _ in range(2))
+    for _ in range(3):
+        x @ y
+    t = timed(lambda: [x @ y for _ in range(reps)], dev)
+    return 2 * n**3 * reps / t
+
+
 def bench_step(a) -> list[str]:
-    from dwmtrain.models.dwm import DataWeightingModel, DWMArch
+    """LM step (forward, backward, AdamW) with and without the frozen DWM's forward: the DWM's overhead against the
+    paper's Eq. 9 (2 P_w / 6 P); tokens/s; on CUDA the MFU of the LM's model FLOPs (6N + attention) against the
+    datasheet's dense bf16 peak and against a matrix product's rate measured in the same run, and peak memory."""
+    from dwmtrain.accelerators import peak_flops
+    from dwmtrain.models.dwm import DataWeightingModel, DWMArch, dwm_forward_flops_per_token
     from dwmtrain.models.lm import build_lm
-    from dwmtrain.models.spec import ModelSpec
-    from dwmtrain.train.metrics import peak_flops
+    from dwmtrain.models.spec import ModelSpec, model_flops_per_token
 
     dev = torch.device(a.device)
     dt = a.torch_dtype
     torch.manual_seed(0)
-    lm = build_lm(ModelSpec.from_preset(a.preset, a.vocab_size, a.seq_len), seed=0).to(dev, dt)
+    spec = ModelSpec.from_preset(a.preset, a.vocab_size, a.seq_len)
+    lm = build_lm(spec, seed=0).to(dev, dt)
     V = lm.config.vocab_size
     arch = DWMArch(a.dwm_backbone or a.preset, V, a.seq_len)
     dwm = DataWeightingModel(arch).to(dev, dt).eval().requires_grad_(False)
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=dev.type == "cuda")
     x = torch.randint(0, V, (a.micro, a.seq_len), device=dev)
-    P, Pw = ModelSpec.from_preset(a.preset, V).num_parameters(), sum(p.numel() for p in dwm.parameters())
+    P, Pw = spec.num_parameters(), sum(p.numel() for p in dwm.parameters())
 
     def lm_step(w=None):
         w = torch.ones(a.micro, device=dev) if w is None else w
@@ -256,16 +273,76 @@ def bench_step(a) -> list[str]:
              f"<= Eq. 9's {100 * predicted:.1f}%", measured <= predicted),
         line("step.tokens_per_s (LM alone / with DWM)", f"{tokens / t['lm']:.0f} / {tokens / t['dwm']:.0f}", "-"),
     ]  # fmt: skip
+    flops = model_flops_per_token(spec, a.seq_len)  # per token, forward and backward
+    dwm_flops = dwm_forward_flops_per_token(arch, a.seq_len, Pw)
+    rate = matmul_flops(dev, dt)
+    out.append(line("step.mfu_vs_measured_matmul (LM alone / LM FLOPs with DWM / LM+DWM FLOPs)",
+                    f"{100 * flops * tokens / t['lm'] / rate:.1f}% / {100 * flops * tokens / t['dwm'] / rate:.1f}% / "
+                    f"{100 * (flops + dwm_flops) * tokens / t['dwm'] / rate:.1f}% of {rate / 1e12:.1f} TFLOP/s "
+                    f"measured ({a.dtype} matmul)", "-"))  # fmt: skip
     peak = peak_flops(torch.cuda.get_device_name()) if dev.type == "cuda" else None
     if peak:
-        lm_mfu = 6 * P * tokens / t["lm"] / peak
-        with_dwm = 6 * P * tokens / t["dwm"] / peak
+        lm_mfu, with_dwm = flops * tokens / t["lm"] / peak, flops * tokens / t["dwm"] / peak
         out += [
-            line("step.mfu (LM alone, 6N)", f"{100 * lm_mfu:.1f}%", ">= 45%", lm_mfu >= 0.45),
-            line("step.mfu (LM FLOPs, DWM co-located)", f"{100 * with_dwm:.1f}%", ">= 40%", with_dwm >= 0.40),
-            line("step.peak_memory", f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", "-"),
-        ]
+            line(f"step.mfu (LM alone, 6N + attention, of {peak / 1e12:.0f} TFLOP/s)", f"{100 * lm_mfu:.1f}%",
+                 ">= 45%", lm_mfu >= 0.45),
+            line("step.mfu (LM FLOPs, DWM co-located)", f"{100 * with_dwm:.1f}% (the DWM's forward: "
+                 f"{100 * dwm_flops * tokens / t['dwm'] / peak:.1f}% more)", ">= 40%", with_dwm >= 0.40),
+        ]  # fmt: skip
+    if dev.type == "cuda":
+        mem = {}
+        for k, f in (("lm", lm_step), ("dwm", lm_step_dwm)):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            f()
+            torch.cuda.synchronize()
+            mem[k] = torch.cuda.max_memory_allocated() / 2**30
+        out.append(line("step.peak_memory (LM alone / with DWM)", f"{mem['lm']:.2f} / {mem['dwm']:.2f} GiB", "-"))
     return out
+
+
+def bench_metastep(a) -> list[str]:
+    """One meta-step as the meta job takes it (the fd meta-gradient through the LM, the DWM's surrogate backward)
+    against one training step of the same LM (forward, backward, AdamW): time and peak memory above the models'
+    (target: the meta-step's peak <= 2x the training step's)."""
+    from dwmtrain.meta.metagrad import dwm_surrogate, lm_params, meta_gradient
+    from dwmtrain.models.dwm import DataWeightingModel, DWMArch
+    from dwmtrain.models.lm import build_lm
+    from dwmtrain.models.spec import ModelSpec
+
+    dev, dt = torch.device(a.device), a.torch_dtype
+    torch.manual_seed(0)
+    lm = build_lm(ModelSpec.from_preset(a.preset, a.vocab_size, a.seq_len), seed=0).to(dev, dt)
+    V = lm.config.vocab_size
+    dwm = DataWeightingModel(DWMArch(a.dwm_backbone or a.preset, V, a.seq_len)).to(dev, dt).train()
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    x = torch.randint(0, V, (a.micro, a.seq_len), device=dev)
+    vb = {"input_ids": x.flip(0), "attention_mask": torch.ones_like(x), "labels": x.flip(0)}
+
+    def train_step():
+        lm.train().requires_grad_(True)
+        lm(input_ids=x, sample_weights=torch.ones(a.micro, device=dev))[0].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def meta_step():
+        lm.eval().requires_grad_(False)
+        w = dwm(x)
+        g = meta_gradient(lm, lm_params(lm), x, vb, w.detach().float(), 1e-3, "fd")
+        dwm_surrogate(w, g.dR_dw).backward()
+        dwm.zero_grad(set_to_none=True)
+
+    train_step()  # the optimizer's states and the gradients' first allocation belong to the model states
+    mem = {k: peak_during(f, dev) for k, f in (("train", train_step), ("meta", meta_step))}
+    t = interleaved({"train": train_step, "meta": meta_step}, dev, a.reps)
+    r = mem["meta"] / max(mem["train"], 1e-9)
+    size = f"{a.preset}, DWM {a.dwm_backbone or a.preset}, {a.micro}x{a.seq_len} {a.dtype} on {dev.type}"
+    return [
+        line(f"metastep.time meta/train step ({size})", f"{t['meta'] / t['train']:.2f}x ({t['meta'] * 1e3:.0f} vs "
+             f"{t['train'] * 1e3:.0f} ms)", "-"),
+        line("metastep.peak_memory meta/train step", f"{r:.2f}x ({mem['meta']:.0f} vs {mem['train']:.0f} MiB above "
+             "the models)", "<= 2x", r <= 2),
+    ]  # fmt: skip
 
 
 def bench_dwmcompile(a) -> list[str]:
@@ -697,6 +774,7 @@ BENCHES = {
     "step": (bench_step, step_options, {"reps": 3}),
     "meta": (bench_meta, step_options, {"reps": 3}),
     "metaacc": (bench_metaacc, metaacc_options, {}),
+    "metastep": (bench_metastep, step_options, {"reps": 2}),
     "dwmcompile": (bench_dwmcompile, step_options, {"reps": 3}),
     "prepare": (bench_prepare, prepare_options, {}),
     "build": (bench_build, build_options, {}),

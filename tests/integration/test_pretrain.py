@@ -188,23 +188,3 @@ def test_a_nonfinite_loss_on_one_rank_is_skipped_everywhere_counted_and_stops_th
     p = run(pretrain_cmd(rd, args))  # the same command, the fault gone: resumes from step 8 and finishes
     assert "resumed from" in p.stdout + p.stderr and f"{ck}/step0000008" in p.stdout + p.stderr
     assert max(by_step(rd / "metrics.jsonl")) == 12
-
-
-def test_bf16_on_cpu_through_a_meta_update_and_a_resume(tmp_path, data64):
-    """deepspeed.precision=bf16 on DeepSpeed's CPU accelerator, the GPU's dtype: the LM and the frozen DWM in bf16
-    on both ranks, the fused loss on bf16 logits, the meta job reading the bf16-trained boundary checkpoint; killed
-    after the boundary and rerun, every step's loss and DWM version as in the uninterrupted run."""
-    args = short_run(data64, "deepspeed.precision=bf16", "stages.total_steps=8", "stages.num_stages=2",
-                     "run.checkpoint_every=100", "meta.nproc=2", "meta.steps=3")  # fmt: skip
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    p = run(pretrain_cmd(full, args))
-    assert "world 2 (cpu, bf16, ZeRO-3)" in p.stdout + p.stderr
-    assert json.loads((full / "deepspeed.json").read_text())["bf16"]["enabled"] is True
-    assert (full / "dwm" / "stage2.safetensors").is_file() and records(full / "meta" / "stage2.jsonl")
-    run_until_step_then_kill(pretrain_cmd(killed, args), killed / "metrics.jsonl", 6)
-    assert json.loads((killed / "checkpoints" / "latest.json").read_text())["step"] == 4
-    run(pretrain_cmd(killed, args))
-    a, b = by_step(full / "metrics.jsonl"), by_step(killed / "metrics.jsonl")
-    assert [(b[s]["loss"], b[s]["dwm"]) for s in range(1, 9)] == [(a[s]["loss"], a[s]["dwm"]) for s in range(1, 9)]
-    assert a[8]["dwm"] != "uniform" and a[8]["w_max"] > a[8]["w_min"]  # stage 2 weighed by the fitted DWM
-    assert a[8]["loss"] < a[1]["loss"]
