@@ -84,7 +84,11 @@ def test_deepspeed_json_generated_from_one_place():
     assert ds["bf16"]["enabled"] is False and ds["optimizer"]["params"]["lr"] == 3e-4
     assert ds["optimizer"]["params"]["torch_adam"] is True
     gpu = build_deepspeed_config(cfg, world=8, accelerator="cuda")
-    assert gpu["bf16"]["enabled"] is True and "torch_adam" not in gpu["optimizer"]["params"]
+    assert gpu["bf16"]["enabled"] is True and "torch_adam" not in gpu["optimizer"]["params"]  # FusedAdam
+    torch_adam = load_config(None, ["data.seq_len=64", "optimizer.implementation=torch"])
+    assert build_deepspeed_config(torch_adam, world=8, accelerator="cuda")["optimizer"]["params"]["torch_adam"] is True
+    with pytest.raises(ConfigError, match=r"optimizer.implementation"):
+        load_config(None, ["optimizer.implementation=apex"])
     z = ds["zero_optimization"]
     assert (z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == (50_000_000, 100_000)
     assert "offload_optimizer" not in z and "offload_param" not in z

@@ -106,7 +106,7 @@ def build_deepspeed_config(cfg, world: int, accelerator: str) -> dict:
             "weight_decay": opt.weight_decay,
         },
     }
-    if accelerator == "cpu" and ds.offload_optimizer == "none":
+    if ds.offload_optimizer == "none" and (accelerator == "cpu" or opt.implementation == "torch"):
         # The fused CUDA Adam does not exist on the CPU accelerator; torch's AdamW does the same math.
         out["optimizer"]["params"]["torch_adam"] = True
     return out

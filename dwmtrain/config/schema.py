@@ -275,9 +275,14 @@ class OptimizerConfig:
     warmup_steps: int = 0  #: linear warmup steps; 0: 1% of total steps
     min_lr_ratio: float = 0.1  #: cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0  #: 0 disables clipping
+    #: auto: DeepSpeed's FusedAdam on GPUs (a CUDA op DeepSpeed JIT-compiles once per machine, with nvcc and ninja),
+    #: torch's AdamW on CPU; torch: torch.optim.AdamW everywhere (the same math, no op to compile)
+    implementation: str = "auto"
 
     def __post_init__(self):
         positive("optimizer.lr", self.lr)
+        check(self.implementation in ("auto", "torch"), "optimizer.implementation", self.implementation,
+              "must be auto or torch")  # fmt: skip
         check(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             "optimizer.betas",
