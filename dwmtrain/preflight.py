@@ -68,6 +68,8 @@ def dwm_problems(cfg: Config) -> list[str]:
             read_dwm_meta(cfg.meta.dwm_path)
         except DWMFileError as e:
             return [f"meta.dwm_path: {e}"]
+    if cfg.meta.init_dwm:
+        return init_dwm_problems(cfg)
     if cfg.meta.mode != "transfer":
         return []
     from dwmtrain.models.spec import lm_spec
@@ -85,6 +87,23 @@ def dwm_problems(cfg: Config) -> list[str]:
         if diff := arch_mismatch(arch, want):  # found now, not after a whole first stage
             problems.append(f"meta.dwm_run={cfg.meta.dwm_run}: stage {k}: another DWM architecture: " + "; ".join(diff))
     return problems
+
+
+def init_dwm_problems(cfg: Config) -> list[str]:
+    """A warm start's DWM (meta.init_dwm): found, readable, of the architecture this run builds (its tokenizer is
+    checked against the data's when the run starts)."""
+    from dwmtrain.models.dwm import DWMArch, DWMFileError, arch_from_meta, arch_mismatch, meta_path, read_dwm_meta
+    from dwmtrain.models.spec import lm_spec
+    from dwmtrain.rundir import dwm_source
+
+    try:
+        path = dwm_source(cfg.meta.init_dwm)
+        arch = arch_from_meta(read_dwm_meta(path).get("arch"), f"DWM metadata {meta_path(path)}")
+    except (DWMFileError, FileNotFoundError) as e:
+        return [f"meta.init_dwm: {e}" if "meta.init_dwm" not in str(e) else str(e)]
+    if diff := arch_mismatch(arch, DWMArch.from_config(cfg, lm_spec(cfg.model).vocab_size)):
+        return [f"meta.init_dwm={cfg.meta.init_dwm}: {path} is another DWM architecture: " + "; ".join(diff)]
+    return []
 
 
 def backbone_problems(cfg: Config) -> list[str]:

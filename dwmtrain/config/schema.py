@@ -208,11 +208,20 @@ class StagesConfig:
 class MetaConfig:
     """How the DWM is obtained at stage boundaries."""
 
-    mode: str = "bilevel"  #: none | fixed (``dwm_path``) | transfer (``dwm_run``) | oracle (``oracle_drop``) | bilevel
+    #: none | fixed (``dwm_path``) | transfer (``dwm_run``) | oracle (``oracle_drop``) | bilevel | loss_reweight
+    #: (weights from each micro-batch's own losses, Sow et al. 2025: a baseline with no DWM and no meta job)
+    mode: str = "bilevel"
     dwm_path: str = ""  #: fixed mode: a DWM checkpoint (.safetensors) used from step 0 on
     dwm_run: str = ""  #: transfer mode: a finished bilevel run whose stage-K DWM weighs stage K here (no meta job)
     oracle_drop: list[str] = field(default_factory=list)  #: oracle mode: domains weighted 0 (a headroom baseline)
     oracle_from_stage: int = 1  #: oracle mode: first stage it weighs (2: uniform stage 1, like the DWM's schedule)
+    loss_rule: str = "linupper"  #: loss_reweight mode: linupper | quadratic | extremes (models.loss.LOSS_RULES)
+    loss_temperature: float = 1.0  #: loss_reweight mode: tau of w ∝ exp(f(h) / tau) (their kl_reg; 1.0 theirs)
+    #: loss_reweight mode: uniform weights before this step (theirs: 1,000 of 20,000); -1: 5% of the run's steps
+    loss_from_step: int = -1
+    #: bilevel mode: a DWM that weighs stage 1 (instead of uniform) and that the first meta-update continues from:
+    #: a DWM file, or a run directory (its newest stage DWM), e.g. a cheap proxy run's (a warm start)
+    init_dwm: str = ""
     launch: str = "local"  #: local: rank 0 runs the meta job on this node | external: stop, run it yourself
     steps: int = 20  #: K meta-steps (Adam on the DWM) per boundary
     #: R(theta), the validation loss before the lookahead, is for the log only (an extra forward): computed at
@@ -241,8 +250,18 @@ class MetaConfig:
     calibrate_batches: int = 0  #: after fitting, shrink the DWM by its agreement with dR/dw on N unseen micro-batches
     calibrate_rho: float = 0.5  #: agreement at which the fitted DWM is kept at full strength (less: shrunk)
 
+    @property
+    def uses_dwm(self) -> bool:
+        """Whether a DWM weighs any stage (none, oracle and loss_reweight weigh without one)."""
+        return self.mode not in ("none", "oracle", "loss_reweight")
+
     def __post_init__(self):
-        one_of("meta.mode", self.mode, ("none", "fixed", "transfer", "oracle", "bilevel"))
+        one_of("meta.mode", self.mode, ("none", "fixed", "transfer", "oracle", "bilevel", "loss_reweight"))
+        one_of("meta.loss_rule", self.loss_rule, ("linupper", "quadratic", "extremes"))
+        positive("meta.loss_temperature", self.loss_temperature)
+        check(self.loss_from_step >= -1, "meta.loss_from_step", self.loss_from_step, "must be >= 0 (or -1: 5%)")
+        if self.init_dwm:
+            check(self.mode == "bilevel", "meta.init_dwm", self.init_dwm, "goes with meta.mode=bilevel (a warm start)")
         one_of("meta.launch", self.launch, ("local", "external"))
         one_of("meta.grad_mode", self.grad_mode, ("fd", "per_sample", "jvp", "unrolled"))
         one_of("meta.lm_dtype", self.lm_dtype, ("fp32", "train"))

@@ -34,7 +34,7 @@ from dwmtrain.models.dwm import (
 )
 from dwmtrain.models.lm import build_lm, enable_activation_checkpointing, load_lm_state
 from dwmtrain.models.spec import lm_spec
-from dwmtrain.rundir import RunDir
+from dwmtrain.rundir import RunDir, dwm_source
 
 
 def lookahead_lr(cfg: Config, scheduler_steps: int) -> float:
@@ -70,9 +70,10 @@ def load_frozen_lm(cfg: Config, rd: RunDir, tag: str, d: Dist, attn: str):
 
 
 def initial_dwm(cfg: Config, arch: DWMArch, stage: int, rd: RunDir, lm_state: dict) -> tuple:
-    """The previous stage's DWM, or a fresh one (backbone copied from the LM, as the paper does)."""
-    prev = rd.dwm(stage - 1)
-    if stage > 2 and prev.exists():
+    """The previous stage's DWM (at stage 2: ``meta.init_dwm``'s, the warm start, if given), or a fresh one
+    (backbone copied from the LM, as the paper does)."""
+    prev = rd.dwm(stage - 1) if stage > 2 else dwm_source(cfg.meta.init_dwm) if cfg.meta.init_dwm else None
+    if prev is not None and prev.exists():
         _, state, _ = load_dwm_state(prev, arch)
         return dwm_from_state(arch, state), f"continued from {prev}"
     torch.manual_seed(cfg.run.seed + 7919)

@@ -68,6 +68,9 @@ class LossHead(nn.Linear):
     def forward(self, hidden, labels=None, sample_weights=None, chunk: int = 1024):
         if labels is None:
             return super().forward(hidden)
+        if callable(sample_weights):  # weights from these very losses (a LossRule: meta.mode=loss_reweight)
+            with torch.no_grad():
+                sample_weights = sample_weights(per_sample_loss_chunked(hidden, self.weight, labels, chunk))
         if not torch.is_grad_enabled():  # the losses only (the meta job's perturbed forwards, evaluation)
             losses = per_sample_loss_chunked(hidden, self.weight, labels, chunk)
             return weighted_loss(losses, sample_weights), losses

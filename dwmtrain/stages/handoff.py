@@ -1,11 +1,12 @@
 """Which DWM weighs each stage, and the hand-off at stage boundaries.
 
-modes: ``none`` uniform throughout; ``fixed`` one DWM file for the whole run (the paper's static
-DWM_w1 / DWM_w4 ablations); ``transfer`` stage K is weighed by stage K's DWM of another, finished bilevel
-run (the paper's 370M -> 1.3B and random -> DSIR/QuRating transfers); ``oracle`` weighs samples of the
-domains in ``meta.oracle_drop`` 0 (a headroom baseline on labelled data, e.g. the noise probe's corrupted
-documents); ``bilevel`` stage 1 uniform, then at each boundary the meta-update job fits the DWM for the next
-stage. Rank 0 reads and verifies the file and broadcasts the tensors, so ranks need no shared filesystem.
+modes: ``none`` uniform throughout; ``loss_reweight`` each micro-batch weighed by its own losses (a baseline);
+``fixed`` one DWM file for the whole run (the paper's static DWM_w1 / DWM_w4 ablations); ``transfer`` stage K is
+weighed by stage K's DWM of another, finished bilevel run (the paper's 370M -> 1.3B and random -> DSIR/QuRating
+transfers); ``oracle`` weighs samples of the domains in ``meta.oracle_drop`` 0 (a headroom baseline on labelled
+data, e.g. the noise probe's corrupted documents); ``bilevel`` stage 1 uniform (or ``meta.init_dwm``'s DWM: a warm
+start), then at each boundary the meta-update job fits the DWM for the next stage. Rank 0 reads and verifies the
+file and broadcasts the tensors, so ranks need no shared filesystem.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from dwmtrain.distributed import Dist, broadcast_tensors, run_on_rank0
 from dwmtrain.errors import EXIT_META_EXTERNAL, PlannedStop
 from dwmtrain.models.dwm import DWMArch, DWMFileError, check_dwm_tokenizer, dwm_from_state, load_dwm_state
-from dwmtrain.rundir import RunDir
+from dwmtrain.rundir import RunDir, dwm_source
 from dwmtrain.stages.meta_job import (
     MetaJobError,
     check_meta_nodes,
@@ -26,7 +27,7 @@ from dwmtrain.stages.meta_job import (
     meta_job_command,
     run_meta_job,
 )
-from dwmtrain.stages.weighting import DomainOracle, FrozenDWM, Uniform, Weighting
+from dwmtrain.stages.weighting import DomainOracle, FrozenDWM, LossReweighting, Uniform, Weighting
 
 
 class ExternalMetaRequired(PlannedStop):
@@ -59,15 +60,20 @@ class StageHandoff:
 
     def for_stage(self, stage: int, stage_start_tag: str | None) -> Weighting:
         """The weighting of ``stage``; collective in fixed/transfer/bilevel modes."""
-        mode, self.pause = self.cfg.meta.mode, None
-        if mode == "none" or (mode == "oracle" and stage < self.cfg.meta.oracle_from_stage):
+        mode, self.pause, mc = self.cfg.meta.mode, None, self.cfg.meta
+        if mode == "none" or (mode == "oracle" and stage < mc.oracle_from_stage):
             return Uniform()
+        if mode == "loss_reweight":
+            start = mc.loss_from_step if mc.loss_from_step >= 0 else self.cfg.stages.total_steps // 20
+            return LossReweighting(mc.loss_rule, mc.loss_temperature, start)
         if mode == "oracle":
             return DomainOracle(self.data, self.cfg.meta.oracle_drop)
         if mode == "fixed":
             if self._fixed is None:
                 self._fixed = self._checked(stage, self.broadcast_dwm(self.cfg.meta.dwm_path))
             return self._fixed
+        if stage == 1 and mode == "bilevel" and mc.init_dwm:  # a warm start: e.g. a proxy run's DWM
+            return self._checked(1, self.broadcast_dwm(str(dwm_source(mc.init_dwm))))
         if stage == 1:
             return Uniform()
         if mode == "transfer":  # the source run's DWM of the same stage, as it weighed that stage there

@@ -3,8 +3,10 @@
     Uniform       every sample 1 (stage 1 of the method; meta.mode=none)
     DomainOracle  0 for the domains in meta.oracle_drop, the rest mean 1 (a headroom baseline on labelled data)
     FrozenDWM     a stage's DWM, frozen, in inference mode (the method)
+    LossReweighting  from each micro-batch's own losses (Sow et al. 2025; meta.mode=loss_reweight): a baseline
 
-``StageHandoff.for_stage`` says which one weighs a stage; the loop calls ``weighting(x, indices)``.
+``StageHandoff.for_stage`` says which one weighs a stage; the loop calls ``weighting(x, indices, step)``: weights
+[B], or (LossReweighting) a ``LossRule`` the LM head applies to the losses of the same forward.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from dwmtrain.errors import ConfigError
 from dwmtrain.models.dwm import oracle_weights
+from dwmtrain.models.loss import loss_rule_weights
 
 
 class Weighting(abc.ABC):
@@ -27,8 +30,9 @@ class Weighting(abc.ABC):
         return self.info["version"]
 
     @abc.abstractmethod
-    def __call__(self, x: torch.Tensor, indices: list[int]) -> torch.Tensor:
-        """Weights for the micro-batch ``x`` [B, T] (dataset ``indices``), on x's device, without gradient."""
+    def __call__(self, x: torch.Tensor, indices: list[int], step: int = 0) -> torch.Tensor:
+        """Weights for the micro-batch ``x`` [B, T] (dataset ``indices``) at optimizer step ``step``, on x's
+        device, without gradient."""
 
 
 class Uniform(Weighting):
@@ -37,7 +41,7 @@ class Uniform(Weighting):
     def __init__(self):
         self.info = {"version": "uniform"}
 
-    def __call__(self, x, indices):
+    def __call__(self, x, indices, step=0):
         return torch.ones(x.shape[0], device=x.device)
 
 
@@ -54,7 +58,7 @@ class DomainOracle(Weighting):
     def weights(self, indices: list[int]) -> torch.Tensor:
         return oracle_weights(self.keep[torch.as_tensor(self.data.domains[indices].astype("int64"))])
 
-    def __call__(self, x, indices):
+    def __call__(self, x, indices, step=0):
         return self.weights(indices).to(x.device)
 
 
@@ -64,7 +68,34 @@ class FrozenDWM(Weighting):
     def __init__(self, model, info: dict):
         self.model, self.info = model, info
 
-    def __call__(self, x, indices):
+    def __call__(self, x, indices, step=0):
         with torch.inference_mode():  # no version counters, no views tracked
             w = self.model(x).float()
         return w.clone()  # a normal tensor again: the weighted loss saves it for its backward
+
+
+class LossRule:
+    """The weights of one micro-batch as a function of its per-sample losses (``models.loss.loss_rule_weights``),
+    applied inside the forward that computes those losses; ``weights`` keeps what it gave, for the step's stats."""
+
+    def __init__(self, rule: str, temperature: float):
+        self.rule, self.temperature, self.weights = rule, temperature, None
+
+    def __call__(self, losses: torch.Tensor) -> torch.Tensor:
+        self.weights = loss_rule_weights(losses, self.rule, self.temperature)
+        return self.weights
+
+
+class LossReweighting(Weighting):
+    """Sow et al. (ICLR 2025): each sample weighed by its loss relative to the rest of its micro-batch, from step
+    ``from_step`` on (uniform before, as their burn-in). No DWM, no meta job, no extra LM forward: the LM head
+    computes the per-sample losses, then the weighted loss (``models.lm.LossHead``)."""
+
+    def __init__(self, rule: str, temperature: float, from_step: int):
+        self.rule, self.temperature, self.from_step = rule, temperature, from_step
+        self.info = {"version": f"loss:{rule}"}
+
+    def __call__(self, x, indices, step=0):
+        if step < self.from_step:
+            return torch.ones(x.shape[0], device=x.device)
+        return LossRule(self.rule, self.temperature)

@@ -148,9 +148,7 @@ def setup(cfg: Config) -> Run:
         start_step=start_step,
         peak_flops=peak_flops(torch.cuda.get_device_name() if d.accelerator == "cuda" else ""),
         flops_per_token=model_flops_per_token(spec, cfg.data.seq_len),
-        dwm_flops_per_token=0.0
-        if cfg.meta.mode in ("none", "oracle")
-        else dwm_forward_flops_per_token(arch, cfg.data.seq_len),
+        dwm_flops_per_token=dwm_forward_flops_per_token(arch, cfg.data.seq_len) if cfg.meta.uses_dwm else 0.0,
     )
     announce(run, arch)
     return run
@@ -205,7 +203,7 @@ def announce(run: Run, arch: DWMArch) -> None:
     cfg, d, plan = run.cfg, run.d, run.plan
     if note := epochs_note(cfg.stages.total_steps, plan.global_batch_size, len(run.data)):
         log0(d, f"{cfg.data.train_data}: {note}")
-    if cfg.meta.mode not in ("none", "oracle"):
+    if cfg.meta.uses_dwm:
         p_w = dwm_parameter_count(arch)
         log0(
             d,
