@@ -167,17 +167,6 @@ class RunDir:
         found = [(int(p.stem[5:]), p) for p in self.dwm_dir.glob("stage*.safetensors") if p.stem[5:].isdigit()]
         return max(found)[1] if found else None
 
-
-def dwm_source(spec: str) -> Path:
-    """A DWM named by a file, or by a run directory (its newest stage's DWM): ``meta.init_dwm``. A FileNotFoundError
-    naming ``spec`` when it is neither."""
-    p = Path(spec)
-    if p.is_file():
-        return p
-    if p.is_dir() and (newest := RunDir(p).newest_dwm()) is not None:
-        return newest
-    raise FileNotFoundError(f"meta.init_dwm={spec}: neither a DWM file nor a run directory with dwm/stageK.safetensors")
-
     @property
     def meta_dir(self) -> Path:
         return self.root / "meta"
@@ -201,3 +190,14 @@ def dwm_source(spec: str) -> Path:
     @property
     def analysis_dir(self) -> Path:
         return self.root / "analysis"
+
+
+def dwm_source(spec: str) -> Path:
+    """A DWM named by a file, or by a run directory (its newest stage's DWM): ``meta.init_dwm``. A FileNotFoundError
+    naming ``spec`` when it is neither."""
+    p = Path(spec)
+    if p.is_file():
+        return p
+    if p.is_dir() and (newest := RunDir(p).newest_dwm()) is not None:
+        return newest
+    raise FileNotFoundError(f"meta.init_dwm={spec}: neither a DWM file nor a run directory with dwm/stageK.safetensors")

@@ -23,6 +23,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,7 +226,77 @@ ARMS = {
     "oracle": ["meta.mode=oracle"],  # every corrupted-<kind> domain weighted 0: the headroom (drop list: compare)
     "oracle2": ["meta.mode=oracle", "meta.oracle_from_stage=2"],  # the same after a uniform stage 1, as the DWM
     "dwm": ["meta.mode=bilevel"],
+    "warm": ["meta.mode=bilevel"],  # + meta.init_dwm: a proxy run's DWM weighs stage 1 (compare trains the proxy)
+    "loss": ["meta.mode=loss_reweight"],  # Sow et al. 2025, linupper, tau 1, uniform for the first 5% of steps
+    "dsir": ["meta.mode=none"],  # + data.train_data: uniform training on the DSIR-selected part of the pool
 }
+PROXY_SHARE = 10  # the warm start's proxy run: a tenth of the main run's steps (tokens), 2 stages
+
+
+def arm_overrides(arm: str, args, seed: int, log: Path) -> list[str]:
+    """What an arm adds to the runs' common overrides, training what it needs first (the warm start's proxy run,
+    the DSIR selection of the pool)."""
+    if arm.startswith("oracle"):
+        return [f"meta.oracle_drop=[{','.join(f'corrupted-{k}' for k in args.corruption)}]"]
+    if arm == "warm":
+        proxy = args.work / f"proxy-s{seed}"
+        steps = max(args.compare // PROXY_SHARE, 4)
+        t0 = time.time()
+        pretrain(proxy, args, ["meta.mode=bilevel", f"stages.total_steps={steps}", "stages.num_stages=2",
+                               "run.eval_batches=8", f"run.seed={seed}"], log)  # fmt: skip
+        (proxy / "proxy_seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+        return [f"meta.init_dwm={proxy}"]
+    if arm == "dsir":
+        return [f"data.train_data={dsir_data(args, log)}"]
+    return []
+
+
+def dsir_data(args, log: Path) -> Path:
+    """The pool's DSIR selection (target: the clean documents the meta-update validates on; as many documents as
+    the pool has clean ones), prepared like the pool; made once for every seed."""
+    out = args.work / "data-dsir"
+    if (out / "index.json").is_file():
+        return out
+    from dwmtrain.data.prepare import prepare_data
+
+    sel = args.work / "select" / "dsir.jsonl"
+    info = json.loads((args.work / "corpus.json").read_text())
+    sh([sys.executable, "-m", "dwmtrain.cli", "select", "dsir", "--input", str(args.work / "noisy.jsonl"), "--out",
+        str(sel), "--target-file", str(args.work / "clean.jsonl"), "--budget-docs",
+        str(info["documents"] - info["corrupted"]), "--no-progress", "--overwrite"], log)  # fmt: skip
+    prepare_data([str(sel)], str(SP), str(out), seq_len=args.seq_len, workers=2, heldout_fraction=0.05,
+                 progress=False)  # fmt: skip
+    return out
+
+
+def gap_table(vals: dict, last: int) -> list[dict]:
+    """Per arm and oracle: the share of the oracle's gain over uniform the arm closes at step ``last`` (of the means,
+    and per seed), and its paired gain over uniform in nats and in standard deviations."""
+    out = []
+    if "uniform" not in vals:
+        return out
+    u = [v[last] for v in vals["uniform"]]
+    for oracle in [o for o in ("oracle", "oracle2") if o in vals]:
+        o = [v[last] for v in vals[oracle]]
+        for arm in [a for a in vals if a not in ("uniform", "oracle", oracle)]:
+            x = [v[last] for v in vals[arm]]
+            gains = [a - b for a, b in zip(u, x)]  # positive: the arm helps
+            gm, gs = mean_std(gains)
+            out.append({"arm": arm, "oracle": oracle,
+                        "gap_of_means": (mean_std(u)[0] - mean_std(x)[0]) / (mean_std(u)[0] - mean_std(o)[0]),
+                        "gap_per_seed": [(a - b) / (a - c) for a, b, c in zip(u, x, o)], "gain": gm, "gain_std": gs,
+                        "gain_in_std": gm / gs if gs > 0 else float("inf"),
+                        "better_seeds": sum(g > 0 for g in gains)})  # fmt: skip
+    return out
+
+
+def proxy_cost(args) -> dict:
+    """The warm start's proxy run against the main run: its share of the training tokens (steps: the same batch and
+    model) and of the wall time measured here, over the seeds."""
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    proxy = sum(float((args.work / f"proxy-s{s}" / "proxy_seconds.txt").read_text()) for s in seeds)
+    main = sum(float((args.work / f"cmp-warm-s{s}" / "seconds.txt").read_text()) for s in seeds)
+    return {"tokens": max(args.compare // PROXY_SHARE, 4) / args.compare, "seconds": proxy / main}
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
@@ -240,9 +311,10 @@ def compare(args, log: Path) -> dict:
         for arm in args.arms:
             run = args.work / f"cmp-{arm}-s{seed}"
             over = [f"stages.total_steps={args.compare}", f"stages.num_stages={args.stages}", "run.eval_batches=8"]
-            bad = ",".join(f"corrupted-{k}" for k in args.corruption)
-            drop = [f"meta.oracle_drop=[{bad}]"] if arm.startswith("oracle") else []
-            pretrain(run, args, [*ARMS[arm], *drop, *over, f"run.seed={seed}"], log)
+            extra = arm_overrides(arm, args, seed, log)
+            t0 = time.time()
+            pretrain(run, args, [*ARMS[arm], *extra, *over, f"run.seed={seed}"], log)
+            (run / "seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
             vals[arm].append(stage_end_val(run))
             print(f"  {arm} seed {seed}: " + ", ".join(f"{v:.4f}" for v in vals[arm][-1].values()), flush=True)
     steps = sorted(vals[args.arms[0]][0])
@@ -250,24 +322,18 @@ def compare(args, log: Path) -> dict:
     for arm in args.arms:
         cells = [mean_std([v[s] for v in vals[arm]]) for s in steps]
         lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in cells) + " |")
-    out = {"steps": steps, "val_loss": vals}
-    last = steps[-1]
-    for oracle in [a for a in ("oracle", "oracle2") if a in args.arms]:
-        if not {"uniform", "dwm"} <= set(args.arms):
-            break
-        u, o, w = ([v[last] for v in vals[a]] for a in ("uniform", oracle, "dwm"))
-        gains = [a - b for a, b in zip(u, w)]  # per seed: uniform - DWM (positive: the DWM helps)
-        gap = [(a - b) / (a - c) for a, b, c in zip(u, w, o)]
-        gm, gs = mean_std(gains)
-        gap_of_means = (mean_std(u)[0] - mean_std(w)[0]) / (mean_std(u)[0] - mean_std(o)[0])
-        key = "" if oracle == "oracle" else "_" + oracle
-        out["gap_closed" + key], out["gain"] = mean_std(gap), (gm, gs)
-        out["gap_closed_of_means" + key] = gap_of_means
+    out = {"steps": steps, "val_loss": vals, "gaps": gap_table(vals, steps[-1])}
+    for g in out["gaps"]:
         lines.append(
-            f"\ngap closed at step {last} (against {oracle}): {100 * gap_of_means:.1f}% of its gain (of the means; "
-            f"per seed {', '.join(f'{100 * g:.1f}%' for g in gap)}); DWM better than uniform by {gm:.4f} ± "
-            f"{gs:.4f} nats ({'more' if gm > 2 * gs else 'less'} than twice its std)"
+            f"\n{g['arm']} at step {steps[-1]} against {g['oracle']}: {100 * g['gap_of_means']:.1f}% of its gain "
+            f"closed (of the means; per seed {', '.join(f'{100 * x:.1f}%' for x in g['gap_per_seed'])}); better than "
+            f"uniform by {g['gain']:.4f} ± {g['gain_std']:.4f} nats ({g['gain_in_std']:.1f} std; better in "
+            f"{g['better_seeds']} of {len(g['gap_per_seed'])} seeds)"
         )
+    if "warm" in vals:
+        out["proxy_cost"] = proxy_cost(args)
+        lines.append(f"\nthe warm start's proxy: {out['proxy_cost']['tokens']:.1%} of the main run's training tokens, "
+                     f"{out['proxy_cost']['seconds']:.1%} of its time (here)")  # fmt: skip
     out["table"] = "\n".join(lines)
     return out
 
@@ -307,7 +373,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--first-seed", type=int, default=0, help="--compare: seeds FIRST..FIRST+N-1")
     ap.add_argument("--stages", type=int, default=5, help="--compare: stages per run (stage 1 uniform)")
     ap.add_argument("--seeds", type=int, default=1, help="--compare: seeds 0..N-1 (data order and init)")
-    ap.add_argument("--arms", default="uniform,oracle,dwm", type=lambda v: v.split(","), help="--compare arms")
+    ap.add_argument("--arms", default="uniform,oracle,dwm", type=lambda v: v.split(","),
+                    help=f"--compare arms: {', '.join(ARMS)}")  # fmt: skip
     ap.add_argument(
         "--corruption", default="shuffle", type=lambda v: v.split(","),
         help=f"how corrupted documents are made, comma-separated kinds mixed at random: {', '.join(CORRUPTIONS)}",
@@ -318,6 +385,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="config override for every run and the meta job (e.g. meta.spread_penalty=1.0)",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    if unknown := set(args.arms) - set(ARMS):
+        ap.error(f"--arms: unknown arm(s) {sorted(unknown)} (arms: {', '.join(ARMS)})")
     if unknown := set(args.corruption) - set(CORRUPTIONS):
         ap.error(f"--corruption: unknown kind(s) {sorted(unknown)} (kinds: {', '.join(CORRUPTIONS)})")
     if ("file" in args.corruption) != bool(args.bad_file):
@@ -337,6 +406,7 @@ def prepare_corpora(args) -> dict:
     for name, out, heldout in (("clean.jsonl", "clean", 0.5), ("noisy.jsonl", "data", 0.05)):
         prepare_data([str(args.work / name)], str(SP), str(args.work / out), seq_len=args.seq_len, workers=2,
                      heldout_fraction=heldout, progress=False)  # fmt: skip
+    (args.work / "corpus.json").write_text(json.dumps(info))
     kinds = ", ".join(f"{n} {k}" for k, n in info["corrupted_by_kind"].items())
     print(f"noisy corpus: {info['corrupted']}/{info['documents']} documents corrupted ({kinds})", flush=True)
     return info
