@@ -188,6 +188,14 @@ def eval_devices(spec: str) -> list[str]:
             from dwmtrain.errors import ConfigError
 
             raise ConfigError(f"--device {spec}: no CUDA device available")
+        if d.startswith("cuda:") and int(d[5:]) >= torch.cuda.device_count():
+            from dwmtrain.errors import ConfigError
+
+            raise ConfigError(f"--device {spec}: {d}: this node has {torch.cuda.device_count()} visible GPUs")
+    if len({d.split(":")[0] for d in devices}) > 1:
+        from dwmtrain.errors import ConfigError
+
+        raise ConfigError(f"--device {spec}: GPUs and the CPU mixed (their dtypes differ): one kind of device")
     return devices or ["cpu"]
 
 

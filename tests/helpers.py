@@ -81,10 +81,21 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def wandb_offline_runs(root: Path) -> list[tuple[str, list]]:
+def wandb_offline_runs(root: Path, wait_s: float = 30.0) -> list[tuple[str, list]]:
     """(run id, records) of every offline W&B run under ``root``/wandb, oldest first: the records of its
     ``run-ID.wandb`` log (W&B's LevelDB-style log of protobuf ``Record``s: 32 KiB blocks of chunks, each a CRC,
-    a 2-byte length and a type: full, first, middle, last), read without a network or a W&B account."""
+    a 2-byte length and a type: full, first, middle, last), read without a network or a W&B account. W&B's own
+    process writes the log: read again (for at most ``wait_s``) until every run's log ends with its exit record."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = _read_wandb_logs(root)
+        done = all(any(r.WhichOneof("record_type") == "exit" for r in recs) for _, recs in runs)
+        if done or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
+def _read_wandb_logs(root: Path) -> list[tuple[str, list]]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     out = []

@@ -93,3 +93,21 @@ def test_dsir_weights_wait_for_every_scan_and_the_merge_names_a_missing_or_forei
     assert main([*other, "--merge"]) == 2  # parts of other settings: refused, not merged
     assert "part 0/4 is made from other inputs, tokenizer, fields or method settings" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_dsir_with_a_target_directory_and_more_parts_than_files(tmp_path, parted_pool, capsys):
+    """Eight parts over six files (two parts hold none) and --target-file naming a directory: the merge selects
+    what one select does."""
+    target = tmp_path / "target"
+    target.mkdir()
+    write_jsonl(target / "t.jsonl", [r for r in corpus_records(900)[700:] if r["meta"]["redpajama_set_name"]])
+    common = ["select", "dsir", "--input", str(parted_pool), "--no-progress", "--target-file", str(target),
+              "--budget-docs", "80"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "one.jsonl")]) == 0
+    argv = [*common, "--out", str(tmp_path / "parted.jsonl")]
+    for _ in range(2):  # scan, then weights
+        for i in range(8):
+            assert main([*argv, "--part", f"{i}/8"]) == 0
+    assert capsys.readouterr().out.count("weighed: 0 documents") == 2
+    assert main([*argv, "--merge"]) == 0
+    assert (tmp_path / "parted.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dwmtrain.data.parts import part_name, parts_count
 from dwmtrain.errors import DataError
 from dwmtrain.fileio import atomic_dir, atomic_write_text, sha256_file
 
@@ -27,7 +28,7 @@ def parts_dir(out: str | os.PathLike) -> Path:
 
 
 def part_dir(out, i: int, n: int) -> Path:
-    return parts_dir(out) / f"part-{i:04d}-of-{n:04d}"
+    return parts_dir(out) / part_name(i, n)
 
 
 def micro_batch_range(samples: int, micro_batch: int, i: int, n: int) -> tuple[int, int]:
@@ -66,10 +67,9 @@ def write_part(out, i: int, n: int, want: dict, records: list[dict]) -> Path:
 
 def merged_records(out, want: dict) -> list[dict]:
     """Every part's records in order; a missing, unfinished or foreign part is a DataError naming it."""
-    found = sorted(parts_dir(out).glob("part-*-of-*"))
-    if not found:
+    n = parts_count(parts_dir(out), "dwmtrain score --part")
+    if n is None:
         raise DataError(f"{parts_dir(out)}: no parts (run dwmtrain score --part I/N for I in 0..N-1 first)")
-    n = int(found[0].name.rsplit("-", 1)[1])
     recs = []
     for i in range(n):
         m = part_dir(out, i, n) / MARKER

@@ -41,12 +41,27 @@ def parse_part(spec: str) -> tuple[int, int]:
     return i, n
 
 
+def parts_count(parts: Path, what: str) -> int | None:
+    """N of the ``part-I-of-N`` directories under ``parts`` (None: none yet); parts of two different N (a rerun
+    with another N over an old array's parts) are a DataError naming both."""
+    ns = sorted(
+        {int(p.name.rsplit("-", 1)[1]) for p in parts.glob("part-*-of-*") if p.name.rsplit("-", 1)[1].isdigit()}
+    )
+    if len(ns) > 1:
+        raise DataError(f"{parts}: parts of {ns[0]} and of {ns[-1]} ({what}); remove the old array's parts")
+    return ns[0] if ns else None
+
+
+def part_name(i: int, n: int) -> str:
+    return f"part-{i:04d}-of-{n:04d}"
+
+
 def parts_dir(out_dir: str | os.PathLike) -> Path:
     return Path(str(out_dir).rstrip("/") + ".parts")
 
 
 def part_path(out_dir, i: int, n: int) -> Path:
-    return parts_dir(out_dir) / f"part-{i:04d}-of-{n:04d}"
+    return parts_dir(out_dir) / part_name(i, n)
 
 
 def assign_files(files: list[str], n: int) -> list[list[int]]:
@@ -119,6 +134,8 @@ def _tokens(ds) -> int:
     """Tokens in a tokenized dataset (its ``ids`` lists), from the Arrow lengths (no rows read)."""
     import pyarrow.compute as pc
 
+    if "ids" not in ds.column_names:  # an empty row range: datasets' map leaves its columns as they were
+        return 0
     return int(pc.sum(pc.list_value_length(ds.data.table.column("ids"))).as_py() or 0)
 
 
@@ -138,10 +155,9 @@ def merged_tokenized(inputs: list[str], tokenizer_path: str, out_dir: str, field
     import datasets
 
     files = expand_inputs(inputs)
-    found = sorted(parts_dir(out_dir).glob("part-*-of-*"))
-    if not found:
+    n = parts_count(parts_dir(out_dir), "prepare-data --part")
+    if n is None:
         raise DataError(f"{parts_dir(out_dir)}: no parts (run prepare-data --part I/N for I in 0..N-1 first)")
-    n = int(found[0].name.rsplit("-", 1)[1])
     tok_sha = load_tokenizer(tokenizer_path).sha256
     slices: dict[int, list] = {}  # file index -> [(k, directory of slice k)]
     for i, mine in enumerate(assign_slices(files, n)):
@@ -157,6 +173,7 @@ def merged_tokenized(inputs: list[str], tokenizer_path: str, out_dir: str, field
     out = []
     for f in range(len(files)):
         parts = [datasets.load_from_disk(str(d)) for _, d in sorted(slices[f])]
+        parts = [p for p in parts if len(p)] or parts[:1]  # an empty row range has no tokenized columns
         out.append((files[f], parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)))
     return out
 
@@ -164,10 +181,9 @@ def merged_tokenized(inputs: list[str], tokenizer_path: str, out_dir: str, field
 def part_status(out_dir: str) -> list[str]:
     """One line per part of the array: complete (its marker), started (a directory, no marker: running, or
     failed), or not started."""
-    found = sorted(parts_dir(out_dir).glob("part-*-of-*"))
-    if not found:
+    n = parts_count(parts_dir(out_dir), "prepare-data --part")
+    if n is None:
         return [f"{parts_dir(out_dir)}: no parts yet"]
-    n = int(found[0].name.rsplit("-", 1)[1])
     lines = []
     for i in range(n):
         d = part_path(out_dir, i, n)

@@ -16,6 +16,7 @@ documents stay in the pool and are candidates like any other.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 
 import numpy as np
@@ -99,7 +100,8 @@ class DSIRScorer(Scorer):
         if smoothing <= 0:
             raise DataError(f"--smoothing {smoothing}: must be > 0")
         self.target_domains = set(target_domains or [])
-        self.target_files = list(target_files or [])
+        # expanded (and absolute) now: what a part's scan records, before and after prepare(), is the same
+        self.target_files = [os.path.abspath(f) for f in expand_inputs(target_files)] if target_files else []
         self.num_buckets, self.smoothing = num_buckets, smoothing
         self.file_target_counts = np.zeros(num_buckets, dtype=np.float64)  # --target-file's n-grams
         self.file_target_docs = 0
@@ -123,8 +125,7 @@ class DSIRScorer(Scorer):
     def prepare(self) -> None:
         if not self.target_files:
             return
-        files = expand_inputs(self.target_files)
-        self.target_files = files
+        files = self.target_files
         for r in iter_records(files, self.fields):
             t = self.fields.text_of(r.rec)
             if reason := text_skip_reason(t):
@@ -163,6 +164,8 @@ class DSIRScorer(Scorer):
         lt = fit_ngram_dist(self.file_target_counts + self.pool_target_counts, self.smoothing)
         lr = fit_ngram_dist(self.raw_counts, self.smoothing)
         diff = lt - lr
+        if not self._sizes:  # no usable document here (a part of the pool can have none)
+            return np.zeros(0)
         sizes = np.concatenate(self._sizes)
         doc = np.repeat(np.arange(len(sizes)), sizes)
         idx, cnt = np.concatenate(self._idx), np.concatenate(self._cnt).astype(np.float64)

@@ -8,7 +8,8 @@ with the same seed.
                                         and score, and the method's pool statistics; scan.json, written last
                                         weights.npy, weights.json: a two-pass method's scores (DSIR)
 
-Files are assigned whole, as ``prepare-data --part`` assigns them (``data.parts.assign_files``). DSIR's weights
+Files are assigned whole (``data.parts.assign_files``: byte-balanced, deterministic; unlike prepare-data's parts,
+never cut into row ranges: the merge's second read names each record by its file and line). DSIR's weights
 need the n-gram distribution of the whole pool, so each of its parts runs twice: the first run scans and counts,
 the second (once every part is scanned) sums every part's counts and computes its documents' weights. A run of
 ``--part I/N`` does the part's next step and skips a complete part, so the array is submitted twice for DSIR
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dwmtrain.data.parts import assign_files, parse_part
+from dwmtrain.data.parts import assign_files, parse_part, part_name, parts_count
 from dwmtrain.data.readers import SLIMPAJAMA, Fields, expand_inputs
 from dwmtrain.errors import DataError
 from dwmtrain.fileio import atomic_dir, atomic_write_text
@@ -55,7 +56,7 @@ def parts_dir(out: str | os.PathLike) -> Path:
 
 
 def part_dir(out, i: int, n: int) -> Path:
-    return parts_dir(out) / f"part-{i:04d}-of-{n:04d}"
+    return parts_dir(out) / part_name(i, n)
 
 
 def _read(path: Path) -> dict | None:
@@ -103,11 +104,11 @@ class Parts:
 
     def count(self) -> int:
         """N of the parts on disk (the merge takes it from them)."""
-        found = sorted(parts_dir(self.out).glob("part-*-of-*"))
-        if not found:
+        n = parts_count(parts_dir(self.out), f"select {self.method} --part")
+        if n is None:
             raise DataError(f"{parts_dir(self.out)}: no parts (run select {self.method} --part I/N for I in "
                             "0..N-1 first)")  # fmt: skip
-        return int(found[0].name.rsplit("-", 1)[1])
+        return n
 
 
 # ----------------------------------------------------------------------------- a part
@@ -258,10 +259,9 @@ def _pool_of(ps: Parts, infos: list[dict], n: int) -> tuple[Pool, np.ndarray]:
 def selection_status(out: str) -> list[str]:
     """One line per part of a selection's array: complete, scanned (a two-pass method's weights to come),
     started (running, or failed), or not started; with the documents and the rate of a scanned part."""
-    found = sorted(parts_dir(out).glob("part-*-of-*"))
-    if not found:
+    n = parts_count(parts_dir(out), "select --part")
+    if n is None:
         return [f"{parts_dir(out)}: no parts yet"]
-    n = int(found[0].name.rsplit("-", 1)[1])
     lines = []
     for i in range(n):
         d = part_dir(out, i, n)

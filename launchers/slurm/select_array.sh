@@ -15,7 +15,10 @@ METHOD=${2:?usage: select_array.sh [--sbatch OPTS] N METHOD SELECT-ARGS...}
 shift 2
 OUT=""
 args=("$@")
-for ((k = 0; k < ${#args[@]} - 1; k++)); do [[ ${args[k]} == --out ]] && OUT=${args[k + 1]}; done
+for ((k = 0; k < ${#args[@]}; k++)); do
+  [[ ${args[k]} == --out && $((k + 1)) -lt ${#args[@]} ]] && OUT=${args[k + 1]}
+  [[ ${args[k]} == --out=* ]] && OUT=${args[k]#--out=}
+done
 [[ -n $OUT ]] || { echo "select_array.sh: --out OUT.jsonl[.zst] is needed" >&2; exit 2; }
 LOG="${OUT%.zst}"; LOG="${LOG%.jsonl}.slurm"   # beside NAME.parts/
 mkdir -p "$LOG"
@@ -37,4 +40,6 @@ merge=$(sbatch --parsable $OPTS --dependency="afterok:$after" --output="$LOG/mer
 echo "parts: job array $scan (tasks 0-$((N - 1))); merge: job $merge (after all parts succeed)"
 echo "follow:  dwmtrain data-status $OUT   logs: $LOG/"
 echo "rerun a failed part I:  sbatch $OPTS --array=I --output=$LOG/scan-%a-%A.out $HERE/select.sbatch $N $METHOD $*"
+echo "  (the steps after it wait on the failed job: submit them again, or rerun this script: complete parts are"
+echo "  skipped; DSIR: every part's weights need every part's scan)"
 echo "$jobs,$merge" > "$LOG/jobs.txt"

@@ -21,6 +21,8 @@ prints ``name: measured / target`` lines (``  ok`` / ``  SHORT`` where a target 
     metaacc    the meta-gradient's error in bf16, fp32 and fp32+TF32 against the exact fp64 mode (tools/bench.py)
     boundary   a stage boundary's pause part by part (checkpoint, meta job: start-up, load, steps; broadcast) on
                the 370M preset
+    fusedadam  a short run with the default optimizer: DeepSpeed's FusedAdam, JIT-built on the GPU (the other
+               launches use torch's AdamW, so a failing build costs only this part)
 
 Everything goes under ``--out`` (``$OUT`` from check.sh): one log per part, ``summary.txt`` (the lines) and
 ``summary.json`` (per part: status, seconds, its lines parsed into name / measured / target / ok).
@@ -72,7 +74,8 @@ SIZES = {
 }  # fmt: skip
 #: part: (seconds allowed on the GPU, with --cpu)
 LIMITS = {"machine": (60, 60), "loss": (90, 90), "attention": (60, 60), "train": (180, 240), "step_370m": (75, 60),
-          "step_1.3b": (90, 60), "metastep": (60, 60), "metaacc": (75, 90), "boundary": (120, 120)}  # fmt: skip
+          "step_1.3b": (90, 60), "metastep": (60, 60), "metaacc": (75, 90), "boundary": (120, 120),
+          "fusedadam": (150, 60)}  # fmt: skip
 
 
 def line(name: str, measured: str, target: str, ok: bool | None = None) -> str:
@@ -214,12 +217,27 @@ def _records(path: Path) -> dict[int, dict]:
     return {r["step"]: r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())}
 
 
+LAUNCHED: list[int] = []  # this part's launches (each its own process group): killed with the part
+
+
+def _kill_launches(*_) -> None:
+    """SIGTERM from the runner (the part's time is up): take every launch down with the part."""
+    for pgid in LAUNCHED:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os._exit(124)
+
+
 def _run(cmd: list[str], log: Path, kill_at_step: int = 0, metrics: Path | None = None) -> int:
     """Run ``cmd`` (its own process group) into ``log``; with ``kill_at_step``, SIGKILL it once metrics.jsonl
     shows that step. Returns the exit code (-9 when killed)."""
+    # deterministic cuBLAS reductions (what an exact resume needs on CUDA; no effect on a CPU)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUBLAS_WORKSPACE_CONFIG=":4096:8")
     with open(log, "ab") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-                             env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))  # fmt: skip
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env)
+        LAUNCHED.append(p.pid)
         try:
             while p.poll() is None:
                 if kill_at_step and max(_records(metrics), default=0) >= kill_at_step:
@@ -239,12 +257,14 @@ def part_train(a, sz) -> list[str]:
     full, killed = work / "train-full", work / "train-killed"
     log = Path(a.out) / "train.runs.log"
     t0 = time.time()
-    if rc := _run(_launch(a, sz, full, cfg, []), log):
+    extra = ["optimizer.implementation=torch"]  # DeepSpeed's FusedAdam JIT build has its own part (fusedadam)
+    if rc := _run(_launch(a, sz, full, cfg, extra), log):
         raise RuntimeError(f"the uninterrupted bf16 run exited {rc} (log: {log})")
     t_full = time.time() - t0
-    _run(_launch(a, sz, killed, cfg, []), log, kill_at_step=6, metrics=killed / "metrics.jsonl")
+    if (rc := _run(_launch(a, sz, killed, cfg, extra), log, kill_at_step=6, metrics=killed / "metrics.jsonl")) != -9:
+        raise RuntimeError(f"the run to be killed at step 6 exited {rc} first (log: {log})")
     latest = json.loads((killed / "checkpoints" / "latest.json").read_text())["step"]
-    if rc := _run(_launch(a, sz, killed, cfg, []), log):
+    if rc := _run(_launch(a, sz, killed, cfg, extra), log):
         raise RuntimeError(f"the rerun after SIGKILL exited {rc} (log: {log})")
     ra, rb = _records(full / "metrics.jsonl"), _records(killed / "metrics.jsonl")
     same = all((ra[s]["loss"], ra[s]["dwm"]) == (rb[s]["loss"], rb[s]["dwm"]) for s in range(1, 9))
@@ -301,9 +321,26 @@ def part_boundary(a, sz) -> list[str]:
     ]  # fmt: skip
 
 
+def part_fusedadam(a, sz) -> list[str]:
+    """A short run with the default optimizer: on a GPU, DeepSpeed's FusedAdam, JIT-compiled here (nvcc, ninja)."""
+    cfg = sz["train"]
+    run_dir = Path(a.out) / "work" / "fusedadam"
+    log = Path(a.out) / "fusedadam.runs.log"
+    t0 = time.time()
+    if rc := _run(_launch(a, sz, run_dir, cfg, ["stages.total_steps=2", "stages.num_stages=1"]), log):
+        raise RuntimeError(f"the run with the default optimizer exited {rc} (log: {log})")
+    text = log.read_text(errors="replace")
+    opt = re.findall(r"DeepSpeed Final Optimizer = (\w+)", text)
+    steps = _records(run_dir / "metrics.jsonl")
+    return [line(f"fusedadam.run ({cfg['preset']}, bf16, the default optimizer.implementation)",
+                 f"{opt[-1] if opt else '?'} in {time.time() - t0:.0f} s (its build included), loss "
+                 f"{steps[max(steps)]['loss']:.3f} at step {max(steps)}",
+                 "FusedAdam on a GPU (torch's AdamW on a CPU)", bool(opt))]  # fmt: skip
+
+
 PARTS = {"machine": part_machine, "loss": part_loss, "attention": part_attention, "train": part_train,
          "step_370m": part_step("step_370m"), "step_1.3b": part_step("step_1.3b"), "metastep": part_metastep,
-         "metaacc": part_metaacc, "boundary": part_boundary}  # fmt: skip
+         "metaacc": part_metaacc, "boundary": part_boundary, "fusedadam": part_fusedadam}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the runner
@@ -338,8 +375,12 @@ def run_part(a, name: str, limit: float) -> dict:
             stdout, _ = p.communicate(timeout=limit)
             status = "ok" if p.returncode == 0 else f"failed (exit {p.returncode})"
         except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            stdout, _ = p.communicate()
+            os.killpg(p.pid, signal.SIGTERM)  # the part takes its launches down (_kill_launches)
+            try:
+                stdout, _ = p.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                stdout, _ = p.communicate()
             status = f"timeout ({limit:.0f} s)"
         f.write("\n--- stdout\n" + stdout)
     lines = [ln for ln in stdout.splitlines() if parse_line(ln)]
@@ -361,6 +402,7 @@ def main(argv=None) -> int:
     sz = SIZES["cpu" if a.cpu else "gpu"]
     Path(a.out).mkdir(parents=True, exist_ok=True)
     if a.part:
+        signal.signal(signal.SIGTERM, _kill_launches)
         for ln in PARTS[a.part](a, sz):
             print(ln, flush=True)
         return 0
@@ -390,6 +432,12 @@ def main(argv=None) -> int:
         for ln in results[name]["lines"]:
             print(ln, flush=True)
         print(f"# {name}: {results[name]['status']} in {results[name]['seconds']:.0f} s", flush=True)
+        write_summary(a, results, t0)  # after every part: a machine taken back mid-pack still leaves the figures
+    return write_summary(a, results, t0)
+
+
+def write_summary(a, results: dict, t0: float) -> int:
+    """summary.txt and summary.json of the parts run so far; the pack's exit code (1 if a part failed)."""
     summary = [ln for r in results.values() for ln in r["lines"]]
     failed = [n for n, r in results.items() if r["status"] != "ok"]
     short = [f["name"] for r in results.values() for f in r["figures"] if f["ok"] is False]
@@ -397,7 +445,8 @@ def main(argv=None) -> int:
     (Path(a.out) / "summary.txt").write_text("\n".join(summary + [verdict]) + "\n")
     report = {"mode": "cpu" if a.cpu else "gpu", "parts": results, "seconds": round(time.time() - t0, 1)}
     (Path(a.out) / "summary.json").write_text(json.dumps(report, indent=1))
-    print(verdict)
+    if len(results) == len([n for n in PARTS if not a.only or n in a.only.split(",")]):
+        print(verdict)
     return 1 if failed else 0
 
 
