@@ -94,11 +94,12 @@ def test_every_tiny_twin_passes_the_preflight(exp, monkeypatch, capsys):
     monkeypatch.chdir(work)  # the twins name runs/exp/... relative to where they are launched
     twins = [n for n in bundled_configs() if n.startswith("experiments/tiny/")]
     paper = {n.replace("/paper/", "/tiny/") for n in bundled_configs() if n.startswith("experiments/paper/")}
-    assert len(twins) >= 17 and set(twins) == paper  # every paper-scale preset has its twin
+    assert len(twins) >= 19 and set(twins) == paper  # every paper-scale preset has its twin
     src = RunDir(work / "runs/exp/tiny-random_dwm")
     for name in twins:
-        mode = load_config(name).meta.mode  # transfer / static arms: fit them to the short 3-stage source run
-        extra = {"transfer": ["stages.num_stages=3"], "fixed": [f"meta.dwm_path={src.dwm(3)}"]}.get(mode, [])
+        meta = load_config(name).meta  # transfer / static / warm-started arms: fit them to the short source run
+        extra = {"transfer": ["stages.num_stages=3"], "fixed": [f"meta.dwm_path={src.dwm(3)}"]}.get(meta.mode, [])
+        extra += [f"meta.init_dwm={src.root}"] if meta.init_dwm else []
         argv = ["--config", name, "--run-dir", f"runs/exp/dry-{name.split('/')[-1]}", "--dry-run", *extra]
         assert pretrain(argv) == 0, name
     assert capsys.readouterr().out.count("# generated DeepSpeed config") == len(twins)
