@@ -299,6 +299,29 @@ def proxy_cost(args) -> dict:
     return {"tokens": max(args.compare // PROXY_SHARE, 4) / args.compare, "seconds": proxy / main}
 
 
+ARM_LABELS = {"uniform": "uniform", "oracle": "oracle (corrupted weighted 0)", "oracle2": "oracle from stage 2",
+              "dwm": "DWM (bi-level, uniform stage 1)", "warm": "DWM warm-started from a proxy",
+              "loss": "loss reweighting (linupper)", "dsir": "DSIR-selected data"}  # fmt: skip
+
+
+def figure(compare: dict, path: Path) -> Path:
+    """Clean held-out validation loss at every stage end, per arm: the mean over seeds and a band of one std."""
+    from dwmtrain.analysis.plots import new_figure, save_png
+
+    fig = new_figure(7.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    steps = compare["steps"]
+    for arm, runs in compare["val_loss"].items():
+        ms = [mean_std([r[str(s)] if str(s) in r else r[s] for r in runs]) for s in steps]
+        m, sd = [x[0] for x in ms], [x[1] for x in ms]
+        ax.plot(steps, m, marker="o", ms=3, label=f"{ARM_LABELS.get(arm, arm)} ({len(runs)} seeds)")
+        ax.fill_between(steps, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.15)
+    ax.set_xlabel("step (stage ends)")
+    ax.set_ylabel("clean held-out validation loss")
+    ax.legend(fontsize=7)
+    return save_png(fig, path)
+
+
 def mean_std(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     return m, (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
@@ -444,6 +467,7 @@ def main(argv=None) -> int:
     if args.compare:
         result["compare"] = compare(args, log)
         print(result["compare"]["table"], flush=True)
+        print(f"wrote {figure(result['compare'], args.work / 'arms.png')}", flush=True)
     (args.work / "result.json").write_text(json.dumps(result, indent=1))
     return 1 if min(result.get("auc_by_kind", {"-": 1.0}).values()) < args.min_auc else 0
 
