@@ -229,6 +229,9 @@ ARMS = {
     "warm": ["meta.mode=bilevel"],  # + meta.init_dwm: a proxy run's DWM weighs stage 1 (compare trains the proxy)
     "loss": ["meta.mode=loss_reweight"],  # Sow et al. 2025, linupper, tau 1, uniform for the first 5% of steps
     "dsir": ["meta.mode=none"],  # + data.train_data: uniform training on the DSIR-selected part of the pool
+    # + data.train_data: uniform training on a QuRating-style selection (sampled ∝ exp(score / 2)), the score a
+    # proxy LM's per-document loss (negated): no QuRater exists offline for this corpus (qurating_data)
+    "qurating": ["meta.mode=none"],
 }
 PROXY_SHARE = 10  # the warm start's proxy run: a tenth of the main run's steps (tokens), 2 stages
 
@@ -248,7 +251,48 @@ def arm_overrides(arm: str, args, seed: int, log: Path) -> list[str]:
         return [f"meta.init_dwm={proxy}"]
     if arm == "dsir":
         return [f"data.train_data={dsir_data(args, log)}"]
+    if arm == "qurating":
+        return [f"data.train_data={qurating_data(args, log)}"]
     return []
+
+
+def qurating_data(args, log: Path) -> Path:
+    """A QuRating-style selection of the pool (``select qurating``: sampled ∝ exp(score / 2), the paper's τ, as
+    many documents as the pool has clean ones), the score of a document minus its mean token loss under a proxy LM
+    (a tenth of the main run's steps on the pool, uniform; its first 128 tokens): a perplexity filter in
+    QuRating's selection. Made once for every seed."""
+    out = args.work / "data-qurating"
+    if (out / "index.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dwmtrain.data.prepare import prepare_data
+    from dwmtrain.data.tokenizer import load_tokenizer
+
+    proxy, hf = args.work / "proxy-lm", args.work / "proxy-lm-hf"
+    pretrain(proxy, args, ["meta.mode=none", f"stages.total_steps={max(args.compare // PROXY_SHARE, 4)}",
+                           "stages.num_stages=1", "run.seed=0"], log)  # fmt: skip
+    sh([sys.executable, "-m", "dwmtrain.cli", "export", str(proxy), "--out", str(hf), "--overwrite"], log)
+    lm, tok = AutoModelForCausalLM.from_pretrained(hf).eval(), load_tokenizer(SP)
+    scored = args.work / "select" / "scored.jsonl"
+    scored.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.work / "noisy.jsonl", encoding="utf-8") as f, open(scored, "w", encoding="utf-8") as g:
+        for ln in f:
+            rec = json.loads(ln)
+            ids = torch.tensor([tok.document(rec["text"])[:128]])
+            with torch.no_grad():
+                loss = lm(input_ids=ids, labels=ids).loss.item()
+            rec.setdefault("meta", {})["quality"] = {"minus_proxy_loss": -loss}
+            g.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    info = json.loads((args.work / "corpus.json").read_text())
+    sel = args.work / "select" / "qurating.jsonl"
+    sh([sys.executable, "-m", "dwmtrain.cli", "select", "qurating", "--input", str(scored), "--out", str(sel),
+        "--score-field", "meta.quality.minus_proxy_loss", "--temperature", "2.0", "--normalize", "--budget-docs",
+        str(info["documents"] - info["corrupted"]), "--no-progress", "--overwrite"], log)  # fmt: skip
+    prepare_data([str(sel)], str(SP), str(out), seq_len=args.seq_len, workers=2, heldout_fraction=0.05,
+                 progress=False)  # fmt: skip
+    return out
 
 
 def dsir_data(args, log: Path) -> Path:
@@ -301,7 +345,8 @@ def proxy_cost(args) -> dict:
 
 ARM_LABELS = {"uniform": "uniform", "oracle": "oracle (corrupted weighted 0)", "oracle2": "oracle from stage 2",
               "dwm": "DWM (bi-level, uniform stage 1)", "warm": "DWM warm-started from a proxy",
-              "loss": "loss reweighting (linupper)", "dsir": "DSIR-selected data"}  # fmt: skip
+              "loss": "loss reweighting (linupper)", "dsir": "DSIR-selected data",
+              "qurating": "QuRating-style selection (proxy-LM loss)"}  # fmt: skip
 
 
 def figure(compare: dict, path: Path) -> Path:
