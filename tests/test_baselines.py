@@ -83,10 +83,15 @@ def test_loss_reweighting_is_uniform_for_its_burn_in_then_a_rule_every_stage(tmp
     x = torch.zeros(8, 32, dtype=torch.long)
     for stage in (1, 3):
         w = h.for_stage(stage, None)
-        assert isinstance(w, LossReweighting) and w.version == "loss:quadratic" and w.from_step == 10  # 5%
+        assert isinstance(w, LossReweighting) and w.version == "loss:quadratic:t1:from10" and w.from_step == 10
         assert torch.equal(w(x, list(range(8)), step=9), torch.ones(8))
         rule = w(x, list(range(8)), step=10)
         assert isinstance(rule, LossRule) and (rule.rule, rule.temperature) == ("quadratic", 1.0)
+    nan = w(x, list(range(8)), step=10) * float("nan")  # the non-finite fault reaches a rule's weights too
+    assert torch.isnan(nan(torch.arange(8.0))).all()
+    with pytest.raises(Exception, match=r"micro_batch_size=1 must be >= 2"):
+        handoff(tmp_path, "meta.mode=loss_reweight", "deepspeed.micro_batch_size=1", "deepspeed.global_batch_size=1"
+                ).for_stage(1, None)  # fmt: skip
     cfg = load_config(None, ["meta.mode=loss_reweight"])
     assert not cfg.meta.uses_dwm and load_config(None, []).meta.uses_dwm
     with pytest.raises(Exception, match=r"meta.loss_rule"):
@@ -117,6 +122,10 @@ def test_a_warm_start_weighs_stage_1_and_seeds_the_first_meta_update(tmp_path):
         assert how == f"continued from {RunDir(proxy).dwm(3)}"
         assert all(torch.equal(a, b) for a, b in zip(fitted.state_dict().values(), m.state_dict().values()))
     assert isinstance(handoff(tmp_path / "cold", "meta.mode=bilevel").for_stage(1, None), Uniform)
+    cfg = load_config(None, [f"run.run_dir={tmp_path / 'run'}", "meta.mode=bilevel"])  # the warm start dropped on
+    resumed = StageHandoff(cfg, D, ARCH, torch.float32, RunDir(tmp_path / "run"), {1: meta["sha256"]})  # a resume
+    with pytest.raises(Exception, match=r"stage 1 was weighed by a DWM .*set meta.init_dwm"):
+        resumed.for_stage(1, None)
 
 
 def test_a_warm_start_of_another_architecture_or_nothing_is_refused_in_one_line(tmp_path):

@@ -17,7 +17,7 @@ import time
 import torch
 
 from dwmtrain.distributed import Dist, broadcast_tensors, run_on_rank0
-from dwmtrain.errors import EXIT_META_EXTERNAL, PlannedStop
+from dwmtrain.errors import EXIT_META_EXTERNAL, ConfigError, PlannedStop
 from dwmtrain.models.dwm import DWMArch, DWMFileError, check_dwm_tokenizer, dwm_from_state, load_dwm_state
 from dwmtrain.rundir import RunDir, dwm_source
 from dwmtrain.stages.meta_job import (
@@ -64,6 +64,10 @@ class StageHandoff:
         if mode == "none" or (mode == "oracle" and stage < mc.oracle_from_stage):
             return Uniform()
         if mode == "loss_reweight":
+            if self.cfg.deepspeed.micro_batch_size < 2:  # one sample's weight is always 1: plain training
+                mb = self.cfg.deepspeed.micro_batch_size
+                raise ConfigError(f"meta.mode=loss_reweight weighs samples against their micro-batch: "
+                                  f"deepspeed.micro_batch_size={mb} must be >= 2")  # fmt: skip
             start = mc.loss_from_step if mc.loss_from_step >= 0 else self.cfg.stages.total_steps // 20
             return LossReweighting(mc.loss_rule, mc.loss_temperature, start)
         if mode == "oracle":
@@ -73,8 +77,11 @@ class StageHandoff:
                 self._fixed = self._checked(stage, self.broadcast_dwm(self.cfg.meta.dwm_path))
             return self._fixed
         if stage == 1 and mode == "bilevel" and mc.init_dwm:  # a warm start: e.g. a proxy run's DWM
-            return self._checked(1, self.broadcast_dwm(str(dwm_source(mc.init_dwm))))
+            return self._checked(1, self.broadcast_dwm(mc.init_dwm, resolve=True))
         if stage == 1:
+            if self.expect_sha.get(1):  # resumed mid-stage-1 of a warm start, the warm start since removed
+                raise ConfigError(f"the resumed checkpoint's stage 1 was weighed by a DWM (sha256 "
+                                  f"{self.expect_sha[1][:12]}...): set meta.init_dwm to it to resume")  # fmt: skip
             return Uniform()
         if mode == "transfer":  # the source run's DWM of the same stage, as it weighed that stage there
             return self._checked(stage, self.broadcast_dwm(str(RunDir(self.cfg.meta.dwm_run).dwm(stage))))
@@ -129,13 +136,16 @@ class StageHandoff:
             raise MetaJobError(str(e)) from None
         print(f"[dwmtrain] stage {stage}: meta-update done in {time.time() - t0:.1f} s -> {path}", flush=True)
 
-    def broadcast_dwm(self, path: str) -> FrozenDWM:
-        """Rank 0 verifies and reads the file; every rank gets the tensors over torch.distributed.
+    def broadcast_dwm(self, path: str, resolve: bool = False) -> FrozenDWM:
+        """Rank 0 verifies and reads the file (``resolve``: ``path`` is ``meta.init_dwm``'s, a file or a run
+        directory); every rank gets the tensors over torch.distributed.
 
         Any failure to read it on rank 0 is raised on every rank at once (no rank is left waiting)."""
         read: dict = {}
 
         def verify_and_read():
+            nonlocal path
+            path = str(dwm_source(path)) if resolve else path
             _, read["state"], meta = load_dwm_state(path, self.arch)
             if self.tokenizer_sha:
                 check_dwm_tokenizer(meta, path, self.cfg.data.tokenizer, self.tokenizer_sha)

@@ -78,12 +78,16 @@ class LossRule:
     """The weights of one micro-batch as a function of its per-sample losses (``models.loss.loss_rule_weights``),
     applied inside the forward that computes those losses; ``weights`` keeps what it gave, for the step's stats."""
 
-    def __init__(self, rule: str, temperature: float):
-        self.rule, self.temperature, self.weights = rule, temperature, None
+    def __init__(self, rule: str, temperature: float, scale: float = 1.0):
+        self.rule, self.temperature, self.scale, self.weights = rule, temperature, scale, None
 
     def __call__(self, losses: torch.Tensor) -> torch.Tensor:
-        self.weights = loss_rule_weights(losses, self.rule, self.temperature)
+        self.weights = loss_rule_weights(losses, self.rule, self.temperature) * self.scale
         return self.weights
+
+    def __mul__(self, factor: float) -> LossRule:
+        """The same rule with its weights scaled (the non-finite fault's NaN reaches the loss as with a tensor)."""
+        return LossRule(self.rule, self.temperature, self.scale * factor)
 
 
 class LossReweighting(Weighting):
@@ -93,7 +97,7 @@ class LossReweighting(Weighting):
 
     def __init__(self, rule: str, temperature: float, from_step: int):
         self.rule, self.temperature, self.from_step = rule, temperature, from_step
-        self.info = {"version": f"loss:{rule}"}
+        self.info = {"version": f"loss:{rule}:t{temperature:g}:from{from_step}"}
 
     def __call__(self, x, indices, step=0):
         if step < self.from_step:

@@ -78,8 +78,8 @@ def train_step(run: Run, batches, weighting: Weighting, step: int) -> StepStats:
         idx = next(batches)[1]
         x = run.data.batch(idx).to(run.d.device)
         w = weighting(x, idx, step)  # [B], mean 1; or a LossRule, applied to this forward's own losses
-        if fault_active("nonfinite-loss", rank=run.d.rank, step=step + 1) and torch.is_tensor(w):
-            w = w * float("nan")  # the loss and every gradient of this micro-batch become NaN
+        if fault_active("nonfinite-loss", rank=run.d.rank, step=step + 1):
+            w = w * float("nan")  # the loss and every gradient of this micro-batch become NaN (a LossRule too)
         if run.cfg.model.loss_chunk_tokens:  # the head a chunk at a time: no [B, T, V] logits
             loss, losses = eng(input_ids=x, sample_weights=w)
         else:
@@ -211,7 +211,7 @@ def weight_alarm(stats: dict, micro_batch: int, ess_frac: float, max_frac: float
 
 def raise_alarm(run: Run, rec: dict, alarmed: set) -> set:
     """Mark collapsed weights in the step's record (metrics.jsonl, TensorBoard) and say so once per stage."""
-    if not run.cfg.meta.uses_dwm:  # uniform, zeros by design, or bounded by the loss rule: nothing can collapse
+    if run.cfg.meta.mode in ("none", "oracle"):  # uniform, or zeros by design: nothing to alarm about
         return alarmed
     why = weight_alarm(rec, run.plan.micro_batch_size, run.cfg.dwm.alarm_ess, run.cfg.dwm.alarm_max_weight)
     rec["w_alarm"] = int(bool(why))
