@@ -56,6 +56,11 @@ def part_name(i: int, n: int) -> str:
     return f"part-{i:04d}-of-{n:04d}"
 
 
+def part_started(d: Path) -> bool:
+    """A part's directory exists, or atomic_dir's temporary one beside it: the part is running, or failed."""
+    return d.is_dir() or any(d.parent.glob(f".{d.name}*"))
+
+
 def parts_dir(out_dir: str | os.PathLike) -> Path:
     return Path(str(out_dir).rstrip("/") + ".parts")
 
@@ -187,7 +192,6 @@ def part_status(out_dir: str) -> list[str]:
     lines = []
     for i in range(n):
         d = part_path(out_dir, i, n)
-        started = d.is_dir() or any(parts_dir(out_dir).glob(f".{d.name}*"))  # atomic_dir's temporary name
-        state = "complete" if (d / MARKER).is_file() else "started, not finished" if started else "not started"
+        state = "complete" if (d / MARKER).is_file() else "started, not finished" if part_started(d) else "not started"
         lines.append(f"part {i}/{n}: {state}")
     return lines

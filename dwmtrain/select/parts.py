@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dwmtrain.data.parts import assign_files, parse_part, part_name, parts_count
+from dwmtrain.data.parts import assign_files, parse_part, part_name, part_started, parts_count
 from dwmtrain.data.readers import SLIMPAJAMA, Fields, expand_inputs
 from dwmtrain.errors import DataError
 from dwmtrain.fileio import atomic_dir, atomic_write_text
@@ -267,8 +267,7 @@ def selection_status(out: str) -> list[str]:
         d = part_dir(out, i, n)
         info = _read(d / SCAN)
         if info is None:
-            started = d.is_dir() or any(parts_dir(out).glob(f".{d.name}*"))
-            lines.append(f"part {i}/{n}: {'started, not finished' if started else 'not started'}")
+            lines.append(f"part {i}/{n}: {'started, not finished' if part_started(d) else 'not started'}")
             continue
         two = METHODS[info["method"]].two_pass if info.get("method") in METHODS else False
         state = "complete" if not two or (d / WEIGHTS).is_file() else "scanned, not weighed yet"
