@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +75,7 @@ def init_distributed(timeout_s: int) -> Dist:
                 f"at {where} within run.dist_timeout_s={timeout_s}: {type(e).__name__}: {str(e).splitlines()[0]}"
             ) from None
     rank, world = dist.get_rank(), dist.get_world_size()
+    _store_set(f"{_ROLL}/host/{rank}", f"{socket.gethostname()}, pid {os.getpid()}")  # named if it stops answering
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
     name = acc.device_name()
@@ -103,6 +106,79 @@ def release_shm_names(rank: int) -> None:
 
 class RendezvousError(DWMTrainError):
     """The ranks could not meet: the master address does not resolve, or is not reachable in time."""
+
+
+class PeerLost(DWMTrainError):
+    """A collective failed: a rank died, or stopped answering for longer than ``run.dist_timeout_s``."""
+
+    hint = "rerun the same command: it resumes from the newest complete checkpoint"
+
+    def __init__(self, message: str = "", quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet  #: another rank says it: this one leaves without a word
+
+
+_ROLL = "dwmtrain/peers"  # store keys: each rank's host and pid (at init), then who answered the roll call
+#: what gloo, NCCL and the store say when a peer is gone or silent (a collective's own errors say otherwise)
+_COMM_FAILURES = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "broken pipe",
+                  "connection refused", "nccl error", "ncclremoteerror", "socket")  # fmt: skip
+
+
+def _store_set(key: str, value: str) -> None:
+    try:
+        dist.distributed_c10d._get_default_store().set(key, value)
+    except Exception:  # noqa: BLE001 - the names are a courtesy for a later message; never fail the start
+        pass
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a communication failure (a peer died or went silent), not an error of the collective's
+    own arguments."""
+    if isinstance(e, getattr(dist, "DistNetworkError", ())) or isinstance(e, TimeoutError):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _COMM_FAILURES)
+
+
+def peer_lost(e: BaseException, timeout_s: float, window_s: float | None = None) -> PeerLost | None:
+    """After a failed collective: a roll call over the rendezvous store names the ranks that do not answer within
+    ``window_s`` (default ``min(timeout_s, 20)``: the live ranks all time out within about that of each other),
+    with their hosts and pids. Returns the error, ``quiet`` on every rank but the lowest that answered, or
+    ``None`` when ``e`` is not a communication failure (the caller re-raises it). Rank 0 hosts the store: if it
+    does not answer, each node's first rank (and rank 1) says so."""
+    if not dist.is_initialized() or not is_peer_failure(e):
+        return None
+    from datetime import timedelta
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    window_s = min(timeout_s, 20.0) if window_s is None else window_s
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:200]  # gloo's "[.../unbound_buffer.cc:78] " source location
+    said = f"a collective on rank {rank} failed ({first}; run.dist_timeout_s={timeout_s:g})"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=max(window_s, 1.0)))
+        store.set(f"{_ROLL}/here/{rank}", "1")
+        deadline = time.monotonic() + window_s
+        while True:
+            here = [r for r in range(world) if store.check([f"{_ROLL}/here/{r}"])]
+            if len(here) == world or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        gone = [r for r in range(world) if r not in here]
+        if rank != min(here):
+            return PeerLost(quiet=True)
+        if not gone:
+            return PeerLost(f"{said}; every rank answered the roll call afterwards")
+        names = []
+        for r in gone:
+            try:
+                names.append(f"rank {r} ({store.get(f'{_ROLL}/host/{r}').decode()})")
+            except Exception:  # noqa: BLE001 - no name recorded: the rank number alone
+                names.append(f"rank {r}")
+        return PeerLost(f"{', '.join(names)} stopped answering: {said}")
+    except Exception:  # noqa: BLE001 - the store is rank 0's: it is gone or stopped too
+        quiet = int(os.environ.get("LOCAL_RANK", "0")) != 0 and rank != 1  # each node's first rank, and rank 1
+        return PeerLost(f"rank 0 (which hosts the rendezvous store) stopped answering: {said}", quiet=quiet)
 
 
 def barrier() -> None:

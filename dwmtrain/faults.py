@@ -1,12 +1,19 @@
-"""Named fault points for fault-injection tests: ``DWMTRAIN_FAULT=point[:key=value]...`` acts at ``point`` when
-every condition holds (a value ``a-b`` is a range of integers, ``a,b`` a list). Unset, a fault point is one
-dictionary lookup.
+"""Named fault points for fault-injection tests and the chaos soak: ``DWMTRAIN_FAULT=point[:key=value]...`` acts
+at ``point`` when every condition holds (a value ``a-b`` is a range of integers, ``a,b`` a list); several faults
+are separated by ``;``. Unset, a fault point is one dictionary lookup.
 
-Points that SIGKILL the process that reaches them (``fault_point``; ``tests/integration/test_faults.py``):
+Points that act on the process that reaches them (``fault_point``; ``tests/integration/test_faults.py``,
+``tools/chaos.py``):
+  step                       rank=, step=   a rank starts optimizer step ``step`` (1-based)
+  resume                     rank=, step=   a rank loaded the checkpoint of ``step``, before its first step
   checkpoint-shards-written  rank=, step=   a rank wrote its shards and RNG, before the ranks agree
   checkpoint-marker-written  step=          rank 0 wrote COMPLETE, before latest.json
+  meta-step                  rank=, step=   a meta-update job's rank starts meta-step ``step``
   dwm-tensors-written        stage=         the meta job renamed the DWM tensors into place, before the sidecar
   tensor-broadcast           rank=, index=  a rank sent/received tensor ``index`` of a broadcast state dict
+The action is ``action=kill`` (the default: SIGKILL, no cleanup) or ``action=stop``: the process SIGSTOPs itself,
+for a driver that watches the processes' states (``tools/chaos.py``) to kill, stall (SIGCONT later) or signal it at
+that moment. Each fault acts at most once per process.
 Points that change a value (``fault_active``; ``tests/integration/test_pretrain.py``):
   nonfinite-loss             rank=, step=   a rank's micro-batch weights (so its loss and gradients) become NaN
 """
@@ -17,6 +24,8 @@ import os
 import signal
 
 _SPEC = os.environ.get("DWMTRAIN_FAULT", "")
+_FAULTS = [f.split(":") for f in _SPEC.split(";") if f]  # [point, "key=value", ...] per fault
+_ACTED: set[int] = set()  # faults this process has acted on
 
 
 def _matches(value, want: str) -> bool:
@@ -30,15 +39,24 @@ def _matches(value, want: str) -> bool:
     return False
 
 
+def _matching(name: str, where: dict) -> tuple[int, str] | None:
+    """(index, action) of the first fault named ``name`` whose conditions all hold for ``where``."""
+    for i, (point, *conds) in enumerate(_FAULTS):
+        kv = dict(c.split("=", 1) for c in conds)
+        action = kv.pop("action", "kill")
+        if point == name and all(_matches(where.get(k), v) for k, v in kv.items()):
+            return i, action
+    return None
+
+
 def fault_active(name: str, **where) -> bool:
     """True if DWMTRAIN_FAULT names this point and every condition holds for ``where``."""
-    if not _SPEC:
-        return False
-    point, *conds = _SPEC.split(":")
-    return point == name and all(_matches(where.get(k), v) for k, v in (c.split("=", 1) for c in conds))
+    return bool(_FAULTS) and _matching(name, where) is not None
 
 
 def fault_point(name: str, **where) -> None:
-    """Die here (SIGKILL, no cleanup) if DWMTRAIN_FAULT names this point and every condition holds."""
-    if fault_active(name, **where):
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Act here (SIGKILL, or SIGSTOP) if DWMTRAIN_FAULT names this point and every condition holds."""
+    if not _FAULTS or (hit := _matching(name, where)) is None or hit[0] in _ACTED:
+        return
+    _ACTED.add(hit[0])
+    os.kill(os.getpid(), signal.SIGSTOP if hit[1] == "stop" else signal.SIGKILL)

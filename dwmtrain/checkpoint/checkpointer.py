@@ -287,6 +287,7 @@ class Checkpointer:
         else:
             self.load(engine, state.tag)
         self._log(f"resumed from {self.rd.checkpoint(state.tag)} at step {state.step} (stage {state.stage})")
+        fault_point("resume", rank=self.d.rank, step=state.step)
         self.last_tag = state.tag
         return state
 

@@ -68,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     except DWMTrainError as e:
         print(f"meta_update: error ({type(e).__name__}): {e}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as e:  # a collective failed: name the rank that died or stopped answering
+        from dwmtrain.distributed import peer_lost
+
+        if (lost := peer_lost(e, cfg.run.dist_timeout_s)) is None:
+            raise
+        if not lost.quiet:
+            print(f"meta_update: error (PeerLost): {lost}", file=sys.stderr, flush=True)
+        os._exit(EXIT_ERROR)  # gloo's threads may hang a normal exit after a failed collective
     return EXIT_OK
 
 

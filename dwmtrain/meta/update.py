@@ -21,6 +21,7 @@ from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.data.validation import validation_set
 from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier
 from dwmtrain.errors import CheckpointError
+from dwmtrain.faults import fault_point
 from dwmtrain.lr_schedule import scheduled_lr
 from dwmtrain.meta.metagrad import default_fd_eps, dwm_surrogate, lm_params, meta_gradient
 from dwmtrain.models.dwm import (
@@ -170,6 +171,7 @@ class MetaBatches:
 def fit(dwm, opt, lm, params, batches: MetaBatches, alpha: float, mc, log: Path | None) -> None:
     """``mc.steps`` meta-steps; rank 0 (``log`` set) appends each one's record to ``log``."""
     for k in range(mc.steps):
+        fault_point("meta-step", rank=batches.d.rank, step=k + 1)
         t0 = time.time()
         x, vb = batches(k)
         log_before = k in (0, mc.steps - 1) or (k + 1) % mc.log_every == 0

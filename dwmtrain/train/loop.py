@@ -13,7 +13,7 @@ from dwmtrain.config.stages import stage_of
 from dwmtrain.data.dataset import rank_micro_batches
 from dwmtrain.data.validation import validation_metrics
 from dwmtrain.distributed import all_reduce_
-from dwmtrain.faults import fault_active
+from dwmtrain.faults import fault_active, fault_point
 from dwmtrain.models.dwm import read_dwm_meta, weight_stats_tensor
 from dwmtrain.models.loss import per_sample_loss, weighted_loss
 from dwmtrain.rundir import RunDir
@@ -72,6 +72,7 @@ def run_steps(run: Run, bar) -> None:
 def train_step(run: Run, batches, weighting: Weighting, step: int) -> StepStats:
     """One optimizer step: every micro-batch weighed, forward, backward; DeepSpeed steps at the last one."""
     eng, stats, cuda = run.engine, StepStats(), run.d.accelerator == "cuda"
+    fault_point("step", rank=run.d.rank, step=step + 1)
     if cuda:
         torch.cuda.reset_peak_memory_stats(run.d.device)
     for _ in range(run.plan.gradient_accumulation_steps):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from dwmtrain.config import Config
@@ -27,6 +28,16 @@ def run_training(cfg: Config) -> int:
             print(f"[dwmtrain] {e.hint}", file=sys.stderr, flush=True)
         _exit_now_if_distributed(EXIT_ERROR)
         return EXIT_ERROR
+    except Exception as e:  # a collective failed: name the rank that died or stopped answering
+        from dwmtrain.distributed import peer_lost
+
+        lost = peer_lost(e, cfg.run.dist_timeout_s)
+        if lost is None:
+            raise
+        if not lost.quiet:
+            print(f"[dwmtrain] error (PeerLost): {lost}\n[dwmtrain] {lost.hint}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_ERROR)  # no teardown: leaving the group waits on the peer that is gone (or on its store)
     finally:
         _teardown(clean=False)
     return EXIT_OK
