@@ -275,7 +275,8 @@ class Launch:
             if resume_at is not None and now >= resume_at:  # a stall's end (or a usr1's pause)
                 signal_pid(target["pid"], signal.SIGCONT)
                 resume_at, self.armed = None, now
-                f = self.more(len(self.fired))  # the launch goes on: the next fault at a random moment from now
+                if self.fired[-1]["action"] == "stall":  # the launch goes on: a fault at a random moment from now
+                    f = self.more(len(self.fired))
             time.sleep(0.05)
         if resume_at is not None:
             signal_pid(target["pid"], signal.SIGCONT)
