@@ -14,7 +14,7 @@ import torch
 
 from dwmtrain.models.dwm import read_dwm_meta
 
-from ..helpers import REPO, alive, cmdline, free_port, kill_tree, process_tree
+from ..helpers import REPO, alive, cmdline, free_port, kill_tree, process_tree, wait_until
 from .helpers import by_step, env, pretrain_cmd, run, run_until_step_then_kill, short_run, wait_for_step
 
 pytestmark = pytest.mark.slow
@@ -105,6 +105,33 @@ def test_a_killed_rank_ends_the_whole_job_within_seconds(tmp_path, data64):
     assert rc != 0 and dt < 300
     time.sleep(1.0)
     assert not [q for q in tree if alive(q)], "a rank outlived the job"
+
+
+def test_a_rank_that_stops_answering_is_named_and_the_rerun_resumes(tmp_path, data64):
+    """Rank 1 SIGSTOPs itself at the start of step 3 (a fault point, ``action=stop``) and stays stopped past
+    run.dist_timeout_s: the job ends with one line naming rank 1, its host and pid, not gloo's traceback; the same
+    command then resumes from step 2 and finishes."""
+    run_dir = tmp_path / "r"
+    args = short_run(data64, "meta.mode=none", "stages.total_steps=6", "stages.num_stages=1", "run.dist_timeout_s=6")
+    stop = env(DWMTRAIN_FAULT="step:rank=1:step=3:action=stop")
+    p = subprocess.Popen(pretrain_cmd(run_dir, args), cwd=REPO, env=stop, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, _ = p.communicate(timeout=300)
+    finally:
+        kill_tree(p.pid)
+    ours = lambda: [q for q in process_tree(1) if str(run_dir) in cmdline(q)]  # noqa: E731
+    wait_until(lambda: not ours(), timeout_s=30)
+    left = ours()
+    for q in left:  # a stopped rank the launcher could not end: the assert below fails, nothing stays behind
+        os.kill(q, signal.SIGKILL)
+    line = next((ln for ln in out.splitlines() if "PeerLost" in ln), "")
+    assert p.returncode != 0 and "rank 1 (" in line and "stopped answering" in line, out[-3000:]
+    assert "pid " in line and "dist_timeout_s=6" in line and "Traceback" not in out, out[-3000:]
+    assert not left, [cmdline(q) for q in left]
+    q = run(pretrain_cmd(run_dir, args))
+    assert "resumed from" in q.stdout + q.stderr and "at step 2" in q.stdout + q.stderr
+    assert sorted(by_step(run_dir / "metrics.jsonl")) == list(range(1, 7))
 
 
 def test_resume_at_another_world_size_and_back(reference, tmp_path, data64):
