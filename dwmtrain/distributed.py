@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dwmtrain.errors import DWMTrainError, PlannedStop
+from dwmtrain.errors import EXIT_ERROR, DWMTrainError, PlannedStop
 from dwmtrain.faults import fault_point
 from dwmtrain.procs import usable_cpus
 
@@ -179,6 +179,20 @@ def peer_lost(e: BaseException, timeout_s: float, window_s: float | None = None)
     except Exception:  # noqa: BLE001 - the store is rank 0's: it is gone or stopped too
         quiet = int(os.environ.get("LOCAL_RANK", "0")) != 0 and rank != 1  # each node's first rank, and rank 1
         return PeerLost(f"rank 0 (which hosts the rendezvous store) stopped answering: {said}", quiet=quiet)
+
+
+def leave_if_peer_lost(e: BaseException, timeout_s: float, who: str) -> None:
+    """If ``e`` is a failed collective (``peer_lost``): say who stopped answering (one rank says it, prefixed
+    ``who``) and leave at once, with no teardown (leaving the group waits on the silent peer, or on its store).
+    Otherwise return, for the caller to re-raise."""
+    import sys
+
+    if (lost := peer_lost(e, timeout_s)) is None:
+        return
+    if not lost.quiet:
+        print(f"{who} error (PeerLost): {lost}\n{who} {lost.hint}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(EXIT_ERROR)
 
 
 def barrier() -> None:

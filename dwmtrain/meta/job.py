@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker: end with torchrun, even if it is SIGKILLed
         exit_with_parent()
-    rd = RunDir(a.run_dir)
+    rd, cfg = RunDir(a.run_dir), None
     try:
         cfg = load_config(rd.config, [*a.overrides, f"run.run_dir={rd.root}"])
         if not a.checkpoint and not rd.latest.is_file():
@@ -69,13 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meta_update: error ({type(e).__name__}): {e}", file=sys.stderr)
         return EXIT_ERROR
     except Exception as e:  # a collective failed: name the rank that died or stopped answering
-        from dwmtrain.distributed import peer_lost
+        from dwmtrain.distributed import leave_if_peer_lost
 
-        if (lost := peer_lost(e, cfg.run.dist_timeout_s)) is None:
-            raise
-        if not lost.quiet:
-            print(f"meta_update: error (PeerLost): {lost}", file=sys.stderr, flush=True)
-        os._exit(EXIT_ERROR)  # gloo's threads may hang a normal exit after a failed collective
+        if cfg is not None:  # no config: no process group yet either
+            leave_if_peer_lost(e, cfg.run.dist_timeout_s, "meta_update:")
+        raise
     return EXIT_OK
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from dwmtrain.config import Config
@@ -29,15 +28,10 @@ def run_training(cfg: Config) -> int:
         _exit_now_if_distributed(EXIT_ERROR)
         return EXIT_ERROR
     except Exception as e:  # a collective failed: name the rank that died or stopped answering
-        from dwmtrain.distributed import peer_lost
+        from dwmtrain.distributed import leave_if_peer_lost
 
-        lost = peer_lost(e, cfg.run.dist_timeout_s)
-        if lost is None:
-            raise
-        if not lost.quiet:
-            print(f"[dwmtrain] error (PeerLost): {lost}\n[dwmtrain] {lost.hint}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(EXIT_ERROR)  # no teardown: leaving the group waits on the peer that is gone (or on its store)
+        leave_if_peer_lost(e, cfg.run.dist_timeout_s, "[dwmtrain]")
+        raise
     finally:
         _teardown(clean=False)
     return EXIT_OK
