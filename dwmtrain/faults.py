@@ -23,8 +23,18 @@ from __future__ import annotations
 import os
 import signal
 
-_SPEC = os.environ.get("DWMTRAIN_FAULT", "")
-_FAULTS = [f.split(":") for f in _SPEC.split(";") if f]  # [point, "key=value", ...] per fault
+
+def parse(spec: str) -> list[tuple[str, dict[str, str], str]]:
+    """``(point, conditions, action)`` per fault of a ``DWMTRAIN_FAULT`` value."""
+    faults = []
+    for fault in filter(None, spec.split(";")):
+        point, *conds = fault.split(":")
+        kv = dict(c.split("=", 1) for c in conds)
+        faults.append((point, kv, kv.pop("action", "kill")))
+    return faults
+
+
+_FAULTS = parse(os.environ.get("DWMTRAIN_FAULT", ""))  # parsed once: a fault point costs a lookup
 _ACTED: set[int] = set()  # faults this process has acted on
 
 
@@ -41,9 +51,7 @@ def _matches(value, want: str) -> bool:
 
 def _matching(name: str, where: dict) -> tuple[int, str] | None:
     """(index, action) of the first fault named ``name`` whose conditions all hold for ``where``."""
-    for i, (point, *conds) in enumerate(_FAULTS):
-        kv = dict(c.split("=", 1) for c in conds)
-        action = kv.pop("action", "kill")
+    for i, (point, kv, action) in enumerate(_FAULTS):
         if point == name and all(_matches(where.get(k), v) for k, v in kv.items()):
             return i, action
     return None

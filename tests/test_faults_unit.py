@@ -13,7 +13,7 @@ from tests.helpers import REPO
 
 
 def with_spec(monkeypatch, spec: str) -> None:
-    monkeypatch.setattr(faults, "_FAULTS", [f.split(":") for f in spec.split(";") if f])
+    monkeypatch.setattr(faults, "_FAULTS", faults.parse(spec))
     monkeypatch.setattr(faults, "_ACTED", set())
 
 

@@ -180,15 +180,6 @@ def test_the_lookahead_alpha_follows_the_lr_scheduler_not_the_step_count():
     assert lookahead_lr(fixed, 37) == 0.01
 
 
-def test_fault_points_match_ranges_and_lists(monkeypatch):
-    import dwmtrain.faults as faults
-
-    monkeypatch.setattr(faults, "_SPEC", "nonfinite-loss:rank=1:step=5,9-10")
-    hits = [(r, s) for r in (0, 1) for s in range(1, 13) if faults.fault_active("nonfinite-loss", rank=r, step=s)]
-    assert hits == [(1, 5), (1, 9), (1, 10)]
-    assert not faults.fault_active("tensor-broadcast", rank=1, step=5)
-
-
 def test_a_run_that_draws_more_than_its_data_says_how_often_and_from_which_step():
     from dwmtrain.train.setup import epochs_note
 
