@@ -131,6 +131,25 @@ def _store_set(key: str, value: str) -> None:
         pass
 
 
+def _store_get(store, key: str) -> str:
+    try:
+        return store.get(key).decode()
+    except Exception:  # noqa: BLE001 - no name recorded: the rank number alone
+        return ""
+
+
+def _exited_here(name: str) -> bool:
+    """Whether ``name`` (``"HOST, pid N"``) is a process on this host that has exited (gone, or a zombie its
+    launcher has not reaped): a rank killed next to us need not be waited for."""
+    host, _, pid = name.partition(", pid ")
+    if host != socket.gethostname() or not pid.isdigit() or not os.path.isdir("/proc"):
+        return False
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no such process
+
+
 def is_peer_failure(e: BaseException) -> bool:
     """Whether ``e`` is a communication failure (a peer died or went silent), not an error of the collective's
     own arguments."""
@@ -158,24 +177,21 @@ def peer_lost(e: BaseException, timeout_s: float, window_s: float | None = None)
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=max(window_s, 1.0)))
         store.set(f"{_ROLL}/here/{rank}", "1")
+        names = {r: _store_get(store, f"{_ROLL}/host/{r}") for r in range(world)}
         deadline = time.monotonic() + window_s
         while True:
             here = [r for r in range(world) if store.check([f"{_ROLL}/here/{r}"])]
-            if len(here) == world or time.monotonic() > deadline:
-                break
+            gone = [r for r in range(world) if r not in here]
+            if not gone or time.monotonic() > deadline or all(_exited_here(names[r]) for r in gone):
+                break  # everyone answered, the window closed, or every silent rank is a process here that is gone
             time.sleep(0.25)
-        gone = [r for r in range(world) if r not in here]
         if rank != min(here):
             return PeerLost(quiet=True)
         if not gone:
             return PeerLost(f"{said}; every rank answered the roll call afterwards")
-        names = []
-        for r in gone:
-            try:
-                names.append(f"rank {r} ({store.get(f'{_ROLL}/host/{r}').decode()})")
-            except Exception:  # noqa: BLE001 - no name recorded: the rank number alone
-                names.append(f"rank {r}")
-        return PeerLost(f"{', '.join(names)} stopped answering: {said}")
+        named = ", ".join(f"rank {r} ({names[r]})" if names[r] else f"rank {r}" for r in gone)
+        verb = "exited" if all(_exited_here(names[r]) for r in gone) else "stopped answering"
+        return PeerLost(f"{named} {verb}: {said}")
     except Exception:  # noqa: BLE001 - the store is rank 0's: it is gone or stopped too
         quiet = int(os.environ.get("LOCAL_RANK", "0")) != 0 and rank != 1  # each node's first rank, and rank 1
         return PeerLost(f"rank 0 (which hosts the rendezvous store) stopped answering: {said}", quiet=quiet)

@@ -3,6 +3,7 @@ but one child that a fault point stops."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,3 +56,21 @@ def test_which_failures_are_a_lost_peer():
     assert not is_peer_failure(RuntimeError("Tensors must be contiguous"))
     assert not is_peer_failure(ValueError("timed out"))
     assert peer_lost(RuntimeError("Tensors must be contiguous"), 8) is None  # not distributed, not a peer failure
+
+
+def test_a_silent_rank_whose_process_exited_here_is_not_waited_for():
+    from dwmtrain.distributed import _exited_here
+
+    here = socket.gethostname()
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert not _exited_here(f"{here}, pid {p.pid}")  # alive: the roll call waits its window
+        p.kill()
+        t0 = time.time()
+        while not _exited_here(f"{here}, pid {p.pid}") and time.time() - t0 < 30:  # a zombie until reaped
+            time.sleep(0.05)
+        assert _exited_here(f"{here}, pid {p.pid}")
+    finally:
+        p.wait()
+    assert _exited_here(f"{here}, pid {p.pid}")  # reaped: no such process
+    assert not _exited_here(f"another-host, pid {p.pid}") and not _exited_here("")  # elsewhere or unnamed: wait
