@@ -15,6 +15,13 @@ from collections.abc import Mapping
 LOOPBACK = "127.0.0.1"
 
 
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port on ``host`` that nothing listens on now (a launch binds it soon after)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def expand_hostlist(spec: str) -> list[str]:
     """SLURM's compressed host list: ``n[01-03,7],gpu5`` -> [n01, n02, n03, n7, gpu5]."""
     hosts, depth, cur = [], 0, ""
@@ -96,8 +103,7 @@ def rendezvous_env(env: Mapping[str, str], bcast=None) -> dict[str, str]:
     single = local_world == world
     mine = None
     if rank == "0":  # rank 0 offers its address and a port free on it
-        with socket.socket() as s:
-            s.bind(("" if not single else LOOPBACK, 0))
-            mine = (env.get("MASTER_ADDR") or (LOOPBACK if single else socket.getfqdn()), s.getsockname()[1])
+        addr = env.get("MASTER_ADDR") or (LOOPBACK if single else socket.getfqdn())
+        mine = (addr, free_port(LOOPBACK if single else ""))
     addr, port = bcast(mine)
     return {**out, "MASTER_ADDR": addr, "MASTER_PORT": env.get("MASTER_PORT") or str(port)}

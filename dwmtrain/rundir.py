@@ -167,6 +167,17 @@ class RunDir:
         found = [(int(p.stem[5:]), p) for p in self.dwm_dir.glob("stage*.safetensors") if p.stem[5:].isdigit()]
         return max(found)[1] if found else None
 
+    def complete_files(self, tags: list[str] | None = None) -> list[Path]:
+        """Every file of the complete checkpoints (``tags``: these ones, as another host's view of the run
+        directory knows them) and of every complete DWM (its sidecar is written last): what no failure may
+        change or lose."""
+        tags = self.complete_tags() if tags is None else tags
+        files = sorted(
+            f for t in tags if self.checkpoint(t).is_dir() for f in self.checkpoint(t).rglob("*") if f.is_file()
+        )
+        sides = sorted(self.dwm_dir.glob("stage*.safetensors.json"))
+        return files + [f for s in sides for f in (s, s.with_suffix("")) if f.is_file()]
+
     @property
     def meta_dir(self) -> Path:
         return self.root / "meta"

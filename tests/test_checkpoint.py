@@ -306,3 +306,22 @@ def test_a_tensor_parallel_checkpoint_is_not_resumed_at_another_world_size_or_la
     with pytest.raises(ResumeError, match=r"deepspeed.tensor_parallel_size \(how each matrix is split\): checkpoint "
                                           r"has 2, now 1"):  # fmt: skip
         check_compatible(saved, {**saved, "tensor_parallel": 1, "zero_stage": 3})
+
+
+def test_complete_files_are_complete_checkpoints_and_dwms_only(tmp_path):
+    from dwmtrain.rundir import RunDir
+
+    rd = RunDir(tmp_path)
+    for tag, done in (("step00000002", True), ("step00000004", False)):
+        (rd.checkpoint(tag) / "global_step2").mkdir(parents=True)
+        (rd.checkpoint(tag) / "global_step2" / "shard.pt").write_text("x")
+        if done:
+            rd.marker(tag).write_text("")
+    rd.dwm_dir.mkdir()
+    rd.dwm(2).write_text("w")
+    rd.dwm(2).with_name(rd.dwm(2).name + ".json").write_text("{}")
+    rd.dwm(3).write_text("w")  # its sidecar not written yet: not complete
+    names = [str(f.relative_to(tmp_path)) for f in rd.complete_files()]
+    assert names == ["checkpoints/step00000002/COMPLETE", "checkpoints/step00000002/global_step2/shard.pt",
+                     "dwm/stage2.safetensors.json", "dwm/stage2.safetensors"]  # fmt: skip
+    assert rd.complete_files(["step00000004"])[0].name == "shard.pt"  # the tags another view knows

@@ -664,20 +664,16 @@ def bench_select(a) -> list[str]:
 
 
 def bench_build(a) -> list[str]:
-    import socket
-
     import torch.multiprocessing as mp
 
     from dwmtrain.models.spec import ModelSpec
+    from dwmtrain.rendezvous import free_port
 
     full = ModelSpec.from_preset(a.preset).num_parameters() * 4 / 2**20  # fp32 MiB
     res = {}
     with tempfile.TemporaryDirectory() as out:
         for variant in ("plain", "partitioned"):
-            with socket.socket() as sk:
-                sk.bind(("127.0.0.1", 0))
-                port = sk.getsockname()[1]
-            args = (a.ranks, port, a.preset, variant, out)
+            args = (a.ranks, free_port(), a.preset, variant, out)
             mp.start_processes(_build_rank, args, nprocs=a.ranks, start_method="spawn")
             res[variant] = [json.loads(Path(out, f"{variant}{r}.json").read_text()) for r in range(a.ranks)]
     pr, pa = res["plain"], res["partitioned"]

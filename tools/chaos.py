@@ -35,7 +35,6 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -66,10 +65,7 @@ def overrides(args, data: Path) -> list[str]:
             f"meta.steps={args.meta_steps}", f"meta.launch={args.meta}", "run.threads_per_rank=1"]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dwmtrain.rendezvous import free_port  # noqa: E402
 
 
 def train_cmd(args, run_dir: Path, data: Path, port: int, hosts: Path | None) -> list[str]:
@@ -125,13 +121,11 @@ def finished(args, run_dir: Path) -> bool:
 def fingerprint(views: list[Path]) -> dict[str, str]:
     """sha256 of every file of every complete checkpoint (on every host's view of the run directory: node-local
     disks hold other ranks' shards) and of every complete DWM file (the sidecar is written last)."""
-    out = {}
-    main = views[0]
-    tags = [p.parent.name for p in (main / "checkpoints").glob("step*/COMPLETE")]
+    from dwmtrain.rundir import RunDir
+
+    out, tags = {}, RunDir(views[0]).complete_tags()
     for i, view in enumerate(views):
-        files = [f for t in tags for f in (view / "checkpoints" / t).rglob("*") if f.is_file()]
-        files += [f for s in (view / "dwm").glob("stage*.safetensors.json") for f in (s, s.with_suffix(""))]
-        for f in files:
+        for f in RunDir(view).complete_files(tags):
             out[f"{i}:{f.relative_to(view)}"] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
 

@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 from dwmtrain.models.dwm import load_dwm_state, read_dwm_meta
+from dwmtrain.rundir import RunDir
 
 from .helpers import by_step, pretrain_cmd, run, run_until_step_then_kill
 from .services import unavailable
@@ -24,14 +25,8 @@ pytestmark = pytest.mark.slow
 
 def fingerprint(run_dir) -> dict[str, str]:
     """sha256 of every file of every complete checkpoint and every complete DWM file."""
-    out = {}
-    ck = run_dir / "checkpoints"
-    tags = [p.parent for p in ck.glob("step*/COMPLETE")] if ck.is_dir() else []
-    files = [f for t in tags for f in t.rglob("*") if f.is_file()]
-    files += [f for s in (run_dir / "dwm").glob("stage*.safetensors.json") for f in (s, s.with_suffix(""))]
-    for f in files:
-        out[str(f.relative_to(run_dir))] = hashlib.sha256(f.read_bytes()).hexdigest()
-    return out
+    files = RunDir(run_dir).complete_files()
+    return {str(f.relative_to(run_dir)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
 def unchanged(before: dict[str, str], run_dir) -> list[str]:

@@ -193,7 +193,9 @@ def part_attention(a, sz) -> list[str]:
 
 def _launch(a, sz, run_dir: Path, cfg: dict, extra: list[str]) -> list[str]:
     """The ``deepspeed`` command of a pack run: the tiny config, bf16, 8 steps in 2 stages, a meta-update."""
-    port = _free_port()
+    from dwmtrain.rendezvous import free_port
+
+    port = free_port()
     data = Path(a.out) / "work" / f"data-{cfg['seq_len']}"
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(cfg["ranks"]), "--master_port",
             str(port), str(ROOT / "launchers" / "pretrain.py"), "--config", str(ROOT / "launchers" / "configs" /
@@ -201,14 +203,6 @@ def _launch(a, sz, run_dir: Path, cfg: dict, extra: list[str]) -> list[str]:
             f"data.train_data={data}", "deepspeed.precision=bf16", "stages.total_steps=8", "stages.num_stages=2",
             "run.checkpoint_every=100", f"meta.nproc={cfg['ranks']}", "meta.steps=3", "run.threads_per_rank=1",
             "deepspeed.micro_batch_size=8", f"deepspeed.global_batch_size={8 * cfg['ranks']}", *extra]  # fmt: skip
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        return sk.getsockname()[1]
 
 
 def _records(path: Path) -> dict[int, dict]:
