@@ -74,3 +74,18 @@ def test_a_silent_rank_whose_process_exited_here_is_not_waited_for():
         p.wait()
     assert _exited_here(f"{here}, pid {p.pid}")  # reaped: no such process
     assert not _exited_here(f"another-host, pid {p.pid}") and not _exited_here("")  # elsewhere or unnamed: wait
+
+
+def test_a_time_limit_signal_during_the_start_is_remembered_not_fatal():
+    code = ("import os, signal\nfrom dwmtrain.train.stop import StopRequest, catch_stop_signal\n"
+            "if os.environ['EARLY'] == '1':\n    catch_stop_signal()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "print('requested', StopRequest().requested, flush=True)\n")  # fmt: skip
+
+    def run(early: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, EARLY=early, PYTHONPATH=str(REPO))
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+
+    caught, bare = run("1"), run("0")
+    assert caught.returncode == 0 and caught.stdout.strip() == "requested True", caught.stderr
+    assert bare.returncode == -signal.SIGUSR1  # without it, SIGUSR1's default action ends the process

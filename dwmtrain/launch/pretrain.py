@@ -18,6 +18,7 @@ import warnings
 from dwmtrain.config import build_deepspeed_config, load_config
 from dwmtrain.errors import EXIT_ERROR, EXIT_OK, ConfigError
 from dwmtrain.preflight import check_inputs
+from dwmtrain.train.stop import catch_stop_signal
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +78,7 @@ def _device_kind() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    catch_stop_signal()  # a SIGUSR1 while torch and DeepSpeed load: remembered, the first step stops the run
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     a = parse_args(argv)
     try:

@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import signal
 
-import torch
-
-from dwmtrain.distributed import all_reduce_
 from dwmtrain.errors import EXIT_STOPPED, PlannedStop
+
+_EARLY: list[int] = []  # stop signals that arrived before the run's StopRequest existed
+
+
+def catch_stop_signal(signum: int = signal.SIGUSR1) -> None:
+    """From a rank's first line (before torch and DeepSpeed load): remember a stop signal instead of dying of it
+    (SIGUSR1's default action), so a time-limit warning that comes during the start still ends in a checkpoint."""
+    signal.signal(signum, lambda s, _frame: _EARLY.append(s))
 
 
 class StoppedForTimeLimit(PlannedStop):
@@ -21,16 +26,20 @@ class StoppedForTimeLimit(PlannedStop):
 class StopRequest:
     """Remembers a SIGUSR1; ``agree()`` tells every rank, at the same step, whether any rank got one."""
 
-    def __init__(self, device: torch.device | str = "cpu", signum: int = signal.SIGUSR1):
-        self.requested, self.device = False, torch.device(device)
+    def __init__(self, device="cpu", signum: int = signal.SIGUSR1):
+        self.requested, self.device = signum in _EARLY, device  # a signal during the start counts
         signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
 
-    def agree(self, nonfinite: torch.Tensor | None = None) -> tuple[bool, bool]:
-        """Collective, once per step: (any rank was signalled, any rank's ``nonfinite`` flag is set). Ranks get a
-        signal at different times; the flag lives on the device, so it costs no host sync of its own."""
+    def agree(self, nonfinite=None) -> tuple[bool, bool]:
+        """Collective, once per step: (any rank was signalled, any rank's ``nonfinite`` flag, a tensor, is set).
+        Ranks get a signal at different times; the flag lives on the device, so it costs no host sync of its own."""
+        import torch
+
+        from dwmtrain.distributed import all_reduce_
+
         flags = torch.zeros(2, device=self.device)
         flags[0] = float(self.requested)
         if nonfinite is not None:
