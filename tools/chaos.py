@@ -6,6 +6,7 @@ must equal an uninterrupted one and nothing complete may have been changed or lo
     python tools/chaos.py --seed 0 --faults 6                        # local ranks, local meta job
     python tools/chaos.py --seed 1 --faults 30 --meta external        # the meta job run by "the user" (this tool)
     python tools/chaos.py --seed 2 --faults 30 --hosts two-ssh-hosts  # deepspeed --hostfile, node-local disks
+    python tools/chaos.py --seed 3 --faults 30 --slurm                # sbatch pretrain.sbatch on two slurmd nodes
 
 A fault is a moment and an action. The moment is a named fault point (``dwmtrain/faults.py``, ``action=stop``: the
 process SIGSTOPs itself there and this tool, watching the processes' states, acts on it) at a random step and rank:
@@ -67,16 +68,38 @@ def overrides(args, data: Path) -> list[str]:
 
 from dwmtrain.rendezvous import free_port  # noqa: E402
 
+SLURM_WAIT = """j=$(sbatch --parsable "$@") || exit 2
+echo "[chaos] submitted job $j"
+while :; do
+  s=$(scontrol show job "$j" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
+  case "$s" in COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|BOOT_FAIL|DEADLINE|"") break ;; esac
+  sleep 1
+done
+rc=$(scontrol show job "$j" 2>/dev/null | grep -o ' ExitCode=[0-9]*' | cut -d= -f2)
+echo "[chaos] job $j ended: ${s:-gone}, exit ${rc:-?}"
+exit "${rc:-1}"
+"""  # submit, then wait for the job's end (a requeue on SIGUSR1 keeps it going), with its exit code
 
-def train_cmd(args, run_dir: Path, data: Path, port: int, hosts: Path | None) -> list[str]:
+
+def train_cmd(args, run_dir: Path, data: Path, port: int, hosts: Path | None, log: Path | None = None) -> list[str]:
+    if args.slurm:  # the documented batch script; its output appended to the launch's log
+        batch = ROOT / "launchers" / "slurm" / "pretrain.sbatch"
+        return ["bash", "-c", SLURM_WAIT, "sbatch", f"--job-name={slurm_name(run_dir)}", "--nodes=2",
+                "--ntasks-per-node=1", f"--output={log}.job", str(batch), str(TINY), str(run_dir),
+                *overrides(args, data)]  # fmt: skip
     where = ["--hostfile", str(hosts), "--master_addr", "dwmhost1"] if hosts else ["--num_gpus", "2"]
     return [DEEPSPEED, *where, "--master_port", str(port), str(ROOT / "launchers" / "pretrain.py"), "--config",
             str(TINY), "--run-dir", str(run_dir), *overrides(args, data)]  # fmt: skip
 
 
+def slurm_name(run_dir: Path) -> str:
+    """One job name per run directory: ``scancel --name`` ends its jobs."""
+    return "chaos-" + hashlib.sha256(str(run_dir).encode()).hexdigest()[:8]
+
+
 def base_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DWMTRAIN_FAULT")}
-    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
+    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "DWMTRAIN_PYTHON": sys.executable, **extra}
 
 
 def prepare(work: Path) -> Path:
@@ -157,7 +180,10 @@ def run_processes(run_dir: Path) -> list[dict]:
             kind = "meta"  # a meta-update job's worker
         elif any(a.endswith(b"pretrain.py") for a in argv) and any(a.startswith(b"--local_rank") for a in argv):
             kind = "rank"
-        rank = int(env[b"RANK"]) if kind != "launcher" and env.get(b"RANK", b"").isdigit() else None
+        elif b"dwmtrain.launch.pretrain" in argv and b"SLURM_PROCID" in env and b"SLURM_STEP_ID" in env:
+            kind = "rank"  # an srun task (its rank is SLURM_PROCID)
+        rank = env.get(b"RANK", env.get(b"SLURM_PROCID", b"")) if kind != "launcher" else b""
+        rank = int(rank) if rank.isdigit() else None
         out.append({"pid": pid, "kind": kind, "rank": rank, "state": state})
     return out
 
@@ -169,8 +195,9 @@ def signal_pid(pid: int, sig: int) -> None:
         pass
 
 
-def shm_buffers(port: int) -> list[Path]:
-    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+def shm_buffers(port: int | None) -> list[Path]:
+    """DeepSpeed's shared-memory buffers of the launch on ``port`` (None: any; srun's port is SLURM's choice)."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port or '*'}_*"))
 
 
 # ---- planning -----------------------------------------------------------------------------------------------------
@@ -266,6 +293,10 @@ class Launch:
                 self.fired.append(f)
                 resume_at = self.act(f, target, now)
                 f = None
+            if f is None and resume_at is None and self.args.slurm:  # a requeued job (usr1) meets a fired fault's
+                for q in run_processes(self.run_dir):  # point again (its processes are new): it goes on
+                    if q["state"] == "T" and q["pid"] != (target or {}).get("pid") and q["kind"] in ("rank", "meta"):
+                        signal_pid(q["pid"], signal.SIGCONT)
             if resume_at is not None and now >= resume_at:  # a stall's end (or a usr1's pause)
                 signal_pid(target["pid"], signal.SIGCONT)
                 resume_at, self.armed = None, now
@@ -308,6 +339,8 @@ class Launch:
         return None  # hang: stopped until the job has ended (the launcher kills it)
 
     def kill_all(self, p: subprocess.Popen) -> None:
+        if self.args.slurm:
+            subprocess.run(["scancel", f"--name={slurm_name(self.run_dir)}"], check=False, timeout=60)
         for q in run_processes(self.run_dir):
             signal_pid(q["pid"], signal.SIGKILL)
         try:
@@ -318,12 +351,18 @@ class Launch:
 
     def result(self, p: subprocess.Popen, problem: str) -> dict:
         self.out.close()
+        job_log = Path(f"{self.log}.job")  # --slurm: the job's own output
+        if job_log.is_file():
+            with open(self.log, "a") as f:
+                f.write(job_log.read_text(errors="replace"))
+            job_log.unlink()
         text = self.log.read_text(errors="replace")
         r = {"rc": p.returncode, "seconds": round(time.time() - self.t0, 1), "faults": self.fired,
              "unfired": getattr(self, "unfired", None), "problems": [problem] if problem else []}  # fmt: skip
         for f in (f for f in self.fired if f["action"] == "hang"):
             ended = r["seconds"] - f["fired_s"]
-            bound = self.args.dist_timeout + 20 + 30 + 30  # collective timeout + roll call + launcher's SIGTERM wait
+            wait = 60 if self.args.slurm else 30  # srun --wait=60, or DeepSpeed's launcher's SIGTERM wait
+            bound = self.args.dist_timeout + 20 + wait + 30  # collective timeout + roll call + that wait + slack
             if f"rank {f['target'].split()[1]} (" not in text or "stopped answering" not in text:
                 r["problems"].append(f"hang of {f['target']}: no message naming it")
             if ended > bound:
@@ -389,6 +428,9 @@ def soak(args) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(Path(f"{run_dir}.host2"), ignore_errors=True)
     hosts = setup_hosts(args, run_dir) if args.hosts else None
+    if args.slurm:
+        subprocess.run(["bash", str(ROOT / ".ci" / "services" / "slurm.sh")], check=True, capture_output=True,
+                       timeout=300)  # fmt: skip
     views = [run_dir] + ([Path(f"{run_dir}.host2")] if hosts else [])
     logs = args.work / "launches"
     shutil.rmtree(logs, ignore_errors=True)
@@ -410,7 +452,7 @@ def soak(args) -> dict:
 
         port, ck = free_port(), complete_step(run_dir)
         recomputed += max(0, reached - ck)  # steps the last launch took past the checkpoint this one resumes from
-        cmd = meta_cmd or train_cmd(args, run_dir, data, port, hosts)
+        cmd = meta_cmd or train_cmd(args, run_dir, data, port, hosts, logs / f"{n:03d}.log")
         meta_runs += meta_cmd is not None
         launch = Launch(args, run_dir, cmd, fault, more, rng, logs / f"{n:03d}.log")
         r = launch.run()
@@ -419,7 +461,7 @@ def soak(args) -> dict:
         left = wait_gone(run_dir)
         if left:
             r["problems"].append(f"processes left after the launch ended: {[(q['kind'], q['pid']) for q in left]}")
-        if shm := shm_buffers(port):
+        if shm := shm_buffers(None if args.slurm else port):
             r["problems"].append(f"/dev/shm buffers left: {[s.name for s in shm]}")
             for s in shm:
                 s.unlink(missing_ok=True)
@@ -460,7 +502,8 @@ def summarize(args, ref: Path, run_dir: Path, records: list[dict], problems: lis
     meta_jobs = meta_runs if args.meta == "external" else sum(f.read_text(errors="replace").count("\n$ ")
                                                               for f in meta_logs)  # fmt: skip
     out = {
-        "seed": args.seed, "hosts": args.hosts or "one", "meta": args.meta, "faults": len(fired),
+        "seed": args.seed, "hosts": args.hosts or ("two-slurm-nodes" if args.slurm else "one"),
+        "meta": args.meta, "faults": len(fired),
         "by_kind": dict(Counter(f"{f['phase']}:{f['action']}" for f in fired)),
         "did_not_fire": sum(1 for r in records if r["unfired"]), "launches": len(records),
         "steps": args.steps, "steps_recomputed": recomputed, "meta_jobs": meta_jobs,
@@ -491,6 +534,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="deepspeed --hostfile over the loopback ssh hosts (.ci/services/sshd.sh), node-local disks",
     )
+    slurm = "each launch: launchers/slurm/pretrain.sbatch on two slurmd nodes (.ci/services/slurm.sh)"
+    ap.add_argument("--slurm", action="store_true", help=slurm)
     ap.add_argument("--meta", choices=["local", "external"], default="local", help="meta.launch")
     ap.add_argument("--steps", type=int, default=24, help="the run's steps (3 stages)")
     ap.add_argument("--checkpoint-every", type=int, default=2)
@@ -498,6 +543,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dist-timeout", type=int, default=15, help="run.dist_timeout_s")
     ap.add_argument("--plan", default="", help="the first faults, PHASE:ACTION,... (the rest drawn at random)")
     args = ap.parse_args(argv)
+    if args.slurm and (args.hosts or args.meta == "external"):  # the stage pipeline's meta jobs: test_slurm.py
+        ap.error("--slurm runs one launch path: not with --hosts, and with meta.launch=local")
     if args.steps % 3 or args.steps < 6:
         ap.error("--steps: a multiple of 3, at least 6")
     args.work = args.work.resolve()
