@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from dwmtrain.errors import EXIT_ERROR, DWMTrainError, PlannedStop
 from dwmtrain.faults import fault_point
-from dwmtrain.procs import usable_cpus
+from dwmtrain.procs import alive, usable_cpus
 
 
 @dataclass(frozen=True)
@@ -144,10 +144,7 @@ def _exited_here(name: str) -> bool:
     host, _, pid = name.partition(", pid ")
     if host != socket.gethostname() or not pid.isdigit() or not os.path.isdir("/proc"):
         return False
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True  # no such process
+    return not alive(int(pid))  # gone, or a zombie
 
 
 def is_peer_failure(e: BaseException) -> bool:
@@ -182,7 +179,8 @@ def peer_lost(e: BaseException, timeout_s: float, window_s: float | None = None)
         while True:
             here = [r for r in range(world) if store.check([f"{_ROLL}/here/{r}"])]
             gone = [r for r in range(world) if r not in here]
-            if not gone or time.monotonic() > deadline or all(_exited_here(names[r]) for r in gone):
+            exited = all(_exited_here(names[r]) for r in gone)
+            if not gone or time.monotonic() > deadline or exited:
                 break  # everyone answered, the window closed, or every silent rank is a process here that is gone
             time.sleep(0.25)
         if rank != min(here):
@@ -190,7 +188,7 @@ def peer_lost(e: BaseException, timeout_s: float, window_s: float | None = None)
         if not gone:
             return PeerLost(f"{said}; every rank answered the roll call afterwards")
         named = ", ".join(f"rank {r} ({names[r]})" if names[r] else f"rank {r}" for r in gone)
-        verb = "exited" if all(_exited_here(names[r]) for r in gone) else "stopped answering"
+        verb = "exited" if exited else "stopped answering"
         return PeerLost(f"{named} {verb}: {said}")
     except Exception:  # noqa: BLE001 - the store is rank 0's: it is gone or stopped too
         quiet = int(os.environ.get("LOCAL_RANK", "0")) != 0 and rank != 1  # each node's first rank, and rank 1

@@ -94,6 +94,15 @@ def process_started_at() -> float:
         return time.time()
 
 
+def alive(pid: int) -> bool:
+    """``pid`` exists and has not exited (a zombie no one reaps has exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def usable_cpus(env=None) -> int:
     """The CPUs this process may use, as the scheduler gave them: its affinity (cgroups, taskset, srun's binding),
     capped by SLURM's allocation when it says (``SLURM_CPUS_PER_TASK`` for a task, else ``SLURM_CPUS_ON_NODE``);

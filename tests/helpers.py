@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dwmtrain.procs import alive  # noqa: F401 - the tests' liveness check, the package's
 from dwmtrain.rendezvous import free_port  # noqa: F401 - the tests' free port, the package's
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,15 +28,6 @@ def wait_until(pred: Callable[[], object], timeout_s: float, interval_s: float =
 def _stat(pid: int) -> list[str]:
     """The fields of /proc/PID/stat after the command name (state, ppid, ...)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def alive(pid: int) -> bool:
-    """``pid`` exists and has not exited (a zombie no one reaps has exited)."""
-    try:
-        state = _stat(pid)[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def ppid(pid: int) -> int:
