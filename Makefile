@@ -4,6 +4,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# two pytest workers (pytest-xdist): a launch leaves a core idle while it imports, waits or polls; the SLURM tests
+# share one worker (xdist_group "slurm": one job at a time on the two-node cluster). WORKERS=0 runs in one process.
+WORKERS ?= 2
+XDIST   := -n $(WORKERS) --dist loadgroup
 
 .PHONY: install test test-fast check demo clean
 
@@ -19,11 +23,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 # The unit and spawned-rank tests, without the real launches (everything under tests/integration is `slow`).
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check .

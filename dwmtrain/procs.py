@@ -94,13 +94,19 @@ def process_started_at() -> float:
         return time.time()
 
 
+def stat_fields(pid: int | str) -> list[str] | None:
+    """``/proc/PID/stat`` after the command name (which may hold spaces and parentheses): the state first, then
+    the parent's pid, ...; None when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def alive(pid: int) -> bool:
     """``pid`` exists and has not exited (a zombie no one reaps has exited)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    fields = stat_fields(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
 
 
 def usable_cpus(env=None) -> int:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dwmtrain.procs import alive  # noqa: F401 - the tests' liveness check, the package's
+from dwmtrain.procs import alive, stat_fields  # noqa: F401 - alive: the tests' liveness check, the package's
 from dwmtrain.rendezvous import free_port  # noqa: F401 - the tests' free port, the package's
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,12 +38,9 @@ def ppid(pid: int) -> int:
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (from /proc), parents before children."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while we looked
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for proc in Path("/proc").glob("[0-9]*"):
+        if fields := stat_fields(proc.name):  # None: the process ended while we looked
+            children.setdefault(int(fields[1]), []).append(int(proc.name))
     out, todo = [], [pid]
     while todo:
         out.append(todo.pop(0))

@@ -60,11 +60,14 @@ def test_which_failures_are_a_lost_peer():
 
 def test_a_silent_rank_whose_process_exited_here_is_not_waited_for():
     from dwmtrain.distributed import _exited_here
+    from dwmtrain.procs import stat_fields
 
     here = socket.gethostname()
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         assert not _exited_here(f"{here}, pid {p.pid}")  # alive: the roll call waits its window
+        fields = stat_fields(p.pid)  # /proc/PID/stat after the name: the state, then the parent
+        assert fields[0] in "RSD" and fields[1] == str(os.getpid())
         p.kill()
         t0 = time.time()
         while not _exited_here(f"{here}, pid {p.pid}") and time.time() - t0 < 30:  # a zombie until reaped

@@ -66,6 +66,7 @@ def overrides(args, data: Path) -> list[str]:
             f"meta.steps={args.meta_steps}", f"meta.launch={args.meta}", "run.threads_per_rank=1"]  # fmt: skip
 
 
+from dwmtrain.procs import stat_fields  # noqa: E402
 from dwmtrain.rendezvous import free_port  # noqa: E402
 
 SLURM_WAIT = """j=$(sbatch --parsable "$@") || exit 2
@@ -168,13 +169,13 @@ def run_processes(run_dir: Path) -> list[dict]:
             pid = int(c.parent.name)
             if pid == os.getpid():
                 continue
-            stat = (c.parent / "stat").read_text()
             env = dict(kv.split(b"=", 1) for kv in (c.parent / "environ").read_bytes().split(b"\0") if b"=" in kv)
         except (OSError, ValueError):
             continue
-        state = stat.rsplit(")", 1)[1].split()[0]
-        if state == "Z":
+        fields = stat_fields(pid)
+        if not fields or fields[0] in ("Z", "X"):  # gone, or exited and not yet reaped
             continue
+        state = fields[0]
         argv, kind = cl.split(b"\0"), "launcher"  # deepspeed's runner and launch, pdsh, ssh, torchrun, srun
         if b"dwmtrain.meta.job" in cl and b"torch.distributed.run" not in cl and b"RANK" in env:
             kind = "meta"  # a meta-update job's worker
@@ -240,7 +241,7 @@ def plan_fault(rng: random.Random, args, run_dir: Path, forced: tuple[str, str] 
     elif phase == "dwm-write":
         f.update(point=POINTS[phase], rank=0, stage=due[0] if due else 2)
     else:
-        f.update(delay_s=round(rng.uniform(1.0, 25.0), 1))
+        f.update(delay_s=round(rng.uniform(1.0, max(5.0, 0.8 * args.launch_s)), 1))  # within a launch's length
     return f
 
 
@@ -387,16 +388,20 @@ def wait_gone(run_dir: Path, limit_s: float = 60.0) -> list[dict]:
 
 
 def reference(args, data: Path) -> Path:
-    ref = args.work / "ref"
+    """The uninterrupted run (kept in WORK/ref for the next soak of the same size); sets ``args.launch_s``, its
+    wall time, the scale of an ``anytime`` fault's delay."""
+    ref, took = args.work / "ref", args.work / "ref.seconds"
     if not finished(args, ref):
         shutil.rmtree(ref, ignore_errors=True)
         a = argparse.Namespace(**{**vars(args), "meta": "local"})
         ref.mkdir(parents=True)
-        cmd = train_cmd(a, ref, data, free_port(), None)
+        cmd, t0 = train_cmd(a, ref, data, free_port(), None), time.time()
         with open(ref.parent / "ref.log", "w") as out:
             p = subprocess.run(cmd, cwd=ROOT, env=base_env(), stdout=out, stderr=subprocess.STDOUT, timeout=900)
         if p.returncode != 0 or not finished(args, ref):
             sys.exit(f"chaos: the reference run failed (exit {p.returncode}); see {ref.parent / 'ref.log'}")
+        took.write_text(f"{time.time() - t0:.1f}\n")
+    args.launch_s = float(took.read_text()) if took.is_file() else 30.0
     return ref
 
 
@@ -436,14 +441,15 @@ def soak(args) -> dict:
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir()
     plan, t_start, records, problems, seen = parse_plan(args.plan), time.time(), [], [], {}
-    meta_cmd, meta_runs, reached, recomputed = None, 0, 0, 0
+    meta_cmd, meta_runs, reached, recomputed, carry = None, 0, 0, 0, None
     fired = lambda: sum(len(r["faults"]) for r in records)  # noqa: E731
     for n in range(args.faults + 40):  # every fault, then reruns until the run is finished (bounded)
         if finished(args, run_dir) and meta_cmd is None:
             break
         fault = None
-        if fired() < args.faults:
-            fault = plan_fault(rng, args, run_dir, plan.pop(0) if plan else None, meta_cmd is not None)
+        if fired() < args.faults:  # a fault the last launch ended before is this launch's (not lost from the plan)
+            forced = (carry["phase"], carry["action"]) if carry else plan.pop(0) if plan else None
+            fault = plan_fault(rng, args, run_dir, forced, meta_cmd is not None)
 
         def more(in_launch: int):  # after a stall, while the soak needs faults: a random moment of this launch
             if fired() + in_launch >= args.faults:
@@ -476,6 +482,7 @@ def soak(args) -> dict:
             meta_cmd = shlex.split(text.split("rerun this command:\n", 1)[1].splitlines()[0])
         elif r["rc"] not in (0, 4) and not r["faults"]:
             r["problems"].append(f"exit {r['rc']} with no fault fired (see {logs / f'{n:03d}.log'})")
+        carry = r["unfired"]
         records.append(r)
         problems += [f"launch {n}: {p}" for p in r["problems"]]
         say = f"launch {n:3d}: exit {r['rc']} in {r['seconds']:6.1f} s" + ("  (meta job)" if r["meta_job"] else "")

@@ -15,7 +15,7 @@ import pytest
 from .helpers import REPO, by_step, pretrain_cmd, run, short_run
 from .services import start
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one job at a time on the two-node cluster
 SLURM = REPO / "launchers" / "slurm"
 
 
