@@ -74,3 +74,32 @@ def test_step_statistics_reduce_over_ranks():
     assert r0["loss_unweighted"] == pytest.approx(sum(lo.mean().item() for lo, _ in mbs) / 4)
     assert r0["w_ess"] == pytest.approx(sum(weight_stats(w)["ess"] for _, w in mbs) / 4)
     assert (r0["w_min"], r0["w_max"]) == pytest.approx((0.2, 1.8))  # both from rank 1
+
+
+def _rank0_stops(d):
+    import os
+    import signal
+    import time
+
+    from dwmtrain.distributed import all_gather_object, peer_lost
+    from dwmtrain.procs import stat_fields
+
+    pids = all_gather_object(os.getpid())
+    if d.rank == 0:  # the store's host goes silent (rank 1 continues it after its roll call)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return None
+    while (stat_fields(pids[0]) or ["T"])[0] != "T":
+        time.sleep(0.05)
+    try:
+        lost = peer_lost(TimeoutError("Timed out waiting 3000ms for recv operation to complete"), timeout_s=3)
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    return str(lost), lost.quiet
+
+
+def test_a_stopped_rank_0_is_named_by_rank_1_not_waited_for():
+    """Rank 0 hosts the rendezvous store: when it is stopped, rank 1's roll call cannot read the ranks' names from
+    it. The old roll call then waited there for good (the chaos soak's hang of rank 0 ran into its 420 s launch
+    limit); now it names rank 0 within the store's timeout (the spawn helper's timeout fails the test if not)."""
+    _, (said, quiet) = run_distributed(_rank0_stops, timeout=90)
+    assert "rank 0 (which hosts the rendezvous store) stopped answering" in said and not quiet, said

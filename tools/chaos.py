@@ -210,16 +210,21 @@ def boundaries(args) -> list[int]:
 
 
 def plan_fault(rng: random.Random, args, run_dir: Path, forced: tuple[str, str] | None, meta_next: bool) -> dict:
-    """A fault this launch can meet: its phase, action and the point's conditions, drawn from what lies ahead of
-    the newest complete checkpoint (a meta job must still be due for ``meta``/``dwm-write``)."""
+    """A fault this launch can meet: its phase, action and the point's conditions, drawn from what lies within
+    ``--window`` steps past the newest complete checkpoint (a meta job due there for ``meta``/``dwm-write``, a
+    boundary or a resume in stage 2+ for ``broadcast``): a fault far ahead would let the run finish in few faults."""
     ck, dwm = complete_step(run_dir), dwm_shas(run_dir)
     due = [s for s in (2, 3) if s not in dwm]
-    saves = [s for s in range(ck + 1, args.steps + 1) if s % args.checkpoint_every == 0 or s in boundaries(args)]
+    near = min(args.steps, ck + args.window)  # moments close ahead, so the run outlasts the faults asked for
+    saves = [s for s in range(ck + 1, near + 1) if s % args.checkpoint_every == 0 or s in boundaries(args)]
+    bound_near = any(ck < b <= near for b in boundaries(args))  # a broadcast close ahead
+    meta_near = bool(due) and ck <= boundaries(args)[due[0] - 2] <= near  # the next meta job too (at a resume)
     if meta_next:  # meta.launch=external: this launch is the meta job
         phases = ["meta", "dwm-write", "anytime"]
-    else:
-        phases = ["step", "broadcast", "anytime"] + ["save", "marker"] * bool(saves) + ["resume"] * (ck > 0)
-        phases += ["meta", "dwm-write"] * (bool(due) and args.meta == "local")
+    else:  # a resume in stage 2 or 3 broadcasts its DWM too
+        phases = ["step", "anytime"] + ["save", "marker"] * bool(saves) + ["resume"] * (ck > 0)
+        phases += ["broadcast"] * (bound_near or ck >= boundaries(args)[0])
+        phases += ["meta", "dwm-write"] * (meta_near and args.meta == "local")
     phase, action = forced or (rng.choice(phases), None)
     if action is None:  # hang: only a trainer rank (a meta job's worker that hangs is its own timeout's business)
         can_hang = phase in ("step", "save", "resume", "broadcast", "anytime")
@@ -227,7 +232,7 @@ def plan_fault(rng: random.Random, args, run_dir: Path, forced: tuple[str, str] 
     rank = rng.randrange(2)
     f = {"phase": phase, "action": action}
     if phase == "step":
-        f.update(point="step", rank=rank, step=rng.randint(ck + 1, args.steps))
+        f.update(point="step", rank=rank, step=rng.randint(ck + 1, near))
     elif phase == "save":
         f.update(point=POINTS[phase], rank=rank, step=rng.choice(saves))
     elif phase == "marker":
@@ -241,7 +246,8 @@ def plan_fault(rng: random.Random, args, run_dir: Path, forced: tuple[str, str] 
     elif phase == "dwm-write":
         f.update(point=POINTS[phase], rank=0, stage=due[0] if due else 2)
     else:
-        f.update(delay_s=round(rng.uniform(1.0, max(5.0, 0.8 * args.launch_s)), 1))  # within a launch's length
+        left = (args.steps - ck) / args.steps  # within what is left of a launch's length, and soon
+        f.update(delay_s=round(rng.uniform(1.0, min(15.0, max(5.0, 0.8 * args.launch_s * left))), 1))
     return f
 
 
@@ -510,15 +516,15 @@ def summarize(args, ref: Path, run_dir: Path, records: list[dict], problems: lis
                                                               for f in meta_logs)  # fmt: skip
     out = {
         "seed": args.seed, "hosts": args.hosts or ("two-slurm-nodes" if args.slurm else "one"),
-        "meta": args.meta, "faults": len(fired),
+        "meta": args.meta, "faults_asked": args.faults, "faults": len(fired),
         "by_kind": dict(Counter(f"{f['phase']}:{f['action']}" for f in fired)),
         "did_not_fire": sum(1 for r in records if r["unfired"]), "launches": len(records),
         "steps": args.steps, "steps_recomputed": recomputed, "meta_jobs": meta_jobs,
         "meta_jobs_reference": 2, "wall_s": round(seconds, 1), "survived": not problems, "problems": problems,
     }  # fmt: skip
     (args.work / "chaos.json").write_text(json.dumps({**out, "launches_detail": records}, indent=1, default=str))
-    print(f"\nchaos seed {args.seed} ({out['hosts']} host(s), meta job {args.meta}): {out['faults']} faults fired in "
-          f"{out['launches']} launches, {out['wall_s']:.0f} s")  # fmt: skip
+    print(f"\nchaos seed {args.seed} ({out['hosts']} host(s), meta job {args.meta}): {out['faults']} faults fired "
+          f"(of {args.faults} asked) in {out['launches']} launches, {out['wall_s']:.0f} s")  # fmt: skip
     for k, v in sorted(out["by_kind"].items()):
         print(f"  {k:22s} {v}")
     print(
@@ -546,6 +552,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--meta", choices=["local", "external"], default="local", help="meta.launch")
     ap.add_argument("--steps", type=int, default=24, help="the run's steps (3 stages)")
     ap.add_argument("--checkpoint-every", type=int, default=2)
+    ap.add_argument("--window", type=int, default=6, help="a step or save fault lies at most this far past the "
+                    "newest complete checkpoint (a longer run with a short window takes more faults)")  # fmt: skip
     ap.add_argument("--meta-steps", type=int, default=3)
     ap.add_argument("--dist-timeout", type=int, default=15, help="run.dist_timeout_s")
     ap.add_argument("--plan", default="", help="the first faults, PHASE:ACTION,... (the rest drawn at random)")
