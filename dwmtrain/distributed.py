@@ -71,9 +71,12 @@ def init_distributed(timeout_s: int) -> Dist:
         try:
             deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, TimeoutError, OSError) as e:  # DistStoreError / connection errors of the rendezvous
+            me = os.environ.get("RANK")
+            who = ("a rank did not arrive (not started, or stopped answering)" if me == "0" else
+                   "rank 0 (which hosts the rendezvous store) is not up there or stopped answering")  # fmt: skip
             raise RendezvousError(
-                f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} could not join the process group "
-                f"at {where} within run.dist_timeout_s={timeout_s}: {type(e).__name__}: {str(e).splitlines()[0]}"
+                f"rank {me} of {os.environ.get('WORLD_SIZE')} could not join the process group at {where} within "
+                f"run.dist_timeout_s={timeout_s}: {type(e).__name__}: {str(e).splitlines()[0]}; {who}"
             ) from None
     rank, world = dist.get_rank(), dist.get_world_size()
     _store_set(f"{_ROLL}/host/{rank}", f"{socket.gethostname()}, pid {os.getpid()}")  # named if it stops answering

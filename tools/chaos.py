@@ -209,7 +209,8 @@ def boundaries(args) -> list[int]:
     return [n, 2 * n]
 
 
-def plan_fault(rng: random.Random, args, run_dir: Path, forced: tuple[str, str] | None, meta_next: bool) -> dict:
+def plan_fault(rng: random.Random, args, run_dir: Path, forced: tuple[str, str] | None, meta_next: bool,
+               soon: bool = False) -> dict:  # fmt: skip
     """A fault this launch can meet: its phase, action and the point's conditions, drawn from what lies within
     ``--window`` steps past the newest complete checkpoint (a meta job due there for ``meta``/``dwm-write``, a
     boundary or a resume in stage 2+ for ``broadcast``): a fault far ahead would let the run finish in few faults."""
@@ -246,8 +247,9 @@ def plan_fault(rng: random.Random, args, run_dir: Path, forced: tuple[str, str] 
     elif phase == "dwm-write":
         f.update(point=POINTS[phase], rank=0, stage=due[0] if due else 2)
     else:
-        left = (args.steps - ck) / args.steps  # within what is left of a launch's length, and soon
-        f.update(delay_s=round(rng.uniform(1.0, min(15.0, max(5.0, 0.8 * args.launch_s * left))), 1))
+        left = (args.steps - ck) / args.steps  # within what is left of a launch's length, and soon: its start-up
+        most = 4.0 if soon else min(10.0, max(5.0, 0.8 * args.launch_s * left))  # or its first steps
+        f.update(delay_s=round(rng.uniform(0.5 if soon else 1.0, most), 1))
     return f
 
 
@@ -460,7 +462,8 @@ def soak(args) -> dict:
         def more(in_launch: int):  # after a stall, while the soak needs faults: a random moment of this launch
             if fired() + in_launch >= args.faults:
                 return None
-            return plan_fault(rng, args, run_dir, ("anytime", plan.pop(0)[1]) if plan else ("anytime", None), False)
+            forced = ("anytime", plan.pop(0)[1]) if plan else ("anytime", None)
+            return plan_fault(rng, args, run_dir, forced, False, soon=True)  # within seconds of the stall's end
 
         port, ck = free_port(), complete_step(run_dir)
         recomputed += max(0, reached - ck)  # steps the last launch took past the checkpoint this one resumes from
