@@ -54,6 +54,7 @@ POINTS = {"step": "step", "save": "checkpoint-shards-written", "marker": "checkp
 PHASES = [*POINTS, "anytime"]
 ACTIONS = ["kill", "stall", "hang", "usr1"]
 LAUNCH_LIMIT_S = 420  # one launch (or one external meta job), faults and all
+NODE_WAIT_S = 30  # over ssh hosts: how long a job may go on after its surviving ranks' line (frozen_node_waits)
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def plan_fault(rng: random.Random, args, run_dir: Path, forced: tuple[str, str] 
     else:  # a resume in stage 2 or 3 broadcasts its DWM too
         phases = ["step", "anytime"] + ["save", "marker"] * bool(saves) + ["resume"] * (ck > 0)
         phases += ["broadcast"] * (bound_near or ck >= boundaries(args)[0])
-        phases += ["meta", "dwm-write"] * (meta_near and args.meta == "local")
+        phases += ["meta", "dwm-write"] * 3 * (meta_near and args.meta == "local")  # a boundary is rare: weighed up
     phase, action = forced or (rng.choice(phases), None)
     if action is None:  # hang: only a trainer rank (a meta job's worker that hangs is its own timeout's business)
         can_hang = phase in ("step", "save", "resume", "broadcast", "anytime")
@@ -274,6 +275,7 @@ class Launch:
     def __init__(self, args, run_dir: Path, cmd: list[str], fault: dict | None, more, rng: random.Random, log: Path):
         self.args, self.run_dir, self.cmd, self.rng, self.log = args, run_dir, cmd, rng, log
         self.fault, self.more, self.fired = fault, more, []
+        self.next_look, self.said_at, self.ended_by_tool = 0.0, None, None
 
     def start(self) -> subprocess.Popen:
         env = base_env()
@@ -306,6 +308,9 @@ class Launch:
                 for q in run_processes(self.run_dir):  # point again (its processes are new): it goes on
                     if q["state"] == "T" and q["pid"] != (target or {}).get("pid") and q["kind"] in ("rank", "meta"):
                         signal_pid(q["pid"], signal.SIGCONT)
+            if self.frozen_node_waits(now):
+                self.kill_all(p)
+                return self.result(p, "")
             if resume_at is not None and now >= resume_at:  # a stall's end (or a usr1's pause)
                 signal_pid(target["pid"], signal.SIGCONT)
                 resume_at, self.armed = None, now
@@ -317,6 +322,21 @@ class Launch:
         if f is not None:
             self.unfired = f
         return self.result(p, "")
+
+    def frozen_node_waits(self, now: float) -> bool:
+        """Over ssh hosts, after a hang: whether the surviving ranks said their line more than ``NODE_WAIT_S`` ago
+        while the job goes on. pdsh waits for every node's launcher, and the hung rank's node waits on its frozen
+        rank, so such a job ends only when someone ends it (on a cluster, the scheduler): this tool does, as a
+        user would, and records it (``ended_by_tool``)."""
+        if not self.args.hosts or not any(f["action"] == "hang" for f in self.fired) or now < self.next_look:
+            return False
+        self.next_look = now + 1.0
+        said = any(m in self.log.read_text(errors="replace") for m in ("error (PeerLost)", "error (RendezvousError)"))
+        self.said_at = (self.said_at or now) if said else None
+        if self.said_at is not None and now - self.said_at > NODE_WAIT_S:
+            self.ended_by_tool = round(now - self.said_at, 1)
+            return True
+        return False
 
     def moment(self, f: dict, now: float) -> dict | None:
         """The process the fault acts on, if its moment has come: a rank or meta worker stopped at the fault point,
@@ -367,13 +387,15 @@ class Launch:
             job_log.unlink()
         text = self.log.read_text(errors="replace")
         r = {"rc": p.returncode, "seconds": round(time.time() - self.t0, 1), "faults": self.fired,
-             "unfired": getattr(self, "unfired", None), "problems": [problem] if problem else []}  # fmt: skip
+             "unfired": getattr(self, "unfired", None), "problems": [problem] if problem else [],
+             "ended_by_tool": self.ended_by_tool}  # fmt: skip
         for f in (f for f in self.fired if f["action"] == "hang"):
             ended = r["seconds"] - f["fired_s"]
             wait = 60 if self.args.slurm else 30  # srun --wait=60, or DeepSpeed's launcher's SIGTERM wait
             bound = self.args.dist_timeout + 20 + wait + 30  # collective timeout + roll call + that wait + slack
-            if f"rank {f['target'].split()[1]} (" not in text or "stopped answering" not in text:
-                r["problems"].append(f"hang of {f['target']}: no message naming it")
+            named = f"rank {f['target'].split()[1]} (" in text and "stopped answering" in text
+            if not named and "did not arrive (not started, or stopped answering)" not in text:  # or, hung before
+                r["problems"].append(f"hang of {f['target']}: no message naming it")  # the rendezvous: rank 0's line
             if ended > bound:
                 r["problems"].append(f"hang of {f['target']}: the job ended {ended:.0f} s after it, bound {bound} s")
         return r
@@ -495,6 +517,8 @@ def soak(args) -> dict:
         records.append(r)
         problems += [f"launch {n}: {p}" for p in r["problems"]]
         say = f"launch {n:3d}: exit {r['rc']} in {r['seconds']:6.1f} s" + ("  (meta job)" if r["meta_job"] else "")
+        if r["ended_by_tool"]:
+            say += f"  (ended by this tool {r['ended_by_tool']} s after the surviving ranks' line)"
         for f in r["faults"] + ([r["unfired"]] if r["unfired"] else []):
             where = {k: v for k, v in f.items() if k in ("rank", "step", "index", "stage", "delay_s", "target")}
             say += f"\n    {f['phase']:9s} {f['action']:5s} {where}" + ("" if "target" in f else "  (did not fire)")
@@ -522,6 +546,7 @@ def summarize(args, ref: Path, run_dir: Path, records: list[dict], problems: lis
         "meta": args.meta, "faults_asked": args.faults, "faults": len(fired),
         "by_kind": dict(Counter(f"{f['phase']}:{f['action']}" for f in fired)),
         "did_not_fire": sum(1 for r in records if r["unfired"]), "launches": len(records),
+        "ended_by_tool": sum(1 for r in records if r["ended_by_tool"]),
         "steps": args.steps, "steps_recomputed": recomputed, "meta_jobs": meta_jobs,
         "meta_jobs_reference": 2, "wall_s": round(seconds, 1), "survived": not problems, "problems": problems,
     }  # fmt: skip
