@@ -511,6 +511,7 @@ def soak(args) -> dict:
         meta_cmd = None
         if r["rc"] == 3 and "rerun this command:\n" in text:  # meta.launch=external: the user runs the meta job
             meta_cmd = shlex.split(text.split("rerun this command:\n", 1)[1].splitlines()[0])
+            meta_cmd = meta_cmd[1:] if meta_cmd[0].endswith(":") else meta_cmd  # pdsh's "HOST: " prefix
         elif r["rc"] not in (0, 4) and not r["faults"]:
             r["problems"].append(f"exit {r['rc']} with no fault fired (see {logs / f'{n:03d}.log'})")
         carry = r["unfired"]
