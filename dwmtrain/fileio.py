@@ -102,3 +102,14 @@ def follow_umask(path: str | os.PathLike) -> None:
                 os.chmod(f, 0o666 & ~umask)
     else:
         os.chmod(path, 0o666 & ~umask)
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """``shutil.rmtree`` that another process removing the same tree at once does not fail (two nodes' local
+    rank 0 clearing one leftover on shared storage: the SLURM chaos soak); any other error is raised."""
+
+    def gone_ok(func, name, exc_info):
+        if not issubclass(exc_info[0], FileNotFoundError):
+            raise exc_info[1]
+
+    shutil.rmtree(path, onerror=gone_ok)

@@ -325,3 +325,35 @@ def test_complete_files_are_complete_checkpoints_and_dwms_only(tmp_path):
     assert names == ["checkpoints/step00000002/COMPLETE", "checkpoints/step00000002/global_step2/shard.pt",
                      "dwm/stage2.safetensors.json", "dwm/stage2.safetensors"]  # fmt: skip
     assert rd.complete_files(["step00000004"])[0].name == "shard.pt"  # the tags another view knows
+
+
+def test_a_leftover_removed_by_another_node_at_once_is_not_an_error(tmp_path, monkeypatch):
+    """Two nodes' local rank 0 clear the same unfinished save on shared storage (the SLURM chaos soak: one
+    rank's rmtree failed on a file the other had removed): a file already gone is fine, other errors are not."""
+    import os
+
+    from dwmtrain.fileio import remove_tree
+
+    tree = tmp_path / "step0000008"
+    tree.mkdir()
+    for name in ("a.pt", "b.pt"):
+        (tree / name).write_bytes(b"x")
+    real = os.unlink
+
+    def racing(path, *a, **kw):  # the other node got there first
+        real(path, *a, **kw)
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(os, "unlink", racing)
+    remove_tree(tree)
+    assert not tree.exists()
+    monkeypatch.setattr(os, "unlink", real)
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "f").write_bytes(b"x")
+
+    def refused(path, *a, **kw):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(PermissionError):
+        remove_tree(tmp_path / "locked")

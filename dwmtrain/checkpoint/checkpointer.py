@@ -7,6 +7,7 @@ marked ``COMPLETE`` only once every rank has confirmed its files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -23,7 +24,7 @@ from dwmtrain.checkpoint.weights import save_lm_weights
 from dwmtrain.distributed import Dist, all_gather_object, barrier, broadcast_object
 from dwmtrain.errors import CheckpointError, ResumeError
 from dwmtrain.faults import fault_point
-from dwmtrain.fileio import atomic_write_text
+from dwmtrain.fileio import atomic_write_text, remove_tree
 from dwmtrain.rundir import RunDir, ShardLayout
 
 
@@ -147,10 +148,11 @@ class Checkpointer:
             shutil.rmtree(self.rd.universal(tag), ignore_errors=True)  # derived from the old one: stale
         if self.d.local_rank == 0 and path.exists():
             if aside is None:
-                shutil.rmtree(path)
+                remove_tree(path)  # on shared storage another node's local rank 0 removes it too
             else:
                 aside.parent.mkdir(parents=True, exist_ok=True)
-                path.rename(aside)
+                with contextlib.suppress(FileNotFoundError):  # another node's local rank 0 moved it first
+                    path.rename(aside)
                 if self.d.is_main:
                     self._log(f"moved the unverifiable checkpoint {path} to {aside} (kept, not deleted)")
         barrier()
