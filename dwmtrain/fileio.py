@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,8 +109,12 @@ def remove_tree(path: str | os.PathLike) -> None:
     """``shutil.rmtree`` that another process removing the same tree at once does not fail (two nodes' local
     rank 0 clearing one leftover on shared storage: the SLURM chaos soak); any other error is raised."""
 
-    def gone_ok(func, name, exc_info):
-        if not issubclass(exc_info[0], FileNotFoundError):
-            raise exc_info[1]
+    def gone_ok(func, name, exc):  # onexc (3.12+) passes the exception, onerror (3.11) its exc_info
+        exc = exc[1] if isinstance(exc, tuple) else exc
+        if not isinstance(exc, FileNotFoundError):
+            raise exc
 
-    shutil.rmtree(path, onerror=gone_ok)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=gone_ok)
+    else:
+        shutil.rmtree(path, onerror=gone_ok)
