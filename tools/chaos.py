@@ -83,7 +83,7 @@ exit "${rc:-1}"
 """  # submit, then wait for the job's end (a requeue on SIGUSR1 keeps it going), with its exit code
 
 
-def train_cmd(args, run_dir: Path, data: Path, port: int, hosts: Path | None, log: Path | None = None) -> list[str]:
+def train_cmd(args, run_dir: Path, data: Path, port: int, hosts: Path | None, log: Path) -> list[str]:
     if args.slurm:  # the documented batch script; its output appended to the launch's log
         batch = ROOT / "launchers" / "slurm" / "pretrain.sbatch"
         return ["bash", "-c", SLURM_WAIT, "sbatch", f"--job-name={slurm_name(run_dir)}", "--nodes=2",
@@ -92,6 +92,15 @@ def train_cmd(args, run_dir: Path, data: Path, port: int, hosts: Path | None, lo
     where = ["--hostfile", str(hosts), "--master_addr", "dwmhost1"] if hosts else ["--num_gpus", "2"]
     return [DEEPSPEED, *where, "--master_port", str(port), str(ROOT / "launchers" / "pretrain.py"), "--config",
             str(TINY), "--run-dir", str(run_dir), *overrides(args, data)]  # fmt: skip
+
+
+def append_job_log(log: Path) -> None:
+    """``--slurm``: the batch job's own output (``--output=LOG.job``) appended to the launch's log."""
+    job_log = Path(f"{log}.job")
+    if job_log.is_file():
+        with open(log, "a") as f:
+            f.write(job_log.read_text(errors="replace"))
+        job_log.unlink()
 
 
 def slurm_name(run_dir: Path) -> str:
@@ -380,11 +389,7 @@ class Launch:
 
     def result(self, p: subprocess.Popen, problem: str) -> dict:
         self.out.close()
-        job_log = Path(f"{self.log}.job")  # --slurm: the job's own output
-        if job_log.is_file():
-            with open(self.log, "a") as f:
-                f.write(job_log.read_text(errors="replace"))
-            job_log.unlink()
+        append_job_log(self.log)
         text = self.log.read_text(errors="replace")
         r = {"rc": p.returncode, "seconds": round(time.time() - self.t0, 1), "faults": self.fired,
              "unfired": getattr(self, "unfired", None), "problems": [problem] if problem else [],
@@ -425,9 +430,11 @@ def reference(args, data: Path) -> Path:
         shutil.rmtree(ref, ignore_errors=True)
         a = argparse.Namespace(**{**vars(args), "meta": "local"})
         ref.mkdir(parents=True)
-        cmd, t0 = train_cmd(a, ref, data, free_port(), None), time.time()
-        with open(ref.parent / "ref.log", "w") as out:
+        log = ref.parent / "ref.log"
+        cmd, t0 = train_cmd(a, ref, data, free_port(), None, log), time.time()
+        with open(log, "w") as out:
             p = subprocess.run(cmd, cwd=ROOT, env=base_env(), stdout=out, stderr=subprocess.STDOUT, timeout=900)
+        append_job_log(log)
         if p.returncode != 0 or not finished(args, ref):
             sys.exit(f"chaos: the reference run failed (exit {p.returncode}); see {ref.parent / 'ref.log'}")
         took.write_text(f"{time.time() - t0:.1f}\n")
