@@ -465,14 +465,14 @@ def soak(args) -> dict:
     rng = random.Random(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
     data = prepare(args.work)
+    if args.slurm:  # before the reference: with --slurm it is a batch job too
+        subprocess.run(["bash", str(ROOT / ".ci" / "services" / "slurm.sh")], check=True, capture_output=True,
+                       timeout=300)  # fmt: skip
     ref = reference(args, data)
     run_dir = args.work / "chaos"
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(Path(f"{run_dir}.host2"), ignore_errors=True)
     hosts = setup_hosts(args, run_dir) if args.hosts else None
-    if args.slurm:
-        subprocess.run(["bash", str(ROOT / ".ci" / "services" / "slurm.sh")], check=True, capture_output=True,
-                       timeout=300)  # fmt: skip
     views = [run_dir] + ([Path(f"{run_dir}.host2")] if hosts else [])
     logs = args.work / "launches"
     shutil.rmtree(logs, ignore_errors=True)
