@@ -313,8 +313,8 @@ class Launch:
                 self.fired.append(f)
                 resume_at = self.act(f, target, now)
                 f = None
-            if f is None and resume_at is None and self.args.slurm:  # a requeued job (usr1) meets a fired fault's
-                for q in run_processes(self.run_dir):  # point again (its processes are new): it goes on
+            if (f is None or "point" not in f) and resume_at is None and self.args.slurm:  # a requeued job (usr1)
+                for q in run_processes(self.run_dir):  # meets a fired fault's point again (new processes): it goes on
                     if q["state"] == "T" and q["pid"] != (target or {}).get("pid") and q["kind"] in ("rank", "meta"):
                         signal_pid(q["pid"], signal.SIGCONT)
             if self.frozen_node_waits(now):
@@ -323,7 +323,9 @@ class Launch:
             if resume_at is not None and now >= resume_at:  # a stall's end (or a usr1's pause)
                 signal_pid(target["pid"], signal.SIGCONT)
                 resume_at, self.armed = None, now
-                if self.fired[-1]["action"] == "stall":  # the launch goes on: a fault at a random moment from now
+                action = self.fired[-1]["action"]
+                if action == "stall" or (action == "usr1" and self.args.slurm):  # it goes on (SLURM requeues a
+                    # usr1's job: the same launch): a fault at a random moment from now
                     f = self.more(len(self.fired))
             time.sleep(0.05)
         if resume_at is not None:
@@ -488,7 +490,7 @@ def soak(args) -> dict:
             forced = (carry["phase"], carry["action"]) if carry else plan.pop(0) if plan else None
             fault = plan_fault(rng, args, run_dir, forced, meta_cmd is not None)
 
-        def more(in_launch: int):  # after a stall, while the soak needs faults: a random moment of this launch
+        def more(in_launch: int):  # after a stall (or a requeue), while the soak needs faults: a random moment
             if fired() + in_launch >= args.faults:
                 return None
             forced = ("anytime", plan.pop(0)[1]) if plan else ("anytime", None)
