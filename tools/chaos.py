@@ -278,8 +278,8 @@ def spec(f: dict) -> str:
 
 class Launch:
     """One command (the training launch, or an external meta job) watched until it ends: its first fault (a fault
-    point, or a moment after the start), then, while the soak needs more and the launch goes on (after a stall),
-    a fault at a random moment after the last one (``more()``)."""
+    point, or a moment after the start), then, while the soak needs more and the launch goes on (after a stall,
+    or a usr1 under ``--slurm``: the requeued job), a fault at a random moment after the last one (``more()``)."""
 
     def __init__(self, args, run_dir: Path, cmd: list[str], fault: dict | None, more, rng: random.Random, log: Path):
         self.args, self.run_dir, self.cmd, self.rng, self.log = args, run_dir, cmd, rng, log
