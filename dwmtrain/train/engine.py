@@ -11,7 +11,7 @@ from dwmtrain.config import Config
 from dwmtrain.distributed import Dist, broadcast_object, run_on_rank0
 from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.lr_schedule import default_warmup, lr_multiplier
-from dwmtrain.models.lm import build_lm, enable_activation_checkpointing
+from dwmtrain.models.lm import build_lm, enable_activation_checkpointing, weighted_lm_class
 from dwmtrain.models.pretrained import PretrainedWeights
 from dwmtrain.models.spec import ModelSpec
 
@@ -91,6 +91,10 @@ def build_partitioned_lm(spec: ModelSpec, attn: str, seed: int, ds_config: dict,
 
     main = not dist.is_initialized() or dist.get_rank() == 0
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    # Import the model's classes before zero.Init: on exit it puts back the __init__ a class had when it was
+    # created inside the context, undoing what was decorated after (transformers >= 5.25's kernel hooks: every
+    # forward then failed with "'LlamaAttention' object has no attribute '_kernel_funcs'").
+    weighted_lm_class(type(spec.hf_config(attn)))
     with deepspeed.zero.Init(config_dict_or_path=ds_config):  # its draws are overwritten below
         lm = build_lm(spec, attn, dtype=None)
     release_free_host_memory()  # the construction's full-size temporaries
