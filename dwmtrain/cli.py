@@ -339,18 +339,20 @@ def add_eval_command(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dwmtrain.errors import EXIT_ERROR, EXIT_OK, DWMTrainError
+    from dwmtrain.entry import run_main
 
     a, rest = build_parser().parse_known_args(argv)
     if rest and not getattr(a, "passthrough", False):
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    try:
-        a.fn(a, rest) if getattr(a, "passthrough", False) else a.fn(a)
-    except (DWMTrainError, FileExistsError, FileNotFoundError) as e:
-        print(f"dwmtrain {a.cmd}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    return EXIT_OK
+    return run_main(f"dwmtrain {a.cmd}:", lambda: a.fn(a, rest) if getattr(a, "passthrough", False) else a.fn(a))
+
+
+def run() -> None:
+    """The ``dwmtrain`` console script: ``main``, ended through ``entry.exit_process``."""
+    from dwmtrain.entry import main_entry
+
+    main_entry(main)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dwmtrain.errors import EXIT_ERROR, DWMTrainError, PlannedStop
+from dwmtrain.errors import DWMTrainError, PlannedStop
 from dwmtrain.faults import fault_point
 from dwmtrain.procs import alive, usable_cpus
 
@@ -56,8 +56,8 @@ def init_distributed(timeout_s: int) -> Dist:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    global _POLL_S
-    _POLL_S = min(5.0, timeout_s / 4)
+    global _POLL_S, _TIMEOUT_S
+    _POLL_S, _TIMEOUT_S = min(5.0, timeout_s / 4), float(timeout_s)
     acc = get_accelerator()
     if not dist.is_initialized():
         where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
@@ -159,7 +159,7 @@ def is_peer_failure(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _COMM_FAILURES)
 
 
-def peer_lost(e: BaseException, timeout_s: float, window_s: float | None = None) -> PeerLost | None:
+def peer_lost(e: BaseException, timeout_s: float | None = None, window_s: float | None = None) -> PeerLost | None:
     """After a failed collective: a roll call over the rendezvous store names the ranks that do not answer within
     ``window_s`` (default ``min(timeout_s, 20)``: the live ranks all time out within about that of each other),
     with their hosts and pids. Returns the error, ``quiet`` on every rank but the lowest that answered, or
@@ -169,6 +169,7 @@ def peer_lost(e: BaseException, timeout_s: float, window_s: float | None = None)
     if not dist.is_initialized() or not is_peer_failure(e):
         return None
     rank = dist.get_rank()
+    timeout_s = _TIMEOUT_S if timeout_s is None else timeout_s  # the group's own (init_distributed)
     window_s = min(timeout_s, 20.0) if window_s is None else window_s
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:200]  # gloo's "[.../unbound_buffer.cc:78] " source location
@@ -213,20 +214,6 @@ def _roll_call(rank: int, world: int, window_s: float, said: str) -> PeerLost:
         return PeerLost(f"{said}; every rank answered the roll call afterwards")
     named = ", ".join(f"rank {r} ({names[r]})" if names[r] else f"rank {r}" for r in gone)
     return PeerLost(f"{named} {'exited' if exited else 'stopped answering'}: {said}")
-
-
-def leave_if_peer_lost(e: BaseException, timeout_s: float, who: str) -> None:
-    """If ``e`` is a failed collective (``peer_lost``): say who stopped answering (one rank says it, prefixed
-    ``who``) and leave at once, with no teardown (leaving the group waits on the silent peer, or on its store).
-    Otherwise return, for the caller to re-raise."""
-    import sys
-
-    if (lost := peer_lost(e, timeout_s)) is None:
-        return
-    if not lost.quiet:
-        print(f"{who} error (PeerLost): {lost}\n{who} {lost.hint}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(EXIT_ERROR)
 
 
 def barrier() -> None:
@@ -300,6 +287,7 @@ def all_gather_object(obj) -> list:
     return out
 
 
+_TIMEOUT_S = 1800.0  #: the process group's collective timeout (init_distributed sets it)
 _POLL_S = 5.0  # run_on_rank0's keep-alive interval: well inside the collective timeout (init_distributed)
 
 

@@ -27,6 +27,15 @@ class DataError(DWMTrainError, ValueError):
     """Bad input data; the message names the file and line (or shard and sequence)."""
 
 
+class OutputExistsError(DWMTrainError, FileExistsError):
+    """An output a command would write is there already; nothing of it was touched (``--overwrite`` replaces it,
+    and only once the new output is complete)."""
+
+
+class InputNotFoundError(DWMTrainError, FileNotFoundError):
+    """A file or directory the user named is not there; the message names it and the field or flag."""
+
+
 class CheckpointError(DWMTrainError, RuntimeError):
     """A checkpoint could not be written completely (a rank's part is missing); nothing was marked complete."""
 

@@ -11,9 +11,11 @@ Points that act on the process that reaches them (``fault_point``; ``tests/integ
   meta-step                  rank=, step=   a meta-update job's rank starts meta-step ``step``
   dwm-tensors-written        stage=         the meta job renamed the DWM tensors into place, before the sidecar
   tensor-broadcast           rank=, index=  a rank sent/received tensor ``index`` of a broadcast state dict
-The action is ``action=kill`` (the default: SIGKILL, no cleanup) or ``action=stop``: the process SIGSTOPs itself,
+The action is ``action=kill`` (the default: SIGKILL, no cleanup); ``action=stop``: the process SIGSTOPs itself,
 for a driver that watches the processes' states (``tools/chaos.py``) to kill, stall (SIGCONT later) or signal it at
-that moment. Each fault acts at most once per process.
+that moment; ``action=usr1``: it sends itself SIGUSR1 (a planned stop); ``action=error``: it raises the project's
+own error (``InjectedFault``); ``action=bug``: it raises a ``RuntimeError`` (an unexpected one). Each fault acts at
+most once per process (``tools/exit_stress.py`` drives every outcome of a job this way).
 Points that change a value (``fault_active``; ``tests/integration/test_pretrain.py``):
   nonfinite-loss             rank=, step=   a rank's micro-batch weights (so its loss and gradients) become NaN
 """
@@ -23,6 +25,14 @@ from __future__ import annotations
 import os
 import signal
 
+from dwmtrain.errors import DWMTrainError
+
+ACTIONS = ("kill", "stop", "usr1", "error", "bug")
+
+
+class InjectedFault(DWMTrainError):
+    """An error raised on purpose at a fault point (``action=error``)."""
+
 
 def parse(spec: str) -> list[tuple[str, dict[str, str], str]]:
     """``(point, conditions, action)`` per fault of a ``DWMTRAIN_FAULT`` value."""
@@ -30,7 +40,10 @@ def parse(spec: str) -> list[tuple[str, dict[str, str], str]]:
     for fault in filter(None, spec.split(";")):
         point, *conds = fault.split(":")
         kv = dict(c.split("=", 1) for c in conds)
-        faults.append((point, kv, kv.pop("action", "kill")))
+        action = kv.pop("action", "kill")
+        if action not in ACTIONS:
+            raise ValueError(f"DWMTRAIN_FAULT={spec!r}: action={action} is not one of {', '.join(ACTIONS)}")
+        faults.append((point, kv, action))
     return faults
 
 
@@ -63,8 +76,14 @@ def fault_active(name: str, **where) -> bool:
 
 
 def fault_point(name: str, **where) -> None:
-    """Act here (SIGKILL, or SIGSTOP) if DWMTRAIN_FAULT names this point and every condition holds."""
+    """Act here if DWMTRAIN_FAULT names this point and every condition holds (see the module docstring)."""
     if not _FAULTS or (hit := _matching(name, where)) is None or hit[0] in _ACTED:
         return
     _ACTED.add(hit[0])
-    os.kill(os.getpid(), signal.SIGSTOP if hit[1] == "stop" else signal.SIGKILL)
+    action, at = hit[1], f"fault {name} at {where}"
+    if action == "error":
+        raise InjectedFault(f"{at} (DWMTRAIN_FAULT)")
+    if action == "bug":
+        raise RuntimeError(f"{at} (DWMTRAIN_FAULT): an unexpected error")
+    signals = {"stop": signal.SIGSTOP, "usr1": signal.SIGUSR1, "kill": signal.SIGKILL}
+    os.kill(os.getpid(), signals[action])

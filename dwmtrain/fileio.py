@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from dwmtrain.errors import OutputExistsError
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """sha256 of a file's bytes, read in chunks."""
@@ -46,7 +48,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     exception the temporary directory is removed and ``path`` is untouched."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it (only after a successful run)")
+        raise OutputExistsError(f"{path} exists; pass --overwrite to replace it (only after a successful run)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dwmtrain.errors import InputNotFoundError
+
 MARKER = "COMPLETE"
 LATEST = "latest.json"
 DS_LATEST = "latest"  # DeepSpeed's own pointer: a bare tag
@@ -211,4 +213,6 @@ def dwm_source(spec: str) -> Path:
         return p
     if p.is_dir() and (newest := RunDir(p).newest_dwm()) is not None:
         return newest
-    raise FileNotFoundError(f"meta.init_dwm={spec}: neither a DWM file nor a run directory with dwm/stageK.safetensors")
+    raise InputNotFoundError(
+        f"meta.init_dwm={spec}: neither a DWM file nor a run directory with dwm/stageK.safetensors"
+    )

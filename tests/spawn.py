@@ -9,7 +9,6 @@ rank's traceback; a hang is killed at ``timeout`` seconds.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -18,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from dwmtrain.entry import exit_process
 
 from .helpers import free_port
 
@@ -40,17 +41,10 @@ def _rank_main(rank: int, fn, world: int, port: int, out: str, args: tuple) -> N
     try:
         result = fn(Dist(rank, world, rank, world, torch.device("cpu"), "cpu"), *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
-        # every rank done before any tears its group down: a rank still in a gloo exchange with one that has
-        # destroyed its group aborts ("terminate called without an active exception"; seen once in test-fast)
-        dist.barrier()
+        dist.barrier()  # every rank done before any leaves: none still exchanges with one that has gone
     finally:
         dist.destroy_process_group()
-    # the result is on disk: leave without the interpreter's exit-time destructors, where a spawned rank 0 still
-    # aborted now and then after a clean barrier and destroy (SIGABRT, "terminate called without an active
-    # exception": CI, stop 31), as the package's own ranks leave on an error (train.main._exit_now_if_distributed)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process(0)  # the result is on disk: the package's one exit (no native teardown at exit: dwmtrain.entry)
 
 
 def run_distributed(fn, *args, world_size: int = 2, timeout: float = 120) -> list:

@@ -166,3 +166,26 @@ def test_a_fixed_dwm_fitted_with_another_tokenizer_is_refused_naming_both(tmp_pa
     other = StageHandoff(cfg, D, ARCH, torch.float32, RunDir(tmp_path), tokenizer_sha="b" * 64)
     with pytest.raises(DWMFileError, match=r"fitted with tokenizer /tok/a.model .*data.tokenizer=/tok/b.json"):
         other.for_stage(1, None)
+
+
+@pytest.mark.parametrize("writes", [True, False])
+def test_a_meta_job_that_aborts_at_exit_after_writing_its_dwm(tmp_path, monkeypatch, capsys, writes):
+    """Its DWM verifies (sha256, architecture): the run goes on with it, saying so; no DWM: MetaJobError."""
+    import sys
+
+    import dwmtrain.stages.handoff as handoff_module
+
+    rd, tag = RunDir(tmp_path), "step0000010"
+    rd.marker(tag).parent.mkdir(parents=True)
+    rd.marker(tag).write_text("{}")
+    write = (f"from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm; "
+             f"save_dwm(DataWeightingModel(DWMArch('tiny', 512, 32)), {str(rd.dwm(2))!r}, stage=2, lm_step=10); ")
+    job = [sys.executable, "-c", (write if writes else "") + "import os; os.abort()"]  # fmt: skip
+    monkeypatch.setattr(handoff_module, "meta_job_command", lambda *a, **k: job)
+    h = handoff(tmp_path)
+    if not writes:
+        with pytest.raises(MetaJobError, match=r"meta-update job exited with -6"):
+            h.for_stage(2, tag)
+        return
+    assert h.for_stage(2, tag).info["stage"] == 2
+    assert "the meta-update job exited -6 after writing" in capsys.readouterr().out

@@ -618,7 +618,11 @@ def _build_rank(rank: int, world: int, port: int, preset: str, variant: str, out
     res["seconds"] = time.perf_counter() - t
     del lm
     Path(out, f"{variant}{rank}.json").write_text(json.dumps(res))
+    dist.barrier()
     dist.destroy_process_group()
+    from dwmtrain.entry import exit_process
+
+    exit_process(0)  # the result is on disk: no native teardown at exit (dwmtrain.entry)
 
 
 def bench_select(a) -> list[str]:

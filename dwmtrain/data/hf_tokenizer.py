@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dwmtrain.data.tokenizer_base import Tokenizer
-from dwmtrain.errors import DataError
+from dwmtrain.errors import DataError, OutputExistsError
 from dwmtrain.fileio import atomic_dir
 
 #: end-of-document tokens of the common tokenizer families, for a bare tokenizer.json that names no eos_token
@@ -65,7 +65,7 @@ class HFTokenizer(Tokenizer):
     def export_hf(self, out_dir: str | os.PathLike) -> Path:
         out = Path(out_dir)
         if out.exists():
-            raise FileExistsError(f"{out} exists; refusing to overwrite a tokenizer directory")
+            raise OutputExistsError(f"{out} exists; refusing to overwrite a tokenizer directory")
         with atomic_dir(out) as tmp:
             self.tok.save_pretrained(tmp)
         return out
@@ -102,7 +102,7 @@ def train_hf_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_s
 
     out = Path(out_dir)
     if out.exists():  # before hours of training, not after
-        raise FileExistsError(f"{out} exists; refusing to overwrite a tokenizer directory")
+        raise OutputExistsError(f"{out} exists; refusing to overwrite a tokenizer directory")
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

@@ -36,7 +36,7 @@ from dwmtrain.data.readers import (
     text_skip_reason,
 )
 from dwmtrain.data.tokenizer import load_tokenizer
-from dwmtrain.errors import DataError
+from dwmtrain.errors import DataError, OutputExistsError
 from dwmtrain.fileio import atomic_dir, sha256_file
 from dwmtrain.procs import usable_cpus
 
@@ -299,7 +299,7 @@ def prepare_data(
     documents already tokenized, (file, dataset) in their order, instead (``data.parts.merge_parts``)."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it (only after a successful run)")
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it (only after a successful run)")
     if not 0 <= heldout_fraction < 1:
         raise DataError(f"heldout_fraction={heldout_fraction}: must be in [0, 1)")
     files = expand_inputs(inputs)

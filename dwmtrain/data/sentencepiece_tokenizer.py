@@ -12,7 +12,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from dwmtrain.data.tokenizer_base import Tokenizer
-from dwmtrain.errors import DataError
+from dwmtrain.errors import DataError, OutputExistsError
 from dwmtrain.fileio import atomic_dir
 from dwmtrain.procs import usable_cpus
 
@@ -144,7 +144,7 @@ def export_hf(sp_model: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     sp_model = str(sp_model)
     out = Path(out_dir)
     if out.exists():
-        raise FileExistsError(f"{out} exists; refusing to overwrite a tokenizer directory")
+        raise OutputExistsError(f"{out} exists; refusing to overwrite a tokenizer directory")
     backend = _hf_backend(sp_model)
     backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
     # <s> in front, as LlamaTokenizer does; encode(add_special_tokens=False) gives sentencepiece's ids.

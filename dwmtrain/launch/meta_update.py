@@ -3,9 +3,8 @@
 torchrun --standalone --nproc_per_node N -m dwmtrain.launch.meta_update --run-dir DIR --stage K
 """
 
-import sys
-
+from dwmtrain.entry import main_entry
 from dwmtrain.meta.job import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry(main)

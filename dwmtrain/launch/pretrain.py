@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import warnings
 
 from dwmtrain.config import build_deepspeed_config, load_config
-from dwmtrain.errors import EXIT_ERROR, EXIT_OK, ConfigError
+from dwmtrain.entry import main_entry, run_main
+from dwmtrain.errors import EXIT_OK
 from dwmtrain.preflight import check_inputs
 from dwmtrain.train.stop import catch_stop_signal
 
@@ -81,21 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     catch_stop_signal()  # a SIGUSR1 while torch and DeepSpeed load: remembered, the first step stops the run
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     a = parse_args(argv)
-    try:
-        cfg = load_config(a.config, list(a.overrides) + ([f"run.run_dir={a.run_dir}"] if a.run_dir else []))
-        if a.dry_run:
-            dry_run(cfg)
-            return EXIT_OK
-        check_inputs(cfg)  # before any process group or GPU is touched
-    except ConfigError as e:
-        print(f"pretrain: config error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    return run_main("[dwmtrain]", lambda: _pretrain(a))
+
+
+def _pretrain(a: argparse.Namespace) -> int:
+    cfg = load_config(a.config, list(a.overrides) + ([f"run.run_dir={a.run_dir}"] if a.run_dir else []))
+    if a.dry_run:
+        dry_run(cfg)
+        return EXIT_OK
+    check_inputs(cfg)  # before any process group or GPU is touched
     from dwmtrain.rendezvous import rendezvous_env
     from dwmtrain.train.main import run_training
 
     os.environ.update(rendezvous_env(os.environ))  # ranks started by mpirun / srun
-    return run_training(cfg)
+    run_training(cfg)
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_entry(main)

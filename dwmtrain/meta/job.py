@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import warnings
 
 from dwmtrain.config import load_config
-from dwmtrain.errors import EXIT_ERROR, EXIT_OK, ConfigError, DWMTrainError
+from dwmtrain.errors import ConfigError
 from dwmtrain.procs import exit_with_parent, process_started_at
 from dwmtrain.rundir import RunDir
 
@@ -39,43 +38,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dwmtrain.entry import run_main
+
     warnings.filterwarnings("ignore", category=FutureWarning)
     a = parse_args(argv)
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker: end with torchrun, even if it is SIGKILLed
         exit_with_parent()
-    rd, cfg = RunDir(a.run_dir), None
-    try:
-        cfg = load_config(rd.config, [*a.overrides, f"run.run_dir={rd.root}"])
-        if not a.checkpoint and not rd.latest.is_file():
-            raise ConfigError(
-                f"--run-dir {rd.root}: {rd.latest} not found (no complete checkpoint); pass --checkpoint TAG"
-            )
-        tag = a.checkpoint or json.loads(rd.latest.read_text())["tag"]
-        import torch
+    return run_main("meta_update:", lambda: _meta_update(a))
 
-        from dwmtrain.distributed import cpu_threads, init_distributed
-        from dwmtrain.meta.update import run_meta_update
-        from dwmtrain.rendezvous import rendezvous_env
 
-        os.environ.update(rendezvous_env(os.environ))  # tasks of an srun step (torchrun set them already)
-        d = init_distributed(cfg.run.dist_timeout_s)
-        # full fp32 matmuls, never TF32: TF32's rounded inputs make dR/dw about 28x less accurate at the default
-        # fd_eps (tools/bench.py metaacc, emulated; docs/scaling.md)
-        torch.set_float32_matmul_precision("highest")
-        if d.accelerator == "cpu":
-            torch.set_num_threads(cpu_threads(cfg.run.threads_per_rank, d.local_world))
-        run_meta_update(cfg, d, a.stage, tag, a.lookahead_lr or None, started_at=process_started_at())
-    except DWMTrainError as e:
-        print(f"meta_update: error ({type(e).__name__}): {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except Exception as e:  # a collective failed: name the rank that died or stopped answering
-        from dwmtrain.distributed import leave_if_peer_lost
+def _meta_update(a: argparse.Namespace) -> None:
+    rd = RunDir(a.run_dir)
+    cfg = load_config(rd.config, [*a.overrides, f"run.run_dir={rd.root}"])
+    if not a.checkpoint and not rd.latest.is_file():
+        raise ConfigError(f"--run-dir {rd.root}: {rd.latest} not found (no complete checkpoint); pass --checkpoint TAG")
+    tag = a.checkpoint or json.loads(rd.latest.read_text())["tag"]
+    import torch
 
-        if cfg is not None:  # no config: no process group yet either
-            leave_if_peer_lost(e, cfg.run.dist_timeout_s, "meta_update:")
-        raise
-    return EXIT_OK
+    from dwmtrain.distributed import cpu_threads, init_distributed
+    from dwmtrain.meta.update import run_meta_update
+    from dwmtrain.rendezvous import rendezvous_env
+
+    os.environ.update(rendezvous_env(os.environ))  # tasks of an srun step (torchrun set them already)
+    d = init_distributed(cfg.run.dist_timeout_s)
+    # full fp32 matmuls, never TF32: TF32's rounded inputs make dR/dw about 28x less accurate at the default
+    # fd_eps (tools/bench.py metaacc, emulated; docs/scaling.md)
+    torch.set_float32_matmul_precision("highest")
+    if d.accelerator == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.run.threads_per_rank, d.local_world))
+    run_meta_update(cfg, d, a.stage, tag, a.lookahead_lr or None, started_at=process_started_at())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dwmtrain.entry import main_entry
+
+    main_entry(main)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 
 from dwmtrain.data.readers import add_field_options
 
@@ -150,19 +149,16 @@ def register(sub) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry (``python -m dwmtrain.select.cli``) with ``dwmtrain``'s exit codes: 2 on expected errors."""
-    from dwmtrain.errors import EXIT_ERROR, EXIT_OK, DWMTrainError
+    from dwmtrain.entry import run_main
 
     ap = argparse.ArgumentParser(prog="dwmtrain")
     sub = ap.add_subparsers(dest="cmd", required=True)
     register(sub)
     a = ap.parse_args(argv)
-    try:
-        a.fn(a)
-    except (DWMTrainError, FileExistsError, FileNotFoundError) as e:
-        print(f"dwmtrain {a.cmd}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    return EXIT_OK
+    return run_main(f"dwmtrain {a.cmd}:", lambda: a.fn(a))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dwmtrain.entry import main_entry
+
+    main_entry(main)

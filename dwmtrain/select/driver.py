@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from dwmtrain.data.readers import SLIMPAJAMA, Fields, expand_inputs, iter_records, reader_for, text_skip_reason
-from dwmtrain.errors import DataError
+from dwmtrain.errors import DataError, OutputExistsError
 from dwmtrain.fileio import atomic_file, atomic_write_text
 from dwmtrain.select.base import take_budget
 from dwmtrain.select.dsir import DSIRScorer
@@ -70,7 +70,7 @@ def check_output(out: str, files: list[str], overwrite: bool) -> None:
     if not overwrite:
         for p in (Path(out), report_path(out), *_shards(out)):
             if p.exists():
-                raise FileExistsError(f"{p} exists; pass --overwrite to replace it (only after a successful run)")
+                raise OutputExistsError(f"{p} exists; pass --overwrite to replace it (only after a successful run)")
 
 
 def shard_path(out: str, k: int) -> str:

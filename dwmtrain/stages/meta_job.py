@@ -45,6 +45,10 @@ class MetaJobError(DWMTrainError, RuntimeError):
 
     hint = "the stage-boundary checkpoint is complete; rerun the same command to resume"
 
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code  #: the job's exit code (None: it did not run to an exit, or timed out)
+
 
 def meta_job_command(run_dir: str | os.PathLike, stage: int, tag: str, nproc: int, nodes: int = 1) -> list[str]:
     """The meta-update job for one boundary: torchrun on this node (it picks a free port), or with ``nodes`` > 1
@@ -102,4 +106,4 @@ def run_meta_job(cmd: list[str], timeout_s: float, log_path: Path) -> None:
         raise MetaJobError(f"meta-update job timed out after {timeout_s:.0f} s (meta.timeout_s); log: {log_path}")
     if rc != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
-        raise MetaJobError(f"meta-update job exited with {rc}; log: {log_path}\n  " + "\n  ".join(tail))
+        raise MetaJobError(f"meta-update job exited with {rc}; log: {log_path}\n  " + "\n  ".join(tail), rc)

@@ -94,8 +94,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    # leave the group before the interpreter's exit: a rank ending with gloo's threads alive sometimes aborted
-    # ("terminate called without an active exception", exit -6 after CHECK-OK: seen in CI)
-    dist.barrier()
-    dist.destroy_process_group()
+    from dwmtrain.entry import main_entry, run_main
+
+    main_entry(lambda: run_main("check_weighted_grad:", main))  # leaves the group together, ends as every rank does
