@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dwmtrain.checkpoint.state import read_marker
 from dwmtrain.config import Config, load_config
 from dwmtrain.errors import DWMTrainError
 from dwmtrain.fileio import atomic_dir
@@ -82,7 +83,7 @@ def export_checkpoint(
         raise ExportError(f"{out} exists; pass --overwrite to replace it (only once the new export is complete)")
     if out.exists() and not (out.is_dir() and not out.is_symlink() and (out / "dwmtrain_export.json").is_file()):
         raise ExportError(f"{out}: --overwrite replaces only an earlier dwmtrain export, and this is not one")
-    marker = json.loads(rd.marker(tag).read_text())
+    marker = read_marker(rd.marker(tag))
     tokenizer_sha = check_tokenizer(cfg, marker.get("compat", {}).get("tokenizer_sha256"), tag)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = hf_model(cfg, consolidated_lm_state(rd, tag), torch_dtype)

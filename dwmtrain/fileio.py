@@ -84,12 +84,24 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(rec, dict):
+            out.append(rec)
     return out
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """A JSON object written by dwmtrain (a part's marker, a pointer); None if it is missing, unreadable or not
+    an object: a marker that does not say what it should is one that was never written."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def follow_umask(path: str | os.PathLike) -> None:

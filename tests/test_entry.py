@@ -32,8 +32,11 @@ def raising(e: BaseException):
         (lambda: None, EXIT_OK, ""),
         (lambda: 7, 7, ""),
         (raising(Boundary("stopped at a stage boundary")), EXIT_META_EXTERNAL, "[x] stopped at a stage boundary\n"),
-        (raising(ConfigError("data.seq_len=0: must be > 0")), EXIT_ERROR,
-         "[x] error (ConfigError): data.seq_len=0: must be > 0\n"),  # fmt: skip
+        (
+            raising(ConfigError("data.seq_len=0: must be > 0")),
+            EXIT_ERROR,
+            "[x] error (ConfigError): data.seq_len=0: must be > 0\n",
+        ),  # fmt: skip
         (raising(SystemExit(2)), 2, ""),
         (raising(SystemExit(None)), EXIT_OK, ""),
         (raising(SystemExit("usage: no")), EXIT_BUG, "usage: no\n"),

@@ -178,8 +178,10 @@ def test_a_meta_job_that_aborts_at_exit_after_writing_its_dwm(tmp_path, monkeypa
     rd, tag = RunDir(tmp_path), "step0000010"
     rd.marker(tag).parent.mkdir(parents=True)
     rd.marker(tag).write_text("{}")
-    write = (f"from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm; "
-             f"save_dwm(DataWeightingModel(DWMArch('tiny', 512, 32)), {str(rd.dwm(2))!r}, stage=2, lm_step=10); ")
+    write = (
+        f"from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm; "
+        f"save_dwm(DataWeightingModel(DWMArch('tiny', 512, 32)), {str(rd.dwm(2))!r}, stage=2, lm_step=10); "
+    )
     job = [sys.executable, "-c", (write if writes else "") + "import os; os.abort()"]  # fmt: skip
     monkeypatch.setattr(handoff_module, "meta_job_command", lambda *a, **k: job)
     h = handoff(tmp_path)

@@ -18,7 +18,7 @@ import torch
 
 from dwmtrain.checkpoint.compat import check_compatible
 from dwmtrain.checkpoint.safe_load import safe_torch_load
-from dwmtrain.checkpoint.state import RunState, rng_state, set_rng_state
+from dwmtrain.checkpoint.state import RunState, read_marker, rng_state, set_rng_state
 from dwmtrain.checkpoint.universal import load_universal
 from dwmtrain.checkpoint.weights import save_lm_weights
 from dwmtrain.distributed import Dist, all_gather_object, barrier, broadcast_object
@@ -197,7 +197,7 @@ class Checkpointer:
             named = json.loads(self.rd.latest.read_text())["tag"]
             if not self.rd.checkpoint(named).is_dir():
                 out.append((named, None, f"{self.rd.latest.name} names it, but the directory is gone"))
-        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):  # no pointer, or not one: the markers decide
             pass
         for tag in sorted((p.name for p in self._tag_dirs()), reverse=True):
             out.append((tag, *self._read_marker(tag)))
@@ -208,9 +208,9 @@ class Checkpointer:
         if not m.is_file():
             return None, f"no {m.name} marker (a save that did not finish)"
         try:
-            state = RunState.from_marker(tag, json.loads(m.read_text()))
-        except (json.JSONDecodeError, TypeError, UnicodeDecodeError, OSError) as e:
-            return None, f"its {m.name} marker cannot be read ({e})"
+            state = RunState.read(m)
+        except CheckpointError as e:
+            return None, f"its {m.name} marker is not sound ({str(e).removeprefix(f'{m}: ')})"
         if RunDir.tag(state.step) != tag:
             return None, f"its {m.name} marker records step {state.step}, not this checkpoint's"
         return state, None
@@ -222,7 +222,7 @@ class Checkpointer:
         tag = state.tag
         saved_world = state.compat.get("world_size", self.d.world)
         want = broadcast_object(
-            json.loads(self.rd.marker(tag).read_text()).get("files") if self.d.is_main else None
+            read_marker(self.rd.marker(tag)).get("files") if self.d.is_main else None
         )  # {rank: {file: size}} at save time; None for checkpoints of older versions (existence checks only)
         layout = ShardLayout.of(state.compat)  # what the save wrote (a changed layout is refused after this)
         if saved_world == self.d.world:
@@ -306,7 +306,7 @@ class Checkpointer:
             self._log(f"resume: skipping checkpoint {self.rd.checkpoint(tag)}: {problem}")
         if any(": no COMPLETE marker" not in s for s in skipped):
             where = broadcast_object(str(self.rd.checkpoints))  # rank 0's storage: one message on every rank
-            raise ResumeError(f"no checkpoint in {where} verifies (their files are kept):\n  " + "\n  ".join(skipped))
+            raise ResumeError(f"no checkpoint in {where} verifies (their files are kept): " + "; ".join(skipped))
         return None
 
     def load(self, engine, tag: str) -> None:

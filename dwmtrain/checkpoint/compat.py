@@ -62,7 +62,7 @@ def check_compatible(saved: dict, current: dict) -> list[str]:
         if k in saved and saved.get(k) != current.get(k)
     ]
     if broken:
-        raise ResumeError("the config changed in a way that breaks this run:\n  " + "\n  ".join(broken))
+        raise ResumeError("the config changed in a way that breaks this run: " + "; ".join(broken))
     return [
         f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
         for k in current

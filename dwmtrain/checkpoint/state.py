@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
+
+from dwmtrain.errors import CheckpointError
+
+#: what each field of a marker must be: (types, lowest value or None)
+_MARKER_FIELDS = {"step": (int, 0), "stage": (int, 1), "consumed_samples": (int, 0), "stage_boundary": (bool, None),
+                  "dwm": (dict, None), "config_sha256": (str, None), "compat": (dict, None),
+                  "skipped_steps": (int, 0), "nonfinite_steps": (int, 0), "nonfinite_streak": (int, 0),
+                  "files": (dict, None), "saved_at": ((int, float, str), None)}  # fmt: skip
+_REQUIRED = ("step", "stage", "consumed_samples")
+#: the compatibility fields a resume computes with (the others are compared, whatever they hold)
+_COMPAT_INTS = {"world_size": 1, "zero_stage": 0, "tensor_parallel": 1, "total_steps": 1, "global_batch_size": 1}
 
 
 @dataclass
@@ -37,14 +50,59 @@ class RunState:
         return d
 
     @classmethod
-    def from_marker(cls, tag: str, marker: dict) -> RunState:
+    def from_marker(cls, tag: str, marker: dict, where: str = "") -> RunState:
+        """The state a marker records, every field checked (CheckpointError naming ``where`` and the field)."""
+        check_marker(marker, where or f"{tag}/COMPLETE")
         known = {f.name for f in fields(cls)} - {"tag"}
         return cls(tag=tag, **{k: v for k, v in marker.items() if k in known})
+
+    @classmethod
+    def read(cls, marker_path: Path) -> RunState:
+        """The state in a checkpoint's ``COMPLETE`` marker (CheckpointError naming the file and the field)."""
+        return cls.from_marker(marker_path.parent.name, read_marker(marker_path), str(marker_path))
 
     def dwm_in_use(self, stage_starts: list[int]) -> dict[int, str]:
         """{stage: sha256} of the DWM this state was trained with, when resumed mid-stage (else empty)."""
         sha = self.dwm.get("sha256")
         return {self.stage: sha} if sha and self.step not in stage_starts else {}
+
+
+def read_marker(path: Path) -> dict:
+    """A checkpoint's ``COMPLETE`` marker, checked: a CheckpointError naming the file (and the field) if it is
+    missing, unreadable, not a JSON object, or holds a field of the wrong type."""
+    try:
+        marker = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not found (a save that did not finish)") from None
+    except (OSError, ValueError) as e:  # JSON and UTF-8 errors are ValueErrors
+        raise CheckpointError(f"{path}: cannot be read ({' '.join(str(e).split())[:160]})") from None
+    check_marker(marker, str(path))
+    return marker
+
+
+def check_marker(marker, where: str) -> None:
+    """Every field a marker holds is of its type (and not below its lowest value); the run state's are present."""
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(marker).__name__}")
+    for k in _REQUIRED:
+        if k not in marker:
+            raise CheckpointError(f"{where}: field {k} missing")
+    for k, (types, low) in _MARKER_FIELDS.items():
+        if k not in marker:
+            continue
+        v = marker[k]
+        if not isinstance(v, types) or (types is int and isinstance(v, bool)) or (low is not None and v < low):
+            want = getattr(types, "__name__", "number or string") + (f" >= {low}" if low is not None else "")
+            raise CheckpointError(f"{where}: field {k}={v!r}: must be a {want}")
+    for k, low in _COMPAT_INTS.items():
+        v = marker.get("compat", {}).get(k, low)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise CheckpointError(f"{where}: field compat.{k}={v!r}: must be an int >= {low}")
+    for rank, files in marker.get("files", {}).items():
+        if not isinstance(files, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in files.values()
+        ):
+            raise CheckpointError(f"{where}: field files.{rank}: must map file names to sizes in bytes")
 
 
 def rng_state() -> dict:

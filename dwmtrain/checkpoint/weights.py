@@ -3,11 +3,10 @@ boundaries (the meta job's input), and read back for the meta job, the export an
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from dwmtrain.checkpoint.safe_load import safe_torch_load
+from dwmtrain.checkpoint.state import read_marker
 from dwmtrain.errors import CheckpointError
 from dwmtrain.fileio import atomic_file
 from dwmtrain.rundir import RunDir, ShardLayout
@@ -68,7 +67,7 @@ def consolidated_lm_state(rd: RunDir, tag: str) -> dict[str, torch.Tensor]:
         return load_file(str(rd.lm_weights(tag)))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    compat = json.loads(rd.marker(tag).read_text()).get("compat", {})
+    compat = read_marker(rd.marker(tag)).get("compat", {})
     world, layout = compat.get("world_size"), ShardLayout.of(compat)
     if layout.tp > 1:  # zero_to_fp32 reads ZeRO's partitions, not AutoTP's slices
         raise CheckpointError(

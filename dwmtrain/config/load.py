@@ -90,8 +90,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.load(raw, Loader=YAMLLoader) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: cannot parse value: {e}") from None
+        raise ConfigError(f"override {text!r}: cannot parse value: {yaml_problem(e)}") from None
     return key.strip(), value
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error as one line: where (line, column) and what."""
+    mark, what = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(e, "context", None)
+    return where + (f"{context}: " if context else "") + " ".join(str(what).split())
 
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
@@ -120,8 +128,10 @@ def read_config_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict:
             tree = yaml.load(f, Loader=YAMLLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found") from None
+    except (IsADirectoryError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"config file {path}: cannot be read ({type(e).__name__}: {e})") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
+        raise ConfigError(f"config file {path}: invalid YAML: {yaml_problem(e)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     base = tree.pop("base", None)

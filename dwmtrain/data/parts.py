@@ -25,7 +25,7 @@ from dwmtrain.data.prepare import PrepareReport, prepare_data, read_tokenized
 from dwmtrain.data.readers import SLIMPAJAMA, Fields, expand_inputs
 from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.errors import DataError
-from dwmtrain.fileio import atomic_dir, atomic_write_text
+from dwmtrain.fileio import atomic_dir, atomic_write_text, read_json_object
 
 MARKER = "part.json"
 
@@ -116,7 +116,7 @@ def prepare_part(inputs: list[str], tokenizer_path: str, out_dir: str, part: str
     mine = assign_slices(files, n)[i]
     want = _marker(files, mine, i, n, load_tokenizer(tokenizer_path).sha256, fields)
     dest = part_path(out_dir, i, n)
-    if (dest / MARKER).is_file() and json.loads((dest / MARKER).read_text()) == want:
+    if read_json_object(dest / MARKER) == want:
         return f"part {i}/{n} is complete ({dest}): skipped"
     t0 = time.time()
     with atomic_dir(dest, overwrite=True) as tmp:  # a killed part leaves no marker: a rerun redoes it
@@ -170,7 +170,7 @@ def merged_tokenized(inputs: list[str], tokenizer_path: str, out_dir: str, field
         if not (dest / MARKER).is_file():
             raise DataError(f"{dest}: part {i}/{n} is missing or unfinished (no {MARKER}); rerun prepare-data "
                             f"--part {i}/{n} with the same inputs, then the merge")  # fmt: skip
-        if json.loads((dest / MARKER).read_text()) != _marker(files, mine, i, n, tok_sha, fields):
+        if read_json_object(dest / MARKER) != _marker(files, mine, i, n, tok_sha, fields):
             raise DataError(f"{dest / MARKER}: part {i}/{n} was made from other inputs, tokenizer or fields than "
                             f"this merge's; rerun prepare-data --part {i}/{n} with these")  # fmt: skip
         for f, k, K in mine:

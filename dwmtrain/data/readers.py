@@ -183,19 +183,24 @@ class JsonlReader(Reader):
         return ".jsonl" in Path(path).name and not os.path.isdir(path)
 
     def check(self, path: str) -> None:
-        """An empty file, and a compressed one whose stream ends early (a partial download or copy): ``datasets``
-        would otherwise read what decompresses and silently drop the rest. One streaming pass over a .zst or
-        .gz file (about a second per GB of text); plain files cost a stat."""
+        """An empty file; a compressed one whose stream ends early (a partial download or copy: ``datasets`` would
+        read what decompresses and silently drop the rest); a line that is not a JSON object (pyarrow's JSON
+        reader, under ``datasets``, crashes the process on a file of ``null`` lines). One streaming pass
+        (about a second per GB of text)."""
         if os.path.getsize(path) == 0:
             raise DataError(f"{path}: empty file (no records)")
-        if path.endswith(".zst"):
-            total = _check_zstd(path)
-        elif path.endswith(".gz"):
-            total = _check_gzip(path)
-        else:
-            return
-        if total == 0:
-            raise DataError(f"{path}: empty file (no records once decompressed)")
+        chunks = _zstd_chunks(path) if path.endswith(".zst") else _gzip_chunks(path) if path.endswith(".gz") else \
+            _plain_chunks(path)  # fmt: skip
+        read: list[int] = []  # bytes of text per chunk
+        lines = 0
+        for lineno, start in _line_starts(read.append(len(c)) or c for c in chunks):
+            lines += 1
+            if start != b"{":
+                raise DataError(f"{path}:{lineno}: expected a JSON object (a line starting with '{{'), got a line "
+                                f"starting with {start!r}")  # fmt: skip
+        if lines == 0:
+            raise DataError(f"{path}: " + ("empty file (no records once decompressed)" if not sum(read) else
+                                           "no records (only blank lines)"))  # fmt: skip
 
     def dataset(self, path: str, cache_dir: str):
         import datasets
@@ -307,10 +312,15 @@ class ArrowReader(Reader):
 
     def rows(self, path: str) -> Iterator[tuple[int, int, dict]]:
         pos = 0
-        for batch in self._batches(path):
-            for rec in batch.to_pylist():
-                pos += 1
-                yield pos, _crc(rec), rec
+        try:
+            for batch in self._batches(path):
+                for rec in batch.to_pylist():
+                    pos += 1
+                    yield pos, _crc(rec), rec
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a file cut short or corrupt after its schema
+            raise DataError(f"{path}: row {pos + 1}: cannot be read ({' '.join(str(e).split())[:200]})") from None
 
 
 class SavedDatasetReader(Reader):
@@ -379,8 +389,14 @@ def open_bytes(path: str):
     return open(path, "rb")
 
 
-def _check_zstd(path: str, chunk: int = 1 << 20) -> int:
-    """Bytes of text in a (multi-frame) zstd file; DataError if corrupted or cut short."""
+def _plain_chunks(path: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            yield block
+
+
+def _zstd_chunks(path: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The text of a (multi-frame) zstd file; DataError if corrupted or cut short."""
     import zstandard
 
     total = 0
@@ -391,17 +407,18 @@ def _check_zstd(path: str, chunk: int = 1 << 20) -> int:
                 if d.eof:
                     d = zstandard.ZstdDecompressor().decompressobj()
                 try:
-                    total += len(d.decompress(block))
+                    text = d.decompress(block)
                 except zstandard.ZstdError as e:
                     raise DataError(f"{path}: corrupted zstd stream after {total:,} bytes of text ({e})") from None
+                total += len(text)
+                yield text
                 block = d.unused_data if d.eof else b""
         if not d.eof:
             raise _truncated(path, total)
-    return total
 
 
-def _check_gzip(path: str, chunk: int = 1 << 20) -> int:
-    """Bytes of text in a gzip file; DataError if corrupted or cut short."""
+def _gzip_chunks(path: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """The text of a gzip file; DataError if corrupted or cut short."""
     import gzip
 
     total = 0
@@ -409,11 +426,36 @@ def _check_gzip(path: str, chunk: int = 1 << 20) -> int:
         with gzip.open(path, "rb") as fh:
             while block := fh.read(chunk):
                 total += len(block)
+                yield block
     except EOFError:
         raise _truncated(path, total) from None
     except (OSError, zlib.error) as e:
         raise DataError(f"{path}: corrupted gzip stream after {total:,} bytes of text ({e})") from None
-    return total
+
+
+def _line_starts(chunks: Iterator[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, first non-blank byte) of every non-blank line of a text given in chunks (a UTF-8 BOM
+    at the start is not part of the first line)."""
+    lineno, at_start, first = 1, True, True
+    for chunk in chunks:
+        if first and chunk:
+            chunk, first = chunk.removeprefix(b"\xef\xbb\xbf"), False
+        i, n = 0, len(chunk)
+        while i < n:
+            if at_start:
+                while i < n and chunk[i] in b" \t\r":
+                    i += 1
+                if i == n:
+                    break
+                if chunk[i] == 10:  # a blank line
+                    lineno, i = lineno + 1, i + 1
+                    continue
+                yield lineno, chunk[i : i + 1]
+                at_start = False
+            j = chunk.find(b"\n", i)
+            if j < 0:
+                break
+            lineno, i, at_start = lineno + 1, j + 1, True
 
 
 def _truncated(path: str, total: int) -> DataError:

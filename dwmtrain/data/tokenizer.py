@@ -28,7 +28,21 @@ def _load(path: str, version: tuple) -> Tokenizer:
     if kind not in IMPLEMENTATIONS:
         known = "a sentencepiece .model, a Hugging Face tokenizer.json or a directory with one"
         raise DataError(f"tokenizer {path}: not a tokenizer dwmtrain reads ({known})")
-    return IMPLEMENTATIONS[kind](path)
+    try:
+        return IMPLEMENTATIONS[kind](path)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - sentencepiece and tokenizers say a bad file in their own types
+        first = " ".join(str(e).split())[:200]
+        raise DataError(
+            f"tokenizer {path}: cannot be read as {kind_name(kind)} ({type(e).__name__}: {first})"
+        ) from None
+
+
+def kind_name(kind: str) -> str:
+    return {".model": "a sentencepiece model", ".json": "a Hugging Face tokenizer.json"}.get(
+        kind, "a tokenizer directory"
+    )
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dwmtrain.checkpoint.state import read_marker
 from dwmtrain.errors import DWMTrainError
 from dwmtrain.eval.tasks import LAMBADA_TASK, PAPER_TASKS, check_data
 from dwmtrain.export import export_checkpoint, resolve_tag, run_config
@@ -46,7 +47,7 @@ def stage_end_checkpoints(run_dir: str | os.PathLike) -> tuple[list[StageCheckpo
     cfg = run_config(rd.root)
     ends: dict[int, StageCheckpoint] = {}
     for tag in rd.complete_tags():
-        m = json.loads(rd.marker(tag).read_text())
+        m = read_marker(rd.marker(tag))
         total = m.get("compat", {}).get("total_steps", cfg.stages.total_steps)
         if m.get("stage_boundary") or m["step"] == total:
             ends[m["stage"]] = StageCheckpoint(m["stage"], tag, m["step"])
@@ -76,7 +77,7 @@ def cache_key(rd: RunDir, ck: StageCheckpoint, tasks: list[str], shots: int, dat
         lm_eval_version = version("lm_eval")
     except PackageNotFoundError:
         lm_eval_version = "not installed"
-    marker = json.loads(rd.marker(ck.tag).read_text())
+    marker = read_marker(rd.marker(ck.tag))
     return {
         "checkpoint": ck.tag,
         "saved_at": marker.get("saved_at"),  # a checkpoint rewritten after a resume is a new one
@@ -145,7 +146,7 @@ def checkpoints_to_evaluate(rd: RunDir, checkpoint: str | None, log) -> list[Sta
     """``checkpoint`` alone, else every stage-end checkpoint (stages without one are said)."""
     if checkpoint:
         tag = resolve_tag(rd, checkpoint)
-        marker = json.loads(rd.marker(tag).read_text())
+        marker = read_marker(rd.marker(tag))
         return [StageCheckpoint(marker["stage"], tag, marker["step"])]
     cks, notes = stage_end_checkpoints(rd.root)
     for n in notes:

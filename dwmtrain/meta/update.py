@@ -192,7 +192,7 @@ def run_meta_update(
     t_in = time.time()
     timings = {"startup_s": t_in - started_at} if started_at else {}
     rd, mc = RunDir(cfg.run.run_dir), cfg.meta
-    state = RunState.from_marker(tag, json.loads(rd.marker(tag).read_text()))
+    state = RunState.read(rd.marker(tag))
     alpha = alpha or lookahead_lr(cfg, state.scheduler_steps)  # skipped steps did not advance the LR
     # the reference modes differentiate twice / forward-mode through attention: eager kernels only
     attn = "eager" if mc.grad_mode in ("jvp", "unrolled") else cfg.model.attn_implementation

@@ -31,7 +31,7 @@ import numpy as np
 from dwmtrain.data.parts import assign_files, parse_part, part_name, part_started, parts_count
 from dwmtrain.data.readers import SLIMPAJAMA, Fields, expand_inputs
 from dwmtrain.errors import DataError
-from dwmtrain.fileio import atomic_dir, atomic_write_text
+from dwmtrain.fileio import atomic_dir, atomic_write_text, read_json_object
 from dwmtrain.select.driver import (
     MAX_EXAMPLES,
     METHODS,
@@ -57,13 +57,6 @@ def parts_dir(out: str | os.PathLike) -> Path:
 
 def part_dir(out, i: int, n: int) -> Path:
     return parts_dir(out) / part_name(i, n)
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class Parts:
@@ -92,12 +85,12 @@ class Parts:
 
     def scanned(self, i: int, n: int) -> dict | None:
         """Part I's scan.json if it is complete and made from this selection's inputs and settings."""
-        info = _read(part_dir(self.out, i, n) / SCAN)
+        info = read_json_object(part_dir(self.out, i, n) / SCAN)
         want = self.marker(i, n)
         return info if info is not None and {k: info.get(k) for k in want} == want else None
 
     def weighed(self, i: int, n: int) -> bool:
-        return _read(part_dir(self.out, i, n) / WEIGHTS) == self.marker(i, n)
+        return read_json_object(part_dir(self.out, i, n) / WEIGHTS) == self.marker(i, n)
 
     def complete(self, i: int, n: int) -> bool:
         return self.scanned(i, n) is not None and (not self.scorer.two_pass or self.weighed(i, n))
@@ -198,8 +191,9 @@ def merge_selection(method: str, inputs, out, *, budget_tokens: int | None = Non
     for j in range(n):
         info = ps.scanned(j, n)
         if info is None:
-            what = "missing or unfinished" if _read(part_dir(ps.out, j, n) / SCAN) is None else "made from other " \
-                "inputs, tokenizer, fields or method settings than this merge's"  # fmt: skip
+            unread = read_json_object(part_dir(ps.out, j, n) / SCAN) is None
+            what = "missing or unfinished" if unread else \
+                "made from other inputs, tokenizer, fields or method settings than this merge's"  # fmt: skip
             raise DataError(f"{part_dir(ps.out, j, n)}: part {j}/{n} is {what}; run select {method} --part {j}/{n} "
                             "with the merge's inputs and options, then the merge")  # fmt: skip
         infos.append(info)
@@ -265,12 +259,15 @@ def selection_status(out: str) -> list[str]:
     lines = []
     for i in range(n):
         d = part_dir(out, i, n)
-        info = _read(d / SCAN)
+        info = read_json_object(d / SCAN)
         if info is None:
             lines.append(f"part {i}/{n}: {'started, not finished' if part_started(d) else 'not started'}")
             continue
+        docs, secs = info.get("documents"), info.get("seconds", 0)
+        if type(docs) is not int or type(secs) not in (int, float):
+            lines.append(f"part {i}/{n}: {d / SCAN} is not a scan marker dwmtrain wrote: remove {d} and rerun the part")
+            continue
         two = METHODS[info["method"]].two_pass if info.get("method") in METHODS else False
         state = "complete" if not two or (d / WEIGHTS).is_file() else "scanned, not weighed yet"
-        rate = info["documents"] / max(info.get("seconds", 0), 1e-9)
-        lines.append(f"part {i}/{n}: {state} ({info['documents']:,} documents, scanned at {rate:,.0f} docs/s)")
+        lines.append(f"part {i}/{n}: {state} ({docs:,} documents, scanned at {docs / max(secs, 1e-9):,.0f} docs/s)")
     return lines
