@@ -523,6 +523,7 @@ def test_checkpoint_markers_and_latest_resume_or_name_the_checkpoint(marker, raw
 @example(marker=b"", which="prepare", name="part-0000-of-0002")  # JSONDecodeError escaped the merge
 @fuzz(40)
 def test_part_markers_are_reported_or_refused_by_name(marker, which, name):
+    TRIED["part markers"] += 1
     with tempfile.TemporaryDirectory() as d:
         src = Path(d, "in.jsonl")
         src.write_text("".join(json.dumps({"text": f"document {i} " * 30}) + "\n" for i in range(6)))
