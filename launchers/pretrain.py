@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dwmtrain.launch.pretrain import main  # noqa: E402
 from dwmtrain.entry import main_entry  # noqa: E402
+from dwmtrain.launch.pretrain import main  # noqa: E402
 
 if __name__ == "__main__":
     main_entry(main)
