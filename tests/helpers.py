@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dwmtrain.distributed.rendezvous import free_port  # noqa: F401 - the tests' free port, the package's
 from dwmtrain.procs import alive, stat_fields  # noqa: F401 - alive: the tests' liveness check, the package's
-from dwmtrain.rendezvous import free_port  # noqa: F401 - the tests' free port, the package's
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,3 +111,26 @@ def wandb_history(records: list) -> list[dict]:
         if r.WhichOneof("record_type") == "history":
             rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
     return rows
+
+
+def stage_boundary(cfg, rd, expect_sha=None, tokenizer_sha: str = "", starts=(0, 10, 20, 30, 40), arch=None):
+    """A ``StageBoundary`` of one CPU rank (stage K starts at step 10 (K - 1)), for the boundary's unit tests."""
+    import torch
+
+    from dwmtrain.distributed import Dist
+    from dwmtrain.models.dwm import DWMArch
+    from dwmtrain.stages.boundary import BoundaryInputs, StageBoundary
+
+    d = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu")
+    return StageBoundary(
+        BoundaryInputs(
+            cfg=cfg,
+            d=d,
+            rd=rd,
+            arch=arch or DWMArch("tiny", 512, 32),
+            dtype=torch.float32,
+            starts=list(starts),
+            tokenizer_sha=tokenizer_sha,
+            expect_sha=expect_sha or {},
+        )
+    )

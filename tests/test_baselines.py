@@ -8,13 +8,16 @@ import math
 import pytest
 import torch
 
+from dwmtrain.checkpoint.dwm_file import DWMFileError, save_dwm
 from dwmtrain.config import load_config
 from dwmtrain.distributed import Dist
-from dwmtrain.models.dwm import DataWeightingModel, DWMArch, DWMFileError, save_dwm
-from dwmtrain.models.loss import loss_rule_weights, per_sample_loss, weighted_loss
+from dwmtrain.models.dwm import DataWeightingModel, DWMArch
+from dwmtrain.models.loss import per_sample_loss, weighted_loss
+from dwmtrain.models.weights import loss_rule_weights
 from dwmtrain.rundir import RunDir
-from dwmtrain.stages.handoff import StageHandoff
 from dwmtrain.stages.weighting import FrozenDWM, LossReweighting, LossRule, Uniform
+
+from .helpers import stage_boundary
 
 ARCH = DWMArch("tiny", 512, 32)
 D = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu")
@@ -73,29 +76,28 @@ def test_the_lm_head_weighs_a_micro_batch_by_its_own_losses_in_one_forward():
     assert weighted_loss(ref_losses, w).item() == pytest.approx(loss.item())
 
 
-def handoff(tmp_path, *ov):
+def boundary_of(tmp_path, *ov):
     cfg = load_config(None, [f"run.run_dir={tmp_path}", *ov])
-    return StageHandoff(cfg, D, ARCH, torch.float32, RunDir(tmp_path))
+    return stage_boundary(cfg, RunDir(tmp_path))
 
 
 def test_loss_reweighting_is_uniform_for_its_burn_in_then_a_rule_every_stage(tmp_path):
-    h = handoff(tmp_path, "meta.mode=loss_reweight", "stages.total_steps=200", "meta.loss_rule=quadratic")
+    h = boundary_of(tmp_path, "meta.mode=loss_reweight", "stages.total_steps=200", "meta.loss_reweight.rule=quadratic")
     x = torch.zeros(8, 32, dtype=torch.long)
     for stage in (1, 3):
-        w = h.for_stage(stage, None)
+        w = h.for_stage(stage)
         assert isinstance(w, LossReweighting) and w.version == "loss:quadratic:t1:from10" and w.from_step == 10
         assert torch.equal(w(x, list(range(8)), step=9), torch.ones(8))
         rule = w(x, list(range(8)), step=10)
         assert isinstance(rule, LossRule) and (rule.rule, rule.temperature) == ("quadratic", 1.0)
     nan = w(x, list(range(8)), step=10) * float("nan")  # the non-finite fault reaches a rule's weights too
     assert torch.isnan(nan(torch.arange(8.0))).all()
-    with pytest.raises(Exception, match=r"micro_batch_size=1 must be >= 2"):
-        handoff(tmp_path, "meta.mode=loss_reweight", "deepspeed.micro_batch_size=1", "deepspeed.global_batch_size=1"
-                ).for_stage(1, None)  # fmt: skip
+    with pytest.raises(Exception, match=r"micro_batch_size=1: meta.mode=loss_reweight weighs the samples"):
+        load_config(None, ["meta.mode=loss_reweight", "deepspeed.micro_batch_size=1", "deepspeed.global_batch_size=1"])
     cfg = load_config(None, ["meta.mode=loss_reweight"])
     assert not cfg.meta.uses_dwm and load_config(None, []).meta.uses_dwm
-    with pytest.raises(Exception, match=r"meta.loss_rule"):
-        load_config(None, ["meta.mode=loss_reweight", "meta.loss_rule=top"])
+    with pytest.raises(Exception, match=r"meta.loss_reweight.rule"):
+        load_config(None, ["meta.mode=loss_reweight", "meta.loss_reweight.rule=top"])
 
 
 def _dwm_file(path, arch=ARCH, seed=0):
@@ -112,8 +114,8 @@ def test_a_warm_start_weighs_stage_1_and_seeds_the_first_meta_update(tmp_path):
     m, meta = _dwm_file(RunDir(proxy).dwm(3))
     _dwm_file(RunDir(proxy).dwm(2), seed=1)
     for spec in (str(proxy), str(RunDir(proxy).dwm(3))):  # a run directory (its newest DWM), or the file
-        h = handoff(tmp_path / "run", "meta.mode=bilevel", f"meta.init_dwm={spec}")
-        w = h.for_stage(1, None)
+        h = boundary_of(tmp_path / "run", "meta.mode=bilevel", f"meta.init_dwm={spec}")
+        w = h.for_stage(1)
         assert isinstance(w, FrozenDWM) and w.info["sha256"] == meta["sha256"]
         x = torch.randint(0, 512, (8, 32))
         torch.testing.assert_close(w(x, list(range(8))), m.eval()(x))
@@ -121,15 +123,17 @@ def test_a_warm_start_weighs_stage_1_and_seeds_the_first_meta_update(tmp_path):
         fitted, how = initial_dwm(cfg, ARCH, 2, RunDir(tmp_path / "run"), {})
         assert how == f"continued from {RunDir(proxy).dwm(3)}"
         assert all(torch.equal(a, b) for a, b in zip(fitted.state_dict().values(), m.state_dict().values()))
-    assert isinstance(handoff(tmp_path / "cold", "meta.mode=bilevel").for_stage(1, None), Uniform)
+    assert isinstance(boundary_of(tmp_path / "cold", "meta.mode=bilevel").for_stage(1), Uniform)
     cfg = load_config(None, [f"run.run_dir={tmp_path / 'run'}", "meta.mode=bilevel"])  # the warm start dropped on
-    resumed = StageHandoff(cfg, D, ARCH, torch.float32, RunDir(tmp_path / "run"), {1: meta["sha256"]})  # a resume
+    resumed = stage_boundary(cfg, RunDir(tmp_path / "run"), {1: meta["sha256"]})  # a resume
     with pytest.raises(Exception, match=r"stage 1 was weighed by a DWM .*set meta.init_dwm"):
-        resumed.for_stage(1, None)
+        resumed.for_stage(1)
 
 
 def test_a_warm_start_of_another_architecture_or_nothing_is_refused_in_one_line(tmp_path):
-    from dwmtrain.preflight import init_dwm_problems
+    from dwmtrain.stages.modes import BilevelMode
+
+    init_dwm_problems = BilevelMode().problems
 
     other = tmp_path / "other.safetensors"
     _dwm_file(other, DWMArch("tiny", 512, 32, attn_heads=2))
@@ -137,7 +141,7 @@ def test_a_warm_start_of_another_architecture_or_nothing_is_refused_in_one_line(
     problems = init_dwm_problems(cfg)
     assert len(problems) == 1 and "another DWM architecture" in problems[0] and str(other) in problems[0]
     with pytest.raises(DWMFileError):  # and at the start of the run, before stage 1 is weighed
-        handoff(tmp_path / "run", "meta.mode=bilevel", f"meta.init_dwm={other}").for_stage(1, None)
+        boundary_of(tmp_path / "run", "meta.mode=bilevel", f"meta.init_dwm={other}").for_stage(1)
     missing = load_config(None, [f"meta.init_dwm={tmp_path / 'nowhere'}"])
     assert "neither a DWM file nor a run directory" in init_dwm_problems(missing)[0]
     with pytest.raises(Exception, match=r"meta.init_dwm.*goes with meta.mode=bilevel"):

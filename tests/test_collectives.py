@@ -65,7 +65,7 @@ def _step_stats(d):
 
 
 def test_step_statistics_reduce_over_ranks():
-    from dwmtrain.models.dwm import weight_stats
+    from dwmtrain.models.weights import weight_stats
 
     r0, r1 = run_distributed(_step_stats)
     assert r0 == r1

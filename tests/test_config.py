@@ -180,13 +180,11 @@ def test_stage_schedule():
 
 
 def _dry_run(*args, world="1"):
-    import os
     import subprocess
     import sys
 
-    env = dict(os.environ, WORLD_SIZE=world)
-    return subprocess.run([sys.executable, "-m", "dwmtrain.launch.pretrain", "--dry-run", *args],
-                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "dwmtrain", "train", "--dry-run", "--gpus-per-node", world, *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
 def test_dry_run_checks_what_the_config_points_at(tmp_path, prepared, sp_model):
@@ -195,12 +193,32 @@ def test_dry_run_checks_what_the_config_points_at(tmp_path, prepared, sp_model):
     assert p.returncode == 2 and "Traceback" not in p.stderr and "model:" not in p.stdout
     for field in ("data.train_data=", "data.tokenizer=", "data.lambada_path="):
         assert field in p.stderr
-    p = _dry_run("--config", "tiny", f"data.train_data={prepared}", "meta.mode=fixed", f"meta.dwm_path={tmp_path}/w")
-    assert p.returncode == 2 and "meta.dwm_path: DWM file" in p.stderr and "not found" in p.stderr
+    p = _dry_run(
+        "--config", "tiny", f"data.train_data={prepared}", "meta.mode=fixed", f"meta.fixed.dwm_path={tmp_path}/w"
+    )
+    assert p.returncode == 2 and "meta.fixed.dwm_path: DWM file" in p.stderr and "not found" in p.stderr
     p = _dry_run("--config", "tiny", f"data.train_data={prepared}", "model.vocab_size=512")
     assert p.returncode == 2 and "4096 pieces but model.vocab_size=512" in p.stderr
     p = _dry_run("--config", "tiny", f"data.train_data={prepared}", "data.seq_len=64")
     assert p.returncode == 0 and "train_batch_size" in p.stdout
+    p = _dry_run("--config", "tiny", f"data.train_data={prepared}", "data.seq_len=128")  # prepared at 64
+    assert p.returncode == 2 and "prepared with seq_len=64, but data.seq_len=128" in p.stderr
+    p = _dry_run("--config", "tiny", f"data.train_data={prepared}", "data.lambada_path=/nowhere/l.jsonl")
+    assert p.returncode == 2 and "tools/fetch_eval_data.py" in p.stderr and "data.val_source=heldout" in p.stderr
+    assert p.stderr.count("error (") == 1  # one process: said once
+
+
+def test_train_refuses_a_mistyped_flag_before_anything_is_launched(capsys):
+    from dwmtrain.launch.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--nprocs", "2", "--config", "tiny"])
+    assert e.value.code == 2 and "unrecognized arguments: --nprocs" in capsys.readouterr().err
+    assert main(["train", "--nproc", "2", "--config", "tiny", "stages.num_stages"]) == 2  # not key=value
+    assert "stages.num_stages: not an option of a training run nor a key=value override" in capsys.readouterr().err
+    assert main(["train", "--nproc", "2", "--config", "tiny", "--run-dir", "/tmp/x", "--print-only"]) == 0
+    cmd = capsys.readouterr().out
+    assert "--num_gpus 2 --module dwmtrain.launch.pretrain --config tiny --run-dir /tmp/x" in cmd
 
 
 def test_config_errors_come_before_the_resolved_config_and_name_the_field_set(prepared):

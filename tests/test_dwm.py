@@ -4,16 +4,9 @@ import math
 import pytest
 import torch
 
-from dwmtrain.models.dwm import (
-    DataWeightingModel,
-    DWMArch,
-    DWMFileError,
-    load_dwm,
-    load_dwm_state,
-    normalize_weights,
-    save_dwm,
-    weight_stats,
-)
+from dwmtrain.checkpoint.dwm_file import DWMFileError, load_dwm, load_dwm_state, save_dwm
+from dwmtrain.models.dwm import DataWeightingModel, DWMArch
+from dwmtrain.models.weights import normalize_weights, weight_stats
 
 ARCH = DWMArch("tiny", 512, 32)
 
@@ -198,7 +191,7 @@ def test_backbone_init_from_lm():
 
 
 def test_log_weight_spread_and_oracle_weights():
-    from dwmtrain.models.dwm import log_weight_spread, oracle_weights
+    from dwmtrain.models.weights import log_weight_spread, oracle_weights
 
     assert log_weight_spread(torch.ones(8)).item() == pytest.approx(0.0, abs=1e-12)
     w = torch.tensor([2.0, 0.5, 2.0, 0.5, 2.0, 0.5, 2.0, 0.5])

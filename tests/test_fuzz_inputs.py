@@ -94,7 +94,7 @@ def outcome(fmt: str, call, names: tuple[str, ...], keep: tuple[Path, ...] = ())
 
 def cli(*argv: str) -> tuple[int, str]:
     """``dwmtrain ARGV`` in process: (exit code, what it wrote to stderr)."""
-    from dwmtrain.cli import main
+    from dwmtrain.launch.cli import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), bounded():
@@ -402,7 +402,8 @@ def test_configs_and_overrides_load_or_name_the_field(doc, overrides, raw):
 
 
 def _dwm_file(d: Path):
-    from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm
+    from dwmtrain.checkpoint.dwm_file import save_dwm
+    from dwmtrain.models.dwm import DataWeightingModel, DWMArch
 
     arch = DWMArch("tiny", 512, 32)
     torch.manual_seed(0)
@@ -429,7 +430,7 @@ JSONISH = st.recursive(
 )
 @fuzz(60)
 def test_dwm_files_and_sidecars_load_or_name_the_file(target, how, at, key, value, raw):
-    from dwmtrain.models.dwm import load_dwm_state, meta_path
+    from dwmtrain.checkpoint.dwm_file import load_dwm_state, meta_path
 
     with tempfile.TemporaryDirectory() as d:
         arch, path = _dwm_file(Path(d))

@@ -97,14 +97,8 @@ def _assert_lm_eval_builds_the_same_requests(model_dir, tok_dir, items) -> None:
 
 
 def test_a_dwm_of_another_tokenizer_is_refused_naming_both(tmp_path, hf_tok):
-    from dwmtrain.models.dwm import (
-        DataWeightingModel,
-        DWMArch,
-        DWMFileError,
-        check_dwm_tokenizer,
-        read_dwm_meta,
-        save_dwm,
-    )
+    from dwmtrain.checkpoint.dwm_file import DWMFileError, check_dwm_tokenizer, read_dwm_meta, save_dwm
+    from dwmtrain.models.dwm import DataWeightingModel, DWMArch
 
     sp = load_tokenizer(SP_MODEL)
     path = tmp_path / "w.safetensors"

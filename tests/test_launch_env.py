@@ -2,7 +2,7 @@
 
 import pytest
 
-from dwmtrain.rendezvous import LOOPBACK, expand_hostlist, rendezvous_env, slurm_port, tasks_on_node
+from dwmtrain.distributed.rendezvous import LOOPBACK, expand_hostlist, rendezvous_env, slurm_port, tasks_on_node
 
 
 def test_hostlists_and_tasks_per_node():

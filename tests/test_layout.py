@@ -92,3 +92,12 @@ def test_no_function_is_longer_than_a_reader_holds():
 def test_the_cycle_check_sees_a_circle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_pyproject_lists_every_package_of_the_tree():
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(p) for p in PKG.rglob("__init__.py")}
+    assert listed == found | {"dwmtrain.ds_configs"}, f"pyproject's packages differ: {sorted(listed ^ found)}"
+    assert (REPO / "ds_configs" / "zero3.json").is_file() and not (PKG / "ds_configs").exists()  # one copy

@@ -13,7 +13,7 @@ import pytest
 
 from .helpers import REPO, alive, ppid, wait_until
 
-# A stand-in for the meta job's worker: the same guard dwmtrain.meta.job installs.
+# A stand-in for the meta job's worker: the same guard dwmtrain.launch.meta_job installs.
 WORKER = """
 import os, sys, time
 from dwmtrain.procs import exit_with_parent
@@ -24,7 +24,7 @@ os.replace(sys.argv[1] + ".tmp", sys.argv[1])
 time.sleep(120)
 """
 
-# A stand-in for the trainer rank that starts the job at a boundary (stages.handoff calls run_meta_job).
+# A stand-in for the trainer rank that starts the job at a boundary (stages.boundary calls run_meta_job).
 TRAINER = """
 import sys
 from pathlib import Path

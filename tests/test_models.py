@@ -96,7 +96,7 @@ def test_the_fused_loss_equals_the_logits_path_for_each_architecture_tied_and_gq
 
 def test_describe_model_cli():
     out = subprocess.run(
-        [sys.executable, "-m", "dwmtrain.cli", "describe-model", "1.3b"],
+        [sys.executable, "-m", "dwmtrain", "describe-model", "1.3b"],
         capture_output=True,
         text=True,
         check=True,

@@ -32,8 +32,9 @@ def same_dataset(a: Path, b: Path) -> None:
 
 
 def test_four_parts_and_a_merge_equal_one_prepare_and_a_rerun_skips_complete_parts(tmp_path, capsys):
-    from dwmtrain.cli import main
-    from dwmtrain.data.parts import assign_files, assign_slices, part_status
+    from dwmtrain.arrays import assign_files, assign_slices
+    from dwmtrain.data.parts import part_status
+    from dwmtrain.launch.cli import main
 
     src = pool(tmp_path / "pool")
     common = ["prepare-data", "--input", str(src), "--tokenizer", str(SP_MODEL), "--seq-len", "64",
@@ -62,7 +63,8 @@ def test_four_parts_and_a_merge_equal_one_prepare_and_a_rerun_skips_complete_par
 
 
 def test_a_part_of_other_inputs_is_refused_and_a_bad_part_spec_is_a_clear_error(tmp_path):
-    from dwmtrain.data.parts import merged_tokenized, parse_part, prepare_part
+    from dwmtrain.arrays import parse_part
+    from dwmtrain.data.parts import merged_tokenized, prepare_part
 
     src = pool(tmp_path / "pool", files=2, docs=90)
     out = str(tmp_path / "out")
@@ -81,8 +83,8 @@ def test_a_part_of_other_inputs_is_refused_and_a_bad_part_spec_is_a_clear_error(
 def test_a_pool_of_fewer_files_than_parts_is_cut_into_row_ranges(tmp_path, capsys):
     """Two files, four parts: each file in row ranges (one part tokenizes each range), and the merge packs the
     dataset one prepare-data writes."""
-    from dwmtrain.cli import main
-    from dwmtrain.data.parts import assign_slices
+    from dwmtrain.arrays import assign_slices
+    from dwmtrain.launch.cli import main
 
     src = pool(tmp_path / "pool", files=2, docs=90)  # 40 and 50 documents
     common = ["prepare-data", "--input", str(src), "--tokenizer", str(SP_MODEL), "--seq-len", "64",

@@ -10,7 +10,7 @@ import torch
 from dwmtrain.config import load_config
 from dwmtrain.plan import make_plan, parse_device
 from dwmtrain.plan import memory as mem
-from dwmtrain.plan.planner import first_fix
+from dwmtrain.plan.planner import Fix, first_fix
 
 from .spawn import run_distributed
 
@@ -61,13 +61,36 @@ def test_the_8b_run_fits_4x8_h100_and_its_meta_job_fits_too():
 
 
 def test_a_run_that_does_not_fit_names_the_first_change_that_does():
-    cfg = load_config("experiments/scale/llama3.1-8b_4x8h100", ["model.activation_checkpointing=0",
-                                                                 "deepspeed.micro_batch_size=8"])  # fmt: skip
+    cfg = load_config("experiments/scale/llama3.1-8b_4x8h100", ["model.activation_checkpointing=0"])
     dev = parse_device("h100")
     p = make_plan(cfg, 4, 8, dev)
-    assert not p.fits
-    label, fixed = first_fix(cfg, 4, 8, dev)
-    assert label == "model.activation_checkpointing=1" and fixed.fits
+    assert p.fits and p.meta_over  # training fits; the meta job's lookahead does not
+    fix = first_fix(cfg, 4, 8, dev)
+    assert fix.label == "model.activation_checkpointing=1" and fix.plan.fits and not fix.plan.meta_over
+    assert not fix.alters
+
+
+def test_the_planner_keeps_the_method_first_and_says_when_only_a_change_of_it_fits():
+    """Activation checkpointing, the meta job's dtype, offload and more nodes come before a smaller micro-batch,
+    which for a weighted run changes what the DWM weighs (never down to 1: every weight would be 1); the verdict
+    says so. The bundled llama3.2-1b config fits 8 x H100 as shipped."""
+    from dwmtrain.plan import verdict
+    from dwmtrain.plan.planner import _candidates
+
+    h100 = parse_device("h100")
+    p = make_plan(load_config("llama3.2-1b"), 1, 8, h100)
+    assert p.fits and not p.meta_over and verdict(p).startswith("plan: FITS on 1 x 8 H100 80GB")
+    off = load_config("llama3.2-1b", ["model.activation_checkpointing=0"])
+    said = verdict(make_plan(off, 1, 8, h100), first_fix(off, 1, 8, h100))
+    assert "first change that fits: model.activation_checkpointing=1" in said
+    labels = [label for label, _, _, alters in _candidates(off, 1)]
+    assert labels.index("model.activation_checkpointing=1") < labels.index("--nodes 2")
+    mb = [(label, alters) for label, _, _, alters in _candidates(off, 1) if "micro_batch" in label]
+    assert [label for label, _ in mb] == ["deepspeed.micro_batch_size=4", "deepspeed.micro_batch_size=2"]
+    assert labels.index("--nodes 16") < labels.index(mb[0][0]) and "weighs 4 samples" in mb[0][1]
+    small = make_plan(load_config("llama3.2-1b", ["deepspeed.micro_batch_size=4"]), 1, 8, h100)
+    assert "and it CHANGES THE METHOD: the DWM then weighs 4" in verdict(make_plan(off, 1, 8, h100),
+                                                                        Fix(*mb[0][:1], small, mb[0][1]))  # fmt: skip
 
 
 def test_a_device_the_planner_does_not_know_is_a_clear_error():
@@ -115,7 +138,7 @@ def test_the_plans_memory_is_within_a_quarter_of_the_measured_peak(preset, layou
     """The planner's per-process total on CPU ranks (fp32) against the measured peak RSS of each of 2 ranks
     (ZeRO-3, or tensor parallel over both with ZeRO-1), started with the allocator setting `dwmtrain train` gives
     CPU ranks."""
-    from dwmtrain.cli import CPU_MALLOC_ENV
+    from dwmtrain.launch.cli import CPU_MALLOC_ENV
 
     for k, v in CPU_MALLOC_ENV.items():
         monkeypatch.setenv(k, v)  # the spawned ranks start with it
@@ -130,11 +153,9 @@ def test_dry_run_ends_with_the_plans_verdict(monkeypatch, capsys):
     /data and /models on the cluster, are not checked here)."""
     import dwmtrain.launch.pretrain as pretrain
 
-    monkeypatch.setenv("WORLD_SIZE", "32")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    monkeypatch.setenv("DWMTRAIN_GPU", "h100")
     monkeypatch.setattr(pretrain, "check_inputs", lambda cfg: None)
-    assert pretrain.main(["--config", "experiments/scale/llama3.1-8b_4x8h100", "--dry-run"]) == 0
+    hw = ["--nodes", "4", "--gpus-per-node", "8", "--gpu", "h100"]
+    assert pretrain.main(["--config", "experiments/scale/llama3.1-8b_4x8h100", "--dry-run", *hw]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("# plan: FITS on 4 x 8 H100 80GB: peak ")
     text = "\n".join(out)
@@ -142,7 +163,7 @@ def test_dry_run_ends_with_the_plans_verdict(monkeypatch, capsys):
 
 
 def test_plan_command_prints_the_table_and_the_verdict(capsys):
-    from dwmtrain.cli import main
+    from dwmtrain.launch.cli import main
 
     assert main(["plan", "--config", "paper_370m", "--nodes", "1", "--gpus-per-node", "8", "--gpu", "h100"]) == 0
     out = capsys.readouterr().out

@@ -18,9 +18,11 @@ from dwmtrain.analysis.cli import register
 from dwmtrain.analysis.preferences import write_outputs
 from dwmtrain.analysis.scoring import choose_samples, score_dataset
 from dwmtrain.analysis.stats import StageScores, compute_preferences, rankdata, spearman, within_batch_spearman
+from dwmtrain.checkpoint.dwm_file import load_dwm, save_dwm
 from dwmtrain.data.dataset import TokenDataset
 from dwmtrain.errors import DWMTrainError
-from dwmtrain.models.dwm import DataWeightingModel, DWMArch, load_dwm, normalize_weights, save_dwm
+from dwmtrain.models.dwm import DataWeightingModel, DWMArch
+from dwmtrain.models.weights import normalize_weights
 from dwmtrain.rundir import RunDir
 from tests.conftest import CORPUS, SP_MODEL
 
@@ -198,7 +200,7 @@ def test_score_in_three_parts_and_a_merge_writes_what_one_score_writes(run_dir, 
     assert p.returncode == 0 and "part 1/3: scored samples 32..63" in p.stdout, p.stderr[-2000:]
     run_cli([*out, "--part", "1/3"])
     assert "part 1/3 is complete" in capsys.readouterr().out
-    with pytest.raises(DataError, match=r"part 0/3 was scored with another DWM, data, samples or options"):
+    with pytest.raises(DataError, match=r"part 0/3 was made from other DWM, data, samples or options"):
         run_cli([*base[:-1], "6", "--out", str(tmp_path / "s.parquet"), "--merge"])  # another seed: other samples
     p = subprocess.run(["bash", str(script), "merge", *out[1:]], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "merged 96 scored heldout samples" in p.stdout, p.stderr[-2000:]

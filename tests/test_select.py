@@ -14,6 +14,7 @@ import zstandard
 
 from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.errors import DataError
+from dwmtrain.launch.cli import main
 from dwmtrain.select import (
     dsir_features,
     fit_ngram_dist,
@@ -26,7 +27,7 @@ from dwmtrain.select import (
     take_budget,
     words,
 )
-from dwmtrain.select.cli import main, register
+from dwmtrain.select.cli import register
 
 from .conftest import SP_MODEL, corpus_records, write_jsonl
 

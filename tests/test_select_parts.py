@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dwmtrain.cli import main
+from dwmtrain.launch.cli import main
 from dwmtrain.select import report_path
 
 from .conftest import SP_MODEL, corpus_records, write_jsonl
@@ -91,7 +91,7 @@ def test_dsir_weights_wait_for_every_scan_and_the_merge_names_a_missing_or_forei
     for i in range(1, 4):
         assert main([*argv, "--part", f"{i}/4"]) == 0
     assert main([*other, "--merge"]) == 2  # parts of other settings: refused, not merged
-    assert "part 0/4 is made from other inputs, tokenizer, fields or method settings" in capsys.readouterr().err
+    assert "part 0/4 was made from other inputs, tokenizer, fields or method settings" in capsys.readouterr().err
     assert not out.exists()
 
 

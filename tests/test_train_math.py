@@ -60,7 +60,7 @@ def test_domain_oracle_zeroes_the_dropped_domain(prepared):
     w = DomainOracle(ds, [drop]).weights(idx)
     keep = [ds.domain(i) != drop for i in idx]
     assert [bool(x) for x in w] == keep and w.sum().item() == pytest.approx(8 if any(keep) else 0)
-    with pytest.raises(ConfigError, match="meta.oracle_drop"):
+    with pytest.raises(ConfigError, match="meta.oracle.drop"):
         DomainOracle(ds, ["no-such-domain"])
 
 
@@ -69,7 +69,7 @@ def test_experiment_configs_inherit_their_base(tmp_path):
 
     base = load_config("paper_370m")
     cfg = load_config("experiments/paper/dsir_dwm")
-    assert (cfg.meta.mode, cfg.meta.dwm_run, cfg.data.train_data) == (
+    assert (cfg.meta.mode, cfg.meta.transfer.dwm_run, cfg.data.train_data) == (
         "transfer",
         "/ckpt/370m-random_dwm",
         "/data/sp-dsir-1024",
@@ -128,7 +128,7 @@ def test_the_lm_returns_the_weighted_objective_without_logits():
 
 
 def test_step_statistics_stay_on_the_device_until_reduced(monkeypatch):
-    from dwmtrain.models.dwm import weight_stats
+    from dwmtrain.models.weights import weight_stats
     from dwmtrain.train.loop import StepStats
 
     mbs = [(torch.tensor([2.0, 4.0]), torch.tensor([0.5, 1.5])), (torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0]))]

@@ -639,7 +639,7 @@ def bench_select(a) -> list[str]:
     # "whole": the same command with one bucket for every rank, i.e. all the selected text in memory at once
     whole = (
         "import functools, sys; from dwmtrain.select import driver; driver.write_selected = functools.partial("
-        "driver.write_selected, bucket=10**12); from dwmtrain.cli import main; sys.exit(main(sys.argv[1:]))"
+        "driver.write_selected, bucket=10**12); from dwmtrain.launch.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     peaks, sizes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -647,7 +647,7 @@ def bench_select(a) -> list[str]:
         pool.write_bytes(raw)
         for variant, b in ((None, budgets[0]), (None, budgets[1]), ("whole", budgets[1])):
             out = Path(tmp) / f"sel-{b}-{variant}.jsonl"
-            entry = ["-c", whole] if variant else ["-m", "dwmtrain.cli"]
+            entry = ["-c", whole] if variant else ["-m", "dwmtrain"]
             cmd = [sys.executable, *entry, "select", "random", "--input", str(pool), "--out", str(out),
                    "--budget-docs", str(b), "--seed", "1"]  # fmt: skip
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
@@ -670,8 +670,8 @@ def bench_select(a) -> list[str]:
 def bench_build(a) -> list[str]:
     import torch.multiprocessing as mp
 
+    from dwmtrain.distributed.rendezvous import free_port
     from dwmtrain.models.spec import ModelSpec
-    from dwmtrain.rendezvous import free_port
 
     full = ModelSpec.from_preset(a.preset).num_parameters() * 4 / 2**20  # fp32 MiB
     res = {}

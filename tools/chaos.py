@@ -67,8 +67,8 @@ def overrides(args, data: Path) -> list[str]:
             f"meta.steps={args.meta_steps}", f"meta.launch={args.meta}", "run.threads_per_rank=1"]  # fmt: skip
 
 
+from dwmtrain.distributed.rendezvous import free_port  # noqa: E402
 from dwmtrain.procs import stat_fields  # noqa: E402
-from dwmtrain.rendezvous import free_port  # noqa: E402
 
 SLURM_WAIT = """j=$(sbatch --parsable "$@") || exit 2
 echo "[chaos] submitted job $j"
@@ -187,7 +187,7 @@ def run_processes(run_dir: Path) -> list[dict]:
             continue
         state = fields[0]
         argv, kind = cl.split(b"\0"), "launcher"  # deepspeed's runner and launch, pdsh, ssh, torchrun, srun
-        if b"dwmtrain.meta.job" in cl and b"torch.distributed.run" not in cl and b"RANK" in env:
+        if b"dwmtrain.launch.meta_job" in cl and b"torch.distributed.run" not in cl and b"RANK" in env:
             kind = "meta"  # a meta-update job's worker
         elif any(a.endswith(b"pretrain.py") for a in argv) and any(a.startswith(b"--local_rank") for a in argv):
             kind = "rank"

@@ -99,7 +99,7 @@ def free_port() -> int:
 
 def rank_cmd(o: Outcome, run_dir: Path, data: Path) -> list[str]:
     if o.job == "meta":
-        return [sys.executable, "-m", "dwmtrain.meta.job", "--run-dir", str(run_dir), "--stage", "2"]
+        return [sys.executable, "-m", "dwmtrain.launch.meta_job", "--run-dir", str(run_dir), "--stage", "2"]
     base = [f"data.train_data={data}", "stages.total_steps=4", "stages.num_stages=1", "run.checkpoint_every=2",
             "run.threads_per_rank=1", "run.dist_timeout_s=4", "run.tensorboard=false"]  # fmt: skip
     return [sys.executable, "-m", "dwmtrain.launch.pretrain", "--config", str(TINY), "--run-dir", str(run_dir),

@@ -4,7 +4,7 @@
 1. Corrupt a fraction (30% by default) of the bundled corpus's documents by shuffling their tokens
    (domain label "corrupted"), and prepare the mix.
 2. Train a short uniform stage (meta.mode=none) with the real deepspeed launcher.
-3. Run one meta-update job (python -m dwmtrain.meta.job) on the stage-end checkpoint.
+3. Run one meta-update job (python -m dwmtrain.launch.meta_job) on the stage-end checkpoint.
 4. Score held-out micro-batches of 8 with the learned DWM and print the ROC-AUC of the weights for
    clean (positive) against corrupted sequences.
 
@@ -188,8 +188,8 @@ def score_heldout(run_dir: Path, data_dir: Path, stage: int, passes: int, seed: 
     of 8 (a weight depends on the batch it is scored in): ([score], [domain]) of equal length."""
     import torch
 
+    from dwmtrain.checkpoint.dwm_file import load_dwm
     from dwmtrain.data.dataset import TokenDataset
-    from dwmtrain.models.dwm import load_dwm
 
     dwm = load_dwm(RunDir(run_dir).dwm(stage)).eval()
     ds = TokenDataset(data_dir, "heldout")
@@ -224,7 +224,7 @@ def stage_end_val(run_dir: Path) -> dict[int, float]:
 ARMS = {
     "uniform": ["meta.mode=none"],
     "oracle": ["meta.mode=oracle"],  # every corrupted-<kind> domain weighted 0: the headroom (drop list: compare)
-    "oracle2": ["meta.mode=oracle", "meta.oracle_from_stage=2"],  # the same after a uniform stage 1, as the DWM
+    "oracle2": ["meta.mode=oracle", "meta.oracle.from_stage=2"],  # the same after a uniform stage 1, as the DWM
     "dwm": ["meta.mode=bilevel"],
     "warm": ["meta.mode=bilevel"],  # + meta.init_dwm: a proxy run's DWM weighs stage 1 (compare trains the proxy)
     "loss": ["meta.mode=loss_reweight"],  # Sow et al. 2025, linupper, tau 1, uniform for the first 5% of steps
@@ -240,7 +240,7 @@ def arm_overrides(arm: str, args, seed: int, log: Path) -> list[str]:
     """What an arm adds to the runs' common overrides, training what it needs first (the warm start's proxy run,
     the DSIR selection of the pool)."""
     if arm.startswith("oracle"):
-        return [f"meta.oracle_drop=[{','.join(f'corrupted-{k}' for k in args.corruption)}]"]
+        return [f"meta.oracle.drop=[{','.join(f'corrupted-{k}' for k in args.corruption)}]"]
     if arm == "warm":
         proxy = args.work / f"proxy-s{seed}"
         steps = max(args.compare // PROXY_SHARE, 4)
@@ -273,7 +273,7 @@ def qurating_data(args, log: Path) -> Path:
     proxy, hf = args.work / "proxy-lm", args.work / "proxy-lm-hf"
     pretrain(proxy, args, ["meta.mode=none", f"stages.total_steps={max(args.compare // PROXY_SHARE, 4)}",
                            "stages.num_stages=1", "run.seed=0"], log)  # fmt: skip
-    sh([sys.executable, "-m", "dwmtrain.cli", "export", str(proxy), "--out", str(hf), "--overwrite"], log)
+    sh([sys.executable, "-m", "dwmtrain", "export", str(proxy), "--out", str(hf), "--overwrite"], log)
     lm, tok = AutoModelForCausalLM.from_pretrained(hf).eval(), load_tokenizer(SP)
     scored = args.work / "select" / "scored.jsonl"
     scored.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +287,7 @@ def qurating_data(args, log: Path) -> Path:
             g.write(json.dumps(rec, ensure_ascii=False) + "\n")
     info = json.loads((args.work / "corpus.json").read_text())
     sel = args.work / "select" / "qurating.jsonl"
-    sh([sys.executable, "-m", "dwmtrain.cli", "select", "qurating", "--input", str(scored), "--out", str(sel),
+    sh([sys.executable, "-m", "dwmtrain", "select", "qurating", "--input", str(scored), "--out", str(sel),
         "--score-field", "meta.quality.minus_proxy_loss", "--temperature", "2.0", "--normalize", "--budget-docs",
         str(info["documents"] - info["corrupted"]), "--no-progress", "--overwrite"], log)  # fmt: skip
     prepare_data([str(sel)], str(SP), str(out), seq_len=args.seq_len, workers=2, heldout_fraction=0.05,
@@ -305,7 +305,7 @@ def dsir_data(args, log: Path) -> Path:
 
     sel = args.work / "select" / "dsir.jsonl"
     info = json.loads((args.work / "corpus.json").read_text())
-    sh([sys.executable, "-m", "dwmtrain.cli", "select", "dsir", "--input", str(args.work / "noisy.jsonl"), "--out",
+    sh([sys.executable, "-m", "dwmtrain", "select", "dsir", "--input", str(args.work / "noisy.jsonl"), "--out",
         str(sel), "--target-file", str(args.work / "clean.jsonl"), "--budget-docs",
         str(info["documents"] - info["corrupted"]), "--no-progress", "--overwrite"], log)  # fmt: skip
     prepare_data([str(sel)], str(SP), str(out), seq_len=args.seq_len, workers=2, heldout_fraction=0.05,

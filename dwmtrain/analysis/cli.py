@@ -13,9 +13,9 @@ def _score(a) -> None:
     from dwmtrain.analysis import score_parts as sp
     from dwmtrain.analysis.preferences import open_split
     from dwmtrain.analysis.scoring import check_out_suffix, choose_samples, score_summary, write_records
-    from dwmtrain.data.parts import parse_part
+    from dwmtrain.arrays import parse_part
+    from dwmtrain.checkpoint.dwm_file import check_dwm_tokenizer, load_dwm, read_dwm_meta
     from dwmtrain.errors import DataError
-    from dwmtrain.models.dwm import check_dwm_tokenizer, load_dwm, read_dwm_meta
 
     check_out_suffix(a.out)  # before any work: the suffix picks the format
     if a.part and a.merge:
@@ -32,18 +32,21 @@ def _score(a) -> None:
     for note in notes if not a.part else ():
         print(f"note: {note}")
     stage = f" (stage {meta['stage']})" if meta.get("stage") is not None else ""
+    scoring = sp.Scoring.of(dwm=a.dwm, data=a.data, split=a.split, samples=idx, micro_batch=a.micro_batch,
+                            device=a.device, rater=a.rater, rater_labels=a.rater_labels,
+                            rater_max_length=a.rater_max_length)  # fmt: skip
     if a.merge:
-        recs = sp.merged_records(a.out, sp.scoring_marker(a, idx))
+        recs = sp.merged_records(a.out, scoring)
         print(f"merged {len(recs)} scored {a.split} samples of {a.data} ({a.dwm}{stage}) from the parts")
     elif a.part:
         i, n = parse_part(a.part)
-        if sp.done_part(a.out, i, n, want := sp.scoring_marker(a, idx)):
-            print(f"part {i}/{n} is complete ({sp.part_dir(a.out, i, n)}): skipped")
+        if sp.job_array(a.out).holds(i, n, scoring.marker(i, n)):
+            print(f"part {i}/{n} is complete ({sp.job_array(a.out).part(i, n)}): skipped")
             return
         lo, hi = sp.micro_batch_range(len(idx), a.micro_batch, i, n)
         t0 = time.time()
         recs = _score_samples(a, dwm, ds, idx[lo:hi], lo // a.micro_batch)
-        dest = sp.write_part(a.out, i, n, want, recs)
+        dest = sp.write_part(a.out, i, n, scoring, recs)
         dt = time.time() - t0
         print(f"part {i}/{n}: scored samples {lo}..{hi - 1} in {dt:.1f} s ({len(recs) / max(dt, 1e-9):,.1f} "
               f"samples/s) -> {dest}")  # fmt: skip
@@ -74,24 +77,13 @@ def _score_samples(a, dwm, ds, idx, first_micro_batch: int) -> list[dict]:
 
 
 def _analyze(a) -> None:
-    from dwmtrain.analysis.preferences import analyze_preferences
+    from dwmtrain.analysis.preferences import PreferenceRequest, analyze_preferences
     from dwmtrain.analysis.summary import summary_text
 
-    report = analyze_preferences(
-        a.run_dir,
-        samples=a.samples,
-        split=a.split,
-        data=a.data,
-        out=a.out,
-        seed=a.seed,
-        device=a.device,
-        split_by=a.split_by,
-        rater=a.rater,
-        rater_labels=rater_names(a),
-        rater_max_length=a.rater_max_length,
-        progress=sys.stderr.isatty(),
-        log=lambda m: print(m, flush=True),
-    )
+    req = PreferenceRequest(a.run_dir, samples=a.samples, split=a.split, data=a.data, out=a.out, seed=a.seed,
+                            device=a.device, split_by=a.split_by, rater=a.rater, rater_labels=rater_names(a),
+                            rater_max_length=a.rater_max_length)  # fmt: skip
+    report = analyze_preferences(req, progress=sys.stderr.isatty(), log=lambda m: print(m, flush=True))
     print(summary_text(report))
     for p in report["files"].values():
         print(f"wrote {p}")

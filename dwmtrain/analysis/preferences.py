@@ -11,6 +11,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from dwmtrain.analysis.figures import plot_domains, plot_quality, plot_rank_correlation, plot_weights_hist
@@ -79,28 +80,30 @@ def open_split(data: str | os.PathLike, split: str, origin: str = ""):
     return TokenDataset(data, split)
 
 
-def analyze_preferences(
-    run_dir: str | os.PathLike,
-    samples: int = 4096,
-    split: str = "heldout",
-    data: str | os.PathLike | None = None,
-    out: str | os.PathLike | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    split_by: str = "weight",
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-    rater: str | None = None,
-    rater_labels: list[str] | None = None,
-    rater_max_length: int = 512,
-) -> dict:
-    """Score the same samples with every stage's DWM of a run; write figures, JSON and summary; return the report.
+@dataclass(frozen=True)
+class PreferenceRequest:
+    """What ``analyze-preferences`` analyses: a run's stage DWMs on the same samples of a split."""
 
-    With ``rater`` (a local Hugging Face sequence-classification model, e.g. a QuRater), each sample's text,
-    decoded with the run's tokenizer, is also rated on every label: the quality panels of Figure 3."""
-    from dwmtrain.models.dwm import DWMFileError
+    run_dir: str
+    samples: int = 4096
+    split: str = "heldout"
+    data: str | None = None  #: prepared data whose split is scored (default: the run's data.train_data)
+    out: str | None = None  #: where the figures and numbers go (default: RUN/analysis)
+    seed: int = 0
+    device: str = "auto"
+    split_by: str = "weight"  #: weight | logit: how the high/low halves of a micro-batch are told apart
+    #: a local Hugging Face sequence-classification model (e.g. a QuRater): each sample's text, decoded with the
+    #: run's tokenizer, is also rated on every label (the quality panels of Figure 3)
+    rater: str | None = None
+    rater_labels: list[str] | None = None
+    rater_max_length: int = 512
 
-    rd, cfg = load_run(run_dir)
+
+def analyze_preferences(req: PreferenceRequest, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+    """Score the same samples with every stage's DWM of a run; write figures, JSON and summary; return the report."""
+    from dwmtrain.checkpoint.dwm_file import DWMFileError
+
+    rd, cfg = load_run(req.run_dir)
     present, missing = stage_dwm_files(rd, cfg.stages.num_stages)
     for k, p in missing:
         log(f"stage {k}: no DWM file {p}: skipped")
@@ -109,33 +112,37 @@ def analyze_preferences(
             f"{rd.dwm_dir}: no stage DWM files (looked for stage2..stage{cfg.stages.num_stages}.safetensors; "
             "stage 1 is uniform)"
         )
-    if split_by not in ("weight", "logit"):
-        raise AnalysisError(f"split rule {split_by!r}: must be weight or logit")
-    data = Path(data) if data else Path(cfg.data.train_data)
-    ds = open_split(data, split, "" if data != Path(cfg.data.train_data) else f" (data.train_data of {rd.config})")
+    if req.split_by not in ("weight", "logit"):
+        raise AnalysisError(f"split rule {req.split_by!r}: must be weight or logit")
+    data = Path(req.data) if req.data else Path(cfg.data.train_data)
+    ds = open_split(data, req.split, "" if data != Path(cfg.data.train_data) else f" (data.train_data of {rd.config})")
     micro = cfg.deepspeed.micro_batch_size
-    dev, dtype = resolve_device(device, cfg.deepspeed.precision)
-    idx, notes = choose_samples(len(ds), samples, seed, micro)
+    dev, dtype = resolve_device(req.device, cfg.deepspeed.precision)
+    idx, notes = choose_samples(len(ds), req.samples, req.seed, micro)
     for note in notes:
         log(note)
-    log(f"scoring {len(idx)} {split} samples with {len(present)} stage DWM(s) on {dev} ({str(dtype).split('.')[-1]})")
+    dt_name = str(dtype).split(".")[-1]
+    log(f"scoring {len(idx)} {req.split} samples with {len(present)} stage DWM(s) on {dev} ({dt_name})")
     scored = score_stages(rd, cfg, present, ds, idx, (dev, dtype), progress)
     quality = {}
-    if rater:
-        log(f"rating {len(idx)} samples with {rater}")
-        quality = quality_scores(sample_texts(ds, idx, cfg.data.tokenizer), rater, dev, rater_labels, rater_max_length)
-    report = compute_preferences(scored, ds.domains[idx], ds.domain_names, micro, quality, split_by)
+    if req.rater:
+        log(f"rating {len(idx)} samples with {req.rater}")
+        texts = sample_texts(ds, idx, cfg.data.tokenizer)
+        quality = quality_scores(texts, req.rater, dev, req.rater_labels, req.rater_max_length)
+    report = compute_preferences(scored, ds.domains[idx], ds.domain_names, micro, quality, req.split_by)
     missing_rel = [{"stage": k, "path": os.path.relpath(p, rd.root)} for k, p in missing]
-    report.update(run_dir=str(rd.root), data=str(data), split=split, seed=seed, device=dev,
-                  dtype=str(dtype).split(".")[-1], stages_missing=missing_rel)  # fmt: skip
-    report["files"] = {name: str(p) for name, p in write_outputs(report, Path(out) if out else rd.analysis_dir).items()}
+    report.update(run_dir=str(rd.root), data=str(data), split=req.split, seed=req.seed, device=dev, dtype=dt_name,
+                  stages_missing=missing_rel)  # fmt: skip
+    out = Path(req.out) if req.out else rd.analysis_dir
+    report["files"] = {name: str(p) for name, p in write_outputs(report, out).items()}
     return report
 
 
 def score_stages(rd, cfg, present: list[tuple[int, Path]], ds, idx, device, progress: bool) -> list[StageScores]:
     """Every stage DWM's weights and logits of the same samples, each DWM rebuilt with the run's architecture
     (temperature, uniform_mix from the config, as training rebuilds it: not the file's)."""
-    from dwmtrain.models.dwm import DWMArch, dwm_from_state, load_dwm_state
+    from dwmtrain.checkpoint.dwm_file import load_dwm_state
+    from dwmtrain.models.dwm import DWMArch, dwm_from_state
     from dwmtrain.models.spec import lm_spec
 
     vocab = lm_spec(cfg.model).vocab_size

@@ -1,7 +1,7 @@
 """One typed config tree for a dwmtrain run.
 
 YAML file -> dotted ``key=value`` overrides -> dataclasses that validate themselves. The DeepSpeed JSON is
-*generated* from this tree plus a ZeRO template in ``dwmtrain/ds_configs/``, so micro-batch, accumulation,
+*generated* from this tree plus a ZeRO template in ``ds_configs/``, so micro-batch, accumulation,
 precision and the global batch live in one place (``DeepSpeedConfig``) and are checked against each other and
 the world size.
 

@@ -1,5 +1,6 @@
-"""The DeepSpeed JSON, generated from the config tree plus a ZeRO template (``dwmtrain/ds_configs/``): batch sizes,
-precision, clipping and the optimizer come from the tree, never from the template."""
+"""The DeepSpeed JSON, generated from the config tree plus a ZeRO template (``ds_configs/`` at the top of the
+checkout, where DeepSpeed users look for them; the wheel ships the same files as ``dwmtrain/ds_configs/``): batch
+sizes, precision, clipping and the optimizer come from the tree, never from the template."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from dwmtrain.config.batch import batch_plan
 from dwmtrain.config.schema import PACKAGE_DIR
 from dwmtrain.errors import ConfigError
 
-DS_TEMPLATE_DIR = PACKAGE_DIR / "ds_configs"
+#: an installed wheel's templates (pyproject's package-dir maps ds_configs/ there), else the checkout's
+DS_TEMPLATE_DIR = next((d for d in (PACKAGE_DIR / "ds_configs", PACKAGE_DIR.parent / "ds_configs") if d.is_dir()),
+                       PACKAGE_DIR.parent / "ds_configs")  # fmt: skip
 
 
 #: zero_optimization key -> the deepspeed.* field that sets it

@@ -38,6 +38,18 @@ YAMLLoader.add_implicit_resolver(
 )
 
 
+#: fields that moved: their old spelling is refused naming the new place
+MOVED = {
+    "meta.dwm_path": "meta.fixed.dwm_path",
+    "meta.dwm_run": "meta.transfer.dwm_run",
+    "meta.oracle_drop": "meta.oracle.drop",
+    "meta.oracle_from_stage": "meta.oracle.from_stage",
+    "meta.loss_rule": "meta.loss_reweight.rule",
+    "meta.loss_temperature": "meta.loss_reweight.temperature",
+    "meta.loss_from_step": "meta.loss_reweight.from_step",
+}
+
+
 def bundled_configs() -> list[str]:
     """Names of the configs shipped in the package (``--config NAME``), experiments included."""
     return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
@@ -52,6 +64,8 @@ def _from_dict(cls, data: dict, where: str):
     for key, value in data.items():
         name = f"{where}.{key}" if where else key
         if key not in names:
+            if name in MOVED:
+                raise ConfigError(f"{name}: moved to {MOVED[name]} (each meta.mode has its own section)")
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{name}: unknown field{hint}")

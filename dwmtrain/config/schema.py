@@ -171,8 +171,9 @@ class DWMConfig:
     compile: bool = False
 
     def __post_init__(self):
-        from dwmtrain.models.dwm import NORMALIZATIONS, POOLINGS
+        from dwmtrain.models.dwm import POOLINGS
         from dwmtrain.models.spec import PRESETS
+        from dwmtrain.models.weights import NORMALIZATIONS
 
         one_of("dwm.backbone", self.backbone, (*PRESETS, "lm"))
         positive("dwm.attn_heads", self.attn_heads)
@@ -205,22 +206,61 @@ class StagesConfig:
 
 
 @dataclass
-class MetaConfig:
-    """How the DWM is obtained at stage boundaries."""
+class FixedMode:
+    """meta.mode=fixed: one DWM file weighs the whole run (the paper's static DWM_w1 / DWM_w4 ablations)."""
 
-    #: none | fixed (``dwm_path``) | transfer (``dwm_run``) | oracle (``oracle_drop``) | bilevel | loss_reweight
-    #: (weights from each micro-batch's own losses, Sow et al. 2025: a baseline with no DWM and no meta job)
-    mode: str = "bilevel"
-    dwm_path: str = ""  #: fixed mode: a DWM checkpoint (.safetensors) used from step 0 on
-    dwm_run: str = ""  #: transfer mode: a finished bilevel run whose stage-K DWM weighs stage K here (no meta job)
-    oracle_drop: list[str] = field(default_factory=list)  #: oracle mode: domains weighted 0 (a headroom baseline)
-    oracle_from_stage: int = 1  #: oracle mode: first stage it weighs (2: uniform stage 1, like the DWM's schedule)
-    loss_rule: str = "linupper"  #: loss_reweight mode: linupper | quadratic | extremes (models.loss.LOSS_RULES)
-    loss_temperature: float = 1.0  #: loss_reweight mode: tau of w ∝ exp(f(h) / tau) (their kl_reg; 1.0 theirs)
-    #: loss_reweight mode: uniform weights before this step (theirs: 1,000 of 20,000); -1: 5% of the run's steps
-    loss_from_step: int = -1
-    #: bilevel mode: a DWM that weighs stage 1 (instead of uniform) and that the first meta-update continues from:
-    #: a DWM file, or a run directory (its newest stage DWM), e.g. a cheap proxy run's (a warm start)
+    dwm_path: str = ""  #: a DWM file (.safetensors) used from step 0 on
+
+
+@dataclass
+class TransferMode:
+    """meta.mode=transfer: stage K is weighed by stage K's DWM of another, finished bilevel run (the paper's
+    370M -> 1.3B and random -> DSIR/QuRating transfers); stage 1 is uniform."""
+
+    dwm_run: str = ""  #: the finished bilevel run's directory
+
+
+@dataclass
+class OracleMode:
+    """meta.mode=oracle: the samples of some domains weighted 0 (a headroom baseline on labelled data, e.g. the noise
+    probe's corrupted documents)."""
+
+    drop: list[str] = field(default_factory=list)  #: domains weighted 0
+    from_stage: int = 1  #: first stage it weighs (2: uniform stage 1, like the DWM's schedule)
+
+
+@dataclass
+class LossReweightMode:
+    """meta.mode=loss_reweight: each micro-batch weighed by its own losses (Sow et al., ICLR 2025): a baseline with
+    no DWM and no meta job."""
+
+    rule: str = "linupper"  #: linupper | quadratic | extremes (models.weights.LOSS_RULES)
+    temperature: float = 1.0  #: tau of w ∝ exp(f(h) / tau) (their kl_reg; 1.0 theirs)
+    from_step: int = -1  #: uniform weights before this step (theirs: 1,000 of 20,000); -1: 5% of the run's steps
+
+    def __post_init__(self):
+        one_of("meta.loss_reweight.rule", self.rule, ("linupper", "quadratic", "extremes"))
+        positive("meta.loss_reweight.temperature", self.temperature)
+        check(self.from_step >= -1, "meta.loss_reweight.from_step", self.from_step, "must be >= 0 (or -1: 5%)")
+
+
+#: meta.mode: none (uniform throughout) | bilevel (the method: the meta job's settings are this section's own
+#: fields) | fixed | transfer | oracle | loss_reweight (each with its section meta.<mode>)
+META_MODES = ("none", "bilevel", "fixed", "transfer", "oracle", "loss_reweight")
+
+
+@dataclass
+class MetaConfig:
+    """How each stage is weighed: the mode, the bi-level meta job's settings (this section's own fields) and each
+    other mode's section."""
+
+    mode: str = "bilevel"  #: one of META_MODES
+    fixed: FixedMode = field(default_factory=FixedMode)
+    transfer: TransferMode = field(default_factory=TransferMode)
+    oracle: OracleMode = field(default_factory=OracleMode)
+    loss_reweight: LossReweightMode = field(default_factory=LossReweightMode)
+    #: a DWM that weighs stage 1 (instead of uniform) and that the first meta-update continues from: a DWM file,
+    #: or a run directory (its newest stage DWM), e.g. a cheap proxy run's (a warm start)
     init_dwm: str = ""
     launch: str = "local"  #: local: rank 0 runs the meta job on this node | external: stop, run it yourself
     steps: int = 20  #: K meta-steps (Adam on the DWM) per boundary
@@ -253,30 +293,26 @@ class MetaConfig:
     @property
     def uses_dwm(self) -> bool:
         """Whether a DWM weighs any stage (none, oracle and loss_reweight weigh without one)."""
-        return self.mode not in ("none", "oracle", "loss_reweight")
+        return self.mode in ("bilevel", "fixed", "transfer")
 
     def __post_init__(self):
-        one_of("meta.mode", self.mode, ("none", "fixed", "transfer", "oracle", "bilevel", "loss_reweight"))
-        one_of("meta.loss_rule", self.loss_rule, ("linupper", "quadratic", "extremes"))
-        positive("meta.loss_temperature", self.loss_temperature)
-        check(self.loss_from_step >= -1, "meta.loss_from_step", self.loss_from_step, "must be >= 0 (or -1: 5%)")
+        one_of("meta.mode", self.mode, META_MODES)
         if self.init_dwm:
             check(self.mode == "bilevel", "meta.init_dwm", self.init_dwm, "goes with meta.mode=bilevel (a warm start)")
         one_of("meta.launch", self.launch, ("local", "external"))
         one_of("meta.grad_mode", self.grad_mode, ("fd", "per_sample", "jvp", "unrolled"))
         one_of("meta.lm_dtype", self.lm_dtype, ("fp32", "train"))
         if self.mode == "fixed":
-            check(bool(self.dwm_path), "meta.dwm_path", self.dwm_path, "meta.mode=fixed needs a DWM file")
+            check(bool(self.fixed.dwm_path), "meta.fixed.dwm_path", self.fixed.dwm_path, "meta.mode=fixed needs a DWM")
+        if self.mode == "transfer":
+            check(bool(self.transfer.dwm_run), "meta.transfer.dwm_run", self.transfer.dwm_run,
+                  "meta.mode=transfer needs a finished bilevel run's directory")  # fmt: skip
         if self.mode == "oracle":
-            check(
-                bool(self.oracle_drop), "meta.oracle_drop", self.oracle_drop, "meta.mode=oracle needs domains to drop"
-            )
-        check(self.oracle_from_stage >= 1, "meta.oracle_from_stage", self.oracle_from_stage, "must be >= 1")
+            check(bool(self.oracle.drop), "meta.oracle.drop", self.oracle.drop, "meta.mode=oracle needs domains")
+        check(self.oracle.from_stage >= 1, "meta.oracle.from_stage", self.oracle.from_stage, "must be >= 1")
         check(self.spread_penalty >= 0, "meta.spread_penalty", self.spread_penalty, "must be >= 0")
         check(self.calibrate_batches >= 0, "meta.calibrate_batches", self.calibrate_batches, "must be >= 0")
         positive("meta.calibrate_rho", self.calibrate_rho)
-        if self.mode == "transfer":
-            check(bool(self.dwm_run), "meta.dwm_run", self.dwm_run, "meta.mode=transfer needs a bilevel run directory")
         check(self.fd_eps >= 0, "meta.fd_eps", self.fd_eps, "must be >= 0 (0: by the LM's dtype and norm)")
         for f in ("steps", "log_every", "lr", "val_batch_size", "nproc", "nodes", "timeout_s"):
             positive(f"meta.{f}", getattr(self, f))
@@ -392,6 +428,11 @@ class Config:
     def __post_init__(self):
         # Cross-section checks: things no single section can see (the world size is checked at launch).
         global_batch_sequences(self.deepspeed.global_batch_size, self.deepspeed.global_batch_tokens, self.data.seq_len)
+        mb = self.deepspeed.micro_batch_size
+        check(self.meta.mode == "none" or mb >= 2, "deepspeed.micro_batch_size", mb,
+              f"meta.mode={self.meta.mode} weighs the samples of a micro-batch against each other (its weights have "
+              "mean 1 over it): one sample's weight is always 1 and the run would train uniform; use >= 2 (the "
+              "paper: 8), or meta.mode=none")  # fmt: skip
         if self.model.max_seq_len:
             check(
                 self.data.seq_len <= self.model.max_seq_len,

@@ -3,7 +3,8 @@ array: ``launchers/slurm/prepare.sbatch``), each writing its own tokenized part,
 part's documents in the inputs' order: the same dataset, token for token, as one ``prepare-data`` of the inputs.
 
     OUT.parts/part-000I-of-000N/        part I: its files' tokenized documents (Arrow) and ``part.json``, the
-                                        marker written last (the inputs, the files, the tokenizer's sha256)
+                                        marker written last (the inputs, the files, the tokenizer's sha256);
+                                        the array's protocol is ``dwmtrain.arrays``
 
 Files are assigned deterministically (largest first, each to the part with the fewest bytes so far), so every job
 of the array computes the same assignment; a file larger than a part's share of the bytes (a pool of a few large
@@ -14,89 +15,18 @@ merge refuses a missing or foreign part with one line naming it.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 import time
-from pathlib import Path
 
+from dwmtrain.arrays import JobArray, assign_slices, parse_part
 from dwmtrain.data.prepare import PrepareReport, prepare_data, read_tokenized
 from dwmtrain.data.readers import SLIMPAJAMA, Fields, expand_inputs
 from dwmtrain.data.tokenizer import load_tokenizer
-from dwmtrain.errors import DataError
-from dwmtrain.fileio import atomic_dir, atomic_write_text, read_json_object
-
-MARKER = "part.json"
 
 
-def parse_part(spec: str) -> tuple[int, int]:
-    """``I/N`` (I from 0, as ``$SLURM_ARRAY_TASK_ID`` counts) -> (I, N); a bad one is a DataError naming it."""
-    try:
-        i, n = (int(x) for x in spec.split("/"))
-    except ValueError:
-        raise DataError(f"--part {spec}: expected I/N, e.g. 0/4 ($SLURM_ARRAY_TASK_ID/N)") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise DataError(f"--part {spec}: I must be in 0..{n - 1} (and N >= 1)")
-    return i, n
-
-
-def parts_count(parts: Path, what: str) -> int | None:
-    """N of the ``part-I-of-N`` directories under ``parts`` (None: none yet); parts of two different N (a rerun
-    with another N over an old array's parts) are a DataError naming both."""
-    ns = sorted(
-        {int(p.name.rsplit("-", 1)[1]) for p in parts.glob("part-*-of-*") if p.name.rsplit("-", 1)[1].isdigit()}
-    )
-    if len(ns) > 1:
-        raise DataError(f"{parts}: parts of {ns[0]} and of {ns[-1]} ({what}); remove the old array's parts")
-    return ns[0] if ns else None
-
-
-def part_name(i: int, n: int) -> str:
-    return f"part-{i:04d}-of-{n:04d}"
-
-
-def part_started(d: Path) -> bool:
-    """A part's directory exists, or atomic_dir's temporary one beside it: the part is running, or failed."""
-    return d.is_dir() or any(d.parent.glob(f".{d.name}*"))
-
-
-def parts_dir(out_dir: str | os.PathLike) -> Path:
-    return Path(str(out_dir).rstrip("/") + ".parts")
-
-
-def part_path(out_dir, i: int, n: int) -> Path:
-    return parts_dir(out_dir) / part_name(i, n)
-
-
-def assign_files(files: list[str], n: int) -> list[list[int]]:
-    """Indices of ``files`` per part, whole files: largest first, each to the lightest part (ties: the lower part);
-    every part keeps its files in the inputs' order."""
-    return [sorted(f for f, _, _ in part) for part in _balance(files, n, split=False)]
-
-
-def assign_slices(files: list[str], n: int) -> list[list[tuple[int, int, int]]]:
-    """(file index, k, K) per part: row range k of K of a file. A file larger than a part's share of the bytes
-    (a few large files) is cut into that many row ranges; the slices are then balanced as ``assign_files`` does
-    whole files. Every part keeps its slices in the inputs' order."""
-    return [sorted(part) for part in _balance(files, n, split=True)]
-
-
-def _balance(files: list[str], n: int, split: bool) -> list[list[tuple[int, int, int]]]:
-    size = [os.path.getsize(f) if os.path.isfile(f) else _dir_bytes(f) for f in files]
-    share = max(sum(size) / n, 1)
-    cuts = [min(n, max(1, math.ceil(b / share))) if split else 1 for b in size]
-    slices = [(f, k, cuts[f]) for f in range(len(files)) for k in range(cuts[f])]
-    load, out = [0.0] * n, [[] for _ in range(n)]
-    for f, k, K in sorted(slices, key=lambda s: (-size[s[0]] / s[2], s[0], s[1])):
-        j = min(range(n), key=lambda j: (load[j], j))
-        load[j] += size[f] / K
-        out[j].append((f, k, K))
-    return out
-
-
-def _dir_bytes(path: str) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) if os.path.isdir(path) else 0
+def job_array(out_dir: str | os.PathLike) -> JobArray:
+    return JobArray(str(out_dir), "prepare-data", made_from="inputs, tokenizer or fields")
 
 
 def _marker(files: list[str], mine: list, i: int, n: int, tok_sha: str, fields: Fields) -> dict:
@@ -112,14 +42,13 @@ def prepare_part(inputs: list[str], tokenizer_path: str, out_dir: str, part: str
                  fields: Fields = SLIMPAJAMA) -> str:  # fmt: skip
     """Tokenize part I of N of the inputs into its directory (skipped if it is complete); returns what was done."""
     i, n = parse_part(part)
-    files = expand_inputs(inputs)
+    files, arr = expand_inputs(inputs), job_array(out_dir)
     mine = assign_slices(files, n)[i]
     want = _marker(files, mine, i, n, load_tokenizer(tokenizer_path).sha256, fields)
-    dest = part_path(out_dir, i, n)
-    if read_json_object(dest / MARKER) == want:
-        return f"part {i}/{n} is complete ({dest}): skipped"
+    if arr.read(i, n) == want:
+        return f"part {i}/{n} is complete ({arr.part(i, n)}): skipped"
     t0 = time.time()
-    with atomic_dir(dest, overwrite=True) as tmp:  # a killed part leaves no marker: a rerun redoes it
+    with arr.writing(i, n, want) as tmp:
         tokenized = read_tokenized([files[f] for f, _, _ in mine], tokenizer_path, workers, str(tmp / "cache"), fields,
                                    rows=[(k, K) if K > 1 else None for _, k, K in mine])  # fmt: skip
         docs = tokens = 0
@@ -127,12 +56,11 @@ def prepare_part(inputs: list[str], tokenizer_path: str, out_dir: str, part: str
             ds.save_to_disk(str(tmp / _slice_name(f, k, K)))
             docs, tokens = docs + len(ds), tokens + _tokens(ds)
         shutil.rmtree(tmp / "cache", ignore_errors=True)
-        atomic_write_text(tmp / MARKER, json.dumps(want, indent=1))
     dt = time.time() - t0
     rate = f"{docs / max(dt, 1e-9):,.0f} docs/s, {tokens / max(dt, 1e-9):,.0f} tokens/s"
     whole = sum(K == 1 for _, _, K in mine)
     what = f"{len(mine)} files" + (f" ({len(mine) - whole} of them row ranges)" if whole < len(mine) else "")
-    return f"part {i}/{n}: {what}, {docs:,} documents, {tokens:,} tokens in {dt:.1f} s ({rate}) -> {dest}"
+    return f"part {i}/{n}: {what}, {docs:,} documents, {tokens:,} tokens in {dt:.1f} s ({rate}) -> {arr.part(i, n)}"
 
 
 def _tokens(ds) -> int:
@@ -150,7 +78,7 @@ def merge_parts(inputs: list[str], tokenizer_path: str, out_dir: str, fields: Fi
     removed once the dataset is in place."""
     report = prepare_data(inputs, tokenizer_path, out_dir, fields=fields, **options,
                           documents=lambda: merged_tokenized(inputs, tokenizer_path, out_dir, fields))  # fmt: skip
-    shutil.rmtree(parts_dir(out_dir), ignore_errors=True)
+    shutil.rmtree(job_array(out_dir).root, ignore_errors=True)
     return report
 
 
@@ -159,22 +87,15 @@ def merged_tokenized(inputs: list[str], tokenizer_path: str, out_dir: str, field
     missing, unfinished or foreign part is a DataError naming it and the command that makes it."""
     import datasets
 
-    files = expand_inputs(inputs)
-    n = parts_count(parts_dir(out_dir), "prepare-data --part")
-    if n is None:
-        raise DataError(f"{parts_dir(out_dir)}: no parts (run prepare-data --part I/N for I in 0..N-1 first)")
+    files, arr = expand_inputs(inputs), job_array(out_dir)
     tok_sha = load_tokenizer(tokenizer_path).sha256
+    n = arr.count() or 0
+    assigned = assign_slices(files, n) if n else []
+    n = arr.require(lambda i, n: _marker(files, assigned[i], i, n, tok_sha, fields))
     slices: dict[int, list] = {}  # file index -> [(k, directory of slice k)]
-    for i, mine in enumerate(assign_slices(files, n)):
-        dest = part_path(out_dir, i, n)
-        if not (dest / MARKER).is_file():
-            raise DataError(f"{dest}: part {i}/{n} is missing or unfinished (no {MARKER}); rerun prepare-data "
-                            f"--part {i}/{n} with the same inputs, then the merge")  # fmt: skip
-        if read_json_object(dest / MARKER) != _marker(files, mine, i, n, tok_sha, fields):
-            raise DataError(f"{dest / MARKER}: part {i}/{n} was made from other inputs, tokenizer or fields than "
-                            f"this merge's; rerun prepare-data --part {i}/{n} with these")  # fmt: skip
+    for i, mine in enumerate(assigned):
         for f, k, K in mine:
-            slices.setdefault(f, []).append((k, dest / _slice_name(f, k, K)))
+            slices.setdefault(f, []).append((k, arr.part(i, n) / _slice_name(f, k, K)))
     out = []
     for f in range(len(files)):
         parts = [datasets.load_from_disk(str(d)) for _, d in sorted(slices[f])]
@@ -184,14 +105,5 @@ def merged_tokenized(inputs: list[str], tokenizer_path: str, out_dir: str, field
 
 
 def part_status(out_dir: str) -> list[str]:
-    """One line per part of the array: complete (its marker), started (a directory, no marker: running, or
-    failed), or not started."""
-    n = parts_count(parts_dir(out_dir), "prepare-data --part")
-    if n is None:
-        return [f"{parts_dir(out_dir)}: no parts yet"]
-    lines = []
-    for i in range(n):
-        d = part_path(out_dir, i, n)
-        state = "complete" if (d / MARKER).is_file() else "started, not finished" if part_started(d) else "not started"
-        lines.append(f"part {i}/{n}: {state}")
-    return lines
+    """One line per part of the array: complete, started (running, or failed), or not started."""
+    return job_array(out_dir).status()

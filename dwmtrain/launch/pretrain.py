@@ -4,7 +4,8 @@
     deepspeed --hostfile hosts --module dwmtrain.launch.pretrain --config FILE --run-dir DIR [k=v ...]
 
 ``--config`` takes a YAML file or the name of a bundled config (tiny, small, paper_370m, ...).
-Running the same command again resumes from the newest complete checkpoint in DIR.
+Running the same command again resumes from the newest complete checkpoint in DIR. ``--dry-run`` is one process
+(``dwmtrain train ... --dry-run`` runs it without launching anything).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import warnings
+from dataclasses import dataclass
 
 from dwmtrain.config import build_deepspeed_config, load_config
 from dwmtrain.entry import main_entry, run_main
@@ -21,80 +23,102 @@ from dwmtrain.preflight import check_inputs
 from dwmtrain.train.stop import catch_stop_signal
 
 
+@dataclass(frozen=True)
+class Hardware:
+    """What a dry run checks the config for: nodes x ranks per node of a device kind (``h100``, ``h200``, ``a100``,
+    ``cpu``, a memory size; empty: this machine's), named by flags so a login node without the GPUs plans for them."""
+
+    nodes: int = 1
+    per_node: int = 1
+    gpu: str = ""
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.per_node
+
+    def device(self) -> str:
+        """The planner's name of the device: the flag's, else this machine's GPU, else ``cpu``."""
+        if self.gpu:
+            return self.gpu
+        import torch
+
+        if not torch.cuda.is_available():
+            return "cpu"
+        name = torch.cuda.get_device_name().lower()
+        kind = next((k for k in ("h200", "h100", "a100") if k in name), "")
+        return kind or f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f}GiB"
+
+
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    """The options of a training run, shared by this entry point and ``dwmtrain train``."""
+    ap.add_argument("--config", help="YAML run config, or a bundled config's name (see `dwmtrain configs`)")
+    ap.add_argument("--run-dir", help="output directory (sets run.run_dir)")
+    ap.add_argument("--dry-run", action="store_true", help="check every input, print the resolved config, the "
+                    "DeepSpeed JSON and the planner's verdict for --nodes x --gpus-per-node --gpu, and exit (one "
+                    "process, nothing launched)")  # fmt: skip
+    ap.add_argument("--nodes", type=int, default=1, help="--dry-run: nodes the run will have")
+    ap.add_argument("--gpus-per-node", type=int, default=0, help="--dry-run: ranks per node (default: --nproc, or 1)")
+    ap.add_argument("--gpu", default="", help="--dry-run: h100 | h200 | a100 | cpu | a memory size (80GiB); "
+                    "default: this machine's")  # fmt: skip
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides (data.train_data=/data/x ...)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="dwmtrain.launch.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--config", help="YAML run config, or a bundled config's name (see `dwmtrain configs`)")
-    ap.add_argument("--run-dir", help="output directory (sets run.run_dir)")
-    ap.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, exit")
+    add_run_options(ap)
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     return ap.parse_args(argv)
 
 
-def dry_run(cfg) -> None:
-    """Everything checked first (inputs, batch arithmetic for this world size), then printed, with the planner's
-    verdict. On a login node without the GPUs, DWMTRAIN_GPU=h100 (h200, a100, a memory size) plans for them and
-    WORLD_SIZE / LOCAL_WORLD_SIZE give the ranks."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    acc = "cuda" if os.environ.get("DWMTRAIN_GPU") else "cpu"
-    try:
-        from deepspeed.accelerator import get_accelerator
+def run_config(a: argparse.Namespace):
+    """The run's config: ``--config``, the overrides (each must be ``key=value``), ``--run-dir``."""
+    from dwmtrain.errors import ConfigError
 
-        acc = "cuda" if os.environ.get("DWMTRAIN_GPU") else get_accelerator().device_name()
-    except ImportError:
-        pass
+    bad = [o for o in a.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"{bad[0]}: not an option of a training run nor a key=value override")
+    return load_config(a.config, list(a.overrides) + ([f"run.run_dir={a.run_dir}"] if a.run_dir else []))
+
+
+def dry_run(cfg, hw: Hardware) -> None:
+    """Everything checked first (inputs, batch arithmetic for ``hw``'s world size), then printed, with the planner's
+    verdict."""
+    from dwmtrain.plan import first_fix, make_plan, parse_device, verdict
+
     check_inputs(cfg)
-    ds = build_deepspeed_config(cfg, world, acc)
+    dev = parse_device(hw.device(), hw.per_node)
+    ds = build_deepspeed_config(cfg, hw.world, dev.accelerator)
     print(cfg.to_yaml(), end="")
-    print(f"# generated DeepSpeed config (world size {world}, accelerator {acc}):")
+    print(f"# generated DeepSpeed config ({hw.nodes} x {hw.per_node} {dev.name}, world size {hw.world}):")
     print(json.dumps(ds, indent=2))
-    try:
-        print("# " + plan_verdict(cfg, world, acc))
-    except Exception as e:  # noqa: BLE001 - the plan is advice: a dry run that passed its checks still passes
-        print(f"# plan: unavailable ({type(e).__name__}: {e}); try `dwmtrain plan`")
-
-
-def plan_verdict(cfg, world: int, accelerator: str) -> str:
-    """The planner's one line for this world size, on this machine's devices (dwmtrain plan has the table)."""
-    from dwmtrain.plan import make_plan, parse_device, verdict
-
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    gpu = os.environ.get("DWMTRAIN_GPU") or ("cpu" if accelerator == "cpu" else _device_kind())
-    p = make_plan(cfg, max(world // max(local, 1), 1), local, parse_device(gpu, local))
-    return verdict(p) + ("" if p.fits else "; `dwmtrain plan` says what to change")
-
-
-def _device_kind() -> str:
-    """This machine's GPU as the planner names it (h100, h200, a100), else its memory in GiB."""
-    import torch
-
-    name = torch.cuda.get_device_name().lower()
-    for kind in ("h200", "h100", "a100"):
-        if kind in name:
-            return kind
-    return f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f}GiB"
+    p = make_plan(cfg, hw.nodes, hw.per_node, dev)
+    fits = p.fits and not p.meta_over
+    print("# " + verdict(p, None if fits else first_fix(cfg, hw.nodes, hw.per_node, dev)))
 
 
 def main(argv: list[str] | None = None) -> int:
     catch_stop_signal()  # a SIGUSR1 while torch and DeepSpeed load: remembered, the first step stops the run
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     a = parse_args(argv)
+    if a.dry_run and os.environ.get("RANK", "0") != "0":  # started by a launcher after all: rank 0 alone says it
+        return EXIT_OK
     return run_main("[dwmtrain]", lambda: _pretrain(a))
 
 
 def _pretrain(a: argparse.Namespace) -> int:
-    cfg = load_config(a.config, list(a.overrides) + ([f"run.run_dir={a.run_dir}"] if a.run_dir else []))
+    cfg = run_config(a)
     if a.dry_run:
-        dry_run(cfg)
+        dry_run(cfg, Hardware(a.nodes, a.gpus_per_node or 1, a.gpu))
         return EXIT_OK
     check_inputs(cfg)  # before any process group or GPU is touched
-    from dwmtrain.rendezvous import rendezvous_env
-    from dwmtrain.train.main import run_training
+    from dwmtrain.distributed.rendezvous import rendezvous_env
+    from dwmtrain.train.loop import train
+    from dwmtrain.train.setup import setup
 
     os.environ.update(rendezvous_env(os.environ))  # ranks started by mpirun / srun
-    run_training(cfg)
+    train(setup(cfg))
     return EXIT_OK
 
 

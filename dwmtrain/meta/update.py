@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dwmtrain.checkpoint import RunState, consolidated_lm_state
+from dwmtrain.checkpoint.dwm_file import load_dwm_state, save_dwm
 from dwmtrain.config import Config, resolve_precision
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
 from dwmtrain.data.tokenizer import load_tokenizer
@@ -24,17 +25,10 @@ from dwmtrain.errors import CheckpointError
 from dwmtrain.faults import fault_point
 from dwmtrain.lr_schedule import scheduled_lr
 from dwmtrain.meta.metagrad import default_fd_eps, dwm_surrogate, lm_params, meta_gradient
-from dwmtrain.models.dwm import (
-    DataWeightingModel,
-    DWMArch,
-    dwm_from_state,
-    load_dwm_state,
-    log_weight_spread,
-    save_dwm,
-    weight_stats,
-)
+from dwmtrain.models.dwm import DataWeightingModel, DWMArch, dwm_from_state
 from dwmtrain.models.lm import build_lm, enable_activation_checkpointing, load_lm_state
 from dwmtrain.models.spec import lm_spec
+from dwmtrain.models.weights import log_weight_spread, weight_stats
 from dwmtrain.rundir import RunDir, dwm_source
 
 
@@ -182,9 +176,7 @@ def fit(dwm, opt, lm, params, batches: MetaBatches, alpha: float, mc, log: Path 
                 f.write(json.dumps(rec) + "\n")
 
 
-def run_meta_update(
-    cfg: Config, d: Dist, stage: int, tag: str, alpha: float | None = None, started_at: float | None = None
-) -> dict:
+def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: float | None = None) -> dict:
     """Fit stage ``stage``'s DWM on the LM of checkpoint ``tag``; rank 0 writes it. Collective.
 
     The DWM's metadata records where the job's time went (``timings``: start-up, loading the LM, the
@@ -193,7 +185,7 @@ def run_meta_update(
     timings = {"startup_s": t_in - started_at} if started_at else {}
     rd, mc = RunDir(cfg.run.run_dir), cfg.meta
     state = RunState.read(rd.marker(tag))
-    alpha = alpha or lookahead_lr(cfg, state.scheduler_steps)  # skipped steps did not advance the LR
+    alpha = lookahead_lr(cfg, state.scheduler_steps)  # skipped steps did not advance the LR
     # the reference modes differentiate twice / forward-mode through attention: eager kernels only
     attn = "eager" if mc.grad_mode in ("jvp", "unrolled") else cfg.model.attn_implementation
     lm, lm_state = load_frozen_lm(cfg, rd, tag, d, attn)
@@ -224,22 +216,41 @@ def run_meta_update(
                   f"{cal['logit_scale']:.3f}", flush=True)  # fmt: skip
     barrier()
     timings["meta_steps_s"] = time.time() - t_start
-    args = (dwm, rd, stage, tag, state.step, mc, alpha, d.world, cal, timings, t_start, cfg.data.tokenizer)
-    meta = write_dwm(*args) if d.is_main else {}
+    made = FitRecord(stage=stage, tag=tag, lm_step=state.step, alpha=alpha, world=d.world, calibration=cal,
+               timings=timings, started=t_start, tokenizer=cfg.data.tokenizer)  # fmt: skip
+    meta = write_dwm(dwm, rd, mc, made) if d.is_main else {}
     barrier()
     return meta
 
 
-def write_dwm(dwm, rd: RunDir, stage, tag, lm_step, mc, alpha, world, cal, timings, t_start, tokenizer: str) -> dict:
+@dataclasses.dataclass(frozen=True)
+class FitRecord:
+    """What made one fitted DWM: its stage, the LM checkpoint, the lookahead alpha, the job's world, the
+    calibration, where the job's time went (``started``: when the meta-steps began) and the tokenizer."""
+
+    stage: int
+    tag: str
+    lm_step: int
+    alpha: float
+    world: int
+    calibration: dict
+    timings: dict
+    started: float
+    tokenizer: str
+
+
+def write_dwm(dwm, rd: RunDir, mc, fit: FitRecord) -> dict:
     """Rank 0: the fitted DWM and what made it (its settings, its tokenizer, where the job's time went) as the
     stage's file."""
-    info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead_lr=alpha, world_size=world, **cal)
-    info.update(tokenizer=os.path.abspath(tokenizer), tokenizer_sha256=load_tokenizer(tokenizer).sha256)
+    info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead_lr=fit.alpha, world_size=fit.world,
+                **fit.calibration)  # fmt: skip
+    info.update(tokenizer=os.path.abspath(fit.tokenizer), tokenizer_sha256=load_tokenizer(fit.tokenizer).sha256)
     if mc.grad_mode == "fd":
         info["fd_eps"] = mc.fd_eps
-    info["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    path = rd.dwm(stage)
-    meta = save_dwm(dwm, path, stage=stage, lm_step=lm_step, checkpoint=str(rd.checkpoint(tag)),
-                    seconds=time.time() - t_start, **info)  # fmt: skip
-    print(f"[meta] wrote {path} (sha256 {meta['sha256'][:12]}...) in {time.time() - t_start:.1f} s", flush=True)
+    info["timings"] = {k: round(v, 3) for k, v in fit.timings.items()}
+    path = rd.dwm(fit.stage)
+    took = time.time() - fit.started
+    meta = save_dwm(dwm, path, stage=fit.stage, lm_step=fit.lm_step, checkpoint=str(rd.checkpoint(fit.tag)),
+                    seconds=took, **info)  # fmt: skip
+    print(f"[meta] wrote {path} (sha256 {meta['sha256'][:12]}...) in {took:.1f} s", flush=True)
     return meta

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from transformers import AttentionInterface
 
-from dwmtrain.models.loss import fused_weighted_loss, per_sample_loss_chunked, weighted_loss
+from dwmtrain.models.loss import fused_weighted_loss, per_sample_loss_chunked, resolve_weights, weighted_loss
 from dwmtrain.models.spec import EXACT_EAGER, ModelSpec
 
 
@@ -68,9 +68,9 @@ class LossHead(nn.Linear):
     def forward(self, hidden, labels=None, sample_weights=None, chunk: int = 1024):
         if labels is None:
             return super().forward(hidden)
-        if callable(sample_weights):  # weights from these very losses (a LossRule: meta.mode=loss_reweight)
-            with torch.no_grad():
-                sample_weights = sample_weights(per_sample_loss_chunked(hidden, self.weight, labels, chunk))
+        if callable(sample_weights):  # a rule of these very losses (meta.mode=loss_reweight): its weights first
+            losses = per_sample_loss_chunked(hidden, self.weight, labels, chunk)
+            sample_weights = resolve_weights(sample_weights, losses)
         if not torch.is_grad_enabled():  # the losses only (the meta job's perturbed forwards, evaluation)
             losses = per_sample_loss_chunked(hidden, self.weight, labels, chunk)
             return weighted_loss(losses, sample_weights), losses

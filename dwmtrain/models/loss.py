@@ -23,6 +23,29 @@ def weighted_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights.to(losses.dtype) * losses).mean()
 
 
+def resolve_weights(weights, losses: torch.Tensor) -> torch.Tensor:
+    """The weights [B] to apply: ``weights`` itself, or, for a rule of the micro-batch's own losses (a callable:
+    ``stages.weighting.LossRule``), its weights for ``losses`` (computed without gradient)."""
+    if not callable(weights):
+        return weights
+    with torch.no_grad():
+        return weights(losses.detach())
+
+
+def weighted_objective(model, x: torch.Tensor, weights, chunked: bool) -> tuple[torch.Tensor, ...]:
+    """One micro-batch's objective mean_i w_i L_i through ``model`` (a ``models.lm.WeightedLoss`` LM, or its engine),
+    whatever the weights are (a tensor [B], or a rule of this forward's own losses): (loss, per-sample losses [B]
+    without gradient, the weights applied [B]). ``chunked``: the LM head a chunk of tokens at a time, never the
+    [B, T, V] logits (``model.loss_chunk_tokens``)."""
+    if chunked:
+        loss, losses = model(input_ids=x, sample_weights=weights)
+    else:
+        losses = per_sample_loss(model(input_ids=x).logits, x)
+        loss = weighted_loss(losses, resolve_weights(weights, losses))
+    applied = weights.weights if callable(weights) else weights
+    return loss, losses.detach(), applied
+
+
 class _WeightedLinearCE(torch.autograd.Function):
     """sum_t coef_t * CE(hidden_t @ weight.T, label_t), computed ``chunk`` tokens at a time.
 
@@ -107,31 +130,3 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     lb = labels[:, 1:]
     hit = ((logits[:, :-1].argmax(-1) == lb) | (lb == -100)).all(1)
     return per_sample_loss(logits, labels), hit
-
-
-LOSS_RULES = ("linupper", "quadratic", "extremes")
-
-
-def loss_rule_weights(losses: torch.Tensor, rule: str = "linupper", temperature: float = 1.0) -> torch.Tensor:
-    """Per-sample weights (mean 1, no gradient) from the micro-batch's own losses, as Sow et al. (ICLR 2025,
-    "Dynamic Loss-Based Sample Reweighting for Improved Large Language Model Pretraining") define them: the losses
-    mapped linearly onto [-1, 1] (the smallest to -1, the largest to 1) as h, a rule f(h), and w ∝ exp(f(h) / τ).
-
-        linupper   f = min(h + 1, 1): the low-loss samples down-weighted, the upper half alike (their best rule)
-        quadratic  f = 1 - h^2: the middle favoured, both extremes down-weighted
-        extremes   f = |h|: both extremes up-weighted
-
-    A large τ tends to uniform weights; a micro-batch of equal losses gets uniform weights."""
-    loss = losses.detach().float()
-    lo, hi = loss.min(), loss.max()
-    h = 2 * (loss - lo) / (hi - lo).clamp_min(1e-6) - 1
-    if rule == "linupper":
-        f = torch.clamp(h + 1, max=1.0)
-    elif rule == "quadratic":
-        f = 1 - h**2
-    elif rule == "extremes":
-        f = h.abs()
-    else:
-        raise ValueError(f"loss rule {rule!r}: one of {', '.join(LOSS_RULES)}")
-    g = torch.exp((f - f.max()) / temperature)
-    return g * (g.numel() / g.sum())

@@ -164,7 +164,11 @@ class ModelSpec:
         """The same model with another vocabulary or context (0: keep)."""
         cfg = json.loads(self.config_json)
         cfg["vocab_size"] = vocab_size or cfg["vocab_size"]
-        cfg["max_position_embeddings"] = max_seq_len or cfg["max_position_embeddings"]
+        ctx = max_seq_len or cfg["max_position_embeddings"]
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("original_max_position_embeddings"):  # Llama 3's scaled rope: its frequencies ignore the
+            ctx = max(ctx, cfg["max_position_embeddings"])  # context, and a shorter one draws HF's warning per model
+        cfg["max_position_embeddings"] = ctx
         return ModelSpec(self.name, json.dumps(cfg, sort_keys=True))
 
     def check(self) -> None:

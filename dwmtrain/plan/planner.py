@@ -51,7 +51,13 @@ class Plan:
 
     @property
     def fits(self) -> bool:
+        """Training fits."""
         return self.peak <= self.budget
+
+    @property
+    def meta_over(self) -> bool:
+        """The bi-level meta job does not fit (training's fit aside)."""
+        return self.cfg.meta.mode == "bilevel" and self.meta_peak > self.budget
 
     def stage_seconds(self) -> list[float] | None:
         if not self.device.peak_flops:
@@ -150,24 +156,56 @@ def _with(cfg: Config, section: str, **fields) -> Config:
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **fields)})
 
 
-def first_fix(cfg: Config, nodes: int, gpus_per_node: int, device: Device) -> tuple[str, Plan] | None:
-    """The first single change, in the order a user would try them, that makes the plan fit."""
-    mb = cfg.deepspeed.micro_batch_size
-    tries = []
-    if not cfg.model.activation_checkpointing:
-        tries.append(("model.activation_checkpointing=1", _with(cfg, "model", activation_checkpointing=1)))
-    for m in sorted({mb // 2, mb // 4, 1} - {0}, reverse=True):
-        if m < mb:  # the same global batch: more accumulation
-            tries.append((f"deepspeed.micro_batch_size={m}", _with(cfg, "deepspeed", micro_batch_size=m)))
-    if cfg.deepspeed.offload_optimizer == "none":
-        tries.append(("deepspeed.offload_optimizer=cpu", _with(cfg, "deepspeed", offload_optimizer="cpu")))
-    tries += [(f"--nodes {nodes * k}", (cfg, nodes * k)) for k in (2, 4, 8, 16)]
-    for label, c in tries:
-        c, n = c if isinstance(c, tuple) else (c, nodes)
+@dataclass(frozen=True)
+class Fix:
+    """One change that makes a plan fit: its ``key=value`` (or ``--nodes N``), the plan with it, and, for a change
+    that alters the method, what it alters."""
+
+    label: str
+    plan: Plan
+    alters: str = ""
+
+
+def first_fix(cfg: Config, nodes: int, gpus_per_node: int, device: Device) -> Fix | None:
+    """The first single change, in the order a user would try them, that makes training and the meta job fit:
+    the changes that keep the method first (activation checkpointing, the meta job's dtype, validation batch and
+    launch, CPU offload, more nodes); only where none fits, a smaller micro-batch, which for a weighted run changes
+    the method (the DWM weighs fewer samples against each other), said so in ``alters``."""
+    for label, change, n, alters in _candidates(cfg, nodes):
         try:
-            p = make_plan(c, n, gpus_per_node, device)
-        except ConfigError:  # the global batch does not divide over that many ranks
+            p = make_plan(change(), n, gpus_per_node, device)
+        except ConfigError:  # not a valid config, or a global batch that does not divide over that many ranks
             continue
-        if p.fits:
-            return label, p
+        if p.fits and not p.meta_over:
+            return Fix(label, p, alters)
     return None
+
+
+def _candidates(cfg: Config, nodes: int):
+    """(label, a function making the changed config, nodes, what it alters of the method) in the order tried."""
+    m, ds, out = cfg.meta, cfg.deepspeed, []
+    if cfg.model.activation_checkpointing != 1:
+        out.append(("model.activation_checkpointing=1", lambda: _with(cfg, "model", activation_checkpointing=1)))
+    if m.mode == "bilevel":
+        if m.lm_dtype != "train":
+            out.append(("meta.lm_dtype=train", lambda: _with(cfg, "meta", lm_dtype="train")))
+        if m.val_batch_size > 1:
+            v = m.val_batch_size // 2
+            out.append((f"meta.val_batch_size={v}", lambda: _with(cfg, "meta", val_batch_size=v)))
+        if m.launch == "local":  # the meta job gets the GPUs to itself
+            out.append(("meta.launch=external", lambda: _with(cfg, "meta", launch="external")))
+    if ds.offload_optimizer == "none":
+        out.append(("deepspeed.offload_optimizer=cpu", lambda: _with(cfg, "deepspeed", offload_optimizer="cpu")))
+    if ds.offload_params == "none":  # (parameters offloaded need the optimizer offloaded too)
+        out.append(("deepspeed.offload_optimizer=cpu deepspeed.offload_params=cpu",
+                    lambda: _with(cfg, "deepspeed", offload_optimizer="cpu", offload_params="cpu")))  # fmt: skip
+    tries = [(label, make, nodes, "") for label, make in out]
+    tries += [(f"--nodes {nodes * k}", lambda: cfg, nodes * k, "") for k in (2, 4, 8, 16)]
+    weighted, mb = m.mode != "none", ds.micro_batch_size
+    for smaller in sorted({mb // 2, mb // 4, 2 if weighted else 1} - {0, 1 if weighted else 0}, reverse=True):
+        if smaller < mb:  # the same global batch: more accumulation
+            alters = (f"the DWM then weighs {smaller} samples against each other instead of {mb}" if weighted
+                      else "")  # fmt: skip
+            tries.append((f"deepspeed.micro_batch_size={smaller}",
+                          lambda s=smaller: _with(cfg, "deepspeed", micro_batch_size=s), nodes, alters))  # fmt: skip
+    return tries

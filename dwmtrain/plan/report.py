@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dwmtrain.plan.planner import HEADROOM, Plan, first_fix
+from dwmtrain.plan.planner import HEADROOM, Fix, Plan, first_fix
 
 
 def gib(n: float) -> str:
@@ -13,21 +13,23 @@ def _hours(s: float) -> str:
     return f"{s / 3600:,.1f} h" if s >= 3600 else f"{s / 60:,.1f} min"
 
 
-def verdict(p: Plan, fix: tuple[str, Plan] | None = None) -> str:
-    """One line: fits or not, the peak against the budget, and what to change."""
+def verdict(p: Plan, fix: Fix | None = None) -> str:
+    """One line: fits or not, the peak against the budget, and the first change that fits."""
     where = f"{p.layout.nodes} x {p.layout.gpus_per_node} {p.device.name}"
     head = f"peak {gib(p.peak)} of {gib(p.device.memory_bytes)} per device ({HEADROOM:.0%} usable)"
-    if p.fits:
-        if p.meta_peak > p.budget:
-            return (
-                f"plan: training FITS on {where} ({head}), but the META JOB DOES NOT: it needs "
-                f"{gib(p.meta_peak)} per process (meta.lm_dtype=train, meta.launch=external, a smaller DWM)"
-            )
+    meta = f"the meta job needs {gib(p.meta_peak)} per process"
+    if p.fits and not p.meta_over:
         return f"plan: FITS on {where}: {head}"
+    what = f"training FITS on {where} ({head}), but the META JOB DOES NOT: {meta}" if p.fits else \
+        f"DOES NOT FIT on {where}: {head}" + (f"; {meta}" if p.meta_over else "")  # fmt: skip
     if fix is None:
-        return f"plan: DOES NOT FIT on {where}: {head}; no single change found (try tensor parallelism or a larger GPU)"
-    label, fp = fix
-    return f"plan: DOES NOT FIT on {where}: {head}; first change that fits: {label} (peak {gib(fp.peak)})"
+        return f"plan: {what}; no single change found (try tensor parallelism or a larger GPU)"
+    peaks = f"peak {gib(fix.plan.peak)}" + (f", meta job {gib(fix.plan.meta_peak)}" if p.cfg.meta.mode == "bilevel"
+                                            else "")  # fmt: skip
+    if fix.alters:
+        return (f"plan: {what}; no change that keeps the method fits; {fix.label} does ({peaks}), and it CHANGES THE "
+                f"METHOD: {fix.alters}")  # fmt: skip
+    return f"plan: {what}; first change that fits: {fix.label} ({peaks})"
 
 
 def table(p: Plan) -> list[str]:
@@ -64,4 +66,5 @@ def print_plan(p: Plan) -> None:
     for ln in table(p):
         print(ln)
     print()
-    print(verdict(p, None if p.fits else first_fix(p.cfg, p.layout.nodes, p.layout.gpus_per_node, p.device)))
+    fits = p.fits and not p.meta_over
+    print(verdict(p, None if fits else first_fix(p.cfg, p.layout.nodes, p.layout.gpus_per_node, p.device)))

@@ -11,10 +11,12 @@ unchanged but for ``meta.selection``, to ``out`` (``.jsonl`` / ``.jsonl.zst``, r
 
 from dwmtrain.data.readers import iter_records
 from dwmtrain.select.base import gumbel_topk, sample_order, take_budget
-from dwmtrain.select.driver import METHODS, report_path, select, summary
+from dwmtrain.select.driver import METHODS, select
 from dwmtrain.select.dsir import dsir_features, fit_ngram_dist, hash_bucket, hashed_ngrams, importance_logw, words
+from dwmtrain.select.output import report_path
 from dwmtrain.select.qurating import load_rater, rater_scores, score_of
 from dwmtrain.select.random_select import random_order
+from dwmtrain.select.report import summary
 
 __all__ = [
     "METHODS",

@@ -30,7 +30,9 @@ def _positive(s: str) -> int:
 def _run(a) -> None:
     from dwmtrain.data.readers import fields_of
     from dwmtrain.errors import DataError
-    from dwmtrain.select.driver import report_path, select, summary
+    from dwmtrain.select.driver import select
+    from dwmtrain.select.output import report_path
+    from dwmtrain.select.report import summary
 
     opts: dict = {}
     if a.method == "dsir":
@@ -145,20 +147,3 @@ def register(sub) -> argparse.ArgumentParser:
 
     p.set_defaults(fn=_run)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m dwmtrain.select.cli``) with ``dwmtrain``'s exit codes: 2 on expected errors."""
-    from dwmtrain.entry import run_main
-
-    ap = argparse.ArgumentParser(prog="dwmtrain")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    register(sub)
-    a = ap.parse_args(argv)
-    return run_main(f"dwmtrain {a.cmd}:", lambda: a.fn(a))
-
-
-if __name__ == "__main__":
-    from dwmtrain.entry import main_entry
-
-    main_entry(main)

@@ -8,7 +8,7 @@ with the same seed.
                                         and score, and the method's pool statistics; scan.json, written last
                                         weights.npy, weights.json: a two-pass method's scores (DSIR)
 
-Files are assigned whole (``data.parts.assign_files``: byte-balanced, deterministic; unlike prepare-data's parts,
+Files are assigned whole (``arrays.assign_files``: byte-balanced, deterministic; unlike prepare-data's parts,
 never cut into row ranges: the merge's second read names each record by its file and line). DSIR's weights
 need the n-gram distribution of the whole pool, so each of its parts runs twice: the first run scans and counts,
 the second (once every part is scanned) sums every part's counts and computes its documents' weights. A run of
@@ -28,35 +28,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dwmtrain.data.parts import assign_files, parse_part, part_name, part_started, parts_count
+from dwmtrain.arrays import JobArray, assign_files, parse_part
 from dwmtrain.data.readers import SLIMPAJAMA, Fields, expand_inputs
 from dwmtrain.errors import DataError
-from dwmtrain.fileio import atomic_dir, atomic_write_text, read_json_object
-from dwmtrain.select.driver import (
-    MAX_EXAMPLES,
-    METHODS,
-    OUT_SUFFIXES,
-    Pool,
-    Selection,
-    check_budget,
-    check_output,
-    cut_and_write,
-    out_stem,
-    scan_pool,
-    scorer_for,
-)
+from dwmtrain.fileio import atomic_write_text
+from dwmtrain.select.driver import METHODS, Selection, check_budget, cut_and_write, scorer_for
+from dwmtrain.select.output import OUT_SUFFIXES, check_output
+from dwmtrain.select.scan import MAX_EXAMPLES, Pool, scan_pool
 
 SCAN, WEIGHTS = "scan.json", "weights.json"
 ARRAYS = ("fis", "lns", "crcs", "dom_ids", "ntok")
-
-
-def parts_dir(out: str | os.PathLike) -> Path:
-    """``DIR/NAME.parts`` of ``--out DIR/NAME.jsonl[.zst]``."""
-    return out_stem(out).with_name(out_stem(out).name + ".parts")
-
-
-def part_dir(out, i: int, n: int) -> Path:
-    return parts_dir(out) / part_name(i, n)
 
 
 class Parts:
@@ -67,6 +48,7 @@ class Parts:
         if not out.endswith(OUT_SUFFIXES):
             raise DataError(f"--out {out}: must end in .jsonl or .jsonl.zst")
         self.method, self.out, self.fields, self.tokenizer = method, out, fields, tokenizer
+        self.array = JobArray(out, f"select {method}", SCAN, "inputs, tokenizer, fields or method settings")
         self.files = expand_inputs([str(inputs)] if isinstance(inputs, (str, os.PathLike)) else list(inputs))
         self.scorer = scorer_for(method, options)
         self.scorer.fields = fields
@@ -85,23 +67,13 @@ class Parts:
 
     def scanned(self, i: int, n: int) -> dict | None:
         """Part I's scan.json if it is complete and made from this selection's inputs and settings."""
-        info = read_json_object(part_dir(self.out, i, n) / SCAN)
-        want = self.marker(i, n)
-        return info if info is not None and {k: info.get(k) for k in want} == want else None
+        return self.array.read(i, n) if self.array.holds(i, n, self.marker(i, n)) else None
 
     def weighed(self, i: int, n: int) -> bool:
-        return read_json_object(part_dir(self.out, i, n) / WEIGHTS) == self.marker(i, n)
+        return self.array.read(i, n, WEIGHTS) == self.marker(i, n)
 
     def complete(self, i: int, n: int) -> bool:
         return self.scanned(i, n) is not None and (not self.scorer.two_pass or self.weighed(i, n))
-
-    def count(self) -> int:
-        """N of the parts on disk (the merge takes it from them)."""
-        n = parts_count(parts_dir(self.out), f"select {self.method} --part")
-        if n is None:
-            raise DataError(f"{parts_dir(self.out)}: no parts (run select {self.method} --part I/N for I in "
-                            "0..N-1 first)")  # fmt: skip
-        return n
 
 
 # ----------------------------------------------------------------------------- a part
@@ -113,7 +85,7 @@ def select_part(method: str, inputs, out, part: str, *, tokenizer: str | None = 
     Returns a line saying what was done, with the rate."""
     i, n = parse_part(part)
     ps = Parts(method, inputs, str(out), tokenizer, fields, method_options)
-    dest = part_dir(ps.out, i, n)
+    dest = ps.array.part(i, n)
     if ps.scanned(i, n) is None:
         return _scan(ps, i, n, dest, progress)
     if not ps.scorer.two_pass or ps.weighed(i, n):
@@ -126,7 +98,8 @@ def _scan(ps: Parts, i: int, n: int, dest: Path, progress: bool) -> str:
     mine = assign_files(ps.files, n)[i]
     ps.scorer.keep_features = False  # a two-pass method's scan only counts
     ps.scorer.prepare()
-    with atomic_dir(dest, overwrite=True) as tmp:  # a killed scan leaves no scan.json: a rerun redoes it
+    info = ps.marker(i, n)  # completed below with what the scan found
+    with ps.array.writing(i, n, info) as tmp:  # a killed scan leaves no scan.json: a rerun redoes it
         pool = scan_pool([ps.files[k] for k in mine], ps.scorer, ps.tok, f"{ps.method} {i}/{n}", progress,
                          ps.fields, file_ids=mine)  # fmt: skip
         scores = np.concatenate(pool.parts) if pool.parts and not ps.scorer.two_pass else np.zeros(0)
@@ -134,9 +107,8 @@ def _scan(ps: Parts, i: int, n: int, dest: Path, progress: bool) -> str:
         stats = {f"stat_{k}": v for k, v in ps.scorer.pool_stats().items()}
         np.savez(tmp / "scan.npz", scores=scores, **arrays, **stats)
         dt = time.time() - t0
-        info = dict(ps.marker(i, n), documents=len(pool.fis), domains=pool.domain_names(),
-                    skipped=dict(pool.skipped), examples=pool.example_at, seconds=round(dt, 3))  # fmt: skip
-        atomic_write_text(tmp / SCAN, json.dumps(info, indent=1))
+        info.update(documents=len(pool.fis), domains=pool.domain_names(), skipped=dict(pool.skipped),
+                    examples=pool.example_at, seconds=round(dt, 3))  # fmt: skip
     then = " (its weights: run the part again once every part is scanned)" if ps.scorer.two_pass else ""
     return (f"part {i}/{n} scanned: {len(mine)} files, {len(pool.fis):,} documents in {dt:.1f} s "
             f"({len(pool.fis) / max(dt, 1e-9):,.0f} docs/s) -> {dest}{then}")  # fmt: skip
@@ -159,7 +131,7 @@ def _weigh(ps: Parts, i: int, n: int, dest: Path, progress: bool) -> str:
                 np.array_equal(z["lns"], np.frombuffer(pool.lns, dtype="q"))):  # fmt: skip
             raise DataError(f"{dest}: its files changed since the part was scanned; remove {dest} and run the "
                             "part again (then the parts after it)")  # fmt: skip
-    ps.scorer.use_pool_stats([_stats(ps.out, j, n) for j in range(n)])
+    ps.scorer.use_pool_stats([_stats(ps, j, n) for j in range(n)])
     names = sorted({d for j in range(n) for d in ps.scanned(j, n)["domains"]})
     weights = ps.scorer.finalize(np.concatenate(pool.parts) if pool.parts else np.zeros(0), names)
     np.save(dest / "weights.npy.tmp.npy", weights)
@@ -170,8 +142,8 @@ def _weigh(ps: Parts, i: int, n: int, dest: Path, progress: bool) -> str:
             f"({len(weights) / max(dt, 1e-9):,.0f} docs/s) -> {dest}")  # fmt: skip
 
 
-def _stats(out: str, j: int, n: int) -> dict[str, np.ndarray]:
-    with np.load(part_dir(out, j, n) / "scan.npz") as z:
+def _stats(ps: Parts, j: int, n: int) -> dict[str, np.ndarray]:
+    with np.load(ps.array.part(j, n) / "scan.npz") as z:
         return {k[5:]: z[k] for k in z.files if k.startswith("stat_")}
 
 
@@ -186,23 +158,14 @@ def merge_selection(method: str, inputs, out, *, budget_tokens: int | None = Non
     check_budget(budget_tokens, budget_docs, tokenizer)
     ps = Parts(method, inputs, str(out), tokenizer, fields, method_options)
     check_output(ps.out, ps.files, overwrite)
-    n = ps.count()
-    infos = []
-    for j in range(n):
-        info = ps.scanned(j, n)
-        if info is None:
-            unread = read_json_object(part_dir(ps.out, j, n) / SCAN) is None
-            what = "missing or unfinished" if unread else \
-                "made from other inputs, tokenizer, fields or method settings than this merge's"  # fmt: skip
-            raise DataError(f"{part_dir(ps.out, j, n)}: part {j}/{n} is {what}; run select {method} --part {j}/{n} "
-                            "with the merge's inputs and options, then the merge")  # fmt: skip
-        infos.append(info)
+    n = ps.array.require(ps.marker)
+    infos = [ps.scanned(j, n) for j in range(n)]
     for j in range(n) if ps.scorer.two_pass else ():
         if not ps.weighed(j, n):
-            raise DataError(f"{part_dir(ps.out, j, n)}: part {j}/{n} is scanned but not weighed; run select "
+            raise DataError(f"{ps.array.part(j, n)}: part {j}/{n} is scanned but not weighed; run select "
                             f"{method} --part {j}/{n} again (every part is scanned), then the merge")  # fmt: skip
     ps.scorer.prepare_merge()
-    ps.scorer.use_pool_stats([_stats(ps.out, j, n) for j in range(n)])
+    ps.scorer.use_pool_stats([_stats(ps, j, n) for j in range(n)])
     pool, scores = _pool_of(ps, infos, n)
     if not pool.fis:
         raise DataError(f"{ps.files}: no usable records (skipped: {dict(pool.skipped) or 'none'})")
@@ -219,7 +182,7 @@ def _pool_of(ps: Parts, infos: list[dict], n: int) -> tuple[Pool, np.ndarray]:
     domain ids numbered by first appearance, skips (and the first examples), and the scores."""
     cols: dict[str, list] = {k: [] for k in (*ARRAYS, "scores", "dom")}  # "dom": each part's own domain ids
     for j in range(n):
-        d = part_dir(ps.out, j, n)
+        d = ps.array.part(j, n)
         with np.load(d / "scan.npz") as z:
             for k in ARRAYS:
                 cols[k].append(z[k])
@@ -253,21 +216,14 @@ def _pool_of(ps: Parts, infos: list[dict], n: int) -> tuple[Pool, np.ndarray]:
 def selection_status(out: str) -> list[str]:
     """One line per part of a selection's array: complete, scanned (a two-pass method's weights to come),
     started (running, or failed), or not started; with the documents and the rate of a scanned part."""
-    n = parts_count(parts_dir(out), "select --part")
-    if n is None:
-        return [f"{parts_dir(out)}: no parts yet"]
-    lines = []
-    for i in range(n):
-        d = part_dir(out, i, n)
-        info = read_json_object(d / SCAN)
-        if info is None:
-            lines.append(f"part {i}/{n}: {'started, not finished' if part_started(d) else 'not started'}")
-            continue
+    arr = JobArray(out, "select", marker=SCAN)
+
+    def describe(i: int, n: int, info: dict) -> str:
         docs, secs = info.get("documents"), info.get("seconds", 0)
         if type(docs) is not int or type(secs) not in (int, float):
-            lines.append(f"part {i}/{n}: {d / SCAN} is not a scan marker dwmtrain wrote: remove {d} and rerun the part")
-            continue
+            return f"{arr.part(i, n) / SCAN} is not a scan marker dwmtrain wrote: remove it and rerun the part"
         two = METHODS[info["method"]].two_pass if info.get("method") in METHODS else False
-        state = "complete" if not two or (d / WEIGHTS).is_file() else "scanned, not weighed yet"
-        lines.append(f"part {i}/{n}: {state} ({docs:,} documents, scanned at {docs / max(secs, 1e-9):,.0f} docs/s)")
-    return lines
+        state = "complete" if not two or (arr.part(i, n) / WEIGHTS).is_file() else "scanned, not weighed yet"
+        return f"{state} ({docs:,} documents, scanned at {docs / max(secs, 1e-9):,.0f} docs/s)"
+
+    return arr.status(describe)

@@ -1,6 +1,6 @@
 """The meta-update job as a process: its command line, its environment, running it with a timeout.
 
-The job is ``python -m dwmtrain.meta.job`` under torchrun (one node, ``meta.nproc`` processes), or one srun
+The job is ``python -m dwmtrain.launch.meta_job`` under torchrun (one node, ``meta.nproc`` processes), or one srun
 step of ``meta.nodes`` x ``meta.nproc`` tasks inside the run's SLURM allocation, so it runs from an installed
 package as well as from a checkout.
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import dwmtrain
 from dwmtrain.errors import ConfigError, DWMTrainError
-from dwmtrain.meta import job
 from dwmtrain.procs import run_logged
+
+META_JOB_MODULE = "dwmtrain.launch.meta_job"  #: the meta job's entry point (tests/test_meta_job.py runs it)
 
 # The trainer's rendezvous variables must not leak into the meta job's own (torchrun sets them anew).
 _RENDEZVOUS_VARS = (
@@ -53,12 +54,12 @@ class MetaJobError(DWMTrainError, RuntimeError):
 def meta_job_command(run_dir: str | os.PathLike, stage: int, tag: str, nproc: int, nodes: int = 1) -> list[str]:
     """The meta-update job for one boundary: torchrun on this node (it picks a free port), or with ``nodes`` > 1
     an srun step over that many nodes of the SLURM allocation, ``nproc`` tasks each (its tasks find their rank and
-    rendezvous in SLURM's variables, the port per job step: ``dwmtrain.rendezvous``).
+    rendezvous in SLURM's variables, the port per job step: ``dwmtrain.distributed.rendezvous``).
 
     The lookahead alpha is not passed: the job derives it from the config and the checkpoint's step
     (``meta.update.lookahead_lr``), so a job started here and one started by hand fit the same DWM.
     """
-    entry = ["-m", job.__name__, "--run-dir", str(run_dir), "--stage", str(stage), "--checkpoint", tag]
+    entry = ["-m", META_JOB_MODULE, "--run-dir", str(run_dir), "--stage", str(stage), "--checkpoint", tag]
     if nodes == 1:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry]
     # --overlap: the trainer's step keeps its resources while it waits; --kill-on-bad-exit: one failed task ends all

@@ -1,12 +1,13 @@
 """How much each sample of a micro-batch counts: the weighting the training loop applies, behind one interface.
 
     Uniform       every sample 1 (stage 1 of the method; meta.mode=none)
-    DomainOracle  0 for the domains in meta.oracle_drop, the rest mean 1 (a headroom baseline on labelled data)
+    DomainOracle  0 for the domains in meta.oracle.drop, the rest mean 1 (a headroom baseline on labelled data)
     FrozenDWM     a stage's DWM, frozen, in inference mode (the method)
     LossReweighting  from each micro-batch's own losses (Sow et al. 2025; meta.mode=loss_reweight): a baseline
 
-``StageHandoff.for_stage`` says which one weighs a stage; the loop calls ``weighting(x, indices, step)``: weights
-[B], or (LossReweighting) a ``LossRule`` the LM head applies to the losses of the same forward.
+``StageBoundary.for_stage`` gives the one that weighs a stage (``stages.modes``); the loop calls
+``weighting(x, indices, step)``: weights [B], or (LossReweighting) a ``LossRule`` applied to the losses of the same
+forward (``models.loss.weighted_objective`` takes either).
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import abc
 import torch
 
 from dwmtrain.errors import ConfigError
-from dwmtrain.models.dwm import oracle_weights
-from dwmtrain.models.loss import loss_rule_weights
+from dwmtrain.models.weights import loss_rule_weights, oracle_weights
 
 
 class Weighting(abc.ABC):
     """Per-sample weights [B] with mean 1 for one micro-batch."""
 
     info: dict  #: what a checkpoint records of it: ``version`` (and for a DWM its path, sha256, stage)
+    #: its weights are learned and can collapse onto a few samples (the step's alarm watches them)
+    watch_collapse: bool = True
 
     @property
     def version(self) -> str:
@@ -38,6 +40,8 @@ class Weighting(abc.ABC):
 class Uniform(Weighting):
     """Every sample counts 1: the plain mean loss."""
 
+    watch_collapse = False
+
     def __init__(self):
         self.info = {"version": "uniform"}
 
@@ -48,10 +52,12 @@ class Uniform(Weighting):
 class DomainOracle(Weighting):
     """Weights from the samples' domain labels: those in ``drop`` get 0, the rest mean 1 per micro-batch."""
 
+    watch_collapse = False  # zeros by design
+
     def __init__(self, data, drop: list[str]):
         unknown = sorted(set(drop) - set(data.domain_names))
         if unknown:
-            raise ConfigError(f"meta.oracle_drop={drop}: {unknown} not among the data's domains {data.domain_names}")
+            raise ConfigError(f"meta.oracle.drop={drop}: {unknown} not among the data's domains {data.domain_names}")
         self.data, self.info = data, {"version": "oracle"}
         self.keep = torch.tensor([name not in drop for name in data.domain_names])
 
@@ -65,8 +71,9 @@ class DomainOracle(Weighting):
 class FrozenDWM(Weighting):
     """A DWM's weights, computed without any autograd bookkeeping."""
 
-    def __init__(self, model, info: dict):
+    def __init__(self, model, info: dict, timings: dict | None = None):
         self.model, self.info = model, info
+        self.timings = timings or {}  #: where its meta job's time went (from its file), for the boundary's record
 
     def __call__(self, x, indices, step=0):
         with torch.inference_mode():  # no version counters, no views tracked
@@ -75,7 +82,7 @@ class FrozenDWM(Weighting):
 
 
 class LossRule:
-    """The weights of one micro-batch as a function of its per-sample losses (``models.loss.loss_rule_weights``),
+    """The weights of one micro-batch as a function of its per-sample losses (``models.weights.loss_rule_weights``),
     applied inside the forward that computes those losses; ``weights`` keeps what it gave, for the step's stats."""
 
     def __init__(self, rule: str, temperature: float, scale: float = 1.0):

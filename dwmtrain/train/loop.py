@@ -3,7 +3,6 @@ validate, checkpoint, planned stop."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -14,9 +13,8 @@ from dwmtrain.data.dataset import rank_micro_batches
 from dwmtrain.data.validation import validation_metrics
 from dwmtrain.distributed import all_reduce_
 from dwmtrain.faults import fault_active, fault_point
-from dwmtrain.models.dwm import read_dwm_meta, weight_stats_tensor
-from dwmtrain.models.loss import per_sample_loss, weighted_loss
-from dwmtrain.rundir import RunDir
+from dwmtrain.models.loss import weighted_objective
+from dwmtrain.models.weights import weight_stats_tensor
 from dwmtrain.stages.weighting import Weighting
 from dwmtrain.train.metrics import mfu
 from dwmtrain.train.setup import Run
@@ -40,10 +38,8 @@ def run_steps(run: Run, bar) -> None:
     weighting, weighting_stage, save_s, alarmed = None, None, None, set()
     while step < total:
         stage = stage_of(step, run.starts)
-        if stage != weighting_stage:  # stage boundary (or start): meta-update / broadcast as configured
-            weighting = run.handoff.for_stage(stage, RunDir.tag(run.starts[stage - 1]))  # fitted on that LM
-            report_pause(run, stage, save_s, run.handoff.pause)
-            weighting_stage, save_s = stage, None
+        if stage != weighting_stage:  # stage boundary (or start): the stage's weighting, fitted there if need be
+            weighting, weighting_stage, save_s = run.boundary.for_stage(stage, checkpoint_s=save_s), stage, None
         t0, lr = time.time(), run.engine.get_lr()[0]  # the lr this step uses (the scheduler steps inside eng.step)
         stats = train_step(run, batches, weighting, step)
         step += 1
@@ -51,7 +47,7 @@ def run_steps(run: Run, bar) -> None:
         bar.update(1)
         if nonfinite or step % cfg.run.log_every == 0 or step == total:  # statistics reach the host only when logged
             rec = step_record(run, step, stage, lr, time.time() - t0, weighting.version, stats.reduce(), nonfinite)
-            alarmed = raise_alarm(run, rec, alarmed)
+            alarmed = raise_alarm(run, rec, alarmed, weighting)
             run.metrics.log(rec)
             bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", gnorm=f"{rec['grad_norm'] or float('nan'):.2f}",
                             tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)  # fmt: skip
@@ -81,14 +77,10 @@ def train_step(run: Run, batches, weighting: Weighting, step: int) -> StepStats:
         w = weighting(x, idx, step)  # [B], mean 1; or a LossRule, applied to this forward's own losses
         if fault_active("nonfinite-loss", rank=run.d.rank, step=step + 1):
             w = w * float("nan")  # the loss and every gradient of this micro-batch become NaN (a LossRule too)
-        if run.cfg.model.loss_chunk_tokens:  # the head a chunk at a time: no [B, T, V] logits
-            loss, losses = eng(input_ids=x, sample_weights=w)
-        else:
-            losses = per_sample_loss(eng(input_ids=x).logits, x)  # [B]
-            loss = weighted_loss(losses, w if torch.is_tensor(w) else w(losses))
+        loss, losses, applied = weighted_objective(eng, x, w, chunked=bool(run.cfg.model.loss_chunk_tokens))
         eng.backward(loss)
         eng.step()
-        stats.add(losses, w if torch.is_tensor(w) else w.weights)
+        stats.add(losses, applied)
     if cuda:
         stats.peak_memory(torch.cuda.max_memory_allocated(run.d.device))
     return stats
@@ -178,28 +170,6 @@ def step_record(run: Run, step, stage, lr, dt, dwm_version: str, stats: dict, no
     return rec
 
 
-def report_pause(run: Run, stage: int, save_s: float | None, pause: dict | None) -> None:
-    """Rank 0: what a stage boundary's pause was made of (``pause``: the hand-off's meta job and broadcast
-    times; the meta job's own parts from its DWM file), on the console and in meta/stageK.pause.json."""
-    if pause is None or not run.d.is_main:
-        return
-    t, p = read_dwm_meta(run.rd.dwm(stage)).get("timings", {}), dict(pause)
-    if save_s is not None:
-        p["checkpoint_s"] = save_s
-    p["total_s"] = sum(p.values())
-    parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in t.items())
-    tqdm.write(
-        f"[dwmtrain] stage {stage} boundary: paused {p['total_s']:.1f} s = "
-        + (f"checkpoint {save_s:.1f} s + " if save_s is not None else "")
-        + f"meta job {p['meta_job_s']:.1f} s"
-        + (f" ({parts})" if parts and p["meta_job_s"] > 0.5 else "")
-        + f" + broadcast {p['broadcast_s']:.2f} s"
-    )
-    run.rd.meta_dir.mkdir(parents=True, exist_ok=True)
-    (run.rd.meta_dir / f"stage{stage}.pause.json").write_text(json.dumps({**p, "meta_job": t}, indent=1))
-    run.metrics.boundary(run.starts[stage - 1], stage, p)
-
-
 def weight_alarm(stats: dict, micro_batch: int, ess_frac: float, max_frac: float) -> str:
     """Why a step's weights look collapsed ('' if they do not): mean ESS or the largest weight past a threshold."""
     why = []
@@ -210,9 +180,9 @@ def weight_alarm(stats: dict, micro_batch: int, ess_frac: float, max_frac: float
     return "; ".join(why)
 
 
-def raise_alarm(run: Run, rec: dict, alarmed: set) -> set:
+def raise_alarm(run: Run, rec: dict, alarmed: set, weighting: Weighting) -> set:
     """Mark collapsed weights in the step's record (metrics.jsonl, TensorBoard) and say so once per stage."""
-    if run.cfg.meta.mode in ("none", "oracle"):  # uniform, or zeros by design: nothing to alarm about
+    if not weighting.watch_collapse:  # uniform, or zeros by design: nothing to alarm about
         return alarmed
     why = weight_alarm(rec, run.plan.micro_batch_size, run.cfg.dwm.alarm_ess, run.cfg.dwm.alarm_max_weight)
     rec["w_alarm"] = int(bool(why))

@@ -1,4 +1,4 @@
-"""Everything before the loop: process group, data, engine, resume, DWM hand-off."""
+"""Everything before the loop: process group, data, engine, resume, stage boundary."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from dwmtrain.models.dwm import DWMArch, dwm_forward_flops_per_token, dwm_parame
 from dwmtrain.models.spec import flops_per_token, lm_spec, model_flops_per_token
 from dwmtrain.procs import usable_cpus
 from dwmtrain.rundir import RunDir
-from dwmtrain.stages.handoff import StageHandoff
+from dwmtrain.stages.boundary import BoundaryInputs, StageBoundary
 from dwmtrain.train.engine import build_engine
 from dwmtrain.train.metrics import MetricsWriter
 from dwmtrain.train.nonfinite import NonFiniteCount
@@ -48,7 +48,7 @@ class Run:
     val: ValidationSet
     ckpt: Checkpointer
     metrics: MetricsWriter
-    handoff: StageHandoff
+    boundary: StageBoundary
     starts: list[int]
     n_params: int
     stop: StopRequest
@@ -112,22 +112,15 @@ def setup(cfg: Config) -> Run:
     check_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, spec.vocab_size, cfg.data.tokenizer, padded=padded)
     plan = batch_plan(cfg, d.world)
     starts = stage_starts(cfg.stages.total_steps, cfg.stages.num_stages, cfg.stages.boundaries)
-    ds_config = build_deepspeed_config(cfg, d.world, d.accelerator)
-    compat = compat_fields(cfg, d.world, plan.global_batch_size, spec, tok_sha, starts)
-    ckpt = Checkpointer(rd, d, compat=compat, global_batch_size=plan.global_batch_size, keep_last=cfg.run.keep_last,
-                        keep_stage=cfg.run.keep_stage_checkpoints, boundary_weights=True)  # fmt: skip
-    # continued pretraining reads model.init_from at the run's start only: a resume has the weights already
-    engine = build_engine(cfg, ds_config, spec, d, "" if ckpt.has_checkpoint() else cfg.model.init_from)
-    resumed = ckpt.resume(engine)  # None for a fresh run; refuses an incompatible checkpoint
-    if d.is_main:  # only once the run is known to be compatible
-        rd.config.write_text(cfg.to_yaml())
-        rd.deepspeed_json.write_text(json.dumps(ds_config, indent=2))
+    engine, ckpt, resumed = engine_from_checkpoint(cfg, d, rd, spec, compat_fields(cfg, d.world, plan.global_batch_size,
+                                                                                  spec, tok_sha, starts))  # fmt: skip
     arch = DWMArch.from_config(cfg, spec.vocab_size)
     precision = resolve_precision(cfg.deepspeed.precision, d.accelerator)
     dwm_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     start_step = resumed.step if resumed else 0
     expect_sha = resumed.dwm_in_use(starts) if resumed else None
     nonfinite_so_far = (resumed.nonfinite_steps, resumed.nonfinite_streak) if resumed else (0, 0)
+    metrics = MetricsWriter(rd, d.is_main, cfg.run.tensorboard, start_step if resumed else None, cfg)
     run = Run(
         cfg=cfg,
         d=d,
@@ -139,8 +132,21 @@ def setup(cfg: Config) -> Run:
         order=GlobalOrder(len(data), cfg.run.seed),
         val=validation_set(cfg),
         ckpt=ckpt,
-        metrics=MetricsWriter(rd, d.is_main, cfg.run.tensorboard, start_step if resumed else None, cfg),
-        handoff=StageHandoff(cfg, d, arch, dwm_dtype, rd, expect_sha, data=data, tokenizer_sha=tok_sha),
+        metrics=metrics,
+        boundary=StageBoundary(
+            BoundaryInputs(
+                cfg=cfg,
+                d=d,
+                rd=rd,
+                arch=arch,
+                dtype=dwm_dtype,
+                starts=starts,
+                tokenizer_sha=tok_sha,
+                data=data,
+                expect_sha=expect_sha or {},
+                metrics=metrics,
+            )
+        ),  # fmt: skip
         starts=starts,
         n_params=spec.num_parameters(),
         stop=StopRequest(d.device),
@@ -152,6 +158,22 @@ def setup(cfg: Config) -> Run:
     )
     announce(run, arch)
     return run
+
+
+def engine_from_checkpoint(cfg: Config, d: Dist, rd: RunDir, spec, compat: dict):
+    """(engine, checkpointer, the resumed state or None): the DeepSpeed engine, loaded from the newest checkpoint that
+    verifies (an incompatible one is refused); the resolved config and DeepSpeed JSON written once it is known."""
+    ds_config = build_deepspeed_config(cfg, d.world, d.accelerator)
+    ckpt = Checkpointer(rd, d, compat=compat, global_batch_size=compat["global_batch_size"],
+                        keep_last=cfg.run.keep_last, keep_stage=cfg.run.keep_stage_checkpoints,
+                        boundary_weights=True)  # fmt: skip
+    # continued pretraining reads model.init_from at the run's start only: a resume has the weights already
+    engine = build_engine(cfg, ds_config, spec, d, "" if ckpt.has_checkpoint() else cfg.model.init_from)
+    resumed = ckpt.resume(engine)  # None for a fresh run; refuses an incompatible checkpoint
+    if d.is_main:  # only once the run is known to be compatible
+        rd.config.write_text(cfg.to_yaml())
+        rd.deepspeed_json.write_text(json.dumps(ds_config, indent=2))
+    return engine, ckpt, resumed
 
 
 def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dwmtrain.models.dwm import read_dwm_meta
+from dwmtrain.checkpoint.dwm_file import read_dwm_meta
 
 from .helpers import by_step, records, run
 
@@ -38,7 +38,7 @@ def _refit_stage2(ref, out, *overrides: str) -> dict:
     fitted DWM's tensors and metadata."""
     import shutil
 
-    from dwmtrain.models.dwm import load_dwm_state
+    from dwmtrain.checkpoint.dwm_file import load_dwm_state
     from dwmtrain.stages.meta_job import meta_job_command
 
     if not out.exists():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dwmtrain.models.dwm import read_dwm_meta
+from dwmtrain.checkpoint.dwm_file import read_dwm_meta
 
 from ..helpers import REPO, alive, cmdline, free_port, kill_tree, process_tree, wait_until
 from .helpers import by_step, env, pretrain_cmd, run, run_until_step_then_kill, short_run, wait_for_step
@@ -61,7 +61,7 @@ def test_external_and_local_meta_launches_fit_the_same_dwm(reference, tmp_path, 
     p = run(pretrain_cmd(ext, bilevel(data64, "meta.launch=external")), check=False)
     assert p.returncode == 3, p.stderr[-3000:]
     printed = p.stderr.split("rerun this command:\n", 1)[1].splitlines()[0]
-    assert "-m dwmtrain.meta.job" in printed and "--lookahead-lr" not in printed
+    assert "-m dwmtrain.launch.meta_job" in printed and "--lookahead-lr" not in printed
     run(shlex.split(printed))  # what a SLURM meta job runs
     run(pretrain_cmd(ext, bilevel(data64, "meta.launch=external")))
     dwm_local, dwm_ext = (read_dwm_meta(r / "dwm" / "stage2.safetensors") for r in (local, ext))

@@ -98,7 +98,7 @@ def test_every_tiny_twin_passes_the_preflight(exp, monkeypatch, capsys):
     src = RunDir(work / "runs/exp/tiny-random_dwm")
     for name in twins:
         meta = load_config(name).meta  # transfer / static / warm-started arms: fit them to the short source run
-        extra = {"transfer": ["stages.num_stages=3"], "fixed": [f"meta.dwm_path={src.dwm(3)}"]}.get(meta.mode, [])
+        extra = {"transfer": ["stages.num_stages=3"], "fixed": [f"meta.fixed.dwm_path={src.dwm(3)}"]}.get(meta.mode, [])
         extra += [f"meta.init_dwm={src.root}"] if meta.init_dwm else []
         argv = ["--config", name, "--run-dir", f"runs/exp/dry-{name.split('/')[-1]}", "--dry-run", *extra]
         assert pretrain(argv) == 0, name

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from dwmtrain.models.dwm import load_dwm_state, read_dwm_meta
+from dwmtrain.checkpoint.dwm_file import load_dwm_state, read_dwm_meta
 from dwmtrain.rundir import RunDir
 
 from .helpers import by_step, pretrain_cmd, run, run_until_step_then_kill

@@ -32,7 +32,7 @@ def test_continued_pretraining_starts_from_the_exported_weights_and_a_resume_nev
     first, hf, cont = tmp_path / "first", tmp_path / "hf", tmp_path / "cont"
     args = short_run(data64, "meta.mode=none", "stages.total_steps=4", "stages.num_stages=1")
     run(pretrain_cmd(first, args))
-    run([sys.executable, "-m", "dwmtrain.cli", "export", str(first), "--out", str(hf)])
+    run([sys.executable, "-m", "dwmtrain", "export", str(first), "--out", str(hf)])
     assert json.loads((hf / "config.json").read_text())["vocab_size"] == 4096
 
     cont_args = [*args, f"model.init_from={hf}", "run.seed=77"]  # another data order than the first run's
@@ -79,7 +79,7 @@ def llama3_style(tmp_path_factory):
     LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=512,
                 bos_token_id=0, eos_token_id=1).save_pretrained(work / "model")  # fmt: skip
-    run([sys.executable, "-m", "dwmtrain.cli", "prepare-data", "--input", str(work / "fineweb"), "--tokenizer",
+    run([sys.executable, "-m", "dwmtrain", "prepare-data", "--input", str(work / "fineweb"), "--tokenizer",
          str(tok / "tokenizer.json"), "--out", str(work / "data"), "--seq-len", "64", "--domain-field", "dump",
          "--workers", "2"])  # fmt: skip
     cfg = work / "llama3.yaml"
@@ -117,7 +117,7 @@ def test_a_llama3_style_model_tokenizer_json_and_parquet_train_bilevel_resume_ex
     assert [b[s]["loss"] for s in range(1, 13)] == [a[s]["loss"] for s in range(1, 13)]
 
     hf = tmp_path / "hf"
-    run([sys.executable, "-m", "dwmtrain.cli", "export", str(ref), "--out", str(hf)])
+    run([sys.executable, "-m", "dwmtrain", "export", str(ref), "--out", str(hf)])
     model, auto = AutoModelForCausalLM.from_pretrained(hf), AutoTokenizer.from_pretrained(hf)  # no remote code
     assert model.config.tie_word_embeddings and model.config.num_key_value_heads == 2
     run_cfg = load_config(RunDir(ref).config)
@@ -130,7 +130,7 @@ def test_a_llama3_style_model_tokenizer_json_and_parquet_train_bilevel_resume_ex
     assert auto(text, add_special_tokens=False)["input_ids"] == load_tokenizer(work / "tok" / "tokenizer.json").encode(
         text
     )
-    p = run([sys.executable, "-m", "dwmtrain.cli", "eval", str(ref), "--task-data", str(TASK_DATA), "--tasks",
+    p = run([sys.executable, "-m", "dwmtrain", "eval", str(ref), "--task-data", str(TASK_DATA), "--tasks",
              "arc_easy,piqa", "--shots", "0", "--limit", "4", "--out", str(tmp_path / "eval")])  # fmt: skip
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())["0shot"]
     assert [r["stage"] for r in rows] == [1, 2, 3] and all(r["AVERAGE"] is not None for r in rows)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dwmtrain.checkpoint import safe_torch_load
-from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm
+from dwmtrain.checkpoint.dwm_file import save_dwm
+from dwmtrain.models.dwm import DataWeightingModel, DWMArch
 from dwmtrain.report import summarize
 
 from ..helpers import wandb_history, wandb_offline_runs
@@ -140,7 +141,11 @@ def test_static_dwm_for_the_whole_run(tmp_path, data64):
     dwm = DataWeightingModel(arch)
     torch.nn.init.normal_(dwm.fc2.weight, std=1.0)
     meta = save_dwm(dwm, tmp_path / "w1.safetensors", stage=2, lm_step=0)
-    fixed = ("meta.mode=fixed", f"meta.dwm_path={tmp_path / 'w1.safetensors'}", "model.activation_checkpointing=2")
+    fixed = (
+        "meta.mode=fixed",
+        f"meta.fixed.dwm_path={tmp_path / 'w1.safetensors'}",
+        "model.activation_checkpointing=2",
+    )
     run(pretrain_cmd(tmp_path / "r", base(data64, *fixed)))
     recs = records(tmp_path / "r" / "metrics.jsonl")
     assert len(recs) == 12
@@ -154,7 +159,9 @@ def test_static_dwm_for_the_whole_run(tmp_path, data64):
     raw[-5] ^= 0xFF
     (tmp_path / "w1.safetensors").write_bytes(bytes(raw))
     p = run(
-        pretrain_cmd(tmp_path / "r2", base(data64, "meta.mode=fixed", f"meta.dwm_path={tmp_path / 'w1.safetensors'}")),
+        pretrain_cmd(
+            tmp_path / "r2", base(data64, "meta.mode=fixed", f"meta.fixed.dwm_path={tmp_path / 'w1.safetensors'}")
+        ),
         check=False,
     )
     assert p.returncode != 0 and "sha256" in p.stderr and "corrupted or replaced" in p.stderr

@@ -134,7 +134,7 @@ def test_prepare_data_as_a_job_array_of_four_parts_on_two_nodes_equals_one_prepa
 
     src = pool(tmp_path / "pool")
     opts = ["--seq-len", "64", "--shard-sequences", "300", "--workers", "1"]
-    run([sys.executable, "-m", "dwmtrain.cli", "prepare-data", "--input", str(src), "--tokenizer", str(SP_MODEL),
+    run([sys.executable, "-m", "dwmtrain", "prepare-data", "--input", str(src), "--tokenizer", str(SP_MODEL),
          "--out", str(tmp_path / "one"), *opts])  # fmt: skip
     out = tmp_path / "array"
     p = subprocess.run(["bash", str(SLURM / "prepare_array.sh"), "--sbatch", "--nodes=1", "4", str(out),
@@ -159,7 +159,7 @@ def test_dsir_selection_as_job_arrays_on_two_nodes_equals_one_select(slurm, tmp_
 
     src = write_pool(tmp_path / "pool")
     args = ["--input", str(src), *CASES["dsir"], "--seed", "7"]
-    run([sys.executable, "-m", "dwmtrain.cli", "select", "dsir", *args, "--out", str(tmp_path / "one.jsonl.zst"),
+    run([sys.executable, "-m", "dwmtrain", "select", "dsir", *args, "--out", str(tmp_path / "one.jsonl.zst"),
          "--no-progress"])  # fmt: skip
     out = tmp_path / "array.jsonl.zst"
     p = subprocess.run(["bash", str(SLURM / "select_array.sh"), "--sbatch", "--nodes=1", "3", "dsir", *args,

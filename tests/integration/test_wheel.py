@@ -41,7 +41,7 @@ def test_wheel_installed_outside_the_checkout_runs_bilevel_training(tmp_path, da
         "dwmtrain/data/corpus/sample_sp4096.model",
         "dwmtrain/data/corpus/lambada_sample.jsonl",
         "dwmtrain/launch/pretrain.py",
-        "dwmtrain/meta/job.py",
+        "dwmtrain/launch/meta_job.py",
     ):
         assert f in names, f"{f} missing from {whl.name}"
 
@@ -97,4 +97,4 @@ def test_wheel_installed_outside_the_checkout_runs_bilevel_training(tmp_path, da
     sidecar = json.loads((run_dir / "dwm" / "stage2.safetensors.json").read_text())
     assert [steps[s]["dwm"] for s in (2, 3)] == ["uniform", f"stage2:{sidecar['sha256'][:12]}"]
     log = (run_dir / "meta" / "stage2.log").read_text()
-    assert "-m dwmtrain.meta.job" in log and f"{REPO}/dwmtrain/" not in log and "Traceback" not in log
+    assert "-m dwmtrain.launch.meta_job" in log and f"{REPO}/dwmtrain/" not in log and "Traceback" not in log

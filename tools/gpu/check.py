@@ -193,7 +193,7 @@ def part_attention(a, sz) -> list[str]:
 
 def _launch(a, sz, run_dir: Path, cfg: dict, extra: list[str]) -> list[str]:
     """The ``deepspeed`` command of a pack run: the tiny config, bf16, 8 steps in 2 stages, a meta-update."""
-    from dwmtrain.rendezvous import free_port
+    from dwmtrain.distributed.rendezvous import free_port
 
     port = free_port()
     data = Path(a.out) / "work" / f"data-{cfg['seq_len']}"

@@ -1,7 +1,7 @@
 """The meta-update job for one stage boundary (its entry point).
 
-    torchrun --standalone --nproc_per_node N -m dwmtrain.meta.job --run-dir DIR --stage K [--checkpoint TAG]
-    srun --nodes M --ntasks-per-node N python -m dwmtrain.meta.job --run-dir DIR --stage K [--checkpoint TAG]
+    torchrun --standalone --nproc_per_node N -m dwmtrain.launch.meta_job --run-dir DIR --stage K [--checkpoint TAG]
+    srun --nodes M --ntasks-per-node N python -m dwmtrain.launch.meta_job --run-dir DIR --stage K [--checkpoint TAG]
 
 Reads DIR/config.yaml (written by the training job), the ZeRO-3 checkpoint DIR/checkpoints/TAG, the
 previous DWM (DIR/dwm/stage{K-1}.safetensors) if any, and writes DIR/dwm/stage{K}.safetensors plus
@@ -25,15 +25,13 @@ from dwmtrain.rundir import RunDir
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="dwmtrain.meta.job", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="dwmtrain.launch.meta_job", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--stage", type=int, required=True, help="the stage this DWM will weigh (2..T)")
     ap.add_argument("--checkpoint", default="", help="checkpoint tag at the start of that stage (default: latest)")
-    ap.add_argument(
-        "--lookahead-lr", type=float, default=0.0, help="alpha (default: meta.lookahead_lr or the scheduled LM lr)"
-    )
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides of meta.* settings")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides of meta.* settings (the lookahead "
+                    "alpha: meta.lookahead_lr=A)")  # fmt: skip
     return ap.parse_args(argv)
 
 
@@ -56,8 +54,8 @@ def _meta_update(a: argparse.Namespace) -> None:
     import torch
 
     from dwmtrain.distributed import cpu_threads, init_distributed
+    from dwmtrain.distributed.rendezvous import rendezvous_env
     from dwmtrain.meta.update import run_meta_update
-    from dwmtrain.rendezvous import rendezvous_env
 
     os.environ.update(rendezvous_env(os.environ))  # tasks of an srun step (torchrun set them already)
     d = init_distributed(cfg.run.dist_timeout_s)
@@ -66,7 +64,7 @@ def _meta_update(a: argparse.Namespace) -> None:
     torch.set_float32_matmul_precision("highest")
     if d.accelerator == "cpu":
         torch.set_num_threads(cpu_threads(cfg.run.threads_per_rank, d.local_world))
-    run_meta_update(cfg, d, a.stage, tag, a.lookahead_lr or None, started_at=process_started_at())
+    run_meta_update(cfg, d, a.stage, tag, started_at=process_started_at())
 
 
 if __name__ == "__main__":

@@ -1,51 +1,52 @@
-"""StageHandoff: reuse, sha checks, missing checkpoints (world size 1); the DWM broadcast from rank 0 (2 gloo ranks)."""
+"""StageBoundary: reuse, sha checks, missing checkpoints (one rank); the DWM broadcast from rank 0 (2 gloo ranks)."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
+from dwmtrain.checkpoint.dwm_file import DWMFileError, save_dwm
 from dwmtrain.config import load_config
 from dwmtrain.distributed import Dist
-from dwmtrain.models.dwm import DataWeightingModel, DWMArch, DWMFileError, save_dwm
+from dwmtrain.models.dwm import DataWeightingModel, DWMArch
 from dwmtrain.rundir import RunDir
-from dwmtrain.stages.handoff import StageHandoff
 from dwmtrain.stages.meta_job import MetaJobError
 from dwmtrain.stages.weighting import Uniform
 
+from .helpers import stage_boundary
 from .spawn import run_distributed
 
 ARCH = DWMArch("tiny", 512, 32)
 D = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu")
 
 
-def handoff(tmp_path, *ov, expect_sha=None):
+def boundary_of(tmp_path, *ov, expect_sha=None):
     cfg = load_config(None, [f"run.run_dir={tmp_path}", "meta.mode=bilevel", *ov])
-    return StageHandoff(cfg, D, ARCH, torch.float32, RunDir(tmp_path), expect_sha)
+    return stage_boundary(cfg, RunDir(tmp_path), expect_sha)
 
 
 def test_stage1_uniform_and_finished_dwm_is_reused(tmp_path):
-    h = handoff(tmp_path)
-    assert isinstance(h.for_stage(1, None), Uniform) and h.for_stage(1, None).info == {"version": "uniform"}
+    h = boundary_of(tmp_path)
+    assert isinstance(h.for_stage(1), Uniform) and h.for_stage(1).info == {"version": "uniform"}
     torch.manual_seed(0)
     m = DataWeightingModel(ARCH)
     torch.nn.init.normal_(m.fc2.weight)
     meta = save_dwm(m, RunDir(tmp_path).dwm(2), stage=2, lm_step=10)
-    w = h.for_stage(2, "step0000010")  # no meta job: the file exists and checks out
+    w = h.for_stage(2)  # no meta job: the file exists and checks out
     model, info = w.model, w.info
     assert info["sha256"] == meta["sha256"] and info["version"] == f"stage2:{meta['sha256'][:12]}"
     x = torch.randint(0, 512, (8, 32))
     assert torch.allclose(model(x), m.eval()(x)) and not any(p.requires_grad for p in model.parameters())
 
-    h = handoff(tmp_path, expect_sha={2: "0" * 64})  # a resumed checkpoint trained with another DWM
+    h = boundary_of(tmp_path, expect_sha={2: "0" * 64})  # a resumed checkpoint trained with another DWM
     with pytest.raises(DWMFileError, match="is not the DWM the resumed checkpoint used for stage 2"):
-        h.for_stage(2, "step0000010")
+        h.for_stage(2)
 
 
 def test_a_compiled_dwm_weighs_as_the_eager_one_across_stages(tmp_path):
     from torch._dynamo.utils import counters
 
-    h = handoff(tmp_path, "dwm.compile=true")
+    h = boundary_of(tmp_path, "dwm.compile=true")
     x = torch.randint(0, 512, (8, 32))
     graphs = []
     for stage in (2, 3):  # a new DWM per stage, one compiled forward
@@ -53,7 +54,7 @@ def test_a_compiled_dwm_weighs_as_the_eager_one_across_stages(tmp_path):
         m = DataWeightingModel(ARCH)
         torch.nn.init.normal_(m.fc2.weight)
         save_dwm(m, RunDir(tmp_path).dwm(stage), stage=stage, lm_step=10 * stage)
-        model = h.for_stage(stage, f"step{10 * stage:07d}").model
+        model = h.for_stage(stage).model
         assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
         with torch.no_grad():
             torch.testing.assert_close(model(x), m.eval()(x), rtol=1e-5, atol=1e-6)
@@ -64,7 +65,7 @@ def test_a_compiled_dwm_weighs_as_the_eager_one_across_stages(tmp_path):
 
 def test_missing_dwm_needs_a_complete_stage_start_checkpoint(tmp_path):
     with pytest.raises(MetaJobError, match="no complete checkpoint step0000010 at the start of stage 2"):
-        handoff(tmp_path).for_stage(2, "step0000010")
+        boundary_of(tmp_path).for_stage(2)
 
 
 def test_corrupted_fixed_dwm_is_refused(tmp_path):
@@ -73,16 +74,16 @@ def test_corrupted_fixed_dwm_is_refused(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 1
     path.write_bytes(bytes(raw))
-    h = handoff(tmp_path, "meta.mode=fixed", f"meta.dwm_path={path}")
+    h = boundary_of(tmp_path, "meta.mode=fixed", f"meta.fixed.dwm_path={path}")
     with pytest.raises(DWMFileError, match="corrupted or replaced"):
-        h.for_stage(1, None)
+        h.for_stage(1)
 
 
-# --------------------------------------------------------------------------- the DWM hand-off on 2 gloo ranks
+# --------------------------------------------------------------------------- the DWM at a boundary on 2 gloo ranks
 
 
-def _handoff(d, root, dwm_path, mode, rank0_raises=False):
-    import dwmtrain.stages.handoff as handoff
+def _boundary_on_rank(d, root, dwm_path, mode, rank0_raises=False):
+    import dwmtrain.stages.boundary as boundary
     from dwmtrain.config import load_config
     from dwmtrain.models.dwm import DWMArch
     from dwmtrain.rundir import RunDir
@@ -92,17 +93,18 @@ def _handoff(d, root, dwm_path, mode, rank0_raises=False):
         def unexpected(*a, **k):
             raise KeyError("no such thing")
 
-        handoff.load_dwm_state = unexpected
+        boundary.load_dwm_state = unexpected
     if not d.is_main:  # only rank 0 may read the file: the others get the tensors over gloo
 
         def no_file_access(*a, **k):
             raise AssertionError(f"rank {d.rank} read the DWM file")
 
-        handoff.load_dwm_state = no_file_access
-    ov = [f"run.run_dir={root}", f"meta.mode={mode}", f"meta.dwm_path={dwm_path}"]
-    h = handoff.StageHandoff(load_config(None, ov), d, DWMArch("tiny", 512, 32), torch.float32, RunDir(root))
+        boundary.load_dwm_state = no_file_access
+    ov = [f"run.run_dir={root}", f"meta.mode={mode}", f"meta.fixed.dwm_path={dwm_path}"]
+    inputs = dict(d=d, rd=RunDir(root), arch=DWMArch("tiny", 512, 32), dtype=torch.float32, starts=[0, 4, 8])
+    h = boundary.StageBoundary(boundary.BoundaryInputs(cfg=load_config(None, ov), **inputs))
     try:
-        w = h.for_stage(2, "step0000004")
+        w = h.for_stage(2)
         model, info = w.model, w.info
     except Exception as e:  # noqa: BLE001 - returned to the test, which checks every rank raised the same
         return type(e).__name__, str(e)
@@ -112,7 +114,8 @@ def _handoff(d, root, dwm_path, mode, rank0_raises=False):
 
 
 def _saved_dwm(path: Path):
-    from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm
+    from dwmtrain.checkpoint.dwm_file import save_dwm
+    from dwmtrain.models.dwm import DataWeightingModel, DWMArch
 
     torch.manual_seed(0)
     m = DataWeightingModel(DWMArch("tiny", 512, 32))
@@ -128,7 +131,7 @@ def test_dwm_broadcast_from_rank0_gives_every_rank_the_same_model(tmp_path, mode
 
     path = RunDir(tmp_path).dwm(2)  # bilevel reuses the finished stage-2 DWM; fixed reads it from dwm_path
     want, meta = _saved_dwm(path)
-    (w0, i0), (w1, i1) = run_distributed(_handoff, str(tmp_path), str(path), mode)
+    (w0, i0), (w1, i1) = run_distributed(_boundary_on_rank, str(tmp_path), str(path), mode)
     assert i0 == i1 and i0["sha256"] == meta["sha256"]
     assert torch.allclose(w0, want) and torch.equal(w0, w1) and not torch.allclose(want, torch.ones(8))
 
@@ -141,16 +144,16 @@ def test_corrupted_dwm_fails_on_every_rank_at_once(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 1
     path.write_bytes(bytes(raw))
-    r0, r1 = run_distributed(_handoff, str(tmp_path), str(path), "fixed")
+    r0, r1 = run_distributed(_boundary_on_rank, str(tmp_path), str(path), "fixed")
     assert r0 == r1 and r0[0] == "DWMFileError" and "corrupted or replaced" in r0[1]
 
 
-def test_any_failure_on_rank0_in_the_handoff_fails_every_rank_at_once(tmp_path):
+def test_any_failure_on_rank0_at_the_boundary_fails_every_rank_at_once(tmp_path):
     from dwmtrain.rundir import RunDir
 
     path = RunDir(tmp_path).dwm(2)
     _saved_dwm(path)
-    r0, r1 = run_distributed(_handoff, str(tmp_path), str(path), "fixed", True)
+    r0, r1 = run_distributed(_boundary_on_rank, str(tmp_path), str(path), "fixed", True)
     # at once: rank 1 raised rank 0's error, passed on to it; a rank left waiting would instead have raised the
     # process group's timeout (60 s, tests/spawn.py)
     assert r0[0] == "KeyError" and r1[0] == "RankZeroError" and "KeyError: 'no such thing'" in r1[1]
@@ -159,13 +162,13 @@ def test_any_failure_on_rank0_in_the_handoff_fails_every_rank_at_once(tmp_path):
 def test_a_fixed_dwm_fitted_with_another_tokenizer_is_refused_naming_both(tmp_path):
     path = tmp_path / "w.safetensors"
     save_dwm(DataWeightingModel(ARCH), path, stage=2, lm_step=0, tokenizer="/tok/a.model", tokenizer_sha256="a" * 64)
-    cfg = load_config(None, [f"run.run_dir={tmp_path}", "meta.mode=fixed", f"meta.dwm_path={path}",
+    cfg = load_config(None, [f"run.run_dir={tmp_path}", "meta.mode=fixed", f"meta.fixed.dwm_path={path}",
                              "data.tokenizer=/tok/b.json"])  # fmt: skip
-    same = StageHandoff(cfg, D, ARCH, torch.float32, RunDir(tmp_path), tokenizer_sha="a" * 64)
-    assert same.for_stage(1, None).info["sha256"]
-    other = StageHandoff(cfg, D, ARCH, torch.float32, RunDir(tmp_path), tokenizer_sha="b" * 64)
+    same = stage_boundary(cfg, RunDir(tmp_path), tokenizer_sha="a" * 64)
+    assert same.for_stage(1).info["sha256"]
+    other = stage_boundary(cfg, RunDir(tmp_path), tokenizer_sha="b" * 64)
     with pytest.raises(DWMFileError, match=r"fitted with tokenizer /tok/a.model .*data.tokenizer=/tok/b.json"):
-        other.for_stage(1, None)
+        other.for_stage(1)
 
 
 @pytest.mark.parametrize("writes", [True, False])
@@ -173,21 +176,52 @@ def test_a_meta_job_that_aborts_at_exit_after_writing_its_dwm(tmp_path, monkeypa
     """Its DWM verifies (sha256, architecture): the run goes on with it, saying so; no DWM: MetaJobError."""
     import sys
 
-    import dwmtrain.stages.handoff as handoff_module
+    import dwmtrain.stages.boundary as boundary_module
 
     rd, tag = RunDir(tmp_path), "step0000010"
     rd.marker(tag).parent.mkdir(parents=True)
     rd.marker(tag).write_text("{}")
     write = (
-        f"from dwmtrain.models.dwm import DataWeightingModel, DWMArch, save_dwm; "
+        "from dwmtrain.models.dwm import DataWeightingModel, DWMArch; "
+        "from dwmtrain.checkpoint.dwm_file import save_dwm; "
         f"save_dwm(DataWeightingModel(DWMArch('tiny', 512, 32)), {str(rd.dwm(2))!r}, stage=2, lm_step=10); "
     )
     job = [sys.executable, "-c", (write if writes else "") + "import os; os.abort()"]  # fmt: skip
-    monkeypatch.setattr(handoff_module, "meta_job_command", lambda *a, **k: job)
-    h = handoff(tmp_path)
+    monkeypatch.setattr(boundary_module, "meta_job_command", lambda *a, **k: job)
+    h = boundary_of(tmp_path)
     if not writes:
         with pytest.raises(MetaJobError, match=r"meta-update job exited with -6"):
-            h.for_stage(2, tag)
+            h.for_stage(2)
         return
-    assert h.for_stage(2, tag).info["stage"] == 2
+    assert h.for_stage(2).info["stage"] == 2
     assert "the meta-update job exited -6 after writing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fitted", [False, True])
+def test_a_boundary_hashes_its_dwm_once_and_writes_its_record(tmp_path, monkeypatch, fitted):
+    """Reused or just fitted by the meta job, the stage's DWM file is hashed and read once on rank 0; the
+    boundary's record (checkpoint, meta job, broadcast) goes to meta/stage2.pause.json."""
+    import json
+    import sys
+
+    import dwmtrain.checkpoint.dwm_file as dwm_file
+    import dwmtrain.stages.boundary as boundary_module
+
+    rd = RunDir(tmp_path)
+    write = (f"from dwmtrain.models.dwm import DataWeightingModel, DWMArch; from dwmtrain.checkpoint.dwm_file "
+             f"import save_dwm; save_dwm(DataWeightingModel(DWMArch('tiny', 512, 32)), {str(rd.dwm(2))!r}, "
+             "stage=2, lm_step=10, timings={'meta_steps_s': 2.0})")  # fmt: skip
+    if fitted:
+        rd.marker("step0000010").parent.mkdir(parents=True)
+        rd.marker("step0000010").write_text("{}")
+        monkeypatch.setattr(boundary_module, "meta_job_command", lambda *a, **k: [sys.executable, "-c", write])
+    else:
+        exec(write)
+    hashed = []
+    real = dwm_file.sha256_file
+    monkeypatch.setattr(dwm_file, "sha256_file", lambda p: hashed.append(p) or real(p))
+    w = boundary_of(tmp_path).for_stage(2, checkpoint_s=1.5)
+    assert w.info["stage"] == 2 and hashed == [rd.dwm(2)]
+    rec = json.loads((rd.meta_dir / "stage2.pause.json").read_text())
+    assert rec["checkpoint_s"] == 1.5 and rec["meta_job"] == {"meta_steps_s": 2.0}
+    assert rec["total_s"] == pytest.approx(rec["checkpoint_s"] + rec["meta_job_s"] + rec["broadcast_s"])

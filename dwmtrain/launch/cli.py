@@ -42,7 +42,7 @@ def _export_tokenizer(a) -> None:
 
 def _data_status(a) -> None:
     from dwmtrain.data.parts import part_status
-    from dwmtrain.select.driver import OUT_SUFFIXES
+    from dwmtrain.select.output import OUT_SUFFIXES
     from dwmtrain.select.parts import selection_status
 
     print("\n".join(selection_status(a.out) if a.out.endswith(OUT_SUFFIXES) else part_status(a.out)))
@@ -83,7 +83,7 @@ def _config(a) -> None:
     print(cfg.to_yaml(), end="")
 
 
-def train_command(a, rest: list[str]) -> list[str]:
+def train_command(a) -> list[str]:
     """The DeepSpeed launcher command that runs ``dwmtrain.launch.pretrain`` on every rank."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
     if a.hostfile:
@@ -92,7 +92,8 @@ def train_command(a, rest: list[str]) -> list[str]:
         cmd += ["--num_gpus", str(a.nproc)]
     if a.master_port:
         cmd += ["--master_port", str(a.master_port)]
-    return [*cmd, "--module", "dwmtrain.launch.pretrain", *rest]
+    run = (["--config", a.config] if a.config else []) + (["--run-dir", a.run_dir] if a.run_dir else [])
+    return [*cmd, "--module", "dwmtrain.launch.pretrain", *run, *a.overrides]
 
 
 #: CPU ranks: glibc gives tensors above 128 KiB their own pages, returned when freed. By default it raises that
@@ -101,11 +102,17 @@ def train_command(a, rest: list[str]) -> list[str]:
 CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def _train(a, rest: list[str]) -> None:
+def _train(a) -> None:
+    from dwmtrain.launch.pretrain import Hardware, dry_run, run_config
+
+    cfg = run_config(a)  # a config that does not load is said here, before any launch
+    if a.dry_run:  # one process, nothing launched
+        dry_run(cfg, Hardware(a.nodes, a.gpus_per_node or a.nproc or 1, a.gpu))
+        return
     if not _cuda():
         for k, v in CPU_MALLOC_ENV.items():
             os.environ.setdefault(k, v)
-    cmd = train_command(a, rest)
+    cmd = train_command(a)
     print("$ " + " ".join(cmd), flush=True)
     if not a.print_only:
         os.execv(cmd[0], cmd)  # the launcher replaces this process: its exit code is the job's
@@ -269,17 +276,21 @@ def add_data_commands(sub) -> None:
 
 def add_run_commands(sub) -> None:
     """train, configs, config, report, export."""
+    from dwmtrain.launch.pretrain import add_run_options
+
     p = sub.add_parser(
         "train",
         help="launch pretraining with DeepSpeed (prints, then runs, the deepspeed command)",
-        description="dwmtrain train [--nproc N | --hostfile H] --config C --run-dir D [k=v ...]: every argument "
-        "it does not know goes to dwmtrain.launch.pretrain (--config, --run-dir, --dry-run, overrides).",
+        description="dwmtrain train [--nproc N | --hostfile H] --config C --run-dir D [k=v ...]: every rank runs "
+        "dwmtrain.launch.pretrain; rerunning the same command resumes. --dry-run checks and prints in this one "
+        "process and launches nothing.",
     )
     p.add_argument("--nproc", type=int, default=0, help="ranks on this machine (GPUs, or CPU processes)")
     p.add_argument("--hostfile", default="", help="DeepSpeed hostfile for several nodes (pdsh over ssh)")
     p.add_argument("--master-port", type=int, default=0)
     p.add_argument("--print-only", action="store_true", help="print the command, do not run it")
-    p.set_defaults(fn=_train, passthrough=True)
+    add_run_options(p)
+    p.set_defaults(fn=_train)
 
     p = sub.add_parser(
         "plan", help="before launch: memory per GPU, the meta job's, checkpoints and disk, time per stage; fits?"
@@ -341,10 +352,8 @@ def add_eval_command(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     from dwmtrain.entry import run_main
 
-    a, rest = build_parser().parse_known_args(argv)
-    if rest and not getattr(a, "passthrough", False):
-        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
-    return run_main(f"dwmtrain {a.cmd}:", lambda: a.fn(a, rest) if getattr(a, "passthrough", False) else a.fn(a))
+    a = build_parser().parse_args(argv)
+    return run_main(f"dwmtrain {a.cmd}:", lambda: a.fn(a))
 
 
 def run() -> None:

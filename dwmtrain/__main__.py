@@ -1,0 +1,5 @@
+"""``python -m dwmtrain``: the ``dwmtrain`` command."""
+
+from dwmtrain.launch.cli import run
+
+run()

@@ -1,0 +1,84 @@
+"""The weight math (pure functions on tensors): how a DWM's logits become per-sample weights with mean 1, the
+oracle's and the loss rules' weights, and the statistics a step logs of any weights."""
+
+from __future__ import annotations
+
+import torch
+
+NORMALIZATIONS = ("softmax", "sigmoid")  #: how logits become weights (dwm.normalization)
+
+
+def normalize_weights(
+    logits: torch.Tensor, temperature: float = 1.0, uniform_mix: float = 0.0, normalization: str = "softmax"
+) -> torch.Tensor:
+    """Per-sample weights with mean 1 over the micro-batch (last dim), mixed with uniform by ``uniform_mix``.
+
+    ``softmax``: B * softmax(z / T); one sample can take up to all of the micro-batch's weight.
+    ``sigmoid``: keep-gates g = sigmoid(z / T), renormalized: B * g / sum(g). A sample is dropped by its own gate
+    going to 0, but raised above the others only by as much as they are dropped (a kept sample's gate saturates
+    at 1): the shape of the oracle filter (corrupted 0, the rest equal), not that of a sharpened softmax."""
+    B = logits.shape[-1]
+    if normalization == "sigmoid":
+        g = torch.sigmoid(logits / temperature)
+        w = B * g / g.sum(-1, keepdim=True).clamp_min(1e-30)
+    else:
+        w = B * torch.softmax(logits / temperature, dim=-1)
+    return (1.0 - uniform_mix) * w + uniform_mix
+
+
+def log_weight_spread(w: torch.Tensor) -> torch.Tensor:
+    """Variance of log-weights over the micro-batch [B]: 0 when uniform, unbounded as weights collapse."""
+    lw = w.clamp_min(1e-30).log()
+    return (lw - lw.mean()).pow(2).mean()
+
+
+def oracle_weights(keep: torch.Tensor) -> torch.Tensor:
+    """The best a per-sample weighting can do on labelled data: 0 for dropped samples, the kept ones
+    renormalized to mean 1 over the micro-batch (all zero if every sample is dropped)."""
+    keep = keep.float()
+    return keep * keep.shape[-1] / keep.sum().clamp_min(1.0)
+
+
+def weight_stats_tensor(w: torch.Tensor) -> torch.Tensor:
+    """[entropy (nats; log B is uniform), effective sample size, min, max] of one micro-batch's weights, on
+    w's device with no host synchronisation (all zeros when the oracle drops a whole micro-batch)."""
+    w = w.detach().float()
+    total = w.sum()
+    p = w / total.clamp_min(1e-30)
+    ent = -(p * p.clamp_min(1e-30).log()).sum()
+    ess = total**2 / (w * w).sum().clamp_min(1e-30)
+    out = torch.stack([ent, ess, w.min(), w.max()])
+    return torch.where(total > 0, out, torch.zeros_like(out))
+
+
+def weight_stats(w: torch.Tensor) -> dict[str, float]:
+    """``weight_stats_tensor`` as numbers."""
+    return dict(zip(("entropy", "ess", "min", "max"), weight_stats_tensor(w).tolist()))
+
+
+LOSS_RULES = ("linupper", "quadratic", "extremes")
+
+
+def loss_rule_weights(losses: torch.Tensor, rule: str = "linupper", temperature: float = 1.0) -> torch.Tensor:
+    """Per-sample weights (mean 1, no gradient) from the micro-batch's own losses, as Sow et al. (ICLR 2025,
+    "Dynamic Loss-Based Sample Reweighting for Improved Large Language Model Pretraining") define them: the losses
+    mapped linearly onto [-1, 1] (the smallest to -1, the largest to 1) as h, a rule f(h), and w ∝ exp(f(h) / τ).
+
+        linupper   f = min(h + 1, 1): the low-loss samples down-weighted, the upper half alike (their best rule)
+        quadratic  f = 1 - h^2: the middle favoured, both extremes down-weighted
+        extremes   f = |h|: both extremes up-weighted
+
+    A large τ tends to uniform weights; a micro-batch of equal losses gets uniform weights."""
+    loss = losses.detach().float()
+    lo, hi = loss.min(), loss.max()
+    h = 2 * (loss - lo) / (hi - lo).clamp_min(1e-6) - 1
+    if rule == "linupper":
+        f = torch.clamp(h + 1, max=1.0)
+    elif rule == "quadratic":
+        f = 1 - h**2
+    elif rule == "extremes":
+        f = h.abs()
+    else:
+        raise ValueError(f"loss rule {rule!r}: one of {', '.join(LOSS_RULES)}")
+    g = torch.exp((f - f.max()) / temperature)
+    return g * (g.numel() / g.sum())
