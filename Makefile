@@ -12,7 +12,7 @@ XDIST   := -n $(WORKERS) --dist loadgroup
 .PHONY: install test test-fast check demo clean
 
 # torch first, pinned: a CPU machine gets the CPU build, a GPU machine the CUDA build; the
-# package's own `torch>=2.4` is then already satisfied and pulls nothing more.
+# package's own `torch>=2.11` (pyproject.toml) is then already satisfied and pulls nothing more.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip

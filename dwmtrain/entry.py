@@ -99,10 +99,21 @@ def exit_process(code: int) -> NoReturn:
     threading.Thread(target=bound, name="exit-bound", daemon=True).start()
     try:
         atexit._run_exitfuncs()  # each handler's own error is printed by atexit and does not stop the others
+        _finalize_mpi()
     finally:
         done.set()
         _flush()
         os._exit(code)
+
+
+def _finalize_mpi() -> None:
+    """A process that initialized MPI (mpi4py, imported under mpirun) finalizes it: mpi4py does so in the
+    interpreter's own teardown, which ``os._exit`` skips, and mpirun reports a rank that exits without it as
+    failed (exit 1 instead of the rank's code). Bounded like the exit handlers: a peer that is gone cannot hold
+    the exit."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
 
 
 def main_entry(main: Callable[[], int | None]) -> NoReturn:

@@ -6,15 +6,18 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from dwmtrain.errors import AnalysisError
 from dwmtrain.fileio import read_jsonl
 from dwmtrain.rundir import RunDir
 
 
 def summarize(run_dir: str | Path) -> str:
     rd = RunDir(run_dir)
+    if not rd.root.is_dir():
+        raise AnalysisError(f"run directory {rd.root}: not found")
     steps = read_jsonl(rd.metrics)
     if not steps:
-        return f"{rd.root}: no metrics.jsonl yet"
+        return f"{rd.root}: no step logged yet ({rd.metrics.name} is empty or absent: no step has finished)"
     lines = [f"run: {rd.root.resolve()}", "", *stage_table(steps, read_jsonl(rd.evals))]
     lines += nonfinite_lines(steps) + meta_lines(rd) + where_lines(rd) + next_lines(rd.root)
     return "\n".join(lines)

@@ -61,3 +61,15 @@ def prepared(tmp_path_factory, small_jsonl, sp_model) -> Path:
         progress=False,
     )
     return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging():
+    """Each test starts with dwmtrain's loggers as a fresh process has them: an entry point a test calls in process
+    configures them (``dwmtrain.log.setup_logging``), which would otherwise reach the tests after it."""
+    import logging
+
+    yield
+    log = logging.getLogger("dwmtrain")
+    log.handlers.clear()
+    log.propagate, log.level = True, logging.NOTSET

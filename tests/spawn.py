@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dwmtrain.entry import exit_process
+from dwmtrain.log import setup_logging
 
 from .helpers import free_port
 
@@ -35,6 +36,7 @@ def _rank_main(rank: int, fn, world: int, port: int, out: str, args: tuple) -> N
         LOCAL_WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
+    setup_logging("[dwmtrain]", rank)  # as the entry points do: rank 0 says what the run says
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )

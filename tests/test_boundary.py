@@ -172,7 +172,7 @@ def test_a_fixed_dwm_fitted_with_another_tokenizer_is_refused_naming_both(tmp_pa
 
 
 @pytest.mark.parametrize("writes", [True, False])
-def test_a_meta_job_that_aborts_at_exit_after_writing_its_dwm(tmp_path, monkeypatch, capsys, writes):
+def test_a_meta_job_that_aborts_at_exit_after_writing_its_dwm(tmp_path, monkeypatch, caplog, writes):
     """Its DWM verifies (sha256, architecture): the run goes on with it, saying so; no DWM: MetaJobError."""
     import sys
 
@@ -194,7 +194,7 @@ def test_a_meta_job_that_aborts_at_exit_after_writing_its_dwm(tmp_path, monkeypa
             h.for_stage(2)
         return
     assert h.for_stage(2).info["stage"] == 2
-    assert "the meta-update job exited -6 after writing" in capsys.readouterr().out
+    assert "the meta-update job exited -6 after writing" in caplog.text
 
 
 @pytest.mark.parametrize("fitted", [False, True])

@@ -50,7 +50,7 @@ def test_overrides_and_yaml(tmp_path):
 
 
 def test_missing_and_invalid_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")

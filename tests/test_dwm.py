@@ -67,7 +67,7 @@ def test_save_load_roundtrip_and_checks(tmp_path):
     x = torch.randint(0, 512, (8, 32))
     assert torch.allclose(m.eval()(x), m2.eval()(x))
 
-    with pytest.raises(DWMFileError, match="another architecture: backbone: file has 'tiny', run expects 'small'"):
+    with pytest.raises(DWMFileError, match="another architecture: backbone head_dim: file has 16, run expects 48"):
         load_dwm_state(tmp_path / "d.safetensors", DWMArch("small", 512, 32))
     # the run's temperature / mix / context length do not matter to the tensors
     load_dwm_state(tmp_path / "d.safetensors", DWMArch("tiny", 512, 1024, temperature=2.0, uniform_mix=0.1))

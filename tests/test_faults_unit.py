@@ -59,7 +59,7 @@ def test_which_failures_are_a_lost_peer():
 
 
 def test_a_silent_rank_whose_process_exited_here_is_not_waited_for():
-    from dwmtrain.distributed import _exited_here
+    from dwmtrain.distributed.peers import _exited_here
     from dwmtrain.procs import stat_fields
 
     here = socket.gethostname()

@@ -394,7 +394,7 @@ def test_configs_and_overrides_load_or_name_the_field(doc, overrides, raw):
         ovs = [f"{s}.{f}{eq}{v}" for s, f, v, eq in overrides]
         names = (path, *(f"{s}.{f}" for s, f, _, _ in overrides), *doc, *(s for s, *_ in overrides), *ovs, "config")
         outcome("config", lambda: load_config(str(path), ovs), names=names, keep=(path,))
-        code, err = cli("config", str(path), *ovs)
+        code, err = cli("config", "--config", str(path), *ovs)
         assert_clean_exit(code, err, names)
 
 

@@ -86,8 +86,12 @@ def test_a_meta_job_over_nodes_is_an_srun_step_of_the_allocation_and_refused_out
     assert two[:6] == ["srun", "--overlap", "--nodes=2", "--ntasks=16", "--ntasks-per-node=8", "--kill-on-bad-exit=1"]
     assert two[-8:] == one[-8:]  # the same entry point and arguments
     assert external_meta_command("/r", 2, "step0000004", 8, 1) == " ".join(one)
-    assert external_meta_command("/r", 2, "step0000004", 8, 2).startswith(  # an srun step needs an allocation
-        "sbatch --nodes=2 --ntasks-per-node=8 launchers/slurm/meta_update.sbatch /r 2 step0000004"
+    from dwmtrain.stages.meta_job import SLURM_DIR
+
+    script = SLURM_DIR / "meta_update.sbatch"  # shipped in the package: its path in a wheel as in a checkout
+    assert script.is_file() and (REPO / "launchers" / "slurm" / "meta_update.sbatch").samefile(script)
+    assert external_meta_command("/r", 2, "step0000004", 8, 2) == (  # an srun step needs an allocation
+        f"sbatch --nodes=2 --ntasks-per-node=8 {script} /r 2 step0000004"
     )
     check_meta_nodes(2, "external", env={})  # started by hand: nothing to check here
     check_meta_nodes(2, "local", env={"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "4"})

@@ -66,8 +66,8 @@ def test_a_hugging_face_config_file_is_a_spec_and_an_unsupported_one_is_refused_
     cfg = ModelSpec.from_preset("llama3.2-1b").hf_config()
     cfg.architectures, cfg.torch_dtype = ["LlamaForCausalLM"], "bfloat16"  # bookkeeping, not the model
     cfg.save_pretrained(tmp_path / "llama")
-    spec = ModelSpec.from_hf_config(tmp_path / "llama", max_seq_len=4096)
-    assert spec.num_parameters() == 1_235_814_400 and spec.max_position_embeddings == 4096
+    spec = ModelSpec.from_hf_config(tmp_path / "llama", max_seq_len=4096)  # Llama 3's scaled rope keeps its context
+    assert spec.num_parameters() == 1_235_814_400 and spec.max_position_embeddings == 131072
     assert spec.shape() == ModelSpec.from_preset("llama3.2-1b").shape()
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))

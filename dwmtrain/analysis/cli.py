@@ -128,8 +128,8 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", required=True, help="FILE.jsonl or FILE.parquet")
     add_rater_options(p)
-    p.add_argument("--tokenizer", default=None, help="--rater: decode samples with this sentencepiece model "
-                   "(default: the one recorded in the data's index.json)")  # fmt: skip
+    p.add_argument("--tokenizer", default=None, help="--rater: decode samples with this tokenizer (a sentencepiece "
+                   ".model, a tokenizer.json or its directory; default: the data's index.json names it)")  # fmt: skip
     p.add_argument("--part", default="", help="I/N: score part I (from 0) of N of the micro-batches into "
                    "FILE.parts/ (a job array's task, one GPU each); a complete part is skipped")  # fmt: skip
     p.add_argument("--merge", action="store_true", help="write every part's records to OUT in order: what one "

@@ -1,5 +1,5 @@
 """``dwmtrain score ... --part I/N`` and ``--merge``: the samples' micro-batches split over N jobs (a SLURM job
-array, one GPU each: ``launchers/slurm/score.sbatch``), each scoring a contiguous run of micro-batches, and one
+array, one GPU each: ``dwmtrain/launch/slurm/score.sbatch``), each scoring a contiguous run of micro-batches, and one
 merge that writes every part's records in order: the records one ``dwmtrain score`` writes (each micro-batch is
 weighed alone, so its weights do not depend on the split).
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import socket
 import time
@@ -26,6 +27,8 @@ from dwmtrain.errors import CheckpointError, ResumeError
 from dwmtrain.faults import fault_point
 from dwmtrain.fileio import atomic_write_text, remove_tree
 from dwmtrain.rundir import RunDir, ShardLayout
+
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -326,7 +329,7 @@ class Checkpointer:
 
     def _log(self, msg: str) -> None:
         if self.d.is_main:
-            print(f"[dwmtrain] {msg}", flush=True)
+            log.info(msg)
 
 
 def _last_before_nonfinite(markers: dict[str, dict]) -> list[str]:

@@ -117,10 +117,15 @@ def yaml_problem(e: yaml.YAMLError) -> str:
 
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
-    """A config file, or a bundled config's name (``tiny``, ``experiments/tiny/random_dwm``)."""
-    if not Path(path).exists() and (CONFIG_DIR / f"{path}.yaml").is_file():
+    """A config file, or a bundled config's name (``tiny``, ``experiments/tiny/random_dwm``); neither is a
+    ConfigError with the closest bundled names."""
+    if Path(path).exists():
+        return Path(path)
+    if (CONFIG_DIR / f"{path}.yaml").is_file():
         return CONFIG_DIR / f"{path}.yaml"
-    return Path(path)
+    close = difflib.get_close_matches(str(path), bundled_configs(), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; `dwmtrain configs` lists the bundled ones"
+    raise ConfigError(f"config {path}: no such file, nor a bundled config{hint}")
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -140,8 +145,6 @@ def read_config_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             tree = yaml.load(f, Loader=YAMLLoader) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path}: not found") from None
     except (IsADirectoryError, UnicodeDecodeError, OSError) as e:
         raise ConfigError(f"config file {path}: cannot be read ({type(e).__name__}: {e})") from None
     except yaml.YAMLError as e:
@@ -154,7 +157,10 @@ def read_config_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     if not isinstance(base, str) or not base:
         raise ConfigError(f"config file {path}: base={base!r}: must name a config")
     rel = path.parent / base
-    base_path = rel if rel.is_file() else resolve_config_path(base)
+    try:
+        base_path = rel if rel.is_file() else resolve_config_path(base)
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: base={base!r}: {str(e).split(': ', 1)[1]}") from None
     if not base_path.is_file():
         raise ConfigError(f"config file {path}: base={base!r}: no such config (a bundled name or a relative path)")
     return _merge(read_config_tree(base_path, (*_seen, path.resolve())), tree)

@@ -59,6 +59,8 @@ class RunConfig:
     eval_every: int = 0  #: validation loss/accuracy every N steps (0: only at stage ends)
     eval_batches: int = 4  #: validation micro-batches per evaluation
     tensorboard: bool = True  #: write TensorBoard event files under run_dir/tensorboard
+    log_level: str = "info"  #: debug | info | warning: what rank 0 says (dwmtrain.log)
+    log_all_ranks: bool = False  #: every rank says what rank 0 says (each line names its rank)
     dist_timeout_s: int = 600  #: a collective (or the rendezvous) waiting longer ends the job: a dead or hung rank
     threads_per_rank: int = 0  #: torch intra-op threads per rank on CPU (0: cores / local ranks)
     #: a step with a non-finite loss or gradient norm is skipped (no update, the LR schedule waits) and counted;
@@ -69,6 +71,7 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
+        one_of("run.log_level", self.log_level, ("debug", "info", "warning"))
         check(bool(self.run_dir), "run.run_dir", self.run_dir, "must be set")
         for f in (
             "log_every",
@@ -156,7 +159,9 @@ class DataConfig:
 class DWMConfig:
     """The Data Weighting Model: backbone embeds samples, attention across the micro-batch, 2 linears."""
 
-    backbone: str = "tiny"  #: LM preset of the backbone (the paper: 370m), or lm: the LM's own model
+    #: auto: the LM's own model when the backbone starts from the LM's weights (init_backbone_from_lm: the paper's
+    #: setup, whatever LM a run names), else tiny | lm | an LM preset (the paper's 370M DWM for a 1.3B LM: 370m)
+    backbone: str = "auto"
     attn_heads: int = 4  #: heads of the cross-sample attention block
     head_hidden: int = 0  #: hidden width of the 2-layer head (0: backbone hidden size)
     pooling: str = "mean"  #: mean | last: how token states become one embedding per sample
@@ -175,7 +180,9 @@ class DWMConfig:
         from dwmtrain.models.spec import PRESETS
         from dwmtrain.models.weights import NORMALIZATIONS
 
-        one_of("dwm.backbone", self.backbone, (*PRESETS, "lm"))
+        if self.backbone == "auto":
+            self.backbone = "lm" if self.init_backbone_from_lm else "tiny"
+        one_of("dwm.backbone", self.backbone, (*PRESETS, "lm", "auto"))
         positive("dwm.attn_heads", self.attn_heads)
         check(self.head_hidden >= 0, "dwm.head_hidden", self.head_hidden, "must be >= 0")
         one_of("dwm.pooling", self.pooling, POOLINGS)
@@ -281,7 +288,7 @@ class MetaConfig:
     nproc: int = 1  #: data-parallel processes of the meta job per node (GPUs, or CPU processes)
     #: nodes the meta job spans (its world: nodes x nproc, the same DWM as one node with that many processes).
     #: More nodes make the meta-steps faster; each process still holds the whole LM. launch=local starts it with
-    #: srun inside the run's SLURM allocation; launch=external: launchers/slurm/meta_update.sbatch --nodes=N
+    #: srun inside the run's SLURM allocation; launch=external: dwmtrain/launch/slurm/meta_update.sbatch --nodes=N
     nodes: int = 1
     timeout_s: int = 3600  #: training stops with a resumable checkpoint if the meta job takes longer
     backbone_trainable: bool = True  #: train the DWM backbone too (False: only attention + linears)

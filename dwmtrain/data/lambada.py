@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from dwmtrain.data.tokenizer import Tokenizer
 from dwmtrain.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,11 +66,9 @@ def load_lambada(path: str, tokenizer: Tokenizer, max_len: int) -> list[ClozeIte
                 continue
             items.append(ClozeItem(ctx_ids[-keep:], tgt_ids))
     if too_long:
-        print(
-            f"[dwmtrain] {path}: skipped {len(too_long)} items whose target needs {max_len} tokens or more "
-            f"(lines {', '.join(map(str, too_long[:10]))}{', ...' if len(too_long) > 10 else ''})",
-            file=sys.stderr,
-            flush=True,
+        log.warning(
+            f"{path}: skipped {len(too_long)} items whose target needs {max_len} tokens or more "
+            f"(lines {', '.join(map(str, too_long[:10]))}{', ...' if len(too_long) > 10 else ''})"
         )
     if not items:
         raise DataError(f"{path}: no items" + (f" fit {max_len} tokens" if too_long else ""))

@@ -1,5 +1,5 @@
 """``prepare-data --part I/N`` and ``--merge``: the tokenizing of a large pool split over N jobs (a SLURM job
-array: ``launchers/slurm/prepare.sbatch``), each writing its own tokenized part, and one merge that packs every
+array: ``dwmtrain/launch/slurm/prepare.sbatch``), each writing its own tokenized part, and one merge that packs every
 part's documents in the inputs' order: the same dataset, token for token, as one ``prepare-data`` of the inputs.
 
     OUT.parts/part-000I-of-000N/        part I: its files' tokenized documents (Arrow) and ``part.json``, the
@@ -18,11 +18,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 from dwmtrain.arrays import JobArray, assign_slices, parse_part
 from dwmtrain.data.prepare import PrepareReport, prepare_data, read_tokenized
 from dwmtrain.data.readers import SLIMPAJAMA, Fields, expand_inputs
 from dwmtrain.data.tokenizer import load_tokenizer
+from dwmtrain.fileio import read_json_object
 
 
 def job_array(out_dir: str | os.PathLike) -> JobArray:
@@ -105,5 +107,12 @@ def merged_tokenized(inputs: list[str], tokenizer_path: str, out_dir: str, field
 
 
 def part_status(out_dir: str) -> list[str]:
-    """One line per part of the array: complete, started (running, or failed), or not started."""
-    return job_array(out_dir).status()
+    """The dataset itself if it is complete (the merge removes the parts), else one line per part of the array:
+    complete, started (running, or failed), or not started."""
+    index = read_json_object(Path(out_dir) / "index.json")
+    arr = job_array(out_dir)
+    if index is None or arr.count() is not None:
+        return arr.status()
+    splits = index.get("splits") or {}
+    sizes = ", ".join(f"{s.get('num_sequences', '?'):,} {name}" for name, s in splits.items() if isinstance(s, dict))
+    return [f"{out_dir}: complete ({sizes} sequences of {index.get('seq_len')} tokens); no parts left"]

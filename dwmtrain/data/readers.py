@@ -493,24 +493,18 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 def load_dataset(f: str, cache_dir: str, fields: Fields = SLIMPAJAMA):
-    """One input (checked first) or a hub dataset name, as a ``datasets.Dataset`` holding the text column."""
-    import datasets
-
+    """One input (checked first) as a ``datasets.Dataset`` holding the text column; nothing is fetched from a hub."""
     if not os.path.exists(f):
-        try:  # a hub dataset name, where a network exists
-            ds = datasets.load_dataset(f, split="train", cache_dir=cache_dir)
-        except Exception as e:  # noqa: BLE001 - whatever the hub says, the user's input is what is wrong
-            raise DataError(f"{f}: no such file, and not loadable as a dataset name ({e})") from None
-    else:
-        reader = reader_for(f)
-        reader.check(f)
-        try:
-            ds = reader.dataset(f, cache_dir)
-        except DataError:
-            raise
-        except Exception as e:  # pyarrow / datasets errors carry no line number: find it ourselves
-            reader.diagnose(f, fields)
-            raise DataError(f"{f}: {e}") from None
+        raise DataError(f"{f}: no such file or directory (inputs are local files: nothing is fetched from a hub)")
+    reader = reader_for(f)
+    reader.check(f)
+    try:
+        ds = reader.dataset(f, cache_dir)
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow / datasets errors carry no line number: find it ourselves
+        reader.diagnose(f, fields)
+        raise DataError(f"{f}: {e}") from None
     fields.check_columns(ds.column_names, f)
     return ds
 

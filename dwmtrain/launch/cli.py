@@ -67,18 +67,19 @@ def _prepare_data(a) -> None:
 
 
 def _config(a) -> None:
-    from dwmtrain.config import ConfigError, load_config
+    import yaml
 
-    if a.config and "=" in a.config and not os.path.exists(a.config):
-        a.overrides, a.config = [a.config, *a.overrides], None
-    cfg = load_config(a.config, a.overrides)
-    if a.get:  # one resolved value, for scripts (launchers/slurm/*)
+    from dwmtrain.config import ConfigError, load_config
+    from dwmtrain.launch.pretrain import run_config
+
+    cfg = run_config(a) if not a.get else load_config(a.config, a.overrides)
+    if a.get:  # one resolved value, for scripts (the SLURM scripts): a section as YAML, a value as itself
         node = cfg.to_dict()
         for part in a.get.split("."):
             if not isinstance(node, dict) or part not in node:
                 raise ConfigError(f"--get {a.get}: no such field")
             node = node[part]
-        print(node)
+        print(yaml.safe_dump(node, sort_keys=False).rstrip() if isinstance(node, (dict, list)) else node)
         return
     print(cfg.to_yaml(), end="")
 
@@ -253,7 +254,8 @@ def add_data_commands(sub) -> None:
     p = sub.add_parser(
         "prepare-data", help="tokenize + pack documents (JSONL, Parquet, Arrow, saved datasets) into shards"
     )
-    p.add_argument("--input", nargs="+", required=True, help="files, directories (searched recursively), or a hub name")
+    p.add_argument("--input", nargs="+", required=True, help="files and directories (searched recursively): JSON "
+                   "lines (.jsonl, .jsonl.zst, .jsonl.gz), Parquet, Arrow, a saved datasets directory")  # fmt: skip
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seq-len", type=int, default=1024)
@@ -307,7 +309,8 @@ def add_run_commands(sub) -> None:
     p.set_defaults(fn=_configs)
 
     p = sub.add_parser("config", help="print the resolved config (YAML + overrides)")
-    p.add_argument("config", nargs="?")
+    p.add_argument("--config", help="YAML run config, or a bundled config's name (default: the defaults)")
+    p.add_argument("--run-dir", help="sets run.run_dir")
     p.add_argument("overrides", nargs="*", help="dotted key=value")
     p.add_argument("--get", default="", help="print one resolved field (e.g. stages.num_stages)")
     p.set_defaults(fn=_config)

@@ -55,9 +55,11 @@ def _meta_update(a: argparse.Namespace) -> None:
 
     from dwmtrain.distributed import cpu_threads, init_distributed
     from dwmtrain.distributed.rendezvous import rendezvous_env
+    from dwmtrain.log import setup_logging
     from dwmtrain.meta.update import run_meta_update
 
     os.environ.update(rendezvous_env(os.environ))  # tasks of an srun step (torchrun set them already)
+    setup_logging("[meta]", int(os.environ.get("RANK", "0")), cfg.run.log_level, cfg.run.log_all_ranks)
     d = init_distributed(cfg.run.dist_timeout_s)
     # full fp32 matmuls, never TF32: TF32's rounded inputs make dR/dw about 28x less accurate at the default
     # fd_eps (tools/bench.py metaacc, emulated; docs/scaling.md)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from dwmtrain.config import build_deepspeed_config, load_config
 from dwmtrain.entry import main_entry, run_main
 from dwmtrain.errors import EXIT_OK
+from dwmtrain.log import setup_logging
 from dwmtrain.preflight import check_inputs
 from dwmtrain.train.stop import catch_stop_signal
 
@@ -118,6 +119,7 @@ def _pretrain(a: argparse.Namespace) -> int:
     from dwmtrain.train.setup import setup
 
     os.environ.update(rendezvous_env(os.environ))  # ranks started by mpirun / srun
+    setup_logging("[dwmtrain]", int(os.environ.get("RANK", "0")), cfg.run.log_level, cfg.run.log_all_ranks)
     train(setup(cfg))
     return EXIT_OK
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ from dwmtrain.models.lm import build_lm, enable_activation_checkpointing, load_l
 from dwmtrain.models.spec import lm_spec
 from dwmtrain.models.weights import log_weight_spread, weight_stats
 from dwmtrain.rundir import RunDir, dwm_source
+
+log = logging.getLogger(__name__)
 
 
 def lookahead_lr(cfg: Config, scheduler_steps: int) -> float:
@@ -162,8 +165,8 @@ class MetaBatches:
         return self.data.batch(next(self.stream)[1]).to(d.device), {n: t.to(d.device) for n, t in vb.items()}
 
 
-def fit(dwm, opt, lm, params, batches: MetaBatches, alpha: float, mc, log: Path | None) -> None:
-    """``mc.steps`` meta-steps; rank 0 (``log`` set) appends each one's record to ``log``."""
+def fit(dwm, opt, lm, params, batches: MetaBatches, alpha: float, mc, records: Path | None) -> None:
+    """``mc.steps`` meta-steps; rank 0 (``records`` set) appends each one's record to ``records``."""
     for k in range(mc.steps):
         fault_point("meta-step", rank=batches.d.rank, step=k + 1)
         t0 = time.time()
@@ -171,8 +174,8 @@ def fit(dwm, opt, lm, params, batches: MetaBatches, alpha: float, mc, log: Path 
         log_before = k in (0, mc.steps - 1) or (k + 1) % mc.log_every == 0
         rec = {"meta_step": k + 1, **meta_step(dwm, opt, lm, params, x, vb, alpha, mc, log_before)}
         rec["step_time_s"] = time.time() - t0
-        if log is not None:
-            with open(log, "a") as f:
+        if records is not None:
+            with open(records, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
 
@@ -198,22 +201,22 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
     batches, params = MetaBatches(cfg, d, state.consumed_samples), lm_params(lm)
     if mc.grad_mode == "fd" and not mc.fd_eps:  # once: the LM is frozen
         mc = dataclasses.replace(mc, fd_eps=default_fd_eps(params))
-    log = rd.meta_records(stage) if d.is_main else None
-    if log is not None:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text("")
+    records = rd.meta_records(stage) if d.is_main else None
+    if records is not None:
+        records.parent.mkdir(parents=True, exist_ok=True)
+        records.write_text("")
         eps = f" (fd_eps {mc.fd_eps:.3g})" if mc.grad_mode == "fd" else ""
-        print(f"[meta] stage {stage}: LM from {rd.checkpoint(tag)} (step {state.step}); DWM {how}; {mc.steps} "
+        log.info(f"stage {stage}: LM from {rd.checkpoint(tag)} (step {state.step}); DWM {how}; {mc.steps} "
               f"meta-steps x {d.world} proc, mode {mc.grad_mode}{eps}, alpha {alpha:g}; validation "
-              f"{batches.val.describe()}", flush=True)  # fmt: skip
+              f"{batches.val.describe()}")  # fmt: skip
     t_start = time.time()
-    fit(dwm, opt, lm, params, batches, alpha, mc, log)
+    fit(dwm, opt, lm, params, batches, alpha, mc, records)
     cal = {}
     if mc.calibrate_batches:  # micro-batches after the fitted ones, validation batches after theirs
         cal = calibrate(dwm, lm, params, [batches(mc.steps + j) for j in range(mc.calibrate_batches)], alpha, mc)
         if d.is_main:
-            print(f"[meta] stage {stage}: held-out agreement {cal['held_out_agreement']:.3f} -> logits x "
-                  f"{cal['logit_scale']:.3f}", flush=True)  # fmt: skip
+            log.info(f"stage {stage}: held-out agreement {cal['held_out_agreement']:.3f} -> logits x "
+                  f"{cal['logit_scale']:.3f}")  # fmt: skip
     barrier()
     timings["meta_steps_s"] = time.time() - t_start
     made = FitRecord(stage=stage, tag=tag, lm_step=state.step, alpha=alpha, world=d.world, calibration=cal,
@@ -252,5 +255,5 @@ def write_dwm(dwm, rd: RunDir, mc, fit: FitRecord) -> dict:
     took = time.time() - fit.started
     meta = save_dwm(dwm, path, stage=fit.stage, lm_step=fit.lm_step, checkpoint=str(rd.checkpoint(fit.tag)),
                     seconds=took, **info)  # fmt: skip
-    print(f"[meta] wrote {path} (sha256 {meta['sha256'][:12]}...) in {took:.1f} s", flush=True)
+    log.info(f"wrote {path} (sha256 {meta['sha256'][:12]}...) in {took:.1f} s")
     return meta

@@ -80,7 +80,7 @@ class DWMArch:
         for k in ("temperature", "uniform_mix", "attn_implementation", "max_seq_len", "normalization"):
             d.pop(k)
         d["backbone_config"] = json.dumps(self.backbone_spec().shape(), sort_keys=True)
-        d["backbone"] = self.backbone if not self.backbone_config else "(its own config)"
+        d.pop("backbone")  # a preset and an LM's own config of the same shape are the same backbone
         return d
 
 

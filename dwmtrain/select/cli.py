@@ -12,7 +12,7 @@ dwmtrain select random   --input IN... --out OUT.jsonl[.zst] (--budget-docs N | 
 dwmtrain select dsir     --input IN... --out OUT (--target-domains a,b | --target-file F...) BUDGET
 dwmtrain select qurating --input IN... --out OUT (--score-field meta.quality.x | --rater DIR) BUDGET [--temperature T]
 On a cluster: the same command with --part I/N in each task of a job array, then once with --merge
-(launchers/slurm/select_array.sh submits both); dwmtrain data-status OUT shows the parts.
+(dwmtrain/launch/slurm/select_array.sh submits both); dwmtrain data-status OUT shows the parts.
 """
 
 

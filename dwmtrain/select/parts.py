@@ -1,5 +1,5 @@
-"""``dwmtrain select METHOD ... --part I/N`` and ``--merge``: a selection over a large pool split over N jobs (a
-SLURM job array: ``launchers/slurm/select_array.sh``). Each part scans its share of the input files (reads, checks,
+"""``dwmtrain select METHOD ... --part I/N`` and ``--merge``: a selection over a large pool split over N jobs
+(``dwmtrain/launch/slurm/select_array.sh``). Each part scans its share of the input files (reads, checks,
 scores and counts the tokens of every record); one merge ranks the whole pool, cuts it at the budget and writes
 the selection: the same records in the same order, and the same report, as one ``dwmtrain select`` of the inputs
 with the same seed.

@@ -7,12 +7,12 @@ shared filesystem needed), and the boundary's record (what the pause was made of
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
 from dwmtrain.checkpoint.dwm_file import DWMFileError, check_dwm_tokenizer, load_dwm_state
 from dwmtrain.distributed import Dist, broadcast_tensors, run_on_rank0
@@ -28,6 +28,8 @@ from dwmtrain.stages.meta_job import (
 )
 from dwmtrain.stages.modes import mode_of
 from dwmtrain.stages.weighting import FrozenDWM, Weighting
+
+log = logging.getLogger(__name__)
 
 
 class ExternalMetaRequired(PlannedStop):
@@ -71,7 +73,7 @@ class BoundaryRecord:
     def line(self) -> str:
         p, parts = self.pause(), ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s"
                                            for k, v in self.meta_job.items())  # fmt: skip
-        return (f"[dwmtrain] stage {self.stage} boundary: paused {p['total_s']:.1f} s = "
+        return (f"stage {self.stage} boundary: paused {p['total_s']:.1f} s = "
                 + (f"checkpoint {self.checkpoint_s:.1f} s + " if self.checkpoint_s is not None else "")
                 + f"meta job {self.meta_job_s:.1f} s" + (f" ({parts})" if parts and self.meta_job_s > 0.5 else "")
                 + f" + broadcast {self.broadcast_s:.2f} s")  # fmt: skip
@@ -164,11 +166,11 @@ class StageBoundary:
         ExternalMetaRequired with meta.launch=external)."""
         try:
             found = self._verified(path)
-            print(f"[dwmtrain] stage {stage}: reusing {path}", flush=True)
+            log.info(f"stage {stage}: reusing {path}")
             return found
         except DWMFileError as e:
             if os.path.exists(path):
-                print(f"[dwmtrain] stage {stage}: {e}; recomputing", flush=True)
+                log.warning(f"stage {stage}: {e}; recomputing")
         tag = RunDir.tag(self.x.starts[stage - 1])  # the LM at the start of the stage the DWM will weigh
         if not self.x.rd.marker(tag).is_file():
             raise MetaJobError(f"no complete checkpoint {tag} at the start of stage {stage} to run the meta job from")
@@ -189,7 +191,7 @@ class StageBoundary:
         work (the file is written last): it is used, and said."""
         mc = self.x.cfg.meta
         where = f"{mc.nproc} proc" + (f" x {mc.nodes} nodes" if mc.nodes > 1 else "")
-        print(f"[dwmtrain] stage {stage}: running the meta-update job ({where})", flush=True)
+        log.info(f"stage {stage}: running the meta-update job ({where})")
         t0 = time.time()
         try:
             run_meta_job(meta_job_command(self.x.rd.root, stage, tag, mc.nproc, mc.nodes), mc.timeout_s,
@@ -201,15 +203,15 @@ class StageBoundary:
                 self._verified(path)
             except DWMFileError:
                 raise e from None
-            print(f"[dwmtrain] stage {stage}: the meta-update job exited {e.exit_code} after writing {path}, "
-                  "which verifies (sha256, architecture): using it", flush=True)  # fmt: skip
-        print(f"[dwmtrain] stage {stage}: meta-update done in {time.time() - t0:.1f} s -> {path}", flush=True)
+            log.warning(f"stage {stage}: the meta-update job exited {e.exit_code} after writing {path}, which "
+                        "verifies (sha256, architecture): using it")  # fmt: skip
+        log.info(f"stage {stage}: meta-update done in {time.time() - t0:.1f} s -> {path}")
 
     def _record(self, rec: BoundaryRecord) -> None:
         """Rank 0: the boundary's record on the console, in meta/stageK.pause.json, and to the metrics' W&B run."""
         if not self.x.d.is_main:
             return
-        tqdm.write(rec.line())
+        log.info(rec.line())
         self.x.rd.meta_dir.mkdir(parents=True, exist_ok=True)
         path = self.x.rd.meta_dir / f"stage{rec.stage}.pause.json"
         path.write_text(json.dumps({**rec.pause(), "meta_job": rec.meta_job}, indent=1))

@@ -16,6 +16,7 @@ import dwmtrain
 from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.procs import run_logged
 
+SLURM_DIR = Path(dwmtrain.__file__).parent / "launch" / "slurm"  #: the job scripts, shipped in the package
 META_JOB_MODULE = "dwmtrain.launch.meta_job"  #: the meta job's entry point (tests/test_meta_job.py runs it)
 
 # The trainer's rendezvous variables must not leak into the meta job's own (torchrun sets them anew).
@@ -72,8 +73,8 @@ def external_meta_command(run_dir: str | os.PathLike, stage: int, tag: str, npro
     script over more (an srun step needs an allocation of those nodes)."""
     if nodes == 1:
         return " ".join(meta_job_command(run_dir, stage, tag, nproc))
-    return (f"sbatch --nodes={nodes} --ntasks-per-node={nproc} launchers/slurm/meta_update.sbatch {run_dir} {stage} "
-            f"{tag}   (launchers/ of the dwmtrain checkout; docs/launching.md)")  # fmt: skip
+    script = SLURM_DIR / "meta_update.sbatch"
+    return f"sbatch --nodes={nodes} --ntasks-per-node={nproc} {script} {run_dir} {stage} {tag}"
 
 
 def check_meta_nodes(nodes: int, launch: str, env=os.environ) -> None:

@@ -3,6 +3,7 @@ validate, checkpoint, planned stop."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -19,6 +20,8 @@ from dwmtrain.stages.weighting import Weighting
 from dwmtrain.train.metrics import mfu
 from dwmtrain.train.setup import Run
 from dwmtrain.train.stop import StoppedForTimeLimit
+
+log = logging.getLogger(__name__)
 
 
 def train(run: Run) -> None:
@@ -94,8 +97,8 @@ def agree_on_step(run: Run, stats: StepStats, step: int, stage: int) -> tuple[bo
     nonfinite = bad_loss or (skipped and run.precision != "fp16")  # fp16: an overflow is the loss scaler's business
     run.nonfinite.record(nonfinite)
     if nonfinite and run.d.is_main:
-        tqdm.write(
-            f"[dwmtrain] step {step} (stage {stage}): non-finite {'loss' if bad_loss else 'gradient norm'}; "
+        log.warning(
+            f"step {step} (stage {stage}): non-finite {'loss' if bad_loss else 'gradient norm'}; "
             f"{'the update was skipped' if skipped else 'the update was applied (its gradient was finite)'} "
             f"({run.nonfinite.streak} in a row, {run.nonfinite.total} in all; stop at "
             f"{run.cfg.run.stop_after_nonfinite} in a row)"
@@ -188,8 +191,8 @@ def raise_alarm(run: Run, rec: dict, alarmed: set, weighting: Weighting) -> set:
     rec["w_alarm"] = int(bool(why))
     if why and rec["stage"] not in alarmed:
         if run.d.is_main:
-            tqdm.write(
-                f"[dwmtrain] ALARM stage {rec['stage']} step {rec['step']}: DWM weights collapsing ({why}); "
+            log.warning(
+                f"ALARM stage {rec['stage']} step {rec['step']}: DWM weights collapsing ({why}); "
                 "guards: meta.spread_penalty, dwm.uniform_mix, dwm.temperature, a smaller meta.lr"
             )
         return alarmed | {rec["stage"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from dwmtrain.train.metrics import MetricsWriter
 from dwmtrain.train.nonfinite import NonFiniteCount
 from dwmtrain.train.stop import StopRequest
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(kw_only=True)
 class Run:
@@ -57,11 +60,6 @@ class Run:
     peak_flops: float | None = None  # per device, for MFU (None off GPU or for an unknown GPU)
     flops_per_token: float = 0.0  #: the LM's model FLOPs per trained token (6N + attention)
     dwm_flops_per_token: float = 0.0  #: the DWM's forward per token (0: no DWM weighs this run)
-
-
-def log0(d: Dist, msg: str) -> None:
-    if d.is_main:
-        print(f"[dwmtrain] {msg}", flush=True)
 
 
 def start_process_group(cfg: Config) -> tuple[Dist, RunDir]:
@@ -182,7 +180,7 @@ def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
     if not (path / "index.json").exists() and cfg.data.raw:
 
         def prepare() -> None:
-            log0(d, f"preparing {path} from {cfg.data.raw}")
+            log.info(f"preparing {path} from {cfg.data.raw}")
             rep = prepare_data(
                 cfg.data.raw,
                 cfg.data.tokenizer,
@@ -192,7 +190,7 @@ def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
                 progress=True,
                 fields=Fields(cfg.data.text_field, cfg.data.domain_field),
             )
-            print(rep.summary(), flush=True)
+            log.info(rep.summary())
 
         run_on_rank0(prepare)  # the other ranks wait, in touch (see distributed.run_on_rank0)
     ds = TokenDataset(path, "train", verify=cfg.data.verify)
@@ -206,7 +204,7 @@ def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
     if "bos_id" not in ds.index and load_tokenizer(cfg.data.tokenizer).bos_id is not None and d.rank == 0:
         note = (f"note: {path} was prepared before documents began with the tokenizer's BOS; it trains as it is, "
                 f"but a fresh prepare (another data.train_data) matches a pretrained model's convention")  # fmt: skip
-        print(note, flush=True)
+        log.info(note)
     return ds
 
 
@@ -224,17 +222,15 @@ def announce(run: Run, arch: DWMArch) -> None:
     """The start-up lines: model size, world, batch, stages, epochs, and the paper's Eq. 9 DWM overhead."""
     cfg, d, plan = run.cfg, run.d, run.plan
     if note := epochs_note(cfg.stages.total_steps, plan.global_batch_size, len(run.data)):
-        log0(d, f"{cfg.data.train_data}: {note}")
+        log.info(f"{cfg.data.train_data}: {note}")
     if cfg.meta.uses_dwm:
         p_w = dwm_parameter_count(arch)
-        log0(
-            d,
+        log.info(
             f"DWM overhead (paper Eq. 9): DWM forward 2*P_w = {flops_per_token(p_w, False):.3g} FLOPs/token vs "
             f"LM step 6*P = {flops_per_token(run.n_params, True):.3g} -> "
             f"expected +{100 * p_w / (3 * run.n_params):.1f}%",
         )
-    log0(
-        d,
+    log.info(
         f"LM {lm_spec(cfg.model).name}: {run.n_params:,} parameters; world {d.world} ({d.accelerator}, "
         f"{run.precision}, ZeRO-{cfg.deepspeed.zero_stage}"
         + (f", tensor parallel {d.tp} x data parallel {d.dp_world}" if d.tp > 1 else "")

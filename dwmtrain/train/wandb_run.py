@@ -9,6 +9,7 @@ a SIGKILL loses what W&B's own process had not written yet."""
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 from dwmtrain.errors import ConfigError
 from dwmtrain.fileio import atomic_write_text, read_jsonl
 from dwmtrain.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 def wandb_run_id(rd: RunDir) -> str:
@@ -95,8 +98,8 @@ def _init(wandb, kwargs: dict):
         except Exception as e:  # noqa: BLE001 - W&B's own errors (in use, no network, bad credentials)
             err = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
             if "in use" not in str(e) or attempt == INIT_TRIES - 1:
-                print(f"[dwmtrain] W&B could not start ({err}); training goes on without it (metrics.jsonl has "
-                      "every record)", flush=True)  # fmt: skip
+                log.warning(f"W&B could not start ({err}); training goes on without it (metrics.jsonl has "
+                            "every record)")  # fmt: skip
                 return None
             time.sleep(INIT_WAIT_S)
     return None

@@ -26,10 +26,10 @@ shift 2
 PYTHON=${DWMTRAIN_PYTHON:-python3}
 export DWMTRAIN_PYTHON=$PYTHON
 # the resolved config decides the stages (and refuses a bad config before anything is submitted)
-STAGES=$("$PYTHON" -m dwmtrain config "$CONFIG" "$@" meta.launch=external --get stages.num_stages)
-MODE=$("$PYTHON" -m dwmtrain config "$CONFIG" "$@" --get meta.mode)
-META_NODES=$("$PYTHON" -m dwmtrain config "$CONFIG" "$@" --get meta.nodes)
-META_NPROC=$("$PYTHON" -m dwmtrain config "$CONFIG" "$@" --get meta.nproc)
+STAGES=$("$PYTHON" -m dwmtrain config --config "$CONFIG" "$@" meta.launch=external --get stages.num_stages)
+MODE=$("$PYTHON" -m dwmtrain config --config "$CONFIG" "$@" --get meta.mode)
+META_NODES=$("$PYTHON" -m dwmtrain config --config "$CONFIG" "$@" --get meta.nodes)
+META_NPROC=$("$PYTHON" -m dwmtrain config --config "$CONFIG" "$@" --get meta.nproc)
 [[ $MODE == bilevel ]] || STAGES=1   # without meta-updates the run is one job
 mkdir -p "$RUN_DIR"
 LOG="$RUN_DIR/slurm"
