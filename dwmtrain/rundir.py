@@ -39,8 +39,8 @@ class ShardLayout:
 
     @classmethod
     def of(cls, compat: dict) -> ShardLayout:
-        """The layout a checkpoint's compatibility fields record (checkpoints from before they did: ZeRO-3)."""
-        return cls(int(compat.get("zero_stage", 3)), int(compat.get("tensor_parallel", 1)))
+        """The layout a checkpoint's compatibility fields record (its marker is checked: both are there)."""
+        return cls(int(compat["zero_stage"]), int(compat["tensor_parallel"]))
 
     def patterns(self, rank: int) -> tuple[str, ...]:
         """Globs of the files global rank ``rank`` needs on its storage: ZeRO-3 writes a model and an optimizer shard

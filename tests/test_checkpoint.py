@@ -40,7 +40,7 @@ class ShardEngine:
         return str(path), self.loaded["client"]
 
 
-COMPAT = {"global_batch_size": 32, "world_size": 2, "config_sha256": "c" * 64}
+COMPAT = {"global_batch_size": 32, "world_size": 2, "zero_stage": 3, "tensor_parallel": 1, "config_sha256": "c" * 64}
 
 
 def checkpointer(d, root, compat=COMPAT, keep_last=2):
@@ -269,7 +269,6 @@ def test_shard_layout_names_each_ranks_files_by_data_and_tensor_parallel_rank(tm
     assert rd.missing_rank_files(tag, 1, tp) == [str(rd.checkpoint(tag) / "*zero_pp_rank_0_mp_rank_01_optim_states.pt")]
     (rd.checkpoint(tag) / TP_FILES[1]).unlink()  # a node that does not see the model states: rank 3 lacks them too
     assert rd.missing_rank_files(tag, 3, tp) == [str(rd.checkpoint(tag) / TP_FILES[1])]
-    assert ShardLayout.of({}) == ShardLayout(3, 1)  # checkpoints from before the layout was recorded: ZeRO-3
     assert rd.missing_rank_files(tag, 0)  # read as ZeRO-3 this checkpoint lacks rank 0's zero_pp_rank_0_* model shard
 
 
@@ -279,7 +278,7 @@ def test_a_tensor_parallel_checkpoint_is_not_resumed_at_another_world_size_or_la
     from dwmtrain.checkpoint import Checkpointer, RunState, check_compatible
     from dwmtrain.distributed import Dist
     from dwmtrain.errors import ResumeError
-    from dwmtrain.rundir import RunDir
+    from dwmtrain.rundir import RunDir, ShardLayout
 
     rd, tag = RunDir(tmp_path), "step0000004"
     saved = {**COMPAT, "world_size": 4, "zero_stage": 1, "tensor_parallel": 2}
@@ -287,21 +286,19 @@ def test_a_tensor_parallel_checkpoint_is_not_resumed_at_another_world_size_or_la
         (rd.checkpoint(tag) / f).parent.mkdir(parents=True, exist_ok=True)
         (rd.checkpoint(tag) / f).write_bytes(b"x")
     state = RunState(step=4, stage=2, consumed_samples=128, compat=saved, config_sha256=COMPAT["config_sha256"])
-    rd.marker(tag).write_text(json.dumps(state.to_marker()))
+    files = {str(r): rd.rank_files(tag, r, ShardLayout(1, 2)) for r in range(4)}  # what the save recorded
+    rd.marker(tag).write_text(json.dumps({**state.to_marker(), "files": files}))
     d = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu", tp=1)
     ck = Checkpointer(rd, d, compat={**saved, "world_size": 1}, global_batch_size=32)
     with pytest.raises(ResumeError, match=r"saved by 4 ranks with ZeRO-1 and tensor parallelism 2: resuming on 1 "):
         ck.resume(ShardEngine(0))
     assert sorted(p.name for p in rd.checkpoint(tag).glob("*.pt")) == sorted(TP_FILES)
-    # a checkpoint from before the layout was recorded is ZeRO-3's: not resumed as tensor-parallel ZeRO-1
+    # a marker that does not record the layout is not guessed at: the checkpoint is refused, naming the field
     old = {k: v for k, v in saved.items() if k not in ("zero_stage", "tensor_parallel")}
-    rd.marker(tag).write_text(json.dumps({**state.to_marker(), "compat": {**old, "world_size": 1}}))
-    for f in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
-        (rd.checkpoint(tag) / f).write_bytes(b"x")
-    d_tp = Dist(0, 1, 0, 1, torch.device("cpu"), "cpu", tp=1)
-    ck = Checkpointer(rd, d_tp, compat={**old, "world_size": 1, "zero_stage": 2, "tensor_parallel": 1},
+    rd.marker(tag).write_text(json.dumps({**state.to_marker(), "files": files, "compat": {**old, "world_size": 1}}))
+    ck = Checkpointer(rd, d, compat={**old, "world_size": 1, "zero_stage": 2, "tensor_parallel": 1},
                       global_batch_size=32)  # fmt: skip
-    with pytest.raises(ResumeError, match=r"saved with ZeRO-3, tensor parallelism 1; this run has ZeRO-2, tensor "):
+    with pytest.raises(ResumeError, match=r"its COMPLETE marker is not sound \(field compat.zero_stage missing\)"):
         ck.resume(ShardEngine(0))
     with pytest.raises(ResumeError, match=r"deepspeed.tensor_parallel_size \(how each matrix is split\): checkpoint "
                                           r"has 2, now 1"):  # fmt: skip

@@ -82,14 +82,17 @@ def test_save_load_roundtrip_and_checks(tmp_path):
 
 
 def _resign(path, edit):
-    """A v1 file (metadata only in the sidecar), with ``edit`` applied to the sidecar and its sha256 redone."""
+    """The file as a writer that got ``edit`` wrong would make it: the edit in the sidecar and in the signed header
+    alike, the sha256 redone (only the metadata's own checks can catch it)."""
     from safetensors.torch import load_file, save_file
 
+    from dwmtrain.checkpoint.dwm_file import _SIGNED_KEY
     from dwmtrain.fileio import sha256_file
 
     side = json.loads((path.parent / (path.name + ".json")).read_text())
-    save_file(load_file(str(path)), str(path), metadata={"format": "dwmtrain-dwm-v1"})
     edit(side)
+    signed = {k: side.get(k) for k in ("format", "arch", "stage", "lm_step") if k in side}
+    save_file(load_file(str(path)), str(path), metadata={_SIGNED_KEY: json.dumps(signed, sort_keys=True)})
     side["sha256"] = sha256_file(path)
     (path.parent / (path.name + ".json")).write_text(json.dumps(side))
 
@@ -132,11 +135,11 @@ def test_an_edited_sidecar_is_refused_naming_the_field(tmp_path, edit, message):
         (lambda m: m["arch"].update(color="red"), r"field arch.color is not a DWM setting"),
     ],
 )
-def test_every_metadata_field_is_validated_in_a_v1_file(tmp_path, edit, message):
+def test_every_metadata_field_is_validated_even_when_signed(tmp_path, edit, message):
     path = tmp_path / "d.safetensors"
     save_dwm(DataWeightingModel(ARCH), path, stage=3, lm_step=120)
     _resign(path, lambda m: None)
-    load_dwm_state(path, ARCH)  # a v1 file as it was written still loads
+    load_dwm_state(path, ARCH)  # re-signed as it was: still loads
     _resign(path, lambda m: m["arch"].update(uniform_mix=1.0))  # a value dwm.uniform_mix allows
     load_dwm_state(path, ARCH)
     _resign(path, edit)
@@ -201,3 +204,17 @@ def test_log_weight_spread_and_oracle_weights():
     assert w.tolist() == pytest.approx([8 / 6, 0, 8 / 6, 8 / 6, 0, 8 / 6, 8 / 6, 8 / 6])
     assert w.mean().item() == pytest.approx(1)
     assert oracle_weights(torch.zeros(8)).sum() == 0  # every sample dropped: nothing is learned from the batch
+
+
+def test_a_file_without_the_signed_header_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dwmtrain.fileio import sha256_file
+
+    path = tmp_path / "d.safetensors"
+    save_dwm(DataWeightingModel(ARCH), path, stage=3, lm_step=120)
+    save_file(load_file(str(path)), str(path))  # the tensors alone, the sidecar's sha256 made to match
+    side = json.loads((tmp_path / "d.safetensors.json").read_text())
+    (tmp_path / "d.safetensors.json").write_text(json.dumps({**side, "sha256": sha256_file(path)}))
+    with pytest.raises(DWMFileError, match="no signed metadata in its header"):
+        load_dwm_state(path, ARCH)

@@ -506,7 +506,8 @@ def test_checkpoint_markers_and_latest_resume_or_name_the_checkpoint(marker, raw
         rd.marker("step0000004").write_bytes(raw if raw is not None else json.dumps(marker).encode())
         if latest is not None:
             rd.latest.write_bytes(latest if isinstance(latest, bytes) else json.dumps(latest).encode())
-        ck = Checkpointer(rd, d1, compat={"world_size": 1}, global_batch_size=8, keep_last=2, keep_stage=True)
+        compat = {"world_size": 1, "zero_stage": 3, "tensor_parallel": 1}
+        ck = Checkpointer(rd, d1, compat=compat, global_batch_size=8, keep_last=2, keep_stage=True)
         names = (rd.checkpoints, "step0000004")
         outcome("checkpoint", lambda: ck.resume(RefusingEngine()), names=names, keep=(rd.root,))
         code, err = cli("report", str(rd.root))

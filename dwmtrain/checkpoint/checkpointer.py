@@ -223,10 +223,10 @@ class Checkpointer:
         the sizes its marker records), or None. At another world size, rank 0 checks the saved ranks' files
         (re-sharding needs them on one storage anyway)."""
         tag = state.tag
-        saved_world = state.compat.get("world_size", self.d.world)
+        saved_world = state.compat["world_size"]
         want = broadcast_object(
-            read_marker(self.rd.marker(tag)).get("files") if self.d.is_main else None
-        )  # {rank: {file: size}} at save time; None for checkpoints of older versions (existence checks only)
+            read_marker(self.rd.marker(tag))["files"] if self.d.is_main else None
+        )  # {rank: {file: size}}
         layout = ShardLayout.of(state.compat)  # what the save wrote (a changed layout is refused after this)
         if saved_world == self.d.world:
             mine = (socket.gethostname(), self._problems(tag, want, [self.d.rank], layout))
@@ -240,13 +240,10 @@ class Checkpointer:
             return None
         return "; ".join(f"{', '.join(p)} on {h}" for h, p in found) + where
 
-    def _problems(self, tag: str, want: dict | None, ranks, layout: ShardLayout) -> list[str]:
+    def _problems(self, tag: str, want: dict, ranks, layout: ShardLayout) -> list[str]:
         """Missing or resized files of ``ranks``' parts of ``tag`` on this storage."""
         out = []
         for r in ranks:
-            if want is None:
-                out += [f"rank {r} lacks {m}" for m in self.rd.missing_rank_files(tag, r, layout)]
-                continue
             have = self.rd.rank_files(tag, r, layout)
             for rel, size in want.get(str(r), {}).items():
                 if rel not in have:
@@ -268,8 +265,8 @@ class Checkpointer:
             return None
         for note in check_compatible(state.compat, self.compat):
             self._log(f"resume: config changed (allowed): {note}")
-        saved_world, saved = state.compat.get("world_size", self.d.world), ShardLayout.of(state.compat)
-        if saved != self.layout:  # a checkpoint from before the layout was recorded is ZeRO-3's
+        saved_world, saved = state.compat["world_size"], ShardLayout.of(state.compat)
+        if saved != self.layout:
             raise ResumeError(
                 f"{self.rd.checkpoint(state.tag)} was saved with ZeRO-{saved.zero_stage}, tensor parallelism "
                 f"{saved.tp}; this run has ZeRO-{self.layout.zero_stage}, tensor parallelism {self.layout.tp}: set "

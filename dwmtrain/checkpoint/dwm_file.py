@@ -129,14 +129,14 @@ def arch_mismatch(file: DWMArch, run: DWMArch) -> list[str]:
     return out
 
 
-def _signed_meta(path: Path) -> dict | None:
-    """The metadata held in the safetensors header (None for a v1 file, which has only the sidecar)."""
+def _signed_meta(path: Path) -> dict:
+    """The metadata held in the safetensors header, under the checksum."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
     if _SIGNED_KEY not in header:
-        return None
+        raise DWMFileError(f"DWM file {path}: no signed metadata in its header (not a {FORMAT} file)")
     return json.loads(header[_SIGNED_KEY])
 
 
@@ -177,15 +177,13 @@ def _load_dwm_state(path: Path, expect: DWMArch | None):
             f"DWM file {path}: sha256 {digest[:12]}... does not match its metadata "
             f"({str(meta.get('sha256'))[:12]}...): corrupted or replaced"
         )
-    signed = _signed_meta(path)
-    if signed is not None:  # v2: the sidecar must say what the checksummed header says
-        diff = _first_difference(signed, {k: meta.get(k) for k in signed})
-        if diff:
-            field, saved, now = diff
-            raise DWMFileError(
-                f"DWM metadata {mp}: field {field} is {now!r} but the DWM file was saved with {saved!r} "
-                "(the sidecar was edited); restore it"
-            )
+    signed = _signed_meta(path)  # the sidecar must say what the checksummed header says
+    if diff := _first_difference(signed, {k: meta.get(k) for k in signed}):
+        field, saved, now = diff
+        raise DWMFileError(
+            f"DWM metadata {mp}: field {field} is {now!r} but the DWM file was saved with {saved!r} "
+            "(the sidecar was edited); restore it"
+        )
     arch = arch_from_meta(meta.get("arch"), f"DWM metadata {mp}")
     if expect is not None and (diff := arch_mismatch(arch, expect)):
         raise DWMFileError(f"DWM file {path} has another architecture: " + "; ".join(diff))

@@ -16,9 +16,10 @@ _MARKER_FIELDS = {"step": (int, 0), "stage": (int, 1), "consumed_samples": (int,
                   "dwm": (dict, None), "config_sha256": (str, None), "compat": (dict, None),
                   "skipped_steps": (int, 0), "nonfinite_steps": (int, 0), "nonfinite_streak": (int, 0),
                   "files": (dict, None), "saved_at": ((int, float, str), None)}  # fmt: skip
-_REQUIRED = ("step", "stage", "consumed_samples")
+_REQUIRED = ("step", "stage", "consumed_samples", "files", "compat")
 #: the compatibility fields a resume computes with (the others are compared, whatever they hold)
 _COMPAT_INTS = {"world_size": 1, "zero_stage": 0, "tensor_parallel": 1, "total_steps": 1, "global_batch_size": 1}
+_COMPAT_REQUIRED = ("world_size", "zero_stage", "tensor_parallel")  #: what every rank's files are named by
 
 
 @dataclass
@@ -95,7 +96,11 @@ def check_marker(marker, where: str) -> None:
             want = getattr(types, "__name__", "number or string") + (f" >= {low}" if low is not None else "")
             raise CheckpointError(f"{where}: field {k}={v!r}: must be a {want}")
     for k, low in _COMPAT_INTS.items():
-        v = marker.get("compat", {}).get(k, low)
+        if k not in marker["compat"]:
+            if k in _COMPAT_REQUIRED:
+                raise CheckpointError(f"{where}: field compat.{k} missing")
+            continue
+        v = marker["compat"][k]
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise CheckpointError(f"{where}: field compat.{k}={v!r}: must be an int >= {low}")
     for rank, files in marker.get("files", {}).items():

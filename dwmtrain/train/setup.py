@@ -201,10 +201,6 @@ def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
             f"{path} was tokenized with {ds.index['tokenizer']} (sha256 {ds.index['tokenizer_sha256'][:12]}...), "
             f"not data.tokenizer={cfg.data.tokenizer} ({tok_sha[:12]}...)"
         )
-    if "bos_id" not in ds.index and load_tokenizer(cfg.data.tokenizer).bos_id is not None and d.rank == 0:
-        note = (f"note: {path} was prepared before documents began with the tokenizer's BOS; it trains as it is, "
-                f"but a fresh prepare (another data.train_data) matches a pretrained model's convention")  # fmt: skip
-        log.info(note)
     return ds
 
 
