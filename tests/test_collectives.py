@@ -61,14 +61,14 @@ def _step_stats(d):
     s = StepStats()
     for losses, w in zip(LOSSES[d.rank], WEIGHTS[d.rank]):
         s.add(torch.tensor(losses), torch.tensor(w))
-    return s.reduce()
+    return s.agree(d.rank == 1, True)  # rank 1 asks to stop: every rank hears it
 
 
 def test_step_statistics_reduce_over_ranks():
     from dwmtrain.models.weights import weight_stats
 
-    r0, r1 = run_distributed(_step_stats)
-    assert r0 == r1
+    (stop0, bad0, r0), (stop1, bad1, r1) = run_distributed(_step_stats)
+    assert r0 == r1 and stop0 and stop1 and not bad0 and not bad1
     mbs = [(torch.tensor(lo), torch.tensor(w)) for r in (0, 1) for lo, w in zip(LOSSES[r], WEIGHTS[r])]
     assert r0["loss"] == pytest.approx(sum((w * lo).mean().item() for lo, w in mbs) / 4)
     assert r0["loss_unweighted"] == pytest.approx(sum(lo.mean().item() for lo, _ in mbs) / 4)

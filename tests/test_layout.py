@@ -99,5 +99,41 @@ def test_pyproject_lists_every_package_of_the_tree():
 
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {_module_name(p) for p in PKG.rglob("__init__.py")}
-    assert listed == found | {"dwmtrain.ds_configs"}, f"pyproject's packages differ: {sorted(listed ^ found)}"
+    data = {  # folders that ship data files and no code
+        ".".join(d.relative_to(REPO).parts)
+        for d in PKG.rglob("*")
+        if d.is_dir() and d.name != "__pycache__" and not (d / "__init__.py").exists()
+        and any(f.is_file() for f in d.iterdir())
+    }  # fmt: skip
+    found |= data | {"dwmtrain.ds_configs"}
+    assert listed == found, f"pyproject's packages differ: {sorted(listed ^ found)}"
     assert (REPO / "ds_configs" / "zero3.json").is_file() and not (PKG / "ds_configs").exists()  # one copy
+
+
+def _map_modules() -> set[str]:
+    """The modules the map in docs/design.md names: in its package section, each line's first column (a room's
+    line starts with ``room/``, and the lines under it carry on that room)."""
+    import re
+
+    text = (REPO / "docs" / "design.md").read_text()
+    block = text[text.index("```\ndwmtrain/") + 4 :]
+    lines = block[: block.index("```")].splitlines()[1:]
+    named, room = set(), ""
+    for line in lines:
+        if not line.startswith("  "):  # ds_configs/, launchers/, tools/: the package's section is over
+            break
+        top, text = not line.startswith("   "), line.strip()
+        if top and (m := re.match(r"([a-z_]+/)\s+(.*)", text)):
+            room, text = m.group(1), m.group(2)
+        elif top:
+            room = ""
+        first = re.split(r"\s{2,}", text)[0]
+        named |= {room + f for f in re.findall(r"[a-z_]+\.py", first)}
+    return named
+
+
+def test_the_map_in_design_md_names_every_module_and_nothing_else():
+    tree = {str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if p.name != "__init__.py"}
+    named = _map_modules()
+    assert not tree - named, f"modules docs/design.md's map does not name: {sorted(tree - named)}"
+    assert not named - tree, f"the map names modules that do not exist: {sorted(named - tree)}"

@@ -142,7 +142,8 @@ def test_step_statistics_stay_on_the_device_until_reduced(monkeypatch):
             m.setattr(torch.Tensor, name, host_sync)
         for losses, w in mbs:
             s.add(losses, w)
-    r = s.reduce()  # one process: the sums as they are
+    stop, bad, r = s.agree(False, True)  # one process: the sums as they are
+    assert not stop and not bad
     assert r["loss"] == pytest.approx(((0.5 * 2 + 1.5 * 4) / 2 + 0) / 2)
     assert r["loss_unweighted"] == pytest.approx((3 + 2) / 2)
     assert r["w_ess"] == pytest.approx((weight_stats(mbs[0][1])["ess"] + 0) / 2)

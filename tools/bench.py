@@ -25,6 +25,8 @@ Benchmarks:
            default (fd_eps by dtype and parameter norm, metagrad.FD_EPS) against the grid's best (<= 3x).
   prepare  prepare-data end to end against raw sentencepiece encoding of the same text on one core,
            with 1 and 2 workers (target >= 0.8 of the raw rate per worker, 2 workers >= 1.8x one).
+  loop     dwmtrain's uniform training step against the bare DeepSpeed + Hugging Face loop a user writes instead,
+           both launched on 2 CPU ranks (tools/bench_loop.py): time per optimizer step (target <= 1.0x).
   build    host memory per rank while the LM is built at start-up (--ranks gloo processes): the partitioned
            build (zero.Init, rank 0 alone builds the seeded copy) against every rank building the full LM.
            Target: each rank holds at most 1.1/ranks of the full LM after the build; peaks reported.
@@ -84,11 +86,12 @@ def line(name: str, measured: str, target: str, ok: bool | None = None) -> str:
     return f"{name}: {measured} / {target}{mark}"
 
 
-def peak_in_child(a, variant: str) -> dict:
-    """Run benchmark ``a.bench`` with its options as ``a`` holds them in a child process, as a peak-memory probe of
-    ``variant``; the child prints a JSON line with the result."""
+def peak_in_child(a, variant: str, env: dict | None = None) -> dict:
+    """Run benchmark ``a.bench`` with its options as ``a`` holds them in a child process (with ``env`` added to its
+    environment), as a peak-memory probe of ``variant``; the child prints a JSON line with the result."""
     args = ["--device", a.device, a.bench, *option_argv(PARSERS[a.bench], a), "--probe", variant]
-    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=1200)
+    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=1200,
+                       env={**os.environ, **(env or {})})  # fmt: skip
     if p.returncode != 0:
         raise RuntimeError(f"probe {args} failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -301,10 +304,9 @@ def bench_step(a) -> list[str]:
     return out
 
 
-def bench_metastep(a) -> list[str]:
-    """One meta-step as the meta job takes it (the fd meta-gradient through the LM, the DWM's surrogate backward)
-    against one training step of the same LM (forward, backward, AdamW): time and peak memory above the models'
-    (target: the meta-step's peak <= 2x the training step's)."""
+def _metastep_fns(a):
+    """(train_step, meta_step) of ``a``'s LM and DWM, the optimizer's states already allocated (they belong to the
+    model states, not to a step)."""
     from dwmtrain.meta.metagrad import dwm_surrogate, lm_params, meta_gradient
     from dwmtrain.models.dwm import DataWeightingModel, DWMArch
     from dwmtrain.models.lm import build_lm
@@ -333,7 +335,31 @@ def bench_metastep(a) -> list[str]:
         dwm.zero_grad(set_to_none=True)
 
     train_step()  # the optimizer's states and the gradients' first allocation belong to the model states
-    mem = {k: peak_during(f, dev) for k, f in (("train", train_step), ("meta", meta_step))}
+    meta_step()
+    return train_step, meta_step
+
+
+def probe_metastep(a) -> None:
+    """Child process (freed memory returned to the system, as dwmtrain's CPU ranks run): one step's peak above
+    what the models hold."""
+    fns = dict(zip(("train", "meta"), _metastep_fns(a)))
+    print(json.dumps({"extra_mib": peak_during(fns[a.probe], torch.device(a.device))}))
+
+
+def bench_metastep(a) -> list[str]:
+    """One meta-step as the meta job takes it (the fd meta-gradient through the LM, the DWM's surrogate backward)
+    against one training step of the same LM (forward, backward, AdamW): time and peak memory above the models'
+    (target: the meta-step's peak <= 2x the training step's). On CPU each peak is taken in a child process whose
+    allocator returns freed memory to the system (dwmtrain's CPU ranks run so: launch.cli.CPU_MALLOC_ENV): with
+    glibc's defaults a repeated step reuses pages already resident and shows no growth at all."""
+    from dwmtrain.launch.cli import CPU_MALLOC_ENV
+
+    dev = torch.device(a.device)
+    train_step, meta_step = _metastep_fns(a)
+    if dev.type == "cuda":
+        mem = {k: peak_during(f, dev) for k, f in (("train", train_step), ("meta", meta_step))}
+    else:
+        mem = {v: peak_in_child(a, v, CPU_MALLOC_ENV)["extra_mib"] for v in ("train", "meta")}
     t = interleaved({"train": train_step, "meta": meta_step}, dev, a.reps)
     r = mem["meta"] / max(mem["train"], 1e-9)
     size = f"{a.preset}, DWM {a.dwm_backbone or a.preset}, {a.micro}x{a.seq_len} {a.dtype} on {dev.type}"
@@ -625,6 +651,47 @@ def _build_rank(rank: int, world: int, port: int, preset: str, variant: str, out
     exit_process(0)  # the result is on disk: no native teardown at exit (dwmtrain.entry)
 
 
+def bench_loop(a) -> list[str]:
+    """dwmtrain's uniform training step (meta.mode=none) against the bare DeepSpeed + Hugging Face loop a user
+    writes instead, both launched on 2 CPU ranks in this run (tools/bench_loop.py): time per step, target <= 1.0x."""
+    import statistics
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_loop import WARMUP, bare_steps, dwmtrain_steps
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = str(prepared_corpus(work / f"sample-{a.seq_len}", a.seq_len))
+    from dwmtrain.config import batch_plan, load_config
+
+    full = ("model.loss_chunk_tokens=0",)  # the full-logits head: the loop's own cost apart from the fused loss
+    mine, logits, bare = [], [], []
+    for rep in range(a.reps):  # alternated: a drift of the machine hits all alike
+        mine += dwmtrain_steps(data, a.steps, work, rep)[WARMUP - 1 : -1]  # the last: its checkpoint and eval
+        logits += dwmtrain_steps(data, a.steps, work, rep, full)[WARMUP - 1 : -1]
+        bare += bare_steps(data, a.steps, work, rep)[WARMUP:-1]
+    m, f, b = (statistics.median(x) for x in (mine, logits, bare))
+    plan = batch_plan(load_config("small", [f"data.seq_len={a.seq_len}"]), 2)
+    size = (f"small, 2 CPU ranks, {plan.micro_batch_size} x {a.seq_len} tokens x {plan.gradient_accumulation_steps} "
+            f"micro-batches a step; medians of {len(mine)} steps each")  # fmt: skip
+    return [
+        line(f"loop.step dwmtrain / bare ({size})", f"{m / b:.3f}x ({m * 1e3:.0f} vs {b * 1e3:.0f} ms)", "<= 1.0x",
+             m <= b),
+        line("loop.step dwmtrain with the full-logits head / bare (the loop's own cost: statistics, agreement, "
+             "logging)", f"{f / b:.3f}x ({f * 1e3:.0f} vs {b * 1e3:.0f} ms)", "-"),
+    ]  # fmt: skip
+
+
+def prepared_corpus(out: Path, seq_len: int) -> Path:
+    """The bundled corpus prepared at ``seq_len`` (once: kept in ``out``)."""
+    if not (out / "index.json").is_file():
+        from dwmtrain.data.prepare import prepare_data
+
+        prepare_data([str(CORPUS / "sample.jsonl.zst")], str(CORPUS / "sample_sp4096.model"), str(out),
+                     seq_len=seq_len, workers=2, progress=False)  # fmt: skip
+    return out
+
+
 def bench_select(a) -> list[str]:
     """``dwmtrain select random`` at two document budgets 10x apart, each in a fresh process: its peak resident
     set (the selected text passes through rank buckets on disk, never all in memory). The pool is the bundled
@@ -763,6 +830,13 @@ def select_options(p):
     p.add_argument("--copies", type=int, default=8, help="copies of the bundled corpus in the pool")
 
 
+def loop_options(p):
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps of each job")
+    p.add_argument("--reps", type=int, default=2, help="jobs of each loop, alternated")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--work", default="runs/bench-loop")
+
+
 def build_options(p):
     p.add_argument("--preset", default="1.3b", help="the LM preset built at start-up")
     p.add_argument("--ranks", type=int, default=2, help="processes")
@@ -780,8 +854,9 @@ BENCHES = {
     "build": (bench_build, build_options, {}),
     "select": (bench_select, select_options, {}),
     "actckpt": (bench_actckpt, actckpt_options, {"reps": 2}),
+    "loop": (bench_loop, loop_options, {"reps": 1}),
 }
-PROBES = {"loss": probe_loss, "meta": probe_meta, "actckpt": probe_actckpt}
+PROBES = {"loss": probe_loss, "meta": probe_meta, "actckpt": probe_actckpt, "metastep": probe_metastep}
 PARSERS: dict[str, argparse.ArgumentParser] = {}
 
 

@@ -11,6 +11,7 @@ group.py        the group's timing (collective timeout, keep-alive)
 from dwmtrain.distributed.collectives import (
     RankZeroError,
     all_gather_object,
+    all_gather_rows,
     all_reduce_,
     all_reduce_grads,
     barrier,
@@ -21,6 +22,6 @@ from dwmtrain.distributed.collectives import (
 from dwmtrain.distributed.peers import PeerLost, is_peer_failure, peer_lost
 from dwmtrain.distributed.ranks import Dist, RendezvousError, cpu_threads, init_distributed
 
-__all__ = ["Dist", "PeerLost", "RankZeroError", "RendezvousError", "all_gather_object", "all_reduce_",
-           "all_reduce_grads", "barrier", "broadcast_object", "broadcast_tensors", "cpu_threads", "init_distributed",
-           "is_peer_failure", "peer_lost", "run_on_rank0"]  # fmt: skip
+__all__ = ["Dist", "PeerLost", "RankZeroError", "RendezvousError", "all_gather_object", "all_gather_rows",
+           "all_reduce_", "all_reduce_grads", "barrier", "broadcast_object", "broadcast_tensors", "cpu_threads",
+           "init_distributed", "is_peer_failure", "peer_lost", "run_on_rank0"]  # fmt: skip

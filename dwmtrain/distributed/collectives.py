@@ -49,6 +49,16 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's 1-d ``t``, stacked in rank order: [world, n] (a small vector: one exchange however many
+    reductions the caller then takes of it)."""
+    if not dist.is_initialized():
+        return t.unsqueeze(0)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.stack(out)
+
+
 def all_reduce_grads(params: list[torch.Tensor]) -> float:
     """Average the ``.grad`` of ``params`` over all ranks (one flat all-reduce); returns the global grad norm."""
     flat = torch.cat([p.grad.flatten() for p in params])

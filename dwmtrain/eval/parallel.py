@@ -69,5 +69,13 @@ def _job(evaluate, run: str, ck, todo: dict, lm_eval: dict) -> dict:
     from dwmtrain.rundir import RunDir
 
     where = f"gpu {os.environ['CUDA_VISIBLE_DEVICES']}" if _DEVICE == "cuda" else f"{_DEVICE} pid {os.getpid()}"
-    return evaluate(RunDir(run), ck, todo, dict(lm_eval, device=_DEVICE),
-                               lambda m: print(f"[{where}] {m}", flush=True))  # fmt: skip
+    return evaluate(RunDir(run), ck, todo, dict(lm_eval, device=_DEVICE), lambda m: _say(f"[{where}] {m}"))
+
+
+def _say(line: str) -> None:
+    """One line in one write: the workers share the parent's stdout, and a line that print() hands over in two
+    pieces (what a library left in the buffer, then the rest) can be cut by another worker's line."""
+    import sys
+
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each sample. logits [B, T, V], labels [B, T] (-100 ignored) -> [B]."""
-    lg, lb = logits[:, :-1], labels[:, 1:]
-    if lg.dtype in (torch.float16, torch.bfloat16):
-        lg = lg.float()  # the softmax in fp32; fp64 stays fp64 (the meta-gradient tests)
+    """Mean next-token cross-entropy of each sample. logits [B, T, V], labels [B, T] (-100 ignored) -> [B].
+
+    The labels are shifted, not the logits: position t predicts label t+1 and the last position predicts nothing
+    (-100), so the [B, T, V] logits are read in place (slicing them would copy all of them)."""
+    lb = F.pad(labels[:, 1:], (0, 1), value=-100)
+    lg = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits  # fp64 stays fp64
     tok = F.cross_entropy(lg.reshape(-1, lg.size(-1)), lb.reshape(-1), ignore_index=-100, reduction="none")
     m = (lb != -100).to(tok.dtype)
     return (tok.view(lb.shape) * m).sum(1) / m.sum(1).clamp_min(1)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from dwmtrain.config.stages import stage_of
 from dwmtrain.data.dataset import rank_micro_batches
 from dwmtrain.data.validation import validation_metrics
-from dwmtrain.distributed import all_reduce_
+from dwmtrain.distributed import all_gather_rows
 from dwmtrain.faults import fault_active, fault_point
 from dwmtrain.models.loss import weighted_objective
 from dwmtrain.models.weights import weight_stats_tensor
@@ -46,10 +46,11 @@ def run_steps(run: Run, bar) -> None:
         t0, lr = time.time(), run.engine.get_lr()[0]  # the lr this step uses (the scheduler steps inside eng.step)
         stats = train_step(run, batches, weighting, step)
         step += 1
-        stop, nonfinite = agree_on_step(run, stats, step, stage)  # collective: SIGUSR1 anywhere; a bad step anywhere
+        logged = step % cfg.run.log_every == 0 or step == total  # statistics reach the host only when logged
+        stop, nonfinite, reduced = agree_on_step(run, stats, step, stage, logged)  # one exchange between the ranks
         bar.update(1)
-        if nonfinite or step % cfg.run.log_every == 0 or step == total:  # statistics reach the host only when logged
-            rec = step_record(run, step, stage, lr, time.time() - t0, weighting.version, stats.reduce(), nonfinite)
+        if reduced is not None:
+            rec = step_record(run, step, stage, lr, time.time() - t0, weighting.version, reduced, nonfinite)
             alarmed = raise_alarm(run, rec, alarmed, weighting)
             run.metrics.log(rec)
             bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", gnorm=f"{rec['grad_norm'] or float('nan'):.2f}",
@@ -89,12 +90,14 @@ def train_step(run: Run, batches, weighting: Weighting, step: int) -> StepStats:
     return stats
 
 
-def agree_on_step(run: Run, stats: StepStats, step: int, stage: int) -> tuple[bool, bool]:
-    """Collective: (a planned stop, whether the step was non-finite on any rank), from one all-reduce; the
-    non-finite step is counted and said."""
+def agree_on_step(run: Run, stats: StepStats, step: int, stage: int, logged: bool) -> tuple[bool, bool, dict | None]:
+    """Collective, one exchange: (a planned stop, whether the step was non-finite on any rank, the step's statistics
+    over all ranks when it is ``logged`` or non-finite, else None); the non-finite step is counted and said."""
     skipped = not run.engine.was_step_applied()  # DeepSpeed skips a step whose gradient norm is not finite
-    stop, bad_loss = run.stop.agree(stats.nonfinite())
+    stop, bad_loss, reduced = stats.agree(run.stop.requested, logged)
     nonfinite = bad_loss or (skipped and run.precision != "fp16")  # fp16: an overflow is the loss scaler's business
+    if nonfinite and reduced is None:  # a non-finite step is always logged: its statistics, at one more exchange
+        reduced = stats.agree(False, True)[2]
     run.nonfinite.record(nonfinite)
     if nonfinite and run.d.is_main:
         log.warning(
@@ -103,12 +106,13 @@ def agree_on_step(run: Run, stats: StepStats, step: int, stage: int) -> tuple[bo
             f"({run.nonfinite.streak} in a row, {run.nonfinite.total} in all; stop at "
             f"{run.cfg.run.stop_after_nonfinite} in a row)"
         )
-    return stop, nonfinite
+    return stop, nonfinite, reduced
 
 
 class StepStats:
     """Sums over the micro-batches of one optimizer step, kept on the device (no host sync per micro-batch);
-    ``reduce`` combines them over all ranks with two all-reduces and one transfer to the host."""
+    ``agree`` combines them over all ranks, with the step's stop and non-finite flags, in one exchange and one
+    transfer to the host."""
 
     def __init__(self):
         self.acc = None  # sum w*L, sum L, entropy, ess, micro-batches
@@ -131,20 +135,31 @@ class StepStats:
         """A device flag: a micro-batch of this step had a non-finite loss or weight (no host sync)."""
         return ~torch.isfinite(self.acc[:2]).all()
 
-    def reduce(self) -> dict:
-        """Collective: means over every micro-batch of every rank; min / max of the weights over all ranks."""
-        all_reduce_(self.acc), all_reduce_(self.ext, "max")
-        s, (hi, neg_lo, *mem) = self.acc.tolist(), self.ext.tolist()
-        n = s[4]
-        return {
-            **({"peak_mem_gib": mem[0] / 2**30} if self.memory else {}),  # the largest over the ranks
-            "loss": s[0] / n,
-            "loss_unweighted": s[1] / n,
-            "w_entropy": s[2] / n,
-            "w_ess": s[3] / n,
-            "w_min": -neg_lo,
-            "w_max": hi,
-        }
+    def agree(self, stop: bool, with_stats: bool) -> tuple[bool, bool, dict | None]:
+        """Collective, one exchange: (any rank asked to stop, any rank's loss was non-finite, with ``with_stats``
+        the means over every micro-batch of every rank and the weights' min / max over all ranks, else None)."""
+        flags = torch.stack([self.acc.new_tensor(float(stop)), self.nonfinite().double()])
+        sums = self.acc if with_stats else self.acc[:0]
+        maxes = torch.cat([flags, self.ext.double()]) if with_stats else flags
+        rows = all_gather_rows(torch.cat([sums, maxes]))  # [world, k]: the sums and maxima taken here, alike
+        vals = torch.cat([rows[:, : len(sums)].sum(0), rows[:, len(sums) :].max(0).values]).tolist()
+        s, (stop_any, bad, *ext) = vals[: len(sums)], vals[len(sums) :]
+        return stop_any > 0, bad > 0, _means(s, ext, self.memory) if with_stats else None
+
+
+def _means(s: list[float], ext: list[float], memory: bool) -> dict:
+    """The logged statistics from the summed row and the maxima (weights' max, -min, peak memory)."""
+    hi, neg_lo, *mem = ext
+    n = s[4]
+    return {
+        **({"peak_mem_gib": mem[0] / 2**30} if memory else {}),  # the largest over the ranks
+        "loss": s[0] / n,
+        "loss_unweighted": s[1] / n,
+        "w_entropy": s[2] / n,
+        "w_ess": s[3] / n,
+        "w_min": -neg_lo,
+        "w_max": hi,
+    }
 
 
 def step_record(run: Run, step, stage, lr, dt, dwm_version: str, stats: dict, nonfinite: bool) -> dict:
@@ -165,6 +180,7 @@ def step_record(run: Run, step, stage, lr, dt, dwm_version: str, stats: dict, no
         "dwm": dwm_version,
         **{k: stats[k] for k in ("w_entropy", "w_ess", "w_min", "w_max", "peak_mem_gib") if k in stats},
         "step_time_s": dt,
+        "time": time.time(),  #: when the step ended (unix seconds)
     }
     if (u := mfu(tps, run.flops_per_token, run.d.world, run.peak_flops)) is not None:  # GPUs only: absent on CPU
         rec["mfu"] = u

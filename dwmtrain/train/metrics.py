@@ -55,7 +55,7 @@ class MetricsWriter:
             f.write(json.dumps(rec) + "\n")
         if self.tb is not None:
             for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
+                if isinstance(v, (int, float)) and k not in ("step", "time"):  # (both are the axes)
                     self.tb.add_scalar(f"{kind}/{k}", v, rec["step"])
         if self.wandb is not None:
             self.wandb.log(rec, kind)

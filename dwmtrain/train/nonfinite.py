@@ -5,7 +5,7 @@ The skip itself is DeepSpeed's: its ZeRO-3 optimizer checks the global gradient 
 is not finite, applies no update and does not advance the LR scheduler (``engine.skipped_steps`` counts it, and
 the meta job's lookahead alpha follows the scheduler, not the step count). A non-finite loss gives a non-finite
 gradient. The loop learns of both without a host sync per micro-batch: the loss flag rides on the one
-all-reduce per step that already decides a planned stop (``train.stop.StopRequest.agree``).
+exchange per step that already decides a planned stop (``train.loop.StepStats.agree``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The per-step agreement of all ranks: a planned stop before a time limit (SLURM's ``--signal=USR1@T`` warning,
 or any SIGUSR1, asks the run to finish its step, write a complete checkpoint and exit with code 4, so the job
-can be requeued), and whether any rank's loss was non-finite. One all-reduce per step decides both."""
+can be requeued). The step's one exchange between the ranks (``train.loop.StepStats.agree``) decides it on every
+rank at the same step."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ class StoppedForTimeLimit(PlannedStop):
 
 
 class StopRequest:
-    """Remembers a SIGUSR1; ``agree()`` tells every rank, at the same step, whether any rank got one."""
+    """Remembers a SIGUSR1 (``requested``); the step's one exchange between the ranks (``train.loop.StepStats.agree``)
+    tells every rank, at the same step, whether any rank got one."""
 
     def __init__(self, device="cpu", signum: int = signal.SIGUSR1):
         self.requested, self.device = signum in _EARLY, device  # a signal during the start counts
@@ -32,17 +34,3 @@ class StopRequest:
 
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
-
-    def agree(self, nonfinite=None) -> tuple[bool, bool]:
-        """Collective, once per step: (any rank was signalled, any rank's ``nonfinite`` flag, a tensor, is set).
-        Ranks get a signal at different times; the flag lives on the device, so it costs no host sync of its own."""
-        import torch
-
-        from dwmtrain.distributed import all_reduce_
-
-        flags = torch.zeros(2, device=self.device)
-        flags[0] = float(self.requested)
-        if nonfinite is not None:
-            flags[1] = nonfinite.to(self.device, torch.float32)
-        stop, bad = all_reduce_(flags, "max").tolist()
-        return stop > 0, bad > 0

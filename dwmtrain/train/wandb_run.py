@@ -65,7 +65,7 @@ class WandbRun:
         """One record (``kind``: train, eval, boundary, meta) as ``kind/field`` numbers at its step."""
         if self.run is None:
             return
-        nums = {f"{kind}/{k}": v for k, v in rec.items() if k != "step" and isinstance(v, (int, float))}
+        nums = {f"{kind}/{k}": v for k, v in rec.items() if k not in ("step", "time") and isinstance(v, (int, float))}
         self.run.log({"step": rec["step"], **nums})
 
     def boundary(self, step: int, stage: int, pause: dict) -> None:

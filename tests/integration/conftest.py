@@ -7,7 +7,7 @@ import pytest
 from dwmtrain.data.prepare import prepare_data
 
 from ..conftest import CORPUS
-from .helpers import pretrain_cmd, run, short_run
+from .helpers import built_once, pretrain_cmd, run, short_run
 
 HERE = Path(__file__).resolve().parent
 
@@ -24,16 +24,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def data64(tmp_path_factory):
     """The bundled corpus prepared at seq_len 64, shared by every launch."""
-    out = tmp_path_factory.mktemp("d") / "sample-64"
-    prepare_data(
-        [str(CORPUS / "sample.jsonl.zst")],
-        str(CORPUS / "sample_sp4096.model"),
-        str(out),
-        seq_len=64,
-        workers=2,
-        progress=False,
-    )
-    return out
+    return built_once(tmp_path_factory, "data64", _prepare64) / "sample-64"
+
+
+def _prepare64(out: Path) -> None:
+    prepare_data([str(CORPUS / "sample.jsonl.zst")], str(CORPUS / "sample_sp4096.model"), str(out / "sample-64"),
+                 seq_len=64, workers=2, progress=False)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +37,9 @@ def bilevel_reference(tmp_path_factory, data64):
     """An uninterrupted 12-step, 3-stage bilevel run on 2 ranks (meta jobs at steps 4 and 8): what a run
     interrupted in any way must equal. Returns (run_dir, overrides)."""
     args = short_run(data64, "meta.mode=bilevel", "meta.nproc=2", "meta.steps=3")
-    ref = tmp_path_factory.mktemp("bilevel") / "ref"
-    p = run(pretrain_cmd(ref, args))
-    (ref / "launch.out").write_text(p.stdout + p.stderr)
-    return ref, args
+
+    def build(out: Path) -> None:
+        p = run(pretrain_cmd(out / "ref", args))
+        (out / "ref" / "launch.out").write_text(p.stdout + p.stderr)
+
+    return built_once(tmp_path_factory, "bilevel", build) / "ref", args

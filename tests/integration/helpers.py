@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +98,20 @@ def records(path: Path) -> list[dict]:
 
 def by_step(path: Path) -> dict[int, dict]:
     return {r["step"]: r for r in records(path)}
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(dir)`` once for the whole session, whichever pytest-xdist worker asks first: the others wait for it
+    on a lock and read the same directory (what it holds is read-only to the tests). Built per worker, the shared
+    runs cost CI minutes twice."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out, done = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, by a crashed builder too
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a builder that failed left half a directory
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out

@@ -15,7 +15,7 @@ import torch
 from dwmtrain.checkpoint.dwm_file import read_dwm_meta
 
 from ..helpers import REPO, alive, cmdline, free_port, kill_tree, process_tree, wait_until
-from .helpers import by_step, env, pretrain_cmd, run, run_until_step_then_kill, short_run, wait_for_step
+from .helpers import built_once, by_step, env, pretrain_cmd, run, run_until_step_then_kill, short_run, wait_for_step
 
 pytestmark = pytest.mark.slow
 MPIRUN = str(Path(sys.executable).parent / "mpirun")
@@ -30,9 +30,13 @@ def bilevel(data64, *extra):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data64):
     """The 2-rank deepspeed launch with meta.launch=local that the other launch paths must equal."""
-    ref = tmp_path_factory.mktemp("ref") / "run"
-    p = run(pretrain_cmd(ref, bilevel(data64)))
-    return ref, p.stdout + p.stderr
+
+    def build(out: Path) -> None:
+        p = run(pretrain_cmd(out / "run", bilevel(data64)))
+        (out / "launch.out").write_text(p.stdout + p.stderr)
+
+    ref = built_once(tmp_path_factory, "cluster_ref", build)
+    return ref / "run", (ref / "launch.out").read_text()
 
 
 def test_a_meta_job_longer_than_the_collective_timeout_keeps_the_ranks_in_touch(reference):
