@@ -63,6 +63,14 @@ def data_problems(cfg: Config) -> list[str]:
             problems.append(f"{field}: {held.parent} has no heldout split (data.val_source=heldout)")
         elif not held.is_file() and (d.heldout_data or not d.raw):
             problems.append(f"{field}={held.parent}: no prepared data there (data.val_source=heldout)")
+    if d.val_source in ("lambada", "target") and not problems:
+        from dwmtrain.data.validation import REPORT, validation_set
+        from dwmtrain.errors import DWMTrainError
+
+        try:  # the source reads, tokenizes and splits into a reward and a report part big enough for the run
+            validation_set(cfg, REPORT)
+        except DWMTrainError as e:
+            problems.append(f"data.val_source={d.val_source}: {e}")
     return problems
 
 

@@ -19,7 +19,7 @@ def summarize(run_dir: str | Path) -> str:
     if not steps:
         return f"{rd.root}: no step logged yet ({rd.metrics.name} is empty or absent: no step has finished)"
     lines = [f"run: {rd.root.resolve()}", "", *stage_table(steps, read_jsonl(rd.evals))]
-    lines += nonfinite_lines(steps) + meta_lines(rd) + where_lines(rd) + next_lines(rd.root)
+    lines += domain_lines(steps, rd) + nonfinite_lines(steps) + meta_lines(rd) + where_lines(rd) + next_lines(rd.root)
     return "\n".join(lines)
 
 
@@ -30,7 +30,10 @@ def stage_table(steps: list[dict], evals: list[dict]) -> list[str]:
         by_stage[r["stage"]].append(r)
     finite = {s: [r for r in rs if not r.get("nonfinite")] or rs for s, rs in by_stage.items()}  # the means
     ev = {r["stage"]: r for r in evals}  # the evaluation at the end of each stage
-    lines = ["stage  steps      loss  loss_unw  val_loss  lambada_acc  w_entropy   w_ess  w_min  w_max  dwm"]
+    # the other sets validation reports (data.report_sets): the first named one is val_loss itself
+    named = list(dict.fromkeys(k.split("/", 1)[1] for r in evals for k in r if k.startswith("val_loss/")))[1:]
+    lines = ["stage  steps      loss  loss_unw  val_loss  val_acc  w_entropy   w_ess  w_min  w_max"
+             + "".join(f"  {'loss:' + n:>12}" for n in named) + "  dwm"]  # fmt: skip
     for s in sorted(by_stage):
         rs, e = by_stage[s], ev.get(s, {})
 
@@ -40,12 +43,43 @@ def stage_table(steps: list[dict], evals: list[dict]) -> list[str]:
         alarms = sum(r.get("w_alarm", 0) for r in rs)
         lines.append(
             f"{s:>5}  {rs[0]['step']:>3}-{rs[-1]['step']:<4} {mean('loss'):>8.4f}  {mean('loss_unweighted'):>8.4f}  "
-            f"{e.get('val_loss', float('nan')):>8.4f}  {e.get('val_acc', float('nan')):>11.3f}  "
+            f"{e.get('val_loss', float('nan')):>8.4f}  {e.get('val_acc', float('nan')):>7.3f}  "
             f"{mean('w_entropy'):>9.4f}  {mean('w_ess'):>6.3f}  {min(r['w_min'] for r in rs):>5.3f}  "
-            f"{max(r['w_max'] for r in rs):>5.3f}  {rs[-1]['dwm']}"
+            f"{max(r['w_max'] for r in rs):>5.3f}"
+            + "".join(f"  {e.get(f'val_loss/{n}', float('nan')):>12.4f}" for n in named)
+            + f"  {rs[-1]['dwm']}"
             + (f"  ALARM: collapsed weights in {alarms} logged steps" if alarms else "")
         )
     return lines
+
+
+def domain_weights(steps: list[dict]) -> dict[int, dict[str, float]]:
+    """{stage: {domain: the mean over the stage's logged steps of the domain's mean weight}} (``w_dom/NAME``)."""
+    sums = defaultdict(lambda: defaultdict(list))
+    for r in steps:
+        for k, v in r.items():
+            if k.startswith("w_dom/"):
+                sums[r["stage"]][k[6:]].append(v)
+    return {s: {d: sum(v) / len(v) for d, v in by.items()} for s, by in sorted(sums.items())}
+
+
+def domain_lines(steps: list[dict], rd: RunDir) -> list[str]:
+    """The per-domain weights by stage, as a table and a figure (RUN_DIR/analysis/domain_weights.png)."""
+    table = domain_weights(steps)
+    if not table:
+        return []
+    from dwmtrain.analysis.figures import plot_domain_weights
+
+    names = sorted({d for row in table.values() for d in row})
+    png = plot_domain_weights(table, rd.analysis_dir / "domain_weights.png")
+    lines = [
+        "",
+        "mean weight by domain (the logged steps; 1 = uniform):",
+        "stage" + "".join(f"  {n:>14}" for n in names),
+    ]
+    for s, row in table.items():
+        lines.append(f"{s:>5}" + "".join(f"  {row[n]:>14.3f}" if n in row else f"  {'-':>14}" for n in names))
+    return lines + [f"  figure: {png}"]
 
 
 def nonfinite_lines(steps: list[dict]) -> list[str]:

@@ -190,6 +190,17 @@ class RunDir:
     def meta_log(self, stage: int) -> Path:
         return self.meta_dir / f"stage{stage}.log"
 
+    # --- validation data
+    @property
+    def validation_dir(self) -> Path:
+        """The target set's tokens (tokenized once) and the split record."""
+        return self.root / "validation"
+
+    @property
+    def validation_split(self) -> Path:
+        """The reward / report split of the run's validation source, written at its first start."""
+        return self.validation_dir / "split.json"
+
     # --- evaluation and analysis
     @property
     def lm_eval_dir(self) -> Path:

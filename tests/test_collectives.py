@@ -53,14 +53,16 @@ def test_all_reduce_grads_averages_over_ranks():
 
 LOSSES = {0: [[2.0, 4.0], [1.0, 3.0]], 1: [[5.0, 1.0], [2.0, 2.0]]}  # rank -> micro-batches of 2 samples
 WEIGHTS = {0: [[1.0, 1.0], [0.5, 1.5]], 1: [[1.8, 0.2], [1.0, 1.0]]}
+DOMAINS = {0: [[0, 1], [1, 1]], 1: [[2, 0], [2, 2]]}  # ids into NAMES; "d" has no sample this step
+NAMES = ["a", "b", "c", "d"]
 
 
 def _step_stats(d):
     from dwmtrain.train.loop import StepStats
 
-    s = StepStats()
-    for losses, w in zip(LOSSES[d.rank], WEIGHTS[d.rank]):
-        s.add(torch.tensor(losses), torch.tensor(w))
+    s = StepStats(NAMES)
+    for losses, w, dom in zip(LOSSES[d.rank], WEIGHTS[d.rank], DOMAINS[d.rank]):
+        s.add(torch.tensor(losses), torch.tensor(w), torch.tensor(dom))
     return s.agree(d.rank == 1, True)  # rank 1 asks to stop: every rank hears it
 
 
@@ -74,6 +76,15 @@ def test_step_statistics_reduce_over_ranks():
     assert r0["loss_unweighted"] == pytest.approx(sum(lo.mean().item() for lo, _ in mbs) / 4)
     assert r0["w_ess"] == pytest.approx(sum(weight_stats(w)["ess"] for _, w in mbs) / 4)
     assert (r0["w_min"], r0["w_max"]) == pytest.approx((0.2, 1.8))  # both from rank 1
+    # each domain's mean weight over the samples of both ranks; a domain without samples is not logged
+    pairs = [(dm, w) for r in (0, 1) for ws, ds in zip(WEIGHTS[r], DOMAINS[r]) for w, dm in zip(ws, ds)]
+    want = {
+        f"w_dom/{NAMES[k]}": sum(w for dm, w in pairs if dm == k) / sum(dm == k for dm, _ in pairs) for k in (0, 1, 2)
+    }
+    assert {k: v for k, v in r0.items() if k.startswith("w_dom/")} == pytest.approx(want)
+    assert want == pytest.approx(
+        {"w_dom/a": (1.0 + 0.2) / 2, "w_dom/b": (1.0 + 0.5 + 1.5) / 3, "w_dom/c": (1.8 + 1.0 + 1.0) / 3}
+    )
 
 
 def _rank0_stops(d):

@@ -1,8 +1,9 @@
 """Every file a user hands dwmtrain, fuzzed (hypothesis, bounded in examples and time): documents (JSON lines plain,
-.zst and .gz; Parquet; Arrow), tokenizer files, the YAML config and ``key=value`` overrides, DWM files and their
-sidecars, checkpoint markers and ``latest.json``, and the part markers of job arrays. Each input either works or
-ends in the project's own error (a ``DWMTrainError``) whose one line names the file or the field, and through the
-command line in exit code 2 without a traceback; never a hang; never a change to a file the user had.
+.zst and .gz; Parquet; Arrow), target sets (data.target), tokenizer files, the YAML config and ``key=value``
+overrides, DWM files and their sidecars, checkpoint markers and ``latest.json``, and the part markers of job
+arrays. Each input either works or ends in the project's own error (a ``DWMTrainError``) whose one line names the
+file or the field, and through the command line in exit code 2 without a traceback; never a hang; never a change
+to a file the user had.
 
 The examples are derandomized (the same ones on every run, so CI cannot flake); ``DWMTRAIN_FUZZ_SCALE=10`` tries
 ten times as many, and ``DWMTRAIN_FUZZ_COUNTS=FILE`` writes the examples tried per format (docs/design.md)."""
@@ -241,6 +242,54 @@ def test_parquet_and_arrow_prepare_or_name_the_file(kind, values, fmt, name, cut
             keep=(src,),
         )
         outcome(fmt, lambda: list(iter_records([str(src)])), names=(src,), keep=(src,))
+
+
+@given(
+    lines=st.lists(LINES, max_size=10),
+    fmt=st.sampled_from(["jsonl", "jsonl.zst", "jsonl.gz", "parquet", "arrow", "prepared"]),
+    field=st.sampled_from(["text", "content", "meta.redpajama_set_name"]),
+    cut=st.one_of(st.none(), st.floats(0, 1)),
+)
+@example(lines=[], fmt="jsonl", field="text", cut=None)  # empty: no usable document
+@example(lines=[b"null"], fmt="prepared", field="text", cut=0.0)  # an index.json that is not an object escaped
+@example(lines=[b'{"text": "a b"}'], fmt="jsonl.gz", field="text", cut=0.5)  # a cut .gz target escaped
+@fuzz(40)
+def test_target_sets_load_or_name_the_file(lines, fmt, field, cut):
+    """data.target in any format, any field, empty, huge, cut short, or prepared with another tokenizer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dwmtrain.config import load_config
+    from dwmtrain.data.validation import REPORT, validation_set
+
+    with tempfile.TemporaryDirectory() as d:
+        raw = b"\n".join(lines) + b"\n"
+        src = Path(d, f"target.{fmt}")
+        if fmt.startswith("jsonl"):
+            codec = fmt[5:]
+            src.write_bytes(
+                {"": raw, ".zst": zstandard.ZstdCompressor().compress(raw), ".gz": gzip.compress(raw)}[codec]
+            )
+        elif fmt in ("parquet", "arrow"):
+            texts = [x.decode(errors="replace") if i % 3 else None for i, x in enumerate(lines)]
+            table = pa.table({field.split(".")[0]: pa.array(texts, pa.string())})
+            if fmt == "parquet":
+                pq.write_table(table, src)
+            else:
+                with pa.ipc.new_stream(str(src), table.schema) as w:
+                    w.write_table(table)
+        else:  # a prepared directory, its index naming another tokenizer or broken
+            src.mkdir()
+            (src / "index.json").write_bytes(raw if cut is not None else json.dumps(
+                {"seq_len": 16, "tokenizer": "other.model", "tokenizer_sha256": "0" * 64}).encode())  # fmt: skip
+        if cut is not None and src.is_file():
+            src.write_bytes(src.read_bytes()[: int(src.stat().st_size * cut)])
+        cfg = load_config("tiny", [f"data.tokenizer={SP_MODEL}", "data.seq_len=16", "data.val_source=target",
+                                   f"data.target.path={src}", f"data.target.text_field={field}",
+                                   "meta.val_batch_size=2", "deepspeed.micro_batch_size=2",
+                                   "deepspeed.global_batch_size=4"])  # fmt: skip
+        v = outcome("target", lambda: validation_set(cfg, REPORT, Path(d, "cache")), names=(src,), keep=(src,))
+        assert v is None or (v.n >= 2 and all(len(it.context) + len(it.target) <= 16 for it in v.items))
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers

@@ -132,7 +132,7 @@ def test_step_statistics_stay_on_the_device_until_reduced(monkeypatch):
     from dwmtrain.train.loop import StepStats
 
     mbs = [(torch.tensor([2.0, 4.0]), torch.tensor([0.5, 1.5])), (torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0]))]
-    s = StepStats()
+    s = StepStats(["x", "y"])
 
     def host_sync(*a, **k):
         raise AssertionError("a host synchronisation inside the step")
@@ -140,9 +140,10 @@ def test_step_statistics_stay_on_the_device_until_reduced(monkeypatch):
     with monkeypatch.context() as m:
         for name in ("item", "tolist", "__bool__", "__float__"):
             m.setattr(torch.Tensor, name, host_sync)
-        for losses, w in mbs:
-            s.add(losses, w)
+        for (losses, w), dom in zip(mbs, ([0, 1], [1, 1])):
+            s.add(losses, w, torch.tensor(dom))
     stop, bad, r = s.agree(False, True)  # one process: the sums as they are
+    assert (r["w_dom/x"], r["w_dom/y"]) == pytest.approx((0.5, 1.5 / 3))
     assert not stop and not bad
     assert r["loss"] == pytest.approx(((0.5 * 2 + 1.5 * 4) / 2 + 0) / 2)
     assert r["loss_unweighted"] == pytest.approx((3 + 2) / 2)

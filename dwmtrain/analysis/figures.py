@@ -150,3 +150,21 @@ def plot_quality(report: dict, path: str | os.PathLike) -> Path:
     fig.legend(handles, labels, loc="outside lower center", ncols=2)
     fig.suptitle("Quality of preferred vs unpreferred samples")
     return save_png(fig, path)
+
+
+@styled
+def plot_domain_weights(table: dict[int, dict[str, float]], path: str | os.PathLike) -> Path:
+    """Each domain's mean training weight per stage (``table``: {stage: {domain: mean weight}}), uniform = 1."""
+    stages = sorted(table)
+    names = sorted({d for row in table.values() for d in row})
+    fig = new_figure(6.4, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, d in enumerate(names):
+        ax.plot(stages, [table[s].get(d, np.nan) for s in stages], marker="o", color=STAGE_COLORS[i % 8], label=d)
+    ax.axhline(1.0, color="#7f7f7f", linestyle="--", linewidth=1)
+    ax.set_xticks(stages)
+    ax.set_xlabel("stage")
+    ax.set_ylabel("mean weight of the domain's samples")
+    ax.set_title("What the DWM weighs up, by domain")
+    ax.legend(loc="best")
+    return save_png(fig, path)

@@ -129,6 +129,23 @@ class ModelConfig:
             lm_spec(self)
 
 
+VALIDATION_SETS = ("lambada", "heldout", "target")  #: data.val_source, data.report_sets
+
+
+@dataclass
+class TargetConfig:
+    """data.target: the user's target set, what the DWM is steered toward (with data.val_source=target)."""
+
+    #: documents (JSON lines plain/.zst/.gz, parquet, arrow, a saved datasets directory, a directory of them) or a
+    #: directory prepare-data wrote with the run's tokenizer
+    path: str = ""
+    kind: str = "auto"  #: auto (prepared if the directory has an index.json) | documents | prepared
+    text_field: str = "text"  #: where a record's text is (a dotted path)
+
+    def __post_init__(self):
+        one_of("data.target.kind", self.kind, ("auto", "documents", "prepared"))
+
+
 @dataclass
 class DataConfig:
     """Prepared token shards, tokenizer and validation data."""
@@ -138,8 +155,18 @@ class DataConfig:
     #: directory AutoTokenizer loads (fast tokenizers only, no remote code)
     tokenizer: str = "runs/data/tokenizer.model"
     seq_len: int = 1024  #: packed sequence length; must equal the prepared data's
-    val_source: str = "lambada"  #: lambada (the paper) | heldout (the DWM_VAL ablation)
+    #: what the meta job is rewarded on and validation reports, split between them: lambada (the paper) | heldout
+    #: (the DWM_VAL ablation) | target (data.target, the user's own)
+    val_source: str = "lambada"
     lambada_path: str = "dwmtrain:data/corpus/lambada_sample.jsonl"  #: lambada_openai-format JSONL
+    target: TargetConfig = field(default_factory=TargetConfig)
+    #: the share of the validation source's examples that is the meta job's reward part; validation reports on the
+    #: rest only, so no reported figure is measured on what the DWM learned from
+    reward_fraction: float = 0.5
+    split_seed: int = 0  #: the seed of the reward / report split (recorded in RUN_DIR/validation/split.json)
+    #: more sets validation reports beside val_source's report part (each whole, by name): lambada | heldout |
+    #: target; a run so shows its target's gain and what it costs elsewhere
+    report_sets: list[str] = field(default_factory=list)
     raw: list[str] = field(default_factory=list)  #: documents to prepare train_data from if missing (data.readers)
     text_field: str = "text"  #: where a raw record's text is (a dotted path)
     domain_field: str = "meta.redpajama_set_name"  #: where a raw record's domain is (absent: unknown)
@@ -151,7 +178,17 @@ class DataConfig:
         self.tokenizer, self.lambada_path = package_path(self.tokenizer), package_path(self.lambada_path)
         self.raw = [package_path(r) for r in self.raw]
         positive("data.seq_len", self.seq_len)
-        one_of("data.val_source", self.val_source, ("lambada", "heldout"))
+        one_of("data.val_source", self.val_source, VALIDATION_SETS)
+        self.target.path = package_path(self.target.path)
+        for name in self.report_sets:
+            one_of("data.report_sets", name, VALIDATION_SETS)
+        check(len(set(self.report_sets)) == len(self.report_sets), "data.report_sets", self.report_sets,
+              "names a set twice")  # fmt: skip
+        wants = "target" in (self.val_source, *self.report_sets)
+        check(not wants or bool(self.target.path), "data.target.path", self.target.path,
+              "data.val_source=target or a report set 'target' needs the target set's path")  # fmt: skip
+        check(0.0 < self.reward_fraction < 1.0, "data.reward_fraction", self.reward_fraction,
+              "must be in (0, 1): the meta job's part and the reported part each need examples")  # fmt: skip
         one_of("data.verify", self.verify, ("size", "sha256"))
 
 

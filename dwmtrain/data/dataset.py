@@ -87,6 +87,10 @@ class TokenDataset:
     def domain(self, i: int) -> str:
         return self.domain_names[int(self.domains[i])]
 
+    def domain_ids(self, indices: list[int]) -> torch.Tensor:
+        """The domain ids (into ``domain_names``) of sequences ``indices``."""
+        return torch.from_numpy(self.domains[np.asarray(indices, dtype=np.int64)].astype(np.int64))
+
 
 class GlobalOrder:
     """The run's global sample order: a fresh seeded permutation of the dataset per epoch.

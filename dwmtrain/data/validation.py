@@ -1,55 +1,118 @@
-"""In-training validation: LAMBADA targets or the held-out split, and their loss / accuracy over all ranks
-(the trainer at stage ends, the meta job for its reward)."""
+"""In-training validation: LAMBADA targets, the held-out split or the user's target set (``data.val_source``),
+split once into a reward part (the meta job's only data) and a report part (what validation reports); their loss
+/ accuracy over all ranks."""
 
 from __future__ import annotations
+
+import json
 
 import torch
 
 from dwmtrain.data.dataset import TokenDataset
-from dwmtrain.data.lambada import collate_cloze, lm_batch, load_lambada
+from dwmtrain.data.lambada import ClozeItem, collate_cloze, lm_batch, load_lambada
 from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.distributed import all_reduce_
 from dwmtrain.errors import DataError
 from dwmtrain.models.loss import per_example_loss
 
+REWARD, REPORT = "reward", "report"  #: the meta job's part of a validation source; what validation reports
+ALL = "all"  #: a set only reported (data.report_sets), never a reward: all of it
+
+
+def split_ids(keys: list, reward_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(reward ids, report ids) of the examples whose contents are ``keys`` (hashable): a seeded permutation of the
+    distinct keys, its first ``round(distinct * reward_fraction)`` the reward part, so that equal examples (a
+    corpus repeats some texts) fall on the same side. Each list sorted; the same in every process for the same
+    arguments."""
+    distinct = list(dict.fromkeys(keys))
+    order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed)).tolist()
+    reward = {distinct[j] for j in order[: round(len(distinct) * reward_fraction)]}
+    ids = range(len(keys))
+    return [i for i in ids if keys[i] in reward], [i for i in ids if keys[i] not in reward]
+
 
 class ValidationSet:
-    """``batches(n, bs, rank, world)`` gives the same split of validation data on every call."""
+    """One validation source's examples (``data.val_source``), and the part of them this reader sees: the meta job
+    the reward part, validation the report part; they never share an example. ``batches(n, bs, rank, world)``
+    gives the same batches of the part on every call."""
 
-    def __init__(
-        self,
-        source: str,
-        lambada_path: str,
-        tokenizer_path: str,
-        train_data: str,
-        seq_len: int,
-        heldout_data: str = "",
-    ):
-        self.source = source
+    def __init__(self, source: str, cfg_data, part: str, needs: dict[str, int] | None = None, cache=None):
+        self.source, self.part = source, part
+        self.heldout, self.items = None, None
         if source == "lambada":
-            self.items = load_lambada(lambada_path, load_tokenizer(tokenizer_path), seq_len)
-            self.n = len(self.items)
-            self.where = f"{lambada_path} (LAMBADA-style cloze, target tokens)"
+            self.items = load_lambada(cfg_data.lambada_path, load_tokenizer(cfg_data.tokenizer), cfg_data.seq_len)
+            self.where = f"{cfg_data.lambada_path} (LAMBADA-style cloze, target tokens)"
+        elif source == "target":
+            from dwmtrain.data.target import load_target
+
+            docs, self.where = load_target(cfg_data, cache)
+            self.items = [ClozeItem(d[:1], d[1:]) for d in docs]  # every token after the first is scored
         else:
-            self.heldout = TokenDataset(heldout_data or train_data, "heldout")
-            self.n = len(self.heldout)
-            self.where = f"the heldout split of {heldout_data or train_data}"
+            self.heldout = TokenDataset(cfg_data.heldout_data or cfg_data.train_data, "heldout")
+            self.where = f"the heldout split of {cfg_data.heldout_data or cfg_data.train_data}"
+        self.total = len(self.items) if self.items is not None else len(self.heldout)
+        self.split = {} if part == ALL else self._split(cfg_data, needs)
+        self.ids = self.split[part] if self.split else list(range(self.total))
+        self.n = len(self.ids)
         if self.n == 0:
-            raise DataError(f"validation source {source!r} (data.val_source) is empty")
+            raise DataError(f"validation set {source!r} ({self.where}) is empty")
+
+    def _split(self, cfg_data, needs: dict[str, int]) -> dict[str, list[int]]:
+        """{REWARD: ids, REPORT: ids}, each part as big as ``needs`` says (else an error saying how many in all)."""
+        # an item by its tokens; a packed held-out sequence by its place (reading them all would cost a pass)
+        keys = [(tuple(it.context), tuple(it.target)) for it in self.items] if self.items else list(range(self.total))
+        reward, report = split_ids(keys, cfg_data.reward_fraction, cfg_data.split_seed)
+        split = {REWARD: reward, REPORT: report}
+        for name, ids in split.items():
+            if len(ids) < needs[name]:
+                raise DataError(
+                    f"validation source {self.source!r} ({self.where}): {self.total} examples split "
+                    f"{len(reward)} reward / {len(report)} report (data.reward_fraction={cfg_data.reward_fraction}); "
+                    f"the {name} part needs at least {needs[name]} ({_NEEDS[name]}): "
+                    f"{_least(needs, cfg_data.reward_fraction)} examples in all"
+                )
+        return split
 
     def describe(self) -> str:
-        return f"{self.source}: {self.n} items from {self.where}"
+        return f"{self.source}: {self.n} of {self.total} items ({self.part} part) from {self.where}"
+
+    def record(self, fraction: float, seed: int) -> dict:
+        """What the run's split is (``validation/split.json``): checked on every start and by every meta job."""
+        import hashlib
+
+        def digest(ids: list[int]) -> str:
+            h = hashlib.sha256()
+            for i in ids:
+                ex = self.items[i] if self.items is not None else None
+                h.update(json.dumps([ex.context, ex.target] if ex else [i]).encode())
+            return h.hexdigest()
+
+        where = self.where.split(" (")[0]
+        return {"source": self.source, "where": where, "examples": self.total, "reward_fraction": fraction,
+                "split_seed": seed, **{f"{k}_examples": len(v) for k, v in self.split.items()},
+                **{f"{k}_sha256": digest(v) for k, v in self.split.items()}}  # fmt: skip
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        if self.source == "lambada":
-            return collate_cloze([self.items[i % self.n] for i in indices])
-        return lm_batch(self.heldout.batch([i % self.n for i in indices]))
+        ids = [self.ids[i % self.n] for i in indices]
+        if self.items is not None:
+            return collate_cloze([self.items[i] for i in ids])
+        return lm_batch(self.heldout.batch(ids))
 
     def batches(self, n_batches: int, bs: int, rank: int = 0, world: int = 1, offset: int = 0):
-        """Rank r takes every world-th batch; wraps around a small set. Same count on every rank."""
+        """Rank r takes every world-th batch; wraps around a small part. Same count on every rank."""
         for b in range(n_batches):
             start = offset + (b * world + rank) * bs
             yield self.batch(list(range(start, start + bs)))
+
+
+_NEEDS = {REWARD: "one meta validation batch, meta.val_batch_size", REPORT: "one validation micro-batch"}
+
+
+def _least(needs: dict[str, int], fraction: float) -> int:
+    """The fewest examples whose split gives each part what it needs (at this reward fraction)."""
+    import math
+
+    return max(math.ceil(needs[REWARD] / fraction), math.ceil(needs[REPORT] / (1 - fraction)))
 
 
 @torch.no_grad()
@@ -72,6 +135,61 @@ def validation_metrics(
     }
 
 
-def validation_set(cfg) -> ValidationSet:
-    d = cfg.data
-    return ValidationSet(d.val_source, d.lambada_path, d.tokenizer, d.train_data, d.seq_len, d.heldout_data)
+def validation_set(cfg, part: str, cache=None) -> ValidationSet:
+    """The run's validation source, ``part`` of it (REWARD: the meta job's; REPORT: what validation reports);
+    ``cache``: where a target set's tokens are kept (the run directory's ``validation/``)."""
+    needs = {REWARD: cfg.meta.val_batch_size, REPORT: cfg.deepspeed.micro_batch_size}
+    return ValidationSet(cfg.data.val_source, cfg.data, part, needs, cache)
+
+
+def report_sets(cfg, cache=None) -> dict[str, ValidationSet]:
+    """What validation reports, by name: the validation source's report part first, then each of
+    ``data.report_sets`` whole (a set that is not the reward source has nothing to hold out)."""
+    sets = {cfg.data.val_source: validation_set(cfg, REPORT, cache)}
+    for name in cfg.data.report_sets:
+        if name not in sets:
+            sets[name] = ValidationSet(name, cfg.data, ALL, cache=cache)
+    return sets
+
+
+def check_split(path, record: dict) -> None:
+    """Record the run's split at ``path`` the first time; after that, refuse a start whose split differs (another
+    target, fraction or seed: a new run), naming the first field that does."""
+    from pathlib import Path
+
+    from dwmtrain.errors import ResumeError
+    from dwmtrain.fileio import atomic_write_text, read_json_object
+
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record, indent=1))
+        return
+    old = read_json_object(path)
+    if old is None:
+        raise DataError(f"{path}: not the JSON object a run's validation split record is; it was written at the run's "
+                        "first start (restore it, or start a new run directory)")  # fmt: skip
+    for k, v in record.items():
+        if old.get(k) != v:
+            raise ResumeError(f"{path}: this run's validation split has {k}={old.get(k)!r}, this start would have "
+                              f"{v!r}: a run keeps its target and split (data.target, data.val_source, "
+                              "data.reward_fraction, data.split_seed); another one is a new run directory")  # fmt: skip
+
+
+def open_validation(cfg, rd, part: str) -> ValidationSet | dict[str, ValidationSet]:
+    """Collective: the meta job's reward part of the validation source (``part`` REWARD), or the sets validation
+    reports (REPORT: ``report_sets``). Rank 0 first tokenizes a target set (the other ranks then read its tokens)
+    and records the split at the run's first start, or refuses a start whose split differs; its error reaches
+    every rank, before any training or meta-step."""
+    from dwmtrain.distributed import run_on_rank0
+
+    def opened():
+        return validation_set(cfg, part, rd.validation_dir) if part == REWARD else report_sets(cfg, rd.validation_dir)
+
+    def first() -> None:
+        v = validation_set(cfg, part, rd.validation_dir)
+        check_split(rd.validation_split, v.record(cfg.data.reward_fraction, cfg.data.split_seed))
+        opened()  # the other sets read and tokenized here, once
+
+    run_on_rank0(first)
+    return opened()

@@ -56,6 +56,7 @@ def init_distributed(timeout_s: int) -> Dist:
     from datetime import timedelta
 
     import deepspeed
+    import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
     TIMING.poll_s, TIMING.timeout_s = min(5.0, timeout_s / 4), float(timeout_s)
@@ -69,6 +70,11 @@ def init_distributed(timeout_s: int) -> Dist:
                 raise RendezvousError(
                     f"MASTER_ADDR={os.environ['MASTER_ADDR']}: the name does not resolve ({e})"
                 ) from None
+        if acc.device_name() == "cpu":
+            # DeepSpeed JIT-builds a shared-memory all-reduce that only its CPU inference calls: ~30 s on a machine
+            # that never built it, and a process killed mid-build leaves a lock file every later launch waits on
+            # forever (torch_extensions' FileBaton). Training never uses it: not built.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         try:
             deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, TimeoutError, OSError) as e:  # DistStoreError / connection errors of the rendezvous

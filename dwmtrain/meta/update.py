@@ -20,7 +20,7 @@ from dwmtrain.checkpoint.dwm_file import load_dwm_state, save_dwm
 from dwmtrain.config import Config, resolve_precision
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
 from dwmtrain.data.tokenizer import load_tokenizer
-from dwmtrain.data.validation import validation_set
+from dwmtrain.data.validation import REWARD, open_validation
 from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier
 from dwmtrain.errors import CheckpointError
 from dwmtrain.faults import fault_point
@@ -150,10 +150,11 @@ def calibrate(dwm, lm, params, batches, alpha: float, mc) -> dict:
 
 class MetaBatches:
     """The meta job's data: training micro-batches from the run's current position in its data stream, and each
-    rank's k-th validation batch."""
+    rank's k-th batch of the validation source's reward part (never an example validation reports on)."""
 
-    def __init__(self, cfg: Config, d: Dist, consumed_samples: int):
-        self.data, self.val = TokenDataset(cfg.data.train_data, "train", verify=cfg.data.verify), validation_set(cfg)
+    def __init__(self, cfg: Config, d: Dist, rd: RunDir, consumed_samples: int):
+        self.data = TokenDataset(cfg.data.train_data, "train", verify=cfg.data.verify)
+        self.val = open_validation(cfg, rd, REWARD)
         order = GlobalOrder(len(self.data), cfg.run.seed)
         self.stream = rank_micro_batches(order, consumed_samples, d.rank, d.world, cfg.deepspeed.micro_batch_size)
         self.d, self.val_batch_size = d, cfg.meta.val_batch_size
@@ -198,7 +199,7 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
     dwm = dwm.to(d.device).train()
     dwm.backbone.requires_grad_(mc.backbone_trainable)
     opt = torch.optim.Adam([p for p in dwm.parameters() if p.requires_grad], lr=mc.lr)
-    batches, params = MetaBatches(cfg, d, state.consumed_samples), lm_params(lm)
+    batches, params = MetaBatches(cfg, d, rd, state.consumed_samples), lm_params(lm)
     if mc.grad_mode == "fd" and not mc.fd_eps:  # once: the LM is frozen
         mc = dataclasses.replace(mc, fd_eps=default_fd_eps(params))
     records = rd.meta_records(stage) if d.is_main else None

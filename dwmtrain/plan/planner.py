@@ -134,7 +134,7 @@ def meta_items(
     every = cfg.model.activation_checkpointing if cfg.meta.grad_mode in ("fd", "per_sample") else 0
     act = mem.activations(spec, mb, seq, meta_lay, cfg.model.attn_implementation, chunk, every, True)
     items = mem.meta_job_memory(spec.num_parameters(), dwm_params, act.nbytes, 0, mem.MetaShape(META_COPIES, dtype))
-    val_len = seq if cfg.data.val_source == "heldout" else min(seq, LAMBADA_TOKENS)
+    val_len = min(seq, LAMBADA_TOKENS) if cfg.data.val_source == "lambada" else seq  # held-out, target: up to seq
     val = mem.activations(spec, cfg.meta.val_batch_size, val_len, meta_lay, cfg.model.attn_implementation, chunk, 0,
                           True, head=False)  # fmt: skip
     items.append(mem.Item("activations of the validation pass at theta*", val.nbytes,

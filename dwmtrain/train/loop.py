@@ -71,7 +71,7 @@ def run_steps(run: Run, bar) -> None:
 
 def train_step(run: Run, batches, weighting: Weighting, step: int) -> StepStats:
     """One optimizer step: every micro-batch weighed, forward, backward; DeepSpeed steps at the last one."""
-    eng, stats, cuda = run.engine, StepStats(), run.d.accelerator == "cuda"
+    eng, stats, cuda = run.engine, StepStats(run.data.domain_names), run.d.accelerator == "cuda"
     fault_point("step", rank=run.d.rank, step=step + 1)
     if cuda:
         torch.cuda.reset_peak_memory_stats(run.d.device)
@@ -84,7 +84,7 @@ def train_step(run: Run, batches, weighting: Weighting, step: int) -> StepStats:
         loss, losses, applied = weighted_objective(eng, x, w, chunked=bool(run.cfg.model.loss_chunk_tokens))
         eng.backward(loss)
         eng.step()
-        stats.add(losses, applied)
+        stats.add(losses, applied, run.data.domain_ids(idx).to(run.d.device))
     if cuda:
         stats.peak_memory(torch.cuda.max_memory_allocated(run.d.device))
     return stats
@@ -114,15 +114,21 @@ class StepStats:
     ``agree`` combines them over all ranks, with the step's stop and non-finite flags, in one exchange and one
     transfer to the host."""
 
-    def __init__(self):
-        self.acc = None  # sum w*L, sum L, entropy, ess, micro-batches
+    def __init__(self, domain_names: list[str] | tuple = ()):
+        self.acc = None  # sum w*L, sum L, entropy, ess, micro-batches, then per domain: sum of weights, samples
         self.ext = None  # max of the weights, -min of the weights (, this step's peak device memory)
-        self.memory = False
+        self.memory, self.domain_names = False, list(domain_names)
 
-    def add(self, losses: torch.Tensor, w: torch.Tensor) -> None:
+    def add(self, losses: torch.Tensor, w: torch.Tensor, domains: torch.Tensor | None = None) -> None:
+        """One micro-batch: its per-sample losses, weights and (``domain_names`` given) the samples' domain ids."""
         losses, w = losses.detach().float(), w.detach().float()
         ent, ess, lo, hi = weight_stats_tensor(w)
         row = torch.stack([(w * losses).mean(), losses.mean(), ent, ess, torch.ones_like(ent)]).double()
+        if self.domain_names:  # per-domain sums of the weights and counts, on the device (no host sync)
+            k = len(self.domain_names)
+            by = torch.zeros(2 * k, dtype=torch.float64, device=w.device)
+            by.index_add_(0, domains, w.double()).index_add_(0, domains + k, torch.ones_like(w, dtype=torch.float64))
+            row = torch.cat([row, by])
         self.acc = row if self.acc is None else self.acc + row
         ext = torch.stack([hi, -lo])
         self.ext = ext if self.ext is None else torch.maximum(self.ext, ext)
@@ -144,13 +150,15 @@ class StepStats:
         rows = all_gather_rows(torch.cat([sums, maxes]))  # [world, k]: the sums and maxima taken here, alike
         vals = torch.cat([rows[:, : len(sums)].sum(0), rows[:, len(sums) :].max(0).values]).tolist()
         s, (stop_any, bad, *ext) = vals[: len(sums)], vals[len(sums) :]
-        return stop_any > 0, bad > 0, _means(s, ext, self.memory) if with_stats else None
+        return stop_any > 0, bad > 0, _means(s, ext, self.memory, self.domain_names) if with_stats else None
 
 
-def _means(s: list[float], ext: list[float], memory: bool) -> dict:
-    """The logged statistics from the summed row and the maxima (weights' max, -min, peak memory)."""
+def _means(s: list[float], ext: list[float], memory: bool, domain_names: list[str]) -> dict:
+    """The logged statistics from the summed row and the maxima (weights' max, -min, peak memory); ``w_dom/NAME``:
+    the mean weight of the step's samples of each domain that had any."""
     hi, neg_lo, *mem = ext
-    n = s[4]
+    n, k = s[4], len(domain_names)
+    sums, counts = s[5 : 5 + k], s[5 + k :]
     return {
         **({"peak_mem_gib": mem[0] / 2**30} if memory else {}),  # the largest over the ranks
         "loss": s[0] / n,
@@ -159,6 +167,7 @@ def _means(s: list[float], ext: list[float], memory: bool) -> dict:
         "w_ess": s[3] / n,
         "w_min": -neg_lo,
         "w_max": hi,
+        **{f"w_dom/{d}": w / c for d, w, c in zip(domain_names, sums, counts) if c > 0},
     }
 
 
@@ -178,7 +187,7 @@ def step_record(run: Run, step, stage, lr, dt, dwm_version: str, stats: dict, no
         "tokens_per_s": tps,
         "samples_seen": step * run.plan.global_batch_size,
         "dwm": dwm_version,
-        **{k: stats[k] for k in ("w_entropy", "w_ess", "w_min", "w_max", "peak_mem_gib") if k in stats},
+        **{k: v for k, v in stats.items() if k.startswith("w_") or k == "peak_mem_gib"},  # w_dom/NAME: per domain
         "step_time_s": dt,
         "time": time.time(),  #: when the step ended (unix seconds)
     }
@@ -216,17 +225,21 @@ def raise_alarm(run: Run, rec: dict, alarmed: set, weighting: Weighting) -> set:
 
 
 def validate(run: Run) -> dict:
-    """Validation loss / accuracy of the LM over all ranks (collective: every rank runs the same forwards)."""
-    eng = run.engine
-    out = validation_metrics(
-        lambda b: eng(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
-        run.val,
-        run.cfg.run.eval_batches,
-        run.plan.micro_batch_size,
-        run.d.dp_rank,
-        run.d.dp_world,
-        run.d.device,
-        counted=run.d.tp_rank == 0,  # a tensor-parallel group computed the same examples: counted once
-    )
+    """Validation loss / accuracy of the LM on every set it reports, over all ranks (collective: every rank runs
+    the same forwards): ``val_loss``, ``val_acc``, ``val_examples`` of the validation source's report part, and
+    ``val_loss/NAME``, ``val_acc/NAME`` of every set."""
+    eng, out = run.engine, {}
+    for i, (name, val) in enumerate(run.vals.items()):
+        got = validation_metrics(
+            lambda b: eng(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+            val,
+            run.cfg.run.eval_batches,
+            run.plan.micro_batch_size,
+            run.d.dp_rank,
+            run.d.dp_world,
+            run.d.device,
+            counted=run.d.tp_rank == 0,  # a tensor-parallel group computed the same examples: counted once
+        )
+        out |= (got if i == 0 else {}) | {f"val_loss/{name}": got["val_loss"], f"val_acc/{name}": got["val_acc"]}
     eng.train()
     return out

@@ -19,7 +19,7 @@ from dwmtrain.data.dataset import GlobalOrder, TokenDataset
 from dwmtrain.data.prepare import prepare_data
 from dwmtrain.data.readers import Fields
 from dwmtrain.data.tokenizer import check_vocab, load_tokenizer
-from dwmtrain.data.validation import ValidationSet, validation_set
+from dwmtrain.data.validation import REPORT, ValidationSet, open_validation
 from dwmtrain.distributed import Dist, barrier, cpu_threads, init_distributed, run_on_rank0
 from dwmtrain.errors import ConfigError, DataError
 from dwmtrain.fileio import atomic_write_text
@@ -48,7 +48,7 @@ class Run:
     engine: object
     data: TokenDataset
     order: GlobalOrder
-    val: ValidationSet
+    vals: dict[str, ValidationSet]  #: what validation reports, by name; the validation source's report part first
     ckpt: Checkpointer
     metrics: MetricsWriter
     boundary: StageBoundary
@@ -105,6 +105,7 @@ def setup(cfg: Config) -> Run:
     pin_model_config(cfg, rd, d)
     tok_sha = load_tokenizer(cfg.data.tokenizer).sha256
     data = ensure_data(cfg, d, tok_sha)
+    vals = open_validation(cfg, rd, REPORT)  # a bad target set fails here, before the engine is built
     spec = lm_spec(cfg.model)
     padded = bool(cfg.model.hf_config or cfg.model.init_from)
     check_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, spec.vocab_size, cfg.data.tokenizer, padded=padded)
@@ -128,7 +129,7 @@ def setup(cfg: Config) -> Run:
         engine=engine,
         data=data,
         order=GlobalOrder(len(data), cfg.run.seed),
-        val=validation_set(cfg),
+        vals=vals,
         ckpt=ckpt,
         metrics=metrics,
         boundary=StageBoundary(

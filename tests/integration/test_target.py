@@ -1,0 +1,48 @@
+"""A run steered toward the user's own target set, on 2 ranks through a stage boundary: the meta job rewarded on
+the target's reward part only, validation reporting the target's report part beside LAMBADA and the held-out
+split, the mean weight of each domain at every logged step, and a rerun with another target refused."""
+
+import json
+
+from dwmtrain.rundir import RunDir
+
+from ..conftest import corpus_records, write_jsonl
+from .helpers import pretrain_cmd, records, run, short_run
+
+
+def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, data64):
+    docs = [r for r in corpus_records() if r["meta"]["redpajama_set_name"] == "python_reference"][:60]
+    target = write_jsonl(tmp_path / "target.jsonl", docs)
+    rd = RunDir(tmp_path / "run")
+    args = short_run(data64, "stages.total_steps=6", "stages.num_stages=2", "meta.mode=bilevel", "meta.nproc=2",
+                     "meta.steps=2", "data.val_source=target", f"data.target.path={target}",
+                     "data.report_sets=[lambada,heldout]", "run.log_every=1")  # fmt: skip
+    run(pretrain_cmd(rd.root, args))
+    split = json.loads(rd.validation_split.read_text())
+    assert split["source"] == "target" and split["reward_examples"] + split["report_examples"] == len(docs)
+    assert f"target: {split['reward_examples']} of {len(docs)} items (reward part)" in rd.meta_log(2).read_text()
+    for e in records(rd.evals):  # every set by name; val_loss is the target's report part
+        assert {"val_loss/target", "val_loss/lambada", "val_loss/heldout"} <= set(e)
+        assert (
+            e["val_loss"] == e["val_loss/target"]
+            and len({e[f"val_loss/{n}"] for n in ("target", "lambada", "heldout")}) == 3
+        )
+    steps = records(rd.metrics)
+    names = json.loads((data64 / "index.json").read_text())["domains"]
+    for r in steps:
+        doms = {k[6:]: v for k, v in r.items() if k.startswith("w_dom/")}
+        assert doms and set(doms) <= set(names), r
+        if r["stage"] == 1:
+            assert all(abs(v - 1) < 1e-6 for v in doms.values())  # uniform
+    assert any(abs(v - 1) > 1e-4 for r in steps if r["stage"] == 2 for k, v in r.items() if k.startswith("w_dom/"))
+    from dwmtrain.report import summarize
+
+    out = summarize(rd.root)
+    assert "loss:lambada" in out and "loss:heldout" in out and "mean weight by domain" in out
+    # another target under the same run directory: refused before any step, in one line, nothing changed
+    write_jsonl(target, docs[:50])
+    before = {p: p.stat().st_mtime_ns for p in rd.root.rglob("*") if p.is_file() and "validation" not in p.parts}
+    p = run(pretrain_cmd(rd.root, args), check=False)
+    assert p.returncode == 2 and "a run keeps its target and split" in p.stdout + p.stderr, p.stderr[-3000:]
+    assert "Traceback" not in p.stdout + p.stderr
+    assert {p: p.stat().st_mtime_ns for p in before} == before
