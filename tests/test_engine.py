@@ -12,9 +12,11 @@ def _partitioned_build(d):
     import deepspeed
 
     from dwmtrain.config import build_deepspeed_config, load_config
+    from dwmtrain.distributed import skip_cpu_inference_op
     from dwmtrain.models.spec import ModelSpec
     from dwmtrain.train.engine import build_partitioned_lm
 
+    skip_cpu_inference_op()
     deepspeed.init_distributed()  # adopts the spawned gloo group, as setup's init_distributed does
     cfg = load_config("tiny", ["data.seq_len=32", "deepspeed.global_batch_size=16", "run.seed=5"])
     torch.manual_seed(100 + d.rank)  # whatever state the ranks are in: the build seeds itself
@@ -70,9 +72,11 @@ def _steps_with_checkpointing(d, every: int):
     from deepspeed.utils import safe_get_full_grad
 
     from dwmtrain.config import build_deepspeed_config, load_config
+    from dwmtrain.distributed import skip_cpu_inference_op
     from dwmtrain.models.spec import ModelSpec
     from dwmtrain.train.engine import build_engine
 
+    skip_cpu_inference_op()  # as every dwmtrain rank does
     deepspeed.init_distributed()
     over = ["data.seq_len=64", "deepspeed.global_batch_size=8", "deepspeed.micro_batch_size=4", "run.seed=3",
             f"model.activation_checkpointing={every}"]  # fmt: skip

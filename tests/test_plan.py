@@ -107,10 +107,12 @@ def _peak_rss(d, preset: str, overrides: list[str]) -> float:
     import deepspeed
 
     from dwmtrain.config import build_deepspeed_config
+    from dwmtrain.distributed import skip_cpu_inference_op
     from dwmtrain.models.dwm import DataWeightingModel, DWMArch
     from dwmtrain.models.spec import lm_spec
     from dwmtrain.train.engine import build_engine
 
+    skip_cpu_inference_op()  # as every dwmtrain rank does
     deepspeed.init_distributed()
     cfg = load_config(preset, overrides)
     d = dataclasses.replace(d, tp=cfg.deepspeed.tensor_parallel_size)

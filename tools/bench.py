@@ -625,6 +625,9 @@ def _build_rank(rank: int, world: int, port: int, preset: str, variant: str, out
     from dwmtrain.train.engine import build_partitioned_lm
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from dwmtrain.distributed import skip_cpu_inference_op
+
+    skip_cpu_inference_op()  # as every dwmtrain rank does
     deepspeed.init_distributed()
     cfg = load_config(None, [f"model.preset={preset}", f"deepspeed.global_batch_size={8 * world}"])
     vocab = ModelSpec.from_preset(preset).vocab_size

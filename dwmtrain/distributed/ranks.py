@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 from dwmtrain.distributed.group import TIMING
 from dwmtrain.distributed.peers import record_host
-from dwmtrain.distributed.shm import release_shm_names
 from dwmtrain.errors import DWMTrainError
 from dwmtrain.procs import usable_cpus
 
@@ -51,12 +50,22 @@ class RendezvousError(DWMTrainError):
     """The ranks could not meet: the master address does not resolve, or is not reachable in time."""
 
 
+def skip_cpu_inference_op() -> None:
+    """On a CPU, keep ``deepspeed.init_distributed`` from JIT-building its shared-memory all-reduce, which only
+    DeepSpeed's inference calls: ~30 s on a machine that never built it, and a process killed mid-build leaves a
+    lock file (torch_extensions' FileBaton) that every later launch waits on forever. Training never uses it."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(timeout_s: int) -> Dist:
     """Init torch.distributed through DeepSpeed (NCCL on GPUs, gloo on CPU) with a collective timeout."""
     from datetime import timedelta
 
     import deepspeed
-    import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
     TIMING.poll_s, TIMING.timeout_s = min(5.0, timeout_s / 4), float(timeout_s)
@@ -70,11 +79,7 @@ def init_distributed(timeout_s: int) -> Dist:
                 raise RendezvousError(
                     f"MASTER_ADDR={os.environ['MASTER_ADDR']}: the name does not resolve ({e})"
                 ) from None
-        if acc.device_name() == "cpu":
-            # DeepSpeed JIT-builds a shared-memory all-reduce that only its CPU inference calls: ~30 s on a machine
-            # that never built it, and a process killed mid-build leaves a lock file every later launch waits on
-            # forever (torch_extensions' FileBaton). Training never uses it: not built.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        skip_cpu_inference_op()
         try:
             deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, TimeoutError, OSError) as e:  # DistStoreError / connection errors of the rendezvous
@@ -92,7 +97,6 @@ def init_distributed(timeout_s: int) -> Dist:
     name = acc.device_name()
     if name == "cpu":
         device = torch.device("cpu")
-        release_shm_names(rank)
     else:
         acc.set_device(local_rank)
         device = torch.device(name, local_rank)
