@@ -7,6 +7,7 @@ import json
 from dwmtrain.rundir import RunDir
 
 from ..conftest import corpus_records, write_jsonl
+from ..helpers import wandb_history, wandb_offline_runs
 from .helpers import pretrain_cmd, records, run, short_run
 
 
@@ -16,7 +17,7 @@ def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, da
     rd = RunDir(tmp_path / "run")
     args = short_run(data64, "stages.total_steps=6", "stages.num_stages=2", "meta.mode=bilevel", "meta.nproc=2",
                      "meta.steps=2", "data.val_source=target", f"data.target.path={target}",
-                     "data.report_sets=[lambada,heldout]", "run.log_every=1")  # fmt: skip
+                     "data.report_sets=[lambada,heldout]", "run.log_every=1", "run.wandb.mode=offline")  # fmt: skip
     run(pretrain_cmd(rd.root, args))
     split = json.loads(rd.validation_split.read_text())
     assert split["source"] == "target" and split["reward_examples"] + split["report_examples"] == len(docs)
@@ -35,6 +36,14 @@ def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, da
         if r["stage"] == 1:
             assert all(abs(v - 1) < 1e-6 for v in doms.values())  # uniform
     assert any(abs(v - 1) > 1e-4 for r in steps if r["stage"] == 2 for k, v in r.items() if k.startswith("w_dom/"))
+    # the same figures in TensorBoard and W&B
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(rd.root / "tensorboard")).Reload().Tags()["scalars"]
+    assert {"eval/val_loss/target", "eval/val_loss/heldout", "train/w_dom/python_reference"} <= set(tb), tb
+    ((_, wb),) = wandb_offline_runs(rd.root)
+    keys = {k for row in wandb_history(wb) for k in row}
+    assert {"eval/val_loss/lambada", "train/w_dom/python_reference"} <= keys, sorted(keys)
     from dwmtrain.report import summarize
 
     out = summarize(rd.root)
