@@ -11,8 +11,9 @@ from dwmtrain.config import Config
 from dwmtrain.errors import ConfigError
 
 
-def check_inputs(cfg: Config) -> None:
-    """Raise ConfigError listing every missing or unusable input the config names."""
+def check_inputs(cfg: Config, deep: bool = False) -> None:
+    """Raise ConfigError listing every missing or unusable input the config names; ``deep`` (``--dry-run``): also
+    read, tokenize and split the validation source (at a run's start the trainer does that once, on rank 0)."""
     from dwmtrain.rundir import RunDir
 
     pinned = RunDir(cfg.run.run_dir).model_config  # a model.init_from run's own copy of the model's config
@@ -20,12 +21,12 @@ def check_inputs(cfg: Config) -> None:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_config=str(pinned)))
     from dwmtrain.stages.modes import mode_of
 
-    problems = data_problems(cfg) + mode_of(cfg).problems(cfg)  # and what the weighting mode reads
+    problems = data_problems(cfg, deep) + mode_of(cfg).problems(cfg)  # and what the weighting mode reads
     if problems:
         raise ConfigError("; ".join(problems))
 
 
-def data_problems(cfg: Config) -> list[str]:
+def data_problems(cfg: Config, deep: bool = False) -> list[str]:
     """The prepared data (or the raw documents to prepare it from), the tokenizer and the validation source."""
     problems = []
     d = cfg.data
@@ -51,19 +52,21 @@ def data_problems(cfg: Config) -> list[str]:
             check_vocab(load_tokenizer(d.tokenizer).vocab_size, vocab, d.tokenizer, padded=padded)
         except DWMTrainError as e:
             problems.append(f"data.tokenizer: {e}")
-    if d.val_source == "lambada" and not Path(d.lambada_path).is_file():
+    if "lambada" in (d.val_source, *d.report_sets) and not Path(d.lambada_path).is_file():
         problems.append(f"data.lambada_path={d.lambada_path}: not found (data.val_source=lambada); on a machine with "
                         "a network, python tools/fetch_eval_data.py --out DIR --tasks lambada_openai (in the dwmtrain "
                         "checkout) writes DIR/lambada_openai/test.jsonl; or validate on the data's held-out split: "
                         "data.val_source=heldout")  # fmt: skip
-    if d.val_source == "heldout":
+    if "target" in (d.val_source, *d.report_sets) and not Path(d.target.path).exists():
+        problems.append(f"data.target.path={d.target.path}: not found")
+    if "heldout" in (d.val_source, *d.report_sets):
         held = Path(d.heldout_data or d.train_data) / "index.json"
         field = "data.heldout_data" if d.heldout_data else "data.train_data"
         if held.is_file() and "heldout" not in json.loads(held.read_text()).get("splits", {}):
             problems.append(f"{field}: {held.parent} has no heldout split (data.val_source=heldout)")
         elif not held.is_file() and (d.heldout_data or not d.raw):
             problems.append(f"{field}={held.parent}: no prepared data there (data.val_source=heldout)")
-    if d.val_source in ("lambada", "target") and not problems:
+    if deep and d.val_source in ("lambada", "target") and not problems:
         from dwmtrain.data.validation import REPORT, validation_set
         from dwmtrain.errors import DWMTrainError
 

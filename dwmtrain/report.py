@@ -57,6 +57,8 @@ def domain_weights(steps: list[dict]) -> dict[int, dict[str, float]]:
     """{stage: {domain: the mean over the stage's logged steps of the domain's mean weight}} (``w_dom/NAME``)."""
     sums = defaultdict(lambda: defaultdict(list))
     for r in steps:
+        if r.get("nonfinite"):  # a skipped step's NaN does not hide its stage's means (as in the stage table)
+            continue
         for k, v in r.items():
             if k.startswith("w_dom/"):
                 sums[r["stage"]][k[6:]].append(v)
@@ -71,15 +73,16 @@ def domain_lines(steps: list[dict], rd: RunDir) -> list[str]:
     from dwmtrain.analysis.figures import plot_domain_weights
 
     names = sorted({d for row in table.values() for d in row})
-    png = plot_domain_weights(table, rd.analysis_dir / "domain_weights.png")
-    lines = [
-        "",
-        "mean weight by domain (the logged steps; 1 = uniform):",
-        "stage" + "".join(f"  {n:>14}" for n in names),
-    ]
+    w = max(8, *map(len, names))
+    lines = ["", "mean weight by domain (the logged steps; 1 = uniform):"]
+    lines.append("stage" + "".join(f"  {n:>{w}}" for n in names))
     for s, row in table.items():
-        lines.append(f"{s:>5}" + "".join(f"  {row[n]:>14.3f}" if n in row else f"  {'-':>14}" for n in names))
-    return lines + [f"  figure: {png}"]
+        lines.append(f"{s:>5}" + "".join(f"  {row[n]:>{w}.3f}" if n in row else f"  {'-':>{w}}" for n in names))
+    try:
+        lines.append(f"  figure: {plot_domain_weights(table, rd.analysis_dir / 'domain_weights.png')}")
+    except OSError as e:  # a read-only run directory: the table is the report, the figure is extra
+        lines.append(f"  (no figure: {rd.analysis_dir}: {e.strerror})")
+    return lines
 
 
 def nonfinite_lines(steps: list[dict]) -> list[str]:

@@ -114,3 +114,14 @@ def test_a_stopped_rank_0_is_named_by_rank_1_not_waited_for():
     limit); now it names rank 0 within the store's timeout (the spawn helper's timeout fails the test if not)."""
     _, (said, quiet) = run_distributed(_rank0_stops, timeout=90)
     assert "rank 0 (which hosts the rendezvous store) stopped answering" in said and not quiet, said
+
+
+def test_deepspeeds_cpu_inference_op_is_never_built():
+    """What skip_cpu_inference_op relies on (a private table of DeepSpeed's): if an upgrade renames it, this fails
+    rather than every launch JIT-building the op again."""
+    from deepspeed.comm.torch import build_shm_op
+
+    from dwmtrain.distributed import skip_cpu_inference_op
+
+    skip_cpu_inference_op()
+    assert build_shm_op() is None

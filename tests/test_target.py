@@ -132,6 +132,15 @@ def test_a_changed_target_file_is_tokenized_again_and_its_run_refuses_it(prepare
     cfg = _cfg(prepared, sp_model, "data.val_source=target", f"data.target.path={target}")
     rd = RunDir(tmp_path / "run")
     open_validation(cfg, rd, REPORT)
+    # before the first checkpoint nothing was trained on the split: a corrected start records its own
+    quarter = _cfg(
+        prepared, sp_model, "data.val_source=target", f"data.target.path={target}", "data.reward_fraction=0.25"
+    )
+    open_validation(quarter, rd, REPORT)
+    assert json.loads(rd.validation_split.read_text())["reward_examples"] == 10
+    open_validation(cfg, rd, REPORT)
+    (rd.checkpoints / "step0000002").mkdir(parents=True)  # from here on the run has trained on it
+    (rd.checkpoints / "step0000002" / "COMPLETE").write_text("{}")
     write_jsonl(target, recs[:30])  # the user edits the target: a resume must not mix two targets
     with pytest.raises(ResumeError, match=r"split.json: .* examples=40.* 30: a run keeps its target"):
         open_validation(cfg, rd, REPORT)

@@ -48,8 +48,10 @@ def bare_loop(a) -> None:
 
     from dwmtrain.config import batch_plan, build_deepspeed_config, load_config
     from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
+    from dwmtrain.distributed import skip_cpu_inference_op
     from dwmtrain.models.spec import lm_spec
 
+    skip_cpu_inference_op()  # the machine's safety, not the loop's speed: only DeepSpeed's inference calls it
     deepspeed.init_distributed()
     torch.set_num_threads(1)
     cfg = load_config("small", overrides(a.data, a.steps))

@@ -37,6 +37,7 @@ class TokenDataset:
         self.dtype = np.dtype(self.index["dtype"])
         self.domain_names = list(self.index["domains"])
         self._shards, self._starts = [], []
+        self.shards = list(info["shards"])  #: the split's shards as index.json lists them (file, sha256, ...)
         start = 0
         for s in info["shards"]:
             f = self.path / s["file"]
@@ -60,6 +61,9 @@ class TokenDataset:
         self.domains = np.fromfile(dfile, dtype=np.uint16) if dfile.exists() else None
         if self.domains is None or len(self.domains) != self.num_sequences:
             raise DataError(f"{dfile}: missing or does not list one domain per sequence")
+        if len(self.domains) and int(self.domains.max()) >= len(self.domain_names):
+            raise DataError(f"{dfile}: domain id {int(self.domains.max())}, but {ipath} names "
+                            f"{len(self.domain_names)} domains")  # fmt: skip
 
     def __len__(self) -> int:
         return self.num_sequences

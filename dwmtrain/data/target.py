@@ -18,7 +18,7 @@ import torch
 from dwmtrain.data.readers import Fields, expand_inputs, iter_records, reader_for, text_skip_reason
 from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.errors import DataError
-from dwmtrain.fileio import atomic_write_text, sha256_file
+from dwmtrain.fileio import atomic_file, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,16 @@ def load_target(cfg_data, cache: Path | None) -> tuple[list[list[int]], str]:
     tok = load_tokenizer(cfg_data.tokenizer)
     if target_kind(t.path, t.kind) == "prepared":
         return _prepared(t.path, tok, cfg_data.seq_len)
-    files = expand_inputs([t.path])
-    key = {"files": [[f, os.path.getsize(f), sha256_file(f)] for f in files], "text_field": t.text_field,
-           "tokenizer": os.path.abspath(cfg_data.tokenizer), "tokenizer_sha256": tok.sha256,
-           "seq_len": cfg_data.seq_len}  # fmt: skip
-    if cache is not None and (hit := _cached(cache, key)) is not None:
+    try:
+        files = expand_inputs([t.path])
+    except DataError as e:
+        raise DataError(f"data.target.path={t.path}: {e}") from None
+    key = None
+    if cache is not None:  # what the cached tokens were made from (every input hashed: a changed one is seen)
+        key = {"files": [[f, os.path.getsize(f), sha256_file(f)] for f in files], "text_field": t.text_field,
+               "tokenizer": os.path.abspath(cfg_data.tokenizer), "tokenizer_sha256": tok.sha256,
+               "seq_len": cfg_data.seq_len}  # fmt: skip
+    if key is not None and (hit := _cached(cache, key)) is not None:
         return hit, f"{t.path} ({len(hit)} documents, tokenized before: {cache / 'target.safetensors'})"
     examples = _tokenize(files, tok, Fields(t.text_field, "meta.redpajama_set_name"), cfg_data.seq_len, t.path)
     if cache is not None:
@@ -114,9 +119,9 @@ def _cached(cache: Path, key: dict) -> list[list[int]] | None:
         if json.loads(side.read_text()) != key:
             return None
         t = load_file(str(data))
-    except (OSError, ValueError):  # absent, cut or foreign: tokenized again
+        ids, offsets = t["ids"].tolist(), t["offsets"].tolist()
+    except Exception:  # noqa: BLE001 - absent, cut, foreign, anything: it is only a cache, tokenized again
         return None
-    ids, offsets = t["ids"].tolist(), t["offsets"].tolist()
     return [ids[a:b] for a, b in zip(offsets, offsets[1:])]
 
 
@@ -129,7 +134,7 @@ def _store(cache: Path, examples: list[list[int]], key: dict) -> None:
     for e in examples:
         offsets.append(offsets[-1] + len(e))
     flat = torch.tensor([i for e in examples for i in e], dtype=torch.int64)
-    tmp = cache / f".target.{os.getpid()}.safetensors"
-    save_file({"ids": flat, "offsets": torch.tensor(offsets, dtype=torch.int64)}, str(tmp))
-    os.replace(tmp, cache / "target.safetensors")
+    (cache / "target.json").unlink(missing_ok=True)  # no sidecar of older tokens while the new ones are written
+    with atomic_file(cache / "target.safetensors") as tmp:
+        save_file({"ids": flat, "offsets": torch.tensor(offsets, dtype=torch.int64)}, str(tmp))
     atomic_write_text(cache / "target.json", json.dumps(key, indent=1))

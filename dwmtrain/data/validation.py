@@ -80,14 +80,17 @@ class ValidationSet:
         """What the run's split is (``validation/split.json``): checked on every start and by every meta job."""
         import hashlib
 
+        # an item by its tokens; a held-out sequence by its place in shards named by their sha256 (index.json)
+        shards = [] if self.items is not None else [s.get("sha256") for s in self.heldout.shards]
+
         def digest(ids: list[int]) -> str:
-            h = hashlib.sha256()
+            h = hashlib.sha256(json.dumps(shards).encode())
             for i in ids:
                 ex = self.items[i] if self.items is not None else None
                 h.update(json.dumps([ex.context, ex.target] if ex else [i]).encode())
             return h.hexdigest()
 
-        where = self.where.split(" (")[0]
+        where = self.where.split(" (")[0]  # said, not compared: the same data may be named by another path
         return {"source": self.source, "where": where, "examples": self.total, "reward_fraction": fraction,
                 "split_seed": seed, **{f"{k}_examples": len(v) for k, v in self.split.items()},
                 **{f"{k}_sha256": digest(v) for k, v in self.split.items()}}  # fmt: skip
@@ -152,16 +155,24 @@ def report_sets(cfg, cache=None) -> dict[str, ValidationSet]:
     return sets
 
 
-def check_split(path, record: dict) -> None:
-    """Record the run's split at ``path`` the first time; after that, refuse a start whose split differs (another
-    target, fraction or seed: a new run), naming the first field that does."""
+def check_split(path, record: dict, trained: bool) -> None:
+    """Record the run's split at ``path`` while nothing was trained on it (``trained``: a checkpoint exists); after
+    that, refuse a start whose split differs (another target, fraction or seed: a new run), naming the first field
+    that does."""
+    import logging
     from pathlib import Path
 
     from dwmtrain.errors import ResumeError
     from dwmtrain.fileio import atomic_write_text, read_json_object
 
     path = Path(path)
-    if not path.exists():
+    if not trained or not path.exists():
+        if trained:  # a run from before the split: from here on it reports on the report part only
+            logging.getLogger(__name__).warning(
+                f"{path}: recorded now, in a run that has checkpoints already: its validation reports on the "
+                f"report part only ({record['report_examples']} of {record['examples']}) from this start on, and "
+                f"the meta job reads the reward part only"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(record, indent=1))
         return
@@ -170,7 +181,7 @@ def check_split(path, record: dict) -> None:
         raise DataError(f"{path}: not the JSON object a run's validation split record is; it was written at the run's "
                         "first start (restore it, or start a new run directory)")  # fmt: skip
     for k, v in record.items():
-        if old.get(k) != v:
+        if k != "where" and old.get(k) != v:
             raise ResumeError(f"{path}: this run's validation split has {k}={old.get(k)!r}, this start would have "
                               f"{v!r}: a run keeps its target and split (data.target, data.val_source, "
                               "data.reward_fraction, data.split_seed); another one is a new run directory")  # fmt: skip
@@ -181,15 +192,34 @@ def open_validation(cfg, rd, part: str) -> ValidationSet | dict[str, ValidationS
     reports (REPORT: ``report_sets``). Rank 0 first tokenizes a target set (the other ranks then read its tokens)
     and records the split at the run's first start, or refuses a start whose split differs; its error reaches
     every rank, before any training or meta-step."""
-    from dwmtrain.distributed import run_on_rank0
+    from dwmtrain.distributed import all_gather_object, run_on_rank0
+    from dwmtrain.errors import DWMTrainError
 
     def opened():
         return validation_set(cfg, part, rd.validation_dir) if part == REWARD else report_sets(cfg, rd.validation_dir)
 
+    kept = []  # rank 0's sets (not sent: the other ranks open their own)
+
     def first() -> None:
-        v = validation_set(cfg, part, rd.validation_dir)
-        check_split(rd.validation_split, v.record(cfg.data.reward_fraction, cfg.data.split_seed))
-        opened()  # the other sets read and tokenized here, once
+        kept.append(opened())  # a target set tokenized here, once, into the run directory
+        v = kept[0] if part == REWARD else next(iter(kept[0].values()))
+        check_split(rd.validation_split, v.record(cfg.data.reward_fraction, cfg.data.split_seed),
+                    trained=bool(rd.complete_tags()))  # fmt: skip
 
     run_on_rank0(first)
-    return opened()
+    sets, why = (kept or [None])[0], ""
+    if not kept:
+        try:  # from the cache rank 0 wrote (or, with node-local run directories, this node's own)
+            sets = opened()
+        except DWMTrainError as e:
+            why = f"rank {_rank()}: {e}"
+    failed = [w for w in all_gather_object(why) if w]  # every rank fails alike: none waits in a collective
+    if failed:
+        raise DataError(failed[0])
+    return sets
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0

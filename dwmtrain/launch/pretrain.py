@@ -88,7 +88,7 @@ def dry_run(cfg, hw: Hardware) -> None:
     verdict."""
     from dwmtrain.plan import first_fix, make_plan, parse_device, verdict
 
-    check_inputs(cfg)
+    check_inputs(cfg, deep=True)
     dev = parse_device(hw.device(), hw.per_node)
     ds = build_deepspeed_config(cfg, hw.world, dev.accelerator)
     print(cfg.to_yaml(), end="")

@@ -77,14 +77,14 @@ def train_step(run: Run, batches, weighting: Weighting, step: int) -> StepStats:
         torch.cuda.reset_peak_memory_stats(run.d.device)
     for _ in range(run.plan.gradient_accumulation_steps):
         idx = next(batches)[1]
-        x = run.data.batch(idx).to(run.d.device)
+        x, dom = run.data.batch(idx).to(run.d.device), run.data.domain_ids(idx).to(run.d.device)
         w = weighting(x, idx, step)  # [B], mean 1; or a LossRule, applied to this forward's own losses
         if fault_active("nonfinite-loss", rank=run.d.rank, step=step + 1):
             w = w * float("nan")  # the loss and every gradient of this micro-batch become NaN (a LossRule too)
         loss, losses, applied = weighted_objective(eng, x, w, chunked=bool(run.cfg.model.loss_chunk_tokens))
         eng.backward(loss)
         eng.step()
-        stats.add(losses, applied, run.data.domain_ids(idx).to(run.d.device))
+        stats.add(losses, applied, dom)
     if cuda:
         stats.peak_memory(torch.cuda.max_memory_allocated(run.d.device))
     return stats
