@@ -194,7 +194,8 @@ def test_backbone_init_from_lm():
 
 
 def test_log_weight_spread_and_oracle_weights():
-    from dwmtrain.models.weights import log_weight_spread, oracle_weights
+    from dwmtrain.models.weights import domain_factor_weights as oracle_weights
+    from dwmtrain.models.weights import log_weight_spread
 
     assert log_weight_spread(torch.ones(8)).item() == pytest.approx(0.0, abs=1e-12)
     w = torch.tensor([2.0, 0.5, 2.0, 0.5, 2.0, 0.5, 2.0, 0.5])

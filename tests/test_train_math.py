@@ -52,16 +52,39 @@ def test_weight_alarm_names_what_collapsed():
 def test_domain_oracle_zeroes_the_dropped_domain(prepared):
     from dwmtrain.data.dataset import TokenDataset
     from dwmtrain.errors import ConfigError
-    from dwmtrain.stages.weighting import DomainOracle
+    from dwmtrain.stages.weighting import DomainWeights
 
     ds = TokenDataset(prepared)
     drop = ds.domain_names[0]
     idx = list(range(8))
-    w = DomainOracle(ds, [drop]).weights(idx)
+    w = DomainWeights.oracle(ds, [drop]).weights(idx)
     keep = [ds.domain(i) != drop for i in idx]
     assert [bool(x) for x in w] == keep and w.sum().item() == pytest.approx(8 if any(keep) else 0)
     with pytest.raises(ConfigError, match="meta.oracle.drop"):
-        DomainOracle(ds, ["no-such-domain"])
+        DomainWeights.oracle(ds, ["no-such-domain"])
+
+
+def test_domain_factors_weigh_each_domain_and_keep_the_mean_at_one(prepared):
+    from dwmtrain.config import load_config
+    from dwmtrain.data.dataset import TokenDataset
+    from dwmtrain.errors import ConfigError
+    from dwmtrain.stages.weighting import DomainWeights
+
+    ds = TokenDataset(prepared)
+    up = ds.domain(0)
+    cfg = load_config("tiny", ["meta.mode=domain_weights", f"meta.domain_weights.factors={{{up}: 4}}"])
+    assert cfg.meta.domain_weights.factors == {up: 4.0}
+    for start in range(0, 64, 8):
+        idx = list(range(start, start + 8))
+        w = DomainWeights(ds, cfg.meta.domain_weights.factors, "f", "domains").weights(idx)
+        raw = [4.0 if ds.domain(i) == up else 1.0 for i in idx]
+        assert w.tolist() == pytest.approx([8 * r / sum(raw) for r in raw]) and w.mean().item() == pytest.approx(1)
+    for bad, field in [("meta.domain_weights.factors={a: -1}", "factors.a"), ("meta.domain_weights.factors=[1]",
+                       "expected a mapping"), ("meta.mode=domain_weights", "needs {domain: factor}")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=field):
+            load_config("tiny", [bad])
+    with pytest.raises(ConfigError, match="not among the data's domains"):
+        DomainWeights(ds, {"nope": 2.0}, "meta.domain_weights.factors", "domains")
 
 
 def test_experiment_configs_inherit_their_base(tmp_path):

@@ -76,6 +76,11 @@ def _from_dict(cls, data: dict, where: str):
 
 def field_value(typ, value, name: str):
     """``value`` as a field of type ``typ`` (``list[T]`` or one of ``ACCEPTS``), or a ConfigError naming it."""
+    if typing.get_origin(typ) is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r}: expected a mapping (e.g. {{code: 4.0}})")
+        _, inner = typing.get_args(typ)
+        return {str(k): field_value(inner, v, f"{name}.{k}") for k, v in value.items()}
     if typing.get_origin(typ) is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}={value!r}: expected a list")

@@ -274,6 +274,20 @@ class OracleMode:
 
 
 @dataclass
+class DomainWeightsMode:
+    """meta.mode=domain_weights: each sample weighted by a fixed factor of its domain, renormalized to mean 1 per
+    micro-batch (the static baseline a user tries first: the target's domain up by a factor)."""
+
+    factors: dict[str, float] = field(default_factory=dict)  #: {domain: factor}; a domain not named: 1
+    from_stage: int = 1  #: first stage it weighs
+
+    def __post_init__(self):
+        for k, v in self.factors.items():
+            check(v >= 0, f"meta.domain_weights.factors.{k}", v, "must be >= 0")
+        check(self.from_stage >= 1, "meta.domain_weights.from_stage", self.from_stage, "must be >= 1")
+
+
+@dataclass
 class LossReweightMode:
     """meta.mode=loss_reweight: each micro-batch weighed by its own losses (Sow et al., ICLR 2025): a baseline with
     no DWM and no meta job."""
@@ -289,8 +303,8 @@ class LossReweightMode:
 
 
 #: meta.mode: none (uniform throughout) | bilevel (the method: the meta job's settings are this section's own
-#: fields) | fixed | transfer | oracle | loss_reweight (each with its section meta.<mode>)
-META_MODES = ("none", "bilevel", "fixed", "transfer", "oracle", "loss_reweight")
+#: fields) | fixed | transfer | oracle | domain_weights | loss_reweight (each with its section meta.<mode>)
+META_MODES = ("none", "bilevel", "fixed", "transfer", "oracle", "domain_weights", "loss_reweight")
 
 
 @dataclass
@@ -302,6 +316,7 @@ class MetaConfig:
     fixed: FixedMode = field(default_factory=FixedMode)
     transfer: TransferMode = field(default_factory=TransferMode)
     oracle: OracleMode = field(default_factory=OracleMode)
+    domain_weights: DomainWeightsMode = field(default_factory=DomainWeightsMode)
     loss_reweight: LossReweightMode = field(default_factory=LossReweightMode)
     #: a DWM that weighs stage 1 (instead of uniform) and that the first meta-update continues from: a DWM file,
     #: or a run directory (its newest stage DWM), e.g. a cheap proxy run's (a warm start)
@@ -336,7 +351,7 @@ class MetaConfig:
 
     @property
     def uses_dwm(self) -> bool:
-        """Whether a DWM weighs any stage (none, oracle and loss_reweight weigh without one)."""
+        """Whether a DWM weighs any stage (none, oracle, domain_weights and loss_reweight weigh without one)."""
         return self.mode in ("bilevel", "fixed", "transfer")
 
     def __post_init__(self):
@@ -354,6 +369,9 @@ class MetaConfig:
         if self.mode == "oracle":
             check(bool(self.oracle.drop), "meta.oracle.drop", self.oracle.drop, "meta.mode=oracle needs domains")
         check(self.oracle.from_stage >= 1, "meta.oracle.from_stage", self.oracle.from_stage, "must be >= 1")
+        if self.mode == "domain_weights":
+            check(bool(self.domain_weights.factors), "meta.domain_weights.factors", self.domain_weights.factors,
+                  "meta.mode=domain_weights needs {domain: factor}")  # fmt: skip
         check(self.spread_penalty >= 0, "meta.spread_penalty", self.spread_penalty, "must be >= 0")
         check(self.calibrate_batches >= 0, "meta.calibrate_batches", self.calibrate_batches, "must be >= 0")
         positive("meta.calibrate_rho", self.calibrate_rho)

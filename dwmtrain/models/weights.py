@@ -32,11 +32,12 @@ def log_weight_spread(w: torch.Tensor) -> torch.Tensor:
     return (lw - lw.mean()).pow(2).mean()
 
 
-def oracle_weights(keep: torch.Tensor) -> torch.Tensor:
-    """The best a per-sample weighting can do on labelled data: 0 for dropped samples, the kept ones
-    renormalized to mean 1 over the micro-batch (all zero if every sample is dropped)."""
-    keep = keep.float()
-    return keep * keep.shape[-1] / keep.sum().clamp_min(1.0)
+def domain_factor_weights(factor: torch.Tensor) -> torch.Tensor:
+    """Each sample's domain factor renormalized to mean 1 over the micro-batch (all zero if every factor is 0).
+    Factors 0 and 1 are the oracle on labelled data: the best a per-sample weighting can do there."""
+    factor = factor.float()
+    total = factor.sum()
+    return factor * factor.shape[-1] / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def weight_stats_tensor(w: torch.Tensor) -> torch.Tensor:

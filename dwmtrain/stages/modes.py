@@ -7,6 +7,7 @@ run starts. A table from the mode's name to its class; nothing else compares mod
     fixed          one DWM file for the whole run (``meta.fixed``)
     transfer       stage K weighed by stage K's DWM of another, finished bilevel run (``meta.transfer``)
     oracle         the samples of some domains weighed 0 (``meta.oracle``; a headroom baseline on labelled data)
+    domain_weights each sample by a fixed factor of its domain (``meta.domain_weights``; the static baseline)
     loss_reweight  each micro-batch weighed by its own losses (``meta.loss_reweight``; a baseline)
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from dwmtrain.errors import ConfigError
 from dwmtrain.rundir import RunDir
-from dwmtrain.stages.weighting import DomainOracle, LossReweighting, Uniform, Weighting
+from dwmtrain.stages.weighting import DomainWeights, LossReweighting, Uniform, Weighting
 
 
 class Mode:
@@ -74,7 +75,15 @@ class TransferMode(Mode):
 class OracleMode(Mode):
     def weighting(self, stage, b):
         oc = b.x.cfg.meta.oracle
-        return Uniform() if stage < oc.from_stage else DomainOracle(b.x.data, oc.drop)
+        return Uniform() if stage < oc.from_stage else DomainWeights.oracle(b.x.data, oc.drop)
+
+
+class DomainWeightsMode(Mode):
+    def weighting(self, stage, b):
+        dc = b.x.cfg.meta.domain_weights
+        if stage < dc.from_stage:
+            return Uniform()
+        return DomainWeights(b.x.data, dc.factors, "meta.domain_weights.factors", "domains")
 
 
 class LossReweightMode(Mode):
@@ -100,7 +109,8 @@ class BilevelMode(Mode):
 
 
 MODES: dict[str, type[Mode]] = {"none": Mode, "bilevel": BilevelMode, "fixed": FixedMode, "transfer": TransferMode,
-                                "oracle": OracleMode, "loss_reweight": LossReweightMode}  # fmt: skip
+                                "oracle": OracleMode, "domain_weights": DomainWeightsMode,
+                                "loss_reweight": LossReweightMode}  # fmt: skip
 
 
 def mode_of(cfg) -> Mode:

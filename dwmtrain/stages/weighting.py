@@ -1,7 +1,8 @@
 """How much each sample of a micro-batch counts: the weighting the training loop applies, behind one interface.
 
     Uniform       every sample 1 (stage 1 of the method; meta.mode=none)
-    DomainOracle  0 for the domains in meta.oracle.drop, the rest mean 1 (a headroom baseline on labelled data)
+    DomainWeights a fixed factor per domain, mean 1 per micro-batch (meta.domain_weights; meta.oracle: 0 for the
+                  domains it drops, a headroom baseline on labelled data)
     FrozenDWM     a stage's DWM, frozen, in inference mode (the method)
     LossReweighting  from each micro-batch's own losses (Sow et al. 2025; meta.mode=loss_reweight): a baseline
 
@@ -17,7 +18,7 @@ import abc
 import torch
 
 from dwmtrain.errors import ConfigError
-from dwmtrain.models.weights import loss_rule_weights, oracle_weights
+from dwmtrain.models.weights import domain_factor_weights, loss_rule_weights
 
 
 class Weighting(abc.ABC):
@@ -49,20 +50,25 @@ class Uniform(Weighting):
         return torch.ones(x.shape[0], device=x.device)
 
 
-class DomainOracle(Weighting):
-    """Weights from the samples' domain labels: those in ``drop`` get 0, the rest mean 1 per micro-batch."""
+class DomainWeights(Weighting):
+    """Weights from the samples' domain labels: a fixed factor per domain (1 for a domain not named), renormalized
+    to mean 1 per micro-batch; ``meta.oracle`` is the case of factors 0 and 1."""
 
-    watch_collapse = False  # zeros by design
+    watch_collapse = False  # uneven, or zeros, by design
 
-    def __init__(self, data, drop: list[str]):
-        unknown = sorted(set(drop) - set(data.domain_names))
+    def __init__(self, data, factors: dict[str, float], field: str, version: str):
+        unknown = sorted(set(factors) - set(data.domain_names))
         if unknown:
-            raise ConfigError(f"meta.oracle.drop={drop}: {unknown} not among the data's domains {data.domain_names}")
-        self.data, self.info = data, {"version": "oracle"}
-        self.keep = torch.tensor([name not in drop for name in data.domain_names])
+            raise ConfigError(f"{field}={factors}: {unknown} not among the data's domains {data.domain_names}")
+        self.data, self.info = data, {"version": version}
+        self.factor = torch.tensor([float(factors.get(name, 1.0)) for name in data.domain_names])
+
+    @classmethod
+    def oracle(cls, data, drop: list[str]) -> DomainWeights:
+        return cls(data, dict.fromkeys(drop, 0.0), "meta.oracle.drop", "oracle")
 
     def weights(self, indices: list[int]) -> torch.Tensor:
-        return oracle_weights(self.keep[torch.as_tensor(self.data.domains[indices].astype("int64"))])
+        return domain_factor_weights(self.factor[torch.as_tensor(self.data.domains[indices].astype("int64"))])
 
     def __call__(self, x, indices, step=0):
         return self.weights(indices).to(x.device)
