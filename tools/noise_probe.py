@@ -464,14 +464,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def prepare_corpora(args) -> dict:
-    """The noisy and clean corpora, written and prepared (clean: half held out, the validation of the meta job)."""
+    """The noisy and clean corpora, written and prepared (clean: held out, the validation source: reward and report)."""
     from dwmtrain.data.prepare import prepare_data
 
     info = build_noisy_corpus(
         args.work / "noisy.jsonl", args.work / "clean.jsonl", args.docs, args.fraction, args.seed,
         args.corruption, args.bad_file,
     )  # fmt: skip
-    for name, out, heldout in (("clean.jsonl", "clean", 0.5), ("noisy.jsonl", "data", 0.05)):
+    # clean: 95% held out, which every run splits into the meta job's reward part and the report part (about as
+    # many reward sequences as the half held out gave the meta job before the split existed)
+    for name, out, heldout in (("clean.jsonl", "clean", 0.95), ("noisy.jsonl", "data", 0.05)):
         prepare_data([str(args.work / name)], str(SP), str(args.work / out), seq_len=args.seq_len, workers=2,
                      heldout_fraction=heldout, progress=False)  # fmt: skip
     (args.work / "corpus.json").write_text(json.dumps(info))
