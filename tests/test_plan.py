@@ -155,7 +155,7 @@ def test_dry_run_ends_with_the_plans_verdict(monkeypatch, capsys):
     /data and /models on the cluster, are not checked here)."""
     import dwmtrain.launch.pretrain as pretrain
 
-    monkeypatch.setattr(pretrain, "check_inputs", lambda cfg: None)
+    monkeypatch.setattr(pretrain, "check_inputs", lambda cfg, **_: None)
     hw = ["--nodes", "4", "--gpus-per-node", "8", "--gpu", "h100"]
     assert pretrain.main(["--config", "experiments/scale/llama3.1-8b_4x8h100", "--dry-run", *hw]) == 0
     out = capsys.readouterr().out.strip().splitlines()
