@@ -90,7 +90,7 @@ def test_the_meta_job_reads_only_the_reward_part(prepared, sp_model, tmp_path):
         seen |= _examples(batches(k)[1])
     assert seen and not seen & _seen(report, report.n, 1, 1)
     rec = json.loads(rd.validation_split.read_text())
-    assert rec["reward_examples"] + rec["report_examples"] == rec["examples"] == 40
+    assert rec["reward_examples"] + rec["report_examples"] == rec["examples"] == report.total > 40
     assert rec["source"] == "target" and len(rec["reward_sha256"]) == 64
 
 
@@ -117,35 +117,59 @@ def test_a_target_in_each_format_is_tokenized_once_and_reused(prepared, sp_model
         v = open_validation(cfg, rd, REPORT)["target"]
         got = [v.items[i] for i in range(v.total)]
         want = want or got
-        assert v.total == 40 and [(g.context, g.target) for g in got] == [(w.context, w.target) for w in want]
+        assert sorted(set(v.docs)) == list(range(40)) and v.total > 40  # documents longer than 64 tokens: cut
+        assert [(g.context, g.target) for g in got] == [(w.context, w.target) for w in want]
         assert (rd.validation_dir / "target.safetensors").is_file()
         again = validation_set(cfg, REPORT, rd.validation_dir)  # from the cache: the same examples
         assert "tokenized before" in again.where and [a.target for a in again.items] == [g.target for g in got]
+        assert again.docs == v.docs
     # a prepared directory (the run's tokenizer): its sequences
     cfg = _cfg(prepared, sp_model, "data.val_source=target", f"data.target.path={prepared}")
     v = validation_set(cfg, REPORT)
     assert "prepared sequences" in v.where and all(len(it.context) + len(it.target) == 64 for it in v.items)
 
 
+def test_a_long_document_is_cut_into_examples_that_stay_on_one_side_of_the_split(prepared, sp_model, tmp_path):
+    from dwmtrain.data.tokenizer import load_tokenizer
+
+    target, recs = _docs(tmp_path)
+    recs.insert(3, {"text": "  "})  # skipped, yet counted: a document is its record's place among the records
+    write_jsonl(target, recs)
+    cfg = _cfg(prepared, sp_model, "data.val_source=target", f"data.target.path={target}")
+    reward, report = validation_set(cfg, REWARD), validation_set(cfg, REPORT)
+    tok = load_tokenizer(sp_model)
+    for place, rec in enumerate(recs):  # a document's examples, joined, are its tokens: nothing lost at the cuts
+        pieces = [it for d, it in zip(reward.docs, reward.items) if d == place]
+        assert all(len(it.context) + len(it.target) <= 64 for it in pieces)
+        joined = [t for it in pieces for t in it.context + it.target]
+        full = [] if place == 3 else [tok.bos_id, *tok.encode_batch([rec["text"]])[0]]
+        assert joined == (full[:-1] if len(full) % 64 == 1 else full)  # a last token alone has no context: dropped
+    assert max(len([d for d in reward.docs if d == p]) for p in range(len(recs))) > 1
+    sides = [{reward.docs[i] for i in v.ids} for v in (reward, report)]
+    assert not sides[0] & sides[1] and len(sides[0]) == 20 and sides[0] | sides[1] == set(range(41)) - {3}
+
+
 def test_a_changed_target_file_is_tokenized_again_and_its_run_refuses_it(prepared, sp_model, tmp_path):
     target, recs = _docs(tmp_path)
     cfg = _cfg(prepared, sp_model, "data.val_source=target", f"data.target.path={target}")
     rd = RunDir(tmp_path / "run")
-    open_validation(cfg, rd, REPORT)
+    total = open_validation(cfg, rd, REPORT)["target"].total
     # before the first checkpoint nothing was trained on the split: a corrected start records its own
     quarter = _cfg(
         prepared, sp_model, "data.val_source=target", f"data.target.path={target}", "data.reward_fraction=0.25"
     )
     open_validation(quarter, rd, REPORT)
-    assert json.loads(rd.validation_split.read_text())["reward_examples"] == 10
+    reward = validation_set(quarter, REWARD)
+    assert json.loads(rd.validation_split.read_text())["reward_examples"] == reward.n
+    assert len({reward.docs[i] for i in reward.ids}) == 10  # a quarter of the documents
     open_validation(cfg, rd, REPORT)
     (rd.checkpoints / "step0000002").mkdir(parents=True)  # from here on the run has trained on it
     (rd.checkpoints / "step0000002" / "COMPLETE").write_text("{}")
     write_jsonl(target, recs[:30])  # the user edits the target: a resume must not mix two targets
-    with pytest.raises(ResumeError, match=r"split.json: .* examples=40.* 30: a run keeps its target"):
+    with pytest.raises(ResumeError, match=rf"split.json: .* examples={total}.* a run keeps its target"):
         open_validation(cfg, rd, REPORT)
     write_jsonl(target, recs)
-    assert open_validation(cfg, rd, REPORT)["target"].total == 40  # the same target again: the run goes on
+    assert open_validation(cfg, rd, REPORT)["target"].total == total  # the same target again: the run goes on
     for change in ("data.reward_fraction=0.25", "data.split_seed=3"):
         other = _cfg(prepared, sp_model, "data.val_source=target", f"data.target.path={target}", change)
         with pytest.raises(ResumeError, match="a run keeps its target and split"):
@@ -175,7 +199,7 @@ def test_bad_targets_are_one_line_errors_naming_the_file_and_field(case, match, 
     elif case == "empty-texts":
         write_jsonl(target, [{"text": "  "}, {"text": ""}, {"other": 1}])
     elif case == "too-small":
-        write_jsonl(target, recs[:3])
+        write_jsonl(target, [{"text": r["text"][:80]} for r in recs[:3]])  # three short documents, one example each
     elif case == "foreign-prepared":
         foreign = tmp_path / "foreign"
         foreign.mkdir()

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from dwmtrain.fileio import read_jsonl  # noqa: E402
 from dwmtrain.rundir import RunDir  # noqa: E402
-from tools.noise_probe import SP, mean_std, sh  # noqa: E402
+from tools.noise_probe import SP, mean_std, sh, write_documents  # noqa: E402
 
 CORPUS = ROOT / "dwmtrain" / "data" / "corpus" / "sample.jsonl.zst"
 DOMAIN = "meta.redpajama_set_name"
@@ -74,11 +74,8 @@ def reward_documents(work: Path, target: str, args) -> Path:
     from dwmtrain.data.validation import REWARD, validation_set
 
     cfg = load_config(str(ROOT / "launchers" / "configs" / "tiny.yaml"), common(args, work, target))
-    reward = validation_set(cfg, REWARD)
-    docs = [json.loads(x) for x in (work / target / "target.jsonl").read_text().splitlines() if x.strip()]
-    out = work / target / "target_reward.jsonl"
-    out.write_text("".join(json.dumps(docs[i], ensure_ascii=False) + "\n" for i in reward.ids))
-    return out
+    return write_documents(validation_set(cfg, REWARD), work / target / "target.jsonl",
+                           work / target / "target_reward.jsonl")  # fmt: skip
 
 
 def dsir_data(work: Path, target: str, args, log: Path) -> Path:

@@ -159,6 +159,12 @@ def pretrain(run_dir: Path, args, overrides: list[str], log: Path) -> None:
     )
 
 
+VALIDATION = {  # the runs' validation source: the meta job's reward part and the report part never share a document
+    "heldout": lambda work: ["data.val_source=target", f"data.target.path={work / 'clean.jsonl'}"],
+    "lambada": lambda work: ["data.val_source=lambada"],
+}
+
+
 def base_overrides(args) -> list[str]:
     return [
         f"model.preset={args.preset}",
@@ -175,8 +181,7 @@ def base_overrides(args) -> list[str]:
         f"meta.lookahead_lr={args.alpha}",
         f"meta.backbone_trainable={not args.head_only}",
         f"deepspeed.global_batch_size={8 * args.ranks}",
-        f"data.val_source={args.val}",
-        f"data.heldout_data={args.work / 'clean'}",
+        *VALIDATION[args.val](args.work),
         f"meta.val_batch_size={args.val_batch}",
         f"run.seed={args.seed}",
         *args.set,
@@ -296,8 +301,9 @@ def qurating_data(args, log: Path) -> Path:
 
 
 def dsir_data(args, log: Path) -> Path:
-    """The pool's DSIR selection (target: the clean documents the meta-update validates on; as many documents as
-    the pool has clean ones), prepared like the pool; made once for every seed."""
+    """The pool's DSIR selection (target: the clean documents of the meta job's reward part, never the report part
+    the arms are scored on; as many documents as the pool has clean ones), prepared like the pool; made once for
+    every seed."""
     out = args.work / "data-dsir"
     if (out / "index.json").is_file():
         return out
@@ -306,10 +312,27 @@ def dsir_data(args, log: Path) -> Path:
     sel = args.work / "select" / "dsir.jsonl"
     info = json.loads((args.work / "corpus.json").read_text())
     sh([sys.executable, "-m", "dwmtrain", "select", "dsir", "--input", str(args.work / "noisy.jsonl"), "--out",
-        str(sel), "--target-file", str(args.work / "clean.jsonl"), "--budget-docs",
+        str(sel), "--target-file", str(reward_documents(args)), "--budget-docs",
         str(info["documents"] - info["corrupted"]), "--no-progress", "--overwrite"], log)  # fmt: skip
     prepare_data([str(sel)], str(SP), str(out), seq_len=args.seq_len, workers=2, heldout_fraction=0.05,
                  progress=False)  # fmt: skip
+    return out
+
+
+def reward_documents(args) -> Path:
+    """WORK/clean_reward.jsonl: the clean documents in the runs' reward part (their split, computed the same way)."""
+    from dwmtrain.config import load_config
+    from dwmtrain.data.validation import REWARD, validation_set
+
+    cfg = load_config(str(ROOT / "launchers" / "configs" / "tiny.yaml"), base_overrides(args))
+    return write_documents(validation_set(cfg, REWARD), args.work / "clean.jsonl", args.work / "clean_reward.jsonl")
+
+
+def write_documents(part, source: Path, out: Path) -> Path:
+    """The records of ``source`` (JSON lines) whose documents are in ``part`` (a target's validation part)."""
+    keep = {part.docs[i] for i in part.ids}
+    lines = [x for x in source.read_text(encoding="utf-8").splitlines() if x.strip()]
+    out.write_text("".join(x + "\n" for place, x in enumerate(lines) if place in keep), encoding="utf-8")
     return out
 
 
@@ -424,7 +447,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--val",
         default="heldout",
         choices=("heldout", "lambada"),
-        help="validation of the meta-update: clean held-out documents (default) or the cloze set",
+        help="validation source: the clean documents the LM never trains on (default; whole documents split into "
+        "the meta job's reward part and the reported part) or the cloze set",
     )
     ap.add_argument("--val-batch", type=int, default=16)
     ap.add_argument("--score-passes", type=int, default=2, help="held-out scoring: passes over every sequence")
@@ -464,18 +488,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def prepare_corpora(args) -> dict:
-    """The noisy and clean corpora, written and prepared (clean: held out, the validation source: reward and report)."""
+    """The noisy corpus written and prepared; the clean documents written (every run splits them into the meta
+    job's reward part and the report part, whole documents on one side)."""
     from dwmtrain.data.prepare import prepare_data
 
     info = build_noisy_corpus(
         args.work / "noisy.jsonl", args.work / "clean.jsonl", args.docs, args.fraction, args.seed,
         args.corruption, args.bad_file,
     )  # fmt: skip
-    # clean: 95% held out, which every run splits into the meta job's reward part and the report part (about as
-    # many reward sequences as the half held out gave the meta job before the split existed)
-    for name, out, heldout in (("clean.jsonl", "clean", 0.95), ("noisy.jsonl", "data", 0.05)):
-        prepare_data([str(args.work / name)], str(SP), str(args.work / out), seq_len=args.seq_len, workers=2,
-                     heldout_fraction=heldout, progress=False)  # fmt: skip
+    prepare_data([str(args.work / "noisy.jsonl")], str(SP), str(args.work / "data"), seq_len=args.seq_len, workers=2,
+                 heldout_fraction=0.05, progress=False)  # fmt: skip
     (args.work / "corpus.json").write_text(json.dumps(info))
     kinds = ", ".join(f"{n} {k}" for k, n in info["corrupted_by_kind"].items())
     print(f"noisy corpus: {info['corrupted']}/{info['documents']} documents corrupted ({kinds})", flush=True)

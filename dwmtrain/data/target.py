@@ -3,7 +3,9 @@
 ``prepare-data`` wrote. Tokenized once with the run's tokenizer into the run directory
 (``validation/target.safetensors``, its sidecar naming the inputs' sizes and sha256, the tokenizer and its sha256,
 the text field and the sequence length); a later start reuses it while all of those match and tokenizes again
-otherwise. Each document is one example, its first ``seq_len`` tokens, scored on every token."""
+otherwise. A document (BOS first where the tokenizer has one) is cut into examples of ``seq_len`` tokens, each
+scored on every token after its first; every example remembers its document, so that the reward / report split
+keeps a document's examples on one side."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +25,17 @@ from dwmtrain.fileio import atomic_file, atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
-MIN_TOKENS = 2  #: a document needs a token to predict after its first
+MIN_TOKENS = 2  #: an example needs a token to predict after its first
+
+
+@dataclass
+class Target:
+    """The target's examples (token ids), the document each came from (its record's place among the inputs'
+    records, counting skipped ones: a tool can find its text again), and a description for messages."""
+
+    examples: list[list[int]]
+    docs: list[int]
+    where: str
 
 
 def target_kind(path: str, kind: str) -> str:
@@ -32,9 +45,9 @@ def target_kind(path: str, kind: str) -> str:
     return "prepared" if (Path(path) / "index.json").is_file() else "documents"
 
 
-def load_target(cfg_data, cache: Path | None) -> tuple[list[list[int]], str]:
-    """(every example's token ids, a description) of ``data.target``: tokenized with ``data.tokenizer``, from the
-    cache in ``cache`` (a directory; None: no cache) while it matches."""
+def load_target(cfg_data, cache: Path | None) -> Target:
+    """``data.target`` tokenized with ``data.tokenizer``, from the cache in ``cache`` (a directory; None: no
+    cache) while it matches."""
     t = cfg_data.target
     if not t.path or not os.path.exists(t.path):
         raise DataError(f"data.target.path={t.path!r}: no such file or directory")
@@ -51,44 +64,50 @@ def load_target(cfg_data, cache: Path | None) -> tuple[list[list[int]], str]:
                "tokenizer": os.path.abspath(cfg_data.tokenizer), "tokenizer_sha256": tok.sha256,
                "seq_len": cfg_data.seq_len}  # fmt: skip
     if key is not None and (hit := _cached(cache, key)) is not None:
-        return hit, f"{t.path} ({len(hit)} documents, tokenized before: {cache / 'target.safetensors'})"
-    examples = _tokenize(files, tok, Fields(t.text_field, "meta.redpajama_set_name"), cfg_data.seq_len, t.path)
+        return Target(*hit, f"{t.path} ({_count(*hit)}, tokenized before: {cache / 'target.safetensors'})")
+    examples, docs = _tokenize(files, tok, Fields(t.text_field, "meta.redpajama_set_name"), cfg_data.seq_len, t.path)
     if cache is not None:
-        _store(cache, examples, key)
-    return examples, f"{t.path} ({len(examples)} documents, field {t.text_field!r})"
+        _store(cache, examples, docs, key)
+    return Target(examples, docs, f"{t.path} ({_count(examples, docs)}, field {t.text_field!r})")
 
 
-def _tokenize(files: list[str], tok, fields: Fields, seq_len: int, where: str) -> list[list[int]]:
-    """Each usable record's first ``seq_len`` tokens (BOS first where the tokenizer has one); the others counted and
-    said in one line."""
-    texts, skipped = [], Counter()
+def _count(examples: list, docs: list[int]) -> str:
+    return f"{len(set(docs))} documents, {len(examples)} examples"
+
+
+def _tokenize(files: list[str], tok, fields: Fields, seq_len: int, where: str) -> tuple[list[list[int]], list[int]]:
+    """(examples, their documents): each usable record cut into ``seq_len`` tokens (BOS first where the tokenizer
+    has one; a last piece under 2 tokens dropped); the records skipped counted and said in one line."""
+    texts, places, skipped = [], [], Counter()
     for f in files:
         reader_for(f).check(f)  # a cut or corrupt file refused whole, before any record is read
-    for r in iter_records(files, fields):
+    for place, r in enumerate(iter_records(files, fields)):
         text = fields.text_of(r.rec)
         if why := text_skip_reason(text):
             skipped[why] += 1
             continue
         texts.append(text)
+        places.append(place)
     bos = [] if tok.bos_id is None else [tok.bos_id]
-    examples = []
-    for ids in tok.encode_batch(texts):
-        ids = (bos + ids)[:seq_len]
-        if len(ids) < MIN_TOKENS:
+    examples, docs = [], []
+    for place, ids in zip(places, tok.encode_batch(texts)):
+        ids = bos + ids
+        pieces = [ids[a : a + seq_len] for a in range(0, len(ids), seq_len) if len(ids) - a >= MIN_TOKENS]
+        if not pieces:
             skipped["shorter than 2 tokens"] += 1
-            continue
-        examples.append(ids)
+        examples += pieces
+        docs += [place] * len(pieces)
     if skipped:
         log.warning(f"data.target {where}: skipped {sum(skipped.values())} records ({dict(skipped)})")
     if not examples:
         raise DataError(f"data.target.path={where}: no usable document in field {fields.text!r} "
                         f"({sum(skipped.values())} records skipped: {dict(skipped)})")  # fmt: skip
-    return examples
+    return examples, docs
 
 
-def _prepared(path: str, tok, seq_len: int) -> tuple[list[list[int]], str]:
+def _prepared(path: str, tok, seq_len: int) -> Target:
     """Every sequence (train and heldout split) of a prepared directory, which must share the run's tokenizer and
-    sequence length."""
+    sequence length; each its own document (a packed sequence's documents are not recorded)."""
     from dwmtrain.data.dataset import TokenDataset
     from dwmtrain.fileio import read_json_object
 
@@ -108,10 +127,10 @@ def _prepared(path: str, tok, seq_len: int) -> tuple[list[list[int]], str]:
         seqs += [ds.batch([i])[0].tolist() for i in range(len(ds))]
     if not seqs:
         raise DataError(f"data.target.path={path}: no prepared sequences")
-    return seqs, f"{path} ({len(seqs)} prepared sequences)"
+    return Target(seqs, list(range(len(seqs))), f"{path} ({len(seqs)} prepared sequences)")
 
 
-def _cached(cache: Path, key: dict) -> list[list[int]] | None:
+def _cached(cache: Path, key: dict) -> tuple[list[list[int]], list[int]] | None:
     from safetensors.torch import load_file
 
     side, data = cache / "target.json", cache / "target.safetensors"
@@ -119,13 +138,13 @@ def _cached(cache: Path, key: dict) -> list[list[int]] | None:
         if json.loads(side.read_text()) != key:
             return None
         t = load_file(str(data))
-        ids, offsets = t["ids"].tolist(), t["offsets"].tolist()
+        ids, offsets, docs = t["ids"].tolist(), t["offsets"].tolist(), t["docs"].tolist()
     except Exception:  # noqa: BLE001 - absent, cut, foreign, anything: it is only a cache, tokenized again
         return None
-    return [ids[a:b] for a, b in zip(offsets, offsets[1:])]
+    return [ids[a:b] for a, b in zip(offsets, offsets[1:])], docs
 
 
-def _store(cache: Path, examples: list[list[int]], key: dict) -> None:
+def _store(cache: Path, examples: list[list[int]], docs: list[int], key: dict) -> None:
     """The tokens, then the sidecar that makes them a cache hit (written last: a cut write is tokenized again)."""
     from safetensors.torch import save_file
 
@@ -136,5 +155,6 @@ def _store(cache: Path, examples: list[list[int]], key: dict) -> None:
     flat = torch.tensor([i for e in examples for i in e], dtype=torch.int64)
     (cache / "target.json").unlink(missing_ok=True)  # no sidecar of older tokens while the new ones are written
     with atomic_file(cache / "target.safetensors") as tmp:
-        save_file({"ids": flat, "offsets": torch.tensor(offsets, dtype=torch.int64)}, str(tmp))
+        save_file({"ids": flat, "offsets": torch.tensor(offsets, dtype=torch.int64),
+                   "docs": torch.tensor(docs, dtype=torch.int64)}, str(tmp))  # fmt: skip
     atomic_write_text(cache / "target.json", json.dumps(key, indent=1))

@@ -38,15 +38,16 @@ class ValidationSet:
 
     def __init__(self, source: str, cfg_data, part: str, needs: dict[str, int] | None = None, cache=None):
         self.source, self.part = source, part
-        self.heldout, self.items = None, None
+        self.heldout, self.items, self.docs = None, None, None
         if source == "lambada":
             self.items = load_lambada(cfg_data.lambada_path, load_tokenizer(cfg_data.tokenizer), cfg_data.seq_len)
             self.where = f"{cfg_data.lambada_path} (LAMBADA-style cloze, target tokens)"
         elif source == "target":
             from dwmtrain.data.target import load_target
 
-            docs, self.where = load_target(cfg_data, cache)
-            self.items = [ClozeItem(d[:1], d[1:]) for d in docs]  # every token after the first is scored
+            t = load_target(cfg_data, cache)
+            self.items = [ClozeItem(e[:1], e[1:]) for e in t.examples]  # every token after the first is scored
+            self.docs, self.where = t.docs, t.where
         else:
             self.heldout = TokenDataset(cfg_data.heldout_data or cfg_data.train_data, "heldout")
             self.where = f"the heldout split of {cfg_data.heldout_data or cfg_data.train_data}"
@@ -59,8 +60,7 @@ class ValidationSet:
 
     def _split(self, cfg_data, needs: dict[str, int]) -> dict[str, list[int]]:
         """{REWARD: ids, REPORT: ids}, each part as big as ``needs`` says (else an error saying how many in all)."""
-        # an item by its tokens; a packed held-out sequence by its place (reading them all would cost a pass)
-        keys = [(tuple(it.context), tuple(it.target)) for it in self.items] if self.items else list(range(self.total))
+        keys = self._keys()
         reward, report = split_ids(keys, cfg_data.reward_fraction, cfg_data.split_seed)
         split = {REWARD: reward, REPORT: report}
         for name, ids in split.items():
@@ -72,6 +72,20 @@ class ValidationSet:
                     f"{_least(needs, cfg_data.reward_fraction)} examples in all"
                 )
         return split
+
+    def _keys(self) -> list:
+        """What the split is keyed by: a target example by its whole document (a document's examples on one side,
+        equal documents on the same side), a cloze item by its tokens, a packed held-out sequence by its place
+        (reading them all would cost a pass)."""
+        if self.items is None:
+            return list(range(self.total))
+        if self.docs is None:
+            return [(tuple(it.context), tuple(it.target)) for it in self.items]
+        whole: dict[int, list[int]] = {}
+        for d, it in zip(self.docs, self.items):
+            whole.setdefault(d, []).extend(it.context + it.target)
+        key = {d: tuple(ids) for d, ids in whole.items()}
+        return [key[d] for d in self.docs]
 
     def describe(self) -> str:
         return f"{self.source}: {self.n} of {self.total} items ({self.part} part) from {self.where}"
@@ -91,7 +105,8 @@ class ValidationSet:
             return h.hexdigest()
 
         where = self.where.split(" (")[0]  # said, not compared: the same data may be named by another path
-        return {"source": self.source, "where": where, "examples": self.total, "reward_fraction": fraction,
+        docs = {} if self.docs is None else {"documents": len(set(self.docs))}
+        return {"source": self.source, "where": where, "examples": self.total, **docs, "reward_fraction": fraction,
                 "split_seed": seed, **{f"{k}_examples": len(v) for k, v in self.split.items()},
                 **{f"{k}_sha256": digest(v) for k, v in self.split.items()}}  # fmt: skip
 

@@ -20,8 +20,10 @@ def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, da
                      "data.report_sets=[lambada,heldout]", "run.log_every=1", "run.wandb.mode=offline")  # fmt: skip
     run(pretrain_cmd(rd.root, args))
     split = json.loads(rd.validation_split.read_text())
-    assert split["source"] == "target" and split["reward_examples"] + split["report_examples"] == len(docs)
-    assert f"target: {split['reward_examples']} of {len(docs)} items (reward part)" in rd.meta_log(2).read_text()
+    assert split["source"] == "target" and split["documents"] == len(docs)  # cut into examples of 64 tokens
+    assert split["reward_examples"] + split["report_examples"] == split["examples"] > len(docs)
+    said = f"target: {split['reward_examples']} of {split['examples']} items (reward part)"
+    assert said in rd.meta_log(2).read_text()
     for e in records(rd.evals):  # every set by name; val_loss is the target's report part
         assert {"val_loss/target", "val_loss/lambada", "val_loss/heldout"} <= set(e)
         assert (
