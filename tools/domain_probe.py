@@ -173,6 +173,50 @@ def table(target: str, s: dict, arms: list[str], seeds: int) -> list[str]:
     return lines + ["", f"best static arm: {s.get('_best_static', '-')}", ""]
 
 
+def mean_domains(runs: list[dict]) -> dict[int, dict[str, float]]:
+    """{stage: {domain: weight}} averaged over seeds (a run's table read back from JSON has string stages)."""
+    out: dict[int, dict[str, list[float]]] = {}
+    for r in runs:
+        for stage, row in r["domains"].items():
+            for d, w in row.items():
+                out.setdefault(int(stage), {}).setdefault(d, []).append(w)
+    return {s: {d: sum(v) / len(v) for d, v in row.items()} for s, row in sorted(out.items())}
+
+
+def weights_table(target: str, res: dict, arms: list[str]) -> list[str]:
+    """Per arm and stage: the target domain's mean training weight, and the mean of the other domains' (seeds
+    averaged; uniform = 1)."""
+    arms = [a for a in arms if a != "uniform"]
+    stages = sorted({int(s) for a in arms for r in res[a] for s in r["domains"]})
+    head = "| arm | " + " | ".join(f"stage {s}" for s in stages) + " |"
+    lines = [f"per-domain training weights, {target}: target domain / mean of the others, by stage (seeds averaged)",
+             "", head, "|---" * (len(stages) + 1) + "|"]  # fmt: skip
+    for arm in arms:
+        table, cells = mean_domains(res[arm]), []
+        for st in stages:
+            row = table.get(st, {})
+            others = [w for d, w in row.items() if d != target]
+            cells.append(f"{row.get(target, float('nan')):.3f} / {sum(others) / max(len(others), 1):.3f}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_report(args, result: dict) -> None:
+    """WORK/result.md (the tables) and WORK/T-dwm-domain-weights.png (the DWM's per-domain weights, seeds
+    averaged) from ``result``."""
+    from dwmtrain.analysis.figures import plot_domain_weights
+
+    md = ["## Domain-target probe", ""]
+    for target, r in result.items():
+        arms = [a for a in args.arms if a in r["runs"]]
+        md += table(target, r["summary"], arms, len(r["runs"][arms[0]]))
+        md += weights_table(target, r["runs"], arms)
+        if "dwm" in r["runs"]:
+            plot_domain_weights(mean_domains(r["runs"]["dwm"]), args.work / f"{target}-dwm-domain-weights.png")
+    (args.work / "result.md").write_text("\n".join(md))
+    print("\n".join(md), flush=True)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True)
@@ -193,6 +237,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--head-only", action="store_true")
     ap.add_argument("--seed", type=int, default=0, help="the target documents' split out of the mixture")
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every run")
+    ap.add_argument("--report-only", action="store_true", help="rewrite result.md and the figures from result.json")
     a = ap.parse_args(argv)
     a.targets, a.arms = a.targets.split(","), a.arms.split(",")
     if unknown := set(a.arms) - set(ARMS):
@@ -204,21 +249,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    log, result, md = args.work / "log.txt", {}, ["## Domain-target probe", ""]
+    log, result = args.work / "log.txt", {}
+    if args.report_only:
+        write_report(args, json.loads((args.work / "result.json").read_text()))
+        return 0
     for target in args.targets:
         info = split_corpus(args.work, target, args.seed)
         prepare(args.work, target, args.seq_len)
         res = {arm: [run_arm(arm, s, args, target, log) for s in range(args.seeds)] for arm in args.arms}
         last = max(res[args.arms[0]][0]["target"])
         result[target] = {"corpus": info, "runs": res, "summary": summarize(res, args.arms, last)}
-        md += table(target, result[target]["summary"], args.arms, args.seeds)
-        if "dwm" in res:
-            from dwmtrain.analysis.figures import plot_domain_weights
-
-            plot_domain_weights(res["dwm"][0]["domains"], args.work / f"{target}-dwm-domain-weights.png")
         (args.work / "result.json").write_text(json.dumps(result, indent=1, default=str))
-        (args.work / "result.md").write_text("\n".join(md))
-        print("\n".join(md), flush=True)
+        write_report(args, result)
     return 0
 
 
