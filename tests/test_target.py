@@ -5,6 +5,7 @@ reports on, recorded and checked on every start; bad input refused in one line."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,60 @@ def test_the_config_wants_a_target_path_and_a_fraction_between_0_and_1(prepared,
     for f in ("0", "1", "1.5"):
         with pytest.raises(ConfigError, match="data.reward_fraction"):
             _cfg(prepared, sp_model, f"data.reward_fraction={f}")
+
+
+def _formats_on_two_ranks(d, runs: list[tuple[list[str], str]]):
+    """Per (overrides, run dir): what this rank's validation batches and the meta job's batches hand out, and the
+    report part's metrics (a fixed forward) reduced over both ranks."""
+    from dwmtrain.data.validation import validation_metrics
+    from dwmtrain.meta.update import MetaBatches
+
+    out = []
+    for over, run_dir in runs:
+        cfg = load_config("tiny", over)
+        rd = RunDir(run_dir)
+        report = open_validation(cfg, rd, REPORT)["target"]  # rank 0 tokenizes; rank 1 reads its tokens
+        meta = MetaBatches(cfg, d, rd, consumed_samples=0)
+        reward = set()
+        for k in range(-(-meta.val.n // (2 * cfg.meta.val_batch_size))):  # one pass over the reward part
+            reward |= _examples(meta(k)[1])
+        nb = -(-report.n // 4)
+        shown = set().union(*(_examples(b) for b in report.batches(nb, 2, d.rank, 2)))
+
+        def forward(b):  # logits that favour the current token: each example its own loss
+            return torch.nn.functional.one_hot(b["input_ids"], 4096).float() * 3.0
+
+        metrics = validation_metrics(forward, report, nb, 2, d.rank, 2, d.device)
+        out.append({"reward": reward, "report": shown, "total": report.total, "metrics": metrics,
+                    "where": report.where, "docs": len(set(report.docs))})  # fmt: skip
+    return out
+
+
+def test_each_target_format_through_validation_and_the_meta_batches_on_two_ranks(prepared, sp_model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .spawn import run_distributed
+
+    _, recs = _docs(tmp_path)
+    texts = [r["text"] for r in recs]
+    pq.write_table(pa.table({"body": texts}), tmp_path / "t.parquet")
+    with pa.OSFile(str(tmp_path / "t.arrow"), "wb") as f, pa.ipc.new_file(f, pa.schema([("body", pa.string())])) as w:
+        w.write_table(pa.table({"body": texts}))
+    write_jsonl(tmp_path / "t.jsonl", [{"doc": {"body": t}} for t in texts])
+    runs = []
+    for path, field in [("t.parquet", "body"), ("t.arrow", "body"), ("t.jsonl", "doc.body"), (prepared, "text")]:
+        over = [f"data.train_data={prepared}", f"data.tokenizer={sp_model}", "data.seq_len=64",
+                "meta.val_batch_size=4", "deepspeed.micro_batch_size=2", "deepspeed.global_batch_size=4",
+                "data.val_source=target", f"data.target.path={tmp_path / path}",
+                f"data.target.text_field={field}"]  # fmt: skip
+        runs.append((over, str(tmp_path / f"run-{Path(path).name}")))
+    r0, r1 = run_distributed(_formats_on_two_ranks, runs)
+    for a, b, (over, _) in zip(r0, r1, runs):
+        assert a["total"] == b["total"] and a["metrics"] == b["metrics"], over
+        reward, report = a["reward"] | b["reward"], a["report"] | b["report"]
+        assert reward and report and not reward & report, over  # the meta job never reads a reported example
+        assert a["metrics"]["val_examples"] >= len(report) > 0
+        if "prepared" not in a["where"]:  # rank 0 tokenized the documents; rank 1 read its tokens
+            assert a["docs"] == b["docs"] == 40 and "tokenized before" in b["where"], (a["where"], b["where"])
+    assert r0[0]["metrics"] == r0[1]["metrics"] == r0[2]["metrics"]  # the same documents in three formats
