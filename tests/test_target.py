@@ -150,6 +150,34 @@ def test_a_long_document_is_cut_into_examples_that_stay_on_one_side_of_the_split
     assert not sides[0] & sides[1] and len(sides[0]) == 20 and sides[0] | sides[1] == set(range(41)) - {3}
 
 
+def test_documents_that_share_an_example_fall_on_one_side():
+    from dwmtrain.data.validation import document_groups
+
+    assert document_groups([0, 0, 1, 2, 2, 3], ["a", "b", "c", "d", "b", "e"]) == [0, 0, 1, 0, 0, 3]
+    assert document_groups([5, 7, 9, 9], ["x", "y", "y", "x"]) == [5, 5, 5, 5]  # joined through a third
+
+
+def test_a_shared_header_keeps_its_documents_together_and_an_old_cache_is_tokenized_again(prepared, sp_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, recs = _docs(tmp_path)
+    header = "Permission is hereby granted, free of charge, to any person obtaining a copy of this software " * 6
+    recs = [{"text": header + r["text"]} if i % 4 == 0 else r for i, r in enumerate(recs)]  # 10 share a header
+    target = write_jsonl(tmp_path / "target.jsonl", recs)
+    cfg = _cfg(prepared, sp_model, "data.val_source=target", f"data.target.path={target}")
+    rd = RunDir(tmp_path / "run")
+    reward, report = validation_set(cfg, REWARD, rd.validation_dir), validation_set(cfg, REPORT, rd.validation_dir)
+    sides = [{reward.docs[i] for i in v.ids} for v in (reward, report)]
+    shared = set(range(0, 40, 4))
+    assert shared <= sides[0] or shared <= sides[1]  # the header's first example is the same in each
+    assert not _seen(reward, reward.n, 1, 1) & _seen(report, report.n, 1, 1)
+    cached = rd.validation_dir / "target.safetensors"
+    t = load_file(str(cached))
+    save_file({"ids": t["ids"], "offsets": t["offsets"]}, str(cached))  # a cache from before examples had documents
+    again = validation_set(cfg, REWARD, rd.validation_dir)
+    assert "tokenized before" not in again.where and again.docs == reward.docs and again.ids == reward.ids
+
+
 def test_a_changed_target_file_is_tokenized_again_and_its_run_refuses_it(prepared, sp_model, tmp_path):
     target, recs = _docs(tmp_path)
     cfg = _cfg(prepared, sp_model, "data.val_source=target", f"data.target.path={target}")
@@ -171,6 +199,14 @@ def test_a_changed_target_file_is_tokenized_again_and_its_run_refuses_it(prepare
         open_validation(cfg, rd, REPORT)
     write_jsonl(target, recs)
     assert open_validation(cfg, rd, REPORT)["target"].total == total  # the same target again: the run goes on
+    from dwmtrain.data.validation import check_split
+
+    rec = json.loads(rd.validation_split.read_text())
+    old = {k: v for k, v in rec.items() if k != "documents"}  # a split recorded when a document was one example
+    rd.validation_split.write_text(json.dumps(old))
+    with pytest.raises(ResumeError, match="one example per target document.*a new run directory"):
+        check_split(rd.validation_split, rec, trained=True)
+    rd.validation_split.write_text(json.dumps(rec))
     for change in ("data.reward_fraction=0.25", "data.split_seed=3"):
         other = _cfg(prepared, sp_model, "data.val_source=target", f"data.target.path={target}", change)
         with pytest.raises(ResumeError, match="a run keeps its target and split"):
@@ -245,8 +281,9 @@ def _formats_on_two_ranks(d, runs: list[tuple[list[str], str]]):
             return torch.nn.functional.one_hot(b["input_ids"], 4096).float() * 3.0
 
         metrics = validation_metrics(forward, report, nb, 2, d.rank, 2, d.device)
+        parts = {n: {v.docs[i] for i in v.ids} for n, v in (("reward", meta.val), ("report", report))}
         out.append({"reward": reward, "report": shown, "total": report.total, "metrics": metrics,
-                    "where": report.where, "docs": len(set(report.docs))})  # fmt: skip
+                    "where": report.where, "docs": len(set(report.docs)), "parts": parts})  # fmt: skip
     return out
 
 
@@ -274,6 +311,7 @@ def test_each_target_format_through_validation_and_the_meta_batches_on_two_ranks
         assert a["total"] == b["total"] and a["metrics"] == b["metrics"], over
         reward, report = a["reward"] | b["reward"], a["report"] | b["report"]
         assert reward and report and not reward & report, over  # the meta job never reads a reported example
+        assert a["parts"] == b["parts"] and not a["parts"]["reward"] & a["parts"]["report"], over  # nor a document
         assert a["metrics"]["val_examples"] >= len(report) > 0
         if "prepared" not in a["where"]:  # rank 0 tokenized the documents; rank 1 read its tokens
             assert a["docs"] == b["docs"] == 40 and "tokenized before" in b["where"], (a["where"], b["where"])

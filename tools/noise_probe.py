@@ -324,6 +324,8 @@ def reward_documents(args) -> Path:
     from dwmtrain.config import load_config
     from dwmtrain.data.validation import REWARD, validation_set
 
+    if args.val != "heldout":  # the clean documents are no run's reward or report then: all of them
+        return args.work / "clean.jsonl"
     cfg = load_config(str(ROOT / "launchers" / "configs" / "tiny.yaml"), base_overrides(args))
     return write_documents(validation_set(cfg, REWARD), args.work / "clean.jsonl", args.work / "clean_reward.jsonl")
 
@@ -331,7 +333,7 @@ def reward_documents(args) -> Path:
 def write_documents(part, source: Path, out: Path) -> Path:
     """The records of ``source`` (JSON lines) whose documents are in ``part`` (a target's validation part)."""
     keep = {part.docs[i] for i in part.ids}
-    lines = [x for x in source.read_text(encoding="utf-8").splitlines() if x.strip()]
+    lines = [x for x in source.read_text(encoding="utf-8").split("\n") if x.strip()]  # as the reader splits them
     out.write_text("".join(x + "\n" for place, x in enumerate(lines) if place in keep), encoding="utf-8")
     return out
 

@@ -160,8 +160,9 @@ class DataConfig:
     val_source: str = "lambada"
     lambada_path: str = "dwmtrain:data/corpus/lambada_sample.jsonl"  #: lambada_openai-format JSONL
     target: TargetConfig = field(default_factory=TargetConfig)
-    #: the share of the validation source's examples that is the meta job's reward part; in-training validation
-    #: reports on the rest only (dwmtrain eval's lm-eval tasks are the full public sets: see docs/evaluation.md)
+    #: the share of the validation source that is the meta job's reward part (of a target's documents, of the
+    #: cloze items, of the held-out sequences); in-training validation reports on the rest only (dwmtrain eval's
+    #: lm-eval tasks are the full public sets: see docs/evaluation.md)
     reward_fraction: float = 0.5
     split_seed: int = 0  #: the seed of the reward / report split (recorded in RUN_DIR/validation/split.json)
     #: more sets validation reports beside val_source's report part (each whole, by name): lambada | heldout |

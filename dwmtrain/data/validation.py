@@ -31,6 +31,23 @@ def split_ids(keys: list, reward_fraction: float, seed: int) -> tuple[list[int],
     return [i for i in ids if keys[i] in reward], [i for i in ids if keys[i] not in reward]
 
 
+def document_groups(docs: list[int], keys: list) -> list[int]:
+    """Per example (of document ``docs[i]``, contents ``keys[i]``): the smallest document of its group, the
+    documents joined by any example they share (union-find)."""
+    parent: dict[int, int] = {}
+
+    def root(d: int) -> int:
+        while parent.setdefault(d, d) != d:
+            parent[d] = d = parent[parent[d]]
+        return d
+
+    first: dict = {}
+    for d, k in zip(docs, keys):
+        a, b = root(d), root(first.setdefault(k, d))
+        parent[max(a, b)] = min(a, b)
+    return [root(d) for d in docs]
+
+
 class ValidationSet:
     """One validation source's examples (``data.val_source``), and the part of them this reader sees: the meta job
     the reward part, validation the report part; they never share an example. ``batches(n, bs, rank, world)``
@@ -69,23 +86,27 @@ class ValidationSet:
                     f"validation source {self.source!r} ({self.where}): {self.total} examples split "
                     f"{len(reward)} reward / {len(report)} report (data.reward_fraction={cfg_data.reward_fraction}); "
                     f"the {name} part needs at least {needs[name]} ({_NEEDS[name]}): "
-                    f"{_least(needs, cfg_data.reward_fraction)} examples in all"
+                    f"{_least(needs, cfg_data.reward_fraction)} examples in all" + self._by_document(keys, split)
                 )
         return split
 
+    def _by_document(self, keys: list, split: dict[str, list[int]]) -> str:
+        """For a target: how its documents fell (the split is by document group, so examples alone are no guide)."""
+        if self.docs is None:
+            return ""
+        n = {part: len({keys[i] for i in ids}) for part, ids in split.items()}
+        return (f"; split by document: {len(set(keys))} document groups, {n[REWARD]} reward / {n[REPORT]} report "
+                "(each part needs a document; documents sharing text are one group): add documents")  # fmt: skip
+
     def _keys(self) -> list:
-        """What the split is keyed by: a target example by its whole document (a document's examples on one side,
-        equal documents on the same side), a cloze item by its tokens, a packed held-out sequence by its place
+        """What the split is keyed by: a target example by its document's group (documents that share an example,
+        a licence header or a copied text, are one group: no reported example equals a rewarded one, and a
+        document's examples stay together), a cloze item by its tokens, a packed held-out sequence by its place
         (reading them all would cost a pass)."""
         if self.items is None:
             return list(range(self.total))
-        if self.docs is None:
-            return [(tuple(it.context), tuple(it.target)) for it in self.items]
-        whole: dict[int, list[int]] = {}
-        for d, it in zip(self.docs, self.items):
-            whole.setdefault(d, []).extend(it.context + it.target)
-        key = {d: tuple(ids) for d, ids in whole.items()}
-        return [key[d] for d in self.docs]
+        tokens = [(tuple(it.context), tuple(it.target)) for it in self.items]
+        return tokens if self.docs is None else document_groups(self.docs, tokens)
 
     def describe(self) -> str:
         return f"{self.source}: {self.n} of {self.total} items ({self.part} part) from {self.where}"
@@ -195,6 +216,10 @@ def check_split(path, record: dict, trained: bool) -> None:
     if old is None:
         raise DataError(f"{path}: not the JSON object a run's validation split record is; it was written at the run's "
                         "first start (restore it, or start a new run directory)")  # fmt: skip
+    if "documents" in record and "documents" not in old and old.get("source") == "target":
+        raise ResumeError(f"{path}: recorded by a dwmtrain that took one example per target document (its first "
+                          "data.seq_len tokens); this one cuts documents into examples and splits them by document: "
+                          "a new run directory, or the earlier dwmtrain, continues it")  # fmt: skip
     for k, v in record.items():
         if k != "where" and old.get(k) != v:
             raise ResumeError(f"{path}: this run's validation split has {k}={old.get(k)!r}, this start would have "

