@@ -149,9 +149,15 @@ def summarize(res: dict, arms: list[str], last: int) -> dict:
     arm's target gain over uniform that the arm reaches (1: as good as it; above 1: better)."""
     out = {}
     for arm in arms:
-        t = [r["target"][last] for r in res[arm]]
-        g = [r["general"][last] for r in res[arm]]
-        out[arm] = {"target": mean_std(t), "general": mean_std(g), "target_per_seed": t}
+        t = [_at(r["target"], last) for r in res[arm]]
+        g = [_at(r["general"], last) for r in res[arm]]
+        out[arm] = {"target": mean_std(t), "general": mean_std(g), "target_per_seed": t, "general_per_seed": g}
+    for arm in out if "uniform" in out else ():  # paired with uniform, seed by seed (positive: the arm helps)
+        gains = [u - x for u, x in zip(out["uniform"]["target_per_seed"], out[arm]["target_per_seed"])]
+        cost = [x - u for u, x in zip(out["uniform"]["general_per_seed"], out[arm]["general_per_seed"])]
+        m, sd = mean_std(gains)
+        out[arm].update(gain=(m, sd), gain_in_std=m / sd if sd > 0 else 0.0, better_seeds=sum(x > 0 for x in gains),
+                        general_cost=mean_std(cost))  # fmt: skip
     if "uniform" in out and (static := [a for a in STATIC if a in out]):
         best = min(static, key=lambda a: out[a]["target"][0])
         u, b = out["uniform"]["target"][0], out[best]["target"][0]
@@ -161,15 +167,25 @@ def summarize(res: dict, arms: list[str], last: int) -> dict:
     return out
 
 
+def _at(by_step: dict, step):
+    """A loss at ``step`` (a run's table read back from JSON has string steps)."""
+    return by_step[step] if step in by_step else by_step[str(step)]
+
+
 def table(target: str, s: dict, arms: list[str], seeds: int) -> list[str]:
-    lines = [f"### target: {target} ({seeds} seeds; loss at the last step, mean ± std)", "",
-             "| arm | target loss (report part) | general held-out loss | share of the best static arm's target gain |",
-             "|---|---|---|---|"]  # fmt: skip
+    lines = [f"### target: {target} ({seeds} seeds; loss at the last step, mean ± std over seeds)", "",
+             "| arm | target loss (report part) | uniform − arm, paired (nats) | in std | better than uniform | "
+             "general held-out loss | its cost over uniform | share of the best static arm's target gain |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm in arms:
         r = s[arm]
         share = r.get("share_of_best_static")
-        lines.append(f"| {arm} | {r['target'][0]:.4f} ± {r['target'][1]:.4f} | {r['general'][0]:.4f} ± "
-                     f"{r['general'][1]:.4f} | {'-' if share is None else f'{100 * share:.0f}%'} |")  # fmt: skip
+        gain = f"{r['gain'][0]:+.4f} ± {r['gain'][1]:.4f} | {r['gain_in_std']:.1f} | {r['better_seeds']} of {seeds}" \
+            if "gain" in r and arm != "uniform" else "- | - | -"  # fmt: skip
+        cost = f"{r['general_cost'][0]:+.4f} ± {r['general_cost'][1]:.4f}" if arm != "uniform" else "-"
+        share = "-" if share is None else f"{100 * share:.0f}%"
+        lines.append(f"| {arm} | {r['target'][0]:.4f} ± {r['target'][1]:.4f} | {gain} | {r['general'][0]:.4f} ± "
+                     f"{r['general'][1]:.4f} | {cost} | {share} |")  # fmt: skip
     return lines + ["", f"best static arm: {s.get('_best_static', '-')}", ""]
 
 
@@ -209,7 +225,8 @@ def write_report(args, result: dict) -> None:
     md = ["## Domain-target probe", ""]
     for target, r in result.items():
         arms = [a for a in args.arms if a in r["runs"]]
-        md += table(target, r["summary"], arms, len(r["runs"][arms[0]]))
+        last = max(int(k) for k in r["runs"][arms[0]][0]["target"])
+        md += table(target, summarize(r["runs"], arms, last), arms, len(r["runs"][arms[0]]))
         md += weights_table(target, r["runs"], arms)
         if "dwm" in r["runs"]:
             plot_domain_weights(mean_domains(r["runs"]["dwm"]), args.work / f"{target}-dwm-domain-weights.png")
