@@ -113,7 +113,8 @@ def wandb_history(records: list) -> list[dict]:
     return rows
 
 
-def stage_boundary(cfg, rd, expect_sha=None, tokenizer_sha: str = "", starts=(0, 10, 20, 30, 40), arch=None):
+def stage_boundary(cfg, rd, expect_sha=None, tokenizer_sha: str = "", starts=(0, 10, 20, 30, 40), arch=None,
+                   data=None, dtype=None):  # fmt: skip
     """A ``StageBoundary`` of one CPU rank (stage K starts at step 10 (K - 1)), for the boundary's unit tests."""
     import torch
 
@@ -128,9 +129,10 @@ def stage_boundary(cfg, rd, expect_sha=None, tokenizer_sha: str = "", starts=(0,
             d=d,
             rd=rd,
             arch=arch or DWMArch("tiny", 512, 32),
-            dtype=torch.float32,
+            dtype=dtype or torch.float32,
             starts=list(starts),
             tokenizer_sha=tokenizer_sha,
+            data=data,
             expect_sha=expect_sha or {},
         )
     )

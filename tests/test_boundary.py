@@ -225,3 +225,52 @@ def test_a_boundary_hashes_its_dwm_once_and_writes_its_record(tmp_path, monkeypa
     rec = json.loads((rd.meta_dir / "stage2.pause.json").read_text())
     assert rec["checkpoint_s"] == 1.5 and rec["meta_job"] == {"meta_steps_s": 2.0}
     assert rec["total_s"] == pytest.approx(rec["checkpoint_s"] + rec["meta_job_s"] + rec["broadcast_s"])
+
+
+class _Tokens:
+    """Training data as the boundary reads it: ``batch(indices)`` -> token ids."""
+
+    def __init__(self, n: int = 64):
+        self.ids = torch.randint(0, 512, (n, 32), generator=torch.Generator().manual_seed(1))
+
+    def batch(self, indices):
+        return self.ids[indices]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_trainer_applies_the_weights_that_were_fitted(tmp_path, caplog, dtype):
+    """The meta job records its fp32 weights of a few micro-batches in the DWM file; the boundary recomputes them
+    with the DWM as the trainer applies it (its dtype, its call) and records how far they are; a DWM whose weights
+    stray is said, naming the remedy."""
+    import json
+
+    from dwmtrain.models.weights import APPLIED_TOLERANCE
+
+    torch.manual_seed(0)
+    m = DataWeightingModel(ARCH).eval()
+    torch.nn.init.normal_(m.fc2.weight, std=0.5)
+    data, idx = _Tokens(), [list(range(0, 8)), list(range(8, 16)), list(range(40, 48))]
+    with torch.no_grad():
+        fitted = [m(data.batch(ix)).tolist() for ix in idx]
+    rd = RunDir(tmp_path)
+    cfg = load_config(None, [f"run.run_dir={tmp_path}", "meta.mode=bilevel"])
+    for stage, weights in ((2, fitted), (3, [[w + 0.5 for w in ws] for ws in fitted])):  # 3: not these weights
+        save_dwm(m, rd.dwm(stage), stage=stage, lm_step=10, applied_check={"indices": idx, "weights": weights})
+        stage_boundary(cfg, rd, data=data, dtype=dtype).for_stage(stage)
+    good = json.loads((rd.meta_dir / "stage2.pause.json").read_text())["applied_check"]
+    assert good["ok"] and good["micro_batches"] == 3 and good["tolerance"] == APPLIED_TOLERANCE[dtype]
+    if dtype == torch.float32:
+        assert good["max_abs_diff"] < 1e-5
+    else:  # rounded, and within the tolerance
+        assert 0 < good["max_abs_diff"] <= good["tolerance"] and good["dtype"] == "bfloat16"
+    bad = json.loads((rd.meta_dir / "stage3.pause.json").read_text())["applied_check"]
+    assert not bad["ok"] and bad["max_abs_diff"] == pytest.approx(0.5, abs=good["tolerance"])
+    assert "stage 3: the DWM's weights here" in caplog.text and "dwm.dtype=fp32" in caplog.text
+    assert "stage 2: the DWM's weights here" not in caplog.text
+
+
+def test_applied_and_fitted_weights_of_other_shapes_are_an_error():
+    from dwmtrain.models.weights import applied_vs_fitted
+
+    with pytest.raises(ValueError, match="8 applied weights against 7 fitted"):
+        applied_vs_fitted([torch.ones(8)], [[1.0] * 7], torch.float32)

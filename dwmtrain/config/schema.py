@@ -212,6 +212,9 @@ class DWMConfig:
     #: torch.compile the frozen DWM's forward on the trainer ranks: 0.88x its time on CPU at small, after ~30 s
     #: of compiling per process (tools/bench.py --only dwmcompile); pays on long runs, not in short tests
     compile: bool = False
+    #: the dtype the trainer applies the DWM in: train (bf16 where the LM trains in bf16 or fp16, else fp32) | fp32
+    #: (a forward about twice the cost in bf16 runs; where a boundary warns that its weights stray from the fitted)
+    dtype: str = "train"
 
     def __post_init__(self):
         from dwmtrain.models.dwm import POOLINGS
@@ -225,6 +228,7 @@ class DWMConfig:
         check(self.head_hidden >= 0, "dwm.head_hidden", self.head_hidden, "must be >= 0")
         one_of("dwm.pooling", self.pooling, POOLINGS)
         one_of("dwm.normalization", self.normalization, NORMALIZATIONS)
+        one_of("dwm.dtype", self.dtype, ("train", "fp32"))
         positive("dwm.temperature", self.temperature)
         check(0.0 <= self.uniform_mix <= 1.0, "dwm.uniform_mix", self.uniform_mix, "must be in [0, 1]")
         check(0.0 <= self.alarm_ess <= 1.0, "dwm.alarm_ess", self.alarm_ess, "must be in [0, 1]")

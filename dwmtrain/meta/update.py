@@ -148,6 +148,9 @@ def calibrate(dwm, lm, params, batches, alpha: float, mc) -> dict:
     return {"held_out_agreement": rho, "logit_scale": scale, "batches": int(t[1].item())}
 
 
+APPLIED_CHECK_BATCHES = 4  #: micro-batches the fitted weights are recorded on, for the trainer to reproduce
+
+
 class MetaBatches:
     """The meta job's data: training micro-batches from the run's current position in its data stream, and each
     rank's k-th batch of the validation source's reward part (never an example validation reports on)."""
@@ -158,6 +161,13 @@ class MetaBatches:
         order = GlobalOrder(len(self.data), cfg.run.seed)
         self.stream = rank_micro_batches(order, consumed_samples, d.rank, d.world, cfg.deepspeed.micro_batch_size)
         self.d, self.val_batch_size = d, cfg.meta.val_batch_size
+
+    @torch.no_grad()
+    def fitted_weights(self, dwm, n: int) -> dict:
+        """The fitted DWM's fp32 weights of this rank's next ``n`` training micro-batches, and their dataset indices:
+        the trainer recomputes them in its own dtype at the boundary (``stages.boundary``)."""
+        idx = [next(self.stream)[1] for _ in range(n)]
+        return {"indices": idx, "weights": [dwm(self.data.batch(i).to(self.d.device)).float().tolist() for i in idx]}
 
     def __call__(self, k: int) -> tuple[torch.Tensor, dict]:
         """The next training micro-batch of the stream and the k-th validation batch of this rank."""
@@ -196,7 +206,7 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
     timings["load_lm_s"] = time.time() - t_in
     dwm, how = initial_dwm(cfg, DWMArch.from_config(cfg, lm.config.vocab_size), stage, rd, lm_state)
     del lm_state
-    dwm = dwm.to(d.device).train()
+    dwm = dwm.to(d.device).eval()  # as the trainer applies it: gradients flow all the same, no dropout draws
     dwm.backbone.requires_grad_(mc.backbone_trainable)
     opt = torch.optim.Adam([p for p in dwm.parameters() if p.requires_grad], lr=mc.lr)
     batches, params = MetaBatches(cfg, d, rd, state.consumed_samples), lm_params(lm)
@@ -220,8 +230,9 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
                   f"{cal['logit_scale']:.3f}")  # fmt: skip
     barrier()
     timings["meta_steps_s"] = time.time() - t_start
+    probe = batches.fitted_weights(dwm, APPLIED_CHECK_BATCHES) if d.is_main else {}
     made = FitRecord(stage=stage, tag=tag, lm_step=state.step, alpha=alpha, world=d.world, calibration=cal,
-               timings=timings, started=t_start, tokenizer=cfg.data.tokenizer)  # fmt: skip
+               timings=timings, started=t_start, tokenizer=cfg.data.tokenizer, applied_check=probe)  # fmt: skip
     meta = write_dwm(dwm, rd, mc, made) if d.is_main else {}
     barrier()
     return meta
@@ -241,6 +252,7 @@ class FitRecord:
     timings: dict
     started: float
     tokenizer: str
+    applied_check: dict = dataclasses.field(default_factory=dict)  #: the weights the trainer must reproduce
 
 
 def write_dwm(dwm, rd: RunDir, mc, fit: FitRecord) -> dict:
@@ -252,6 +264,8 @@ def write_dwm(dwm, rd: RunDir, mc, fit: FitRecord) -> dict:
     if mc.grad_mode == "fd":
         info["fd_eps"] = mc.fd_eps
     info["timings"] = {k: round(v, 3) for k, v in fit.timings.items()}
+    if fit.applied_check:
+        info["applied_check"] = fit.applied_check
     path = rd.dwm(fit.stage)
     took = time.time() - fit.started
     meta = save_dwm(dwm, path, stage=fit.stage, lm_step=fit.lm_step, checkpoint=str(rd.checkpoint(fit.tag)),

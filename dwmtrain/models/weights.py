@@ -7,6 +7,11 @@ import torch
 
 NORMALIZATIONS = ("softmax", "sigmoid")  #: how logits become weights (dwm.normalization)
 
+#: How far the weights the trainer applies (in its dtype) may sit from the fitted fp32 ones on the same micro-batches,
+#: as max |w_applied - w_fitted| (weights have mean 1). bf16 keeps 8 bits of mantissa through every backbone layer:
+#: on CPU a tiny DWM whose weights span 0.2-3.5 moved by up to 0.03; fp32 allows for TF32 matmuls on GPUs.
+APPLIED_TOLERANCE = {torch.float32: 0.01, torch.bfloat16: 0.1, torch.float16: 0.03}
+
 
 def normalize_weights(
     logits: torch.Tensor, temperature: float = 1.0, uniform_mix: float = 0.0, normalization: str = "softmax"
@@ -83,3 +88,18 @@ def loss_rule_weights(losses: torch.Tensor, rule: str = "linupper", temperature:
         raise ValueError(f"loss rule {rule!r}: one of {', '.join(LOSS_RULES)}")
     g = torch.exp((f - f.max()) / temperature)
     return g * (g.numel() / g.sum())
+
+
+def applied_vs_fitted(applied: list[torch.Tensor], fitted: list[list[float]], dtype: torch.dtype) -> dict:
+    """How the weights a DWM gives in the trainer's ``dtype`` (``applied``, per micro-batch) compare with the weights
+    it gave when fitted, in fp32, on the same micro-batches (``fitted``): the largest and mean absolute difference,
+    the tolerance of ``dtype`` (APPLIED_TOLERANCE) and whether the largest is within it."""
+    a = torch.cat([w.detach().float().cpu().reshape(-1) for w in applied])
+    f = torch.tensor([x for ws in fitted for x in ws], dtype=torch.float32)
+    if a.shape != f.shape:
+        raise ValueError(f"{a.numel()} applied weights against {f.numel()} fitted ones")
+    diff = (a - f).abs()
+    tol = APPLIED_TOLERANCE.get(dtype, APPLIED_TOLERANCE[torch.bfloat16])
+    return {"dtype": str(dtype).removeprefix("torch."), "micro_batches": len(fitted),
+            "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "tolerance": tol,
+            "ok": bool(diff.max().item() <= tol)}  # fmt: skip

@@ -18,6 +18,7 @@ from dwmtrain.checkpoint.dwm_file import DWMFileError, check_dwm_tokenizer, load
 from dwmtrain.distributed import Dist, broadcast_tensors, run_on_rank0
 from dwmtrain.errors import EXIT_META_EXTERNAL, PlannedStop
 from dwmtrain.models.dwm import DWMArch, dwm_from_state
+from dwmtrain.models.weights import applied_vs_fitted
 from dwmtrain.rundir import RunDir, dwm_source
 from dwmtrain.stages.meta_job import (
     MetaJobError,
@@ -63,6 +64,7 @@ class BoundaryRecord:
     broadcast_s: float
     checkpoint_s: float | None = None
     meta_job: dict = field(default_factory=dict)  #: the job's timings: start-up, loading the LM, meta-steps, writing
+    applied: dict = field(default_factory=dict)  #: the weights applied here against the fitted ones (applied_check)
 
     def pause(self) -> dict:
         p = {"meta_job_s": self.meta_job_s, "broadcast_s": self.broadcast_s}
@@ -76,7 +78,21 @@ class BoundaryRecord:
         return (f"stage {self.stage} boundary: paused {p['total_s']:.1f} s = "
                 + (f"checkpoint {self.checkpoint_s:.1f} s + " if self.checkpoint_s is not None else "")
                 + f"meta job {self.meta_job_s:.1f} s" + (f" ({parts})" if parts and self.meta_job_s > 0.5 else "")
-                + f" + broadcast {self.broadcast_s:.2f} s")  # fmt: skip
+                + f" + broadcast {self.broadcast_s:.2f} s" + _applied_words(self.applied))  # fmt: skip
+
+
+def _applied_words(a: dict) -> str:
+    if not a:
+        return ""
+    return (f"; the DWM as applied ({a['dtype']}) against as fitted (fp32) on {a['micro_batches']} micro-batches: "
+            f"max |dw| {a['max_abs_diff']:.2g} (tolerance {a['tolerance']:g})")  # fmt: skip
+
+
+def applied_check(dwm: FrozenDWM, probe: dict, data, dtype: torch.dtype, device) -> dict:
+    """The weights ``dwm`` gives here (the trainer's dtype, its call) on the micro-batches the meta job recorded
+    (``probe``: their dataset indices and fitted fp32 weights), against the fitted ones."""
+    applied = [dwm(data.batch(ix).to(device), ix) for ix in probe["indices"]]
+    return applied_vs_fitted(applied, probe["weights"], dtype)
 
 
 class StageBoundary:
@@ -115,12 +131,18 @@ class StageBoundary:
         def fit_and_read():
             path = str(self.x.rd.dwm(stage))
             state, meta = self._reuse_or_fit(stage, path)
-            box["t1"] = time.time()
+            box["t1"], box["probe"] = time.time(), meta.get("applied_check")
             return path, state, meta
 
         loaded = self._checked(stage, self._broadcast(fit_and_read))
         t1 = box.get("t1", t0)  # rank 0's: the one that records
         rec = BoundaryRecord(stage, t1 - t0, time.time() - t1, self.checkpoint_s, loaded.timings)
+        if box.get("probe") and self.x.data is not None:  # rank 0: the weights it applies are the ones fitted
+            rec.applied = applied_check(loaded, box["probe"], self.x.data, self.x.dtype, self.x.d.device)
+            if not rec.applied["ok"]:
+                log.warning(f"stage {stage}: the DWM's weights here ({rec.applied['dtype']}) differ from the fitted "
+                            f"ones by up to {rec.applied['max_abs_diff']:.3g} (tolerance {rec.applied['tolerance']:g})"
+                            "; dwm.dtype=fp32 applies it as fitted")  # fmt: skip
         self._record(rec)
         return loaded
 
@@ -214,6 +236,7 @@ class StageBoundary:
         log.info(rec.line())
         self.x.rd.meta_dir.mkdir(parents=True, exist_ok=True)
         path = self.x.rd.meta_dir / f"stage{rec.stage}.pause.json"
-        path.write_text(json.dumps({**rec.pause(), "meta_job": rec.meta_job}, indent=1))
+        applied = {"applied_check": rec.applied} if rec.applied else {}
+        path.write_text(json.dumps({**rec.pause(), "meta_job": rec.meta_job, **applied}, indent=1))
         if self.x.metrics is not None:
             self.x.metrics.boundary(self.x.starts[rec.stage - 1], rec.stage, rec.pause())

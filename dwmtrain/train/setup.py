@@ -115,7 +115,7 @@ def setup(cfg: Config) -> Run:
                                                                                   spec, tok_sha, starts))  # fmt: skip
     arch = DWMArch.from_config(cfg, spec.vocab_size)
     precision = resolve_precision(cfg.deepspeed.precision, d.accelerator)
-    dwm_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    dwm_dtype = torch.float32 if precision == "fp32" or cfg.dwm.dtype == "fp32" else torch.bfloat16
     start_step = resumed.step if resumed else 0
     expect_sha = resumed.dwm_in_use(starts) if resumed else None
     nonfinite_so_far = (resumed.nonfinite_steps, resumed.nonfinite_streak) if resumed else (0, 0)

@@ -24,6 +24,8 @@ def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, da
     assert split["reward_examples"] + split["report_examples"] == split["examples"] > len(docs)
     said = f"target: {split['reward_examples']} of {split['examples']} items (reward part)"
     assert said in rd.meta_log(2).read_text()
+    applied = json.loads((rd.meta_dir / "stage2.pause.json").read_text())["applied_check"]
+    assert applied["ok"] and applied["micro_batches"] == 4 and applied["max_abs_diff"] < 1e-4  # fp32 both sides
     for e in records(rd.evals):  # every set by name; val_loss is the target's report part
         assert {"val_loss/target", "val_loss/lambada", "val_loss/heldout"} <= set(e)
         assert (
