@@ -219,3 +219,26 @@ def test_a_file_without_the_signed_header_is_refused(tmp_path):
     (tmp_path / "d.safetensors.json").write_text(json.dumps({**side, "sha256": sha256_file(path)}))
     with pytest.raises(DWMFileError, match="no signed metadata in its header"):
         load_dwm_state(path, ARCH)
+
+
+def test_a_refreshed_backbone_is_the_current_lms_and_the_head_is_kept(tmp_path):
+    from dwmtrain.config import load_config
+    from dwmtrain.meta.update import initial_dwm
+    from dwmtrain.models.lm import build_lm
+    from dwmtrain.models.spec import ModelSpec
+    from dwmtrain.rundir import RunDir
+
+    rd = RunDir(tmp_path)
+    prev = DataWeightingModel(ARCH)
+    torch.nn.init.normal_(prev.fc2.weight)
+    save_dwm(prev, rd.dwm(2), stage=2, lm_step=10)
+    lm = build_lm(ModelSpec.from_preset("tiny"), seed=3).state_dict()  # the LM at stage 3's start
+    for refresh in (False, True):
+        cfg = load_config(None, [f"dwm.refresh_backbone={refresh}"])
+        m, how = initial_dwm(cfg, ARCH, 3, rd, lm)
+        assert torch.equal(m.fc2.weight, prev.fc2.weight) and torch.equal(
+            m.attn.in_proj_weight, prev.attn.in_proj_weight
+        )
+        fresh = torch.equal(m.backbone.embed_tokens.weight, lm["model.embed_tokens.weight"])
+        assert fresh == refresh and how.endswith("backbone refreshed from the LM") == refresh
+        assert torch.equal(m.backbone.embed_tokens.weight, prev.backbone.embed_tokens.weight) != refresh

@@ -36,7 +36,8 @@ from tools.noise_probe import SP, mean_std, sh, write_documents  # noqa: E402
 
 CORPUS = ROOT / "dwmtrain" / "data" / "corpus" / "sample.jsonl.zst"
 DOMAIN = "meta.redpajama_set_name"
-ARMS = ("uniform", "dwm", "loss", "dsir", "upweight", "oracle")
+ARMS = ("uniform", "dwm", "loss", "dsir", "upweight", "oracle")  #: the default arms
+MORE_ARMS = ("refresh",)  #: the DWM with its backbone refreshed from the LM at every boundary
 STATIC = ("upweight", "oracle", "dsir")  #: the arms without a learned weighting: the bar the DWM must clear
 
 
@@ -106,6 +107,7 @@ def arm_overrides(arm: str, args, work: Path, target: str, log: Path) -> list[st
     return {
         "uniform": ["meta.mode=none"],
         "dwm": ["meta.mode=bilevel"],
+        "refresh": ["meta.mode=bilevel", "dwm.refresh_backbone=true"],
         "loss": ["meta.mode=loss_reweight"],
         "dsir": ["meta.mode=none", f"data.train_data={dsir_data(work, target, args, log)}"] if arm == "dsir" else [],
         "upweight": ["meta.mode=domain_weights", f"meta.domain_weights.factors={{{target}: {args.factor}}}"],
@@ -257,8 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--report-only", action="store_true", help="rewrite result.md and the figures from result.json")
     a = ap.parse_args(argv)
     a.targets, a.arms = a.targets.split(","), a.arms.split(",")
-    if unknown := set(a.arms) - set(ARMS):
-        ap.error(f"--arms: unknown arm(s) {sorted(unknown)} (arms: {', '.join(ARMS)})")
+    if unknown := set(a.arms) - set(ARMS) - set(MORE_ARMS):
+        ap.error(f"--arms: unknown arm(s) {sorted(unknown)} (arms: {', '.join(ARMS + MORE_ARMS)})")
     a.work = a.work.resolve()
     return a
 

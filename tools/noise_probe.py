@@ -231,6 +231,7 @@ ARMS = {
     "oracle": ["meta.mode=oracle"],  # every corrupted-<kind> domain weighted 0: the headroom (drop list: compare)
     "oracle2": ["meta.mode=oracle", "meta.oracle.from_stage=2"],  # the same after a uniform stage 1, as the DWM
     "dwm": ["meta.mode=bilevel"],
+    "refresh": ["meta.mode=bilevel", "dwm.refresh_backbone=true"],  # the backbone copied from the LM at every boundary
     "warm": ["meta.mode=bilevel"],  # + meta.init_dwm: a proxy run's DWM weighs stage 1 (compare trains the proxy)
     "loss": ["meta.mode=loss_reweight"],  # Sow et al. 2025, linupper, tau 1, uniform for the first 5% of steps
     "dsir": ["meta.mode=none"],  # + data.train_data: uniform training on the DSIR-selected part of the pool
@@ -370,6 +371,7 @@ def proxy_cost(args) -> dict:
 
 ARM_LABELS = {"uniform": "uniform", "oracle": "oracle (corrupted weighted 0)", "oracle2": "oracle from stage 2",
               "dwm": "DWM (bi-level, uniform stage 1)", "warm": "DWM warm-started from a proxy",
+              "refresh": "DWM, backbone refreshed at every boundary",
               "loss": "loss reweighting (linupper)", "dsir": "DSIR-selected data",
               "qurating": "QuRating-style selection (proxy-LM loss)"}  # fmt: skip
 

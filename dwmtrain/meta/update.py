@@ -68,12 +68,17 @@ def load_frozen_lm(cfg: Config, rd: RunDir, tag: str, d: Dist, attn: str):
 
 
 def initial_dwm(cfg: Config, arch: DWMArch, stage: int, rd: RunDir, lm_state: dict) -> tuple:
-    """The previous stage's DWM (at stage 2: ``meta.init_dwm``'s, the warm start, if given), or a fresh one
-    (backbone copied from the LM, as the paper does)."""
+    """The previous stage's DWM (at stage 2: ``meta.init_dwm``'s, the warm start, if given; with
+    ``dwm.refresh_backbone`` its backbone copied again from this LM), or a fresh one (backbone copied from the LM,
+    as the paper does)."""
     prev = rd.dwm(stage - 1) if stage > 2 else dwm_source(cfg.meta.init_dwm) if cfg.meta.init_dwm else None
     if prev is not None and prev.exists():
         _, state, _ = load_dwm_state(prev, arch)
-        return dwm_from_state(arch, state), f"continued from {prev}"
+        m = dwm_from_state(arch, state)
+        if cfg.dwm.refresh_backbone:
+            m.init_backbone_from(lm_state)
+            return m, f"continued from {prev}, backbone refreshed from the LM"
+        return m, f"continued from {prev}"
     torch.manual_seed(cfg.run.seed + 7919)
     m = DataWeightingModel(arch)
     if cfg.dwm.init_backbone_from_lm:
