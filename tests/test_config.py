@@ -28,6 +28,8 @@ def test_defaults_validate_and_roundtrip(tmp_path):
         ("stages.num_stages=0", "stages.num_stages"),
         ("stages.boundaries=[5,3,8,9]", "stages.boundaries"),
         ("meta.grad_mode=magic", "meta.grad_mode"),
+        ("meta.v=sometimes", "meta.v"),
+        ("dwm.dtype=fp8", "dwm.dtype"),
         ("optimizer.betas=[0.9]", "optimizer.betas"),
         ("deepspeed.precision=fp8", "deepspeed.precision"),
         ("deepspeed.micro_batch_size=0", "deepspeed.micro_batch_size"),
@@ -226,3 +228,8 @@ def test_config_errors_come_before_the_resolved_config_and_name_the_field_set(pr
     assert p.returncode == 2 and "model:" not in p.stdout and "deepspeed.global_batch_size=32" in p.stderr
     p = _dry_run("--config", "tiny", f"data.train_data={prepared}", "stages.num_stages=30")
     assert p.returncode == 2 and "stages.num_stages=30" in p.stderr and "boundaries" not in p.stderr
+
+
+def test_the_boundarys_v_refuses_the_unrolled_reference():
+    with pytest.raises(ConfigError, match=r"meta.v.*unrolled reference takes a lookahead"):
+        load_config(None, ["meta.v=boundary", "meta.grad_mode=unrolled"])

@@ -207,3 +207,50 @@ def test_the_chunked_losses_equal_the_full_logits_path(setup):
         b = meta_gradient(full, lm_params(full), x, vb, w, 0.5, mode).dR_dw
         assert ((a - b).norm() / b.norm()).item() < (1e-8 if mode == "fd" else 1e-10), mode  # fd: / 2 eps
     lm.loss_chunk_tokens = 1024
+
+
+def _halves(vb: dict) -> list[dict]:
+    return [{k: t[:1] for k, t in vb.items()}, {k: t[1:] for k, t in vb.items()}]
+
+
+@pytest.mark.parametrize("mode", ["per_sample", "fd", "jvp"])
+def test_the_boundarys_v_is_the_whole_sets_gradient_and_the_lookahead_as_alpha_vanishes(setup, mode):
+    """meta.v=boundary: v summed over the reward set in any batches is the gradient of its mean loss; with it,
+    dR/dw is the lookahead's in the limit alpha -> 0 (theta* = theta), and -alpha <v, grad L_i> at any alpha."""
+    from dwmtrain.meta.metagrad import reward_gradient, val_loss
+
+    lm, dwm, x, vb = setup
+    params, w = lm_params(lm), dwm(x).detach()
+    v, tot = reward_gradient(lm, params, _halves(vb))  # batches of 1 and 3 examples: the sum over examples
+    v = {k: t / tot[1] for k, t in v.items()}
+    whole, _ = reward_gradient(lm, params, [vb])
+    assert tot[1] == 4 and tot[0] / 4 == pytest.approx(val_loss(lm, params, vb).item(), rel=1e-12)
+    assert all(torch.allclose(v[k], whole[k] / 4, rtol=1e-10, atol=1e-14) for k in v)
+    errs = {}
+    for alpha in (1e-4, 1e-5, 1e-6, 0.5):
+        got = meta_gradient(lm, params, x, None, w, alpha, mode, v=v, with_before=False)
+        ref = meta_gradient(lm, params, x, vb, w, alpha, "unrolled")  # the lookahead on the same four examples
+        errs[alpha] = ((got.dR_dw - ref.dR_dw).norm() / ref.dR_dw.norm()).item()
+        exact = meta_gradient(lm, params, x, None, w, alpha, "per_sample", v=v, with_before=False).dR_dw
+        assert got.val_after is None and torch.allclose(got.dR_dw, exact, rtol=1e-5, atol=1e-12 * alpha)
+    # the error is theta*'s shift, O(alpha): tenfold smaller per tenfold smaller alpha; at alpha 0.5 it is not small
+    assert 8 < errs[1e-4] / errs[1e-5] < 12 and 8 < errs[1e-5] / errs[1e-6] < 12 and errs[1e-6] < 1e-4, errs
+    assert errs[0.5] > 0.1, errs
+
+
+def test_a_meta_step_with_the_boundarys_v_records_no_theta_star(setup):
+    import copy
+    from types import SimpleNamespace
+
+    from dwmtrain.meta.metagrad import reward_gradient
+    from dwmtrain.meta.update import meta_step
+
+    lm, dwm0, x, vb = setup
+    params = lm_params(lm)
+    v, tot = reward_gradient(lm, params, [vb])
+    v = {k: t / tot[1] for k, t in v.items()}
+    mc = SimpleNamespace(grad_mode="per_sample", fd_eps=1e-2, normalize_grad=False, spread_penalty=0.0)
+    dwm = copy.deepcopy(dwm0)
+    rec = meta_step(dwm, torch.optim.SGD(dwm.parameters(), lr=1e-3), lm, params, x, vb, 0.5, mc, True, v)
+    assert "val_loss_theta_star" not in rec and rec["val_loss_theta"] == pytest.approx(tot[0].item() / 4)
+    assert rec["grad_norm"] > 0

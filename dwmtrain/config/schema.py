@@ -341,6 +341,11 @@ class MetaConfig:
     #: parameter norm (meta.metagrad.FD_EPS; fp32: max(3e-4 x the norm, 0.02), measured most accurate)
     fd_eps: float = 0.0
     val_batch_size: int = 8  #: validation examples per meta-step
+    #: step: v = grad L_val(theta*) on each meta-step's validation batch (the paper's lookahead) | boundary:
+    #: v = grad L_val(theta) once per boundary over the whole reward part (Eq. 5's sum); a meta-step then costs
+    #: its training micro-batch's passes only. Exact as alpha -> 0 (theta* = theta); it drops theta*'s O(alpha)
+    #: shift, and the step mode's v is one batch's noisy estimate of it
+    v: str = "step"
     #: the dtype the meta job holds the frozen LM in: fp32 | train (the training dtype: bf16 on GPUs). Every
     #: process holds 3 LM-sized tensors at its peak: at 8B, 96 GB in fp32, 48 GB in bf16. The meta-gradient's
     #: error against fp64 is 7e-4 in fp32 and 5e-2 to 1e-1 in bf16 (tools/bench.py metaacc; docs/scaling.md)
@@ -369,6 +374,9 @@ class MetaConfig:
         one_of("meta.launch", self.launch, ("local", "external"))
         one_of("meta.grad_mode", self.grad_mode, ("fd", "per_sample", "jvp", "unrolled"))
         one_of("meta.lm_dtype", self.lm_dtype, ("fp32", "train"))
+        one_of("meta.v", self.v, ("step", "boundary"))
+        if self.v == "boundary":
+            check(self.grad_mode != "unrolled", "meta.v", self.v, "the unrolled reference takes a lookahead (step)")
         if self.mode == "fixed":
             check(bool(self.fixed.dwm_path), "meta.fixed.dwm_path", self.fixed.dwm_path, "meta.mode=fixed needs a DWM")
         if self.mode == "transfer":

@@ -8,8 +8,10 @@ theta*(w) is *linear* in w and the LM is frozen, so the chain rule needs no seco
     dR/dw_i = <grad L_val(theta*), d theta*/d w_i> = -alpha * <v, grad L_i(theta)>,  v = grad L_val(theta*)
 
 and the DWM gets dR/d theta_w = sum_i dR/dw_i * d w_i / d theta_w (one backward through the DWM with
-the surrogate sum_i stopgrad(dR/dw_i) * w_i). The inner products c_i = <v, grad L_i(theta)> are
-computed by one of:
+the surrogate sum_i stopgrad(dR/dw_i) * w_i). With meta.v=boundary, v = grad R(theta) once per boundary over
+the whole reward part instead (Eq. 5's sum, no lookahead): exact as alpha -> 0, where theta* = theta and each
+meta-step's v on one validation batch is a noisy estimate of it; the O(alpha) shift of theta* is what it drops.
+The inner products c_i = <v, grad L_i(theta)> are computed by one of:
 
     fd          (L_i(theta + eps v) - L_i(theta - eps v)) / (2 eps): two forwards; works with fused
                 attention kernels and with any parameter layout (DARTS-style hypergradient). O(eps^2).
@@ -122,7 +124,7 @@ class MetaGrad:
 
     dR_dw: torch.Tensor  # [B]
     val_before: float | None  # R at theta (None when not asked for: it is for the log only)
-    val_after: float  # R at theta*
+    val_after: float | None  # R at theta* (None with a boundary's v: no lookahead is taken)
 
 
 @contextlib.contextmanager
@@ -182,16 +184,20 @@ def meta_gradient(
     mode: str = "fd",
     fd_eps: float = 0.0,
     with_before: bool = True,
+    v: Params | None = None,
 ) -> MetaGrad:
     """dR/dw_i for the micro-batch ``x`` with weights ``w`` (see the module docstring). ``fd_eps``: the fd
     perturbation's norm (0: ``default_fd_eps``). ``with_before``: also R(theta), a validation forward the
-    gradient does not need (diagnostics)."""
+    gradient does not need (diagnostics). ``v``: the boundary's v (``reward_gradient``; meta.v=boundary) instead
+    of grad L_val(theta*) on ``vb``: no lookahead, no validation pass."""
     if mode == "unrolled":
         return _unrolled(model, params, x, vb, w, alpha)
     before = None
     if with_before:
         with torch.no_grad():
             before = val_loss(model, params, vb).item()
+    if v is not None:
+        return MetaGrad(-alpha * inner_products(model, params, x, v, mode, fd_eps), before, None)
     ps = {k: t.requires_grad_(True) for k, t in lookahead(model, params, x, w, alpha).items()}
     with _no_recompute(model):
         r = val_loss(model, ps, vb)
@@ -200,6 +206,23 @@ def meta_gradient(
     del ps, r  # theta* is no longer needed: at most theta, v and one perturbed copy are alive from here
     c = inner_products(model, params, x, v, mode, fd_eps)
     return MetaGrad(-alpha * c, before, after)
+
+
+def reward_gradient(model, params: Params, batches) -> tuple[Params, torch.Tensor]:
+    """The gradient at ``params`` of the summed per-example reward loss over ``batches`` (validation batches), and
+    [that sum, the number of examples] in fp64: one rank's share of v = grad R(theta) over the whole reward part
+    (Eq. 5's sum). Zeros where the rank has no batch."""
+    grads, tot = None, torch.zeros(2, dtype=torch.float64)
+    with _differentiable(model, params) as p:
+        for vb in batches:
+            n = vb["input_ids"].shape[0]
+            r = val_loss(model, p, vb) * n
+            g = torch.autograd.grad(r, list(p.values()))
+            grads = list(g) if grads is None else [a.add_(b) for a, b in zip(grads, g)]
+            tot += torch.tensor([r.item(), n], dtype=torch.float64)
+    if grads is None:
+        grads = [torch.zeros_like(t) for t in params.values()]
+    return dict(zip(params, grads)), tot
 
 
 def inner_products(model, params: Params, x: torch.Tensor, v: Params, mode: str, fd_eps: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier
 from dwmtrain.errors import CheckpointError
 from dwmtrain.faults import fault_point
 from dwmtrain.lr_schedule import scheduled_lr
-from dwmtrain.meta.metagrad import default_fd_eps, dwm_surrogate, lm_params, meta_gradient
+from dwmtrain.meta.metagrad import default_fd_eps, dwm_surrogate, lm_params, meta_gradient, reward_gradient
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, dwm_from_state
 from dwmtrain.models.lm import build_lm, enable_activation_checkpointing, load_lm_state
 from dwmtrain.models.spec import lm_spec
@@ -87,12 +87,15 @@ def initial_dwm(cfg: Config, arch: DWMArch, stage: int, rd: RunDir, lm_state: di
     return m, "fresh (random backbone)"
 
 
-def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc, log_before: bool = True) -> dict:
-    """One Adam step of the DWM on dR/dw at (x, vb); gradients averaged over ranks. Returns the record
-    (with R(theta), the validation loss before the lookahead, only when ``log_before``)."""
+def meta_step(
+    dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc, log_before: bool = True, v=None
+) -> dict:
+    """One Adam step of the DWM on dR/dw at (x, vb), or at x with the boundary's ``v`` (meta.v=boundary);
+    gradients averaged over ranks. Returns the record (with R(theta), the validation loss before the lookahead,
+    only when ``log_before``; R(theta*) only where a lookahead was taken)."""
     with torch.no_grad():  # the LM's passes first, without the DWM's graph alive beside them
         w0 = dwm(x)
-    g = meta_gradient(lm, params, x, vb, w0, alpha, mc.grad_mode, mc.fd_eps, with_before=log_before)
+    g = meta_gradient(lm, params, x, vb, w0, alpha, mc.grad_mode, mc.fd_eps, with_before=log_before, v=v)
     w = dwm(x)  # [B], differentiable in the DWM parameters: the same values as w0
     trainable = [p for group in opt.param_groups for p in group["params"]]
     opt.zero_grad(set_to_none=False)
@@ -108,12 +111,13 @@ def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc,
     opt.step()
     s = weight_stats(w)
     before = float("nan") if g.val_before is None else g.val_before  # every rank computes it, or none
-    diag = torch.tensor([before, g.val_after, s["entropy"], s["ess"]], dtype=torch.float64)
+    after = float("nan") if g.val_after is None else g.val_after  # the same on every rank
+    diag = torch.tensor([before, after, s["entropy"], s["ess"]], dtype=torch.float64)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     all_reduce_(diag).div_(world)
     return {
         **({"val_loss_theta": diag[0].item()} if log_before else {}),
-        "val_loss_theta_star": diag[1].item(),
+        **({"val_loss_theta_star": diag[1].item()} if g.val_after is not None else {}),
         "weight_entropy": diag[2].item(),
         "weight_ess": diag[3].item(),
         "w_min": s["min"],
@@ -153,6 +157,19 @@ def calibrate(dwm, lm, params, batches, alpha: float, mc) -> dict:
     return {"held_out_agreement": rho, "logit_scale": scale, "batches": int(t[1].item())}
 
 
+def boundary_v(lm, params, batches: MetaBatches) -> tuple[dict, tuple[float, float]]:
+    """v = grad R(theta) over every example of the reward part once (meta.v=boundary), each rank its share (every
+    world-th example), summed over ranks; and (R(theta), examples). Collective."""
+    val, bs, d = batches.val, batches.val_batch_size, batches.d
+    mine = list(range(d.rank, val.n, d.world))
+    chunks = ({k: t.to(d.device) for k, t in val.batch(mine[i : i + bs]).items()} for i in range(0, len(mine), bs))
+    v, tot = reward_gradient(lm, params, chunks)
+    for t in v.values():
+        all_reduce_(t)
+    all_reduce_(tot)
+    return {k: t.div_(tot[1].item()) for k, t in v.items()}, (tot[0].item() / tot[1].item(), tot[1].item())
+
+
 APPLIED_CHECK_BATCHES = 4  #: micro-batches the fitted weights are recorded on, for the trainer to reproduce
 
 
@@ -181,14 +198,15 @@ class MetaBatches:
         return self.data.batch(next(self.stream)[1]).to(d.device), {n: t.to(d.device) for n, t in vb.items()}
 
 
-def fit(dwm, opt, lm, params, batches: MetaBatches, alpha: float, mc, records: Path | None) -> None:
-    """``mc.steps`` meta-steps; rank 0 (``records`` set) appends each one's record to ``records``."""
+def fit(dwm, opt, lm, params, batches: MetaBatches, alpha: float, mc, records: Path | None, v=None) -> None:
+    """``mc.steps`` meta-steps (``v``: the boundary's, meta.v=boundary); rank 0 (``records`` set) appends each
+    one's record to ``records``."""
     for k in range(mc.steps):
         fault_point("meta-step", rank=batches.d.rank, step=k + 1)
         t0 = time.time()
         x, vb = batches(k)
         log_before = k in (0, mc.steps - 1) or (k + 1) % mc.log_every == 0
-        rec = {"meta_step": k + 1, **meta_step(dwm, opt, lm, params, x, vb, alpha, mc, log_before)}
+        rec = {"meta_step": k + 1, **meta_step(dwm, opt, lm, params, x, vb, alpha, mc, log_before, v)}
         rec["step_time_s"] = time.time() - t0
         if records is not None:
             with open(records, "a") as f:
@@ -226,7 +244,14 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
               f"meta-steps x {d.world} proc, mode {mc.grad_mode}{eps}, alpha {alpha:g}; validation "
               f"{batches.val.describe()}")  # fmt: skip
     t_start = time.time()
-    fit(dwm, opt, lm, params, batches, alpha, mc, records)
+    v = None
+    if mc.v == "boundary":
+        v, reward = boundary_v(lm, params, batches)
+        timings["reward_gradient_s"] = time.time() - t_start
+        if records is not None:
+            log.info(f"stage {stage}: v over the whole reward part ({reward[1]:.0f} examples, R(theta) "
+                     f"{reward[0]:.4f}) in {timings['reward_gradient_s']:.1f} s")  # fmt: skip
+    fit(dwm, opt, lm, params, batches, alpha, mc, records, v)
     cal = {}
     if mc.calibrate_batches:  # micro-batches after the fitted ones, validation batches after theirs
         cal = calibrate(dwm, lm, params, [batches(mc.steps + j) for j in range(mc.calibrate_batches)], alpha, mc)

@@ -16,7 +16,7 @@ def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, da
     target = write_jsonl(tmp_path / "target.jsonl", docs)
     rd = RunDir(tmp_path / "run")
     args = short_run(data64, "stages.total_steps=6", "stages.num_stages=2", "meta.mode=bilevel", "meta.nproc=2",
-                     "meta.steps=2", "data.val_source=target", f"data.target.path={target}",
+                     "meta.steps=2", "meta.v=boundary", "data.val_source=target", f"data.target.path={target}",
                      "data.report_sets=[lambada,heldout]", "run.log_every=1", "run.wandb.mode=offline")  # fmt: skip
     run(pretrain_cmd(rd.root, args))
     split = json.loads(rd.validation_split.read_text())
@@ -24,6 +24,8 @@ def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, da
     assert split["reward_examples"] + split["report_examples"] == split["examples"] > len(docs)
     said = f"target: {split['reward_examples']} of {split['examples']} items (reward part)"
     assert said in rd.meta_log(2).read_text()
+    # meta.v=boundary: v once over the whole reward part, from both processes' shares
+    assert f"v over the whole reward part ({split['reward_examples']} examples" in rd.meta_log(2).read_text()
     applied = json.loads((rd.meta_dir / "stage2.pause.json").read_text())["applied_check"]
     assert applied["ok"] and applied["micro_batches"] == 4 and applied["max_abs_diff"] < 1e-4  # fp32 both sides
     for e in records(rd.evals):  # every set by name; val_loss is the target's report part
