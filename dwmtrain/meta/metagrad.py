@@ -212,17 +212,17 @@ def reward_gradient(model, params: Params, batches) -> tuple[Params, torch.Tenso
     """The gradient at ``params`` of the summed per-example reward loss over ``batches`` (validation batches), and
     [that sum, the number of examples] in fp64: one rank's share of v = grad R(theta) over the whole reward part
     (Eq. 5's sum). Zeros where the rank has no batch."""
-    grads, tot = None, torch.zeros(2, dtype=torch.float64)
+    tot = torch.zeros(2, dtype=torch.float64)
     with _differentiable(model, params) as p:
-        for vb in batches:
+        for vb in batches:  # accumulated in .grad: one LM-sized tensor beside theta, however many batches
             n = vb["input_ids"].shape[0]
             r = val_loss(model, p, vb) * n
-            g = torch.autograd.grad(r, list(p.values()))
-            grads = list(g) if grads is None else [a.add_(b) for a, b in zip(grads, g)]
+            r.backward()
             tot += torch.tensor([r.item(), n], dtype=torch.float64)
-    if grads is None:
-        grads = [torch.zeros_like(t) for t in params.values()]
-    return dict(zip(params, grads)), tot
+        v = {k: torch.zeros_like(t) if t.grad is None else t.grad for k, t in p.items()}
+        for t in p.values():
+            t.grad = None
+    return v, tot
 
 
 def inner_products(model, params: Params, x: torch.Tensor, v: Params, mode: str, fd_eps: float) -> torch.Tensor:
