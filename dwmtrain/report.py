@@ -107,12 +107,11 @@ def meta_lines(rd: RunDir) -> list[str]:
     for m in metas:
         if rs := read_jsonl(m):
             a, b = rs[0], rs[-1]
-            key = (
-                "val_loss_theta_star" if "val_loss_theta_star" in a else "val_loss_theta"
-            )  # meta.v=boundary: no theta*
+            val = ""  # meta.v=boundary takes no lookahead: there is no R(theta*) to follow
+            if "val_loss_theta_star" in a and "val_loss_theta_star" in b:
+                val = f"val* {a['val_loss_theta_star']:.4f} -> {b['val_loss_theta_star']:.4f}, "
             lines.append(
-                f"  {m.stem}: {len(rs)} steps, val{'*' if key.endswith('star') else ''} {a.get(key, float('nan')):.4f}"
-                f" -> {b.get(key, float('nan')):.4f}, entropy {a['weight_entropy']:.4f} -> "
+                f"  {m.stem}: {len(rs)} steps, {val}entropy {a['weight_entropy']:.4f} -> "
                 f"{b['weight_entropy']:.4f}, |g| {b['grad_norm']:.3g}"
             )
     if not lines:

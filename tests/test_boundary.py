@@ -274,3 +274,29 @@ def test_applied_and_fitted_weights_of_other_shapes_are_an_error():
 
     with pytest.raises(ValueError, match="8 applied weights against 7 fitted"):
         applied_vs_fitted([torch.ones(8)], [[1.0] * 7], torch.float32)
+
+
+def test_an_applied_check_that_cannot_run_is_said_and_stops_nothing(tmp_path, caplog):
+    import json
+
+    rd = RunDir(tmp_path)
+    m = DataWeightingModel(ARCH)
+    save_dwm(
+        m, rd.dwm(2), stage=2, lm_step=10, applied_check={"indices": [list(range(90, 98))], "weights": [[1.0] * 8]}
+    )
+    cfg = load_config(None, [f"run.run_dir={tmp_path}", "meta.mode=bilevel"])
+    w = stage_boundary(cfg, rd, data=_Tokens(64)).for_stage(2)  # indices past the data (it changed since)
+    assert w.info["stage"] == 2 and "the applied-weights check could not run" in caplog.text
+    assert "error" in json.loads((rd.meta_dir / "stage2.pause.json").read_text())["applied_check"]
+
+
+def test_a_backbone_refreshed_from_another_shaped_lm_is_refused_before_the_run():
+    from dwmtrain.stages.modes import mode_of
+
+    cfg = load_config(None, ["meta.mode=bilevel", "model.preset=small", "dwm.backbone=tiny",
+                             "dwm.init_backbone_from_lm=false", "dwm.refresh_backbone=true"])  # fmt: skip
+    (why,) = mode_of(cfg).problems(cfg)
+    assert "dwm.refresh_backbone copies the LM" in why and "dwm.refresh_backbone=false" in why
+    cfg = load_config(None, ["meta.mode=bilevel", "model.preset=small", "dwm.backbone=tiny",
+                             "dwm.init_backbone_from_lm=false"])  # fmt: skip
+    assert mode_of(cfg).problems(cfg) == []

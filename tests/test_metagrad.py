@@ -254,3 +254,17 @@ def test_a_meta_step_with_the_boundarys_v_records_no_theta_star(setup):
     rec = meta_step(dwm, torch.optim.SGD(dwm.parameters(), lr=1e-3), lm, params, x, vb, 0.5, mc, True, v)
     assert "val_loss_theta_star" not in rec and rec["val_loss_theta"] == pytest.approx(tot[0].item() / 4)
     assert rec["grad_norm"] > 0
+
+
+def test_the_boundarys_v_of_a_bf16_lm_is_summed_in_fp32(setup):
+    from dwmtrain.meta.metagrad import reward_gradient
+
+    lm, _, _, vb = setup
+    ref, _ = reward_gradient(lm, lm_params(lm), [vb])
+    bf = copy.deepcopy(lm).to(torch.bfloat16)
+    singles = [{k: t[i : i + 1] for k, t in vb.items()} for i in range(4)]
+    v, tot = reward_gradient(bf, lm_params(bf), singles)
+    assert all(t.dtype == torch.float32 for t in v.values()) and tot[1] == 4
+    num = sum(((v[k].double() - ref[k]) ** 2).sum() for k in v) ** 0.5
+    den = sum((ref[k] ** 2).sum() for k in ref) ** 0.5
+    assert num / den < 0.05  # bf16 forwards and backwards, an fp32 sum

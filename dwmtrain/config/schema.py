@@ -207,8 +207,8 @@ class DWMConfig:
     normalization: str = "softmax"  #: softmax (B * softmax(z/T)) | sigmoid (keep-gates renormalized to mean 1)
     uniform_mix: float = 0.0  #: w <- (1-u) w + u, guards against collapse onto few samples
     init_backbone_from_lm: bool = True  #: first boundary: copy the LM into the backbone (as the paper)
-    #: every later boundary too: the continued DWM's backbone copied again from the LM it is fitted on (its head
-    #: kept), so its features are the current LM's, not the first boundary's (the paper copies once)
+    #: every continued DWM (a later stage's, a warm start's) gets the LM it is fitted on copied into its backbone,
+    #: its head kept: features of the current LM, not of the first boundary's (the paper copies once)
     refresh_backbone: bool = False
     alarm_ess: float = 0.5  #: alarm when a step's mean ESS falls below this fraction of the micro-batch (collapse)
     alarm_max_weight: float = 0.5  #: alarm when one sample's weight exceeds this fraction of the micro-batch size

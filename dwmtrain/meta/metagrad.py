@@ -213,15 +213,18 @@ def reward_gradient(model, params: Params, batches) -> tuple[Params, torch.Tenso
     [that sum, the number of examples] in fp64: one rank's share of v = grad R(theta) over the whole reward part
     (Eq. 5's sum). Zeros where the rank has no batch."""
     tot = torch.zeros(2, dtype=torch.float64)
+    # summed in fp32 at least: a bf16 running sum would drop most of each batch's share
+    v = {k: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for k, t in params.items()}
     with _differentiable(model, params) as p:
-        for vb in batches:  # accumulated in .grad: one LM-sized tensor beside theta, however many batches
+        for vb in batches:
             n = vb["input_ids"].shape[0]
             r = val_loss(model, p, vb) * n
-            r.backward()
+            r.backward()  # (not autograd.grad: reentrant activation checkpointing needs backward)
+            for k, t in p.items():
+                if t.grad is not None:
+                    v[k] += t.grad
+                    t.grad = None
             tot += torch.tensor([r.item(), n], dtype=torch.float64)
-        v = {k: torch.zeros_like(t) if t.grad is None else t.grad for k, t in p.items()}
-        for t in p.values():
-            t.grad = None
     return v, tot
 
 

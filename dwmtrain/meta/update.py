@@ -139,13 +139,13 @@ def _logits(dwm, x: torch.Tensor) -> torch.Tensor:
     return dwm.score(dwm.embed(x)).float()
 
 
-def calibrate(dwm, lm, params, batches, alpha: float, mc) -> dict:
+def calibrate(dwm, lm, params, batches, alpha: float, mc, v=None) -> dict:
     """Shrink the fitted DWM toward uniform by how well it agrees with the meta-gradient on micro-batches it was
     not fitted on: logits *= clip(rho / meta.calibrate_rho, 0, 1). Early in training, when the DWM's ranking does
     not generalize, its weights would only add variance to the LM's gradient. Collective (rho averaged)."""
     rhos = []
     for x, vb in batches:
-        g = meta_gradient(lm, params, x, vb, dwm(x).detach(), alpha, mc.grad_mode, mc.fd_eps)
+        g = meta_gradient(lm, params, x, vb, dwm(x).detach(), alpha, mc.grad_mode, mc.fd_eps, with_before=False, v=v)
         rhos.append(agreement(_logits(dwm, x), g.dR_dw.float()))
     t = torch.tensor([sum(rhos), len(rhos)], dtype=torch.float64)
     all_reduce_(t)
@@ -167,7 +167,8 @@ def boundary_v(lm, params, batches: MetaBatches) -> tuple[dict, tuple[float, flo
     for t in v.values():
         all_reduce_(t)
     all_reduce_(tot)
-    return {k: t.div_(tot[1].item()) for k, t in v.items()}, (tot[0].item() / tot[1].item(), tot[1].item())
+    n = tot[1].item()  # v back in the LM's dtype, as the step mode's v is
+    return {k: t.div_(n).to(params[k].dtype) for k, t in v.items()}, (tot[0].item() / n, n)
 
 
 APPLIED_CHECK_BATCHES = 4  #: micro-batches the fitted weights are recorded on, for the trainer to reproduce
@@ -243,18 +244,19 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
         log.info(f"stage {stage}: LM from {rd.checkpoint(tag)} (step {state.step}); DWM {how}; {mc.steps} "
               f"meta-steps x {d.world} proc, mode {mc.grad_mode}{eps}, alpha {alpha:g}; validation "
               f"{batches.val.describe()}")  # fmt: skip
-    t_start = time.time()
     v = None
     if mc.v == "boundary":
+        t_v = time.time()
         v, reward = boundary_v(lm, params, batches)
-        timings["reward_gradient_s"] = time.time() - t_start
+        timings["reward_gradient_s"] = time.time() - t_v
         if records is not None:
             log.info(f"stage {stage}: v over the whole reward part ({reward[1]:.0f} examples, R(theta) "
                      f"{reward[0]:.4f}) in {timings['reward_gradient_s']:.1f} s")  # fmt: skip
+    t_start = time.time()
     fit(dwm, opt, lm, params, batches, alpha, mc, records, v)
     cal = {}
     if mc.calibrate_batches:  # micro-batches after the fitted ones, validation batches after theirs
-        cal = calibrate(dwm, lm, params, [batches(mc.steps + j) for j in range(mc.calibrate_batches)], alpha, mc)
+        cal = calibrate(dwm, lm, params, [batches(mc.steps + j) for j in range(mc.calibrate_batches)], alpha, mc, v)
         if d.is_main:
             log.info(f"stage {stage}: held-out agreement {cal['held_out_agreement']:.3f} -> logits x "
                   f"{cal['logit_scale']:.3f}")  # fmt: skip

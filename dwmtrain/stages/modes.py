@@ -147,7 +147,8 @@ def _init_dwm_problems(cfg) -> list[str]:
 def _backbone_problems(cfg) -> list[str]:
     """A run whose first meta job would copy the LM into a backbone of another shape: said now, not at the first
     stage boundary."""
-    if not cfg.dwm.init_backbone_from_lm:
+    copies = [o for o in ("init_backbone_from_lm", "refresh_backbone") if getattr(cfg.dwm, o)]
+    if not copies:
         return []
     from dwmtrain.models.spec import lm_spec
 
@@ -156,6 +157,6 @@ def _backbone_problems(cfg) -> list[str]:
     diff = [f"{k} {bb_shape[k]} vs the LM's {lm_shape[k]}" for k in lm_shape if lm_shape[k] != bb_shape.get(k)]
     if not diff:
         return []
-    return [f"dwm.backbone={cfg.dwm.backbone}: dwm.init_backbone_from_lm copies the LM into the DWM's backbone, which "
-            f"needs the LM's shape ({', '.join(diff[:3])}); set dwm.backbone=lm (or the LM's preset), or "
-            "dwm.init_backbone_from_lm=false"]  # fmt: skip
+    named = " and ".join(f"dwm.{o}" for o in copies)
+    return [f"dwm.backbone={cfg.dwm.backbone}: {named} copies the LM into the DWM's backbone, which needs the LM's "
+            f"shape ({', '.join(diff[:3])}); set dwm.backbone=lm (or the LM's preset), or {named}=false"]  # fmt: skip

@@ -26,6 +26,7 @@ def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, da
     assert said in rd.meta_log(2).read_text()
     # meta.v=boundary: v once over the whole reward part, from both processes' shares
     assert f"v over the whole reward part ({split['reward_examples']} examples" in rd.meta_log(2).read_text()
+    assert all("val_loss_theta_star" not in r and r["grad_norm"] > 0 for r in records(rd.meta_records(2)))
     applied = json.loads((rd.meta_dir / "stage2.pause.json").read_text())["applied_check"]
     assert applied["ok"] and applied["micro_batches"] == 4 and applied["max_abs_diff"] < 1e-4  # fp32 both sides
     for e in records(rd.evals):  # every set by name; val_loss is the target's report part
