@@ -53,7 +53,7 @@ def run_steps(run: Run, bar) -> None:
             rec = step_record(run, step, stage, lr, time.time() - t0, weighting.version, reduced, nonfinite)
             alarmed = raise_alarm(run, rec, alarmed, weighting)
             run.metrics.log(rec)
-            bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", gnorm=f"{rec['grad_norm'] or float('nan'):.2f}",
+            bar.set_postfix(stage=stage, loss=f"{rec['loss']:.3f}", gnorm=f"{_or_nan(rec['grad_norm']):.2f}",
                             tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)  # fmt: skip
         run.nonfinite.check(step, stage, weighting.version, run.ckpt.last_tag)  # too many in a row: stop, unsaved
         boundary = step in run.starts[1:]
@@ -243,3 +243,8 @@ def validate(run: Run) -> dict:
         out |= (got if i == 0 else {}) | {f"val_loss/{name}": got["val_loss"], f"val_acc/{name}": got["val_acc"]}
     eng.train()
     return out
+
+
+def _or_nan(x: float | None) -> float:
+    """A gradient norm for the progress bar: 0 stays 0 (a micro-batch weighted all 0), a missing one is nan."""
+    return float("nan") if x is None else x
