@@ -184,7 +184,11 @@ def table(target: str, s: dict, arms: list[str], seeds: int) -> list[str]:
         share = r.get("share_of_best_static")
         gain = f"{r['gain'][0]:+.4f} ± {r['gain'][1]:.4f} | {r['gain_in_std']:.1f} | {r['better_seeds']} of {seeds}" \
             if "gain" in r and arm != "uniform" else "- | - | -"  # fmt: skip
-        cost = f"{r['general_cost'][0]:+.4f} ± {r['general_cost'][1]:.4f}" if arm != "uniform" else "-"
+        cost = (
+            f"{r['general_cost'][0]:+.4f} ± {r['general_cost'][1]:.4f}"
+            if "general_cost" in r and arm != "uniform"
+            else "-"
+        )
         share = "-" if share is None else f"{100 * share:.0f}%"
         lines.append(f"| {arm} | {r['target'][0]:.4f} ± {r['target'][1]:.4f} | {gain} | {r['general'][0]:.4f} ± "
                      f"{r['general'][1]:.4f} | {cost} | {share} |")  # fmt: skip
