@@ -29,6 +29,16 @@ def _docs(tmp_path, n: int = 40, field: str = "text"):
     return write_jsonl(tmp_path / "target.jsonl", recs), recs
 
 
+def _columnar(tmp_path, texts: list[str]) -> None:
+    """tmp_path/t.parquet and tmp_path/t.arrow: the texts in a column "body"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": texts}), tmp_path / "t.parquet")
+    with pa.OSFile(str(tmp_path / "t.arrow"), "wb") as f, pa.ipc.new_file(f, pa.schema([("body", pa.string())])) as w:
+        w.write_table(pa.table({"body": texts}))
+
+
 def _seen(v, n_batches: int, bs: int, world: int) -> set[tuple]:
     """Every example (its token ids) the batches of ``v`` hand out, on every rank."""
     out = set()
@@ -96,14 +106,9 @@ def test_the_meta_job_reads_only_the_reward_part(prepared, sp_model, tmp_path):
 
 
 def test_a_target_in_each_format_is_tokenized_once_and_reused(prepared, sp_model, tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     _, recs = _docs(tmp_path)
     texts = [r["text"] for r in recs]
-    pq.write_table(pa.table({"body": texts}), tmp_path / "t.parquet")
-    with pa.OSFile(str(tmp_path / "t.arrow"), "wb") as f, pa.ipc.new_file(f, pa.schema([("body", pa.string())])) as w:
-        w.write_table(pa.table({"body": texts}))
+    _columnar(tmp_path, texts)
     zst = tmp_path / "z"
     zst.mkdir()
     import zstandard
@@ -288,16 +293,11 @@ def _formats_on_two_ranks(d, runs: list[tuple[list[str], str]]):
 
 
 def test_each_target_format_through_validation_and_the_meta_batches_on_two_ranks(prepared, sp_model, tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from .spawn import run_distributed
 
     _, recs = _docs(tmp_path)
     texts = [r["text"] for r in recs]
-    pq.write_table(pa.table({"body": texts}), tmp_path / "t.parquet")
-    with pa.OSFile(str(tmp_path / "t.arrow"), "wb") as f, pa.ipc.new_file(f, pa.schema([("body", pa.string())])) as w:
-        w.write_table(pa.table({"body": texts}))
+    _columnar(tmp_path, texts)
     write_jsonl(tmp_path / "t.jsonl", [{"doc": {"body": t}} for t in texts])
     runs = []
     for path, field in [("t.parquet", "body"), ("t.arrow", "body"), ("t.jsonl", "doc.body"), (prepared, "text")]:
