@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from dwmtrain.fileio import read_jsonl  # noqa: E402
 from dwmtrain.rundir import RunDir  # noqa: E402
-from tools.noise_probe import SP, mean_std, sh, write_documents  # noqa: E402
+from tools.noise_probe import SP, at_step, mean_std, sh, write_documents  # noqa: E402
 
 CORPUS = ROOT / "dwmtrain" / "data" / "corpus" / "sample.jsonl.zst"
 DOMAIN = "meta.redpajama_set_name"
@@ -151,8 +151,8 @@ def summarize(res: dict, arms: list[str], last: int) -> dict:
     arm's target gain over uniform that the arm reaches (1: as good as it; above 1: better)."""
     out = {}
     for arm in arms:
-        t = [_at(r["target"], last) for r in res[arm]]
-        g = [_at(r["general"], last) for r in res[arm]]
+        t = [at_step(r["target"], last) for r in res[arm]]
+        g = [at_step(r["general"], last) for r in res[arm]]
         out[arm] = {"target": mean_std(t), "general": mean_std(g), "target_per_seed": t, "general_per_seed": g}
     for arm in out if "uniform" in out else ():  # paired with uniform, seed by seed (positive: the arm helps)
         gains = [u - x for u, x in zip(out["uniform"]["target_per_seed"], out[arm]["target_per_seed"])]
@@ -167,11 +167,6 @@ def summarize(res: dict, arms: list[str], last: int) -> dict:
             out[arm]["share_of_best_static"] = (u - out[arm]["target"][0]) / (u - b) if u != b else None
         out["_best_static"] = best
     return out
-
-
-def _at(by_step: dict, step):
-    """A loss at ``step`` (a run's table read back from JSON has string steps)."""
-    return by_step[step] if step in by_step else by_step[str(step)]
 
 
 def table(target: str, s: dict, arms: list[str], seeds: int) -> list[str]:

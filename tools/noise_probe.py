@@ -384,7 +384,7 @@ def figure(compare: dict, path: Path) -> Path:
     ax = fig.add_subplot(1, 1, 1)
     steps = compare["steps"]
     for arm, runs in compare["val_loss"].items():
-        ms = [mean_std([r[str(s)] if str(s) in r else r[s] for r in runs]) for s in steps]
+        ms = [mean_std([at_step(r, s) for r in runs]) for s in steps]
         m, sd = [x[0] for x in ms], [x[1] for x in ms]
         ax.plot(steps, m, marker="o", ms=3, label=f"{ARM_LABELS.get(arm, arm)} ({len(runs)} seeds)")
         ax.fill_between(steps, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.15)
@@ -392,6 +392,11 @@ def figure(compare: dict, path: Path) -> Path:
     ax.set_ylabel("clean held-out validation loss")
     ax.legend(fontsize=7)
     return save_png(fig, path)
+
+
+def at_step(by_step: dict, step):
+    """A value at ``step`` (a run's table read back from JSON has string steps)."""
+    return by_step[step] if step in by_step else by_step[str(step)]
 
 
 def mean_std(xs: list[float]) -> tuple[float, float]:
