@@ -233,3 +233,7 @@ def test_config_errors_come_before_the_resolved_config_and_name_the_field_set(pr
 def test_the_boundarys_v_refuses_the_unrolled_reference():
     with pytest.raises(ConfigError, match=r"meta.v.*unrolled reference takes a lookahead"):
         load_config(None, ["meta.v=boundary", "meta.grad_mode=unrolled"])
+    with pytest.raises(ConfigError, match=r"meta.lookahead.*unrolled reference is the SGD lookahead's"):
+        load_config(None, ["meta.lookahead=adam", "meta.grad_mode=unrolled"])
+    with pytest.raises(ConfigError, match=r"meta.lookahead"):
+        load_config(None, ["meta.lookahead=lion"])

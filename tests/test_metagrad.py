@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from dwmtrain.meta.metagrad import FD_EPS, default_fd_eps, dwm_surrogate, lm_params, meta_gradient
+from dwmtrain.meta.metagrad import FD_EPS, AdamMoments, default_fd_eps, dwm_surrogate, lm_params, meta_gradient
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch
 from dwmtrain.models.lm import build_lm
 from dwmtrain.models.spec import ModelSpec
@@ -108,7 +108,7 @@ def test_meta_step_at_world_size_1_follows_the_exact_dwm_gradient(setup):
     import copy
     from types import SimpleNamespace
 
-    from dwmtrain.meta.update import meta_step
+    from dwmtrain.meta.update import Lookahead, meta_step
 
     lm, dwm0, x, vb = setup
     dwm = copy.deepcopy(dwm0)
@@ -118,7 +118,7 @@ def test_meta_step_at_world_size_1_follows_the_exact_dwm_gradient(setup):
     before = torch.cat([p.detach().flatten().clone() for p in dwm.parameters()])
     opt = torch.optim.SGD(dwm.parameters(), lr=1e-3)
     mc = SimpleNamespace(grad_mode="per_sample", fd_eps=1e-2, normalize_grad=False, spread_penalty=0.0)
-    rec = meta_step(dwm, opt, lm, params, x, vb, 0.5, mc)
+    rec = meta_step(dwm, opt, lm, params, x, vb, Lookahead(0.5), mc)
     after = torch.cat([p.detach().flatten() for p in dwm.parameters()])
     assert torch.allclose(after - before, -1e-3 * g_ref, rtol=1e-6, atol=1e-12)
     assert rec["grad_norm"] == pytest.approx(g_ref.norm().item(), rel=1e-6)
@@ -132,7 +132,7 @@ def test_normalized_meta_gradient_is_the_same_direction_at_a_known_scale(setup):
     import copy
     from types import SimpleNamespace
 
-    from dwmtrain.meta.update import meta_step
+    from dwmtrain.meta.update import Lookahead, meta_step
 
     lm, dwm0, x, vb = setup
     dwm, params = copy.deepcopy(dwm0), lm_params(lm)
@@ -141,7 +141,7 @@ def test_normalized_meta_gradient_is_the_same_direction_at_a_known_scale(setup):
     before = torch.cat([p.detach().flatten().clone() for p in dwm.parameters()])
     opt = torch.optim.SGD(dwm.parameters(), lr=1e-3)
     mc = SimpleNamespace(grad_mode="per_sample", fd_eps=1e-2, normalize_grad=True, spread_penalty=0.0)
-    meta_step(dwm, opt, lm, params, x, vb, 0.5, mc)
+    meta_step(dwm, opt, lm, params, x, vb, Lookahead(0.5), mc)
     after = torch.cat([p.detach().flatten() for p in dwm.parameters()])
     scale = 1.0 / (8 * ref.dR_dw.std(unbiased=False).item())
     assert torch.allclose(after - before, -1e-3 * scale * g_ref, rtol=1e-6, atol=1e-12)
@@ -154,7 +154,7 @@ def test_the_spread_guard_prevents_a_constructed_collapse(setup, spread_penalty,
     import copy
     from types import SimpleNamespace
 
-    from dwmtrain.meta.update import meta_step
+    from dwmtrain.meta.update import Lookahead, meta_step
 
     lm, dwm0, x, vb = setup
     dwm, params = copy.deepcopy(dwm0), lm_params(lm)
@@ -162,7 +162,7 @@ def test_the_spread_guard_prevents_a_constructed_collapse(setup, spread_penalty,
     opt = torch.optim.Adam([p for p in dwm.parameters() if p.requires_grad], lr=0.1)
     mc = SimpleNamespace(grad_mode="per_sample", fd_eps=1e-2, normalize_grad=True, spread_penalty=spread_penalty)
     for _ in range(30):
-        rec = meta_step(dwm, opt, lm, params, x, vb, 0.5, mc)
+        rec = meta_step(dwm, opt, lm, params, x, vb, Lookahead(0.5), mc)
     if collapses:
         assert rec["weight_ess"] < 1.1 and rec["w_max"] > 7.5, rec
     else:
@@ -243,7 +243,7 @@ def test_a_meta_step_with_the_boundarys_v_records_no_theta_star(setup):
     from types import SimpleNamespace
 
     from dwmtrain.meta.metagrad import reward_gradient
-    from dwmtrain.meta.update import meta_step
+    from dwmtrain.meta.update import Lookahead, meta_step
 
     lm, dwm0, x, vb = setup
     params = lm_params(lm)
@@ -251,7 +251,7 @@ def test_a_meta_step_with_the_boundarys_v_records_no_theta_star(setup):
     v = {k: t / tot[1] for k, t in v.items()}
     mc = SimpleNamespace(grad_mode="per_sample", fd_eps=1e-2, normalize_grad=False, spread_penalty=0.0)
     dwm = copy.deepcopy(dwm0)
-    rec = meta_step(dwm, torch.optim.SGD(dwm.parameters(), lr=1e-3), lm, params, x, vb, 0.5, mc, True, v)
+    rec = meta_step(dwm, torch.optim.SGD(dwm.parameters(), lr=1e-3), lm, params, x, vb, Lookahead(0.5, v), mc, True)
     assert "val_loss_theta_star" not in rec and rec["val_loss_theta"] == pytest.approx(tot[0].item() / 4)
     assert rec["grad_norm"] > 0
 
@@ -268,3 +268,53 @@ def test_the_boundarys_v_of_a_bf16_lm_is_summed_in_fp32(setup):
     num = sum(((v[k].double() - ref[k]) ** 2).sum() for k in v) ** 0.5
     den = sum((ref[k] ** 2).sum() for k in ref) ** 0.5
     assert num / den < 0.05  # bf16 forwards and backwards, an fp32 sum
+
+
+def _moments(params, step=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    m = {k: 1e-3 * torch.randn(t.shape, generator=g, dtype=t.dtype) for k, t in params.items()}
+    s = {k: 1e-6 * torch.rand(t.shape, generator=g, dtype=t.dtype) for k, t in params.items()}
+    return AdamMoments(m, s, step=step, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("mode", ["per_sample", "fd"])
+def test_the_adamw_lookahead_is_exact_against_torchs_adamw(setup, mode):
+    """meta.lookahead=adam: dR/dw_i against central differences in w_i through torch.optim.AdamW's own step from the
+    same moments (an independent implementation: its bias corrections, eps and decoupled weight decay), fp64."""
+    from dwmtrain.analysis.diagnostic import RealStep, Rollout, true_effects
+
+    lm, _, x, vb = setup
+    params = lm_params(lm)
+    adam, alpha, w = _moments(params), 1e-3, torch.ones(x.shape[0], dtype=torch.float64)
+    got = meta_gradient(lm, params, x, vb, w, alpha, mode, adam=adam).dR_dw
+    ref = -true_effects(lm, params, x, Rollout(lm, params, RealStep(adam, alpha)), [vb], h=1e-4)
+    err = ((got - ref).norm() / ref.norm()).item()
+    sgd = meta_gradient(lm, params, x, vb, w, alpha, mode).dR_dw / x.shape[0]  # the same step size per sample
+    print(f"adam lookahead ({mode}) vs torch AdamW finite differences: relative error {err:.2e}; "
+          f"the SGD lookahead's {((sgd - ref).norm() / ref.norm()).item():.2e}")
+    assert err < 1e-5 and ((sgd - ref).norm() / ref.norm()).item() > 0.1  # Adam's geometry is not SGD's
+
+
+def test_the_adamw_lookahead_with_the_boundarys_v_is_its_alpha_to_0_limit(setup):
+    from dwmtrain.meta.metagrad import reward_gradient
+
+    lm, _, x, vb = setup
+    params = lm_params(lm)
+    adam, w = _moments(params), torch.ones(x.shape[0], dtype=torch.float64)
+    v, tot = reward_gradient(lm, params, [vb])
+    v = {k: t / tot[1] for k, t in v.items()}
+    at_v = meta_gradient(lm, params, x, None, w, 1e-7, "per_sample", with_before=False, v=v, adam=adam).dR_dw
+    step = meta_gradient(lm, params, x, vb, w, 1e-7, "per_sample", adam=adam).dR_dw
+    assert ((at_v - step).norm() / step.norm()).item() < 1e-4
+
+
+def test_the_adamw_update_and_its_derivative_match_autograd():
+    g = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    m, s = 0.01 * torch.randn(50, dtype=torch.float64), 1e-4 * torch.rand(50, dtype=torch.float64)
+    s[:5] = 0.0  # a parameter with no history
+    adam = AdamMoments({"p": m}, {"p": s}, step=3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
+    u, jac = adam.update("p", g)
+    (ref,) = torch.autograd.grad(u.sum(), g)  # u is elementwise in g: its Jacobian's diagonal is this gradient
+    assert torch.allclose(jac, ref, rtol=1e-10, atol=0)
+    zero = adam.update("p", torch.zeros(50, dtype=torch.float64))[1]
+    assert torch.isfinite(zero).all()

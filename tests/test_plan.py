@@ -60,6 +60,16 @@ def test_the_8b_run_fits_4x8_h100_and_its_meta_job_fits_too():
     assert len(secs) == 5 and all(s > 0 for s in secs)
 
 
+def test_the_adamw_lookahead_counts_the_moments_and_the_derivative_in_the_meta_job():
+    cfg = load_config("experiments/scale/llama3.1-8b_4x8h100")
+    sgd = make_plan(cfg, 4, 8, parse_device("h100"))
+    adam = make_plan(load_config("experiments/scale/llama3.1-8b_4x8h100", ["meta.lookahead=adam"]), 4, 8,
+                     parse_device("h100"))  # fmt: skip
+    lm_bytes = 4 if cfg.meta.lm_dtype == "fp32" else 2
+    assert adam.meta_peak - sgd.meta_peak == sgd.n_params * (8 + lm_bytes)  # m, v in fp32 and J
+    assert "AdamW moments (meta.lookahead=adam)" in {i.name for i in adam.meta_items}
+
+
 def test_a_run_that_does_not_fit_names_the_first_change_that_does():
     cfg = load_config("experiments/scale/llama3.1-8b_4x8h100", ["model.activation_checkpointing=0"])
     dev = parse_device("h100")

@@ -29,32 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dwmtrain.analysis.stats import auc_by_kind  # noqa: E402
 from dwmtrain.fileio import read_jsonl  # noqa: E402
 from dwmtrain.rundir import RunDir  # noqa: E402
 from dwmtrain.stages.meta_job import meta_job_command, meta_job_env  # noqa: E402
 
 CORPUS = ROOT / "dwmtrain" / "data" / "corpus"
 SP = CORPUS / "sample_sp4096.model"
-
-
-def roc_auc(scores: list[float], labels: list[int]) -> float:
-    """P(score of a random positive > score of a random negative), ties counted half (Mann-Whitney)."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
-        raise ValueError("need both clean and corrupted samples")
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    r_pos = sum(r for r, y in zip(ranks, labels) if y)
-    return (r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
 BOILERPLATE = [
@@ -208,16 +189,6 @@ def score_heldout(run_dir: Path, data_dir: Path, stage: int, passes: int, seed: 
                 scores += dwm(ds.batch(idx)).tolist()
                 domains += [ds.domain(i) for i in idx]
     return scores, domains
-
-
-def auc_by_kind(scores: list[float], domains: list[str]) -> dict[str, float]:
-    """ROC-AUC of clean (positive) against all corrupted samples ("all") and against each corruption kind."""
-    bad = sorted({d for d in domains if d.startswith("corrupted-")})
-    out = {"all": roc_auc(scores, [int(not d.startswith("corrupted-")) for d in domains])}
-    for b in bad:
-        keep = [i for i, d in enumerate(domains) if d == b or not d.startswith("corrupted-")]
-        out[b.removeprefix("corrupted-")] = roc_auc([scores[i] for i in keep], [int(domains[i] != b) for i in keep])
-    return out
 
 
 def stage_end_val(run_dir: Path) -> dict[int, float]:

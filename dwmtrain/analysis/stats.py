@@ -49,6 +49,27 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / den) if den > 0 else float("nan")
 
 
+def roc_auc(scores, labels) -> float:
+    """P(score of a random positive > score of a random negative), ties counted half (Mann-Whitney U / n+ n-)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if not n_pos or not n_neg:
+        raise ValueError("need both clean and corrupted samples")
+    return float((rankdata(scores)[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc_by_kind(scores, domains: list[str], bad_prefix: str = "corrupted-") -> dict[str, float]:
+    """ROC-AUC of clean (positive) against all corrupted samples ("all": every domain named ``bad_prefix``...) and
+    against each corruption kind (the domain without the prefix)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    bad = np.array([d.startswith(bad_prefix) for d in domains], dtype=bool)
+    out = {"all": roc_auc(scores, ~bad)}
+    for kind in sorted({d for d in domains if d.startswith(bad_prefix)}):
+        keep = np.array([d == kind for d in domains]) | ~bad
+        out[kind.removeprefix(bad_prefix)] = roc_auc(scores[keep], ~bad[keep])
+    return out
+
+
 def within_batch_spearman(a: np.ndarray, b: np.ndarray, micro_batch: int) -> float:
     """Mean Spearman rho over micro-batches (the ranking training acts on); batches constant in either skipped."""
     rs = [spearman(a[s : s + micro_batch], b[s : s + micro_batch]) for s in range(0, len(a), micro_batch)]

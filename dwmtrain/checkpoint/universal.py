@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from dwmtrain.checkpoint.safe_load import safe_torch_load
 from dwmtrain.distributed import Dist, all_gather_object, run_on_rank0
@@ -84,6 +87,34 @@ def load_universal(engine, rd: RunDir, d: Dist, tag: str) -> None:
         engine._config.load_universal_checkpoint = False
     if path is None:
         raise ResumeError(f"DeepSpeed could not load the universal checkpoint {uni}")
+
+
+def read_adam_state(uni: Path, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """From a universal checkpoint ``uni``: AdamW's moments of every parameter named in ``shapes`` ({"exp_avg":
+    {name: tensor}, "exp_avg_sq": {...}} in fp32, reshaped), the steps it has taken and its param group's
+    hyperparameters (lr, betas, eps, weight_decay). Each file is read with weights_only; the common state is
+    memory-mapped (it also holds rank 0's flat partition, which is not needed)."""
+    common = uni / "zero" / "optimizer_state.pt"
+    if not common.is_file():
+        raise ResumeError(f"{common}: missing (not a universal checkpoint?)")
+    with safe_torch_load():
+        opt = torch.load(common, map_location="cpu", mmap=True)
+    state, group = opt["optimizer_state_dict"]["state"], opt["optimizer_state_dict"]["param_groups"][0]
+    steps = {int(s["step"]) for s in state.values() if "step" in s}
+    if len(steps) != 1:
+        raise ResumeError(f"{common}: no single optimizer step count ({sorted(steps) or 'none'})")
+    out: dict = {"exp_avg": {}, "exp_avg_sq": {}, "step": steps.pop()}
+    out.update({k: group[k] for k in ("lr", "eps", "weight_decay")}, betas=tuple(group["betas"]))
+    for name, shape in shapes.items():
+        for moment in ("exp_avg", "exp_avg_sq"):
+            f = uni / "zero" / name / f"{moment}.pt"
+            if not f.is_file():
+                raise ResumeError(f"{f}: missing: the checkpoint has no optimizer state for {name}")
+            t = torch.load(f, map_location="cpu", weights_only=True)
+            if t.numel() != math.prod(shape):
+                raise ResumeError(f"{f}: {t.numel()} values for a parameter of shape {tuple(shape)}")
+            out[moment][name] = t.float().reshape(shape)
+    return out
 
 
 if __name__ == "__main__":  # convert_to_universal's worker: SRC DST WORKERS

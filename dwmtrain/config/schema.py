@@ -336,6 +336,10 @@ class MetaConfig:
     log_every: int = 10
     lr: float = 1e-4  #: Adam learning rate of the DWM
     lookahead_lr: float = 0.0  #: alpha of the lookahead step; 0: the LM's learning rate at the boundary
+    #: sgd: theta* = theta - alpha sum_i w_i grad L_i (the paper's Eq. 4) | adam: theta* is the AdamW step the engine
+    #: would take from the boundary checkpoint's moments (read from its ZeRO shards through DeepSpeed's universal
+    #: conversion; every process then also holds m and v: 8 B/param more, 64 GB at 8B)
+    lookahead: str = "sgd"
     grad_mode: str = "fd"  #: fd (finite differences, production) | per_sample | jvp | unrolled (reference)
     #: fd mode: norm of the parameter perturbation along v = grad L_val(theta*); 0: by the LM's dtype and
     #: parameter norm (meta.metagrad.FD_EPS; fp32: max(3e-4 x the norm, 0.02), measured most accurate)
@@ -375,6 +379,10 @@ class MetaConfig:
         one_of("meta.grad_mode", self.grad_mode, ("fd", "per_sample", "jvp", "unrolled"))
         one_of("meta.lm_dtype", self.lm_dtype, ("fp32", "train"))
         one_of("meta.v", self.v, ("step", "boundary"))
+        one_of("meta.lookahead", self.lookahead, ("sgd", "adam"))
+        if self.lookahead == "adam":
+            check(self.grad_mode != "unrolled", "meta.lookahead", self.lookahead,
+                  "the unrolled reference is the SGD lookahead's (use fd, per_sample or jvp)")  # fmt: skip
         if self.v == "boundary":
             check(self.grad_mode != "unrolled", "meta.v", self.v, "the unrolled reference takes a lookahead (step)")
         if self.mode == "fixed":

@@ -11,6 +11,17 @@ and the DWM gets dR/d theta_w = sum_i dR/dw_i * d w_i / d theta_w (one backward 
 the surrogate sum_i stopgrad(dR/dw_i) * w_i). With meta.v=boundary, v = grad R(theta) once per boundary over
 the whole reward part instead (Eq. 5's sum, no lookahead): exact as alpha -> 0, where theta* = theta and each
 meta-step's v on one validation batch is a noisy estimate of it; the O(alpha) shift of theta* is what it drops.
+
+With meta.lookahead=adam, theta* is the AdamW step the engine would take from the checkpoint's moments (m, s, step t):
+
+    g = sum_i w_i grad L_i / B,  m' = b1 m + (1-b1) g,  s' = b2 s + (1-b2) g^2,  a = m'/(1-b1^t),  r = sqrt(s'/(1-b2^t))
+    theta*(w) = theta (1 - alpha wd) - alpha a / (r + eps)
+
+no longer linear in w, but elementwise in g: d theta*/d w_i = -(alpha / B) J * grad L_i with the diagonal
+J = d(a / (r + eps))/dg, so dR/dw_i = -(alpha / B) <v * J, grad L_i> (the same inner products with v * J for v).
+Gradient clipping is not part of it (the engine clips the global batch's norm, which one micro-batch does not
+estimate). ``tools/meta_diagnostic.py`` and the tests check it against finite differences through torch's AdamW.
+
 The inner products c_i = <v, grad L_i(theta)> are computed by one of:
 
     fd          (L_i(theta + eps v) - L_i(theta - eps v)) / (2 eps): two forwards; works with fused
@@ -118,6 +129,50 @@ def _axpy(alpha: float, x: Params, y: Params) -> Params:
     return {k: y[k] + alpha * x[k] for k in y}
 
 
+@dataclass(frozen=True)
+class AdamMoments:
+    """The optimizer state a lookahead=adam step starts from: AdamW's first and second moments by parameter name
+    (fp32, as the engine keeps them), the steps it has taken, and its hyperparameters."""
+
+    exp_avg: Params
+    exp_avg_sq: Params
+    step: int
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+
+    def update(self, k: str, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For parameter ``k`` and its gradient g: AdamW's update direction a / (r + eps) at step t = step + 1,
+        and its elementwise derivative J in g (both in g's dtype, computed in fp32 at least)."""
+        b1, b2 = self.betas
+        t = self.step + 1
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        dt = torch.promote_types(g.dtype, torch.float32)
+        g32 = g.to(dt)
+        a = (b1 * self.exp_avg[k].to(dt) + (1 - b1) * g32) / bc1
+        r = ((b2 * self.exp_avg_sq[k].to(dt) + (1 - b2) * g32 * g32) / bc2).sqrt()
+        den = r + self.eps
+        # dr/dg = (1-b2) g / (bc2 r); where r = 0 the moments and g are all 0 and so is the derivative
+        dr = torch.where(r > 0, (1 - b2) * g32 / (bc2 * r.clamp_min(1e-38)), torch.zeros_like(r))
+        jac = (1 - b1) / bc1 / den - a / (den * den) * dr
+        return (a / den).to(g.dtype), jac.to(g.dtype)
+
+
+def adam_lookahead(
+    model, params: Params, x: torch.Tensor, w: torch.Tensor, alpha: float, adam: AdamMoments, with_star: bool = True
+) -> tuple[Params | None, Params]:
+    """theta* = theta (1 - alpha wd) - alpha * AdamW's update of g = sum_i w_i grad L_i(theta) / B (None without
+    ``with_star``: a boundary's v needs no theta*), and the diagonal J = d update / d g (w is data here)."""
+    with _differentiable(model, params) as p:
+        g = torch.autograd.grad(weighted_train_loss(model, p, x, w) / x.shape[0], list(p.values()))
+    star, jac = {}, {}
+    for k, gk in zip(params, g):
+        u, jac[k] = adam.update(k, gk)
+        if with_star:
+            star[k] = params[k] * (1 - alpha * adam.weight_decay) - alpha * u
+    return (star if with_star else None), jac
+
+
 @dataclass
 class MetaGrad:
     """dR/dw and diagnostics of one meta-step."""
@@ -185,27 +240,41 @@ def meta_gradient(
     fd_eps: float = 0.0,
     with_before: bool = True,
     v: Params | None = None,
+    adam: AdamMoments | None = None,
 ) -> MetaGrad:
     """dR/dw_i for the micro-batch ``x`` with weights ``w`` (see the module docstring). ``fd_eps``: the fd
     perturbation's norm (0: ``default_fd_eps``). ``with_before``: also R(theta), a validation forward the
     gradient does not need (diagnostics). ``v``: the boundary's v (``reward_gradient``; meta.v=boundary) instead
-    of grad L_val(theta*) on ``vb``: no lookahead, no validation pass."""
+    of grad L_val(theta*) on ``vb``: no lookahead, no validation pass. ``adam``: the optimizer state of an
+    AdamW lookahead (meta.lookahead=adam); None: the paper's SGD lookahead."""
     if mode == "unrolled":
+        if adam is not None:
+            raise ValueError("meta.grad_mode=unrolled is the SGD lookahead's reference; the AdamW lookahead's is "
+                             "finite differences through torch's AdamW (tests, tools/meta_diagnostic.py)")  # fmt: skip
         return _unrolled(model, params, x, vb, w, alpha)
     before = None
     if with_before:
         with torch.no_grad():
             before = val_loss(model, params, vb).item()
-    if v is not None:
-        return MetaGrad(-alpha * inner_products(model, params, x, v, mode, fd_eps), before, None)
-    ps = {k: t.requires_grad_(True) for k, t in lookahead(model, params, x, w, alpha).items()}
-    with _no_recompute(model):
-        r = val_loss(model, ps, vb)
-        v = dict(zip(ps, torch.autograd.grad(r, list(ps.values()))))
-    after = r.item()
-    del ps, r  # theta* is no longer needed: at most theta, v and one perturbed copy are alive from here
+    scale, after = alpha, None
+    if adam is not None:
+        star, jac = adam_lookahead(model, params, x, w, alpha, adam, with_star=v is None)
+        scale = alpha / x.shape[0]
+    elif v is None:
+        star, jac = lookahead(model, params, x, w, alpha), None
+    if v is None:
+        ps = {k: t.requires_grad_(True) for k, t in star.items()}
+        with _no_recompute(model):
+            r = val_loss(model, ps, vb)
+            v = dict(zip(ps, torch.autograd.grad(r, list(ps.values()))))
+        after = r.item()
+        del ps, r  # theta* is no longer needed: at most theta, v and one perturbed copy are alive from here
+    if adam is not None:
+        del star
+        v = {k: t * jac[k] for k, t in v.items()}  # dR/dw_i = -(alpha / B) <v * J, grad L_i>
+        del jac
     c = inner_products(model, params, x, v, mode, fd_eps)
-    return MetaGrad(-alpha * c, before, after)
+    return MetaGrad(-scale * c, before, after)
 
 
 def reward_gradient(model, params: Params, batches) -> tuple[Params, torch.Tensor]:

@@ -6,10 +6,12 @@ training micro-batch and validation batch, and the DWM gradients are all-reduced
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -17,15 +19,23 @@ import torch
 
 from dwmtrain.checkpoint import RunState, consolidated_lm_state
 from dwmtrain.checkpoint.dwm_file import load_dwm_state, save_dwm
+from dwmtrain.checkpoint.universal import convert_to_universal, read_adam_state
 from dwmtrain.config import Config, resolve_precision
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
 from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.data.validation import REWARD, open_validation
-from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier
-from dwmtrain.errors import CheckpointError
+from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier, run_on_rank0
+from dwmtrain.errors import CheckpointError, ResumeError
 from dwmtrain.faults import fault_point
 from dwmtrain.lr_schedule import scheduled_lr
-from dwmtrain.meta.metagrad import default_fd_eps, dwm_surrogate, lm_params, meta_gradient, reward_gradient
+from dwmtrain.meta.metagrad import (
+    AdamMoments,
+    default_fd_eps,
+    dwm_surrogate,
+    lm_params,
+    meta_gradient,
+    reward_gradient,
+)
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, dwm_from_state
 from dwmtrain.models.lm import build_lm, enable_activation_checkpointing, load_lm_state
 from dwmtrain.models.spec import lm_spec
@@ -67,6 +77,40 @@ def load_frozen_lm(cfg: Config, rd: RunDir, tag: str, d: Dist, attn: str):
     return lm, state
 
 
+def checkpoint_moments(rd: RunDir, tag: str, params: dict) -> AdamMoments:
+    """AdamW's state in checkpoint ``tag`` for the LM's ``params`` (meta.lookahead=adam), on their device, in fp32:
+    rank 0 converts the ZeRO shards with DeepSpeed's ds_to_universal (unless a universal copy is there already),
+    every rank reads it (a shared filesystem, as the LM's weights), and a copy made here is removed after.
+    Collective."""
+    uni = rd.universal(tag)
+    made = not run_on_rank0(uni.is_dir)
+    if made and (err := run_on_rank0(lambda: convert_to_universal(rd.checkpoint(tag), uni))):
+        raise CheckpointError(f"meta.lookahead=adam needs the checkpoint's optimizer state: {err}")
+    try:
+        st = read_adam_state(uni, {k: tuple(t.shape) for k, t in params.items()})
+    except ResumeError as e:
+        raise CheckpointError(f"meta.lookahead=adam: {e}") from None
+    finally:
+        barrier()
+        if made:
+            run_on_rank0(lambda: _remove(uni))
+    dev = next(iter(params.values())).device
+    return AdamMoments(
+        exp_avg={k: t.to(dev) for k, t in st["exp_avg"].items()},
+        exp_avg_sq={k: t.to(dev) for k, t in st["exp_avg_sq"].items()},
+        step=st["step"], betas=st["betas"], eps=st["eps"], weight_decay=st["weight_decay"],
+    )  # fmt: skip
+
+
+def _remove(uni: Path) -> None:
+    """A universal copy and, if that was all it held, its parent folder (with the pointer ds_to_universal leaves)."""
+    shutil.rmtree(uni, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        if {p.name for p in uni.parent.iterdir()} <= {"latest_universal"}:
+            (uni.parent / "latest_universal").unlink(missing_ok=True)
+            uni.parent.rmdir()
+
+
 def initial_dwm(cfg: Config, arch: DWMArch, stage: int, rd: RunDir, lm_state: dict) -> tuple:
     """The previous stage's DWM (at stage 2: ``meta.init_dwm``'s, the warm start, if given; with
     ``dwm.refresh_backbone`` its backbone copied again from this LM), or a fresh one (backbone copied from the LM,
@@ -87,15 +131,23 @@ def initial_dwm(cfg: Config, arch: DWMArch, stage: int, rd: RunDir, lm_state: di
     return m, "fresh (random backbone)"
 
 
-def meta_step(
-    dwm, opt, lm, params, x: torch.Tensor, vb: dict, alpha: float, mc, log_before: bool = True, v=None
-) -> dict:
-    """One Adam step of the DWM on dR/dw at (x, vb), or at x with the boundary's ``v`` (meta.v=boundary);
+@dataclasses.dataclass(frozen=True)
+class Lookahead:
+    """What every meta-step's lookahead starts from besides theta: its step size alpha, the boundary's v
+    (meta.v=boundary; None: each step's own), AdamW's moments (meta.lookahead=adam; None: the SGD lookahead)."""
+
+    alpha: float
+    v: dict | None = None
+    adam: AdamMoments | None = None
+
+
+def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, look: Lookahead, mc, log_before: bool = True) -> dict:
+    """One Adam step of the DWM on dR/dw at (x, vb), or at x with the boundary's v (meta.v=boundary);
     gradients averaged over ranks. Returns the record (with R(theta), the validation loss before the lookahead,
     only when ``log_before``; R(theta*) only where a lookahead was taken)."""
     with torch.no_grad():  # the LM's passes first, without the DWM's graph alive beside them
         w0 = dwm(x)
-    g = meta_gradient(lm, params, x, vb, w0, alpha, mc.grad_mode, mc.fd_eps, with_before=log_before, v=v)
+    g = meta_gradient(lm, params, x, vb, w0, look.alpha, mc.grad_mode, mc.fd_eps, log_before, look.v, look.adam)
     w = dwm(x)  # [B], differentiable in the DWM parameters: the same values as w0
     trainable = [p for group in opt.param_groups for p in group["params"]]
     opt.zero_grad(set_to_none=False)
@@ -139,13 +191,14 @@ def _logits(dwm, x: torch.Tensor) -> torch.Tensor:
     return dwm.score(dwm.embed(x)).float()
 
 
-def calibrate(dwm, lm, params, batches, alpha: float, mc, v=None) -> dict:
+def calibrate(dwm, lm, params, batches, look: Lookahead, mc) -> dict:
     """Shrink the fitted DWM toward uniform by how well it agrees with the meta-gradient on micro-batches it was
     not fitted on: logits *= clip(rho / meta.calibrate_rho, 0, 1). Early in training, when the DWM's ranking does
     not generalize, its weights would only add variance to the LM's gradient. Collective (rho averaged)."""
     rhos = []
     for x, vb in batches:
-        g = meta_gradient(lm, params, x, vb, dwm(x).detach(), alpha, mc.grad_mode, mc.fd_eps, with_before=False, v=v)
+        w = dwm(x).detach()
+        g = meta_gradient(lm, params, x, vb, w, look.alpha, mc.grad_mode, mc.fd_eps, False, look.v, look.adam)
         rhos.append(agreement(_logits(dwm, x), g.dR_dw.float()))
     t = torch.tensor([sum(rhos), len(rhos)], dtype=torch.float64)
     all_reduce_(t)
@@ -199,15 +252,14 @@ class MetaBatches:
         return self.data.batch(next(self.stream)[1]).to(d.device), {n: t.to(d.device) for n, t in vb.items()}
 
 
-def fit(dwm, opt, lm, params, batches: MetaBatches, alpha: float, mc, records: Path | None, v=None) -> None:
-    """``mc.steps`` meta-steps (``v``: the boundary's, meta.v=boundary); rank 0 (``records`` set) appends each
-    one's record to ``records``."""
+def fit(dwm, opt, lm, params, batches: MetaBatches, look: Lookahead, mc, records: Path | None) -> None:
+    """``mc.steps`` meta-steps; rank 0 (``records`` set) appends each one's record to ``records``."""
     for k in range(mc.steps):
         fault_point("meta-step", rank=batches.d.rank, step=k + 1)
         t0 = time.time()
         x, vb = batches(k)
         log_before = k in (0, mc.steps - 1) or (k + 1) % mc.log_every == 0
-        rec = {"meta_step": k + 1, **meta_step(dwm, opt, lm, params, x, vb, alpha, mc, log_before, v)}
+        rec = {"meta_step": k + 1, **meta_step(dwm, opt, lm, params, x, vb, look, mc, log_before)}
         rec["step_time_s"] = time.time() - t0
         if records is not None:
             with open(records, "a") as f:
@@ -242,21 +294,26 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
         records.write_text("")
         eps = f" (fd_eps {mc.fd_eps:.3g})" if mc.grad_mode == "fd" else ""
         log.info(f"stage {stage}: LM from {rd.checkpoint(tag)} (step {state.step}); DWM {how}; {mc.steps} "
-              f"meta-steps x {d.world} proc, mode {mc.grad_mode}{eps}, alpha {alpha:g}; validation "
-              f"{batches.val.describe()}")  # fmt: skip
-    v = None
+              f"meta-steps x {d.world} proc, mode {mc.grad_mode}{eps}, {mc.lookahead} lookahead, alpha {alpha:g}; "
+              f"validation {batches.val.describe()}")  # fmt: skip
+    look = Lookahead(alpha)
+    if mc.lookahead == "adam":
+        t_m = time.time()
+        look = dataclasses.replace(look, adam=checkpoint_moments(rd, tag, params))
+        timings["load_moments_s"] = time.time() - t_m
     if mc.v == "boundary":
         t_v = time.time()
         v, reward = boundary_v(lm, params, batches)
+        look = dataclasses.replace(look, v=v)
         timings["reward_gradient_s"] = time.time() - t_v
         if records is not None:
             log.info(f"stage {stage}: v over the whole reward part ({reward[1]:.0f} examples, R(theta) "
                      f"{reward[0]:.4f}) in {timings['reward_gradient_s']:.1f} s")  # fmt: skip
     t_start = time.time()
-    fit(dwm, opt, lm, params, batches, alpha, mc, records, v)
+    fit(dwm, opt, lm, params, batches, look, mc, records)
     cal = {}
     if mc.calibrate_batches:  # micro-batches after the fitted ones, validation batches after theirs
-        cal = calibrate(dwm, lm, params, [batches(mc.steps + j) for j in range(mc.calibrate_batches)], alpha, mc, v)
+        cal = calibrate(dwm, lm, params, [batches(mc.steps + j) for j in range(mc.calibrate_batches)], look, mc)
         if d.is_main:
             log.info(f"stage {stage}: held-out agreement {cal['held_out_agreement']:.3f} -> logits x "
                   f"{cal['logit_scale']:.3f}")  # fmt: skip
@@ -290,8 +347,8 @@ class FitRecord:
 def write_dwm(dwm, rd: RunDir, mc, fit: FitRecord) -> dict:
     """Rank 0: the fitted DWM and what made it (its settings, its tokenizer, where the job's time went) as the
     stage's file."""
-    info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead_lr=fit.alpha, world_size=fit.world,
-                **fit.calibration)  # fmt: skip
+    info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead=mc.lookahead, lookahead_lr=fit.alpha,
+                world_size=fit.world, **fit.calibration)  # fmt: skip
     info.update(tokenizer=os.path.abspath(fit.tokenizer), tokenizer_sha256=load_tokenizer(fit.tokenizer).sha256)
     if mc.grad_mode == "fd":
         info["fd_eps"] = mc.fd_eps

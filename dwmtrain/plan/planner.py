@@ -133,7 +133,12 @@ def meta_items(
     mb, seq, chunk = cfg.deepspeed.micro_batch_size, cfg.data.seq_len, cfg.model.loss_chunk_tokens
     every = cfg.model.activation_checkpointing if cfg.meta.grad_mode in ("fd", "per_sample") else 0
     act = mem.activations(spec, mb, seq, meta_lay, cfg.model.attn_implementation, chunk, every, True)
-    items = mem.meta_job_memory(spec.num_parameters(), dwm_params, act.nbytes, 0, mem.MetaShape(META_COPIES, dtype))
+    adam = cfg.meta.lookahead == "adam"  # + the update's derivative J beside theta*, and AdamW's moments in fp32
+    copies = META_COPIES + adam
+    items = mem.meta_job_memory(spec.num_parameters(), dwm_params, act.nbytes, 0, mem.MetaShape(copies, dtype))
+    if adam:
+        n = spec.num_parameters()
+        items.append(mem.Item("AdamW moments (meta.lookahead=adam)", 8 * n, f"m and v, {n:,} x 2 x 4 B (fp32)"))
     val_len = min(seq, LAMBADA_TOKENS) if cfg.data.val_source == "lambada" else seq  # held-out, target: up to seq
     val = mem.activations(spec, cfg.meta.val_batch_size, val_len, meta_lay, cfg.model.attn_implementation, chunk, 0,
                           True, head=False)  # fmt: skip

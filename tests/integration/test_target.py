@@ -1,9 +1,10 @@
 """A run steered toward the user's own target set, on 2 ranks through a stage boundary: the meta job rewarded on
-the target's reward part only, validation reporting the target's report part beside LAMBADA and the held-out
-split, the mean weight of each domain at every logged step, and a rerun with another target refused."""
+the target's reward part only (with meta.v=boundary and the AdamW lookahead), validation reporting the target's
+report part beside LAMBADA and the held-out split, the mean weight of each domain at every logged step, and a rerun with another target refused."""
 
 import json
 
+from dwmtrain.checkpoint.dwm_file import read_dwm_meta
 from dwmtrain.rundir import RunDir
 
 from ..conftest import corpus_records, write_jsonl
@@ -16,7 +17,8 @@ def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, da
     target = write_jsonl(tmp_path / "target.jsonl", docs)
     rd = RunDir(tmp_path / "run")
     args = short_run(data64, "stages.total_steps=6", "stages.num_stages=2", "meta.mode=bilevel", "meta.nproc=2",
-                     "meta.steps=2", "meta.v=boundary", "data.val_source=target", f"data.target.path={target}",
+                     "meta.steps=2", "meta.v=boundary", "meta.lookahead=adam", "data.val_source=target",
+                     f"data.target.path={target}",
                      "data.report_sets=[lambada,heldout]", "run.log_every=1", "run.wandb.mode=offline")  # fmt: skip
     run(pretrain_cmd(rd.root, args))
     split = json.loads(rd.validation_split.read_text())
@@ -27,6 +29,10 @@ def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, da
     # meta.v=boundary: v once over the whole reward part, from both processes' shares
     assert f"v over the whole reward part ({split['reward_examples']} examples" in rd.meta_log(2).read_text()
     assert all("val_loss_theta_star" not in r and r["grad_norm"] > 0 for r in records(rd.meta_records(2)))
+    # meta.lookahead=adam: the boundary checkpoint's AdamW moments, read through a universal copy made and removed
+    assert "adam lookahead" in rd.meta_log(2).read_text() and not (rd.checkpoints / "universal").exists()
+    fitted = read_dwm_meta(rd.dwm(2))
+    assert fitted["lookahead"] == "adam" and fitted["timings"]["load_moments_s"] > 0
     applied = json.loads((rd.meta_dir / "stage2.pause.json").read_text())["applied_check"]
     assert applied["ok"] and applied["micro_batches"] == 4 and applied["max_abs_diff"] < 1e-4  # fp32 both sides
     for e in records(rd.evals):  # every set by name; val_loss is the target's report part
