@@ -1,6 +1,7 @@
 """A run steered toward the user's own target set, on 2 ranks through a stage boundary: the meta job rewarded on
 the target's reward part only (with meta.v=boundary and the AdamW lookahead), validation reporting the target's
-report part beside LAMBADA and the held-out split, the mean weight of each domain at every logged step, and a rerun with another target refused."""
+report part beside LAMBADA and the held-out split, the mean weight of each domain at every logged step, and a rerun
+with another target refused."""
 
 import json
 
