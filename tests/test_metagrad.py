@@ -290,8 +290,10 @@ def test_the_adamw_lookahead_is_exact_against_torchs_adamw(setup, mode):
     ref = -true_effects(lm, params, x, Rollout(lm, params, RealStep(adam, alpha)), [vb], h=1e-4)
     err = ((got - ref).norm() / ref.norm()).item()
     sgd = meta_gradient(lm, params, x, vb, w, alpha, mode).dR_dw / x.shape[0]  # the same step size per sample
-    print(f"adam lookahead ({mode}) vs torch AdamW finite differences: relative error {err:.2e}; "
-          f"the SGD lookahead's {((sgd - ref).norm() / ref.norm()).item():.2e}")
+    print(
+        f"adam lookahead ({mode}) vs torch AdamW finite differences: relative error {err:.2e}; "
+        f"the SGD lookahead's {((sgd - ref).norm() / ref.norm()).item():.2e}"
+    )
     assert err < 1e-5 and ((sgd - ref).norm() / ref.norm()).item() > 0.1  # Adam's geometry is not SGD's
 
 
