@@ -4,13 +4,14 @@ report part beside LAMBADA and the held-out split, the mean weight of each domai
 with another target refused."""
 
 import json
+import sys
 
 from dwmtrain.checkpoint.dwm_file import read_dwm_meta
 from dwmtrain.rundir import RunDir
 
 from ..conftest import corpus_records, write_jsonl
 from ..helpers import wandb_history, wandb_offline_runs
-from .helpers import pretrain_cmd, records, run, short_run
+from .helpers import REPO, pretrain_cmd, records, run, short_run
 
 
 def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, data64):
@@ -69,3 +70,22 @@ def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, da
     assert p.returncode == 2 and "a run keeps its target and split" in p.stdout + p.stderr, p.stderr[-3000:]
     assert "Traceback" not in p.stdout + p.stderr
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_the_meta_diagnostic_scores_every_estimator_and_the_fitted_dwm_against_the_true_effect(tmp_path, data64):
+    """tools/meta_diagnostic.py at tiny size on a real boundary checkpoint (ZeRO-3 shards over 2 ranks): the truth
+    through torch's AdamW from the checkpoint's moments, every estimator and the DWM fitted there scored against it."""
+    rd = RunDir(tmp_path / "run")
+    args = short_run(data64, "stages.total_steps=4", "stages.num_stages=2", "meta.mode=bilevel", "meta.steps=2")
+    run(pretrain_cmd(rd.root, args))
+    out = tmp_path / "diag.json"
+    p = run([sys.executable, str(REPO / "tools" / "meta_diagnostic.py"), str(rd.root), "--samples", "16",
+             "--reward-examples", "8", "--k-steps", "2", "--out", str(out)])  # fmt: skip
+    (res,) = json.loads(out.read_text())
+    assert res["step"] == 2 and res["samples"] == 16 and res["adam_step"] == 2 and res["dwm_fitted_here"] == [2]
+    corr = res["correlations"]
+    assert set(corr) == {"true_effect", "sgd", "adam", "neg_loss", "dwm_stage2"}
+    assert corr["true_effect"]["spearman"] == 1.0 and res["true_effect_std"] > 0
+    assert all(-1 <= c["spearman"] <= 1 for c in corr.values())
+    assert "| step 2 | dwm_stage2 (fitted here) |" in p.stdout
+    assert not (rd.checkpoints / "universal").exists()  # the moments' universal copy is not left behind
