@@ -93,8 +93,8 @@ def table(results: list[dict]) -> str:
                 name.removeprefix("dwm_stage")) in r["dwm_fitted_here"] else ""  # fmt: skip
             auc = c.get("auc", {})
             kinds = ", ".join(f"{k} {v:.2f}" for k, v in auc.items() if k != "all")
-            rows.append(f"| step {r['step']} | {name}{mark} | {c['spearman']:+.2f} | "
-                        f"{c['within_batch_spearman']:+.2f} | {auc.get('all', float('nan')):.2f} | {kinds} |")  # fmt: skip
+            rho, within, every = c["spearman"], c["within_batch_spearman"], auc.get("all", float("nan"))
+            rows.append(f"| step {r['step']} | {name}{mark} | {rho:+.2f} | {within:+.2f} | {every:.2f} | {kinds} |")
     return "\n".join(rows)
 
 
