@@ -242,3 +242,53 @@ def test_a_refreshed_backbone_is_the_current_lms_and_the_head_is_kept(tmp_path):
         fresh = torch.equal(m.backbone.embed_tokens.weight, lm["model.embed_tokens.weight"])
         assert fresh == refresh and how.endswith("backbone refreshed from the LM") == refresh
         assert torch.equal(m.backbone.embed_tokens.weight, prev.backbone.embed_tokens.weight) != refresh
+
+
+def test_a_loss_aware_dwm_weighs_by_the_losses_and_needs_them(tmp_path):
+    import dataclasses
+
+    torch.manual_seed(0)
+    arch = dataclasses.replace(ARCH, loss_feature=True)
+    m = DataWeightingModel(arch).eval()
+    x, losses = torch.randint(0, 512, (8, 32)), torch.rand(8) * 3
+    assert torch.equal(m(x, losses=losses), torch.ones(8))  # a fresh head: uniform, as the paper's
+    torch.nn.init.normal_(m.fc2.weight)
+    w = m(x, losses=losses)
+    perm = torch.randperm(8)
+    assert torch.allclose(m(x[perm], losses=losses[perm]), w[perm], atol=1e-6)
+    assert not torch.allclose(m(x, losses=losses.flip(0)), w, atol=1e-4)  # the same tokens, other losses
+    assert torch.allclose(m(x, losses=2 * losses + 1), w, atol=1e-5)  # standardized: a shift or scale is nothing
+    with pytest.raises(ValueError, match="dwm.loss_feature"):
+        m(x)
+    save_dwm(m, tmp_path / "d.safetensors", stage=2, lm_step=1)
+    assert torch.allclose(load_dwm(tmp_path / "d.safetensors")(x, losses=losses), w)
+    with pytest.raises(DWMFileError):  # the paper's DWM and a loss-aware one are not the same tensors
+        load_dwm_state(tmp_path / "d.safetensors", ARCH)
+
+
+def test_the_trainer_applies_a_loss_aware_dwm_to_the_losses_of_its_own_forward():
+    """FrozenDWM of a loss-aware DWM gives a rule of the forward's losses: through the fused loss head and through
+    full logits the objective is mean_i w_i L_i with w = dwm(x, losses=L) at the same parameters."""
+    import dataclasses
+
+    from dwmtrain.models.lm import build_lm
+    from dwmtrain.models.loss import per_sample_loss, weighted_objective
+    from dwmtrain.models.spec import ModelSpec
+    from dwmtrain.stages.weighting import FrozenDWM
+
+    torch.manual_seed(0)
+    m = DataWeightingModel(dataclasses.replace(ARCH, loss_feature=True)).eval()
+    torch.nn.init.normal_(m.fc2.weight)
+    lm = build_lm(ModelSpec.from_preset("tiny", 512, 32), seed=1)
+    x = torch.randint(0, 512, (8, 32))
+    with torch.no_grad():
+        losses = per_sample_loss(lm(input_ids=x).logits, x)
+    want = m(x, losses=losses)
+    assert want.std() > 0.05
+    for chunked in (True, False):
+        rule = FrozenDWM(m, {"version": "t"})(x, list(range(8)))
+        loss, got_losses, applied = weighted_objective(lm, x, rule, chunked)
+        assert torch.allclose(applied, want, atol=1e-5) and torch.allclose(got_losses, losses, atol=1e-5)
+        assert torch.allclose(loss, (want * losses).mean(), atol=1e-5)
+        loss.backward()  # the weights are data to the LM's backward
+        lm.zero_grad()

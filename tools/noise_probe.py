@@ -169,6 +169,22 @@ def base_overrides(args) -> list[str]:
     ]
 
 
+def lm_of(run_dir: Path, stage: int):
+    """The per-sample losses of the LM a stage's DWM was fitted on (a loss-aware DWM weighs by them)."""
+    from dwmtrain.checkpoint import consolidated_lm_state
+    from dwmtrain.checkpoint.dwm_file import read_dwm_meta
+    from dwmtrain.config import load_config
+    from dwmtrain.meta.metagrad import lm_params, train_losses
+    from dwmtrain.models.lm import build_lm, load_lm_state
+    from dwmtrain.models.spec import lm_spec
+
+    rd = RunDir(run_dir)
+    lm = build_lm(lm_spec(load_config(rd.config).model))
+    load_lm_state(lm, consolidated_lm_state(rd, RunDir.tag(read_dwm_meta(rd.dwm(stage))["lm_step"])))
+    lm.eval().requires_grad_(False)
+    return lambda x: train_losses(lm, lm_params(lm), x)
+
+
 def score_heldout(run_dir: Path, data_dir: Path, stage: int, passes: int, seed: int):
     """The stage's DWM weights of every held-out sequence, ``passes`` times, each pass in fresh random micro-batches
     of 8 (a weight depends on the batch it is scored in): ([score], [domain]) of equal length."""
@@ -178,6 +194,7 @@ def score_heldout(run_dir: Path, data_dir: Path, stage: int, passes: int, seed: 
     from dwmtrain.data.dataset import TokenDataset
 
     dwm = load_dwm(RunDir(run_dir).dwm(stage)).eval()
+    losses = lm_of(run_dir, stage) if dwm.arch.loss_feature else None
     ds = TokenDataset(data_dir, "heldout")
     rng = random.Random(seed)
     scores, domains = [], []
@@ -186,7 +203,8 @@ def score_heldout(run_dir: Path, data_dir: Path, stage: int, passes: int, seed: 
             order = rng.sample(range(len(ds)), len(ds))
             for b in range(len(ds) // 8):
                 idx = order[8 * b : 8 * b + 8]
-                scores += dwm(ds.batch(idx)).tolist()
+                x = ds.batch(idx)
+                scores += dwm(x, losses=None if losses is None else losses(x)).tolist()
                 domains += [ds.domain(i) for i in idx]
     return scores, domains
 
@@ -203,6 +221,8 @@ ARMS = {
     "oracle2": ["meta.mode=oracle", "meta.oracle.from_stage=2"],  # the same after a uniform stage 1, as the DWM
     "dwm": ["meta.mode=bilevel"],
     "refresh": ["meta.mode=bilevel", "dwm.refresh_backbone=true"],  # the backbone copied from the LM at every boundary
+    "lossfeat": ["meta.mode=bilevel", "dwm.loss_feature=true"],  # the LM's per-sample loss an input of the DWM
+    "adam": ["meta.mode=bilevel", "meta.lookahead=adam"],  # the AdamW lookahead from the checkpoint's moments
     "warm": ["meta.mode=bilevel"],  # + meta.init_dwm: a proxy run's DWM weighs stage 1 (compare trains the proxy)
     "loss": ["meta.mode=loss_reweight"],  # Sow et al. 2025, linupper, tau 1, uniform for the first 5% of steps
     "dsir": ["meta.mode=none"],  # + data.train_data: uniform training on the DSIR-selected part of the pool

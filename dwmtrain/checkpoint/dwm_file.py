@@ -96,6 +96,8 @@ def arch_from_meta(arch: object, where: str) -> DWMArch:
     for k in ("temperature", "uniform_mix"):
         if k in arch and (type(arch[k]) not in (int, float) or arch[k] != arch[k]):
             raise bad(k, "must be a number")
+    if "loss_feature" in arch and type(arch["loss_feature"]) is not bool:
+        raise bad("loss_feature", "must be true or false")
     if arch.get("backbone_config"):
         try:
             ModelSpec.from_fields(arch["backbone"], json.loads(arch["backbone_config"]))

@@ -210,6 +210,9 @@ class DWMConfig:
     #: every continued DWM (a later stage's, a warm start's) gets the LM it is fitted on copied into its backbone,
     #: its head kept: features of the current LM, not of the first boundary's (the paper copies once)
     refresh_backbone: bool = False
+    #: the LM's own per-sample loss as one more input of the head (standardized over the micro-batch): a feature
+    #: of the current LM, free in the training forward (the weights are applied to the losses of that forward)
+    loss_feature: bool = False
     alarm_ess: float = 0.5  #: alarm when a step's mean ESS falls below this fraction of the micro-batch (collapse)
     alarm_max_weight: float = 0.5  #: alarm when one sample's weight exceeds this fraction of the micro-batch size
     #: torch.compile the frozen DWM's forward on the trainer ranks: 0.88x its time on CPU at small, after ~30 s

@@ -35,6 +35,7 @@ from dwmtrain.meta.metagrad import (
     lm_params,
     meta_gradient,
     reward_gradient,
+    train_losses,
 )
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, dwm_from_state
 from dwmtrain.models.lm import build_lm, enable_activation_checkpointing, load_lm_state
@@ -145,10 +146,11 @@ def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, look: Lookahead, 
     """One Adam step of the DWM on dR/dw at (x, vb), or at x with the boundary's v (meta.v=boundary);
     gradients averaged over ranks. Returns the record (with R(theta), the validation loss before the lookahead,
     only when ``log_before``; R(theta*) only where a lookahead was taken)."""
+    losses = lm_losses(dwm, lm, params, x)
     with torch.no_grad():  # the LM's passes first, without the DWM's graph alive beside them
-        w0 = dwm(x)
+        w0 = dwm(x, losses=losses)
     g = meta_gradient(lm, params, x, vb, w0, look.alpha, mc.grad_mode, mc.fd_eps, log_before, look.v, look.adam)
-    w = dwm(x)  # [B], differentiable in the DWM parameters: the same values as w0
+    w = dwm(x, losses=losses)  # [B], differentiable in the DWM parameters: the same values as w0
     trainable = [p for group in opt.param_groups for p in group["params"]]
     opt.zero_grad(set_to_none=False)
     dR = g.dR_dw
@@ -187,8 +189,15 @@ def agreement(z: torch.Tensor, dR_dw: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _logits(dwm, x: torch.Tensor) -> torch.Tensor:
-    return dwm.score(dwm.embed(x)).float()
+def lm_losses(dwm, lm, params, x: torch.Tensor) -> torch.Tensor | None:
+    """The frozen LM's per-sample losses of x, the input a loss-aware DWM (dwm.loss_feature) weighs by besides the
+    tokens (the trainer's forward computes the same at the same parameters); None for the paper's DWM."""
+    return train_losses(lm, params, x).float() if dwm.arch.loss_feature else None
+
+
+@torch.no_grad()
+def _logits(dwm, x: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
+    return dwm.score(dwm.embed(x), losses).float()
 
 
 def calibrate(dwm, lm, params, batches, look: Lookahead, mc) -> dict:
@@ -197,9 +206,10 @@ def calibrate(dwm, lm, params, batches, look: Lookahead, mc) -> dict:
     not generalize, its weights would only add variance to the LM's gradient. Collective (rho averaged)."""
     rhos = []
     for x, vb in batches:
-        w = dwm(x).detach()
+        losses = lm_losses(dwm, lm, params, x)
+        w = dwm(x, losses=losses).detach()
         g = meta_gradient(lm, params, x, vb, w, look.alpha, mc.grad_mode, mc.fd_eps, False, look.v, look.adam)
-        rhos.append(agreement(_logits(dwm, x), g.dR_dw.float()))
+        rhos.append(agreement(_logits(dwm, x, losses), g.dR_dw.float()))
     t = torch.tensor([sum(rhos), len(rhos)], dtype=torch.float64)
     all_reduce_(t)
     rho = (t[0] / t[1]).item()
@@ -239,11 +249,18 @@ class MetaBatches:
         self.d, self.val_batch_size = d, cfg.meta.val_batch_size
 
     @torch.no_grad()
-    def fitted_weights(self, dwm, n: int) -> dict:
-        """The fitted DWM's fp32 weights of this rank's next ``n`` training micro-batches, and their dataset indices:
-        the trainer recomputes them in its own dtype at the boundary (``stages.boundary``)."""
-        idx = [next(self.stream)[1] for _ in range(n)]
-        return {"indices": idx, "weights": [dwm(self.data.batch(i).to(self.d.device)).float().tolist() for i in idx]}
+    def fitted_weights(self, dwm, n: int, lm, params) -> dict:
+        """The fitted DWM's fp32 weights of this rank's next ``n`` training micro-batches, their dataset indices (and
+        for a loss-aware DWM the LM's losses it weighed by): the trainer recomputes them in its own dtype at the
+        boundary (``stages.boundary``)."""
+        out: dict = {"indices": [next(self.stream)[1] for _ in range(n)], "weights": []}
+        for i in out["indices"]:
+            x = self.data.batch(i).to(self.d.device)
+            losses = lm_losses(dwm, lm, params, x)
+            out["weights"].append(dwm(x, losses=losses).float().tolist())
+            if losses is not None:
+                out.setdefault("losses", []).append(losses.tolist())
+        return out
 
     def __call__(self, k: int) -> tuple[torch.Tensor, dict]:
         """The next training micro-batch of the stream and the k-th validation batch of this rank."""
@@ -319,7 +336,7 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
                   f"{cal['logit_scale']:.3f}")  # fmt: skip
     barrier()
     timings["meta_steps_s"] = time.time() - t_start
-    probe = batches.fitted_weights(dwm, APPLIED_CHECK_BATCHES) if d.is_main else {}
+    probe = batches.fitted_weights(dwm, APPLIED_CHECK_BATCHES, lm, params) if d.is_main else {}
     made = FitRecord(stage=stage, tag=tag, lm_step=state.step, alpha=alpha, world=d.world, calibration=cal,
                timings=timings, started=t_start, tokenizer=cfg.data.tokenizer, applied_check=probe)  # fmt: skip
     meta = write_dwm(dwm, rd, mc, made) if d.is_main else {}

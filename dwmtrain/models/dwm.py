@@ -41,6 +41,7 @@ class DWMArch:
     normalization: str = "softmax"
     #: the backbone's Hugging Face config fields (JSON) when it is not a preset: the LM's own (dwm.backbone=lm)
     backbone_config: str = ""
+    loss_feature: bool = False  #: the LM's per-sample losses are an input (dwm.loss_feature)
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int):
@@ -61,6 +62,7 @@ class DWMArch:
             uniform_mix=d.uniform_mix,
             attn_implementation=cfg.model.attn_implementation,
             normalization=d.normalization,
+            loss_feature=d.loss_feature,
         )
 
     def backbone_spec(self) -> ModelSpec:
@@ -105,6 +107,8 @@ class DataWeightingModel(nn.Module):
         self.norm = nn.LayerNorm(H)
         self.fc1 = nn.Linear(H, hid)
         self.fc2 = nn.Linear(hid, 1)
+        # the standardized loss enters beside the standardized embedding, before the attention across samples
+        self.loss_in = nn.Linear(1, H) if arch.loss_feature else None
         # A fresh head scores every sample 0 -> exactly uniform weights (stage 1 is uniform).
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
@@ -122,18 +126,28 @@ class DataWeightingModel(nn.Module):
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
-    def score(self, emb: torch.Tensor) -> torch.Tensor:
-        """[B, H] -> logits [B]; permutation-equivariant in the B samples."""
-        mu = emb.mean(0, keepdim=True)
-        sd = emb.var(0, unbiased=False, keepdim=True).add(1e-5).sqrt()
-        x = ((emb - mu) / sd * self.in_scale + self.in_bias).unsqueeze(0)  # [1, B, H]: samples as a "sequence"
+    def score(self, emb: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, H] (and the LM's per-sample losses [B], for a loss-aware DWM) -> logits [B]; permutation-equivariant
+        in the B samples."""
+        x = _standardized(emb) * self.in_scale + self.in_bias
+        if self.loss_in is not None:
+            if losses is None:
+                raise ValueError("this DWM weighs by the LM's per-sample losses (dwm.loss_feature): pass them")
+            x = x + self.loss_in(_standardized(losses.detach().to(emb.dtype).reshape(-1, 1)))
+        x = x.unsqueeze(0)  # [1, B, H]: samples as a "sequence"
         a, _ = self.attn(x, x, x, need_weights=False)
         h = self.norm(x + a)
         return self.fc2(F.gelu(self.fc1(h))).squeeze(-1).squeeze(0)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, T] -> weights [B] with mean 1."""
-        logits = self.score(self.embed(input_ids, attention_mask))
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, losses: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[B, T] (and, for a loss-aware DWM, the LM's per-sample losses [B]) -> weights [B] with mean 1."""
+        return self.weigh(self.embed(input_ids, attention_mask), losses)
+
+    def weigh(self, emb: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled embeddings [B, H] (``embed``) -> weights [B] with mean 1."""
+        logits = self.score(emb, losses)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
         return normalize_weights(logits, self.arch.temperature, self.arch.uniform_mix, self.arch.normalization)
@@ -150,6 +164,12 @@ class DataWeightingModel(nn.Module):
                 "use the LM's preset as dwm.backbone or set dwm.init_backbone_from_lm=false"
             )
         self.backbone.load_state_dict({k: sd[k] for k in own})
+
+
+def _standardized(t: torch.Tensor) -> torch.Tensor:
+    """Each column over the micro-batch (dim 0) to mean 0, variance 1: the weights are a softmax over the
+    micro-batch, so only differences between samples matter."""
+    return (t - t.mean(0, keepdim=True)) / t.var(0, unbiased=False, keepdim=True).add(1e-5).sqrt()
 
 
 def dwm_from_state(arch: DWMArch, state: dict[str, torch.Tensor]) -> DataWeightingModel:

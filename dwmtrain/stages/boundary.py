@@ -90,8 +90,11 @@ def _applied_words(a: dict) -> str:
 
 def applied_check(dwm: FrozenDWM, probe: dict, data, dtype: torch.dtype, device) -> dict:
     """The weights ``dwm`` gives here (the trainer's dtype, its call) on the micro-batches the meta job recorded
-    (``probe``: their dataset indices and fitted fp32 weights), against the fitted ones."""
+    (``probe``: their dataset indices and fitted fp32 weights; for a loss-aware DWM, the LM's losses it weighed by),
+    against the fitted ones."""
     applied = [dwm(data.batch(ix).to(device), ix) for ix in probe["indices"]]
+    if "losses" in probe:  # the weights of the losses the meta job's LM gave: the DWM's own dtype is what is checked
+        applied = [w(torch.tensor(lo, device=device)) for w, lo in zip(applied, probe["losses"])]
     return applied_vs_fitted(applied, probe["weights"], dtype)
 
 

@@ -75,16 +75,36 @@ class DomainWeights(Weighting):
 
 
 class FrozenDWM(Weighting):
-    """A DWM's weights, computed without any autograd bookkeeping."""
+    """A DWM's weights, computed without any autograd bookkeeping; a loss-aware DWM's (dwm.loss_feature) as a
+    ``DWMOfLosses``, applied to the losses of the forward it weighs."""
 
     def __init__(self, model, info: dict, timings: dict | None = None):
         self.model, self.info = model, info
         self.timings = timings or {}  #: where its meta job's time went (from its file), for the boundary's record
 
     def __call__(self, x, indices, step=0):
+        if self.model.arch.loss_feature:
+            with torch.no_grad():
+                return DWMOfLosses(self.model, self.model.embed(x))
         with torch.inference_mode():  # no version counters, no views tracked
             w = self.model(x).float()
         return w.clone()  # a normal tensor again: the weighted loss saves it for its backward
+
+
+class DWMOfLosses:
+    """A loss-aware DWM's weights of one micro-batch: its backbone's embeddings first, then (inside the LM's forward,
+    as a ``LossRule``) the weights given the LM's per-sample losses of that very forward; ``weights`` keeps them."""
+
+    def __init__(self, model, emb: torch.Tensor, scale: float = 1.0):
+        self.model, self.emb, self.scale, self.weights = model, emb, scale, None
+
+    def __call__(self, losses: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.weights = self.model.weigh(self.emb, losses).float() * self.scale
+        return self.weights
+
+    def __mul__(self, factor: float) -> DWMOfLosses:
+        return DWMOfLosses(self.model, self.emb, self.scale * factor)
 
 
 class LossRule:

@@ -76,8 +76,13 @@ def test_the_meta_diagnostic_scores_every_estimator_and_the_fitted_dwm_against_t
     """tools/meta_diagnostic.py at tiny size on a real boundary checkpoint (ZeRO-3 shards over 2 ranks): the truth
     through torch's AdamW from the checkpoint's moments, every estimator and the DWM fitted there scored against it."""
     rd = RunDir(tmp_path / "run")
-    args = short_run(data64, "stages.total_steps=4", "stages.num_stages=2", "meta.mode=bilevel", "meta.steps=2")
+    args = short_run(data64, "stages.total_steps=4", "stages.num_stages=2", "meta.mode=bilevel", "meta.steps=2",
+                     "dwm.loss_feature=true")  # fmt: skip
     run(pretrain_cmd(rd.root, args))
+    # a loss-aware DWM: fitted on the LM's losses, applied to those of the training forward, the same weights
+    applied = json.loads((rd.meta_dir / "stage2.pause.json").read_text())["applied_check"]
+    assert applied["ok"] and applied["max_abs_diff"] < 1e-4 and read_dwm_meta(rd.dwm(2))["arch"]["loss_feature"]
+    assert any(r["stage"] == 2 and r["w_max"] > 1.0001 for r in records(rd.metrics))
     out = tmp_path / "diag.json"
     p = run([sys.executable, str(REPO / "tools" / "meta_diagnostic.py"), str(rd.root), "--samples", "16",
              "--reward-examples", "8", "--k-steps", "2", "--out", str(out)])  # fmt: skip
