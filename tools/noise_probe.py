@@ -223,6 +223,9 @@ ARMS = {
     "refresh": ["meta.mode=bilevel", "dwm.refresh_backbone=true"],  # the backbone copied from the LM at every boundary
     "lossfeat": ["meta.mode=bilevel", "dwm.loss_feature=true"],  # the LM's per-sample loss an input of the DWM
     "adam": ["meta.mode=bilevel", "meta.lookahead=adam"],  # the AdamW lookahead from the checkpoint's moments
+    # weighting from step 50 (stage 1 a twentieth of the run, not a fifth), boundaries dense at the start: the paper's
+    # DWM refitted early and often (for a run of 1,000 steps; other lengths scale the boundaries)
+    "early": ["meta.mode=bilevel", "stages.num_stages=6"],
     "warm": ["meta.mode=bilevel"],  # + meta.init_dwm: a proxy run's DWM weighs stage 1 (compare trains the proxy)
     "loss": ["meta.mode=loss_reweight"],  # Sow et al. 2025, linupper, tau 1, uniform for the first 5% of steps
     "dsir": ["meta.mode=none"],  # + data.train_data: uniform training on the DSIR-selected part of the pool
@@ -230,6 +233,7 @@ ARMS = {
     # proxy LM's per-document loss (negated): no QuRater exists offline for this corpus (qurating_data)
     "qurating": ["meta.mode=none"],
 }
+EARLY = (50, 100, 200, 400, 700)  #: the early arm's stage starts per 1,000 steps
 PROXY_SHARE = 10  # the warm start's proxy run: a tenth of the main run's steps (tokens), 2 stages
 
 
@@ -248,6 +252,8 @@ def arm_overrides(arm: str, args, seed: int, log: Path) -> list[str]:
         return [f"meta.init_dwm={proxy}"]
     if arm == "dsir":
         return [f"data.train_data={dsir_data(args, log)}"]
+    if arm == "early":
+        return [f"stages.boundaries=[{','.join(str(args.compare * k // 1000) for k in EARLY)}]"]
     if arm == "qurating":
         return [f"data.train_data={qurating_data(args, log)}"]
     return []
@@ -363,6 +369,8 @@ def proxy_cost(args) -> dict:
 ARM_LABELS = {"uniform": "uniform", "oracle": "oracle (corrupted weighted 0)", "oracle2": "oracle from stage 2",
               "dwm": "DWM (bi-level, uniform stage 1)", "warm": "DWM warm-started from a proxy",
               "refresh": "DWM, backbone refreshed at every boundary",
+              "lossfeat": "DWM with the LM's per-sample loss as input", "adam": "DWM, AdamW lookahead",
+              "early": "DWM, stage 1 of 50 steps, dense early boundaries",
               "loss": "loss reweighting (linupper)", "dsir": "DSIR-selected data",
               "qurating": "QuRating-style selection (proxy-LM loss)"}  # fmt: skip
 
@@ -373,8 +381,8 @@ def figure(compare: dict, path: Path) -> Path:
 
     fig = new_figure(7.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
-    steps = compare["steps"]
     for arm, runs in compare["val_loss"].items():
+        steps = sorted(int(s) for s in runs[0])  # each arm's own stage ends
         ms = [mean_std([at_step(r, s) for r in runs]) for s in steps]
         m, sd = [x[0] for x in ms], [x[1] for x in ms]
         ax.plot(steps, m, marker="o", ms=3, label=f"{ARM_LABELS.get(arm, arm)} ({len(runs)} seeds)")
@@ -404,15 +412,15 @@ def compare(args, log: Path) -> dict:
             over = [f"stages.total_steps={args.compare}", f"stages.num_stages={args.stages}", "run.eval_batches=8"]
             extra = arm_overrides(arm, args, seed, log)
             t0 = time.time()
-            pretrain(run, args, [*ARMS[arm], *extra, *over, f"run.seed={seed}"], log)
+            pretrain(run, args, [*over, *ARMS[arm], *extra, f"run.seed={seed}"], log)  # the arm's stages win
             (run / "seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
             vals[arm].append(stage_end_val(run))
             print(f"  {arm} seed {seed}: " + ", ".join(f"{v:.4f}" for v in vals[arm][-1].values()), flush=True)
     steps = sorted(vals[args.arms[0]][0])
     lines = ["| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
-    for arm in args.arms:
-        cells = [mean_std([v[s] for v in vals[arm]]) for s in steps]
-        lines.append(f"| {arm} | " + " | ".join(f"{m:.4f} ± {sd:.4f}" for m, sd in cells) + " |")
+    for arm in args.arms:  # an arm of other stage ends (early) has no figure at some steps
+        cells = [mean_std([v[s] for v in vals[arm]]) if all(s in v for v in vals[arm]) else None for s in steps]
+        lines.append(f"| {arm} | " + " | ".join(f"{c[0]:.4f} ± {c[1]:.4f}" if c else "-" for c in cells) + " |")
     out = {"steps": steps, "val_loss": vals, "gaps": gap_table(vals, steps[-1])}
     for g in out["gaps"]:
         lines.append(
