@@ -281,13 +281,14 @@ def _moments(params, step=10, seed=1):
 def test_the_adamw_lookahead_is_exact_against_torchs_adamw(setup, mode):
     """meta.lookahead=adam: dR/dw_i against central differences in w_i through torch.optim.AdamW's own step from the
     same moments (an independent implementation: its bias corrections, eps and decoupled weight decay), fp64."""
-    from dwmtrain.analysis.diagnostic import RealStep, Rollout, true_effects
+    from dwmtrain.analysis.diagnostic import true_effects
+    from dwmtrain.meta.rollout import RealStep
 
     lm, _, x, vb = setup
     params = lm_params(lm)
     adam, alpha, w = _moments(params), 1e-3, torch.ones(x.shape[0], dtype=torch.float64)
     got = meta_gradient(lm, params, x, vb, w, alpha, mode, adam=adam).dR_dw
-    ref = -true_effects(lm, params, x, Rollout(lm, params, RealStep(adam, alpha)), [vb], h=1e-4)
+    ref = -true_effects(lm, params, x, RealStep(adam, alpha), [vb], h=1e-4)
     err = ((got - ref).norm() / ref.norm()).item()
     sgd = meta_gradient(lm, params, x, vb, w, alpha, mode).dR_dw / x.shape[0]  # the same step size per sample
     print(
@@ -320,3 +321,34 @@ def test_the_adamw_update_and_its_derivative_match_autograd():
     assert torch.allclose(jac, ref, rtol=1e-10, atol=0)
     zero = adam.update("p", torch.zeros(50, dtype=torch.float64))[1]
     assert torch.isfinite(zero).all()
+
+
+def test_a_rollout_is_torchs_adamw_and_leaves_the_checkpoint_as_it_was(setup):
+    """One real step of meta.rollout (torch's AdamW) equals the AdamW lookahead's own formula, and neither the
+    parameters nor the moments it started from are changed."""
+    from dwmtrain.meta.metagrad import adam_lookahead
+    from dwmtrain.meta.rollout import RealStep, rollout
+
+    lm, _, x, _ = setup
+    params = lm_params(lm)
+    adam = _moments(params)
+    before = {k: t.clone() for k, t in adam.exp_avg.items()}
+    after = rollout(lm, params, RealStep(adam, 1e-3), [x])
+    star, _ = adam_lookahead(lm, params, x, torch.ones(x.shape[0], dtype=torch.float64), 1e-3, adam)
+    assert all(torch.allclose(after[k], star[k], rtol=0, atol=1e-12) for k in params)
+    assert all(torch.equal(adam.exp_avg[k], before[k]) for k in before)
+    assert all(params[k].data_ptr() == p.data_ptr() for k, p in lm.named_parameters())  # theta untouched
+
+
+def test_the_strength_is_the_scale_whose_rollout_ends_with_the_lowest_reward_loss(setup):
+    from dwmtrain.meta.rollout import RealStep, choose_strength, reward_loss, rollout
+
+    lm, dwm, x, vb = setup
+    params, step = lm_params(lm), RealStep(_moments(lm_params(lm)), 3e-2, clip=1.0)
+    xs = [x, x.flip(0)]
+    fc2 = dwm.fc2.weight.clone()
+    got = choose_strength(lm, params, step, dwm, [0.0, 1.0, 4.0], xs, [vb])
+    assert got["reward"][0] == pytest.approx(reward_loss(lm, rollout(lm, params, step, xs), [vb]), abs=1e-12)
+    assert len(set(got["reward"])) == 3  # the weights matter
+    assert got["chosen"] == [0.0, 1.0, 4.0][min(range(3), key=lambda i: got["reward"][i])]
+    assert torch.equal(dwm.fc2.weight, fc2)

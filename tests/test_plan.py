@@ -67,7 +67,10 @@ def test_the_adamw_lookahead_counts_the_moments_and_the_derivative_in_the_meta_j
                      parse_device("h100"))  # fmt: skip
     lm_bytes = 4 if cfg.meta.lm_dtype == "fp32" else 2
     assert adam.meta_peak - sgd.meta_peak == sgd.n_params * (8 + lm_bytes)  # m, v in fp32 and J
-    assert "AdamW moments (meta.lookahead=adam)" in {i.name for i in adam.meta_items}
+    assert "AdamW moments (meta.lookahead=adam or meta.strength)" in {i.name for i in adam.meta_items}
+    both_cfg = load_config("experiments/scale/llama3.1-8b_4x8h100", ["meta.lookahead=adam", "meta.strength=[0,1]"])
+    both = make_plan(both_cfg, 4, 8, parse_device("h100"))
+    assert both.meta_peak - adam.meta_peak == 4 * sgd.n_params * lm_bytes  # the rollout's copies; m, v counted once
 
 
 def test_a_run_that_does_not_fit_names_the_first_change_that_does():

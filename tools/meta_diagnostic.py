@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dwmtrain.analysis.diagnostic import RealStep, correlations, diagnose  # noqa: E402
+from dwmtrain.analysis.diagnostic import correlations, diagnose  # noqa: E402
 from dwmtrain.analysis.preferences import load_run  # noqa: E402
 from dwmtrain.checkpoint import RunState, consolidated_lm_state  # noqa: E402
 from dwmtrain.checkpoint.dwm_file import load_dwm, read_dwm_meta  # noqa: E402
@@ -31,6 +31,7 @@ from dwmtrain.data.dataset import TokenDataset  # noqa: E402
 from dwmtrain.data.validation import REWARD, open_validation  # noqa: E402
 from dwmtrain.lr_schedule import scheduled_lr  # noqa: E402
 from dwmtrain.meta.metagrad import lm_params, reward_gradient, train_losses  # noqa: E402
+from dwmtrain.meta.rollout import RealStep  # noqa: E402
 from dwmtrain.meta.update import checkpoint_moments  # noqa: E402
 from dwmtrain.models.lm import build_lm, load_lm_state  # noqa: E402
 from dwmtrain.models.spec import lm_spec  # noqa: E402

@@ -15,93 +15,21 @@ h = 1 compares dropping the sample (w_i = 0) with doubling it. The estimators sc
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from dwmtrain.analysis.stats import auc_by_kind, spearman, within_batch_spearman
-from dwmtrain.meta.metagrad import AdamMoments, Params, _differentiable, train_losses, val_loss
-
-
-@dataclass(frozen=True)
-class RealStep:
-    """The update the engine takes: AdamW from ``adam`` at learning rate ``lr``, the gradient's global norm
-    clipped to ``clip`` first (0: not clipped)."""
-
-    adam: AdamMoments
-    lr: float
-    clip: float = 0.0
-
-
-def per_sample_grads(model, params: Params, x: torch.Tensor) -> list[Params]:
-    """grad L_i(params) of every sample of x (one backward each)."""
-    out = []
-    with _differentiable(model, params) as p:
-        for i in range(x.shape[0]):
-            g = torch.autograd.grad(train_losses(model, p, x[i : i + 1])[0], list(p.values()))
-            out.append({k: t.detach() for k, t in zip(p, g)})
-    return out
-
-
-def mean_grad(grads: Sequence[Params], w: torch.Tensor) -> Params:
-    """sum_i w_i g_i / B: the gradient of the micro-batch's weighted mean loss."""
-    return {k: sum(float(wi) * g[k] for wi, g in zip(w, grads)) / len(grads) for k in grads[0]}
-
-
-class Rollout:
-    """Real AdamW steps from (params, the checkpoint's moments): the first on a given gradient, the rest on the
-    gradients of ``later`` micro-batches at the parameters reached."""
-
-    def __init__(self, model, params: Params, step: RealStep, later: Sequence[torch.Tensor] = ()):
-        self.model, self.params, self.step, self.later = model, params, step, list(later)
-
-    def _optimizer(self, ps: list[torch.Tensor]) -> torch.optim.AdamW:
-        a = self.step.adam
-        opt = torch.optim.AdamW(ps, lr=self.step.lr, betas=a.betas, eps=a.eps, weight_decay=a.weight_decay)
-        for p, k in zip(ps, self.params):
-            opt.state[p] = {"step": torch.tensor(float(a.step), dtype=torch.float32),
-                            "exp_avg": a.exp_avg[k].to(p.dtype).clone(),
-                            "exp_avg_sq": a.exp_avg_sq[k].to(p.dtype).clone()}  # fmt: skip
-        return opt
-
-    def _apply(self, opt, ps: list[torch.Tensor], grad: list[torch.Tensor]) -> None:
-        for p, g in zip(ps, grad):
-            p.grad = g.clone()
-        if self.step.clip:
-            torch.nn.utils.clip_grad_norm_(ps, self.step.clip)
-        opt.step()
-
-    def __call__(self, first: Params) -> Params:
-        """The parameters after the step on ``first`` and one step on each later micro-batch."""
-        names = list(self.params)
-        ps = [self.params[k].detach().clone().requires_grad_(True) for k in names]
-        opt = self._optimizer(ps)
-        self._apply(opt, ps, [first[k] for k in names])
-        for x in self.later:
-            with torch.enable_grad():
-                loss = train_losses(self.model, dict(zip(names, ps)), x).mean()
-                g = torch.autograd.grad(loss, ps)
-            self._apply(opt, ps, list(g))
-        return {k: p.detach() for k, p in zip(names, ps)}
-
-
-def reward_loss(model, params: Params, batches: Sequence[dict]) -> float:
-    """R at ``params``: the mean per-example reward loss over every batch (weighted by examples)."""
-    tot, n = 0.0, 0
-    with torch.no_grad():
-        for vb in batches:
-            b = vb["input_ids"].shape[0]
-            tot += val_loss(model, params, vb).item() * b
-            n += b
-    return tot / n
+from dwmtrain.meta.metagrad import AdamMoments, Params, train_losses
+from dwmtrain.meta.rollout import RealStep, mean_grad, per_sample_grads, reward_loss, rollout
 
 
 def true_effects(
-    model, params: Params, x: torch.Tensor, rollout: Rollout, reward: Sequence[dict], h: float = 1.0,
-    grads: Sequence[Params] | None = None,
+    model, params: Params, x: torch.Tensor, step: RealStep, reward: Sequence[dict], h: float = 1.0,
+    grads: Sequence[Params] | None = None, later: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:  # fmt: skip
-    """effect_i of every sample of x (module docstring), uniform weights around the perturbation. [B] fp64"""
+    """effect_i of every sample of x (module docstring), uniform weights around the perturbation, the rollout
+    continued on ``later`` micro-batches (uniform). [B] fp64"""
     grads = grads or per_sample_grads(model, params, x)
     B = x.shape[0]
     out = []
@@ -110,7 +38,8 @@ def true_effects(
         for s in (h, -h):
             w = torch.ones(B, dtype=torch.float64)
             w[i] += s
-            sides.append(reward_loss(model, rollout(mean_grad(grads, w)), reward))
+            after = rollout(model, params, step, later, first=mean_grad(grads, w))
+            sides.append(reward_loss(model, after, reward))
         out.append(-(sides[0] - sides[1]) / (2 * h))
     return torch.tensor(out, dtype=torch.float64)
 
@@ -157,8 +86,7 @@ def diagnose(
     for j, x in enumerate(micro_batches):
         later = [micro_batches[(j + d) % n] for d in range(1, k_steps)]
         grads = per_sample_grads(model, params, x)
-        rollout = Rollout(model, params, step, later)
-        cols["true_effect"].append(true_effects(model, params, x, rollout, reward, h, grads))
+        cols["true_effect"].append(true_effects(model, params, x, step, reward, h, grads, later))
         scores = estimator_scores(model, params, x, v, step.adam, grads)
         if extra is not None:
             scores.update(extra(x))

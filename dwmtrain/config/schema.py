@@ -368,6 +368,12 @@ class MetaConfig:
     spread_penalty: float = 0.5  #: collapse guard: + spread_penalty * var(log w); in units of normalize_grad (0: off)
     calibrate_batches: int = 0  #: after fitting, shrink the DWM by its agreement with dR/dw on N unseen micro-batches
     calibrate_rho: float = 0.5  #: agreement at which the fitted DWM is kept at full strength (less: shrunk)
+    #: the fitted DWM's strength chosen by the reward: its logits scaled by each of these (0: uniform weights), one
+    #: short real rollout per candidate (strength_steps AdamW steps from the boundary checkpoint and its moments,
+    #: the same micro-batches for all), scored on the reward part; the best is kept. []: as fitted (the paper)
+    strength: list[float] = field(default_factory=list)
+    strength_steps: int = 4  #: training steps in each candidate's rollout
+    strength_reward_examples: int = 256  #: reward-part examples each rollout is scored on
 
     @property
     def uses_dwm(self) -> bool:
@@ -401,6 +407,10 @@ class MetaConfig:
                   "meta.mode=domain_weights needs {domain: factor}")  # fmt: skip
         check(self.spread_penalty >= 0, "meta.spread_penalty", self.spread_penalty, "must be >= 0")
         check(self.calibrate_batches >= 0, "meta.calibrate_batches", self.calibrate_batches, "must be >= 0")
+        scales_ok = all(isinstance(s, (int, float)) and s >= 0 for s in self.strength) and len(self.strength) != 1
+        check(scales_ok, "meta.strength", self.strength, "a list of two or more logit scales >= 0 (0: uniform), or []")
+        positive("meta.strength_steps", self.strength_steps)
+        positive("meta.strength_reward_examples", self.strength_reward_examples)
         positive("meta.calibrate_rho", self.calibrate_rho)
         check(self.fd_eps >= 0, "meta.fd_eps", self.fd_eps, "must be >= 0 (0: by the LM's dtype and norm)")
         for f in ("steps", "log_every", "lr", "val_batch_size", "nproc", "nodes", "timeout_s"):

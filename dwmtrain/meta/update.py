@@ -37,6 +37,7 @@ from dwmtrain.meta.metagrad import (
     reward_gradient,
     train_losses,
 )
+from dwmtrain.meta.rollout import RealStep, choose_strength
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, dwm_from_state
 from dwmtrain.models.lm import build_lm, enable_activation_checkpointing, load_lm_state
 from dwmtrain.models.spec import lm_spec
@@ -283,6 +284,29 @@ def fit(dwm, opt, lm, params, batches: MetaBatches, look: Lookahead, mc, records
                 f.write(json.dumps(rec) + "\n")
 
 
+def set_strength(cfg: Config, dwm, lm, params, batches: MetaBatches, step: RealStep) -> dict:
+    """meta.strength: rank 0 picks the DWM's logit scale (``meta.rollout.choose_strength``) by rollouts of ``step``
+    over the next meta.strength_steps micro-batches of the stream, scored on the reward part's first
+    meta.strength_reward_examples examples; every rank scales its DWM by it. Collective; the choice and the rewards."""
+    mc, d = cfg.meta, batches.d
+
+    def pick() -> dict:
+        xs = [batches.data.batch(next(batches.stream)[1]).to(d.device) for _ in range(mc.strength_steps)]
+        ids, bs = list(range(min(batches.val.n, mc.strength_reward_examples))), batches.val_batch_size
+        reward = [{k: t.to(d.device) for k, t in batches.val.batch(ids[i : i + bs]).items()}
+                  for i in range(0, len(ids), bs)]  # fmt: skip
+        return choose_strength(lm, params, step, dwm, mc.strength, xs, reward, lambda x: lm_losses(dwm, lm, params, x))
+
+    out = run_on_rank0(pick)
+    with torch.no_grad():
+        dwm.fc2.weight.mul_(out["chosen"])
+        dwm.fc2.bias.mul_(out["chosen"])
+    if d.is_main:
+        tried = ", ".join(f"x{s:g} R {r:.4f}" for s, r in zip(out["scales"], out["reward"]))
+        log.info(f"strength (logit scale) x{out['chosen']:g} chosen by {mc.strength_steps}-step rollouts: {tried}")
+    return out
+
+
 def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: float | None = None) -> dict:
     """Fit stage ``stage``'s DWM on the LM of checkpoint ``tag``; rank 0 writes it. Collective.
 
@@ -336,9 +360,17 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
                   f"{cal['logit_scale']:.3f}")  # fmt: skip
     barrier()
     timings["meta_steps_s"] = time.time() - t_start
+    strength = {}
+    if mc.strength:  # after calibration: the rollouts judge the weights the trainer would apply
+        t_s = time.time()
+        adam = look.adam or checkpoint_moments(rd, tag, params)
+        strength = set_strength(cfg, dwm, lm, params, batches, RealStep(adam, scheduled_lr(cfg, state.scheduler_steps),
+                                                                        cfg.optimizer.grad_clip))  # fmt: skip
+        timings["strength_s"] = time.time() - t_s
     probe = batches.fitted_weights(dwm, APPLIED_CHECK_BATCHES, lm, params) if d.is_main else {}
     made = FitRecord(stage=stage, tag=tag, lm_step=state.step, alpha=alpha, world=d.world, calibration=cal,
-               timings=timings, started=t_start, tokenizer=cfg.data.tokenizer, applied_check=probe)  # fmt: skip
+               timings=timings, started=t_start, tokenizer=cfg.data.tokenizer, applied_check=probe,
+               strength=strength)  # fmt: skip
     meta = write_dwm(dwm, rd, mc, made) if d.is_main else {}
     barrier()
     return meta
@@ -359,6 +391,7 @@ class FitRecord:
     started: float
     tokenizer: str
     applied_check: dict = dataclasses.field(default_factory=dict)  #: the weights the trainer must reproduce
+    strength: dict = dataclasses.field(default_factory=dict)  #: meta.strength's candidates, their rewards, the choice
 
 
 def write_dwm(dwm, rd: RunDir, mc, fit: FitRecord) -> dict:
@@ -372,6 +405,8 @@ def write_dwm(dwm, rd: RunDir, mc, fit: FitRecord) -> dict:
     info["timings"] = {k: round(v, 3) for k, v in fit.timings.items()}
     if fit.applied_check:
         info["applied_check"] = fit.applied_check
+    if fit.strength:
+        info["strength"] = fit.strength
     path = rd.dwm(fit.stage)
     took = time.time() - fit.started
     meta = save_dwm(dwm, path, stage=fit.stage, lm_step=fit.lm_step, checkpoint=str(rd.checkpoint(fit.tag)),

@@ -136,9 +136,14 @@ def meta_items(
     adam = cfg.meta.lookahead == "adam"  # + the update's derivative J beside theta*, and AdamW's moments in fp32
     copies = META_COPIES + adam
     items = mem.meta_job_memory(spec.num_parameters(), dwm_params, act.nbytes, 0, mem.MetaShape(copies, dtype))
-    if adam:
-        n = spec.num_parameters()
-        items.append(mem.Item("AdamW moments (meta.lookahead=adam)", 8 * n, f"m and v, {n:,} x 2 x 4 B (fp32)"))
+    n = spec.num_parameters()
+    if adam or cfg.meta.strength:
+        items.append(mem.Item("AdamW moments (meta.lookahead=adam or meta.strength)", 8 * n,
+                              f"m and v, {n:,} x 2 x 4 B (fp32)"))  # fmt: skip
+    if cfg.meta.strength:  # rank 0's rollout: its own parameters, gradient and AdamW state, in the LM's dtype
+        b = mem.DTYPE_BYTES[dtype]
+        items.append(mem.Item("a strength rollout (meta.strength, rank 0)", 4 * n * b,
+                              f"parameters, gradient, m, v: 4 x {n:,} x {b} B"))  # fmt: skip
     val_len = min(seq, LAMBADA_TOKENS) if cfg.data.val_source == "lambada" else seq  # held-out, target: up to seq
     val = mem.activations(spec, cfg.meta.val_batch_size, val_len, meta_lay, cfg.model.attn_implementation, chunk, 0,
                           True, head=False)  # fmt: skip
