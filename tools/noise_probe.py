@@ -470,6 +470,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also train the --arms for STEPS steps (5 stages) per seed and tabulate stage-end validation loss",
     )
     ap.add_argument("--compare-only", action="store_true", help="skip the AUC probe (e.g. --fraction 0: clean data)")
+    ap.add_argument("--fresh", action="store_true", help="delete --work first (default: keep it; a run already there "
+                    "resumes or, finished, is read as it is; the corpus is rebuilt the same from the same settings)")
     ap.add_argument("--first-seed", type=int, default=0, help="--compare: seeds FIRST..FIRST+N-1")
     ap.add_argument("--stages", type=int, default=5, help="--compare: stages per run (stage 1 uniform)")
     ap.add_argument("--seeds", type=int, default=1, help="--compare: seeds 0..N-1 (data order and init)")
@@ -504,8 +506,9 @@ def prepare_corpora(args) -> dict:
         args.work / "noisy.jsonl", args.work / "clean.jsonl", args.docs, args.fraction, args.seed,
         args.corruption, args.bad_file,
     )  # fmt: skip
+    # replaced whole when prepared (the same bytes from the same settings: a kept run's data check still passes)
     prepare_data([str(args.work / "noisy.jsonl")], str(SP), str(args.work / "data"), seq_len=args.seq_len, workers=2,
-                 heldout_fraction=0.05, progress=False)  # fmt: skip
+                 heldout_fraction=0.05, progress=False, overwrite=True)  # fmt: skip
     (args.work / "corpus.json").write_text(json.dumps(info))
     kinds = ", ".join(f"{n} {k}" for k, n in info["corrupted_by_kind"].items())
     print(f"noisy corpus: {info['corrupted']}/{info['documents']} documents corrupted ({kinds})", flush=True)
@@ -535,8 +538,9 @@ def auc_probe(args, log: Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
+    if args.fresh:
+        shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     log = args.work / "log.txt"
     result = prepare_corpora(args)
     if not args.compare_only:
