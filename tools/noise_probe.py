@@ -470,8 +470,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also train the --arms for STEPS steps (5 stages) per seed and tabulate stage-end validation loss",
     )
     ap.add_argument("--compare-only", action="store_true", help="skip the AUC probe (e.g. --fraction 0: clean data)")
-    ap.add_argument("--fresh", action="store_true", help="delete --work first (default: keep it; a run already there "
-                    "resumes or, finished, is read as it is; the corpus is rebuilt the same from the same settings)")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete --work first (default: keep it; a run already there "
+        "resumes or, finished, is read as it is; the corpus is rebuilt the same from the same settings)",
+    )
     ap.add_argument("--first-seed", type=int, default=0, help="--compare: seeds FIRST..FIRST+N-1")
     ap.add_argument("--stages", type=int, default=5, help="--compare: stages per run (stage 1 uniform)")
     ap.add_argument("--seeds", type=int, default=1, help="--compare: seeds 0..N-1 (data order and init)")
