@@ -284,6 +284,26 @@ def fit(dwm, opt, lm, params, batches: MetaBatches, look: Lookahead, mc, records
                 f.write(json.dumps(rec) + "\n")
 
 
+def lookahead_inputs(cfg: Config, rd: RunDir, tag: str, lm, params, batches: MetaBatches, alpha: float,
+                     timings: dict) -> Lookahead:  # fmt: skip
+    """What every meta-step's lookahead starts from: alpha, AdamW's moments (meta.lookahead=adam) and the boundary's
+    v (meta.v=boundary); their times into ``timings``. Collective."""
+    look = Lookahead(alpha)
+    if cfg.meta.lookahead == "adam":
+        t_m = time.time()
+        look = dataclasses.replace(look, adam=checkpoint_moments(rd, tag, params))
+        timings["load_moments_s"] = time.time() - t_m
+    if cfg.meta.v == "boundary":
+        t_v = time.time()
+        v, reward = boundary_v(lm, params, batches)
+        look = dataclasses.replace(look, v=v)
+        timings["reward_gradient_s"] = time.time() - t_v
+        if batches.d.is_main:
+            log.info(f"v over the whole reward part ({reward[1]:.0f} examples, R(theta) {reward[0]:.4f}) in "
+                     f"{timings['reward_gradient_s']:.1f} s")  # fmt: skip
+    return look
+
+
 def set_strength(cfg: Config, dwm, lm, params, batches: MetaBatches, step: RealStep) -> dict:
     """meta.strength: rank 0 picks the DWM's logit scale (``meta.rollout.choose_strength``) by rollouts of ``step``
     over the next meta.strength_steps micro-batches of the stream, scored on the reward part's first
@@ -337,19 +357,7 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
         log.info(f"stage {stage}: LM from {rd.checkpoint(tag)} (step {state.step}); DWM {how}; {mc.steps} "
               f"meta-steps x {d.world} proc, mode {mc.grad_mode}{eps}, {mc.lookahead} lookahead, alpha {alpha:g}; "
               f"validation {batches.val.describe()}")  # fmt: skip
-    look = Lookahead(alpha)
-    if mc.lookahead == "adam":
-        t_m = time.time()
-        look = dataclasses.replace(look, adam=checkpoint_moments(rd, tag, params))
-        timings["load_moments_s"] = time.time() - t_m
-    if mc.v == "boundary":
-        t_v = time.time()
-        v, reward = boundary_v(lm, params, batches)
-        look = dataclasses.replace(look, v=v)
-        timings["reward_gradient_s"] = time.time() - t_v
-        if records is not None:
-            log.info(f"stage {stage}: v over the whole reward part ({reward[1]:.0f} examples, R(theta) "
-                     f"{reward[0]:.4f}) in {timings['reward_gradient_s']:.1f} s")  # fmt: skip
+    look = lookahead_inputs(cfg, rd, tag, lm, params, batches, alpha, timings)
     t_start = time.time()
     fit(dwm, opt, lm, params, batches, look, mc, records)
     cal = {}
@@ -364,8 +372,8 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
     if mc.strength:  # after calibration: the rollouts judge the weights the trainer would apply
         t_s = time.time()
         adam = look.adam or checkpoint_moments(rd, tag, params)
-        strength = set_strength(cfg, dwm, lm, params, batches, RealStep(adam, scheduled_lr(cfg, state.scheduler_steps),
-                                                                        cfg.optimizer.grad_clip))  # fmt: skip
+        step = RealStep(adam, scheduled_lr(cfg, state.scheduler_steps), cfg.optimizer.grad_clip)
+        strength = set_strength(cfg, dwm, lm, params, batches, step)
         timings["strength_s"] = time.time() - t_s
     probe = batches.fitted_weights(dwm, APPLIED_CHECK_BATCHES, lm, params) if d.is_main else {}
     made = FitRecord(stage=stage, tag=tag, lm_step=state.step, alpha=alpha, world=d.world, calibration=cal,
