@@ -227,6 +227,9 @@ ARMS = {
     # DWM refitted early and often (for a run of 1,000 steps; other lengths scale the boundaries)
     "early": ["meta.mode=bilevel", "stages.num_stages=6"],
     "warm": ["meta.mode=bilevel"],  # + meta.init_dwm: a proxy run's DWM weighs stage 1 (compare trains the proxy)
+    # + meta.init_dwm: the same seed's finished dwm arm's last DWM weighs stage 1 and is continued (the paper's
+    # Tables 10/11: a mature DWM from the start); its reward part is the one every arm's meta job uses
+    "mature": ["meta.mode=bilevel"],
     "loss": ["meta.mode=loss_reweight"],  # Sow et al. 2025, linupper, tau 1, uniform for the first 5% of steps
     "dsir": ["meta.mode=none"],  # + data.train_data: uniform training on the DSIR-selected part of the pool
     # + data.train_data: uniform training on a QuRating-style selection (sampled ∝ exp(score / 2)), the score a
@@ -252,6 +255,11 @@ def arm_overrides(arm: str, args, seed: int, log: Path) -> list[str]:
         return [f"meta.init_dwm={proxy}"]
     if arm == "dsir":
         return [f"data.train_data={dsir_data(args, log)}"]
+    if arm == "mature":
+        donor = args.work / f"cmp-dwm-s{seed}"
+        if not (donor / "dwm").is_dir():
+            raise SystemExit(f"--arms mature needs the dwm arm of seed {seed} first ({donor})")
+        return [f"meta.init_dwm={donor}"]
     if arm == "early":
         return [f"stages.boundaries=[{','.join(str(args.compare * k // 1000) for k in EARLY)}]"]
     if arm == "qurating":
@@ -371,6 +379,7 @@ ARM_LABELS = {"uniform": "uniform", "oracle": "oracle (corrupted weighted 0)", "
               "refresh": "DWM, backbone refreshed at every boundary",
               "lossfeat": "DWM with the LM's per-sample loss as input", "adam": "DWM, AdamW lookahead",
               "early": "DWM, stage 1 of 50 steps, dense early boundaries",
+              "mature": "DWM warm-started from a finished run's last DWM",
               "loss": "loss reweighting (linupper)", "dsir": "DSIR-selected data",
               "qurating": "QuRating-style selection (proxy-LM loss)"}  # fmt: skip
 
