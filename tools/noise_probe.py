@@ -412,17 +412,23 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
 
 
+def finished(run: Path, steps: int) -> bool:
+    """A run this probe finished before (its time written, its last step evaluated): read, not relaunched."""
+    return (run / "seconds.txt").is_file() and RunDir(run).evals.is_file() and steps in stage_end_val(run)
+
+
 def compare(args, log: Path) -> dict:
     """uniform / oracle / DWM over the same steps, data order and seed (per seed); stage-end validation."""
     vals: dict[str, list[dict[int, float]]] = {arm: [] for arm in args.arms}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for arm in args.arms:
             run = args.work / f"cmp-{arm}-s{seed}"
-            over = [f"stages.total_steps={args.compare}", f"stages.num_stages={args.stages}", "run.eval_batches=8"]
-            extra = arm_overrides(arm, args, seed, log)
-            t0 = time.time()
-            pretrain(run, args, [*over, *ARMS[arm], *extra, f"run.seed={seed}"], log)  # the arm's stages win
-            (run / "seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+            if not finished(run, args.compare):
+                over = [f"stages.total_steps={args.compare}", f"stages.num_stages={args.stages}", "run.eval_batches=8"]
+                extra = arm_overrides(arm, args, seed, log)
+                t0 = time.time()
+                pretrain(run, args, [*over, *ARMS[arm], *extra, f"run.seed={seed}"], log)  # the arm's stages win
+                (run / "seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
             vals[arm].append(stage_end_val(run))
             print(f"  {arm} seed {seed}: " + ", ".join(f"{v:.4f}" for v in vals[arm][-1].values()), flush=True)
     steps = sorted(vals[args.arms[0]][0])
