@@ -25,16 +25,14 @@ sys.path.insert(0, str(ROOT))
 
 from dwmtrain.analysis.diagnostic import correlations, diagnose  # noqa: E402
 from dwmtrain.analysis.preferences import load_run  # noqa: E402
-from dwmtrain.checkpoint import RunState, consolidated_lm_state  # noqa: E402
+from dwmtrain.checkpoint import RunState  # noqa: E402
 from dwmtrain.checkpoint.dwm_file import load_dwm, read_dwm_meta  # noqa: E402
 from dwmtrain.data.dataset import TokenDataset  # noqa: E402
 from dwmtrain.data.validation import REWARD, open_validation  # noqa: E402
 from dwmtrain.lr_schedule import scheduled_lr  # noqa: E402
 from dwmtrain.meta.metagrad import lm_params, reward_gradient, train_losses  # noqa: E402
 from dwmtrain.meta.rollout import RealStep  # noqa: E402
-from dwmtrain.meta.update import checkpoint_moments  # noqa: E402
-from dwmtrain.models.lm import build_lm, load_lm_state  # noqa: E402
-from dwmtrain.models.spec import lm_spec  # noqa: E402
+from dwmtrain.meta.update import checkpoint_lm, checkpoint_moments  # noqa: E402
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
 
@@ -51,16 +49,12 @@ def stage_dwms(rd, num_stages: int) -> dict[int, torch.nn.Module]:
 
 def diagnose_tag(cfg, rd, tag: str, a, dwms: dict) -> dict:
     state = RunState.read(rd.marker(tag))
-    lm = build_lm(lm_spec(cfg.model), "eager")
-    if bad := load_lm_state(lm, consolidated_lm_state(rd, tag)):
-        raise SystemExit(f"{rd.checkpoint(tag)}: its weights do not fit the run's model: {bad[:3]}")
-    lm = lm.to(DTYPES[a.dtype]).eval().requires_grad_(False)
+    lm = checkpoint_lm(cfg, rd, tag, "eager")[0].to(DTYPES[a.dtype]).eval().requires_grad_(False)
     params = lm_params(lm)
     adam = checkpoint_moments(rd, tag, params)
     step = RealStep(adam, scheduled_lr(cfg, state.scheduler_steps), cfg.optimizer.grad_clip)
     val = open_validation(cfg, rd, REWARD)
-    ids = list(range(min(val.n, a.reward_examples)))
-    reward = [val.batch(ids[i : i + 32]) for i in range(0, len(ids), 32)]
+    reward = list(val.chunked(range(min(val.n, a.reward_examples)), 32))
     v, tot = reward_gradient(lm, params, reward)
     v = {k: t.div_(tot[1].item()).to(params[k].dtype) for k, t in v.items()}
     data = TokenDataset(cfg.data.train_data, "train")
@@ -82,7 +76,7 @@ def diagnose_tag(cfg, rd, tag: str, a, dwms: dict) -> dict:
     corr = correlations(cols, truth, domains, B)
     fitted_here = [s for s in dwms if read_dwm_meta(rd.dwm(s))["lm_step"] == state.step]
     return {"tag": tag, "step": state.step, "stage": state.stage, "lr": step.lr, "adam_step": adam.step,
-            "samples": len(truth), "reward_examples": len(ids), "k_steps": a.k_steps, "h": a.h,
+            "samples": len(truth), "reward_examples": int(tot[1].item()), "k_steps": a.k_steps, "h": a.h,
             "dwm_fitted_here": fitted_here, "seconds": time.time() - t0, "correlations": corr,
             "true_effect_std": float(truth.std()), "true_effect_positive": float((truth > 0).mean())}  # fmt: skip
 

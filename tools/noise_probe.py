@@ -171,16 +171,13 @@ def base_overrides(args) -> list[str]:
 
 def lm_of(run_dir: Path, stage: int):
     """The per-sample losses of the LM a stage's DWM was fitted on (a loss-aware DWM weighs by them)."""
-    from dwmtrain.checkpoint import consolidated_lm_state
     from dwmtrain.checkpoint.dwm_file import read_dwm_meta
     from dwmtrain.config import load_config
     from dwmtrain.meta.metagrad import lm_params, train_losses
-    from dwmtrain.models.lm import build_lm, load_lm_state
-    from dwmtrain.models.spec import lm_spec
+    from dwmtrain.meta.update import checkpoint_lm
 
     rd = RunDir(run_dir)
-    lm = build_lm(lm_spec(load_config(rd.config).model))
-    load_lm_state(lm, consolidated_lm_state(rd, RunDir.tag(read_dwm_meta(rd.dwm(stage))["lm_step"])))
+    lm, _ = checkpoint_lm(load_config(rd.config), rd, RunDir.tag(read_dwm_meta(rd.dwm(stage))["lm_step"]))
     lm.eval().requires_grad_(False)
     return lambda x: train_losses(lm, lm_params(lm), x)
 

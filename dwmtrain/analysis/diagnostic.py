@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dwmtrain.analysis.stats import auc_by_kind, spearman, within_batch_spearman
-from dwmtrain.meta.metagrad import AdamMoments, Params, train_losses
+from dwmtrain.meta.metagrad import AdamMoments, Params, _dot, train_losses
 from dwmtrain.meta.rollout import RealStep, mean_grad, per_sample_grads, reward_loss, rollout
 
 
@@ -49,11 +49,11 @@ def estimator_scores(
 ) -> dict[str, torch.Tensor]:
     """The "upweight" score of each sample of x by each estimator: sgd <v, grad L_i>, adam <v * J(g), grad L_i>
     (g the micro-batch's mean gradient; only with ``adam``) and neg_loss -L_i. ``v`` is grad R(theta)."""
-    out = {"sgd": torch.stack([sum((g[k] * v[k]).sum() for k in v) for g in grads]).double()}
+    out = {"sgd": torch.stack([_dot(v, g) for g in grads]).double()}
     if adam is not None:
         gbar = mean_grad(grads, torch.ones(x.shape[0]))
         u = {k: v[k] * adam.update(k, gbar[k])[1] for k in v}
-        out["adam"] = torch.stack([sum((g[k] * u[k]).sum() for k in u) for g in grads]).double()
+        out["adam"] = torch.stack([_dot(u, g) for g in grads]).double()
     with torch.no_grad():
         out["neg_loss"] = -train_losses(model, params, x).double()
     return out

@@ -137,6 +137,12 @@ class ValidationSet:
             return collate_cloze([self.items[i] for i in ids])
         return lm_batch(self.heldout.batch(ids))
 
+    def chunked(self, ids, bs: int):
+        """The examples ``ids`` in batches of ``bs`` (the last one shorter), in order."""
+        ids = list(ids)
+        for i in range(0, len(ids), bs):
+            yield self.batch(ids[i : i + bs])
+
     def batches(self, n_batches: int, bs: int, rank: int = 0, world: int = 1, offset: int = 0):
         """Rank r takes every world-th batch; wraps around a small part. Same count on every rank."""
         for b in range(n_batches):

@@ -38,16 +38,13 @@ def mean_grad(grads: Sequence[Params], w: torch.Tensor) -> Params:
     return {k: sum(float(wi) * g[k] for wi, g in zip(w, grads)) / len(grads) for k in grads[0]}
 
 
-Weigh = Callable[[torch.Tensor], torch.Tensor]  #: a micro-batch's weights [B] (mean 1)
-
-
 def rollout(
-    model, params: Params, step: RealStep, batches: Sequence[torch.Tensor] = (), weigh: Weigh | None = None,
-    first: Params | None = None,
+    model, params: Params, step: RealStep, batches: Sequence[torch.Tensor] = (),
+    weights: Sequence[torch.Tensor] | None = None, first: Params | None = None,
 ) -> Params:  # fmt: skip
     """The parameters after real steps from (params, the checkpoint's moments): one on the gradient ``first`` if
-    given, then one on each micro-batch of ``batches`` weighed by ``weigh`` (uniform: None), each at the parameters
-    reached. Neither ``params`` nor the moments are changed."""
+    given, then one on each micro-batch of ``batches`` weighed by its ``weights`` (uniform: None), each at the
+    parameters reached. Neither ``params`` nor the moments are changed."""
     names = list(params)
     ps = [params[k].detach().clone().requires_grad_(True) for k in names]
     a = step.adam
@@ -66,10 +63,10 @@ def rollout(
 
     if first is not None:
         apply([first[k] for k in names])
-    for x in batches:
+    for j, x in enumerate(batches):
         with torch.enable_grad():
             losses = train_losses(model, dict(zip(names, ps)), x)
-            w = torch.ones_like(losses) if weigh is None else weigh(x).detach().to(losses.dtype)
+            w = torch.ones_like(losses) if weights is None else weights[j].detach().to(losses.dtype)
             apply(list(torch.autograd.grad((w * losses).mean(), ps)))
     return {k: p.detach() for k, p in zip(names, ps)}
 
@@ -96,15 +93,12 @@ def choose_strength(
     from dwmtrain.models.weights import normalize_weights
 
     arch = dwm.arch
+    with torch.no_grad():  # the DWM's logits once per micro-batch: a candidate only scales them
+        zs = [dwm.score(dwm.embed(x), losses(x)).float() for x in batches]
 
-    def weigh_at(s: float) -> Weigh:
-        def weigh(x):
-            with torch.no_grad():
-                z = dwm.score(dwm.embed(x), losses(x)).float()
-            return normalize_weights(s * z, arch.temperature, arch.uniform_mix, arch.normalization)
+    def at(s: float) -> list[torch.Tensor]:
+        return [normalize_weights(s * z, arch.temperature, arch.uniform_mix, arch.normalization) for z in zs]
 
-        return weigh
-
-    scores = [reward_loss(model, rollout(model, params, step, batches, weigh_at(s)), reward) for s in scales]
+    scores = [reward_loss(model, rollout(model, params, step, batches, at(s)), reward) for s in scales]
     best = min(range(len(scales)), key=lambda i: scores[i])
     return {"scales": list(scales), "reward": scores, "chosen": scales[best]}

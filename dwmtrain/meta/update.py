@@ -53,15 +53,22 @@ def lookahead_lr(cfg: Config, scheduler_steps: int) -> float:
     return cfg.meta.lookahead_lr or scheduled_lr(cfg, scheduler_steps)
 
 
+def checkpoint_lm(cfg: Config, rd: RunDir, tag: str, attn: str = "sdpa"):
+    """The run's LM holding checkpoint ``tag``'s consolidated fp32 weights, and that state (CheckpointError when they
+    do not fit the run's model)."""
+    lm = build_lm(lm_spec(cfg.model), attn)
+    state = consolidated_lm_state(rd, tag)
+    if bad := load_lm_state(lm, state):
+        raise CheckpointError(f"checkpoint {rd.checkpoint(tag)}: its weights do not fit the run's model: {bad[:3]}")
+    return lm, state
+
+
 def load_frozen_lm(cfg: Config, rd: RunDir, tag: str, d: Dist, attn: str):
     """The LM of checkpoint ``tag``, frozen: its consolidated fp32 weights (written at stage boundaries by
     rank 0, so no other node's shards and no optimizer state are read), else DeepSpeed's zero_to_fp32; held in
     ``meta.lm_dtype``. Its losses skip the full logits (``model.loss_chunk_tokens``; 0: the full-logits path), and
     ``model.activation_checkpointing`` recomputes its layers in the lookahead's backward (fd and per_sample)."""
-    lm = build_lm(lm_spec(cfg.model), attn)
-    state = consolidated_lm_state(rd, tag)
-    if bad := load_lm_state(lm, state):
-        raise CheckpointError(f"checkpoint {rd.checkpoint(tag)}: its weights do not fit the run's model: {bad[:3]}")
+    lm, state = checkpoint_lm(cfg, rd, tag, attn)
     dtype = torch.float32
     if cfg.meta.lm_dtype == "train":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
@@ -226,7 +233,7 @@ def boundary_v(lm, params, batches: MetaBatches) -> tuple[dict, tuple[float, flo
     world-th example), summed over ranks; and (R(theta), examples). Collective."""
     val, bs, d = batches.val, batches.val_batch_size, batches.d
     mine = list(range(d.rank, val.n, d.world))
-    chunks = ({k: t.to(d.device) for k, t in val.batch(mine[i : i + bs]).items()} for i in range(0, len(mine), bs))
+    chunks = ({k: t.to(d.device) for k, t in vb.items()} for vb in val.chunked(mine, bs))
     v, tot = reward_gradient(lm, params, chunks)
     for t in v.values():
         all_reduce_(t)
@@ -312,9 +319,8 @@ def set_strength(cfg: Config, dwm, lm, params, batches: MetaBatches, step: RealS
 
     def pick() -> dict:
         xs = [batches.data.batch(next(batches.stream)[1]).to(d.device) for _ in range(mc.strength_steps)]
-        ids, bs = list(range(min(batches.val.n, mc.strength_reward_examples))), batches.val_batch_size
-        reward = [{k: t.to(d.device) for k, t in batches.val.batch(ids[i : i + bs]).items()}
-                  for i in range(0, len(ids), bs)]  # fmt: skip
+        ids = range(min(batches.val.n, mc.strength_reward_examples))
+        reward = [{k: t.to(d.device) for k, t in vb.items()} for vb in batches.val.chunked(ids, batches.val_batch_size)]
         return choose_strength(lm, params, step, dwm, mc.strength, xs, reward, lambda x: lm_losses(dwm, lm, params, x))
 
     out = run_on_rank0(pick)
