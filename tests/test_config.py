@@ -30,6 +30,7 @@ def test_defaults_validate_and_roundtrip(tmp_path):
         ("meta.grad_mode=magic", "meta.grad_mode"),
         ("meta.v=sometimes", "meta.v"),
         ("dwm.dtype=fp8", "dwm.dtype"),
+        ("dwm.features=tokens", "dwm.features"),
         ("optimizer.betas=[0.9]", "optimizer.betas"),
         ("deepspeed.precision=fp8", "deepspeed.precision"),
         ("deepspeed.micro_batch_size=0", "deepspeed.micro_batch_size"),
@@ -41,6 +42,14 @@ def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert field in str(e.value)
+
+
+def test_a_dwm_on_the_lms_states_takes_no_backbone_of_its_own():
+    assert load_config(None, ["dwm.features=lm"]).dwm.backbone == "lm"
+    with pytest.raises(ConfigError, match="dwm.backbone='tiny': dwm.features=lm reads the LM's own hidden states"):
+        load_config(None, ["dwm.features=lm", "dwm.backbone=tiny"])
+    with pytest.raises(ConfigError, match="dwm.refresh_backbone=True: dwm.features=lm has no backbone"):
+        load_config(None, ["dwm.features=lm", "dwm.refresh_backbone=true"])
 
 
 def test_overrides_and_yaml(tmp_path):

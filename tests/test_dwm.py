@@ -292,3 +292,64 @@ def test_the_trainer_applies_a_loss_aware_dwm_to_the_losses_of_its_own_forward()
         assert torch.allclose(loss, (want * losses).mean(), atol=1e-5)
         loss.backward()  # the weights are data to the LM's backward
         lm.zero_grad()
+
+
+LM_ARCH = DWMArch("tiny", 512, 32, features="lm")  # dwm.features=lm: the LM's own hidden states, no backbone
+
+
+def test_a_dwm_on_the_lms_hidden_states_has_no_backbone_and_weighs_by_them(tmp_path):
+    torch.manual_seed(0)
+    m = DataWeightingModel(LM_ARCH).eval()
+    assert m.backbone is None and m.reads_lm and not DataWeightingModel(ARCH).reads_lm
+    H = LM_ARCH.backbone_spec().hidden_size
+    hidden = torch.randn(8, 32, H)
+    assert torch.equal(m(None, hidden=hidden), torch.ones(8))  # a fresh head: uniform
+    torch.nn.init.normal_(m.fc2.weight)
+    w = m(None, hidden=hidden)
+    perm = torch.randperm(8)
+    assert torch.allclose(m(None, hidden=hidden[perm]), w[perm], atol=1e-6)
+    assert not torch.allclose(m(None, hidden=hidden.flip(1)[:, :1]), w, atol=1e-4)  # other states, other weights
+    with pytest.raises(ValueError, match="dwm.features=lm"):
+        m(torch.randint(0, 512, (8, 32)))
+    m.init_backbone_from({})  # nothing to copy into
+    save_dwm(m, tmp_path / "d.safetensors", stage=2, lm_step=1)
+    back = load_dwm(tmp_path / "d.safetensors")
+    assert back.backbone is None and torch.allclose(back(None, hidden=hidden), w)
+    with pytest.raises(DWMFileError):  # the paper's DWM and one without a backbone are not the same tensors
+        load_dwm_state(tmp_path / "d.safetensors", ARCH)
+    head = sum(p.numel() for p in m.parameters())
+    assert head < sum(p.numel() for p in DataWeightingModel(ARCH).parameters()) / 2
+
+
+@pytest.mark.parametrize("loss_feature", [False, True])
+def test_the_trainer_applies_a_dwm_on_its_own_hidden_states_in_the_same_forward(loss_feature):
+    """FrozenDWM of a dwm.features=lm DWM gives a rule resolved inside the LM's forward: through the fused loss head
+    and through full logits the weights are dwm(hidden=the LM's final states[, losses=its losses]) of that very
+    forward, and the meta job's read of the LM (metagrad.forward_reads) gives the same states and losses."""
+    import dataclasses
+
+    from dwmtrain.meta.metagrad import forward_reads, lm_params
+    from dwmtrain.models.lm import build_lm
+    from dwmtrain.models.loss import per_sample_loss, weighted_objective
+    from dwmtrain.models.spec import ModelSpec
+    from dwmtrain.stages.weighting import FrozenDWM
+
+    torch.manual_seed(0)
+    m = DataWeightingModel(dataclasses.replace(LM_ARCH, loss_feature=loss_feature)).eval()
+    torch.nn.init.normal_(m.fc2.weight)
+    lm = build_lm(ModelSpec.from_preset("tiny", 512, 32), seed=1)
+    x = torch.randint(0, 512, (8, 32))
+    with torch.no_grad():
+        losses, hidden = per_sample_loss(lm(input_ids=x).logits, x), lm.model(input_ids=x).last_hidden_state
+    want = m(None, hidden=hidden, losses=losses if loss_feature else None)
+    assert want.std() > 0.05
+    for chunked in (True, False):
+        rule = FrozenDWM(m, {"version": "t"})(x, list(range(8)))
+        loss, got_losses, applied = weighted_objective(lm, x, rule, chunked)
+        assert torch.allclose(applied, want, atol=1e-5) and torch.allclose(got_losses, losses, atol=1e-5)
+        assert torch.allclose(loss, (want * losses).mean(), atol=1e-5)
+        loss.backward()
+        lm.zero_grad()
+        lm.loss_chunk_tokens = 1024 if chunked else 0  # the meta job's read: fused head, then full logits
+        r_losses, r_hidden = forward_reads(lm, lm_params(lm), x)
+        assert torch.allclose(r_losses, losses, atol=1e-5) and torch.allclose(r_hidden, hidden, atol=1e-6)

@@ -187,3 +187,15 @@ def test_plan_command_prints_the_table_and_the_verdict(capsys):
     assert out.strip().splitlines()[-1].startswith("plan: FITS on 1 x 8 H100 80GB")
     assert main(["plan", "--config", "paper_370m", "--gpus-per-node", "3"]) == 2  # 4096 sequences over 3 ranks
     assert "not divisible" in capsys.readouterr().err
+
+
+def test_a_dwm_on_the_lms_states_costs_its_head_only():
+    cfg = load_config("experiments/scale/llama3.1-8b_4x8h100")
+    paper = make_plan(cfg, 4, 8, parse_device("h100"))
+    lm = make_plan(load_config("experiments/scale/llama3.1-8b_4x8h100", ["dwm.features=lm", "dwm.backbone=lm"]), 4, 8,
+                   parse_device("h100"))  # fmt: skip
+    assert lm.dwm_params < paper.dwm_params / 4  # attention across the micro-batch (4 H^2) and 2 linears only
+    assert {i.name: i.nbytes for i in lm.items}[
+        "DWM (frozen weights + forward)"
+    ] == lm.dwm_params * 2  # bf16 weights, no backbone forward
+    assert lm.flops_per_token < paper.flops_per_token

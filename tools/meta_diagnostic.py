@@ -30,7 +30,7 @@ from dwmtrain.checkpoint.dwm_file import load_dwm, read_dwm_meta  # noqa: E402
 from dwmtrain.data.dataset import TokenDataset  # noqa: E402
 from dwmtrain.data.validation import REWARD, open_validation  # noqa: E402
 from dwmtrain.lr_schedule import scheduled_lr  # noqa: E402
-from dwmtrain.meta.metagrad import lm_params, reward_gradient, train_losses  # noqa: E402
+from dwmtrain.meta.metagrad import forward_reads, lm_params, reward_gradient  # noqa: E402
 from dwmtrain.meta.rollout import RealStep  # noqa: E402
 from dwmtrain.meta.update import checkpoint_lm, checkpoint_moments  # noqa: E402
 
@@ -62,11 +62,11 @@ def diagnose_tag(cfg, rd, tag: str, a, dwms: dict) -> dict:
     idx = np.random.default_rng(a.seed).permutation(len(data))[: a.samples // B * B].reshape(-1, B)
     mbs = [data.batch(list(map(int, row))) for row in idx]
 
-    def dwm_scores(x):  # a loss-aware DWM weighs by this LM's losses (right for the DWM fitted here)
+    def dwm_scores(x):  # a DWM that reads the LM's forward reads this LM's (right for the DWM fitted here)
         with torch.no_grad():
-            losses = train_losses(lm, params, x).float()
-            return {f"dwm_stage{s}": m.score(m.embed(x), losses if m.arch.loss_feature else None).double()
-                    for s, m in dwms.items()}  # fmt: skip
+            losses, hidden = forward_reads(lm, params, x)
+            return {f"dwm_stage{s}": m.score(m.embed(x, hidden=hidden), losses.float() if m.arch.loss_feature else None)
+                    .double() for s, m in dwms.items()}  # fmt: skip
 
     t0 = time.time()
     cols = diagnose(lm, params, mbs, step, reward, v, a.h, a.k_steps, dwm_scores,

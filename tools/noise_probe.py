@@ -169,17 +169,17 @@ def base_overrides(args) -> list[str]:
     ]
 
 
-def lm_of(run_dir: Path, stage: int):
-    """The per-sample losses of the LM a stage's DWM was fitted on (a loss-aware DWM weighs by them)."""
+def lm_of(run_dir: Path, stage: int, dwm):
+    """What ``dwm`` reads of the forward of the LM a stage's DWM was fitted on (its losses, its hidden states)."""
     from dwmtrain.checkpoint.dwm_file import read_dwm_meta
     from dwmtrain.config import load_config
-    from dwmtrain.meta.metagrad import lm_params, train_losses
-    from dwmtrain.meta.update import checkpoint_lm
+    from dwmtrain.meta.metagrad import lm_params
+    from dwmtrain.meta.update import checkpoint_lm, lm_reads
 
     rd = RunDir(run_dir)
     lm, _ = checkpoint_lm(load_config(rd.config), rd, RunDir.tag(read_dwm_meta(rd.dwm(stage))["lm_step"]))
     lm.eval().requires_grad_(False)
-    return lambda x: train_losses(lm, lm_params(lm), x)
+    return lambda x: lm_reads(dwm, lm, lm_params(lm), x)
 
 
 def score_heldout(run_dir: Path, data_dir: Path, stage: int, passes: int, seed: int):
@@ -191,7 +191,7 @@ def score_heldout(run_dir: Path, data_dir: Path, stage: int, passes: int, seed: 
     from dwmtrain.data.dataset import TokenDataset
 
     dwm = load_dwm(RunDir(run_dir).dwm(stage)).eval()
-    losses = lm_of(run_dir, stage) if dwm.arch.loss_feature else None
+    reads = lm_of(run_dir, stage, dwm) if dwm.reads_lm else lambda x: {}
     ds = TokenDataset(data_dir, "heldout")
     rng = random.Random(seed)
     scores, domains = [], []
@@ -201,7 +201,7 @@ def score_heldout(run_dir: Path, data_dir: Path, stage: int, passes: int, seed: 
             for b in range(len(ds) // 8):
                 idx = order[8 * b : 8 * b + 8]
                 x = ds.batch(idx)
-                scores += dwm(x, losses=None if losses is None else losses(x)).tolist()
+                scores += dwm(x, **reads(x)).tolist()
                 domains += [ds.domain(i) for i in idx]
     return scores, domains
 
@@ -220,6 +220,7 @@ ARMS = {
     "refresh": ["meta.mode=bilevel", "dwm.refresh_backbone=true"],  # the backbone copied from the LM at every boundary
     "lossfeat": ["meta.mode=bilevel", "dwm.loss_feature=true"],  # the LM's per-sample loss an input of the DWM
     "adam": ["meta.mode=bilevel", "meta.lookahead=adam"],  # the AdamW lookahead from the checkpoint's moments
+    "hidden": ["meta.mode=bilevel", "dwm.features=lm"],  # no backbone: the LM's own hidden states of each forward
     # weighting from step 50 (stage 1 a twentieth of the run, not a fifth), boundaries dense at the start: the paper's
     # DWM refitted early and often (for a run of 1,000 steps; other lengths scale the boundaries)
     "early": ["meta.mode=bilevel", "stages.num_stages=6"],
@@ -375,6 +376,7 @@ ARM_LABELS = {"uniform": "uniform", "oracle": "oracle (corrupted weighted 0)", "
               "dwm": "DWM (bi-level, uniform stage 1)", "warm": "DWM warm-started from a proxy",
               "refresh": "DWM, backbone refreshed at every boundary",
               "lossfeat": "DWM with the LM's per-sample loss as input", "adam": "DWM, AdamW lookahead",
+              "hidden": "DWM on the LM's own hidden states",
               "early": "DWM, stage 1 of 50 steps, dense early boundaries",
               "mature": "DWM warm-started from a finished run's last DWM",
               "loss": "loss reweighting (linupper)", "dsir": "DSIR-selected data",

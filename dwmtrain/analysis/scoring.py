@@ -79,9 +79,9 @@ def score_dataset(
     """
     from tqdm import tqdm
 
-    if getattr(getattr(dwm, "arch", None), "loss_feature", False):
-        raise AnalysisError("this DWM weighs by its LM's per-sample losses (dwm.loss_feature): scoring a DWM alone "
-                            "cannot weigh it (tools/meta_diagnostic.py scores it with its LM)")  # fmt: skip
+    if getattr(dwm, "reads_lm", False):
+        raise AnalysisError("this DWM weighs by its LM's forward (dwm.loss_feature or dwm.features=lm): scoring a DWM "
+                            "alone cannot weigh it (tools/meta_diagnostic.py scores it with its LM)")  # fmt: skip
     idx = np.asarray(indices, dtype=np.int64)
     n = len(idx) // micro_batch * micro_batch
     dwm = dwm.to(device=device, dtype=dtype).eval()

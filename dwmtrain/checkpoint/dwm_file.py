@@ -15,7 +15,7 @@ import torch
 from dwmtrain.errors import ConfigError, DWMTrainError
 from dwmtrain.faults import fault_point
 from dwmtrain.fileio import atomic_file, atomic_write_text, sha256_file
-from dwmtrain.models.dwm import POOLINGS, DataWeightingModel, DWMArch, dwm_from_state
+from dwmtrain.models.dwm import FEATURES, POOLINGS, DataWeightingModel, DWMArch, dwm_from_state
 from dwmtrain.models.spec import ATTN_IMPLEMENTATIONS, PRESETS, ModelSpec
 from dwmtrain.models.weights import NORMALIZATIONS
 
@@ -105,6 +105,8 @@ def arch_from_meta(arch: object, where: str) -> DWMArch:
             raise bad("backbone_config", f"not a supported model config ({e})") from None
     elif arch["backbone"] not in PRESETS:
         raise bad("backbone", f"not one of the presets {sorted(PRESETS)}")
+    if arch.get("features", "backbone") not in FEATURES:
+        raise bad("features", f"must be one of {FEATURES}")
     if arch.get("pooling", "mean") not in POOLINGS:
         raise bad("pooling", f"must be one of {POOLINGS}")
     if arch.get("normalization", "softmax") not in NORMALIZATIONS:

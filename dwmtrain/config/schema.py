@@ -213,6 +213,10 @@ class DWMConfig:
     #: the LM's own per-sample loss as one more input of the head (standardized over the micro-batch): a feature
     #: of the current LM, free in the training forward (the weights are applied to the losses of that forward)
     loss_feature: bool = False
+    #: backbone | lm: what embeds each sample. backbone: the DWM's own transformer (the paper's); lm: the LM's own
+    #: final hidden states from the very forward the weights apply to, pooled (no backbone, no extra forward: the
+    #: features are the current LM's at every step; the meta job reads them from the boundary's LM)
+    features: str = "backbone"
     alarm_ess: float = 0.5  #: alarm when a step's mean ESS falls below this fraction of the micro-batch (collapse)
     alarm_max_weight: float = 0.5  #: alarm when one sample's weight exceeds this fraction of the micro-batch size
     #: torch.compile the frozen DWM's forward on the trainer ranks: 0.88x its time on CPU at small, after ~30 s
@@ -223,10 +227,17 @@ class DWMConfig:
     dtype: str = "train"
 
     def __post_init__(self):
-        from dwmtrain.models.dwm import POOLINGS
+        from dwmtrain.models.dwm import FEATURES, POOLINGS
         from dwmtrain.models.spec import PRESETS
         from dwmtrain.models.weights import NORMALIZATIONS
 
+        one_of("dwm.features", self.features, FEATURES)
+        if self.features == "lm":  # the LM's states, of the LM's width: nothing else can be the backbone
+            check(self.backbone in ("auto", "lm"), "dwm.backbone", self.backbone,
+                  "dwm.features=lm reads the LM's own hidden states: leave dwm.backbone at auto (or lm)")  # fmt: skip
+            check(not self.refresh_backbone, "dwm.refresh_backbone", self.refresh_backbone,
+                  "dwm.features=lm has no backbone to refresh: its features are always the current LM's")  # fmt: skip
+            self.backbone = "lm"
         if self.backbone == "auto":
             self.backbone = "lm" if self.init_backbone_from_lm else "tiny"
         one_of("dwm.backbone", self.backbone, (*PRESETS, "lm", "auto"))

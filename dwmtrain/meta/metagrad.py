@@ -84,6 +84,29 @@ def train_losses(model, params: Params, x: torch.Tensor) -> torch.Tensor:
     return per_sample_loss(functional_call(model, params, (x,)).logits, x)
 
 
+class _Reads:
+    """A weighting rule that weighs uniformly and keeps what the LM head hands it: its forward's per-sample losses
+    and final hidden states."""
+
+    needs_hidden = True
+
+    def __call__(self, losses: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        self.losses, self.hidden = losses, hidden
+        return torch.ones_like(losses)
+
+
+@torch.no_grad()
+def forward_reads(model, params: Params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sample losses [B] and final hidden states [B, T, H] of the LM's forward of x at ``params`` (what a
+    DWM that reads the LM's forward weighs by), from one forward, through the head the trainer's goes through."""
+    if _chunked(model):
+        r = _Reads()
+        functional_call(model, params, (x,), {"sample_weights": r})
+        return r.losses, r.hidden
+    out = functional_call(model, params, (x,), {"output_hidden_states": True})
+    return per_sample_loss(out.logits, x), out.hidden_states[-1]
+
+
 def weighted_train_loss(model, params: Params, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """sum_i w_i L_i at ``params`` (w is data), through the fused loss where the model has it."""
     if _chunked(model):

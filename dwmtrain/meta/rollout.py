@@ -82,19 +82,23 @@ def reward_loss(model, params: Params, batches: Sequence[dict]) -> float:
     return tot / n
 
 
+def _scores(dwm, x: torch.Tensor, reads: dict) -> torch.Tensor:
+    return dwm.score(dwm.embed(x, hidden=reads.get("hidden")), reads.get("losses")).float()
+
+
 def choose_strength(
     model, params: Params, step: RealStep, dwm, scales: Sequence[float], batches: Sequence[torch.Tensor],
-    reward: Sequence[dict], losses: Callable[[torch.Tensor], torch.Tensor | None] = lambda x: None,
+    reward: Sequence[dict], reads: Callable[[torch.Tensor], dict] = lambda x: {},
 ) -> dict:  # fmt: skip
     """The DWM's logit scale (its strength; 0: uniform weights) among ``scales`` whose weighted rollout over
     ``batches`` from the checkpoint ends with the lowest reward loss, every candidate on the same micro-batches
-    from the same state. ``losses``: the LM's per-sample losses a loss-aware DWM weighs by. {"scales", "reward",
-    "chosen"}; the DWM is left as it was."""
+    from the same state. ``reads``: what a DWM that reads the LM's forward weighs by (``meta.update.lm_reads``).
+    {"scales", "reward", "chosen"}; the DWM is left as it was."""
     from dwmtrain.models.weights import normalize_weights
 
     arch = dwm.arch
     with torch.no_grad():  # the DWM's logits once per micro-batch: a candidate only scales them
-        zs = [dwm.score(dwm.embed(x), losses(x)).float() for x in batches]
+        zs = [_scores(dwm, x, reads(x)) for x in batches]
 
     def at(s: float) -> list[torch.Tensor]:
         return [normalize_weights(s * z, arch.temperature, arch.uniform_mix, arch.normalization) for z in zs]

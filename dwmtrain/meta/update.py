@@ -32,10 +32,10 @@ from dwmtrain.meta.metagrad import (
     AdamMoments,
     default_fd_eps,
     dwm_surrogate,
+    forward_reads,
     lm_params,
     meta_gradient,
     reward_gradient,
-    train_losses,
 )
 from dwmtrain.meta.rollout import RealStep, choose_strength
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, dwm_from_state
@@ -134,6 +134,8 @@ def initial_dwm(cfg: Config, arch: DWMArch, stage: int, rd: RunDir, lm_state: di
         return m, f"continued from {prev}"
     torch.manual_seed(cfg.run.seed + 7919)
     m = DataWeightingModel(arch)
+    if m.backbone is None:
+        return m, "fresh head on the LM's own hidden states (dwm.features=lm)"
     if cfg.dwm.init_backbone_from_lm:
         m.init_backbone_from(lm_state)
         return m, "fresh head, backbone initialized from the LM"
@@ -154,11 +156,11 @@ def meta_step(dwm, opt, lm, params, x: torch.Tensor, vb: dict, look: Lookahead, 
     """One Adam step of the DWM on dR/dw at (x, vb), or at x with the boundary's v (meta.v=boundary);
     gradients averaged over ranks. Returns the record (with R(theta), the validation loss before the lookahead,
     only when ``log_before``; R(theta*) only where a lookahead was taken)."""
-    losses = lm_losses(dwm, lm, params, x)
+    reads = lm_reads(dwm, lm, params, x)
     with torch.no_grad():  # the LM's passes first, without the DWM's graph alive beside them
-        w0 = dwm(x, losses=losses)
+        w0 = dwm(x, **reads)
     g = meta_gradient(lm, params, x, vb, w0, look.alpha, mc.grad_mode, mc.fd_eps, log_before, look.v, look.adam)
-    w = dwm(x, losses=losses)  # [B], differentiable in the DWM parameters: the same values as w0
+    w = dwm(x, **reads)  # [B], differentiable in the DWM parameters: the same values as w0
     trainable = [p for group in opt.param_groups for p in group["params"]]
     opt.zero_grad(set_to_none=False)
     dR = g.dR_dw
@@ -197,15 +199,20 @@ def agreement(z: torch.Tensor, dR_dw: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def lm_losses(dwm, lm, params, x: torch.Tensor) -> torch.Tensor | None:
-    """The frozen LM's per-sample losses of x, the input a loss-aware DWM (dwm.loss_feature) weighs by besides the
-    tokens (the trainer's forward computes the same at the same parameters); None for the paper's DWM."""
-    return train_losses(lm, params, x).float() if dwm.arch.loss_feature else None
+def lm_reads(dwm, lm, params, x: torch.Tensor) -> dict:
+    """What the DWM reads of the frozen LM's forward of x besides the tokens, as ``dwm``'s keyword arguments: the
+    per-sample losses (dwm.loss_feature), the final hidden states (dwm.features=lm); the trainer's forward computes
+    the same at the same parameters. {} for the paper's DWM."""
+    if not dwm.reads_lm:
+        return {}
+    losses, hidden = forward_reads(lm, params, x)
+    out = {"losses": losses.float()} if dwm.arch.loss_feature else {}
+    return {**out, "hidden": hidden} if dwm.arch.features == "lm" else out
 
 
 @torch.no_grad()
-def _logits(dwm, x: torch.Tensor, losses: torch.Tensor | None) -> torch.Tensor:
-    return dwm.score(dwm.embed(x), losses).float()
+def _logits(dwm, x: torch.Tensor, reads: dict) -> torch.Tensor:
+    return dwm.score(dwm.embed(x, hidden=reads.get("hidden")), reads.get("losses")).float()
 
 
 def calibrate(dwm, lm, params, batches, look: Lookahead, mc) -> dict:
@@ -214,10 +221,10 @@ def calibrate(dwm, lm, params, batches, look: Lookahead, mc) -> dict:
     not generalize, its weights would only add variance to the LM's gradient. Collective (rho averaged)."""
     rhos = []
     for x, vb in batches:
-        losses = lm_losses(dwm, lm, params, x)
-        w = dwm(x, losses=losses).detach()
+        reads = lm_reads(dwm, lm, params, x)
+        w = dwm(x, **reads).detach()
         g = meta_gradient(lm, params, x, vb, w, look.alpha, mc.grad_mode, mc.fd_eps, False, look.v, look.adam)
-        rhos.append(agreement(_logits(dwm, x, losses), g.dR_dw.float()))
+        rhos.append(agreement(_logits(dwm, x, reads), g.dR_dw.float()))
     t = torch.tensor([sum(rhos), len(rhos)], dtype=torch.float64)
     all_reduce_(t)
     rho = (t[0] / t[1]).item()
@@ -259,15 +266,17 @@ class MetaBatches:
     @torch.no_grad()
     def fitted_weights(self, dwm, n: int, lm, params) -> dict:
         """The fitted DWM's fp32 weights of this rank's next ``n`` training micro-batches, their dataset indices (and
-        for a loss-aware DWM the LM's losses it weighed by): the trainer recomputes them in its own dtype at the
-        boundary (``stages.boundary``)."""
+        for a DWM that reads the LM's forward, the LM's losses and pooled hidden states it weighed by): the trainer
+        recomputes them in its own dtype at the boundary (``stages.boundary``)."""
         out: dict = {"indices": [next(self.stream)[1] for _ in range(n)], "weights": []}
         for i in out["indices"]:
             x = self.data.batch(i).to(self.d.device)
-            losses = lm_losses(dwm, lm, params, x)
-            out["weights"].append(dwm(x, losses=losses).float().tolist())
-            if losses is not None:
-                out.setdefault("losses", []).append(losses.tolist())
+            reads = lm_reads(dwm, lm, params, x)
+            out["weights"].append(dwm(x, **reads).float().tolist())
+            if "losses" in reads:
+                out.setdefault("losses", []).append(reads["losses"].tolist())
+            if "hidden" in reads:  # pooled: the trainer's head gets the same [B, H] features
+                out.setdefault("features", []).append(dwm.embed(x, hidden=reads["hidden"]).float().tolist())
         return out
 
     def __call__(self, k: int) -> tuple[torch.Tensor, dict]:
@@ -321,7 +330,7 @@ def set_strength(cfg: Config, dwm, lm, params, batches: MetaBatches, step: RealS
         xs = [batches.data.batch(next(batches.stream)[1]).to(d.device) for _ in range(mc.strength_steps)]
         ids = range(min(batches.val.n, mc.strength_reward_examples))
         reward = [{k: t.to(d.device) for k, t in vb.items()} for vb in batches.val.chunked(ids, batches.val_batch_size)]
-        return choose_strength(lm, params, step, dwm, mc.strength, xs, reward, lambda x: lm_losses(dwm, lm, params, x))
+        return choose_strength(lm, params, step, dwm, mc.strength, xs, reward, lambda x: lm_reads(dwm, lm, params, x))
 
     out = run_on_rank0(pick)
     with torch.no_grad():
@@ -350,7 +359,8 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
     dwm, how = initial_dwm(cfg, DWMArch.from_config(cfg, lm.config.vocab_size), stage, rd, lm_state)
     del lm_state
     dwm = dwm.to(d.device).eval()  # as the trainer applies it: gradients flow all the same, no dropout draws
-    dwm.backbone.requires_grad_(mc.backbone_trainable)
+    if dwm.backbone is not None:
+        dwm.backbone.requires_grad_(mc.backbone_trainable)
     opt = torch.optim.Adam([p for p in dwm.parameters() if p.requires_grad], lr=mc.lr)
     batches, params = MetaBatches(cfg, d, rd, state.consumed_samples), lm_params(lm)
     if mc.grad_mode == "fd" and not mc.fd_eps:  # once: the LM is frozen

@@ -4,6 +4,9 @@
       --one self-attention block across the B samples (no position across samples)--> h [B, H]
       --Linear, GELU, Linear--> logits [B] --B*softmax(logits/temp), uniform mix--> w [B], mean(w)=1
 
+With ``dwm.features=lm`` there is no backbone: the LM's own final hidden states of the training forward are pooled
+instead (the features of the current LM, at no extra forward), and only the rest is the DWM.
+
 Its file format (safetensors + a signed sidecar) is ``checkpoint.dwm_file``; the weight math is ``models.weights``.
 """
 
@@ -23,6 +26,7 @@ from dwmtrain.models.spec import ModelSpec, attention_flops_per_token, flops_per
 from dwmtrain.models.weights import normalize_weights
 
 POOLINGS = ("mean", "last")  #: how token states become one embedding per sample (dwm.pooling)
+FEATURES = ("backbone", "lm")  #: what the DWM embeds samples with (dwm.features): its own backbone | the LM's states
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class DWMArch:
     #: the backbone's Hugging Face config fields (JSON) when it is not a preset: the LM's own (dwm.backbone=lm)
     backbone_config: str = ""
     loss_feature: bool = False  #: the LM's per-sample losses are an input (dwm.loss_feature)
+    features: str = "backbone"  #: backbone | lm: the LM's own final hidden states, no backbone (dwm.features)
 
     @classmethod
     def from_config(cls, cfg, vocab_size: int):
@@ -63,6 +68,7 @@ class DWMArch:
             attn_implementation=cfg.model.attn_implementation,
             normalization=d.normalization,
             loss_feature=d.loss_feature,
+            features=d.features,
         )
 
     def backbone_spec(self) -> ModelSpec:
@@ -93,7 +99,8 @@ class DataWeightingModel(nn.Module):
         super().__init__()
         self.arch = arch
         cfg = arch.backbone_spec().hf_config(arch.attn_implementation)
-        self.backbone = dtype_preserving_norms(MODEL_MAPPING[type(cfg)](cfg))
+        lm_features = arch.features == "lm"  # the LM's states are the features: the backbone's config gives their width
+        self.backbone = None if lm_features else dtype_preserving_norms(MODEL_MAPPING[type(cfg)](cfg))
         H = cfg.hidden_size
         if H % arch.attn_heads:
             raise ConfigError(f"dwm.attn_heads={arch.attn_heads}: must divide the backbone hidden size {H}")
@@ -113,9 +120,26 @@ class DataWeightingModel(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, T] -> [B, H] pooled final hidden states."""
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    @property
+    def reads_lm(self) -> bool:
+        """Whether its weights need what the LM's forward of the same micro-batch computes (its per-sample losses,
+        its final hidden states): the trainer then resolves them inside that forward."""
+        return self.arch.loss_feature or self.arch.features == "lm"
+
+    def embed(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, T] -> [B, H] pooled final hidden states: the backbone's, or (dwm.features=lm) the LM's ``hidden``
+        [B, T, H] of these tokens."""
+        if self.backbone is not None:
+            h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        elif hidden is None:
+            raise ValueError("this DWM weighs by the LM's own hidden states (dwm.features=lm): pass them")
+        else:  # the LM's dtype may not be the DWM's (meta.lm_dtype, a bf16 trainer with dwm.dtype=fp32)
+            h = hidden.detach().to(self.in_scale.dtype)
         if self.arch.pooling == "last":
             if attention_mask is None:
                 return h[:, -1]
@@ -140,10 +164,15 @@ class DataWeightingModel(nn.Module):
         return self.fc2(F.gelu(self.fc1(h))).squeeze(-1).squeeze(0)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, losses: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        losses: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[B, T] (and, for a loss-aware DWM, the LM's per-sample losses [B]) -> weights [B] with mean 1."""
-        return self.weigh(self.embed(input_ids, attention_mask), losses)
+        """[B, T] (and what it reads of the LM's forward of them: per-sample losses [B] for a loss-aware DWM, the
+        final hidden states [B, T, H] for dwm.features=lm) -> weights [B] with mean 1."""
+        return self.weigh(self.embed(input_ids, attention_mask, hidden), losses)
 
     def weigh(self, emb: torch.Tensor, losses: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled embeddings [B, H] (``embed``) -> weights [B] with mean 1."""
@@ -153,7 +182,10 @@ class DataWeightingModel(nn.Module):
         return normalize_weights(logits, self.arch.temperature, self.arch.uniform_mix, self.arch.normalization)
 
     def init_backbone_from(self, lm_state: dict[str, torch.Tensor]) -> None:
-        """Copy an LM's transformer (``model.*`` of a LlamaForCausalLM state dict) into the backbone."""
+        """Copy an LM's transformer (``model.*`` of a LlamaForCausalLM state dict) into the backbone (none to copy
+        into with dwm.features=lm)."""
+        if self.backbone is None:
+            return
         sd = {k[len("model.") :]: v for k, v in lm_state.items() if k.startswith("model.")}
         own = self.backbone.state_dict()
         bad = [k for k in own if k not in sd or sd[k].shape != own[k].shape]
@@ -188,4 +220,6 @@ def dwm_forward_flops_per_token(arch: DWMArch, seq: int, n_params: int = 0) -> f
     """The DWM's forward FLOPs per scored token: its parameters' 2N and its backbone's attention at ``seq``
     tokens (``n_params``: its parameter count, when already known)."""
     n = n_params or dwm_parameter_count(arch)
+    if arch.features == "lm":  # the head only, once per sample: the LM's forward computed the features
+        return flops_per_token(n, False) / seq
     return flops_per_token(n, False) + attention_flops_per_token(arch.backbone_spec(), seq, False)

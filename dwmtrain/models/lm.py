@@ -68,9 +68,9 @@ class LossHead(nn.Linear):
     def forward(self, hidden, labels=None, sample_weights=None, chunk: int = 1024):
         if labels is None:
             return super().forward(hidden)
-        if callable(sample_weights):  # a rule of these very losses (meta.mode=loss_reweight): its weights first
+        if callable(sample_weights):  # a rule of this very forward (its losses, its states): its weights first
             losses = per_sample_loss_chunked(hidden, self.weight, labels, chunk)
-            sample_weights = resolve_weights(sample_weights, losses)
+            sample_weights = resolve_weights(sample_weights, losses, hidden)
         if not torch.is_grad_enabled():  # the losses only (the meta job's perturbed forwards, evaluation)
             losses = per_sample_loss_chunked(hidden, self.weight, labels, chunk)
             return weighted_loss(losses, sample_weights), losses

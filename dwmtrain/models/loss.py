@@ -25,12 +25,15 @@ def weighted_loss(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weights.to(losses.dtype) * losses).mean()
 
 
-def resolve_weights(weights, losses: torch.Tensor) -> torch.Tensor:
-    """The weights [B] to apply: ``weights`` itself, or, for a rule of the micro-batch's own losses (a callable:
-    ``stages.weighting.LossRule``), its weights for ``losses`` (computed without gradient)."""
+def resolve_weights(weights, losses: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """The weights [B] to apply: ``weights`` itself, or, for a rule of the micro-batch's own forward (a callable:
+    ``stages.weighting.LossRule``), its weights for ``losses`` (and, for a rule that ``needs_hidden``, the final
+    hidden states [B, T, H]), computed without gradient."""
     if not callable(weights):
         return weights
     with torch.no_grad():
+        if getattr(weights, "needs_hidden", False):
+            return weights(losses.detach(), hidden.detach())
         return weights(losses.detach())
 
 
@@ -42,8 +45,10 @@ def weighted_objective(model, x: torch.Tensor, weights, chunked: bool) -> tuple[
     if chunked:
         loss, losses = model(input_ids=x, sample_weights=weights)
     else:
-        losses = per_sample_loss(model(input_ids=x).logits, x)
-        loss = weighted_loss(losses, resolve_weights(weights, losses))
+        hidden_too = getattr(weights, "needs_hidden", False)
+        out = model(input_ids=x, output_hidden_states=hidden_too)
+        losses = per_sample_loss(out.logits, x)
+        loss = weighted_loss(losses, resolve_weights(weights, losses, out.hidden_states[-1] if hidden_too else None))
     applied = weights.weights if callable(weights) else weights
     return loss, losses.detach(), applied
 

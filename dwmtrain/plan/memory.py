@@ -147,9 +147,9 @@ def activations(
 
 def dwm_memory(dwm_params: int, backbone, micro: int, seq: int, lay: Layout) -> Item:
     """The frozen DWM replicated on every rank, in the training dtype, and its no-grad forward's largest
-    intermediates (one layer's MLP and attention at a time)."""
+    intermediates (one layer's MLP and attention at a time; none without a backbone: dwm.features=lm)."""
     b = DTYPE_BYTES[lay.precision]
-    fwd = micro * seq * (3 * backbone.intermediate_size + 4 * backbone.hidden_size) * b
+    fwd = micro * seq * (3 * backbone.intermediate_size + 4 * backbone.hidden_size) * b if backbone else 0
     return Item("DWM (frozen weights + forward)", dwm_params * b + fwd, f"{dwm_params:,} parameters, replicated")
 
 

@@ -104,7 +104,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, device: Device, mfu: 
         mem.model_states(n if lay.zero_stage == 3 else here.num_parameters(), largest, lay),
         mem.gathered(n, largest, ds.prefetch_bucket_size, ds.reduce_bucket_size, lay),
         mem.activations(here, mb, seq, lay, cfg.model.attn_implementation, chunk, every, fused),
-        mem.dwm_memory(nd, arch.backbone_spec(), mb, seq, lay),
+        mem.dwm_memory(nd, arch.backbone_spec() if arch.features == "backbone" else None, mb, seq, lay),
         mem.Item(
             "runtime (context, libraries, communication buffers)",
             RUNTIME_BYTES[device.accelerator],

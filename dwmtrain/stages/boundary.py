@@ -28,7 +28,7 @@ from dwmtrain.stages.meta_job import (
     run_meta_job,
 )
 from dwmtrain.stages.modes import mode_of
-from dwmtrain.stages.weighting import FrozenDWM, Weighting
+from dwmtrain.stages.weighting import DWMOfForward, FrozenDWM, Weighting
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,22 @@ def _applied_words(a: dict) -> str:
 
 def applied_check(dwm: FrozenDWM, probe: dict, data, dtype: torch.dtype, device) -> dict:
     """The weights ``dwm`` gives here (the trainer's dtype, its call) on the micro-batches the meta job recorded
-    (``probe``: their dataset indices and fitted fp32 weights; for a loss-aware DWM, the LM's losses it weighed by),
-    against the fitted ones."""
+    (``probe``: their dataset indices and fitted fp32 weights; for a DWM that reads the LM's forward, the LM's losses
+    and pooled hidden states it weighed by), against the fitted ones."""
     applied = [dwm(data.batch(ix).to(device), ix) for ix in probe["indices"]]
-    if "losses" in probe:  # the weights of the losses the meta job's LM gave: the DWM's own dtype is what is checked
-        applied = [w(torch.tensor(lo, device=device)) for w, lo in zip(applied, probe["losses"])]
+    if dwm.model.reads_lm:  # of what the meta job's LM gave: the DWM's own dtype is what is checked
+        n = len(applied)
+        losses, feats = probe.get("losses", [None] * n), probe.get("features", [None] * n)
+        applied = [_of_reads(w, lo, f, device) for w, lo, f in zip(applied, losses, feats)]
     return applied_vs_fitted(applied, probe["weights"], dtype)
+
+
+def _of_reads(w, losses: list | None, features: list | None, device) -> torch.Tensor:
+    """A ``DWMOfForward``'s weights given recorded losses and pooled features (for dwm.features=lm)."""
+    if features is not None:
+        w = DWMOfForward(w.model, torch.tensor(features, device=device).to(w._dtype()), w.scale)
+    lo = torch.tensor(losses, device=device) if losses is not None else torch.zeros(len(features), device=device)
+    return w(lo)
 
 
 class StageBoundary:

@@ -148,7 +148,7 @@ def _backbone_problems(cfg) -> list[str]:
     """A run whose first meta job would copy the LM into a backbone of another shape: said now, not at the first
     stage boundary."""
     copies = [o for o in ("init_backbone_from_lm", "refresh_backbone") if getattr(cfg.dwm, o)]
-    if not copies:
+    if not copies or cfg.dwm.features == "lm":  # no backbone: nothing is copied
         return []
     from dwmtrain.models.spec import lm_spec
 

@@ -75,36 +75,46 @@ class DomainWeights(Weighting):
 
 
 class FrozenDWM(Weighting):
-    """A DWM's weights, computed without any autograd bookkeeping; a loss-aware DWM's (dwm.loss_feature) as a
-    ``DWMOfLosses``, applied to the losses of the forward it weighs."""
+    """A DWM's weights, computed without any autograd bookkeeping; those of a DWM that reads the LM's forward (its
+    losses: dwm.loss_feature; its hidden states: dwm.features=lm) as a ``DWMOfForward``, resolved inside the
+    forward it weighs."""
 
     def __init__(self, model, info: dict, timings: dict | None = None):
         self.model, self.info = model, info
         self.timings = timings or {}  #: where its meta job's time went (from its file), for the boundary's record
 
     def __call__(self, x, indices, step=0):
-        if self.model.arch.loss_feature:
+        if self.model.reads_lm:
+            if self.model.backbone is None:
+                return DWMOfForward(self.model, None)
             with torch.no_grad():
-                return DWMOfLosses(self.model, self.model.embed(x))
+                return DWMOfForward(self.model, self.model.embed(x))
         with torch.inference_mode():  # no version counters, no views tracked
             w = self.model(x).float()
         return w.clone()  # a normal tensor again: the weighted loss saves it for its backward
 
 
-class DWMOfLosses:
-    """A loss-aware DWM's weights of one micro-batch: its backbone's embeddings first, then (inside the LM's forward,
-    as a ``LossRule``) the weights given the LM's per-sample losses of that very forward; ``weights`` keeps them."""
+class DWMOfForward:
+    """The weights of one micro-batch by a DWM that reads the LM's forward of it: its backbone's embeddings first (or
+    none: dwm.features=lm), then, inside that forward (as a ``LossRule``), the weights given the forward's
+    per-sample losses and final hidden states [B, T, H]; ``weights`` keeps them."""
 
-    def __init__(self, model, emb: torch.Tensor, scale: float = 1.0):
+    def __init__(self, model, emb: torch.Tensor | None, scale: float = 1.0):
         self.model, self.emb, self.scale, self.weights = model, emb, scale, None
+        self.needs_hidden = emb is None
 
-    def __call__(self, losses: torch.Tensor) -> torch.Tensor:
+    def __call__(self, losses: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
-            self.weights = self.model.weigh(self.emb, losses).float() * self.scale
+            emb = self.emb if self.emb is not None else self.model.embed(None, hidden=hidden)
+            self.weights = self.model.weigh(emb, losses if self.model.arch.loss_feature else None).float()
+        self.weights = self.weights * self.scale
         return self.weights
 
-    def __mul__(self, factor: float) -> DWMOfLosses:
-        return DWMOfLosses(self.model, self.emb, self.scale * factor)
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def __mul__(self, factor: float) -> DWMOfForward:
+        return DWMOfForward(self.model, self.emb, self.scale * factor)
 
 
 class LossRule:

@@ -75,10 +75,12 @@ def test_a_target_set_steers_the_meta_job_and_every_set_is_reported(tmp_path, da
 def test_the_meta_diagnostic_scores_every_estimator_and_the_fitted_dwm_against_the_true_effect(tmp_path, data64):
     """tools/meta_diagnostic.py at tiny size on a real boundary checkpoint (ZeRO-3 shards over 2 ranks): the truth
     through torch's AdamW from the checkpoint's moments, every estimator and the DWM fitted there scored against it.
-    The DWM is loss-aware (dwm.loss_feature) and its strength chosen by rollouts (meta.strength)."""
+    The DWM reads the LM's forward (dwm.features=lm: no backbone, the LM's own hidden states; dwm.loss_feature: its
+    per-sample losses) and its strength is chosen by rollouts (meta.strength)."""
     rd = RunDir(tmp_path / "run")
     args = short_run(data64, "stages.total_steps=4", "stages.num_stages=2", "meta.mode=bilevel", "meta.steps=2",
-                     "dwm.loss_feature=true", "meta.strength=[0,1,3]", "meta.strength_steps=2")  # fmt: skip
+                     "dwm.features=lm", "dwm.loss_feature=true", "meta.strength=[0,1,3]",
+                     "meta.strength_steps=2")  # fmt: skip
     run(pretrain_cmd(rd.root, args))
     # meta.strength: the scale whose 2-step rollout scored best on the reward part, applied to the fitted DWM
     chose = read_dwm_meta(rd.dwm(2))["strength"]
@@ -86,9 +88,10 @@ def test_the_meta_diagnostic_scores_every_estimator_and_the_fitted_dwm_against_t
         chose["scales"] == [0, 1, 3] and chose["chosen"] == chose["scales"][chose["reward"].index(min(chose["reward"]))]
     )
     assert f"strength (logit scale) x{chose['chosen']:g} chosen by 2-step rollouts" in rd.meta_log(2).read_text()
-    # a loss-aware DWM: fitted on the LM's losses, applied to those of the training forward, the same weights
+    # fitted on the LM's losses and states, applied to those of the training forward: the same weights
     applied = json.loads((rd.meta_dir / "stage2.pause.json").read_text())["applied_check"]
-    assert applied["ok"] and applied["max_abs_diff"] < 1e-4 and read_dwm_meta(rd.dwm(2))["arch"]["loss_feature"]
+    arch = read_dwm_meta(rd.dwm(2))["arch"]
+    assert applied["ok"] and applied["max_abs_diff"] < 1e-4 and arch["loss_feature"] and arch["features"] == "lm"
     assert any(r["stage"] == 2 and r["w_max"] > 1.0001 for r in records(rd.metrics))
     out = tmp_path / "diag.json"
     p = run([sys.executable, str(REPO / "tools" / "meta_diagnostic.py"), str(rd.root), "--samples", "16",
