@@ -31,14 +31,19 @@ def data_problems(cfg: Config, deep: bool = False) -> list[str]:
     problems = []
     d = cfg.data
     train_index = Path(d.train_data) / "index.json"
-    if not train_index.is_file():
+    if d.sources:
+        problems += source_problems(cfg)
+    elif _looks_like_a_blend(d.train_data):
+        problems.append(f"data.train_data={d.train_data!r}: a Megatron-style blend is not a path: write it as "
+                        "data.sources=[{path: A, weight: 0.6}, {path: B, weight: 0.4}]")  # fmt: skip
+    elif not train_index.is_file():
         missing_raw = [r for r in d.raw if not Path(r).exists()]
         if not d.raw:
             problems.append(f"data.train_data={d.train_data}: no prepared data there ({train_index} not found)")
         elif missing_raw:
             problems.append(f"data.raw: {', '.join(missing_raw)} not found (and data.train_data is not prepared)")
-    if train_index.is_file():
-        problems += prepared_problems(cfg, train_index)
+    if train_index.is_file() and not d.sources:
+        problems += prepared_problems(cfg, train_index, "data.train_data")
     if not Path(d.tokenizer).exists():
         problems.append(f"data.tokenizer={d.tokenizer}: not found")
     else:
@@ -77,16 +82,56 @@ def data_problems(cfg: Config, deep: bool = False) -> list[str]:
     return problems
 
 
-def prepared_problems(cfg: Config, index_path: Path) -> list[str]:
+def _looks_like_a_blend(text: str) -> bool:
+    words = text.split()
+    return len(words) >= 2 and all(_is_number(w) for w in words[::2])
+
+
+def _is_number(w: str) -> bool:
+    try:
+        float(w)
+    except ValueError:
+        return False
+    return True
+
+
+def source_problems(cfg: Config) -> list[str]:
+    """Each source of data.sources: there, of the run's sequence length and tokenizer (prepared), or a Megatron
+    file whose index agrees with itself and its .bin."""
+    from dwmtrain.data.megatron import is_megatron_prefix, read_index, strip_suffix
+    from dwmtrain.errors import DataError
+
+    problems = []
+    for i, src in enumerate(cfg.data.sources):
+        p, field = Path(src.path), f"data.sources[{i}] ({src.name})"
+        if (p / "index.json").is_file():
+            problems += prepared_problems(cfg, p / "index.json", field)
+        elif is_megatron_prefix(p):
+            prefix = strip_suffix(p)
+            idx, binf = prefix.with_name(prefix.name + ".idx"), prefix.with_name(prefix.name + ".bin")
+            try:
+                if not (idx.is_file() and binf.is_file()):
+                    raise DataError(f"{idx if not idx.is_file() else binf}: missing")
+                read_index(idx, binf.stat().st_size)
+            except DataError as e:
+                problems.append(f"{field}: {e}")
+        else:
+            problems.append(f"{field}.path={src.path}: neither a prepared directory (index.json) nor a "
+                            "Megatron/GPT-NeoX prefix (PREFIX.bin and PREFIX.idx)")  # fmt: skip
+    return problems
+
+
+def prepared_problems(cfg: Config, index_path: Path, field: str) -> list[str]:
     """Prepared data the run cannot train on: another sequence length, or another tokenizer than data.tokenizer."""
     d = cfg.data
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as e:
-        return [f"data.train_data: {index_path}: cannot be read ({e})"]
+        return [f"{field}: {index_path}: cannot be read ({e})"]
     problems = []
+    where = f"{field}={index_path.parent}"
     if index.get("seq_len") != d.seq_len:
-        problems.append(f"data.train_data={d.train_data}: prepared with seq_len={index.get('seq_len')}, but "
+        problems.append(f"{where}: prepared with seq_len={index.get('seq_len')}, but "
                         f"data.seq_len={d.seq_len}: prepare it again at {d.seq_len}, or set data.seq_len="
                         f"{index.get('seq_len')}")  # fmt: skip
     if Path(d.tokenizer).exists():
@@ -98,6 +143,6 @@ def prepared_problems(cfg: Config, index_path: Path) -> list[str]:
         except DWMTrainError:
             return problems  # said by the tokenizer's own check
         if index.get("tokenizer_sha256") != sha:
-            problems.append(f"data.train_data={d.train_data}: tokenized with {index.get('tokenizer')}, not "
+            problems.append(f"{where}: tokenized with {index.get('tokenizer')}, not "
                             f"data.tokenizer={d.tokenizer} (their sha256 differ)")  # fmt: skip
     return problems

@@ -19,7 +19,14 @@ def summarize(run_dir: str | Path) -> str:
     if not steps:
         return f"{rd.root}: no step logged yet ({rd.metrics.name} is empty or absent: no step has finished)"
     lines = [f"run: {rd.root.resolve()}", "", *stage_table(steps, read_jsonl(rd.evals))]
-    lines += domain_lines(steps, rd) + nonfinite_lines(steps) + meta_lines(rd) + where_lines(rd) + next_lines(rd.root)
+    lines += (
+        source_lines(steps, rd)
+        + domain_lines(steps, rd)
+        + nonfinite_lines(steps)
+        + meta_lines(rd)
+        + where_lines(rd)
+        + next_lines(rd.root)
+    )
     return "\n".join(lines)
 
 
@@ -82,6 +89,38 @@ def domain_lines(steps: list[dict], rd: RunDir) -> list[str]:
         lines.append(f"  figure: {plot_domain_weights(table, rd.analysis_dir / 'domain_weights.png')}")
     except OSError as e:  # a read-only run directory: the table is the report, the figure is extra
         lines.append(f"  (no figure: {rd.analysis_dir}: {e.strerror})")
+    return lines
+
+
+def source_lines(steps: list[dict], rd: RunDir) -> list[str]:
+    """A blend's sources (data.sources): each one's weight and size, what the run has drawn of it (epochs), the
+    step it first repeats, and the samples the logged steps counted of it (its realized share)."""
+    if not rd.config.is_file():
+        return []
+    from dwmtrain.config import load_config
+    from dwmtrain.data.mixture import open_training_data, source_plans
+    from dwmtrain.errors import DWMTrainError
+    from dwmtrain.models.spec import lm_spec
+
+    cfg = load_config(rd.config)
+    if not cfg.data.sources:
+        return []
+    last = steps[-1]
+    lines = ["", f"sources (data.sources), drawn by step {last['step']}:"]
+    try:
+        data = open_training_data(cfg.data, lm_spec(cfg.model).vocab_size)
+    except DWMTrainError as e:
+        return [*lines, f"  cannot be read now: {e}"]
+    batch = last["samples_seen"] // last["step"]
+    counted = {k[6:]: 0 for r in steps for k in r if k.startswith("n_dom/")}
+    for r in steps:
+        for k, v in r.items():
+            if k.startswith("n_dom/"):
+                counted[k[6:]] += v
+    total = sum(counted.values())
+    for p in source_plans(data, data.order(cfg.run.seed), last["step"], batch):
+        share = f"; logged steps: {counted[p.name] / total:.3f} of their samples" if total and p.name in counted else ""
+        lines.append(f"  {p.line(cfg.data.seq_len)}{share}")
     return lines
 
 

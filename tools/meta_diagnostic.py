@@ -27,7 +27,7 @@ from dwmtrain.analysis.diagnostic import correlations, diagnose  # noqa: E402
 from dwmtrain.analysis.preferences import load_run  # noqa: E402
 from dwmtrain.checkpoint import RunState  # noqa: E402
 from dwmtrain.checkpoint.dwm_file import load_dwm, read_dwm_meta  # noqa: E402
-from dwmtrain.data.dataset import TokenDataset  # noqa: E402
+from dwmtrain.data.mixture import open_training_data  # noqa: E402
 from dwmtrain.data.validation import REWARD, open_validation  # noqa: E402
 from dwmtrain.lr_schedule import scheduled_lr  # noqa: E402
 from dwmtrain.meta.metagrad import forward_reads, lm_params, reward_gradient  # noqa: E402
@@ -57,7 +57,7 @@ def diagnose_tag(cfg, rd, tag: str, a, dwms: dict) -> dict:
     reward = list(val.chunked(range(min(val.n, a.reward_examples)), 32))
     v, tot = reward_gradient(lm, params, reward)
     v = {k: t.div_(tot[1].item()).to(params[k].dtype) for k, t in v.items()}
-    data = TokenDataset(cfg.data.train_data, "train")
+    data = open_training_data(cfg.data, lm.config.vocab_size)
     B = cfg.deepspeed.micro_batch_size
     idx = np.random.default_rng(a.seed).permutation(len(data))[: a.samples // B * B].reshape(-1, B)
     mbs = [data.batch(list(map(int, row))) for row in idx]

@@ -114,8 +114,15 @@ def analyze_preferences(req: PreferenceRequest, progress: bool = True, log: Call
         )
     if req.split_by not in ("weight", "logit"):
         raise AnalysisError(f"split rule {req.split_by!r}: must be weight or logit")
-    data = Path(req.data) if req.data else Path(cfg.data.train_data)
-    ds = open_split(data, req.split, "" if data != Path(cfg.data.train_data) else f" (data.train_data of {rd.config})")
+    if not req.data and cfg.data.sources and req.split == "train":  # the run's blend, every source
+        from dwmtrain.data.mixture import open_training_data
+        from dwmtrain.models.spec import lm_spec
+
+        ds = open_training_data(cfg.data, lm_spec(cfg.model).vocab_size)
+    else:
+        data = Path(req.data) if req.data else Path(cfg.data.train_data)
+        where = "" if data != Path(cfg.data.train_data) else f" (data.train_data of {rd.config})"
+        ds = open_split(data, req.split, where)
     micro = cfg.deepspeed.micro_batch_size
     dev, dtype = resolve_device(req.device, cfg.deepspeed.precision)
     idx, notes = choose_samples(len(ds), req.samples, req.seed, micro)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
+from dwmtrain.data.mixture import data_identity
 from dwmtrain.errors import ResumeError
-from dwmtrain.fileio import sha256_file
 
 # Changing any of these makes the saved state unusable for this run.
 BREAKING = {
@@ -20,7 +19,7 @@ BREAKING = {
     "global_batch_size": "the global batch (deepspeed.global_batch_size/_tokens)",
     "dwm_backbone": "dwm.backbone",
     "meta_mode": "meta.mode",
-    "data_sha": "the training data (data.train_data index)",
+    "data_sha": "the training data (data.train_data's index, or data.sources: a source's path, weight, name or index)",
     "seed": "run.seed (the data order)",
     "zero_stage": "deepspeed.zero_stage (what each rank's shards hold)",
     "tensor_parallel": "deepspeed.tensor_parallel_size (how each matrix is split)",
@@ -45,7 +44,7 @@ def compat_fields(cfg, world: int, global_batch: int, spec, tok_sha: str, starts
         "tensor_parallel": cfg.deepspeed.tensor_parallel_size,
         "dwm_backbone": cfg.dwm.backbone,
         "meta_mode": cfg.meta.mode,
-        "data_sha": sha256_file(Path(cfg.data.train_data) / "index.json"),
+        "data_sha": data_identity(cfg.data),
         "seed": cfg.run.seed,
         "total_steps": cfg.stages.total_steps,
         "init_from": cfg.model.init_from,

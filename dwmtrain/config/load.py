@@ -75,7 +75,10 @@ def _from_dict(cls, data: dict, where: str):
 
 
 def field_value(typ, value, name: str):
-    """``value`` as a field of type ``typ`` (``list[T]`` or one of ``ACCEPTS``), or a ConfigError naming it."""
+    """``value`` as a field of type ``typ`` (``list[T]``, a section, or one of ``ACCEPTS``), or a ConfigError naming
+    it."""
+    if dataclasses.is_dataclass(typ):
+        return _from_dict(typ, value, name)
     if typing.get_origin(typ) is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}={value!r}: expected a mapping (e.g. {{code: 4.0}})")

@@ -147,10 +147,23 @@ class TargetConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a blend (data.sources)."""
+
+    path: str = ""  #: a directory prepare-data wrote, or a Megatron / GPT-NeoX PREFIX (of PREFIX.bin + PREFIX.idx)
+    weight: float = 1.0  #: its share of the blend (weights are normalized to sum 1)
+    name: str = ""  #: its domain where its data names none finer ("": the path's last part)
+
+
+@dataclass
 class DataConfig:
     """Prepared token shards, tokenizer and validation data."""
 
-    train_data: str = "runs/data/sample"  #: directory written by ``dwmtrain prepare-data``
+    #: directory written by ``dwmtrain prepare-data`` (not read when data.sources is given)
+    train_data: str = "runs/data/sample"
+    #: a blend of sources with proportions, each {path, weight, name}: prepared directories or Megatron/GPT-NeoX
+    #: .bin/.idx prefixes, drawn in proportion to their weights (data/mixture.py); replaces train_data
+    sources: list[SourceConfig] = field(default_factory=list)
     #: the tokenizer the data was prepared with: a sentencepiece .model, a Hugging Face tokenizer.json or a
     #: directory AutoTokenizer loads (fast tokenizers only, no remote code)
     tokenizer: str = "runs/data/tokenizer.model"
@@ -191,6 +204,37 @@ class DataConfig:
         check(0.0 < self.reward_fraction < 1.0, "data.reward_fraction", self.reward_fraction,
               "must be in (0, 1): the meta job's part and the reported part each need examples")  # fmt: skip
         one_of("data.verify", self.verify, ("size", "sha256"))
+        self._check_sources()
+
+    def _check_sources(self) -> None:
+        import math
+
+        for i, src in enumerate(self.sources):
+            f = f"data.sources[{i}]"
+            check(bool(src.path), f"{f}.path", src.path, "names no data")
+            check(math.isfinite(src.weight) and src.weight >= 0, f"{f}.weight", src.weight,
+                  "must be a finite number >= 0")  # fmt: skip
+            src.path = package_path(src.path)
+            src.name = src.name or Path(src.path.rstrip("/")).name
+        if not self.sources:
+            return
+        check(any(s.weight > 0 for s in self.sources), "data.sources", [s.weight for s in self.sources],
+              "every weight is 0: nothing to draw")  # fmt: skip
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        check(not dup, "data.sources", names, f"names {dup} twice: give each source its own name")
+        wants_heldout = "heldout" in (self.val_source, *self.report_sets)
+        check(
+            not wants_heldout or bool(self.heldout_data),
+            "data.heldout_data",
+            self.heldout_data,
+            "a blend (data.sources) has no one heldout split: name the prepared directory to validate on",
+        )
+
+    @property
+    def train_name(self) -> str:
+        """The training data in a message: train_data's path, or the blend's sources."""
+        return self.train_data if not self.sources else "data.sources " + ", ".join(s.name for s in self.sources)
 
 
 @dataclass

@@ -95,6 +95,10 @@ class TokenDataset:
         """The domain ids (into ``domain_names``) of sequences ``indices``."""
         return torch.from_numpy(self.domains[np.asarray(indices, dtype=np.int64)].astype(np.int64))
 
+    def order(self, seed: int) -> GlobalOrder:
+        """The run's sample order over this split (a blend has its own: ``data.mixture``)."""
+        return GlobalOrder(len(self), seed)
+
 
 class GlobalOrder:
     """The run's global sample order: a fresh seeded permutation of the dataset per epoch.

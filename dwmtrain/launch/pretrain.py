@@ -95,6 +95,15 @@ def dry_run(cfg, hw: Hardware) -> None:
     print(f"# generated DeepSpeed config ({hw.nodes} x {hw.per_node} {dev.name}, world size {hw.world}):")
     print(json.dumps(ds, indent=2))
     p = make_plan(cfg, hw.nodes, hw.per_node, dev)
+    if cfg.data.sources:  # what the run draws of each source: tokens, epochs, the step each starts to repeat
+        from dwmtrain.data.mixture import open_training_data, source_plans
+        from dwmtrain.models.spec import lm_spec
+
+        data = open_training_data(cfg.data, lm_spec(cfg.model).vocab_size)
+        for sp in source_plans(
+            data, data.order(cfg.run.seed), cfg.stages.total_steps, p.tokens_per_step // cfg.data.seq_len
+        ):
+            print(f"# data.sources {sp.line(cfg.data.seq_len)}")
     fits = p.fits and not p.meta_over
     print("# " + verdict(p, None if fits else first_fix(cfg, hw.nodes, hw.per_node, dev)))
 

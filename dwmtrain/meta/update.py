@@ -21,7 +21,8 @@ from dwmtrain.checkpoint import RunState, consolidated_lm_state
 from dwmtrain.checkpoint.dwm_file import load_dwm_state, save_dwm
 from dwmtrain.checkpoint.universal import convert_to_universal, read_adam_state
 from dwmtrain.config import Config, resolve_precision
-from dwmtrain.data.dataset import GlobalOrder, TokenDataset, rank_micro_batches
+from dwmtrain.data.dataset import rank_micro_batches
+from dwmtrain.data.mixture import open_training_data
 from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.data.validation import REWARD, open_validation
 from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier, run_on_rank0
@@ -256,10 +257,10 @@ class MetaBatches:
     """The meta job's data: training micro-batches from the run's current position in its data stream, and each
     rank's k-th batch of the validation source's reward part (never an example validation reports on)."""
 
-    def __init__(self, cfg: Config, d: Dist, rd: RunDir, consumed_samples: int):
-        self.data = TokenDataset(cfg.data.train_data, "train", verify=cfg.data.verify)
+    def __init__(self, cfg: Config, d: Dist, rd: RunDir, consumed_samples: int, vocab_size: int):
+        self.data = open_training_data(cfg.data, vocab_size)
         self.val = open_validation(cfg, rd, REWARD)
-        order = GlobalOrder(len(self.data), cfg.run.seed)
+        order = self.data.order(cfg.run.seed)
         self.stream = rank_micro_batches(order, consumed_samples, d.rank, d.world, cfg.deepspeed.micro_batch_size)
         self.d, self.val_batch_size = d, cfg.meta.val_batch_size
 
@@ -362,7 +363,7 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
     if dwm.backbone is not None:
         dwm.backbone.requires_grad_(mc.backbone_trainable)
     opt = torch.optim.Adam([p for p in dwm.parameters() if p.requires_grad], lr=mc.lr)
-    batches, params = MetaBatches(cfg, d, rd, state.consumed_samples), lm_params(lm)
+    batches, params = MetaBatches(cfg, d, rd, state.consumed_samples, lm.config.vocab_size), lm_params(lm)
     if mc.grad_mode == "fd" and not mc.fd_eps:  # once: the LM is frozen
         mc = dataclasses.replace(mc, fd_eps=default_fd_eps(params))
     records = rd.meta_records(stage) if d.is_main else None

@@ -155,7 +155,8 @@ class StepStats:
 
 def _means(s: list[float], ext: list[float], memory: bool, domain_names: list[str]) -> dict:
     """The logged statistics from the summed row and the maxima (weights' max, -min, peak memory); ``w_dom/NAME``:
-    the mean weight of the step's samples of each domain that had any."""
+    the mean weight of the step's samples of each domain that had any; ``n_dom/NAME``: how many it had (a blend's
+    realized proportions, data.sources)."""
     hi, neg_lo, *mem = ext
     n, k = s[4], len(domain_names)
     sums, counts = s[5 : 5 + k], s[5 + k :]
@@ -168,6 +169,7 @@ def _means(s: list[float], ext: list[float], memory: bool, domain_names: list[st
         "w_min": -neg_lo,
         "w_max": hi,
         **{f"w_dom/{d}": w / c for d, w, c in zip(domain_names, sums, counts) if c > 0},
+        **{f"n_dom/{d}": int(c) for d, c in zip(domain_names, counts) if c > 0},
     }
 
 
@@ -187,7 +189,8 @@ def step_record(run: Run, step, stage, lr, dt, dwm_version: str, stats: dict, no
         "tokens_per_s": tps,
         "samples_seen": step * run.plan.global_batch_size,
         "dwm": dwm_version,
-        **{k: v for k, v in stats.items() if k.startswith("w_") or k == "peak_mem_gib"},  # w_dom/NAME: per domain
+        # w_dom/NAME, n_dom/NAME: per domain
+        **{k: v for k, v in stats.items() if k.startswith(("w_", "n_dom/")) or k == "peak_mem_gib"},
         "step_time_s": dt,
         "time": time.time(),  #: when the step ended (unix seconds)
     }

@@ -16,6 +16,7 @@ from dwmtrain.config import BatchPlan, Config, batch_plan, build_deepspeed_confi
 from dwmtrain.config.batch import data_parallel_size
 from dwmtrain.config.stages import stage_starts
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset
+from dwmtrain.data.mixture import BlendOrder, MixtureDataset, open_training_data, source_plans
 from dwmtrain.data.prepare import prepare_data
 from dwmtrain.data.readers import Fields
 from dwmtrain.data.tokenizer import check_vocab, load_tokenizer
@@ -46,8 +47,8 @@ class Run:
     plan: BatchPlan
     precision: str  #: fp32 | bf16 | fp16, as resolved for this accelerator
     engine: object
-    data: TokenDataset
-    order: GlobalOrder
+    data: TokenDataset | MixtureDataset
+    order: GlobalOrder | BlendOrder
     vals: dict[str, ValidationSet]  #: what validation reports, by name; the validation source's report part first
     ckpt: Checkpointer
     metrics: MetricsWriter
@@ -104,9 +105,9 @@ def setup(cfg: Config) -> Run:
     d, rd = start_process_group(cfg)
     pin_model_config(cfg, rd, d)
     tok_sha = load_tokenizer(cfg.data.tokenizer).sha256
-    data = ensure_data(cfg, d, tok_sha)
-    vals = open_validation(cfg, rd, REPORT)  # a bad target set fails here, before the engine is built
     spec = lm_spec(cfg.model)
+    data = ensure_data(cfg, d, tok_sha, spec.vocab_size)
+    vals = open_validation(cfg, rd, REPORT)  # a bad target set fails here, before the engine is built
     padded = bool(cfg.model.hf_config or cfg.model.init_from)
     check_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, spec.vocab_size, cfg.data.tokenizer, padded=padded)
     plan = batch_plan(cfg, d.world)
@@ -128,7 +129,7 @@ def setup(cfg: Config) -> Run:
         precision=precision,
         engine=engine,
         data=data,
-        order=GlobalOrder(len(data), cfg.run.seed),
+        order=data.order(cfg.run.seed),
         vals=vals,
         ckpt=ckpt,
         metrics=metrics,
@@ -175,10 +176,11 @@ def engine_from_checkpoint(cfg: Config, d: Dist, rd: RunDir, spec, compat: dict)
     return engine, ckpt, resumed
 
 
-def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
-    """Open the prepared shards (rank 0 prepares them from ``data.raw`` first if they do not exist)."""
+def ensure_data(cfg: Config, d: Dist, tok_sha: str, vocab_size: int) -> TokenDataset | MixtureDataset:
+    """Open the prepared shards or the blend of data.sources (rank 0 prepares train_data from ``data.raw`` first if
+    it does not exist)."""
     path = Path(cfg.data.train_data)
-    if not (path / "index.json").exists() and cfg.data.raw:
+    if not cfg.data.sources and not (path / "index.json").exists() and cfg.data.raw:
 
         def prepare() -> None:
             log.info(f"preparing {path} from {cfg.data.raw}")
@@ -194,10 +196,10 @@ def ensure_data(cfg: Config, d: Dist, tok_sha: str) -> TokenDataset:
             log.info(rep.summary())
 
         run_on_rank0(prepare)  # the other ranks wait, in touch (see distributed.run_on_rank0)
-    ds = TokenDataset(path, "train", verify=cfg.data.verify)
-    if ds.seq_len != cfg.data.seq_len:
+    ds = open_training_data(cfg.data, vocab_size, tok_sha)
+    if isinstance(ds, TokenDataset) and ds.seq_len != cfg.data.seq_len:
         raise DataError(f"{path}/index.json: prepared with seq_len={ds.seq_len}, but data.seq_len={cfg.data.seq_len}")
-    if ds.index["tokenizer_sha256"] != tok_sha:
+    if isinstance(ds, TokenDataset) and ds.index["tokenizer_sha256"] != tok_sha:
         raise DataError(
             f"{path} was tokenized with {ds.index['tokenizer']} (sha256 {ds.index['tokenizer_sha256'][:12]}...), "
             f"not data.tokenizer={cfg.data.tokenizer} ({tok_sha[:12]}...)"
@@ -218,7 +220,10 @@ def epochs_note(total_steps: int, global_batch: int, sequences: int) -> str:
 def announce(run: Run, arch: DWMArch) -> None:
     """The start-up lines: model size, world, batch, stages, epochs, and the paper's Eq. 9 DWM overhead."""
     cfg, d, plan = run.cfg, run.d, run.plan
-    if note := epochs_note(cfg.stages.total_steps, plan.global_batch_size, len(run.data)):
+    if isinstance(run.data, MixtureDataset):
+        for p in source_plans(run.data, run.order, cfg.stages.total_steps, plan.global_batch_size):
+            log.info(f"data.sources {p.line(cfg.data.seq_len)}")
+    elif note := epochs_note(cfg.stages.total_steps, plan.global_batch_size, len(run.data)):
         log.info(f"{cfg.data.train_data}: {note}")
     if cfg.meta.uses_dwm:
         p_w = dwm_parameter_count(arch)
