@@ -98,7 +98,7 @@ def source_lines(steps: list[dict], rd: RunDir) -> list[str]:
     if not rd.config.is_file():
         return []
     from dwmtrain.config import load_config
-    from dwmtrain.data.mixture import open_training_data, source_plans
+    from dwmtrain.data.mixture import current_segment, open_training_data, source_plans
     from dwmtrain.errors import DWMTrainError
     from dwmtrain.models.spec import lm_spec
 
@@ -118,7 +118,10 @@ def source_lines(steps: list[dict], rd: RunDir) -> list[str]:
             if k.startswith("n_dom/"):
                 counted[k[6:]] += v
     total = sum(counted.values())
-    for p in source_plans(data, data.order(cfg.run.seed), last["step"], batch):
+    seg = current_segment(rd.data_mixture)
+    if seg and seg["from_step"]:
+        lines[-1] += f" (this blend from step {seg['from_step']}: data_mixture.json)"
+    for p in source_plans(data, data.order(cfg.run.seed, seg), last["step"], batch):
         share = f"; logged steps: {counted[p.name] / total:.3f} of their samples" if total and p.name in counted else ""
         lines.append(f"  {p.line(cfg.data.seq_len)}{share}")
     return lines

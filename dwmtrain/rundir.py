@@ -4,6 +4,7 @@ RUN_DIR/
   config.yaml, deepspeed.json      the resolved config and the generated DeepSpeed JSON
   model_config.json                a model.init_from run's model config (config.yaml's model.hf_config)
   metrics.jsonl, eval.jsonl        one record per optimizer step / per evaluation
+  data_mixture.json                a blend's (data.sources) segments: from which step each blend applies
   tensorboard/                     TensorBoard event files
   checkpoints/latest.json          the newest complete checkpoint ({"tag", "step"})
   checkpoints/latest               the same tag as DeepSpeed's tools read it (zero_to_fp32.py, load_checkpoint)
@@ -86,6 +87,10 @@ class RunDir:
         """The Hugging Face config of a run started from ``model.init_from``, kept with the run: a resume, the meta
         job, the export and the evaluation know the model without the checkpoint directory."""
         return self.root / "model_config.json"
+
+    @property
+    def data_mixture(self) -> Path:
+        return self.root / "data_mixture.json"
 
     @property
     def metrics(self) -> Path:

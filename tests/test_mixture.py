@@ -275,3 +275,34 @@ def test_before_launch_each_bad_source_is_named_in_one_line(blend_sources, tmp_p
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing already there is touched
     blend = load_config(None, [f"data.tokenizer={tok}", "data.train_data=0.6 web 0.4 code"])
     assert any("a Megatron-style blend is not a path: write it as data.sources" in p for p in data_problems(blend))
+
+
+def test_a_changed_blend_continues_each_sources_draws_and_is_allowed_only_when_asked(tmp_path, blend_sources):
+    from dwmtrain.checkpoint.compat import check_compatible
+    from dwmtrain.data.mixture import mixture_segment
+
+    root, tok = blend_sources
+    rec = tmp_path / "data_mixture.json"
+    first = blend_config(root, tok).data
+    s0 = mixture_segment(rec, first, 0, 0)
+    assert s0["from_sample"] == 0 and mixture_segment(rec, first, 10, 320) == s0  # the same blend: nothing new
+    changed = blend_config(root, tok, (0.2, 0.2, 0.6)).data
+    s1 = mixture_segment(rec, changed, 10, 320)
+    old = BlendOrder([1, 1, 1], [0.5, 0.3, 0.2], 0).drawn(320)
+    assert (s1["from_step"], s1["from_sample"]) == (10, 320) and list(s1["drawn_before"].values()) == old.tolist()
+    data = open_training_data(changed, VOCAB)
+    o = data.order(0, s1)
+    with pytest.raises(IndexError, match="applies from 320"):
+        o[319]
+    g = next(g for g in range(320, 400) if o.draws(g - 320)[0] == 2)  # the code source's first draw in the new blend
+    n, k = len(data.sources[2]), int(old[2])  # ... continues its own order where the first blend stopped
+    assert o[g] == int(data.offsets[2]) + int(np.random.default_rng([0, 2, k // n]).permutation(n)[k % n])
+    plans = source_plans(data, o, steps=20, global_batch=32)
+    assert sum(p.drawn for p in plans) == 640 and plans[2].drawn == old[2] + o.drawn(320)[2]
+    a, b = (data_identity(c) for c in (first, changed))
+    saved = {"data_sha": a, "data_kind": "blend"}
+    with pytest.raises(ResumeError, match="data.change_mixture=true"):
+        check_compatible(saved, {"data_sha": b, "data_kind": "blend", "change_mixture": False})
+    assert check_compatible(saved, {"data_sha": b, "data_kind": "blend", "change_mixture": True})  # a note, allowed
+    with pytest.raises(ResumeError):  # a prepared directory does not become a blend
+        check_compatible({**saved, "data_kind": "prepared"}, {"data_sha": b, "data_kind": "blend", "change_mixture": 1})

@@ -45,6 +45,8 @@ def compat_fields(cfg, world: int, global_batch: int, spec, tok_sha: str, starts
         "dwm_backbone": cfg.dwm.backbone,
         "meta_mode": cfg.meta.mode,
         "data_sha": data_identity(cfg.data),
+        "data_kind": "blend" if cfg.data.sources else "prepared",
+        "change_mixture": cfg.data.change_mixture,
         "seed": cfg.run.seed,
         "total_steps": cfg.stages.total_steps,
         "init_from": cfg.model.init_from,
@@ -55,15 +57,19 @@ def compat_fields(cfg, world: int, global_batch: int, spec, tok_sha: str, starts
 
 def check_compatible(saved: dict, current: dict) -> list[str]:
     """Raise ResumeError listing breaking changes; return notes for harmless ones."""
+    # data.change_mixture: a blend may become another blend (not a prepared directory, nor one a blend)
+    blends = saved.get("data_kind") == current.get("data_kind") == "blend"
+    allowed = {"data_sha"} if current.get("change_mixture") and blends else set()
     broken = [
         f"{BREAKING[k]}: checkpoint has {saved.get(k)!r}, now {current.get(k)!r}"
+        + (" (data.change_mixture=true lets a resume change a blend's sources or weights)" if k == "data_sha" else "")
         for k in BREAKING
-        if k in saved and saved.get(k) != current.get(k)
+        if k in saved and saved.get(k) != current.get(k) and k not in allowed
     ]
     if broken:
         raise ResumeError("the config changed in a way that breaks this run: " + "; ".join(broken))
     return [
         f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
         for k in current
-        if k not in BREAKING and saved.get(k) != current.get(k)
+        if (k not in BREAKING or k in allowed) and saved.get(k) != current.get(k)
     ]

@@ -164,6 +164,9 @@ class DataConfig:
     #: a blend of sources with proportions, each {path, weight, name}: prepared directories or Megatron/GPT-NeoX
     #: .bin/.idx prefixes, drawn in proportion to their weights (data/mixture.py); replaces train_data
     sources: list[SourceConfig] = field(default_factory=list)
+    #: a resume may change data.sources (weights, sources added or dropped): the new blend applies from the resumed
+    #: step, each kept source continuing where its draws stopped; RUN_DIR/data_mixture.json records every change
+    change_mixture: bool = False
     #: the tokenizer the data was prepared with: a sentencepiece .model, a Hugging Face tokenizer.json or a
     #: directory AutoTokenizer loads (fast tokenizers only, no remote code)
     tokenizer: str = "runs/data/tokenizer.model"

@@ -95,8 +95,8 @@ class TokenDataset:
         """The domain ids (into ``domain_names``) of sequences ``indices``."""
         return torch.from_numpy(self.domains[np.asarray(indices, dtype=np.int64)].astype(np.int64))
 
-    def order(self, seed: int) -> GlobalOrder:
-        """The run's sample order over this split (a blend has its own: ``data.mixture``)."""
+    def order(self, seed: int, segment: dict | None = None) -> GlobalOrder:
+        """The run's sample order over this split (a blend has its own: ``data.mixture``; ``segment`` is its)."""
         return GlobalOrder(len(self), seed)
 
 

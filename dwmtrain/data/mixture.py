@@ -24,7 +24,7 @@ import torch
 from dwmtrain.data.dataset import TokenDataset
 from dwmtrain.data.megatron import MegatronTokens, is_megatron_prefix, strip_suffix
 from dwmtrain.errors import DataError
-from dwmtrain.fileio import sha256_file
+from dwmtrain.fileio import atomic_write_text, sha256_file
 
 CHUNK = 1 << 15  #: virtual time per chunk of the blend computed at once (about as many positions)
 
@@ -32,10 +32,13 @@ CHUNK = 1 << 15  #: virtual time per chunk of the blend computed at once (about 
 class BlendOrder:
     """Position g of the global stream -> dataset index, for sources of ``sizes`` sequences with ``weights``."""
 
-    def __init__(self, sizes: list[int], weights: list[float], seed: int):
+    def __init__(self, sizes: list[int], weights: list[float], seed: int, start: int = 0, k0: list[int] | None = None):
+        """``start``: the stream position this blend applies from (a changed blend, data.change_mixture); ``k0``:
+        each source's draws before it, which its own draws continue."""
         w = np.asarray(weights, dtype=np.float64)
         self.w = w / w.sum()
-        self.sizes, self.seed = list(sizes), seed
+        self.sizes, self.seed, self.start = list(sizes), seed, start
+        self.k0 = np.zeros(len(w), dtype=np.int64) if k0 is None else np.asarray(k0, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.live = np.flatnonzero(self.w > 0)  # a source of weight 0 is never drawn
         self._chunk: tuple[int, int, np.ndarray, np.ndarray] | None = None
@@ -72,8 +75,10 @@ class BlendOrder:
         return int(src[g - first]), int(k[g - first])
 
     def __getitem__(self, g: int) -> int:
-        s, k = self.draws(int(g))
-        epoch, pos = divmod(k, self.sizes[s])
+        if g < self.start:
+            raise IndexError(f"position {g}: this blend applies from {self.start} (data_mixture.json)")
+        s, k = self.draws(int(g) - self.start)
+        epoch, pos = divmod(k + int(self.k0[s]), self.sizes[s])
         if self._perms.get(s, (None,))[0] != epoch:
             self._perms[s] = (epoch, np.random.default_rng([self.seed, s, epoch]).permutation(self.sizes[s]))
         return int(self.offsets[s] + self._perms[s][1][pos])
@@ -88,11 +93,14 @@ class BlendOrder:
         out[self.live] = self.before(c * CHUNK)
         return out + np.bincount(src[: g - first], minlength=len(self.w))
 
-    def first_repeat(self, s: int) -> int | None:
-        """The position at which source s is drawn for the (n+1)-th time (its first repeat); None: weight 0."""
+    def first_repeat(self, s: int, before: int = 0) -> int | None:
+        """The position (from this blend's start) at which source s is drawn for the (n+1)-th time, ``before`` of
+        its draws made earlier (its first repeat; 0 if it already repeated); None: weight 0."""
         if self.w[s] <= 0:
             return None
-        n = self.sizes[s]
+        n = self.sizes[s] - before
+        if n <= 0:
+            return 0
         c = int((n + 0.5) / self.w[s] // CHUNK)
         while c > 0 and self.before(c * CHUNK)[np.searchsorted(self.live, s)] > n:
             c -= 1
@@ -174,8 +182,13 @@ class MixtureDataset:
     def source_of(self, i: int) -> str:
         return self._locate(int(i))[0].name
 
-    def order(self, seed: int) -> BlendOrder:
-        return BlendOrder([len(s) for s in self.sources], [s.weight for s in self.sources], seed)
+    def order(self, seed: int, segment: dict | None = None) -> BlendOrder:
+        """The blend's order; ``segment``: the run's current one (``mixture_segment``) when the blend changed."""
+        sizes, weights = [len(s) for s in self.sources], [s.weight for s in self.sources]
+        if not segment:
+            return BlendOrder(sizes, weights, seed)
+        k0 = [segment["drawn_before"].get(str(s.path), 0) for s in self.sources]
+        return BlendOrder(sizes, weights, seed, segment["from_sample"], k0)
 
 
 def _intern(names: list[str], n: str) -> int:
@@ -205,11 +218,13 @@ class SourcePlan:
 
 
 def source_plans(data: MixtureDataset, order: BlendOrder, steps: int, global_batch: int) -> list[SourcePlan]:
-    drawn = order.drawn(steps * global_batch)
+    end = steps * global_batch
+    drawn = order.drawn(max(end - order.start, 0)) + order.k0
     out = []
     for i, s in enumerate(data.sources):
-        rep = order.first_repeat(i)
-        step = rep // global_batch + 1 if rep is not None and rep < steps * global_batch else None
+        rep = order.first_repeat(i, int(order.k0[i]))
+        rep = None if rep is None else rep + order.start
+        step = rep // global_batch + 1 if rep is not None and rep < end else None
         out.append(SourcePlan(s.name, len(s), float(order.w[i]), int(drawn[i]), step))
     return out
 
@@ -225,6 +240,34 @@ def open_training_data(d, vocab_size: int, tok_sha: str | None = None):
             raise DataError(f"data.sources {s.name}: {s.path} was tokenized with {s.data.index['tokenizer']}, not "
                             f"data.tokenizer={d.tokenizer} (their sha256 differ)")  # fmt: skip
     return MixtureDataset(srcs, d.seq_len, vocab_size)
+
+
+def mixture_segment(path: Path, d, step: int, consumed: int) -> dict | None:
+    """The blend segment a run at ``step`` (``consumed`` samples) continues, from RUN_DIR/data_mixture.json; a new
+    one appended when the blend changed (data.change_mixture: the checkpoint allowed it), each source's draws so far
+    carried over, by path. Rank 0's work (it writes); None for a single prepared directory."""
+    if not d.sources:
+        return None
+    ident, srcs = data_identity(d), [{"name": s.name, "path": s.path, "weight": s.weight} for s in d.sources]
+    segs = json.loads(path.read_text())["segments"] if path.is_file() and consumed > 0 else []
+    if segs and segs[-1]["identity"] == ident:
+        return segs[-1]
+    new = {"from_step": step, "from_sample": consumed, "identity": ident, "sources": srcs, "drawn_before": {}}
+    if segs:  # what the last blend drew of each source up to here; a dropped source's count is kept for later
+        last = segs[-1]
+        counts = BlendOrder([1] * len(last["sources"]), [s["weight"] for s in last["sources"]], 0).drawn(
+            consumed - last["from_sample"]
+        )
+        new["drawn_before"] = dict(last["drawn_before"])
+        for s, c in zip(last["sources"], counts):
+            new["drawn_before"][s["path"]] = new["drawn_before"].get(s["path"], 0) + int(c)
+    atomic_write_text(path, json.dumps({"segments": [*segs, new]}, indent=1))
+    return new
+
+
+def current_segment(path: Path) -> dict | None:
+    """The blend segment a run is in (what ``mixture_segment`` last wrote); None: none recorded."""
+    return json.loads(path.read_text())["segments"][-1] if path.is_file() else None
 
 
 def data_identity(d) -> str:

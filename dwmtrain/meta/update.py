@@ -22,7 +22,7 @@ from dwmtrain.checkpoint.dwm_file import load_dwm_state, save_dwm
 from dwmtrain.checkpoint.universal import convert_to_universal, read_adam_state
 from dwmtrain.config import Config, resolve_precision
 from dwmtrain.data.dataset import rank_micro_batches
-from dwmtrain.data.mixture import open_training_data
+from dwmtrain.data.mixture import current_segment, open_training_data
 from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.data.validation import REWARD, open_validation
 from dwmtrain.distributed import Dist, all_reduce_, all_reduce_grads, barrier, run_on_rank0
@@ -260,7 +260,7 @@ class MetaBatches:
     def __init__(self, cfg: Config, d: Dist, rd: RunDir, consumed_samples: int, vocab_size: int):
         self.data = open_training_data(cfg.data, vocab_size)
         self.val = open_validation(cfg, rd, REWARD)
-        order = self.data.order(cfg.run.seed)
+        order = self.data.order(cfg.run.seed, current_segment(rd.data_mixture) if cfg.data.sources else None)
         self.stream = rank_micro_batches(order, consumed_samples, d.rank, d.world, cfg.deepspeed.micro_batch_size)
         self.d, self.val_batch_size = d, cfg.meta.val_batch_size
 

@@ -16,7 +16,7 @@ from dwmtrain.config import BatchPlan, Config, batch_plan, build_deepspeed_confi
 from dwmtrain.config.batch import data_parallel_size
 from dwmtrain.config.stages import stage_starts
 from dwmtrain.data.dataset import GlobalOrder, TokenDataset
-from dwmtrain.data.mixture import BlendOrder, MixtureDataset, open_training_data, source_plans
+from dwmtrain.data.mixture import BlendOrder, MixtureDataset, mixture_segment, open_training_data, source_plans
 from dwmtrain.data.prepare import prepare_data
 from dwmtrain.data.readers import Fields
 from dwmtrain.data.tokenizer import check_vocab, load_tokenizer
@@ -118,6 +118,8 @@ def setup(cfg: Config) -> Run:
     precision = resolve_precision(cfg.deepspeed.precision, d.accelerator)
     dwm_dtype = torch.float32 if precision == "fp32" or cfg.dwm.dtype == "fp32" else torch.bfloat16
     start_step = resumed.step if resumed else 0
+    consumed = start_step * plan.global_batch_size
+    segment = run_on_rank0(lambda: mixture_segment(rd.data_mixture, cfg.data, start_step, consumed))
     expect_sha = resumed.dwm_in_use(starts) if resumed else None
     nonfinite_so_far = (resumed.nonfinite_steps, resumed.nonfinite_streak) if resumed else (0, 0)
     metrics = MetricsWriter(rd, d.is_main, cfg.run.tensorboard, start_step if resumed else None, cfg)
@@ -129,7 +131,7 @@ def setup(cfg: Config) -> Run:
         precision=precision,
         engine=engine,
         data=data,
-        order=data.order(cfg.run.seed),
+        order=data.order(cfg.run.seed, segment),
         vals=vals,
         ckpt=ckpt,
         metrics=metrics,

@@ -73,9 +73,20 @@ def test_a_blend_trains_in_proportion_resumes_identically_and_on_one_rank_reads_
     assert [per_source(b[s]) for s in range(1, 13)] == [per_source(a[s]) for s in range(1, 13)]
     report = summarize(full)
     assert "sources (data.sources), drawn by step 12:" in report and "code: weight 0.2" in report
-    # the blend of a started run cannot change under it
-    other = sources.replace(f"weight: {WEIGHTS['books']}", "weight: 0.6")
+    # the blend of a started run cannot change under it, unless data.change_mixture says so: then from the resumed
+    # step, recorded in data_mixture.json
+    other = sources.replace(f"weight: {WEIGHTS['books']}", "weight: 1.3")  # books 0.65 of the new blend
     r = run(pretrain_cmd(moved, [*args, other]), check=False)
     out = r.stdout + r.stderr
     assert r.returncode == 2 and "data.sources: a source's path, weight, name or index" in out, out[-3000:]
-    assert "Traceback" not in out and np.isfinite(b[12]["loss"])
+    assert "data.change_mixture=true" in out and "Traceback" not in out and np.isfinite(b[12]["loss"])
+    changed = tmp_path / "changed"
+    run_until_step_then_kill(pretrain_cmd(changed, args), changed / "metrics.jsonl", 5)
+    run(pretrain_cmd(changed, [*args, other, "data.change_mixture=true"]))
+    segs = json.loads((changed / "data_mixture.json").read_text())["segments"]
+    gb = a[1]["samples_seen"]
+    assert [(g["from_step"], g["from_sample"]) for g in segs] == [(0, 0), (4, 4 * gb)]
+    c = by_step(changed / "metrics.jsonl")
+    assert [per_source(c[s]) for s in range(1, 5)] == [per_source(a[s]) for s in range(1, 5)]
+    after = {src: sum(per_source(c[s])[src] for s in range(5, 13)) for src in WEIGHTS}
+    assert abs(after["books"] - 0.65 * 8 * gb) <= 2 and abs(after["web"] - 0.25 * 8 * gb) <= 2, after
