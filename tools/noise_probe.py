@@ -220,7 +220,8 @@ ARMS = {
     "refresh": ["meta.mode=bilevel", "dwm.refresh_backbone=true"],  # the backbone copied from the LM at every boundary
     "lossfeat": ["meta.mode=bilevel", "dwm.loss_feature=true"],  # the LM's per-sample loss an input of the DWM
     "adam": ["meta.mode=bilevel", "meta.lookahead=adam"],  # the AdamW lookahead from the checkpoint's moments
-    "hidden": ["meta.mode=bilevel", "dwm.features=lm", "dwm.backbone=lm"],  # no backbone: the LM's own hidden states of each forward
+    # no backbone: the LM's own hidden states of each forward
+    "hidden": ["meta.mode=bilevel", "dwm.features=lm", "dwm.backbone=lm"],
     # weighting from step 50 (stage 1 a twentieth of the run, not a fifth), boundaries dense at the start: the paper's
     # DWM refitted early and often (for a run of 1,000 steps; other lengths scale the boundaries)
     "early": ["meta.mode=bilevel", "stages.num_stages=6"],
