@@ -100,3 +100,49 @@ def test_a_pool_of_fewer_files_than_parts_is_cut_into_row_ranges(tmp_path, capsy
     assert said.count(" of them row ranges), ") == 4
     assert main([*common, "--out", str(out), "--merge"]) == 0
     same_dataset(tmp_path / "one", out)
+
+
+def test_sources_with_their_own_fields_prepare_in_one_run_and_as_an_array(tmp_path, capsys):
+    """prepare-data --sources: web records with their text and domain where SlimPajama keeps them, code records with
+    the text under ``content`` and no domain (named ``code`` for all), in one run and as 2 parts and a merge."""
+    from dwmtrain.launch.cli import main
+
+    pool(tmp_path / "web", files=2, docs=300)
+    (tmp_path / "code").mkdir()
+    write_jsonl(tmp_path / "code" / "repo.jsonl", [{"content": r["text"], "lang": "py"} for r in corpus_records(200)])
+    (tmp_path / "sources.yaml").write_text(
+        "- input: web\n- input: [code/repo.jsonl]\n  text_field: content\n  domain: code\n"
+    )  # relative to the sources file
+    common = ["prepare-data", "--sources", str(tmp_path / "sources.yaml"), "--tokenizer", str(SP_MODEL),
+              "--seq-len", "64", "--workers", "1"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    index = json.loads((tmp_path / "one" / "index.json").read_text())
+    assert "code" in index["domains"] and len(index["domains"]) > 2  # the web records keep their own domains
+    assert [s["domain"] for s in index["sources"]] == ["", "code"] and index["sources"][1]["text_field"] == "content"
+    for i in (0, 1):
+        assert main([*common, "--out", str(tmp_path / "parted"), "--part", f"{i}/2"]) == 0
+    assert main([*common, "--out", str(tmp_path / "parted"), "--merge"]) == 0
+    same_dataset(tmp_path / "one", tmp_path / "parted")
+    capsys.readouterr()
+    assert main([*common, "--input", str(tmp_path / "web"), "--out", str(tmp_path / "both")]) == 2
+    assert "give --input (one set of fields for all) or --sources FILE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("- text_field: content\n", "source 1: expected a mapping with an input"),
+        ("- input: a\n  txt_field: content\n", "source 1: field 'txt_field' is not one of"),
+        ("- input: a\n- input: []\n", "source 2: field input must be a path or a list of paths"),
+        ("- input: a\n  domain: [x]\n", "source 1: field domain must be a string"),
+        ("input: a\n", "expected a list of sources"),
+        ("- input: a\n  text_field: [\n", "cannot be read as a sources list"),
+    ],
+)
+def test_a_bad_sources_file_names_the_entry_and_field(tmp_path, text, why):
+    from dwmtrain.data.readers import read_sources_file
+
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(DataError, match=__import__("re").escape(why)) as e:
+        read_sources_file(str(tmp_path / "s.yaml"))
+    assert str(tmp_path / "s.yaml") in str(e.value)

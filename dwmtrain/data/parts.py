@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dwmtrain.arrays import JobArray, assign_slices, parse_part
 from dwmtrain.data.prepare import PrepareReport, prepare_data, read_tokenized
-from dwmtrain.data.readers import SLIMPAJAMA, Fields, expand_inputs
+from dwmtrain.data.readers import SLIMPAJAMA, Fields, expand_sources
 from dwmtrain.data.tokenizer import load_tokenizer
 from dwmtrain.fileio import read_json_object
 
@@ -31,28 +31,32 @@ def job_array(out_dir: str | os.PathLike) -> JobArray:
     return JobArray(str(out_dir), "prepare-data", made_from="inputs, tokenizer or fields")
 
 
-def _marker(files: list[str], mine: list, i: int, n: int, tok_sha: str, fields: Fields) -> dict:
+def _marker(files: list[str], mine: list, i: int, n: int, tok_sha: str, per: list[Fields]) -> dict:
+    fields = sorted({(f.text, f.domain, f.fixed) for f in per})  # what the fields are, per file where they differ
+    one = len(fields) == 1
     return {"part": i, "of": n, "inputs": [os.path.abspath(f) for f in files], "slices": [list(x) for x in mine],
-            "tokenizer_sha256": tok_sha, "text_field": fields.text, "domain_field": fields.domain}  # fmt: skip
+            "tokenizer_sha256": tok_sha, "text_field": per[0].text, "domain_field": per[0].domain,
+            **({} if one and not per[0].fixed else {"fields": [[f.text, f.domain, f.fixed] for f in per]})}  # fmt: skip
 
 
 def _slice_name(f: int, k: int, K: int) -> str:
     return f"file-{f:06d}" if K == 1 else f"file-{f:06d}-rows-{k:03d}-of-{K:03d}"
 
 
-def prepare_part(inputs: list[str], tokenizer_path: str, out_dir: str, part: str, workers: int = 0,
+def prepare_part(inputs: list, tokenizer_path: str, out_dir: str, part: str, workers: int = 0,
                  fields: Fields = SLIMPAJAMA) -> str:  # fmt: skip
     """Tokenize part I of N of the inputs into its directory (skipped if it is complete); returns what was done."""
     i, n = parse_part(part)
-    files, arr = expand_inputs(inputs), job_array(out_dir)
+    (files, per), arr = expand_sources(inputs, fields), job_array(out_dir)
     mine = assign_slices(files, n)[i]
-    want = _marker(files, mine, i, n, load_tokenizer(tokenizer_path).sha256, fields)
+    want = _marker(files, mine, i, n, load_tokenizer(tokenizer_path).sha256, per)
     if arr.read(i, n) == want:
         return f"part {i}/{n} is complete ({arr.part(i, n)}): skipped"
     t0 = time.time()
     with arr.writing(i, n, want) as tmp:
-        tokenized = read_tokenized([files[f] for f, _, _ in mine], tokenizer_path, workers, str(tmp / "cache"), fields,
-                                   rows=[(k, K) if K > 1 else None for _, k, K in mine])  # fmt: skip
+        rows = [(k, K) if K > 1 else None for _, k, K in mine]
+        tokenized = read_tokenized([files[f] for f, _, _ in mine], tokenizer_path, workers, str(tmp / "cache"),
+                                   [per[f] for f, _, _ in mine], rows=rows)  # fmt: skip
         docs = tokens = 0
         for (f, k, K), (_, ds) in zip(mine, tokenized):
             ds.save_to_disk(str(tmp / _slice_name(f, k, K)))
@@ -74,7 +78,7 @@ def _tokens(ds) -> int:
     return int(pc.sum(pc.list_value_length(ds.data.table.column("ids"))).as_py() or 0)
 
 
-def merge_parts(inputs: list[str], tokenizer_path: str, out_dir: str, fields: Fields = SLIMPAJAMA,
+def merge_parts(inputs: list, tokenizer_path: str, out_dir: str, fields: Fields = SLIMPAJAMA,
                 **options) -> PrepareReport:  # fmt: skip
     """Pack every part's documents into ``out_dir`` (``prepare_data``'s packing, its ``options``); the parts are
     removed once the dataset is in place."""
@@ -84,16 +88,16 @@ def merge_parts(inputs: list[str], tokenizer_path: str, out_dir: str, fields: Fi
     return report
 
 
-def merged_tokenized(inputs: list[str], tokenizer_path: str, out_dir: str, fields: Fields = SLIMPAJAMA):
+def merged_tokenized(inputs: list, tokenizer_path: str, out_dir: str, fields: Fields = SLIMPAJAMA):
     """Every part's tokenized documents, file by file in the inputs' order (what ``prepare_data`` packs): a
     missing, unfinished or foreign part is a DataError naming it and the command that makes it."""
     import datasets
 
-    files, arr = expand_inputs(inputs), job_array(out_dir)
+    (files, per), arr = expand_sources(inputs, fields), job_array(out_dir)
     tok_sha = load_tokenizer(tokenizer_path).sha256
     n = arr.count() or 0
     assigned = assign_slices(files, n) if n else []
-    n = arr.require(lambda i, n: _marker(files, assigned[i], i, n, tok_sha, fields))
+    n = arr.require(lambda i, n: _marker(files, assigned[i], i, n, tok_sha, per))
     slices: dict[int, list] = {}  # file index -> [(k, directory of slice k)]
     for i, mine in enumerate(assigned):
         for f, k, K in mine:

@@ -28,7 +28,8 @@ import numpy as np
 from dwmtrain.data.readers import (
     SLIMPAJAMA,
     Fields,
-    expand_inputs,
+    InputSource,
+    expand_sources,
     load_dataset,
     name_lines,
     reader_for,
@@ -46,7 +47,7 @@ FORMAT = "dwmtrain-tokens-v1"
 # ----------------------------------------------------------------------------- reading + tokenizing
 
 
-def _tokenize_batch(batch: dict, tokenizer_path: str, fields: tuple[str, str]) -> dict:
+def _tokenize_batch(batch: dict, tokenizer_path: str, fields: tuple[str, str, str]) -> dict:
     """datasets.map worker: text -> ids (BOS/EOS as the tokenizer's convention), domain name, skip reason ('' if
     kept); ``fields``: where the text and the domain are (``Fields``).
 
@@ -84,12 +85,14 @@ def row_range(rows: int, k: int, K: int) -> range:
     return range(k * rows // K, (k + 1) * rows // K)
 
 
-def read_tokenized(files: list[str], tokenizer_path: str, workers: int, cache_dir: str, fields: Fields = SLIMPAJAMA,
-                   rows: list | None = None):  # fmt: skip
-    """Load each input (``data.readers``) and tokenize it in parallel worker processes; ``rows``: per file, None
-    (every row) or (k, K): only row range k of K (``row_range``)."""
+def read_tokenized(files: list[str], tokenizer_path: str, workers: int, cache_dir: str,
+                   fields: Fields | list[Fields] = SLIMPAJAMA, rows: list | None = None):  # fmt: skip
+    """Load each input (``data.readers``) and tokenize it in parallel worker processes; ``fields``: one for every
+    file, or each file's own; ``rows``: per file, None (every row) or (k, K): only row range k of K
+    (``row_range``)."""
     out = []
-    for f, r in zip(files, rows or [None] * len(files)):
+    per = fields if isinstance(fields, list) else [fields] * len(files)
+    for f, r, fields in zip(files, rows or [None] * len(files), per):
         ds = load_dataset(f, cache_dir, fields)
         if r is not None:
             ds = ds.select(row_range(len(ds), *r))
@@ -109,7 +112,7 @@ def _map_tokenize(ds, tokenizer_path, workers, f, fields: Fields):
         batched=True,
         batch_size=256,
         num_proc=max(1, workers) if len(ds) > 512 and workers > 1 else None,
-        fn_kwargs={"tokenizer_path": tokenizer_path, "fields": (fields.text, fields.domain)},
+        fn_kwargs={"tokenizer_path": tokenizer_path, "fields": (fields.text, fields.domain, fields.fixed)},
         remove_columns=ds.column_names,
         desc=f"tokenize {os.path.basename(f)}",
     )
@@ -264,6 +267,13 @@ def _pack(tokenized, packer: _Packer, report: PrepareReport, progress: bool, t_s
     report.tail_tokens_dropped = packer.buffered
 
 
+def _sources_record(inputs: list) -> list[dict]:
+    """What index.json says of prepare-data --sources: each entry's files and fields."""
+    return [{"inputs": [os.path.abspath(f) for f in x.inputs], "text_field": x.fields.text,
+             "domain_field": x.fields.domain, "domain": x.fields.fixed}
+            for x in inputs if isinstance(x, InputSource)]  # fmt: skip
+
+
 def _report_json(report: PrepareReport) -> str:
     return json.dumps(
         {
@@ -281,7 +291,7 @@ def _report_json(report: PrepareReport) -> str:
 
 
 def prepare_data(
-    inputs: list[str],
+    inputs: list,
     tokenizer_path: str,
     out_dir: str,
     seq_len: int = 1024,
@@ -295,14 +305,15 @@ def prepare_data(
     documents=None,
 ) -> PrepareReport:
     """Tokenize (BOS and EOS as the tokenizer's convention), pack into ``seq_len`` sequences and write shards +
-    index atomically; ``fields`` says where each record's text and domain are. ``documents()``: the inputs'
+    index atomically; ``fields`` says where each record's text and domain are (an ``InputSource`` among the
+    ``inputs`` says it for its own files: prepare-data --sources). ``documents()``: the inputs'
     documents already tokenized, (file, dataset) in their order, instead (``data.parts.merge_parts``)."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite to replace it (only after a successful run)")
     if not 0 <= heldout_fraction < 1:
         raise DataError(f"heldout_fraction={heldout_fraction}: must be in [0, 1)")
-    files = expand_inputs(inputs)
+    files, per_file = expand_sources(inputs, fields)
     tok = load_tokenizer(tokenizer_path)
     dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
     t_start = time.time()  # the rate shown counts tokenizing (before the packing loop) too
@@ -310,7 +321,7 @@ def prepare_data(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         cache = str(tmp / "cache")
         tokenized = documents() if documents else read_tokenized(files, tokenizer_path, workers or usable_cpus(), cache,
-                                                                 fields)  # fmt: skip
+                                                                 per_file)  # fmt: skip
         writers = {split: _ShardWriter(tmp, split, seq_len, dtype, shard_sequences) for split in ("train", "heldout")}
         packer = _Packer(writers, seq_len, heldout_fraction, seed, report)
         _pack(tokenized, packer, report, progress, t_start)
@@ -332,6 +343,7 @@ def prepare_data(
             "inputs": [os.path.abspath(f) if os.path.exists(f) else f for f in files],
             "text_field": fields.text,
             "domain_field": fields.domain,
+            **({"sources": _sources_record(inputs)} if any(isinstance(x, InputSource) for x in inputs) else {}),
             "seed": seed,
             "heldout_fraction": heldout_fraction,
         }

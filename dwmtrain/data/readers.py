@@ -42,11 +42,14 @@ class Fields:
 
     text: str = "text"
     domain: str = DEFAULT_DOMAIN_FIELD
+    fixed: str = ""  #: every record's domain, whatever it holds (a source's name: prepare-data --sources)
 
     def text_of(self, rec: dict):
         return _lookup(rec, self.text)
 
     def domain_of(self, rec: dict) -> str:
+        if self.fixed:
+            return self.fixed
         v = _lookup(rec, self.domain)
         return "unknown" if v is None or v == "" else str(v)
 
@@ -60,7 +63,7 @@ class Fields:
         text_col, dom_col = self.columns()
         if text_col not in columns:
             raise DataError(f"{where}: no column {self.text!r} (columns: {', '.join(columns)}; data.text_field)")
-        if dom_col not in columns and self.domain != DEFAULT_DOMAIN_FIELD:
+        if dom_col not in columns and self.domain != DEFAULT_DOMAIN_FIELD and not self.fixed:
             raise DataError(f"{where}: no column {self.domain!r} (columns: {', '.join(columns)}; data.domain_field)")
 
 
@@ -77,6 +80,57 @@ def add_field_options(p) -> None:
 def fields_of(a) -> Fields:
     """The ``Fields`` of parsed ``--text-field`` / ``--domain-field`` options."""
     return Fields(a.text_field, a.domain_field)
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """Inputs whose records keep their text and domain in their own fields (one entry of prepare-data --sources)."""
+
+    inputs: tuple[str, ...]
+    fields: Fields
+
+
+def read_sources_file(path: str) -> list[InputSource]:
+    """prepare-data --sources FILE: a YAML (or JSON) list of {input: path or [paths], text_field, domain_field,
+    domain}, ``domain`` a name every record of that entry gets; a bad entry is a DataError naming it."""
+    import yaml
+
+    try:
+        entries = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise DataError(f"{path}: cannot be read as a sources list ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{path}: expected a list of sources ({{input: ..., text_field: ..., domain: ...}})")
+    out = []
+    keys = {"input", "text_field", "domain_field", "domain"}
+    for i, e in enumerate(entries):
+        where = f"{path}: source {i + 1}"
+        if not isinstance(e, dict) or "input" not in e:
+            raise DataError(f"{where}: expected a mapping with an input")
+        if unknown := sorted(set(e) - keys):
+            raise DataError(f"{where}: field {unknown[0]!r} is not one of {sorted(keys)}")
+        inputs = e["input"] if isinstance(e["input"], list) else [e["input"]]
+        if not inputs or not all(isinstance(x, str) and x for x in inputs):
+            raise DataError(f"{where}: field input must be a path or a list of paths")
+        vals = {k: e.get(k, d) for k, d in (("text_field", "text"), ("domain_field", DEFAULT_DOMAIN_FIELD),
+                                            ("domain", ""))}  # fmt: skip
+        if bad := [k for k, v in vals.items() if not isinstance(v, str)]:
+            raise DataError(f"{where}: field {bad[0]} must be a string")
+        base = Path(path).parent  # relative inputs are relative to the sources file
+        files = tuple(str(base / x) if not os.path.isabs(x) else x for x in inputs)
+        out.append(InputSource(files, Fields(vals["text_field"], vals["domain_field"], vals["domain"])))
+    return out
+
+
+def expand_sources(inputs: list, fields: Fields = SLIMPAJAMA) -> tuple[list[str], list[Fields]]:
+    """Files (``expand_inputs``) and each one's fields: ``fields`` for a plain input, its own for an
+    ``InputSource``."""
+    files, per = [], []
+    for x in inputs:
+        got = expand_inputs(list(x.inputs)) if isinstance(x, InputSource) else expand_inputs([x])
+        files += got
+        per += [x.fields if isinstance(x, InputSource) else fields] * len(got)
+    return files, per
 
 
 def _lookup(rec, dotted: str):

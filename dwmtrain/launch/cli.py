@@ -51,8 +51,13 @@ def _data_status(a) -> None:
 def _prepare_data(a) -> None:
     from dwmtrain.data.parts import merge_parts, prepare_part
     from dwmtrain.data.prepare import prepare_data
-    from dwmtrain.data.readers import fields_of
+    from dwmtrain.data.readers import fields_of, read_sources_file
+    from dwmtrain.errors import ConfigError
 
+    if bool(a.input) == bool(a.sources):
+        raise ConfigError("prepare-data: give --input (one set of fields for all) or --sources FILE (each its own)")
+    if a.sources:
+        a.input = read_sources_file(a.sources)
     if a.part:
         print(prepare_part(a.input, a.tokenizer, a.out, a.part, a.workers, fields_of(a)), flush=True)
         return
@@ -254,7 +259,13 @@ def add_data_commands(sub) -> None:
     p = sub.add_parser(
         "prepare-data", help="tokenize + pack documents (JSONL, Parquet, Arrow, saved datasets) into shards"
     )
-    p.add_argument("--input", nargs="+", required=True, help="files and directories (searched recursively): JSON "
+    p.add_argument(
+        "--sources",
+        default="",
+        help="a YAML list of {input, text_field, domain_field, domain}: inputs "
+        "whose records keep their text and domain in their own fields, or a domain name for all of them",
+    )
+    p.add_argument("--input", nargs="+", default=[], help="files and directories (searched recursively): JSON "
                    "lines (.jsonl, .jsonl.zst, .jsonl.gz), Parquet, Arrow, a saved datasets directory")  # fmt: skip
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
