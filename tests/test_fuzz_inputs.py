@@ -1,9 +1,9 @@
 """Every file a user hands dwmtrain, fuzzed (hypothesis, bounded in examples and time): documents (JSON lines plain,
 .zst and .gz; Parquet; Arrow), target sets (data.target), tokenizer files, the YAML config and ``key=value``
-overrides, DWM files and their sidecars, checkpoint markers and ``latest.json``, and the part markers of job
-arrays. Each input either works or ends in the project's own error (a ``DWMTrainError``) whose one line names the
-file or the field, and through the command line in exit code 2 without a traceback; never a hang; never a change
-to a file the user had.
+overrides, DWM files and their sidecars, checkpoint markers and ``latest.json``, the part markers of job arrays,
+Megatron / GPT-NeoX ``.idx``/``.bin`` pairs and the weights of data.sources. Each input either works or ends in the
+project's own error (a ``DWMTrainError``) whose one line names the file or the field, and through the command line
+in exit code 2 without a traceback; never a hang; never a change to a file the user had.
 
 The examples are derandomized (the same ones on every run, so CI cannot flake); ``DWMTRAIN_FUZZ_SCALE=10`` tries
 ten times as many, and ``DWMTRAIN_FUZZ_COUNTS=FILE`` writes the examples tried per format (docs/design.md)."""
@@ -602,3 +602,66 @@ def test_part_markers_are_reported_or_refused_by_name(marker, which, name):
             args = ("select", "random", "--merge", "--input", str(src), "--out", str(out), "--budget-docs", "2")
         code, err = cli(*args)
         assert_clean_exit(code, err, (parts, Path(str(out).removesuffix(".jsonl") + ".parts"), out))
+
+
+# ---------------------------------------------------------------------------------------------- Megatron files, blends
+
+
+@given(
+    how=st.sampled_from(["bytes", "cut", "dtype", "count", "docs", "lengths", "bin"]),
+    raw=st.binary(max_size=120),
+    at=st.integers(0, 400),
+    value=st.integers(0, 2**64 - 1),
+)
+@example(how="count", raw=b"", at=0, value=2**63)  # a count whose arrays would overflow the file
+@fuzz(60)
+def test_megatron_indexes_read_or_name_the_file(how, raw, at, value):
+    """Random headers, counts, dtypes, lengths and truncations of a file Megatron-Core's writer wrote."""
+    import struct
+
+    import numpy as np
+
+    from dwmtrain.data.megatron import MegatronTokens
+
+    from .test_mixture import write_megatron
+
+    with tempfile.TemporaryDirectory() as d:
+        prefix = Path(d, "web_text_document")
+        write_megatron(prefix, [np.arange(1, 40), np.arange(7, 90), np.arange(3, 30)])
+        idx, binf = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
+        good = bytearray(idx.read_bytes())
+        if how == "bytes":
+            good = bytearray(raw)
+        elif how == "cut":
+            good = good[: at % (len(good) + 1)]
+        elif how == "dtype":
+            good[17] = value % 256
+        elif how in ("count", "docs"):
+            struct.pack_into("<Q", good, 18 if how == "count" else 26, value)
+        elif how == "lengths":
+            struct.pack_into("<i", good, 34 + 4 * (at % 3), value % 2**31 - (value % 7 == 0) * 2**31)
+        else:
+            binf.write_bytes(binf.read_bytes()[: at % 200])
+        idx.write_bytes(bytes(good))
+        m = outcome("megatron files", lambda: MegatronTokens(prefix, 16, 4096), names=(idx, binf), keep=(Path(d),))
+        if m is not None:
+            for j in range(len(m)):
+                outcome("megatron files", lambda j=j: m[j], names=(binf,))
+
+
+@given(weights=st.lists(JSONISH, min_size=1, max_size=4), names=st.lists(st.sampled_from(["a", "b", ""]), max_size=4))
+@fuzz(150)
+def test_blend_weights_load_or_name_the_field(weights, names):
+    """data.sources with any weights and names: a config, or one line naming data.sources."""
+    from dwmtrain.config import load_config
+
+    srcs = [{"path": f"/data/s{i}", "weight": w, **({"name": names[i]} if i < len(names) else {})}
+            for i, w in enumerate(weights)]  # fmt: skip
+    cfg = outcome("blend weights", lambda: load_config(None, [f"data.sources={json.dumps(srcs)}"]),
+                  names=("data.sources",))  # fmt: skip
+    if cfg is not None:
+        from dwmtrain.data.mixture import BlendOrder
+
+        w = [s.weight for s in cfg.data.sources]
+        assert all(x >= 0 for x in w) and sum(w) > 0 and len({s.name for s in cfg.data.sources}) == len(w)
+        assert sum(BlendOrder([3] * len(w), w, 0).drawn(100)) == 100
