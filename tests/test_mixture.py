@@ -290,3 +290,20 @@ def test_a_changed_blend_continues_each_sources_draws_and_is_allowed_only_when_a
     assert check_compatible(saved, {"data_sha": b, "data_kind": "blend", "change_mixture": True})  # a note, allowed
     with pytest.raises(ResumeError):  # a prepared directory does not become a blend
         check_compatible({**saved, "data_kind": "prepared"}, {"data_sha": b, "data_kind": "blend", "change_mixture": 1})
+
+
+def test_dry_run_reads_the_blend_and_refuses_a_bad_source_with_exit_2(blend_sources, tmp_path):
+    from .test_config import _dry_run
+
+    root, tok = blend_sources
+    srcs = (f"data.sources=[{{path: {root}/web, weight: 3}}, {{path: {root}/code_text_document, weight: 1, "
+            "name: code}]")  # fmt: skip
+    p = _dry_run("--config", "tiny", srcs, f"data.tokenizer={tok}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "# data.sources code: weight 0.25" in p.stdout and "epochs" in p.stdout
+    (tmp_path / "cut.idx").write_bytes((root / "code_text_document.idx").read_bytes())
+    (tmp_path / "cut.bin").write_bytes((root / "code_text_document.bin").read_bytes()[:-10])
+    p = _dry_run("--config", "tiny", srcs.replace(f"{root}/code_text_document", f"{tmp_path}/cut"),
+                 f"data.tokenizer={tok}")  # fmt: skip
+    assert p.returncode == 2 and "data.sources[1] (code)" in p.stderr and "truncated" in p.stderr
+    assert "Traceback" not in p.stderr and p.stderr.count("error (") == 1
