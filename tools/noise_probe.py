@@ -220,6 +220,8 @@ ARMS = {
     "refresh": ["meta.mode=bilevel", "dwm.refresh_backbone=true"],  # the backbone copied from the LM at every boundary
     "lossfeat": ["meta.mode=bilevel", "dwm.loss_feature=true"],  # the LM's per-sample loss an input of the DWM
     "adam": ["meta.mode=bilevel", "meta.lookahead=adam"],  # the AdamW lookahead from the checkpoint's moments
+    # the fitted DWM's logit scale chosen by 20-step real rollouts from the checkpoint, scored on the reward part
+    "strength": ["meta.mode=bilevel", "meta.strength=[0,0.5,1,2]", "meta.strength_steps=20"],
     # no backbone: the LM's own hidden states of each forward
     "hidden": ["meta.mode=bilevel", "dwm.features=lm", "dwm.backbone=lm"],
     # weighting from step 50 (stage 1 a twentieth of the run, not a fifth), boundaries dense at the start: the paper's
@@ -378,6 +380,7 @@ ARM_LABELS = {"uniform": "uniform", "oracle": "oracle (corrupted weighted 0)", "
               "refresh": "DWM, backbone refreshed at every boundary",
               "lossfeat": "DWM with the LM's per-sample loss as input", "adam": "DWM, AdamW lookahead",
               "hidden": "DWM on the LM's own hidden states",
+              "strength": "DWM, strength chosen by rollouts",
               "early": "DWM, stage 1 of 50 steps, dense early boundaries",
               "mature": "DWM warm-started from a finished run's last DWM",
               "loss": "loss reweighting (linupper)", "dsir": "DSIR-selected data",
