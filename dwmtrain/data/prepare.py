@@ -267,6 +267,26 @@ def _pack(tokenized, packer: _Packer, report: PrepareReport, progress: bool, t_s
     report.tail_tokens_dropped = packer.buffered
 
 
+def _index(seq_len, dtype, tok, tokenizer_path, domains, splits, files, inputs, fields: Fields) -> dict:
+    """index.json: what the shards hold and what they were made from."""
+    return {
+        "format": FORMAT,
+        "seq_len": seq_len,
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": tok.vocab_size,
+        "tokenizer": os.path.abspath(tokenizer_path),
+        "tokenizer_sha256": tok.sha256,
+        "bos_id": tok.bos_id,  # each document: [bos_id] + text + [eos_id] (no BOS when None)
+        "eos_id": tok.eos_id,
+        "domains": domains,
+        "splits": splits,
+        "inputs": [os.path.abspath(f) if os.path.exists(f) else f for f in files],
+        "text_field": fields.text,
+        "domain_field": fields.domain,
+        **({"sources": _sources_record(inputs)} if any(isinstance(x, InputSource) for x in inputs) else {}),
+    }
+
+
 def _sources_record(inputs: list) -> list[dict]:
     """What index.json says of prepare-data --sources: each entry's files and fields."""
     return [{"inputs": [os.path.abspath(f) for f in x.inputs], "text_field": x.fields.text,
@@ -329,24 +349,8 @@ def prepare_data(
         report.sequences = {k: v["num_sequences"] for k, v in splits.items()}
         if report.sequences["train"] == 0:
             raise DataError(f"{inputs}: not enough text for one sequence of {seq_len} tokens")
-        index = {
-            "format": FORMAT,
-            "seq_len": seq_len,
-            "dtype": np.dtype(dtype).name,
-            "vocab_size": tok.vocab_size,
-            "tokenizer": os.path.abspath(tokenizer_path),
-            "tokenizer_sha256": tok.sha256,
-            "bos_id": tok.bos_id,  # each document: [bos_id] + text + [eos_id] (no BOS when None)
-            "eos_id": tok.eos_id,
-            "domains": packer.domain_names(),
-            "splits": splits,
-            "inputs": [os.path.abspath(f) if os.path.exists(f) else f for f in files],
-            "text_field": fields.text,
-            "domain_field": fields.domain,
-            **({"sources": _sources_record(inputs)} if any(isinstance(x, InputSource) for x in inputs) else {}),
-            "seed": seed,
-            "heldout_fraction": heldout_fraction,
-        }
+        index = _index(seq_len, dtype, tok, tokenizer_path, packer.domain_names(), splits, files, inputs, fields)
+        index.update(seed=seed, heldout_fraction=heldout_fraction)
         (tmp / "index.json").write_text(json.dumps(index, indent=1))
         report.seconds = time.time() - t_start
         (tmp / "report.json").write_text(_report_json(report))

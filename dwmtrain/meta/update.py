@@ -257,8 +257,8 @@ class MetaBatches:
     """The meta job's data: training micro-batches from the run's current position in its data stream, and each
     rank's k-th batch of the validation source's reward part (never an example validation reports on)."""
 
-    def __init__(self, cfg: Config, d: Dist, rd: RunDir, consumed_samples: int, vocab_size: int):
-        self.data = open_training_data(cfg.data, vocab_size)
+    def __init__(self, cfg: Config, d: Dist, rd: RunDir, consumed_samples: int):
+        self.data = open_training_data(cfg.data, lm_spec(cfg.model).vocab_size)
         self.val = open_validation(cfg, rd, REWARD)
         order = self.data.order(cfg.run.seed, current_segment(rd.data_mixture) if cfg.data.sources else None)
         self.stream = rank_micro_batches(order, consumed_samples, d.rank, d.world, cfg.deepspeed.micro_batch_size)
@@ -363,7 +363,7 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
     if dwm.backbone is not None:
         dwm.backbone.requires_grad_(mc.backbone_trainable)
     opt = torch.optim.Adam([p for p in dwm.parameters() if p.requires_grad], lr=mc.lr)
-    batches, params = MetaBatches(cfg, d, rd, state.consumed_samples, lm.config.vocab_size), lm_params(lm)
+    batches, params = MetaBatches(cfg, d, rd, state.consumed_samples), lm_params(lm)
     if mc.grad_mode == "fd" and not mc.fd_eps:  # once: the LM is frozen
         mc = dataclasses.replace(mc, fd_eps=default_fd_eps(params))
     records = rd.meta_records(stage) if d.is_main else None
