@@ -149,12 +149,18 @@ def test_a_disk_that_fills_during_a_save_is_a_checkpoint_error_and_the_last_chec
 # --------------------------------------------------------------------------- node-local storage
 
 
-def _node_local(d, root, drop_on_node1):
-    """Each rank is a node with its own disk (root/nodeR); rank 0's storage alone holds markers."""
+def _node_local(d, root, drop_on_node1, orphan=False):
+    """Each rank is a node with its own disk (root/nodeR); rank 0's storage alone holds markers. ``orphan``: what a
+    prune a kill interrupted leaves of an older checkpoint: on node 0 its emptied directory (no marker), on node 1
+    its copy (rank 0's node had deleted its own)."""
     from dwmtrain.distributed import Dist
 
     node = Dist(d.rank, d.world, 0, 1, d.device, "cpu")  # local rank 0 on its own node
     ck, eng = checkpointer(node, Path(root) / f"node{d.rank}"), ShardEngine(d.rank)
+    if orphan:
+        ck.rd.checkpoint("step0000001").mkdir(parents=True)
+        if d.rank == 1:
+            (ck.rd.checkpoint("step0000001") / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x")
     for step in (2, 4, 6, 8):
         ck.save(eng, step=step, stage=1, boundary=False, dwm={})
     kept = sorted(p.name for p in ck.rd.checkpoints.iterdir() if p.is_dir())
@@ -170,8 +176,9 @@ def _node_local(d, root, drop_on_node1):
     return kept, (state.tag, eng.loaded["rank"]), out.getvalue()
 
 
-def test_node_local_storage_rank0_decides_every_node_prunes_and_resumes(tmp_path):
-    (k0, r0, _), (k1, r1, _) = run_distributed(_node_local, str(tmp_path), "none")
+@pytest.mark.parametrize("orphan", [False, True])
+def test_node_local_storage_rank0_decides_every_node_prunes_and_resumes(tmp_path, orphan):
+    (k0, r0, _), (k1, r1, _) = run_distributed(_node_local, str(tmp_path), "none", orphan)
     assert k0 == k1 == ["step0000006", "step0000008"]  # pruned on both nodes
     assert not (tmp_path / "node1" / "checkpoints" / "latest.json").exists()  # node 1 never had markers...
     assert (r0, r1) == (("step0000008", 0), ("step0000008", 1))  # ...and still resumes where rank 0 does

@@ -169,9 +169,13 @@ class Checkpointer:
             markers = {t: json.loads(self.rd.marker(t).read_text()) for t in self.rd.complete_tags()}
             kept = {keep, *_last_before_nonfinite(markers)}
             periodic = [t for t, m in markers.items() if not (self.keep_stage and m.get("stage_boundary"))]
-            doomed = [t for t in periodic[: max(0, len(periodic) - self.keep_last)] if t not in kept]
-        for t in broadcast_object(doomed):
-            if self.d.local_rank == 0:
+            doomed = ([t for t in periodic[: max(0, len(periodic) - self.keep_last)] if t not in kept], list(markers))
+        doomed, complete = broadcast_object(doomed)
+        if self.d.local_rank == 0:
+            # and a node's copy of an older checkpoint rank 0 no longer holds: a prune a kill interrupted after rank
+            # 0's node deleted its copy (node-local storage) would otherwise leave it on this node for good
+            older = [p.name for p in self._tag_dirs() if p.name not in complete and _step(p.name) < _step(keep)]
+            for t in [*doomed, *older]:
                 shutil.rmtree(self.rd.checkpoint(t), ignore_errors=True)
                 shutil.rmtree(self.rd.universal(t), ignore_errors=True)
 
@@ -327,6 +331,10 @@ class Checkpointer:
     def _log(self, msg: str) -> None:
         if self.d.is_main:
             log.info(msg)
+
+
+def _step(tag: str) -> int:
+    return int(tag[4:])
 
 
 def _last_before_nonfinite(markers: dict[str, dict]) -> list[str]:
