@@ -263,7 +263,7 @@ def test_before_launch_each_bad_source_is_named_in_one_line(blend_sources, tmp_p
 
 def test_a_changed_blend_continues_each_sources_draws_and_is_allowed_only_when_asked(tmp_path, blend_sources):
     from dwmtrain.checkpoint.compat import check_compatible
-    from dwmtrain.data.mixture import mixture_segment
+    from dwmtrain.data.mixture import mixture_segment, source_key
 
     root, tok = blend_sources
     rec = tmp_path / "data_mixture.json"
@@ -280,7 +280,8 @@ def test_a_changed_blend_continues_each_sources_draws_and_is_allowed_only_when_a
         o[319]
     g = next(g for g in range(320, 400) if o.draws(g - 320)[0] == 2)  # the code source's first draw in the new blend
     n, k = len(data.sources[2]), int(old[2])  # ... continues its own order where the first blend stopped
-    assert o[g] == int(data.offsets[2]) + int(np.random.default_rng([0, 2, k // n]).permutation(n)[k % n])
+    key = source_key(data.sources[2].path)  # its own order: seeded by its path, not its place in the list
+    assert o[g] == int(data.offsets[2]) + int(np.random.default_rng([0, key, k // n]).permutation(n)[k % n])
     plans = source_plans(data, o, steps=20, global_batch=32)
     assert sum(p.drawn for p in plans) == 640 and plans[2].drawn == old[2] + o.drawn(320)[2]
     a, b = (data_identity(c) for c in (first, changed))
@@ -307,3 +308,25 @@ def test_dry_run_reads_the_blend_and_refuses_a_bad_source_with_exit_2(blend_sour
                  f"data.tokenizer={tok}")  # fmt: skip
     assert p.returncode == 2 and "data.sources[1] (code)" in p.stderr and "truncated" in p.stderr
     assert "Traceback" not in p.stderr and p.stderr.count("error (") == 1
+
+
+def test_a_rollback_takes_the_segment_that_covers_it_and_a_path_is_one_source_however_written(tmp_path, blend_sources):
+    import json
+
+    from dwmtrain.data.mixture import mixture_segment
+
+    root, tok = blend_sources
+    rec = tmp_path / "data_mixture.json"
+    a, b = blend_config(root, tok).data, blend_config(root, tok, (0.2, 0.2, 0.6)).data
+    mixture_segment(rec, a, 0, 0)
+    at10 = mixture_segment(rec, b, 10, 320)
+    for s in b.sources:  # written with a trailing slash: the same source, its draws carried over all the same
+        s.path += "/"
+    assert mixture_segment(rec, b, 12, 384) == at10
+    back = mixture_segment(rec, a, 8, 256)  # resumed from an older checkpoint, the first blend again: its segment
+    assert back["from_sample"] == 0 and len(json.loads(rec.read_text())["segments"]) == 1
+    again = mixture_segment(rec, b, 8, 256)  # ... or the second blend from there: from 256, counts as of 256
+    old = BlendOrder([1, 1, 1], [0.5, 0.3, 0.2], 0).drawn(256)
+    assert again["from_sample"] == 256 and list(again["drawn_before"].values()) == old.tolist()
+    o = open_training_data(b, VOCAB).order(0, again)
+    assert o[256] >= 0 and o.k0.tolist() == old.tolist()

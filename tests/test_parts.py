@@ -126,6 +126,10 @@ def test_sources_with_their_own_fields_prepare_in_one_run_and_as_an_array(tmp_pa
     capsys.readouterr()
     assert main([*common, "--input", str(tmp_path / "web"), "--out", str(tmp_path / "both")]) == 2
     assert "give --input (one set of fields for all) or --sources FILE" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # an empty folder among inputs that hold files is no error
+    only = ["prepare-data", "--input", str(tmp_path / "empty"), str(tmp_path / "web"), "--tokenizer", str(SP_MODEL),
+            "--seq-len", "64", "--workers", "1", "--out", str(tmp_path / "web-only")]  # fmt: skip
+    assert main(only) == 0
 
 
 @pytest.mark.parametrize(

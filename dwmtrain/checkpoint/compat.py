@@ -62,7 +62,11 @@ def check_compatible(saved: dict, current: dict) -> list[str]:
     allowed = {"data_sha"} if current.get("change_mixture") and blends else set()
     broken = [
         f"{BREAKING[k]}: checkpoint has {saved.get(k)!r}, now {current.get(k)!r}"
-        + (" (data.change_mixture=true lets a resume change a blend's sources or weights)" if k == "data_sha" else "")
+        + (
+            " (data.change_mixture=true lets a resume change a blend's sources or weights)"
+            if k == "data_sha" and blends
+            else ""
+        )
         for k in BREAKING
         if k in saved and saved.get(k) != current.get(k) and k not in allowed
     ]

@@ -32,15 +32,19 @@ CHUNK = 1 << 15  #: virtual time per chunk of the blend computed at once (about 
 class BlendOrder:
     """Position g of the global stream -> dataset index, for sources of ``sizes`` sequences with ``weights``."""
 
-    def __init__(self, sizes: list[int], weights: list[float], seed: int, start: int = 0, k0: list[int] | None = None):
+    def __init__(self, sizes: list[int], weights: list[float], seed: int, start: int = 0, k0: list[int] | None = None,
+                 keys: list[int] | None = None):  # fmt: skip
         """``start``: the stream position this blend applies from (a changed blend, data.change_mixture); ``k0``:
-        each source's draws before it, which its own draws continue."""
+        each source's draws before it, which its own draws continue; ``keys``: what seeds each source's own order
+        (``source_key``: its path, so a kept source keeps its order whatever its place in a changed list; default:
+        its index)."""
         w = np.asarray(weights, dtype=np.float64)
         self.w = w / w.sum()
         self.sizes, self.seed, self.start = list(sizes), seed, start
         self.k0 = np.zeros(len(w), dtype=np.int64) if k0 is None else np.asarray(k0, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self.live = np.flatnonzero(self.w > 0)  # a source of weight 0 is never drawn
+        self.keys = list(range(len(w))) if keys is None else list(keys)
         self._chunk: tuple[int, int, np.ndarray, np.ndarray] | None = None
         self._perms: dict[int, tuple[int, np.ndarray]] = {}
 
@@ -80,7 +84,8 @@ class BlendOrder:
         s, k = self.draws(int(g) - self.start)
         epoch, pos = divmod(k + int(self.k0[s]), self.sizes[s])
         if self._perms.get(s, (None,))[0] != epoch:
-            self._perms[s] = (epoch, np.random.default_rng([self.seed, s, epoch]).permutation(self.sizes[s]))
+            rng = np.random.default_rng([self.seed, self.keys[s], epoch])
+            self._perms[s] = (epoch, rng.permutation(self.sizes[s]))
         return int(self.offsets[s] + self._perms[s][1][pos])
 
     def drawn(self, g: int) -> np.ndarray:
@@ -185,10 +190,16 @@ class MixtureDataset:
     def order(self, seed: int, segment: dict | None = None) -> BlendOrder:
         """The blend's order; ``segment``: the run's current one (``mixture_segment``) when the blend changed."""
         sizes, weights = [len(s) for s in self.sources], [s.weight for s in self.sources]
+        keys = [source_key(s.path) for s in self.sources]
         if not segment:
-            return BlendOrder(sizes, weights, seed)
-        k0 = [segment["drawn_before"].get(str(s.path), 0) for s in self.sources]
-        return BlendOrder(sizes, weights, seed, segment["from_sample"], k0)
+            return BlendOrder(sizes, weights, seed, keys=keys)
+        k0 = [segment["drawn_before"].get(str(Path(s.path)), 0) for s in self.sources]
+        return BlendOrder(sizes, weights, seed, segment["from_sample"], k0, keys)
+
+
+def source_key(path) -> int:
+    """What seeds a source's own order: its path (the same in every process and whatever its place in the list)."""
+    return int.from_bytes(hashlib.sha256(str(Path(path)).encode()).digest()[:8], "little")
 
 
 def _intern(names: list[str], n: str) -> int:
@@ -243,22 +254,26 @@ def open_training_data(d, vocab_size: int, tok_sha: str | None = None):
 
 
 def mixture_segment(path: Path, d, step: int, consumed: int) -> dict | None:
-    """The blend segment a run at ``step`` (``consumed`` samples) continues, from RUN_DIR/data_mixture.json; a new
-    one appended when the blend changed (data.change_mixture: the checkpoint allowed it), each source's draws so far
-    carried over, by path. Rank 0's work (it writes); None for a single prepared directory."""
+    """The blend segment a run at ``step`` (``consumed`` samples) continues, from RUN_DIR/data_mixture.json: the one
+    that covers ``consumed`` (later ones, of a rollback to an older checkpoint, are dropped), or a new one when the
+    blend changed (data.change_mixture: the checkpoint allowed it), each source's draws so far carried over by its
+    path. Rank 0's work (it writes); None for a single prepared directory."""
     if not d.sources:
         return None
-    ident, srcs = data_identity(d), [{"name": s.name, "path": s.path, "weight": s.weight} for s in d.sources]
+    ident = data_identity(d)
+    srcs = [{"name": s.name, "path": str(Path(s.path)), "weight": s.weight} for s in d.sources]
     segs = json.loads(path.read_text())["segments"] if path.is_file() and consumed > 0 else []
+    segs = [g for g in segs if g["from_sample"] <= consumed]
     if segs and segs[-1]["identity"] == ident:
-        return segs[-1]
-    new = {"from_step": step, "from_sample": consumed, "identity": ident, "sources": srcs, "drawn_before": {}}
-    if segs:  # what the last blend drew of each source up to here; a dropped source's count is kept for later
+        new, segs = segs[-1], segs[:-1]
+    else:
+        new = {"from_step": step, "from_sample": consumed, "identity": ident, "sources": srcs, "drawn_before": {}}
+    if segs and new["from_sample"] == consumed:  # what the last blend drew of each source up to here
         last = segs[-1]
         counts = BlendOrder([1] * len(last["sources"]), [s["weight"] for s in last["sources"]], 0).drawn(
             consumed - last["from_sample"]
         )
-        new["drawn_before"] = dict(last["drawn_before"])
+        new["drawn_before"] = dict(last["drawn_before"])  # a dropped source's count is kept, for its return
         for s, c in zip(last["sources"], counts):
             new["drawn_before"][s["path"]] = new["drawn_before"].get(s["path"], 0) + int(c)
     atomic_write_text(path, json.dumps({"segments": [*segs, new]}, indent=1))

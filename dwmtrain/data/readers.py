@@ -127,9 +127,13 @@ def expand_sources(inputs: list, fields: Fields = SLIMPAJAMA) -> tuple[list[str]
     ``InputSource``."""
     files, per = [], []
     for x in inputs:
-        got = expand_inputs(list(x.inputs)) if isinstance(x, InputSource) else expand_inputs([x])
+        got = [f for p in (x.inputs if isinstance(x, InputSource) else [x]) for f in _inputs_of(p)]
         files += got
         per += [x.fields if isinstance(x, InputSource) else fields] * len(got)
+    if not files:
+        raise DataError(
+            f"no input files in {[str(x) if not isinstance(x, InputSource) else list(x.inputs) for x in inputs]}"
+        )
     return files, per
 
 
@@ -536,11 +540,13 @@ def _walk(d: Path) -> list[str]:
     return found
 
 
+def _inputs_of(p: str) -> list[str]:
+    return _walk(Path(p)) if Path(p).is_dir() else [p]
+
+
 def expand_inputs(inputs: list[str]) -> list[str]:
     """Files (and saved datasets) as given; a directory means every input under it, recursively, sorted."""
-    files = []
-    for p in inputs:
-        files += _walk(Path(p)) if Path(p).is_dir() else [p]
+    files = [f for p in inputs for f in _inputs_of(p)]
     if not files:
         raise DataError(f"no input files in {inputs}")
     return files
