@@ -272,9 +272,8 @@ def test_the_trainer_applies_a_loss_aware_dwm_to_the_losses_of_its_own_forward()
     import dataclasses
 
     from dwmtrain.models.lm import build_lm
-    from dwmtrain.models.loss import per_sample_loss, weighted_objective
+    from dwmtrain.models.loss import per_sample_loss
     from dwmtrain.models.spec import ModelSpec
-    from dwmtrain.stages.weighting import FrozenDWM
 
     torch.manual_seed(0)
     m = DataWeightingModel(dataclasses.replace(ARCH, loss_feature=True)).eval()
@@ -285,12 +284,21 @@ def test_the_trainer_applies_a_loss_aware_dwm_to_the_losses_of_its_own_forward()
         losses = per_sample_loss(lm(input_ids=x).logits, x)
     want = m(x, losses=losses)
     assert want.std() > 0.05
+    applied_in_its_own_forward(m, lm, x, want, losses)
+
+
+def applied_in_its_own_forward(m, lm, x, want, losses) -> None:
+    """Through the fused loss head and through full logits, FrozenDWM's rule applies ``want`` to the forward's own
+    losses: the objective is mean_i w_i L_i, and the weights are data to the LM's backward."""
+    from dwmtrain.models.loss import weighted_objective
+    from dwmtrain.stages.weighting import FrozenDWM
+
     for chunked in (True, False):
         rule = FrozenDWM(m, {"version": "t"})(x, list(range(8)))
         loss, got_losses, applied = weighted_objective(lm, x, rule, chunked)
         assert torch.allclose(applied, want, atol=1e-5) and torch.allclose(got_losses, losses, atol=1e-5)
         assert torch.allclose(loss, (want * losses).mean(), atol=1e-5)
-        loss.backward()  # the weights are data to the LM's backward
+        loss.backward()
         lm.zero_grad()
 
 
@@ -330,9 +338,8 @@ def test_the_trainer_applies_a_dwm_on_its_own_hidden_states_in_the_same_forward(
 
     from dwmtrain.meta.metagrad import forward_reads, lm_params
     from dwmtrain.models.lm import build_lm
-    from dwmtrain.models.loss import per_sample_loss, weighted_objective
+    from dwmtrain.models.loss import per_sample_loss
     from dwmtrain.models.spec import ModelSpec
-    from dwmtrain.stages.weighting import FrozenDWM
 
     torch.manual_seed(0)
     m = DataWeightingModel(dataclasses.replace(LM_ARCH, loss_feature=loss_feature)).eval()
@@ -343,13 +350,8 @@ def test_the_trainer_applies_a_dwm_on_its_own_hidden_states_in_the_same_forward(
         losses, hidden = per_sample_loss(lm(input_ids=x).logits, x), lm.model(input_ids=x).last_hidden_state
     want = m(None, hidden=hidden, losses=losses if loss_feature else None)
     assert want.std() > 0.05
-    for chunked in (True, False):
-        rule = FrozenDWM(m, {"version": "t"})(x, list(range(8)))
-        loss, got_losses, applied = weighted_objective(lm, x, rule, chunked)
-        assert torch.allclose(applied, want, atol=1e-5) and torch.allclose(got_losses, losses, atol=1e-5)
-        assert torch.allclose(loss, (want * losses).mean(), atol=1e-5)
-        loss.backward()
-        lm.zero_grad()
-        lm.loss_chunk_tokens = 1024 if chunked else 0  # the meta job's read: fused head, then full logits
+    applied_in_its_own_forward(m, lm, x, want, losses)
+    for chunk in (1024, 0):  # the meta job's read: fused head, then full logits
+        lm.loss_chunk_tokens = chunk
         r_losses, r_hidden = forward_reads(lm, lm_params(lm), x)
         assert torch.allclose(r_losses, losses, atol=1e-5) and torch.allclose(r_hidden, hidden, atol=1e-6)

@@ -15,7 +15,29 @@ from dwmtrain.errors import DataError
 from dwmtrain.fileio import sha256_file
 
 
-class TokenDataset:
+class Sequences:
+    """What the loop, the meta job and the analyses read of training data: ``ds[i]`` a [seq_len] int64 tensor, and
+    each sequence's domain (``domains``: ids into ``domain_names``)."""
+
+    domains: np.ndarray
+    domain_names: list[str]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch(self, indices: list[int]) -> torch.Tensor:
+        """[len(indices), seq_len] int64."""
+        return torch.stack([self[i] for i in indices])
+
+    def domain(self, i: int) -> str:
+        return self.domain_names[int(self.domains[i])]
+
+    def domain_ids(self, indices: list[int]) -> torch.Tensor:
+        """The domain ids (into ``domain_names``) of sequences ``indices``."""
+        return torch.from_numpy(self.domains[np.asarray(indices, dtype=np.int64)].astype(np.int64))
+
+
+class TokenDataset(Sequences):
     """One split of a ``prepare-data`` directory: ``ds[i]`` is a [seq_len] int64 tensor."""
 
     def __init__(self, path: str | os.PathLike, split: str = "train", verify: str = "size"):
@@ -83,17 +105,6 @@ class TokenDataset:
                 f"shard {f}: sequence {j} holds token id {int(seq.max())} >= vocab {self.vocab_size} (corrupted)"
             )
         return torch.from_numpy(seq)
-
-    def batch(self, indices: list[int]) -> torch.Tensor:
-        """[len(indices), seq_len] int64."""
-        return torch.stack([self[i] for i in indices])
-
-    def domain(self, i: int) -> str:
-        return self.domain_names[int(self.domains[i])]
-
-    def domain_ids(self, indices: list[int]) -> torch.Tensor:
-        """The domain ids (into ``domain_names``) of sequences ``indices``."""
-        return torch.from_numpy(self.domains[np.asarray(indices, dtype=np.int64)].astype(np.int64))
 
     def order(self, seed: int, segment: dict | None = None) -> GlobalOrder:
         """The run's sample order over this split (a blend has its own: ``data.mixture``; ``segment`` is its)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dwmtrain.data.dataset import TokenDataset
+from dwmtrain.data.dataset import Sequences, TokenDataset
 from dwmtrain.data.megatron import MegatronTokens, is_megatron_prefix, strip_suffix
 from dwmtrain.errors import DataError
 from dwmtrain.fileio import atomic_write_text, sha256_file
@@ -144,7 +144,7 @@ def open_source(name: str, path: str, weight: float, seq_len: int, vocab_size: i
                     "prefix (PREFIX.bin and PREFIX.idx)")  # fmt: skip
 
 
-class MixtureDataset:
+class MixtureDataset(Sequences):
     """The sources' sequences one after another, with the ``TokenDataset`` interface the loop and meta job use;
     each sequence's domain is its source's finer one where a prepared source has several, else the source's name."""
 
@@ -174,18 +174,6 @@ class MixtureDataset:
     def __getitem__(self, i: int) -> torch.Tensor:
         s, j = self._locate(int(i))
         return s.data[j]
-
-    def batch(self, indices: list[int]) -> torch.Tensor:
-        return torch.stack([self[i] for i in indices])
-
-    def domain(self, i: int) -> str:
-        return self.domain_names[int(self.domains[i])]
-
-    def domain_ids(self, indices: list[int]) -> torch.Tensor:
-        return torch.from_numpy(self.domains[np.asarray(indices, dtype=np.int64)].astype(np.int64))
-
-    def source_of(self, i: int) -> str:
-        return self._locate(int(i))[0].name
 
     def order(self, seed: int, segment: dict | None = None) -> BlendOrder:
         """The blend's order; ``segment``: the run's current one (``mixture_segment``) when the blend changed."""
@@ -253,14 +241,15 @@ def open_training_data(d, vocab_size: int, tok_sha: str | None = None):
     return MixtureDataset(srcs, d.seq_len, vocab_size)
 
 
-def mixture_segment(path: Path, d, step: int, consumed: int) -> dict | None:
+def mixture_segment(path: Path, d, step: int, consumed: int, ident: str = "") -> dict | None:
     """The blend segment a run at ``step`` (``consumed`` samples) continues, from RUN_DIR/data_mixture.json: the one
     that covers ``consumed`` (later ones, of a rollback to an older checkpoint, are dropped), or a new one when the
     blend changed (data.change_mixture: the checkpoint allowed it), each source's draws so far carried over by its
-    path. Rank 0's work (it writes); None for a single prepared directory."""
+    path (``ident``: ``data_identity(d)``, where the caller has it already). Rank 0's work (it writes); None for a
+    single prepared directory."""
     if not d.sources:
         return None
-    ident = data_identity(d)
+    ident = ident or data_identity(d)
     srcs = [{"name": s.name, "path": str(Path(s.path)), "weight": s.weight} for s in d.sources]
     segs = json.loads(path.read_text())["segments"] if path.is_file() and consumed > 0 else []
     segs = [g for g in segs if g["from_sample"] <= consumed]

@@ -112,14 +112,15 @@ def setup(cfg: Config) -> Run:
     check_vocab(load_tokenizer(cfg.data.tokenizer).vocab_size, spec.vocab_size, cfg.data.tokenizer, padded=padded)
     plan = batch_plan(cfg, d.world)
     starts = stage_starts(cfg.stages.total_steps, cfg.stages.num_stages, cfg.stages.boundaries)
-    engine, ckpt, resumed = engine_from_checkpoint(cfg, d, rd, spec, compat_fields(cfg, d.world, plan.global_batch_size,
-                                                                                  spec, tok_sha, starts))  # fmt: skip
+    compat = compat_fields(cfg, d.world, plan.global_batch_size, spec, tok_sha, starts)
+    engine, ckpt, resumed = engine_from_checkpoint(cfg, d, rd, spec, compat)
     arch = DWMArch.from_config(cfg, spec.vocab_size)
     precision = resolve_precision(cfg.deepspeed.precision, d.accelerator)
     dwm_dtype = torch.float32 if precision == "fp32" or cfg.dwm.dtype == "fp32" else torch.bfloat16
     start_step = resumed.step if resumed else 0
     consumed = start_step * plan.global_batch_size
-    segment = run_on_rank0(lambda: mixture_segment(rd.data_mixture, cfg.data, start_step, consumed))
+    segment = run_on_rank0(lambda: mixture_segment(rd.data_mixture, cfg.data, start_step, consumed,
+                                                        compat["data_sha"]))  # fmt: skip
     expect_sha = resumed.dwm_in_use(starts) if resumed else None
     nonfinite_so_far = (resumed.nonfinite_steps, resumed.nonfinite_streak) if resumed else (0, 0)
     metrics = MetricsWriter(rd, d.is_main, cfg.run.tensorboard, start_step if resumed else None, cfg)
