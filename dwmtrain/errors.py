@@ -44,6 +44,11 @@ class ResumeError(CheckpointError):
     """The checkpoint cannot continue this run; the message says what changed."""
 
 
+class DWMInputError(DWMTrainError, ValueError):
+    """An argument of the public API (``dwmtrain.DWM``, ``dwmtrain.meta_update``, ``dwmtrain.DWMTrainer``) cannot be
+    used: a micro-batch, a token id, a model, a reward set, an optimizer; the message names it."""
+
+
 class AnalysisError(DWMTrainError, ValueError):
     """A run directory, output path or request an analysis cannot use."""
 

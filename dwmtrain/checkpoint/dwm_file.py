@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dwmtrain.errors import ConfigError, DWMTrainError
+from dwmtrain.errors import ConfigError, DWMInputError, DWMTrainError
 from dwmtrain.faults import fault_point
 from dwmtrain.fileio import atomic_file, atomic_write_text, sha256_file
 from dwmtrain.models.dwm import FEATURES, POOLINGS, DataWeightingModel, DWMArch, dwm_from_state
@@ -211,6 +211,17 @@ def check_dwm_tokenizer(meta: dict, path, tokenizer: str, tokenizer_sha: str) ->
         raise DWMFileError(
             f"DWM file {path} was fitted with tokenizer {meta.get('tokenizer', '?')} (sha256 {want[:12]}...), this "
             f"run's is data.tokenizer={tokenizer} (sha256 {tokenizer_sha[:12]}...): the DWM and the LM must share one"
+        )
+
+
+def check_dwm_micro_batch(meta: dict, path, micro_batch: int, field: str) -> None:
+    """Refuse micro-batches smaller than the DWM was fitted on: it weighs each sample against the rest of its
+    micro-batch (a softmax over it), so a smaller one is a setting it never learned (a larger one is allowed)."""
+    fitted = meta.get("micro_batch_size") or 0
+    if micro_batch < fitted:
+        raise DWMInputError(
+            f"{field}={micro_batch}: DWM file {path} was fitted on micro-batches of {fitted} samples and weighs each "
+            f"sample against the rest of its micro-batch; give it at least {fitted}"
         )
 
 

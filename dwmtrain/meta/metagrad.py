@@ -162,7 +162,10 @@ class AdamMoments:
     step: int
     betas: tuple[float, float]
     eps: float
-    weight_decay: float
+    weight_decay: float | dict[str, float]  #: one for all, or by parameter name (a no-decay group's biases, norms)
+
+    def decay(self, k: str) -> float:
+        return self.weight_decay[k] if isinstance(self.weight_decay, dict) else self.weight_decay
 
     def update(self, k: str, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For parameter ``k`` and its gradient g: AdamW's update direction a / (r + eps) at step t = step + 1,
@@ -192,7 +195,7 @@ def adam_lookahead(
     for k, gk in zip(params, g):
         u, jac[k] = adam.update(k, gk)
         if with_star:
-            star[k] = params[k] * (1 - alpha * adam.weight_decay) - alpha * u
+            star[k] = params[k] * (1 - alpha * adam.decay(k)) - alpha * u
     return (star if with_star else None), jac
 
 

@@ -39,7 +39,7 @@ from dwmtrain.meta.metagrad import (
     reward_gradient,
 )
 from dwmtrain.meta.rollout import RealStep, choose_strength
-from dwmtrain.models.dwm import DataWeightingModel, DWMArch, dwm_from_state
+from dwmtrain.models.dwm import DWMArch, dwm_from_state, fresh_dwm
 from dwmtrain.models.lm import build_lm, enable_activation_checkpointing, load_lm_state
 from dwmtrain.models.spec import lm_spec
 from dwmtrain.models.weights import log_weight_spread, weight_stats
@@ -133,14 +133,7 @@ def initial_dwm(cfg: Config, arch: DWMArch, stage: int, rd: RunDir, lm_state: di
             m.init_backbone_from(lm_state)
             return m, f"continued from {prev}, backbone refreshed from the LM"
         return m, f"continued from {prev}"
-    torch.manual_seed(cfg.run.seed + 7919)
-    m = DataWeightingModel(arch)
-    if m.backbone is None:
-        return m, "fresh head on the LM's own hidden states (dwm.features=lm)"
-    if cfg.dwm.init_backbone_from_lm:
-        m.init_backbone_from(lm_state)
-        return m, "fresh head, backbone initialized from the LM"
-    return m, "fresh (random backbone)"
+    return fresh_dwm(arch, cfg.run.seed, lm_state if cfg.dwm.init_backbone_from_lm else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,7 +388,7 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
     probe = batches.fitted_weights(dwm, APPLIED_CHECK_BATCHES, lm, params) if d.is_main else {}
     made = FitRecord(stage=stage, tag=tag, lm_step=state.step, alpha=alpha, world=d.world, calibration=cal,
                timings=timings, started=t_start, tokenizer=cfg.data.tokenizer, applied_check=probe,
-               strength=strength)  # fmt: skip
+               strength=strength, micro_batch_size=cfg.deepspeed.micro_batch_size)  # fmt: skip
     meta = write_dwm(dwm, rd, mc, made) if d.is_main else {}
     barrier()
     return meta
@@ -417,13 +410,14 @@ class FitRecord:
     tokenizer: str
     applied_check: dict = dataclasses.field(default_factory=dict)  #: the weights the trainer must reproduce
     strength: dict = dataclasses.field(default_factory=dict)  #: meta.strength's candidates, their rewards, the choice
+    micro_batch_size: int = 0  #: the training micro-batch it was fitted on (smaller ones are refused where applied)
 
 
 def write_dwm(dwm, rd: RunDir, mc, fit: FitRecord) -> dict:
     """Rank 0: the fitted DWM and what made it (its settings, its tokenizer, where the job's time went) as the
     stage's file."""
     info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead=mc.lookahead, lookahead_lr=fit.alpha,
-                world_size=fit.world, **fit.calibration)  # fmt: skip
+                world_size=fit.world, micro_batch_size=fit.micro_batch_size, **fit.calibration)  # fmt: skip
     info.update(tokenizer=os.path.abspath(fit.tokenizer), tokenizer_sha256=load_tokenizer(fit.tokenizer).sha256)
     if mc.grad_mode == "fd":
         info["fd_eps"] = mc.fd_eps

@@ -53,19 +53,25 @@ class DWMArch:
         """The DWM of a run (``cfg`` is the whole config tree); the vocabulary is the LM's."""
         from dwmtrain.models.spec import lm_spec
 
-        d = cfg.dwm
-        lm = lm_spec(cfg.model) if d.backbone == "lm" else None
+        lm = lm_spec(cfg.model) if cfg.dwm.backbone == "lm" else None
+        return cls.of(cfg.dwm, lm, vocab_size, cfg.model.max_seq_len or cfg.data.seq_len, cfg.model.attn_implementation)
+
+    @classmethod
+    def of(cls, d, lm: ModelSpec | None, vocab_size: int, max_seq_len: int, attn_implementation: str = "sdpa"):
+        """The DWM of the settings ``d`` (a ``config.DWMConfig``) for an LM of shape ``lm`` (its backbone when
+        ``d.backbone`` is lm; else a preset's)."""
+        own = d.backbone == "lm"
         return cls(
-            backbone=lm.name if lm else d.backbone,
-            backbone_config=lm.config_json if lm else "",
+            backbone=lm.name if own else d.backbone,
+            backbone_config=lm.config_json if own else "",
             vocab_size=vocab_size,
-            max_seq_len=cfg.model.max_seq_len or cfg.data.seq_len,
+            max_seq_len=max_seq_len,
             attn_heads=d.attn_heads,
             head_hidden=d.head_hidden,
             pooling=d.pooling,
             temperature=d.temperature,
             uniform_mix=d.uniform_mix,
-            attn_implementation=cfg.model.attn_implementation,
+            attn_implementation=attn_implementation,
             normalization=d.normalization,
             loss_feature=d.loss_feature,
             features=d.features,
@@ -209,6 +215,19 @@ def dwm_from_state(arch: DWMArch, state: dict[str, torch.Tensor]) -> DataWeighti
     model = DataWeightingModel(arch)
     model.load_state_dict(state)
     return model
+
+
+def fresh_dwm(arch: DWMArch, seed: int, lm_state: dict[str, torch.Tensor] | None) -> tuple[DataWeightingModel, str]:
+    """A new DWM of ``arch`` (its head scores every sample 0: uniform weights), seeded; its backbone copied from the
+    LM's ``lm_state`` when given (the paper's start), else random. Returns it and how it was made."""
+    torch.manual_seed(seed + 7919)
+    m = DataWeightingModel(arch)
+    if m.backbone is None:
+        return m, "fresh head on the LM's own hidden states (dwm.features=lm)"
+    if lm_state is not None:
+        m.init_backbone_from(lm_state)
+        return m, "fresh head, backbone initialized from the LM"
+    return m, "fresh (random backbone)"
 
 
 def dwm_parameter_count(arch: DWMArch) -> int:

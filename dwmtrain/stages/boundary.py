@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dwmtrain.checkpoint.dwm_file import DWMFileError, check_dwm_tokenizer, load_dwm_state
+from dwmtrain.checkpoint.dwm_file import DWMFileError, check_dwm_micro_batch, check_dwm_tokenizer, load_dwm_state
 from dwmtrain.distributed import Dist, broadcast_tensors, run_on_rank0
 from dwmtrain.errors import EXIT_META_EXTERNAL, PlannedStop
 from dwmtrain.models.dwm import DWMArch, dwm_from_state
@@ -168,6 +168,7 @@ class StageBoundary:
         _, state, meta = load_dwm_state(path, self.x.arch)
         if self.x.tokenizer_sha:
             check_dwm_tokenizer(meta, path, self.x.cfg.data.tokenizer, self.x.tokenizer_sha)
+        check_dwm_micro_batch(meta, path, self.x.cfg.deepspeed.micro_batch_size, "deepspeed.micro_batch_size")
         return state, meta
 
     def _broadcast(self, read) -> FrozenDWM:

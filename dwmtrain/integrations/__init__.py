@@ -1,0 +1,1 @@
+"""The DWM in other frameworks' training loops: Hugging Face ``Trainer`` (``hf_trainer.DWMTrainer``)."""
