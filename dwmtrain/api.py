@@ -231,17 +231,22 @@ def meta_update(
             fitted.arch), micro_batch_size=first.shape[0], started_from=how, world_size=d.world,
         **({"tokenizer": tok[0], "tokenizer_sha256": tok[1]} if tok else {}), **info))  # fmt: skip
     if out is not None:
-        err = None
-        if d.is_main:
-            try:
-                result.save(out)
-            except OSError as e:
-                err = f"out={out}: cannot be written ({e})"
-        if err := broadcast_object(err):
-            raise DWMInputError(err)
-        result.path = str(out)
+        _publish(result, out, d.is_main)
     barrier()
     return result
+
+
+def _publish(dwm: DWM, out, main: bool) -> None:
+    """Rank 0 writes ``dwm`` to ``out``; a failure is every process's error at once."""
+    err = None
+    if main:
+        try:
+            dwm.save(out)
+        except OSError as e:
+            err = f"out={out}: cannot be written ({e})"
+    if err := broadcast_object(err):
+        raise DWMInputError(err)
+    dwm.path = str(out)
 
 
 def _replay(first: torch.Tensor, stream):

@@ -171,6 +171,21 @@ def test_a_fixed_dwm_fitted_with_another_tokenizer_is_refused_naming_both(tmp_pa
         other.for_stage(1)
 
 
+def test_a_fixed_dwm_fitted_on_larger_micro_batches_is_refused(tmp_path):
+    from dwmtrain.errors import DWMInputError
+
+    path = tmp_path / "w.safetensors"
+    save_dwm(DataWeightingModel(ARCH), path, stage=2, lm_step=0, micro_batch_size=8)  # as a DWM fitted elsewhere
+    for mb in (8, 4):
+        cfg = load_config(None, [f"run.run_dir={tmp_path}", "meta.mode=fixed", f"meta.fixed.dwm_path={path}",
+                                 f"deepspeed.micro_batch_size={mb}"])  # fmt: skip
+        if mb == 8:
+            assert stage_boundary(cfg, RunDir(tmp_path)).for_stage(1).info["sha256"]
+        else:
+            with pytest.raises(DWMInputError, match=r"deepspeed.micro_batch_size=4: .*micro-batches of 8"):
+                stage_boundary(cfg, RunDir(tmp_path)).for_stage(1)
+
+
 @pytest.mark.parametrize("writes", [True, False])
 def test_a_meta_job_that_aborts_at_exit_after_writing_its_dwm(tmp_path, monkeypatch, caplog, writes):
     """Its DWM verifies (sha256, architecture): the run goes on with it, saying so; no DWM: MetaJobError."""

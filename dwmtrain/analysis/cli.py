@@ -13,15 +13,17 @@ def _score(a) -> None:
     from dwmtrain.analysis import score_parts as sp
     from dwmtrain.analysis.preferences import open_split
     from dwmtrain.analysis.scoring import check_out_suffix, choose_samples, score_summary, write_records
+    from dwmtrain.api import DWM
     from dwmtrain.arrays import parse_part
-    from dwmtrain.checkpoint.dwm_file import check_dwm_tokenizer, load_dwm, read_dwm_meta
+    from dwmtrain.checkpoint.dwm_file import check_dwm_micro_batch, check_dwm_tokenizer
     from dwmtrain.errors import DataError
 
     check_out_suffix(a.out)  # before any work: the suffix picks the format
     if a.part and a.merge:
         raise DataError("--part and --merge: one or the other (the parts first, then one merge)")
-    meta = read_dwm_meta(a.dwm)
-    dwm = load_dwm(a.dwm).requires_grad_(False)
+    loaded = DWM.load(a.dwm)  # the API's load: checksum, architecture, tensors
+    dwm, meta = loaded.model, loaded.meta
+    check_dwm_micro_batch(meta, a.dwm, a.micro_batch, "--micro-batch")
     ds = open_split(a.data, a.split)
     if dwm.arch.vocab_size != ds.vocab_size:
         raise DataError(

@@ -53,6 +53,9 @@ class DWMTrainer(Trainer):
         self.boundaries, self.reward, self.meta = _checked_boundaries(boundaries), reward, meta or MetaConfig()
         if self.boundaries and reward is None:
             raise DWMInputError("reward: boundaries refit the DWM to lower the loss of a reward set; give one")
+        if self.boundaries and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise DWMInputError("boundaries: a refit reads the whole model on every process (DDP, one process); "
+                                "sharded (DeepSpeed, FSDP), fit in a dwmtrain run and weigh by dwm=FILE")  # fmt: skip
         self.settings, self.loss_chunk = settings or DWMConfig(), loss_chunk
         self.tokenizer_source = dwm_tokenizer or _local_tokenizer(self.processing_class)
         self.dwm: DWM | None = None

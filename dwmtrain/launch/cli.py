@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dwmtrain.analysis.cli import register as register_analysis
 
     register_analysis(sub)
+    from dwmtrain.integrations.cli import register as register_fit
+
+    register_fit(sub)
     return ap
 
 
