@@ -15,6 +15,7 @@ any other loop both ways. Every failure a caller can cause is a ``DWMTrainError`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -135,17 +136,22 @@ def weighted_lm_loss(
     labels: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     chunk: int = 0,
+    **model_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The weighted objective mean_i w_i L_i of a Hugging Face causal LM (or its DDP wrapper) on one micro-batch,
     and the per-sample losses [B] (no gradient). ``weights``: a tensor [B], or a ``DWM`` (its weights of this
     batch; one that reads the LM's forward gets that forward's losses and states). ``labels`` default to the
     input ids (-100 where ``attention_mask`` is 0); position t predicts labels[t + 1]. ``chunk`` > 0: the LM head
-    applied ``chunk`` tokens at a time (``fused_weighted_loss``), never the [B, T, V] logits."""
+    applied ``chunk`` tokens at a time (``fused_weighted_loss``), never the [B, T, V] logits. ``model_kwargs`` go to
+    the model's forward (position_ids, ...)."""
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
     rule = weights if isinstance(weights, DWM) else None
+    if rule is None and not (isinstance(weights, torch.Tensor) and tuple(weights.shape) == (input_ids.shape[0],)):
+        got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise DWMInputError(f"weights: expected a tensor [{input_ids.shape[0]}] (one per sample) or a DWM, got {got}")
     needs = rule is not None and rule.reads_lm
-    kw = {"attention_mask": attention_mask} if attention_mask is not None else {}
+    kw = {**model_kwargs, **({"attention_mask": attention_mask} if attention_mask is not None else {})}
     if chunk:  # the final states through the wrapper (DDP's hooks see the forward), the head by ourselves
         out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, **kw)
         hidden, head = out.hidden_states[-1], _unwrapped(model).get_output_embeddings().weight
@@ -175,6 +181,19 @@ def _unwrapped(model):
     return unwrapped(model)
 
 
+def _keeps_rng(fn):
+    """``fn`` with the caller's global RNG (CPU and every GPU) as it was before: a DWM built (a fresh one seeded, any
+    one initialized before its tensors are loaded) draws from it."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@_keeps_rng
 def meta_update(
     model,
     train_batches,
@@ -212,17 +231,16 @@ def meta_update(
     lm, spec = mi.lm_of(model)
     params_dev = next(lm.parameters()).device
     d = mi.process_dist(params_dev)
-    tok = tokenizer_identity(tokenizer) if tokenizer is not None else None
-    dwm = DWM.load(dwm) if isinstance(dwm, (str, os.PathLike)) else dwm
-    batches = mi.CallerBatches(mi.TrainStream(train_batches, spec.vocab_size), mi.RewardSet(reward, spec.vocab_size),
-                               mc.val_batch_size, d)  # fmt: skip
-    first = next(batches.stream)  # its shape decides a fresh DWM's context; served again as the first meta-step's
-    batches.stream = _replay(first, batches.stream)
-    start, how = _start(dwm, lm, spec, settings or DWMConfig(), first.shape[1], seed, tok)
-    start = start.to(params_dev)
-    alpha = mc.lookahead_lr or lookahead_lr or (optimizer is not None and _lr(optimizer))
-    if not alpha:
-        raise DWMInputError("lookahead_lr: give it (the LM's learning rate now), meta.lookahead_lr, or the optimizer")
+
+    def inputs():  # every micro-batch the meta-steps take, read and checked before any collective
+        tok = tokenizer_identity(tokenizer) if tokenizer is not None else None
+        prev = DWM.load(dwm) if isinstance(dwm, (str, os.PathLike)) else dwm
+        xs = mi.TrainStream(train_batches, spec.vocab_size).take(mc.steps + mc.calibrate_batches)
+        batches = mi.CallerBatches(iter(xs), mi.RewardSet(reward, spec.vocab_size), mc.val_batch_size, d)
+        start, how = _start(prev, lm, spec, settings or DWMConfig(), xs[0].shape[1], seed, tok)
+        return tok, prev, batches, start.to(params_dev), how, _alpha(mc, lookahead_lr, optimizer), xs[0]
+
+    tok, dwm, batches, start, how, alpha, first = mi.on_every_rank(inputs, d)
     with mi.frozen(lm):
         fitted, info = _fit(start, lm, batches, mc, alpha, optimizer)
     state = broadcast_tensors(fitted.state_dict() if d.is_main else None, params_dev)  # one DWM on every process
@@ -249,22 +267,12 @@ def _publish(dwm: DWM, out, main: bool) -> None:
     dwm.path = str(out)
 
 
-def _replay(first: torch.Tensor, stream):
-    """``stream`` with ``first`` served once more, first."""
-
-    class Replayed:
-        def __init__(self):
-            self.head = first
-
-        def __next__(self):
-            head, self.head = self.head, None
-            return head if head is not None else next(stream)
-
-    return Replayed()
-
-
-def _lr(optimizer) -> float:
-    return float(getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"])
+def _alpha(mc: MetaConfig, lookahead_lr: float, optimizer) -> float:
+    """The lookahead's step size: meta.lookahead_lr, else the caller's, else the optimizer's learning rate now."""
+    lr = float(getattr(optimizer, "optimizer", optimizer).param_groups[0]["lr"]) if optimizer is not None else 0.0
+    if not (alpha := mc.lookahead_lr or lookahead_lr or lr):
+        raise DWMInputError("lookahead_lr: give it (the LM's learning rate now), meta.lookahead_lr or the optimizer")
+    return alpha
 
 
 def _start(prev: DWM | None, lm, spec, settings: DWMConfig, seq_len: int, seed: int, tok) -> tuple:
@@ -296,6 +304,8 @@ def _fit(dwm: DataWeightingModel, lm, batches, mc: MetaConfig, alpha: float, opt
     from dwmtrain.meta.update import Lookahead, boundary_v, calibrate, fit
 
     params = lm_params(lm)
+    if any(p.requires_grad for p in lm.parameters()):  # what the optimizer moves: frozen parameters stay theta
+        params = {n: params[n] for n, p in lm.named_parameters() if p.requires_grad}
     if mc.grad_mode == "fd" and not mc.fd_eps:
         mc = dataclasses.replace(mc, fd_eps=default_fd_eps(params))
     look = Lookahead(alpha)

@@ -96,6 +96,69 @@ def test_the_adam_aware_meta_update_reads_the_optimizers_moments_by_parameter_na
     assert dwm.meta["lookahead"] == "adam" and dwm.meta["lookahead_lr"] == opt.param_groups[0]["lr"]
 
 
+def test_the_meta_update_leaves_the_callers_model_gradients_and_rng_as_they_were():
+    """Under accelerate's mixed precision the model's forward is an autocast wrapper: the meta-update reads the LM's
+    own forward (bf16 matmuls would drown the fd step) and puts the wrapper back; a gradient the caller accumulated
+    and the global RNG are untouched; frozen parameters are not moved by the lookahead (the Adam-aware one needs
+    no moments for them)."""
+    import types
+
+    from dwmtrain.meta.inputs import frozen
+
+    lm = tiny_lm(4)
+    x = ids(B, 1)
+    plain = lm(input_ids=x).logits
+    lm._original_forward = lm.forward  # what accelerate.prepare_model does under mixed_precision="bf16"
+    lm.forward = types.MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(lm.forward.__func__), lm)
+    wrapper = lm.forward
+    assert not torch.allclose(lm(input_ids=x).logits.float(), plain, atol=1e-4)
+    with frozen(lm):
+        assert torch.allclose(lm(input_ids=x).logits, plain)
+    assert lm.forward == wrapper
+    lm.model.embed_tokens.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad])
+    lm(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+    torch.manual_seed(5)
+    want = torch.rand(3)
+    torch.manual_seed(5)
+    meta_update(lm, [ids(B, 2)], ids(4, 3), optimizer=opt, meta=MetaConfig(steps=1, lookahead="adam", v="boundary"))
+    assert torch.equal(torch.rand(3), want)
+    assert all(torch.equal(p.grad, grads[n]) for n, p in lm.named_parameters() if n in grads)
+
+
+def test_the_trainer_divides_its_micro_batch_loss_by_the_accumulation_steps(fitted, tmp_path):
+    lm, dwm, path = fitted
+    t = trainer(lm, tmp_path, dwm=path)
+    t.current_gradient_accumulation_steps = 2
+    x = ids(B, 13)
+    lm.zero_grad()
+    # the Trainer passes the tokens of the whole accumulated batch, as to a loss it would normalize by them
+    got = t.training_step(lm, {"input_ids": x, "labels": x}, num_items_in_batch=torch.tensor(2 * B * (T - 1)))
+    with torch.no_grad():
+        want = weighted_loss(per_sample_loss(lm(input_ids=x).logits, x), dwm(x))
+    assert torch.allclose(got, want / 2, atol=1e-6)  # as the Trainer's own loss of one of two micro-batches
+    lm.zero_grad()
+
+
+def _bad_batch_on_rank_1(d):
+    lm = tiny_lm(5)
+    x = ids(B, 1) + (V if d.rank == 1 else 0)  # rank 1's ids are of another tokenizer
+    try:
+        meta_update(lm, [x], ids(4, 2), lookahead_lr=1e-2, meta=MetaConfig(steps=1))
+    except DWMTrainError as e:
+        return str(e)
+    return "no error"
+
+
+def test_a_bad_input_on_one_rank_is_every_ranks_error_at_once():
+    from .spawn import run_distributed
+
+    r0, r1 = run_distributed(_bad_batch_on_rank_1)
+    assert r0 == r1 and r0.startswith("rank 1: train_batches[0]: token id") and "outside" in r0
+
+
 def test_the_weighted_loss_full_and_fused_agree_in_value_and_gradient(fitted):
     lm, dwm, _ = fitted
     x = ids(B, 8)
@@ -180,6 +243,7 @@ def bad_inputs(fitted, tmp_path):
     yield "a smaller micro-batch", lambda: dwm(ids(4, 1)), "micro-batches of 8"
     yield "ids of a larger vocabulary", lambda: dwm(ids(B, 1) + V), "outside the vocabulary"
     yield "float ids", lambda: dwm(torch.zeros(B, T)), "input_ids"
+    yield "weights of another shape", lambda: weighted_lm_loss(lm, ids(B, 1), torch.ones(B, 1)), "weights"
     yield "an architecture it cannot take", lambda: meta_update(gpt2, [ids(B, 1)], ids(2, 1), lookahead_lr=1), "gpt2"
     yield "an empty reward set", lambda: meta_update(lm, [ids(B, 1)], [], lookahead_lr=1), "reward set is empty"
     yield "padded micro-batches", lambda: meta_update(lm, [padded], ids(2, 1), lookahead_lr=1), "padded"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 
 def _fit(a) -> None:
+    from types import SimpleNamespace
+
     import torch
 
     from dwmtrain.analysis.preferences import open_split
@@ -12,6 +14,8 @@ def _fit(a) -> None:
     from dwmtrain.config.schema import MetaConfig
     from dwmtrain.errors import DWMInputError
 
+    if a.micro_batch < 1 or a.steps < 1:
+        raise DWMInputError(f"--micro-batch={a.micro_batch}, --steps={a.steps}: both must be >= 1")
     train, reward = open_split(a.data, "train", " (--data)"), open_split(a.reward, a.reward_split, " (--reward)")
     if train.index.get("tokenizer_sha256") != reward.index.get("tokenizer_sha256"):
         raise DWMInputError(f"--reward {a.reward}: tokenized with {reward.index.get('tokenizer')}, --data {a.data} "
@@ -23,7 +27,8 @@ def _fit(a) -> None:
     ids = list(range(min(len(reward), a.reward_examples)))
     reward_ids = reward.batch(ids) if ids else []  # none: meta_update refuses the empty set, naming it
     meta = MetaConfig(steps=a.steps, lr=a.lr, lookahead_lr=a.lookahead_lr, grad_mode=a.grad_mode)
-    tok = train.index.get("tokenizer")
+    # the data's own record of its tokenizer (its sha256): the tokenizer file need not be where it was
+    tok = SimpleNamespace(path=train.index.get("tokenizer"), sha256=train.index.get("tokenizer_sha256"))
     dwm = meta_update(a.model, batches, reward_ids, dwm=a.dwm, meta=meta, tokenizer=tok, out=a.out, seed=a.seed)
     print(f"fitted stage {dwm.stage}'s DWM on {a.model}: {a.steps} meta-steps on micro-batches of {mb} from {a.data}, "
           f"reward {len(reward_ids)} {a.reward_split} examples of {a.reward} -> {a.out}")  # fmt: skip

@@ -53,9 +53,11 @@ class DWMTrainer(Trainer):
         self.boundaries, self.reward, self.meta = _checked_boundaries(boundaries), reward, meta or MetaConfig()
         if self.boundaries and reward is None:
             raise DWMInputError("reward: boundaries refit the DWM to lower the loss of a reward set; give one")
-        if self.boundaries and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            raise DWMInputError("boundaries: a refit reads the whole model on every process (DDP, one process); "
-                                "sharded (DeepSpeed, FSDP), fit in a dwmtrain run and weigh by dwm=FILE")  # fmt: skip
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if sharded and (self.boundaries or loss_chunk):
+            raise DWMInputError(f"{'boundaries' if self.boundaries else 'loss_chunk'}: reads the whole model (the LM "
+                                "head) on every process: DDP or one process; sharded (DeepSpeed, FSDP), fit in a "
+                                "dwmtrain run and weigh here by dwm=FILE")  # fmt: skip
         self.settings, self.loss_chunk = settings or DWMConfig(), loss_chunk
         self.tokenizer_source = dwm_tokenizer or _local_tokenizer(self.processing_class)
         self.dwm: DWM | None = None
@@ -82,16 +84,18 @@ class DWMTrainer(Trainer):
             if 0 < self.args.per_device_train_batch_size < dwm.micro_batch_size:
                 raise DWMInputError(f"per_device_train_batch_size={self.args.per_device_train_batch_size}: {dwm.where}"
                                     f" was fitted on micro-batches of {dwm.micro_batch_size}")  # fmt: skip
+            dwm.model.to(self.args.device)
         self.dwm = dwm
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Training: the weighted loss of the micro-batch. Evaluation: the Trainer's own loss."""
         if return_outputs or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         weights = self._weights(ids, mask)
         loss, _ = weighted_lm_loss(model, ids, weights, labels=inputs.get("labels"), attention_mask=mask,
-                                   chunk=self.loss_chunk)  # fmt: skip
+                                   chunk=self.loss_chunk, **rest)  # fmt: skip
         return loss
 
     def _weights(self, ids: torch.Tensor, mask):
@@ -121,8 +125,9 @@ class DWMTrainer(Trainer):
             self.stats.update(steps=0, max=0.0, ess=0.0)
         super().log(logs, start_time)
 
-    def refit(self, stage: int) -> DWM:
-        """Stage ``stage``'s DWM from the model and optimizer as they are now (collective)."""
+    def refit(self) -> DWM:
+        """The next stage's DWM from the model and optimizer as they are now (collective)."""
+        stage = (self.dwm.stage or 1) + 1 if self.dwm is not None else 2
         out = self.dwm_dir / f"stage{stage}.safetensors"
         new = meta_update(self.model, self._meta_batches(stage), self.reward, dwm=self.dwm, optimizer=self.optimizer,
                           meta=self.meta, settings=self.settings, lookahead_lr=self.lr_scheduler.get_last_lr()[0],
@@ -151,10 +156,16 @@ class DWMTrainer(Trainer):
                                            collate_fn=collate, drop_last=True)  # fmt: skip
 
     def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, the DWM written into it first (a checkpoint whose trainer state is complete
+        holds its DWM)."""
+        if self.dwm is not None and self.args.should_save:
+            self._save_dwm(
+                Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
         super()._save_checkpoint(model, trial)
-        if self.dwm is None or not self.args.should_save:
-            return
-        dest = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+
+    def _save_dwm(self, dest: Path) -> None:
+        dest.mkdir(parents=True, exist_ok=True)
         if self.dwm.path and Path(self.dwm.path).is_file():  # tensors, then the sidecar that marks it complete
             shutil.copyfile(self.dwm.path, dest / CHECKPOINT_DWM)
             shutil.copyfile(meta_path(self.dwm.path), meta_path(dest / CHECKPOINT_DWM))
@@ -181,7 +192,7 @@ class _Boundaries(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         t = self.trainer
-        t._steps = [b if isinstance(b, int) else max(1, round(b * state.max_steps)) for b in t.boundaries]
+        t._steps = sorted(b if isinstance(b, int) else max(1, round(b * state.max_steps)) for b in t.boundaries)
         if len(set(t._steps)) != len(t._steps) or any(s >= state.max_steps for s in t._steps):
             raise DWMInputError(f"boundaries={list(t.boundaries)}: steps {t._steps} of {state.max_steps}: each must "
                                 "fall before the last step, no two on the same step")  # fmt: skip
@@ -189,7 +200,7 @@ class _Boundaries(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
         if state.global_step in t._steps:
-            t.refit(t._steps.index(state.global_step) + 2)
+            t.refit()
 
 
 def _checked_boundaries(boundaries) -> list:

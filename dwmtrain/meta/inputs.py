@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dwmtrain.distributed import Dist
-from dwmtrain.errors import ConfigError, DWMInputError
+from dwmtrain.errors import ConfigError, DWMInputError, DWMTrainError
 from dwmtrain.meta.metagrad import AdamMoments
 from dwmtrain.models.spec import SUPPORTED, ModelSpec
 
@@ -76,13 +76,41 @@ def _load_lm(path: Path) -> tuple[torch.nn.Module, ModelSpec]:
 
 @contextlib.contextmanager
 def frozen(model: torch.nn.Module):
-    """The LM in eval mode (no dropout draws in the meta-update's forwards), its training mode restored after."""
-    was = model.training
+    """The LM as the meta-update reads it, everything restored after: in eval mode (no dropout draws); its own
+    forward in its own dtype (not accelerate's mixed-precision wrapper, whose bf16 matmuls would drown the fd
+    step chosen for fp32 parameters); its parameters' ``.grad`` (a gradient the caller accumulated) set aside."""
+    was, wrapped = model.training, "forward" in vars(model) and hasattr(model, "_original_forward")
+    grads = {p: p.grad for p in model.parameters()}
     model.eval()
+    if wrapped:
+        patched, model.forward = model.forward, model._original_forward
     try:
+        for p in grads:
+            p.grad = None
         yield model
     finally:
         model.train(was)
+        if wrapped:
+            model.forward = patched
+        for p, g in grads.items():
+            p.grad = g
+
+
+def on_every_rank(fn, d: Dist):
+    """``fn()`` on every process; an input error on any of them is raised on all at once, naming the rank (none is
+    left waiting in a collective for a rank that stopped)."""
+    if d.world == 1:
+        return fn()
+    err, out = None, None
+    try:
+        out = fn()
+    except DWMTrainError as e:
+        err = str(e)
+    errs: list = [None] * d.world
+    torch.distributed.all_gather_object(errs, err)
+    if bad := [(r, e) for r, e in enumerate(errs) if e]:
+        raise DWMInputError(f"rank {bad[0][0]}: {bad[0][1]}")
+    return out
 
 
 def adam_moments(optimizer, model: torch.nn.Module) -> AdamMoments:
@@ -96,6 +124,8 @@ def adam_moments(optimizer, model: torch.nn.Module) -> AdamMoments:
         if group.get("weight_decay") and not decoupled:
             raise DWMInputError(f"optimizer {type(opt).__name__}: weight decay added to the gradient; the Adam-aware "
                                 "lookahead models AdamW's decoupled decay (use AdamW)")  # fmt: skip
+        if "betas" not in group or group.get("amsgrad"):
+            raise DWMInputError(f"optimizer {type(opt).__name__}: meta.lookahead=adam models AdamW (betas, no amsgrad)")
         hyper.add((tuple(group["betas"]), group["eps"]))
         for p in group["params"]:
             st = opt.state.get(p, {})
@@ -139,6 +169,10 @@ class TrainStream:
     def __init__(self, batches: Iterable, vocab: int):
         self.source, self.vocab, self.n, self.it = batches, vocab, 0, iter(batches)
         self.micro_batch = 0
+
+    def take(self, n: int) -> list[torch.Tensor]:
+        """The next ``n`` micro-batches (all read and checked now: an input error before any meta-step)."""
+        return [next(self) for _ in range(n)]
 
     def __next__(self) -> torch.Tensor:
         try:
