@@ -228,12 +228,16 @@ def _other_tokenizer(tmp_path):
 
     from .conftest import corpus_records
 
-    return train_hf_tokenizer((r["text"] for r in corpus_records(50)), tmp_path / "tok", vocab_size=300)
+    out = tmp_path / "tok"
+    return out if out.is_dir() else train_hf_tokenizer((r["text"] for r in corpus_records(50)), out, vocab_size=300)
 
 
 def bad_inputs(fitted, tmp_path):
     """(what is wrong, the call, what the one line must name)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    def hf_tok(directory):  # a Trainer's processing_class, loaded from a local directory: its files identify it
+        return AutoTokenizer.from_pretrained(str(directory))
 
     lm, dwm, path = fitted
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2))
@@ -256,6 +260,8 @@ def bad_inputs(fitted, tmp_path):
     yield ("a DWM of another vocabulary", lambda: meta_update(small, [ids(B, 1, 512)], ids(2, 1, 512), dwm=dwm,
                                                               lookahead_lr=1), "vocabulary is 512")  # fmt: skip
     yield "a Trainer LM of another vocabulary", lambda: trainer(tiny_lm(vocab=512), tmp_path, dwm=dwm), "512"
+    yield ("a Trainer whose own tokenizer is another", lambda: trainer(lm, tmp_path, dwm=path, processing_class=hf_tok(
+        _other_tokenizer(tmp_path))), "fitted with tokenizer")  # fmt: skip
     yield "a Trainer batch smaller than fitted", lambda: trainer(lm, tmp_path, dwm=dwm, batch=4), "batch_size=4"
     yield "a boundary that is no step", lambda: trainer(lm, tmp_path, boundaries=[1.5], reward=ids(2, 1)), "1.5"
     yield "boundaries without a reward set", lambda: trainer(lm, tmp_path, boundaries=[1]), "reward"
