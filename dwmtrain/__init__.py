@@ -18,6 +18,7 @@ _API = {
     "meta_update": "dwmtrain.api",
     "weighted_lm_loss": "dwmtrain.api",
     "tokenizer_identity": "dwmtrain.api",
+    "TokenizerId": "dwmtrain.api",
     "per_sample_loss": "dwmtrain.models.loss",
     "weighted_loss": "dwmtrain.models.loss",
     "fused_weighted_loss": "dwmtrain.models.loss",

@@ -23,29 +23,44 @@ import torch
 
 from dwmtrain.checkpoint.dwm_file import check_dwm_micro_batch, check_dwm_tokenizer, load_dwm_state, save_dwm
 from dwmtrain.config.schema import DWMConfig, MetaConfig
-from dwmtrain.distributed import barrier, broadcast_object, broadcast_tensors
+from dwmtrain.distributed import barrier, broadcast_tensors, run_on_rank0
 from dwmtrain.errors import DWMInputError
+from dwmtrain.meta import inputs as mi
 from dwmtrain.models.dwm import DataWeightingModel, DWMArch, dwm_from_state, fresh_dwm
 from dwmtrain.models.loss import fused_weighted_loss, per_sample_loss, per_sample_loss_chunked, weighted_loss
 
 __all__ = ["DWM", "meta_update", "weighted_lm_loss", "per_sample_loss", "weighted_loss", "fused_weighted_loss",
-           "tokenizer_identity"]  # fmt: skip
+           "tokenizer_identity", "TokenizerId"]  # fmt: skip
 
 
-def tokenizer_identity(tokenizer) -> tuple[str, str]:
-    """(name, sha256) of a tokenizer: a path (a sentencepiece ``.model``, a ``tokenizer.json`` or its directory), a
-    dwmtrain tokenizer, or a Hugging Face tokenizer loaded from a local directory (its files identify it)."""
+@dataclasses.dataclass(frozen=True)
+class TokenizerId:
+    """Which tokenizer token ids are of: where it was loaded from, the sha256 of its files (what a DWM file records
+    and is checked against), its vocabulary size (0: not known)."""
+
+    path: str
+    sha256: str
+    vocab_size: int = 0
+
+
+def tokenizer_identity(tokenizer) -> TokenizerId:
+    """The identity of a tokenizer, its files read and hashed once: a path (a sentencepiece ``.model``, a
+    ``tokenizer.json`` or its directory), a dwmtrain tokenizer, a Hugging Face tokenizer loaded from a local directory
+    (its files identify it), or a ``TokenizerId`` as it is."""
     from dwmtrain.data.tokenizer import load_tokenizer
 
+    if isinstance(tokenizer, TokenizerId):
+        return tokenizer
     if hasattr(tokenizer, "sha256") and hasattr(tokenizer, "path"):
-        return str(tokenizer.path), tokenizer.sha256
+        return TokenizerId(str(tokenizer.path), tokenizer.sha256, getattr(tokenizer, "vocab_size", 0))
     path = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else getattr(tokenizer, "name_or_path", None)
     if not path or not Path(path).exists():
         raise DWMInputError(
             f"tokenizer {path or type(tokenizer).__name__!r}: not a local file or directory; pass the directory the "
             "tokenizer was loaded from (its files identify it), e.g. AutoTokenizer.from_pretrained(DIR) or DIR"
         )
-    return os.path.abspath(path), load_tokenizer(path).sha256
+    tok = load_tokenizer(path)
+    return TokenizerId(os.path.abspath(path), tok.sha256, tok.vocab_size)
 
 
 class DWM:
@@ -84,13 +99,11 @@ class DWM:
     def check_tokenizer(self, tokenizer) -> None:
         """Refuse (``DWMFileError``) a tokenizer other than the one the DWM was fitted with, and one whose vocabulary
         does not fit the DWM's."""
-        from dwmtrain.data.tokenizer import load_tokenizer
-
-        name, sha = tokenizer_identity(tokenizer)
-        check_dwm_tokenizer(self.meta, self.path or self.where, name, sha)
-        vocab = load_tokenizer(name).vocab_size
-        if vocab > self.arch.vocab_size:
-            raise DWMInputError(f"tokenizer {name}: {vocab} tokens, {self.where} embeds {self.arch.vocab_size}")
+        tok = tokenizer_identity(tokenizer)
+        check_dwm_tokenizer(self.meta, self.path or self.where, tok.path, tok.sha256)
+        if tok.vocab_size > self.arch.vocab_size:
+            raise DWMInputError(f"tokenizer {tok.path}: {tok.vocab_size} tokens, {self.where} embeds "
+                                f"{self.arch.vocab_size}")  # fmt: skip
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  losses: torch.Tensor | None = None, hidden: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
@@ -108,14 +121,8 @@ class DWM:
         return w.float().to(input_ids.device).clone()  # a normal tensor: a loss may save it for its backward
 
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype.is_floating_point or x.numel() == 0:
-            what = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise DWMInputError(f"input_ids: expected [batch, tokens] integer token ids, got {what}")
+        x = mi.checked_ids(x, self.arch.vocab_size, "input_ids", 2, self.where)
         check_dwm_micro_batch(self.meta, self.path or self.where, x.shape[0], "micro-batch size")
-        hi, lo = int(x.max()), int(x.min())
-        if hi >= self.arch.vocab_size or lo < 0:
-            raise DWMInputError(f"input_ids: token id {hi if lo >= 0 else lo} is outside the vocabulary of "
-                                f"{self.arch.vocab_size} of {self.where} (ids of another tokenizer?)")  # fmt: skip
         return x
 
     def save(self, path: str | os.PathLike) -> dict:
@@ -154,15 +161,16 @@ def weighted_lm_loss(
     kw = {**model_kwargs, **({"attention_mask": attention_mask} if attention_mask is not None else {})}
     if chunk:  # the final states through the wrapper (DDP's hooks see the forward), the head by ourselves
         out = model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, **kw)
-        hidden, head = out.hidden_states[-1], _unwrapped(model).get_output_embeddings().weight
-        w = _weights_of(rule, input_ids, attention_mask, lambda: per_sample_loss_chunked(hidden.detach(), head.detach(),
-                        labels, chunk), hidden) if rule is not None else weights  # fmt: skip
-        return fused_weighted_loss(hidden, head, labels, w.to(hidden.device), chunk)
+        hidden, head = out.hidden_states[-1], mi.unwrapped(model).get_output_embeddings().weight
+        if rule is not None:
+            losses = functools.partial(per_sample_loss_chunked, hidden.detach(), head.detach(), labels, chunk)
+            weights = _weights_of(rule, input_ids, attention_mask, losses, hidden)
+        return fused_weighted_loss(hidden, head, labels, weights.to(hidden.device), chunk)
     out = model(input_ids=input_ids, output_hidden_states=needs, **kw)
     losses = per_sample_loss(out.logits, labels)
-    w = _weights_of(rule, input_ids, attention_mask, losses.detach, out.hidden_states[-1] if needs else None) if rule \
-        else weights  # fmt: skip
-    return weighted_loss(losses, w.to(losses.device)), losses.detach()
+    if rule is not None:
+        weights = _weights_of(rule, input_ids, attention_mask, losses.detach, out.hidden_states[-1] if needs else None)
+    return weighted_loss(losses, weights.to(losses.device)), losses.detach()
 
 
 def _weights_of(dwm: DWM, x, mask, losses, hidden) -> torch.Tensor:
@@ -173,12 +181,6 @@ def _weights_of(dwm: DWM, x, mask, losses, hidden) -> torch.Tensor:
     if dwm.arch.features == "lm":
         extra["hidden"] = hidden.detach()
     return dwm(x, mask, **extra)
-
-
-def _unwrapped(model):
-    from dwmtrain.meta.inputs import unwrapped
-
-    return unwrapped(model)
 
 
 def _keeps_rng(fn):
@@ -223,8 +225,6 @@ def meta_update(
     ``tokenizer``: recorded in the DWM (and a continued DWM is checked against it). ``out``: written there (by rank 0
     of a process group). Collective in a torch.distributed process group: every process passes its own share of
     micro-batches and gets the same DWM."""
-    from dwmtrain.meta import inputs as mi
-
     mc = meta or MetaConfig()
     if mc.strength:
         raise DWMInputError("meta.strength: its rollouts take a run's real optimizer steps; not in meta_update")
@@ -247,24 +247,19 @@ def meta_update(
     result = DWM(dwm_from_state(fitted.arch, state).to(params_dev), dict(
         stage=stage or ((dwm.stage or 1) + 1 if dwm is not None else 2), lm_step=lm_step, arch=dataclasses.asdict(
             fitted.arch), micro_batch_size=first.shape[0], started_from=how, world_size=d.world,
-        **({"tokenizer": tok[0], "tokenizer_sha256": tok[1]} if tok else {}), **info))  # fmt: skip
+        **({"tokenizer": tok.path, "tokenizer_sha256": tok.sha256} if tok else {}), **info))  # fmt: skip
     if out is not None:
-        _publish(result, out, d.is_main)
+        run_on_rank0(lambda: _save(result, out))  # a failure is every process's error at once
+        result.path = str(out)
     barrier()
     return result
 
 
-def _publish(dwm: DWM, out, main: bool) -> None:
-    """Rank 0 writes ``dwm`` to ``out``; a failure is every process's error at once."""
-    err = None
-    if main:
-        try:
-            dwm.save(out)
-        except OSError as e:
-            err = f"out={out}: cannot be written ({e})"
-    if err := broadcast_object(err):
-        raise DWMInputError(err)
-    dwm.path = str(out)
+def _save(dwm: DWM, out) -> None:
+    try:
+        dwm.save(out)
+    except OSError as e:
+        raise DWMInputError(f"out={out}: cannot be written ({e})") from None
 
 
 def _alpha(mc: MetaConfig, lookahead_lr: float, optimizer) -> float:
@@ -286,7 +281,7 @@ def _start(prev: DWM | None, lm, spec, settings: DWMConfig, seq_len: int, seed: 
         state = lm.state_dict() if settings.init_backbone_from_lm else None
         return fresh_dwm(arch, seed, state)
     if tok is not None and prev.meta.get("tokenizer_sha256"):
-        check_dwm_tokenizer(prev.meta, prev.path or prev.where, *tok)
+        check_dwm_tokenizer(prev.meta, prev.path or prev.where, tok.path, tok.sha256)
     if prev.arch.vocab_size != spec.vocab_size:
         raise DWMInputError(f"dwm: {prev.where} embeds {prev.arch.vocab_size} token ids, the LM's vocabulary is "
                             f"{spec.vocab_size}")  # fmt: skip
@@ -298,29 +293,19 @@ def _start(prev: DWM | None, lm, spec, settings: DWMConfig, seq_len: int, seed: 
 
 
 def _fit(dwm: DataWeightingModel, lm, batches, mc: MetaConfig, alpha: float, optimizer) -> tuple:
-    """The run's meta-steps (``meta.update.fit``), then its calibration if asked: the fitted DWM and what to record."""
-    from dwmtrain.meta.inputs import adam_moments
-    from dwmtrain.meta.metagrad import default_fd_eps, lm_params
-    from dwmtrain.meta.update import Lookahead, boundary_v, calibrate, fit
+    """The run's meta-steps and calibration (``meta.update.fit_dwm``): the fitted DWM and what to record."""
+    from dwmtrain.meta.metagrad import lm_params
+    from dwmtrain.meta.update import Lookahead, boundary_v, fit_dwm, resolved_fd_eps
 
-    params = lm_params(lm)
-    if any(p.requires_grad for p in lm.parameters()):  # what the optimizer moves: frozen parameters stay theta
-        params = {n: params[n] for n, p in lm.named_parameters() if p.requires_grad}
-    if mc.grad_mode == "fd" and not mc.fd_eps:
-        mc = dataclasses.replace(mc, fd_eps=default_fd_eps(params))
+    params = lm_params(lm)  # what the optimizer moves: frozen parameters stay theta
+    mc = resolved_fd_eps(mc, params)
     look = Lookahead(alpha)
     if mc.lookahead == "adam":
         if optimizer is None:
             raise DWMInputError("optimizer: meta.lookahead=adam needs the LM's AdamW (its moments)")
-        look = dataclasses.replace(look, adam=adam_moments(optimizer, lm))
+        look = dataclasses.replace(look, adam=mi.adam_moments(optimizer, lm))
     if mc.v == "boundary":
         look = dataclasses.replace(look, v=boundary_v(lm, params, batches)[0])
-    dwm.eval()
-    if dwm.backbone is not None:
-        dwm.backbone.requires_grad_(mc.backbone_trainable)
-    opt = torch.optim.Adam([p for p in dwm.parameters() if p.requires_grad], lr=mc.lr)
-    fit(dwm, opt, lm, params, batches, look, mc, None)
     info = dict(meta_steps=mc.steps, grad_mode=mc.grad_mode, lookahead=mc.lookahead, lookahead_lr=alpha)
-    if mc.calibrate_batches:
-        info.update(calibrate(dwm, lm, params, [batches(mc.steps + j) for j in range(mc.calibrate_batches)], look, mc))
+    info.update(fit_dwm(dwm.eval(), lm, params, batches, look, mc, None))
     return dwm, info

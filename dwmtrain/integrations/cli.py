@@ -5,12 +5,10 @@ from __future__ import annotations
 
 
 def _fit(a) -> None:
-    from types import SimpleNamespace
-
     import torch
 
     from dwmtrain.analysis.preferences import open_split
-    from dwmtrain.api import meta_update
+    from dwmtrain.api import TokenizerId, meta_update
     from dwmtrain.config.schema import MetaConfig
     from dwmtrain.errors import DWMInputError
 
@@ -28,7 +26,7 @@ def _fit(a) -> None:
     reward_ids = reward.batch(ids) if ids else []  # none: meta_update refuses the empty set, naming it
     meta = MetaConfig(steps=a.steps, lr=a.lr, lookahead_lr=a.lookahead_lr, grad_mode=a.grad_mode)
     # the data's own record of its tokenizer (its sha256): the tokenizer file need not be where it was
-    tok = SimpleNamespace(path=train.index.get("tokenizer"), sha256=train.index.get("tokenizer_sha256"))
+    tok = TokenizerId(train.index.get("tokenizer"), train.index.get("tokenizer_sha256"), train.vocab_size)
     dwm = meta_update(a.model, batches, reward_ids, dwm=a.dwm, meta=meta, tokenizer=tok, out=a.out, seed=a.seed)
     print(f"fitted stage {dwm.stage}'s DWM on {a.model}: {a.steps} meta-steps on micro-batches of {mb} from {a.data}, "
           f"reward {len(reward_ids)} {a.reward_split} examples of {a.reward} -> {a.out}")  # fmt: skip

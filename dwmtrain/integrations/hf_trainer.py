@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from dwmtrain.api import DWM, meta_update, tokenizer_identity, weighted_lm_loss
+from dwmtrain.api import DWM, TokenizerId, meta_update, tokenizer_identity, weighted_lm_loss
 from dwmtrain.checkpoint.dwm_file import meta_path
 from dwmtrain.config.schema import DWMConfig, MetaConfig
 from dwmtrain.errors import DWMInputError, DWMTrainError
@@ -59,10 +59,13 @@ class DWMTrainer(Trainer):
                                 "head) on every process: DDP or one process; sharded (DeepSpeed, FSDP), fit in a "
                                 "dwmtrain run and weigh here by dwm=FILE")  # fmt: skip
         self.settings, self.loss_chunk = settings or DWMConfig(), loss_chunk
-        self.tokenizer_source = dwm_tokenizer or _local_tokenizer(self.processing_class)
+        # the tokenizer's identity, its files hashed once: every DWM is checked against it, every fit records it
+        if dwm_tokenizer:
+            self.tokenizer_id = tokenizer_identity(dwm_tokenizer)
+        else:
+            self.tokenizer_id = _local_tokenizer(self.processing_class)
         self.dwm: DWM | None = None
         self.stats = {"steps": 0, "max": 0.0, "ess": 0.0, "short": 0, "stage": 1}
-        self._steps: list[int] = []
         if dwm is not None:
             self.use_dwm(dwm if isinstance(dwm, DWM) else DWM.load(dwm))
         self.add_callback(_Boundaries(self))
@@ -79,8 +82,8 @@ class DWMTrainer(Trainer):
             if dwm.arch.vocab_size != vocab:
                 raise DWMInputError(f"dwm: {dwm.where} embeds {dwm.arch.vocab_size} token ids, the model's "
                                     f"vocabulary is {vocab}")  # fmt: skip
-            if self.tokenizer_source is not None:
-                dwm.check_tokenizer(self.tokenizer_source)
+            if self.tokenizer_id is not None:
+                dwm.check_tokenizer(self.tokenizer_id)
             if 0 < self.args.per_device_train_batch_size < dwm.micro_batch_size:
                 raise DWMInputError(f"per_device_train_batch_size={self.args.per_device_train_batch_size}: {dwm.where}"
                                     f" was fitted on micro-batches of {dwm.micro_batch_size}")  # fmt: skip
@@ -131,7 +134,7 @@ class DWMTrainer(Trainer):
         out = self.dwm_dir / f"stage{stage}.safetensors"
         new = meta_update(self.model, self._meta_batches(stage), self.reward, dwm=self.dwm, optimizer=self.optimizer,
                           meta=self.meta, settings=self.settings, lookahead_lr=self.lr_scheduler.get_last_lr()[0],
-                          tokenizer=self.tokenizer_source, out=out, stage=stage, lm_step=self.state.global_step,
+                          tokenizer=self.tokenizer_id, out=out, stage=stage, lm_step=self.state.global_step,
                           seed=self.args.seed)  # fmt: skip
         if self.args.process_index == 0:
             log.info(f"step {self.state.global_step}: stage {stage}'s DWM fitted ({new.meta['meta_steps']} meta-steps)"
@@ -188,19 +191,18 @@ class _Boundaries(TrainerCallback):
     knows its steps)."""
 
     def __init__(self, trainer: DWMTrainer):
-        self.trainer = trainer
+        self.trainer, self.steps = trainer, []
 
     def on_train_begin(self, args, state, control, **kwargs):
         t = self.trainer
-        t._steps = sorted(b if isinstance(b, int) else max(1, round(b * state.max_steps)) for b in t.boundaries)
-        if len(set(t._steps)) != len(t._steps) or any(s >= state.max_steps for s in t._steps):
-            raise DWMInputError(f"boundaries={list(t.boundaries)}: steps {t._steps} of {state.max_steps}: each must "
+        self.steps = sorted(b if isinstance(b, int) else max(1, round(b * state.max_steps)) for b in t.boundaries)
+        if len(set(self.steps)) != len(self.steps) or any(s >= state.max_steps for s in self.steps):
+            raise DWMInputError(f"boundaries={list(t.boundaries)}: steps {self.steps} of {state.max_steps}: each must "
                                 "fall before the last step, no two on the same step")  # fmt: skip
 
     def on_step_end(self, args, state, control, **kwargs):
-        t = self.trainer
-        if state.global_step in t._steps:
-            t.refit()
+        if state.global_step in self.steps:
+            self.trainer.refit()
 
 
 def _checked_boundaries(boundaries) -> list:
@@ -212,12 +214,12 @@ def _checked_boundaries(boundaries) -> list:
     return out
 
 
-def _local_tokenizer(processing_class):
-    """The tokenizer the Trainer was given, when its files identify it (loaded from a local directory)."""
+def _local_tokenizer(processing_class) -> TokenizerId | None:
+    """The identity of the tokenizer the Trainer was given, when its files identify it (loaded from a local
+    directory)."""
     if processing_class is None:
         return None
     try:
-        tokenizer_identity(processing_class)
+        return tokenizer_identity(processing_class)
     except DWMTrainError:  # a tokenizer of the hub cache: its files cannot be named, nothing to check against
         return None
-    return processing_class

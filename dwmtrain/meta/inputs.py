@@ -152,12 +152,17 @@ def _ids(item, where: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Ten
     raise DWMInputError(f"{where}: expected a tensor of token ids or a dict with input_ids, got {type(item).__name__}")
 
 
-def _checked_ids(x: torch.Tensor, vocab: int, where: str, dims: int) -> torch.Tensor:
-    if x.dim() != dims or x.dtype.is_floating_point or x.dtype == torch.bool or x.numel() == 0:
-        raise DWMInputError(f"{where}: expected {dims}-d integer token ids, got {x.dtype} of shape {tuple(x.shape)}")
-    if int(x.min()) < 0 or int(x.max()) >= vocab:
-        bad = int(x.max()) if int(x.max()) >= vocab else int(x.min())
-        raise DWMInputError(f"{where}: token id {bad} is outside the LM's vocabulary of {vocab} (another tokenizer?)")
+def checked_ids(x, vocab: int, where: str, dims: int, whose: str = "the LM") -> torch.Tensor:
+    """``x`` as long token ids, refused (naming ``where``) unless a ``dims``-d non-empty integer tensor of ids in
+    [0, vocab) (``whose`` vocabulary: the LM's, a DWM's)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != dims or x.dtype.is_floating_point or x.dtype == torch.bool \
+            or x.numel() == 0:  # fmt: skip
+        what = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise DWMInputError(f"{where}: expected {dims}-d integer token ids, got {what}")
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi >= vocab:
+        raise DWMInputError(f"{where}: token id {hi if hi >= vocab else lo} is outside the vocabulary of {vocab} of "
+                            f"{whose} (ids of another tokenizer?)")  # fmt: skip
     return x.long()
 
 
@@ -168,7 +173,6 @@ class TrainStream:
 
     def __init__(self, batches: Iterable, vocab: int):
         self.source, self.vocab, self.n, self.it = batches, vocab, 0, iter(batches)
-        self.micro_batch = 0
 
     def take(self, n: int) -> list[torch.Tensor]:
         """The next ``n`` micro-batches (all read and checked now: an input error before any meta-step)."""
@@ -189,9 +193,7 @@ class TrainStream:
             raise DWMInputError(f"{where}: padded (attention_mask has zeros); the meta-update takes packed "
                                 "pretraining sequences of one length")  # fmt: skip
         self.n += 1
-        x = _checked_ids(x, self.vocab, where, 2)
-        self.micro_batch = self.micro_batch or x.shape[0]
-        return x
+        return checked_ids(x, self.vocab, where, 2)
 
 
 class RewardSet:
@@ -207,7 +209,7 @@ class RewardSet:
         self.examples = []
         for i, item in enumerate(items):
             x, mask, labels = _ids(item, f"reward[{i}]")
-            x = _checked_ids(x.reshape(-1), vocab, f"reward[{i}]", 1)
+            x = checked_ids(x.reshape(-1), vocab, f"reward[{i}]", 1)
             mask = torch.ones_like(x) if mask is None else mask.reshape(-1).long()
             labels = x.masked_fill(mask == 0, -100) if labels is None else labels.reshape(-1).long()
             if not bool((labels[1:] != -100).any()):
@@ -231,10 +233,10 @@ class RewardSet:
 
 
 class CallerBatches:
-    """``meta.update.fit``'s data from the caller's own inputs: rank r's k-th meta-step takes the next micro-batch
-    of its ``train`` and the reward batch of examples (k * world + r) * size ... (wrapping around the set)."""
+    """``meta.update.fit``'s data from the caller's own inputs: rank r's k-th meta-step takes the next of its
+    micro-batches ``train`` and the reward batch of examples (k * world + r) * size ... (wrapping around the set)."""
 
-    def __init__(self, train: TrainStream, reward: RewardSet, val_batch_size: int, d: Dist):
+    def __init__(self, train: Iterator[torch.Tensor], reward: RewardSet, val_batch_size: int, d: Dist):
         self.stream, self.val, self.val_batch_size, self.d = train, reward, val_batch_size, d
 
     def __call__(self, k: int) -> tuple[torch.Tensor, dict]:

@@ -67,8 +67,12 @@ def default_fd_eps(params: Params) -> float:
 
 
 def lm_params(model: torch.nn.Module) -> Params:
-    """Detached parameters of a frozen LM, by name."""
-    return {n: p.detach() for n, p in model.named_parameters()}
+    """Detached parameters of the LM, by name, that a lookahead moves: those that require a gradient (what an
+    optimizer moves; a caller's partly frozen model keeps the rest), or all of them when none does (a frozen copy,
+    as the meta job loads)."""
+    named = list(model.named_parameters())
+    moved = [(n, p) for n, p in named if p.requires_grad] or named
+    return {n: p.detach() for n, p in moved}
 
 
 def _chunked(model) -> int:

@@ -280,6 +280,28 @@ class MetaBatches:
         return self.data.batch(next(self.stream)[1]).to(d.device), {n: t.to(d.device) for n, t in vb.items()}
 
 
+def resolved_fd_eps(mc, params: dict):
+    """``mc`` (the meta section) with fd's perturbation decided once for these frozen parameters (meta.fd_eps=0:
+    ``default_fd_eps``)."""
+    if mc.grad_mode == "fd" and not mc.fd_eps:
+        return dataclasses.replace(mc, fd_eps=default_fd_eps(params))
+    return mc
+
+
+def fit_dwm(dwm, lm, params, batches, look: Lookahead, mc, records: Path | None) -> dict:
+    """Fit ``dwm`` (in eval mode) on the frozen LM: ``mc.steps`` Adam meta-steps (its backbone trained as
+    meta.backbone_trainable), then with meta.calibrate_batches its calibration on the micro-batches after the fitted
+    ones (and the validation batches after theirs). ``batches``: a run's ``MetaBatches`` or a caller's
+    (``meta.inputs.CallerBatches``). Returns the calibration's record ({} without). Collective."""
+    if dwm.backbone is not None:
+        dwm.backbone.requires_grad_(mc.backbone_trainable)
+    opt = torch.optim.Adam([p for p in dwm.parameters() if p.requires_grad], lr=mc.lr)
+    fit(dwm, opt, lm, params, batches, look, mc, records)
+    if not mc.calibrate_batches:
+        return {}
+    return calibrate(dwm, lm, params, [batches(mc.steps + j) for j in range(mc.calibrate_batches)], look, mc)
+
+
 def fit(dwm, opt, lm, params, batches: MetaBatches, look: Lookahead, mc, records: Path | None) -> None:
     """``mc.steps`` meta-steps; rank 0 (``records`` set) appends each one's record to ``records``."""
     for k in range(mc.steps):
@@ -353,12 +375,8 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
     dwm, how = initial_dwm(cfg, DWMArch.from_config(cfg, lm.config.vocab_size), stage, rd, lm_state)
     del lm_state
     dwm = dwm.to(d.device).eval()  # as the trainer applies it: gradients flow all the same, no dropout draws
-    if dwm.backbone is not None:
-        dwm.backbone.requires_grad_(mc.backbone_trainable)
-    opt = torch.optim.Adam([p for p in dwm.parameters() if p.requires_grad], lr=mc.lr)
     batches, params = MetaBatches(cfg, d, rd, state.consumed_samples), lm_params(lm)
-    if mc.grad_mode == "fd" and not mc.fd_eps:  # once: the LM is frozen
-        mc = dataclasses.replace(mc, fd_eps=default_fd_eps(params))
+    mc = resolved_fd_eps(mc, params)
     records = rd.meta_records(stage) if d.is_main else None
     if records is not None:
         records.parent.mkdir(parents=True, exist_ok=True)
@@ -369,13 +387,10 @@ def run_meta_update(cfg: Config, d: Dist, stage: int, tag: str, started_at: floa
               f"validation {batches.val.describe()}")  # fmt: skip
     look = lookahead_inputs(cfg, rd, tag, lm, params, batches, alpha, timings)
     t_start = time.time()
-    fit(dwm, opt, lm, params, batches, look, mc, records)
-    cal = {}
-    if mc.calibrate_batches:  # micro-batches after the fitted ones, validation batches after theirs
-        cal = calibrate(dwm, lm, params, [batches(mc.steps + j) for j in range(mc.calibrate_batches)], look, mc)
-        if d.is_main:
-            log.info(f"stage {stage}: held-out agreement {cal['held_out_agreement']:.3f} -> logits x "
-                  f"{cal['logit_scale']:.3f}")  # fmt: skip
+    cal = fit_dwm(dwm, lm, params, batches, look, mc, records)
+    if cal and d.is_main:
+        log.info(f"stage {stage}: held-out agreement {cal['held_out_agreement']:.3f} -> logits x "
+                 f"{cal['logit_scale']:.3f}")  # fmt: skip
     barrier()
     timings["meta_steps_s"] = time.time() - t_start
     strength = {}
